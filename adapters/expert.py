@@ -1,0 +1,323 @@
+"""The `Expert` type: one adapter's weights for some modules of a base model, plus its metadata.
+
+An expert holds, per target module (named as in ``base.named_modules()``), either
+
+* LoRA factors ``A (r × in)``, ``B (out × r)`` and a ``scale``: the module's update is ``ΔW = scale · B @ A``; or
+* a dense delta ``ΔW (out × in)`` and optionally a bias delta ``Δb (out,)``: a full fine-tune's "diff vector".
+
+Weights always use the ``(out, in)`` convention of ``nn.Linear``, also for GPT-2 style ``Conv1D`` modules whose
+own weight is stored ``(in, out)``; the patched layer and the merge code transpose where the base needs it.
+Ranks and target modules may differ between experts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moerge.errors import ExpertFormatError
+
+__all__ = ["Expert", "ExpertMetadata", "LoRAWeights", "DeltaWeights", "ModuleWeights", "validate_name"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def validate_name(name: str) -> str:
+    """Check that ``name`` can name an expert (and its folder): letters, digits, ``_ . -``; no path parts."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ExpertFormatError(
+            f"invalid expert name {name!r}: use 1-128 letters, digits, '_', '.', '-', starting with a letter "
+            "or digit, with no path separators and no '..'",
+            expert=name if isinstance(name, str) else None,
+        )
+    return name
+
+
+def _check_tensor(t: torch.Tensor, what: str, expert: str | None, module: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ExpertFormatError(f"{what} of module {module!r} is {type(t).__name__}, not a tensor", expert=expert)
+    if t.numel() == 0:
+        raise ExpertFormatError(f"{what} of module {module!r} is empty (shape {tuple(t.shape)})", expert=expert)
+    if not t.is_floating_point():
+        raise ExpertFormatError(f"{what} of module {module!r} has dtype {t.dtype}, not a float type", expert=expert)
+    if not torch.isfinite(t).all():
+        raise ExpertFormatError(f"{what} of module {module!r} contains NaN or Inf values", expert=expert)
+
+
+@dataclass
+class LoRAWeights:
+    """LoRA factors of one module: the update is ``scale · B @ A``.
+
+    Shapes: ``A (r, in)``, ``B (out, r)``.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float = 1.0
+
+    kind = "lora"
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.B.shape[0])
+
+    def validate(self, expert: str | None, module: str) -> None:
+        _check_tensor(self.A, "lora_A", expert, module)
+        _check_tensor(self.B, "lora_B", expert, module)
+        if self.A.dim() != 2 or self.B.dim() != 2:
+            raise ExpertFormatError(
+                f"module {module!r}: lora_A and lora_B must be 2-D, got {tuple(self.A.shape)} and {tuple(self.B.shape)}",
+                expert=expert,
+            )
+        if self.A.shape[0] != self.B.shape[1]:
+            raise ExpertFormatError(
+                f"module {module!r}: rank mismatch, lora_A is {tuple(self.A.shape)} (r×in) but lora_B is "
+                f"{tuple(self.B.shape)} (out×r)",
+                expert=expert,
+            )
+        if not math.isfinite(self.scale):
+            raise ExpertFormatError(f"module {module!r}: scale {self.scale!r} is not finite", expert=expert)
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense update ``scale · B @ A`` as an ``(out, in)`` tensor."""
+        dt = dtype or torch.promote_types(self.A.dtype, torch.float32)
+        return (self.B.to(dt) @ self.A.to(dt)) * self.scale  # (out, in)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.lora_A": self.A, f"{prefix}.lora_B": self.B}
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "lora", "rank": self.rank, "scale": float(self.scale),
+                "in_features": self.in_features, "out_features": self.out_features}
+
+
+@dataclass
+class DeltaWeights:
+    """A dense update ``ΔW (out, in)`` of one module, with an optional bias update ``Δb (out,)``."""
+
+    delta: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    kind = "delta"
+
+    @property
+    def rank(self) -> int:
+        return int(min(self.delta.shape))
+
+    @property
+    def in_features(self) -> int:
+        return int(self.delta.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.delta.shape[0])
+
+    def validate(self, expert: str | None, module: str) -> None:
+        _check_tensor(self.delta, "delta", expert, module)
+        if self.delta.dim() != 2:
+            raise ExpertFormatError(f"module {module!r}: delta must be 2-D, got {tuple(self.delta.shape)}", expert=expert)
+        if self.bias is not None:
+            _check_tensor(self.bias, "delta_bias", expert, module)
+            if tuple(self.bias.shape) != (self.delta.shape[0],):
+                raise ExpertFormatError(
+                    f"module {module!r}: delta_bias has shape {tuple(self.bias.shape)}, expected ({self.delta.shape[0]},)",
+                    expert=expert,
+                )
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.delta.to(dtype) if dtype is not None else self.delta
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.delta": self.delta}
+        if self.bias is not None:
+            out[f"{prefix}.delta_bias"] = self.bias
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "delta", "bias": self.bias is not None,
+                "in_features": self.in_features, "out_features": self.out_features}
+
+
+ModuleWeights = LoRAWeights | DeltaWeights
+
+
+@dataclass
+class ExpertMetadata:
+    """What an expert is for and where it came from.
+
+    ``base_fingerprint`` is the dict of :func:`moerge.fingerprint.fingerprint` for the base the expert was made on
+    (``None`` when unknown, e.g. a PEFT adapter added before any base was seen).
+    """
+
+    description: str = ""
+    examples: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    base_fingerprint: dict[str, Any] | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "examples": list(self.examples),
+            "base_model": self.base_model,
+            "base_fingerprint": self.base_fingerprint,
+            "source": dict(self.source),
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ExpertMetadata:
+        return cls(
+            description=str(data.get("description") or ""),
+            examples=[str(e) for e in (data.get("examples") or [])],
+            base_model=data.get("base_model"),
+            base_fingerprint=data.get("base_fingerprint"),
+            source=dict(data.get("source") or {}),
+            extra=dict(data.get("extra") or {}),
+        )
+
+
+@dataclass
+class Expert:
+    """One expert: a name, its metadata and its weights per target module.
+
+    Build one directly, or with :meth:`from_peft` (a PEFT LoRA directory) or :meth:`from_diff` (a full fine-tune
+    minus its base). ``modules`` maps a module name of the base (``"model.layers.0.self_attn.q_proj"``) to
+    :class:`LoRAWeights` or :class:`DeltaWeights`.
+    """
+
+    name: str
+    modules: dict[str, ModuleWeights]
+    metadata: ExpertMetadata = field(default_factory=ExpertMetadata)
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if not self.modules:
+            raise ExpertFormatError("the expert has no module weights", expert=self.name)
+        for module, w in self.modules.items():
+            if not isinstance(w, (LoRAWeights, DeltaWeights)):
+                raise ExpertFormatError(
+                    f"module {module!r} holds {type(w).__name__}; expected LoRAWeights or DeltaWeights", expert=self.name
+                )
+            w.validate(self.name, module)
+
+    # --- convenience --------------------------------------------------------------------------------------------
+    @property
+    def description(self) -> str:
+        return self.metadata.description
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted(self.modules)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Rank per LoRA module (dense modules are left out)."""
+        return {m: w.rank for m, w in sorted(self.modules.items()) if isinstance(w, LoRAWeights)}
+
+    @property
+    def kind(self) -> str:
+        """``"lora"``, ``"delta"`` or ``"mixed"``."""
+        kinds = {w.kind for w in self.modules.values()}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for m, w in self.modules.items() for t in w.tensors(m).values())
+
+    def delta_weights(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Dense ``(out, in)`` update per module."""
+        return {m: w.delta_weight(dtype) for m, w in self.modules.items()}
+
+    def renamed(self, name: str) -> Expert:
+        return Expert(name=name, modules=self.modules, metadata=self.metadata)
+
+    def to(self, dtype: torch.dtype) -> Expert:
+        """A copy with every tensor cast to ``dtype`` (scales stay float)."""
+        mods: dict[str, ModuleWeights] = {}
+        for m, w in self.modules.items():
+            if isinstance(w, LoRAWeights):
+                mods[m] = LoRAWeights(w.A.to(dtype), w.B.to(dtype), w.scale)
+            else:
+                mods[m] = DeltaWeights(w.delta.to(dtype), None if w.bias is None else w.bias.to(dtype))
+        return Expert(self.name, mods, self.metadata)
+
+    # --- serialisation (used by ExpertLibrary) -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensor dict for safetensors: ``<module>.lora_A``, ``<module>.lora_B``, ``<module>.delta[_bias]``."""
+        out: dict[str, torch.Tensor] = {}
+        for m, w in sorted(self.modules.items()):
+            out.update({k: v.detach().contiguous().cpu() for k, v in w.tensors(m).items()})
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        """The JSON description of the weights' layout (kind, rank, scale per module)."""
+        return {m: w.spec() for m, w in sorted(self.modules.items())}
+
+    @classmethod
+    def from_state_dict(
+        cls, name: str, spec: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor],
+        metadata: ExpertMetadata | None = None, *, file: str | None = None,
+    ) -> Expert:
+        """Rebuild an expert from :meth:`spec` and :meth:`state_dict` output, checking that they agree."""
+        mods: dict[str, ModuleWeights] = {}
+        used: set[str] = set()
+        for m, s in spec.items():
+            kind = s.get("kind")
+            try:
+                if kind == "lora":
+                    a, b = tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]
+                    used |= {f"{m}.lora_A", f"{m}.lora_B"}
+                    w: ModuleWeights = LoRAWeights(a, b, float(s["scale"]))
+                    if int(s.get("rank", w.rank)) != w.rank:
+                        raise ExpertFormatError(
+                            f"module {m!r}: expert.json says rank {s.get('rank')} but lora_A has shape {tuple(a.shape)}",
+                            expert=name, file=file,
+                        )
+                elif kind == "delta":
+                    d = tensors[f"{m}.delta"]
+                    used.add(f"{m}.delta")
+                    bias = tensors.get(f"{m}.delta_bias") if s.get("bias") else None
+                    if s.get("bias"):
+                        if bias is None:
+                            raise KeyError(f"{m}.delta_bias")
+                        used.add(f"{m}.delta_bias")
+                    w = DeltaWeights(d, bias)
+                else:
+                    raise ExpertFormatError(f"module {m!r} has unknown kind {kind!r}", expert=name, file=file)
+            except KeyError as e:
+                raise ExpertFormatError(f"missing tensor {e.args[0]!r}", expert=name, file=file) from None
+            mods[m] = w
+        extra = sorted(set(tensors) - used)
+        if extra:
+            raise ExpertFormatError(f"tensors not described in expert.json: {extra[:5]}", expert=name, file=file)
+        return cls(name=name, modules=mods, metadata=metadata or ExpertMetadata())
+
+    # --- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_peft(cls, path: str, name: str, **kwargs: Any) -> Expert:
+        """Load a PEFT LoRA directory; see :func:`moerge.adapters.peft_loader.load_peft_lora`."""
+        from moerge.adapters.peft_loader import load_peft_lora
+
+        return load_peft_lora(path, name=name, **kwargs)
+
+    @classmethod
+    def from_diff(cls, finetuned: torch.nn.Module, base: torch.nn.Module, name: str, **kwargs: Any) -> Expert:
+        """The fine-tuning diff vector ``finetuned − base``; see :func:`moerge.adapters.delta.expert_from_diff`."""
+        from moerge.adapters.delta import expert_from_diff
+
+        return expert_from_diff(finetuned, base, name=name, **kwargs)
+

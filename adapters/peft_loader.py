@@ -1,0 +1,189 @@
+"""Load a PEFT LoRA adapter directory as an :class:`~moerge.adapters.expert.Expert`.
+
+Reads ``adapter_config.json`` and ``adapter_model.safetensors`` only: pickle files (``.bin``, ``.pt``) are never
+opened. Honours ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` (matched the way PEFT matches them),
+``use_rslora`` (scale ``alpha/√r``) and ``fan_in_fan_out`` (GPT-2 ``Conv1D`` bases; the factors keep PEFT's
+``A (r×in)``, ``B (out×r)`` layout, so only merges need to know). Features that change the forward in ways a
+LoRA update ``scale·B·A`` cannot express (DoRA, trained biases, ``modules_to_save``, embedding LoRA, …) are
+refused with an error that names the file and the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moerge.adapters.expert import Expert, ExpertMetadata, LoRAWeights, ModuleWeights, validate_name
+from moerge.errors import ExpertFormatError
+from moerge.safe_io import load_safetensors
+
+__all__ = ["load_peft_lora", "peft_pattern_key", "PICKLE_SUFFIXES"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+_PREFIX = "base_model.model."
+
+
+def peft_pattern_key(pattern_keys: Iterable[str], module: str) -> str | None:
+    """The ``rank_pattern``/``alpha_pattern`` key that applies to ``module``, as PEFT resolves it (first match of
+    ``(.*\\.)?(key)$``), or ``None``."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _refuse_unsupported(config: dict[str, Any], name: str, file: Path) -> None:
+    checks = [
+        ("use_dora", lambda v: bool(v), "DoRA adapters (use_dora=true) are not supported"),
+        ("bias", lambda v: v not in (None, "none"), "adapters that train biases (bias={v!r}) are not supported"),
+        ("lora_bias", lambda v: bool(v), "adapters with a bias on lora_B (lora_bias=true) are not supported"),
+        ("modules_to_save", lambda v: bool(v), "modules_to_save={v!r} holds full module copies, which a LoRA "
+         "expert cannot express; add them as a delta expert instead"),
+        ("layer_replication", lambda v: bool(v), "layer_replication={v!r} changes the base's layers"),
+        ("target_parameters", lambda v: bool(v), "target_parameters={v!r} (LoRA on raw parameters) is not supported"),
+        ("alora_invocation_tokens", lambda v: bool(v), "activated LoRA (alora_invocation_tokens) is not supported"),
+        ("trainable_token_indices", lambda v: bool(v), "trainable_token_indices={v!r} is not supported"),
+    ]
+    for key, bad, msg in checks:
+        v = config.get(key)
+        if bad(v):
+            raise ExpertFormatError(msg.format(v=v), expert=name, file=str(file))
+
+
+def load_peft_lora(
+    path: str | Path,
+    name: str,
+    *,
+    description: str = "",
+    examples: Iterable[str] = (),
+    dtype: torch.dtype | None = None,
+    max_rank: int | None = None,
+) -> Expert:
+    """Read the PEFT LoRA adapter in folder ``path`` as an expert called ``name``.
+
+    Args:
+        path: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        name: the expert's name.
+        description, examples: stored in the expert's metadata (used by global routers).
+        dtype: cast the factors to this dtype (default: keep the stored dtype).
+        max_rank: refuse modules whose rank exceeds this.
+
+    Raises:
+        ExpertFormatError: naming the file and the problem (missing or pickle-only weights, unsupported PEFT
+            features, ranks that disagree with the config, NaN/Inf, …).
+    """
+    validate_name(name)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ExpertFormatError("not a PEFT adapter folder (no such directory)", expert=name, file=str(folder))
+    cfg_file = folder / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise ExpertFormatError(f"missing {CONFIG_NAME}", expert=name, file=str(cfg_file))
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExpertFormatError(f"cannot parse {CONFIG_NAME}: {e}", expert=name, file=str(cfg_file)) from None
+    if not isinstance(config, dict):
+        raise ExpertFormatError(f"{CONFIG_NAME} is not a JSON object", expert=name, file=str(cfg_file))
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise ExpertFormatError(f"peft_type is {peft_type!r}; only LORA adapters are supported", expert=name,
+                                file=str(cfg_file))
+    _refuse_unsupported(config, name, cfg_file)
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise ExpertFormatError(f"{CONFIG_NAME} has no {key!r} field", expert=name, file=str(cfg_file))
+    r_default, alpha_default = config["r"], config["lora_alpha"]
+    if not isinstance(r_default, int) or r_default <= 0:
+        raise ExpertFormatError(f"r={r_default!r} must be a positive integer", expert=name, file=str(cfg_file))
+    if not isinstance(alpha_default, (int, float)) or not math.isfinite(alpha_default):
+        raise ExpertFormatError(f"lora_alpha={alpha_default!r} must be a finite number", expert=name,
+                                file=str(cfg_file))
+    rank_pattern: dict[str, int] = dict(config.get("rank_pattern") or {})
+    alpha_pattern: dict[str, float] = dict(config.get("alpha_pattern") or {})
+    use_rslora = bool(config.get("use_rslora", False))
+
+    weights_file = folder / WEIGHTS_NAME
+    if not weights_file.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ExpertFormatError(
+                f"only pickle weights found ({', '.join(pickles)}); moerge never loads pickle files because they can "
+                f"run code. Convert the adapter to {WEIGHTS_NAME} (e.g. with PEFT's save_pretrained("
+                "safe_serialization=True)) from a trusted environment",
+                expert=name, file=str(folder / pickles[0]),
+            )
+        raise ExpertFormatError(f"missing {WEIGHTS_NAME}", expert=name, file=str(weights_file))
+    tensors = load_safetensors(weights_file, expert=name)
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, t in tensors.items():
+        k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        m = _KEY_RE.match(k)
+        if m is None:
+            unknown.append(key)
+            continue
+        factors.setdefault(m["module"], {})[m["which"]] = t
+    if unknown:
+        hint = " (embedding LoRA is not supported)" if any("lora_embedding" in k for k in unknown) else ""
+        raise ExpertFormatError(f"tensors that are not LoRA A/B factors{hint}: {sorted(unknown)[:5]}", expert=name,
+                                file=str(weights_file))
+    if not factors:
+        raise ExpertFormatError("the adapter holds no LoRA weights", expert=name, file=str(weights_file))
+
+    modules: dict[str, ModuleWeights] = {}
+    for module, ab in sorted(factors.items()):
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise ExpertFormatError(f"module {module!r} has no {missing} weight", expert=name, file=str(weights_file))
+        a, b = ab["A"], ab["B"]
+        if dtype is not None:
+            a, b = a.to(dtype), b.to(dtype)
+        rk = peft_pattern_key(rank_pattern, module)
+        ak = peft_pattern_key(alpha_pattern, module)
+        r = int(rank_pattern[rk]) if rk is not None else int(r_default)
+        alpha = float(alpha_pattern[ak]) if ak is not None else float(alpha_default)
+        if r <= 0:
+            raise ExpertFormatError(f"module {module!r}: rank {r} must be positive", expert=name, file=str(cfg_file))
+        if a.dim() != 2 or a.shape[0] != r:
+            raise ExpertFormatError(
+                f"module {module!r}: config gives rank {r} but lora_A has shape {tuple(a.shape)}", expert=name,
+                file=str(weights_file),
+            )
+        if max_rank is not None and r > max_rank:
+            raise ExpertFormatError(f"module {module!r}: rank {r} exceeds the cap of {max_rank}", expert=name,
+                                    file=str(weights_file))
+        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        w = LoRAWeights(a, b, scale)
+        w.validate(name, module)
+        modules[module] = w
+
+    source = {
+        "type": "peft",
+        "path": str(folder.resolve()),
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+        "r": r_default,
+        "lora_alpha": alpha_default,
+        "use_rslora": use_rslora,
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "peft_version": config.get("peft_version"),
+    }
+    meta = ExpertMetadata(
+        description=description,
+        examples=[str(e) for e in examples],
+        base_model=config.get("base_model_name_or_path"),
+        source=source,
+    )
+    return Expert(name=name, modules=modules, metadata=meta)

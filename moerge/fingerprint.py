@@ -1,0 +1,128 @@
+"""Fingerprints of base models: catch an expert or a library used with a different base.
+
+A fingerprint records the architecture (class, ``model_type``, vocabulary, hidden size, layers), the shape of
+every linear module an expert can target, and a small sample of weights. Two bases *match* when all of it
+agrees; they are *compatible* (same architecture, another version of the weights, as when transferring a
+fine-tune's diff vector to an updated base) when everything but the weight sample agrees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["linear_modules", "fingerprint", "compare_fingerprints", "is_linear_like"]
+
+_SAMPLE = 16  # values taken from each sampled tensor
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' GPT-2 style ``Conv1D`` (weight stored ``(in, out)``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a linear-like module."""
+    if isinstance(module, nn.Linear):
+        return int(module.out_features), int(module.in_features)
+    w = module.weight  # Conv1D: (in, out)
+    return int(w.shape[1]), int(w.shape[0])
+
+
+def linear_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every linear-like module of ``model`` (patched ones included, by their original name) → ``(out, in)``."""
+    from moerge.layer import ExpertLinear  # local import: layer imports this module
+
+    out: dict[str, tuple[int, int]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, ExpertLinear):
+            out[name] = (mod.out_features, mod.in_features)
+        elif is_linear_like(mod) and not name.endswith(".base_layer"):
+            out[name] = linear_shape(mod)
+    return out
+
+
+def _config_value(config: Any, *names: str) -> Any:
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    return None
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """A JSON-able fingerprint of ``model`` (see module docstring)."""
+    config = getattr(model, "config", None)
+    shapes = linear_modules(model)
+    shapes_digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()[:16]
+    named = [(n, p) for n, p in model.named_parameters() if p.numel() >= _SAMPLE and ".base_layer" not in n]
+    named += [
+        (n.replace(".base_layer", ""), p)
+        for n, p in model.named_parameters()
+        if ".base_layer." in n and p.numel() >= _SAMPLE
+    ]
+    named.sort(key=lambda t: t[0])
+    picks = [named[0], named[len(named) // 2], named[-1]] if named else []
+    sample: dict[str, list[float]] = {}
+    for n, p in picks:
+        flat = p.detach().reshape(-1)
+        mid = flat.numel() // 2
+        vals = torch.cat([flat[:_SAMPLE], flat[mid : mid + _SAMPLE]]).float().cpu()
+        sample[n] = [round(float(v), 6) for v in vals]
+    weights_digest = hashlib.sha256(json.dumps(sample, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "vocab_size": _config_value(config, "vocab_size"),
+        "hidden_size": _config_value(config, "hidden_size", "n_embd", "d_model"),
+        "num_layers": _config_value(config, "num_hidden_layers", "n_layer"),
+        "modules": {k: list(v) for k, v in sorted(shapes.items())},
+        "shapes_digest": shapes_digest,
+        "weights_digest": weights_digest,
+        "weights_sample": sample,
+    }
+
+
+def compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Differences between two fingerprints: ``(architecture_problems, weight_problems)``.
+
+    Architecture problems (class, vocabulary, shapes) make a base unusable; weight problems mean another
+    version of the same architecture. Weights are compared with a tolerance, so the same base loaded in another
+    float precision still matches.
+    """
+    arch: list[str] = []
+    for key in ("architecture", "model_type", "vocab_size", "hidden_size", "num_layers"):
+        if expected.get(key) is not None and actual.get(key) is not None and expected[key] != actual[key]:
+            arch.append(f"{key} is {actual[key]!r}, expected {expected[key]!r}")
+    exp_mods, act_mods = expected.get("modules") or {}, actual.get("modules") or {}
+    if exp_mods and act_mods and exp_mods != act_mods:
+        missing = sorted(set(exp_mods) - set(act_mods))
+        differ = sorted(m for m in set(exp_mods) & set(act_mods) if list(exp_mods[m]) != list(act_mods[m]))
+        if missing:
+            arch.append(f"modules missing: {missing[:3]}{' …' if len(missing) > 3 else ''}")
+        for m in differ[:3]:
+            arch.append(f"module {m!r} has shape {act_mods[m]}, expected {exp_mods[m]}")
+    weights: list[str] = []
+    es, as_ = expected.get("weights_sample") or {}, actual.get("weights_sample") or {}
+    if es and as_:
+        if set(es) != set(as_):
+            weights.append("sampled parameters differ")
+        else:
+            worst = 0.0
+            for k in es:
+                a, b = torch.tensor(es[k]), torch.tensor(as_[k])
+                if a.shape != b.shape:
+                    worst = float("inf")
+                    break
+                worst = max(worst, float(((a - b).abs() / (1e-3 + 1e-2 * b.abs())).max()))
+            if worst > 1.0:
+                weights.append(
+                    f"weights differ (digest {actual.get('weights_digest')} vs {expected.get('weights_digest')})"
+                )
+    return arch, weights

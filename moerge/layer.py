@@ -1,0 +1,308 @@
+"""The patched linear layer and the stores of expert factors it mixes.
+
+``ExpertLinear`` wraps a base ``nn.Linear`` (or GPT-2 ``Conv1D``) as ``base_layer`` and adds, for each row ``b``
+and token ``t``::
+
+    y[b, t] = base_layer(x[b, t]) + Σ_k w[b, t, k] · s_k · B_k A_k x[b, t]     (LoRA candidates)
+                                  + Σ_k w[b, t, k] · (ΔW_k x[b, t] + Δb_k)      (dense candidates)
+
+Every expert's factors for this module are held once, concatenated in a :class:`LayerBank`
+(``A_all (R_total, in)``, ``Bt_all (R_total, out)``). At prefill, :meth:`LayerBank.gather` copies each row's
+candidates' factors side by side into a :class:`GatheredLayer` (``A (B, R, in)``, ``Bt (B, R, out)``, ``R`` the
+largest summed rank of a row, rows padded with zeros); every decode step then costs two batched matmuls,
+whatever the library's size. With sequence-level weights the weights and scales are folded into ``Bt`` at
+gather time; with a local gate they are applied per token between the two matmuls ("gate and shrink").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moerge.adapters.expert import DeltaWeights, LoRAWeights, ModuleWeights
+from moerge.fingerprint import linear_shape
+from moerge.routing import Candidates, LayerInfo, RoutingContext
+
+__all__ = ["ExpertLinear", "LayerBank", "GatheredLayer"]
+
+
+@dataclass(frozen=True)
+class _LoRASlot:
+    start: int
+    rank: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class LayerBank:
+    """An immutable store of every expert's weights for one module. Changes build a new bank, so a request that
+    already gathered from the old one is unaffected.
+
+    Attributes:
+        A_all: ``(R_total + 1, in)`` LoRA A factors of all experts, stacked along the rank; the last row is zeros
+            (the target of padding indices).
+        Bt_all: ``(R_total + 1, out)`` the matching B factors, transposed; last row zeros.
+        lora: expert name → its rows in ``A_all``/``Bt_all`` and its scale.
+        dense: expert name → (ΔW ``(out, in)``, Δb ``(out,)`` or None).
+    """
+
+    A_all: torch.Tensor
+    Bt_all: torch.Tensor
+    lora: dict[str, _LoRASlot] = field(default_factory=dict)
+    dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype) -> LayerBank:
+        return cls(torch.zeros(1, in_features, device=device, dtype=dtype),
+                   torch.zeros(1, out_features, device=device, dtype=dtype))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.lora) + list(self.dense)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.lora or name in self.dense
+
+    def __len__(self) -> int:
+        return len(self.lora) + len(self.dense)
+
+    def with_experts(self, weights: dict[str, ModuleWeights]) -> LayerBank:
+        """A new bank with ``weights`` (expert name → this module's weights) added."""
+        dtype, device = self.A_all.dtype, self.A_all.device
+        new_a, new_bt = [self.A_all[:-1]], [self.Bt_all[:-1]]
+        lora, dense = dict(self.lora), dict(self.dense)
+        start = self.A_all.shape[0] - 1
+        for name, w in weights.items():
+            if name in self:
+                raise ValueError(f"expert {name!r} is already in this layer")
+            if isinstance(w, LoRAWeights):
+                new_a.append(w.A.to(device=device, dtype=dtype))  # (r, in)
+                new_bt.append(w.B.t().to(device=device, dtype=dtype))  # (r, out)
+                lora[name] = _LoRASlot(start, w.rank, float(w.scale))
+                start += w.rank
+            else:
+                dense[name] = (w.delta.to(device=device, dtype=dtype),
+                               None if w.bias is None else w.bias.to(device=device, dtype=dtype))
+        zero_a = torch.zeros(1, self.A_all.shape[1], device=device, dtype=dtype)
+        zero_b = torch.zeros(1, self.Bt_all.shape[1], device=device, dtype=dtype)
+        return LayerBank(torch.cat([*new_a, zero_a]), torch.cat([*new_bt, zero_b]), lora, dense)
+
+    def without(self, names: set[str]) -> LayerBank:
+        """A new bank without the experts in ``names``."""
+        keep = [(n, s) for n, s in self.lora.items() if n not in names]
+        rows = [torch.arange(s.start, s.start + s.rank) for _, s in keep]
+        idx = torch.cat([*rows, torch.tensor([self.A_all.shape[0] - 1])]).to(self.A_all.device)
+        lora, start = {}, 0
+        for n, s in keep:
+            lora[n] = _LoRASlot(start, s.rank, s.scale)
+            start += s.rank
+        dense = {n: v for n, v in self.dense.items() if n not in names}
+        return LayerBank(self.A_all.index_select(0, idx), self.Bt_all.index_select(0, idx), lora, dense)
+
+    def apply(self, fn) -> LayerBank:
+        """A new bank with ``fn`` applied to every tensor (how ``module.to(...)`` reaches the bank)."""
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return LayerBank(fn(self.A_all), fn(self.Bt_all), dict(self.lora),
+                         {n: (fn(d), opt(b)) for n, (d, b) in self.dense.items()})
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """Expert ``name``'s dense update ``(out, in)`` for this module (zeros if it does not target it)."""
+        if name in self.lora:
+            s = self.lora[name]
+            a = self.A_all[s.start : s.start + s.rank].float()  # (r, in)
+            bt = self.Bt_all[s.start : s.start + s.rank].float()  # (r, out)
+            return (bt.t() @ a) * s.scale  # (out, in)
+        if name in self.dense:
+            return self.dense[name][0].float()
+        return torch.zeros(self.Bt_all.shape[1], self.A_all.shape[1], device=self.A_all.device)
+
+    def delta_bias(self, name: str) -> torch.Tensor | None:
+        return self.dense[name][1] if name in self.dense else None
+
+    def gather(self, candidates: Candidates) -> GatheredLayer | None:
+        """Copy the factors of each row's candidates side by side (once per request); ``None`` when no row's
+        candidates touch this module."""
+        ids = candidates.ids.tolist()
+        names = candidates.names
+        seq_w = candidates.weights
+        B = len(ids)
+        cols: list[list[int]] = []
+        col_k: list[list[int]] = []
+        col_scale: list[list[float]] = []
+        dense_uses: dict[str, list[tuple[int, int]]] = {}
+        for b, row in enumerate(ids):
+            c, ck, cs = [], [], []
+            for k, i in enumerate(row):
+                if i < 0:
+                    continue
+                name = names[i]
+                slot = self.lora.get(name)
+                if slot is not None:
+                    c.extend(range(slot.start, slot.start + slot.rank))
+                    ck.extend([k] * slot.rank)
+                    cs.extend([slot.scale] * slot.rank)
+                elif name in self.dense:
+                    dense_uses.setdefault(name, []).append((b, k))
+            cols.append(c)
+            col_k.append(ck)
+            col_scale.append(cs)
+        R = max((len(c) for c in cols), default=0)
+        if R == 0 and not dense_uses:
+            return None
+        device, dtype = self.A_all.device, self.A_all.dtype
+        lora = None
+        if R > 0:
+            pad = self.A_all.shape[0] - 1  # index of the zero row
+            idx = torch.tensor([c + [pad] * (R - len(c)) for c in cols], device=device)  # (B, R)
+            k_idx = torch.tensor([k + [0] * (R - len(k)) for k in col_k], device=device)  # (B, R)
+            scale = torch.tensor([s + [0.0] * (R - len(s)) for s in col_scale], device=device, dtype=torch.float32)
+            A = self.A_all[idx]  # (B, R, in)
+            Bt = self.Bt_all[idx]  # (B, R, out)
+            if seq_w is not None:
+                w_cols = seq_w.to(device).gather(1, k_idx) * scale  # (B, R)
+                Bt = Bt * w_cols.to(dtype).unsqueeze(-1)  # (B, R, out): weights and scales folded in
+                lora = _GatheredLoRA(A, Bt, None, None)
+            else:
+                lora = _GatheredLoRA(A, Bt, k_idx, scale.to(dtype))
+        dense = []
+        for name, uses in dense_uses.items():
+            d, bias = self.dense[name]
+            rows = torch.tensor([b for b, _ in uses], device=device)
+            ks = torch.tensor([k for _, k in uses], device=device)
+            w = None if seq_w is None else seq_w.to(device)[rows, ks].to(dtype)  # (n,)
+            dense.append(_GatheredDense(d, bias, rows, ks, w))
+        return GatheredLayer(B, lora, dense)
+
+
+@dataclass
+class _GatheredLoRA:
+    A: torch.Tensor  # (B, R, in)
+    Bt: torch.Tensor  # (B, R, out); sequence weights and scales folded in when k_idx is None
+    k_idx: torch.Tensor | None  # (B, R) candidate slot of each column (local gating)
+    scale: torch.Tensor | None  # (B, R) LoRA scale of each column, 0 at padding (local gating)
+
+    def repeat_rows(self, n: int) -> _GatheredLoRA:
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+        return _GatheredLoRA(rep(self.A), rep(self.Bt), rep(self.k_idx), rep(self.scale))
+
+
+@dataclass
+class _GatheredDense:
+    delta: torch.Tensor  # (out, in)
+    bias: torch.Tensor | None  # (out,)
+    rows: torch.Tensor  # (n,) rows that use this expert
+    ks: torch.Tensor  # (n,) its candidate slot in each of those rows
+    weight: torch.Tensor | None  # (n,) sequence-level weight per row, or None (local gating)
+
+    def repeat_rows(self, n: int) -> _GatheredDense:
+        rows = (self.rows.unsqueeze(1) * n + torch.arange(n, device=self.rows.device)).reshape(-1)
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+        return _GatheredDense(self.delta, self.bias, rows, rep(self.ks), rep(self.weight))
+
+
+@dataclass
+class GatheredLayer:
+    """One module's factors for one request's rows (see :meth:`LayerBank.gather`)."""
+
+    rows: int
+    lora: _GatheredLoRA | None
+    dense: list[_GatheredDense]
+    _expanded: dict[int, GatheredLayer] = field(default_factory=dict)
+
+    def for_batch(self, batch: int) -> GatheredLayer:
+        """This layer for a batch of ``batch`` rows: generate repeats each prompt's row for beams and samples."""
+        if batch == self.rows:
+            return self
+        if batch % self.rows:
+            raise RuntimeError(f"routing was decided for {self.rows} rows but the forward has {batch}")
+        n = batch // self.rows
+        if n not in self._expanded:
+            self._expanded[n] = GatheredLayer(
+                batch, None if self.lora is None else self.lora.repeat_rows(n), [d.repeat_rows(n) for d in self.dense]
+            )
+        return self._expanded[n]
+
+    def delta(self, x: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+        """The experts' contribution for input ``x (B, T, in)``; ``token_weights (B, T, K)`` from a local gate, or
+        ``None`` when sequence-level weights were folded in at gather time."""
+        out: torch.Tensor | None = None
+        if self.lora is not None:
+            g = self.lora
+            h = torch.bmm(x, g.A.transpose(1, 2))  # (B, T, R)
+            if token_weights is not None:
+                k_idx = g.k_idx.unsqueeze(1).expand(-1, x.shape[1], -1)  # (B, T, R)
+                h = h * (token_weights.to(h.dtype).gather(2, k_idx) * g.scale.unsqueeze(1))  # (B, T, R)
+            out = torch.bmm(h, g.Bt)  # (B, T, out)
+        for d in self.dense:
+            xr = x.index_select(0, d.rows)  # (n, T, in)
+            yr = F.linear(xr, d.delta, d.bias)  # (n, T, out)
+            if token_weights is not None:
+                w = token_weights.index_select(0, d.rows)  # (n, T, K)
+                w = w.gather(2, d.ks.view(-1, 1, 1).expand(-1, x.shape[1], 1))  # (n, T, 1)
+            else:
+                w = d.weight.view(-1, 1, 1)  # (n, 1, 1)
+            yr = yr * w.to(yr.dtype)
+            if out is None:
+                out = torch.zeros(x.shape[0], x.shape[1], yr.shape[-1], device=x.device, dtype=yr.dtype)
+            out = out.index_add(0, d.rows, yr)
+        assert out is not None
+        return out
+
+
+class ExpertLinear(nn.Module):
+    """A base linear module plus routed experts. The original module stays as ``base_layer``, untouched.
+
+    The layer reads the current call's routing from the model's :class:`RoutingContext`; outside a routed call
+    (no state active) it is exactly ``base_layer``.
+    """
+
+    def __init__(self, base_layer: nn.Module, name: str, index: int, context: RoutingContext) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = name
+        self.layer_index = index
+        self.out_features, self.in_features = linear_shape(base_layer)
+        self.info = LayerInfo(index, name, self.in_features, self.out_features)
+        self._context = context
+        w = base_layer.weight
+        self.bank = LayerBank.empty(self.in_features, self.out_features, w.device,
+                                    w.dtype if w.is_floating_point() else torch.float32)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() also move the experts' factors
+        super()._apply(fn, recurse)
+        self.bank = self.bank.apply(fn)
+        return self
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads .weight of its linears (e.g. dtype checks)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        state = self._context.current
+        if state is None:
+            return y
+        g = state.gathered.get(self.layer_index)
+        if g is None:
+            return y
+        shape = x.shape
+        x3 = x.reshape(shape[0], -1, shape[-1]) if x.dim() != 3 else x  # (B, T, in)
+        g = g.for_batch(x3.shape[0])
+        weights = None
+        if state.local:
+            weights = state.router.gate(x3, state.candidates.repeat_rows(x3.shape[0] // state.candidates.batch_size),
+                                        self.info)  # (B, T, K)
+            if state.record_usage:
+                state.record(self.module_name, weights)
+        d = g.delta(x3.to(g.lora.A.dtype if g.lora is not None else x3.dtype), weights)  # (B, T, out)
+        return y + d.reshape(*shape[:-1], d.shape[-1]).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"module={self.module_name!r}, experts={len(self.bank)}"

@@ -1,0 +1,368 @@
+"""``ExpertLibrary``: a folder of experts with a JSON manifest.
+
+Layout::
+
+    <root>/library.json                      manifest: format version, base id + fingerprint, embedder,
+                                             experts with the sha256 of each of their files
+    <root>/experts/<name>/weights.safetensors
+    <root>/experts/<name>/expert.json        metadata and the weights' layout (kind, rank, scale per module)
+
+The manifest is the truth: an expert exists when the manifest lists it. Every write goes through a temp file or a
+temp folder that is fsynced and renamed into place, and the manifest is replaced last, so a failed or interrupted
+add leaves the library as it was (at worst an unlisted leftover folder, removed on the next open). Only
+safetensors files are ever read, and every file is checked against its sha256 when it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
+from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
+from moerge.fingerprint import compare_fingerprints, fingerprint
+from moerge.safe_io import TMP_PREFIX, atomic_write_json, fsync_dir, load_safetensors, save_safetensors, sha256_file
+
+__all__ = ["ExpertLibrary", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+MANIFEST = "library.json"
+EXPERTS_DIR = "experts"
+WEIGHTS_FILE = "weights.safetensors"
+EXPERT_FILE = "expert.json"
+
+
+class ExpertLibrary:
+    """A folder of experts made for one base model.
+
+    Create one with :meth:`create`, open an existing one with :meth:`open`. It behaves like a read-only mapping
+    from expert name to :class:`Expert` (``lib["sql"]``, ``"sql" in lib``, ``len(lib)``, ``for name in lib``),
+    with :meth:`add`, :meth:`add_peft`, :meth:`add_delta` and :meth:`remove` to change it.
+    """
+
+    def __init__(self, root: str | Path, manifest: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self._manifest = manifest
+        self._lock = threading.RLock()
+
+    # --- creating and opening -------------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        root: str | Path,
+        base_model: nn.Module | str | None = None,
+        *,
+        base_fingerprint: dict[str, Any] | None = None,
+        exist_ok: bool = False,
+    ) -> ExpertLibrary:
+        """Make a new, empty library folder at ``root``.
+
+        Args:
+            base_model: the base the experts are for: a loaded model (its id and fingerprint are recorded, and
+                every expert added is checked against it) or just an id.
+            base_fingerprint: a fingerprint to record when ``base_model`` is only an id.
+            exist_ok: open the library if ``root`` already holds one (its base must match).
+        """
+        root = Path(root)
+        if (root / MANIFEST).exists():
+            if not exist_ok:
+                raise LibraryError("a library already exists here (pass exist_ok=True to open it)",
+                                   file=str(root / MANIFEST))
+            lib = cls.open(root)
+            if isinstance(base_model, nn.Module):
+                lib.check_base(base_model)
+            return lib
+        if root.exists() and any(root.iterdir()):
+            raise LibraryError("folder is not empty and holds no library.json", file=str(root))
+        if isinstance(base_model, nn.Module):
+            base_id = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
+            base_fingerprint = fingerprint(base_model)
+        else:
+            base_id = base_model
+        manifest = {
+            "format": "moerge-library",
+            "format_version": FORMAT_VERSION,
+            "base_model": base_id,
+            "base_fingerprint": base_fingerprint,
+            "embedder": None,
+            "created_at": time.time(),
+            "experts": {},
+        }
+        (root / EXPERTS_DIR).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / MANIFEST, manifest)
+        return cls(root, manifest)
+
+    @classmethod
+    def open(cls, root: str | Path) -> ExpertLibrary:
+        """Open the library at ``root``, removing leftovers of interrupted writes."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise LibraryError("no library here (library.json is missing)", file=str(path))
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LibraryError(f"cannot parse the manifest: {e}", file=str(path)) from None
+        if not isinstance(manifest, dict) or manifest.get("format") != "moerge-library":
+            raise LibraryError("not a moerge library manifest", file=str(path))
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise LibraryError(f"format_version {version!r} is not supported by this moerge (≤ {FORMAT_VERSION})",
+                               file=str(path))
+        if not isinstance(manifest.get("experts"), dict):
+            raise LibraryError("the manifest's 'experts' is not an object", file=str(path))
+        for name in manifest["experts"]:
+            try:
+                validate_name(name)
+            except ExpertFormatError as e:
+                raise LibraryError(e.problem, expert=name, file=str(path)) from None
+        lib = cls(root, manifest)
+        lib._clean_leftovers()
+        return lib
+
+    def _clean_leftovers(self) -> None:
+        """Remove temp files and unlisted expert folders left by interrupted writes."""
+        for p in [*self.root.glob(TMP_PREFIX + "*"), *(self.root / EXPERTS_DIR).glob(TMP_PREFIX + "*")]:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        experts_dir = self.root / EXPERTS_DIR
+        if experts_dir.is_dir():
+            for p in experts_dir.iterdir():
+                if p.is_dir() and not p.is_symlink() and p.name not in self._manifest["experts"]:
+                    shutil.rmtree(p, ignore_errors=True)
+
+    # --- reading ----------------------------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> str | None:
+        return self._manifest.get("base_model")
+
+    @property
+    def base_fingerprint(self) -> dict[str, Any] | None:
+        return self._manifest.get("base_fingerprint")
+
+    @property
+    def embedder(self) -> dict[str, Any] | None:
+        return self._manifest.get("embedder")
+
+    def names(self) -> list[str]:
+        """Expert names, in the order they were added."""
+        return list(self._manifest["experts"])
+
+    def __len__(self) -> int:
+        return len(self._manifest["experts"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._manifest["experts"]
+
+    def __getitem__(self, name: str) -> Expert:
+        return self.get(name)
+
+    def __repr__(self) -> str:
+        return f"ExpertLibrary({str(self.root)!r}, experts={len(self)}, base={self.base_model!r})"
+
+    def info(self, name: str) -> dict[str, Any]:
+        """The manifest entry of ``name`` (kind, modules, ranks, description, file hashes)."""
+        self._require(name)
+        return dict(self._manifest["experts"][name])
+
+    def _require(self, name: str) -> None:
+        if name not in self._manifest["experts"]:
+            raise LibraryError(f"no expert named {name!r}; the library holds {self.names()[:10]}", expert=name,
+                               file=str(self.root / MANIFEST))
+
+    def _expert_dir(self, name: str) -> Path:
+        d = self.root / EXPERTS_DIR / name
+        if d.is_symlink() or (d.exists() and d.resolve().parent != (self.root / EXPERTS_DIR).resolve()):
+            raise LibraryError("the expert's folder leads out of the library", expert=name, file=str(d))
+        return d
+
+    def get(self, name: str) -> Expert:
+        """Load expert ``name``, checking its files against the manifest's sha256."""
+        with self._lock:
+            self._require(name)
+            entry = self._manifest["experts"][name]
+            folder = self._expert_dir(name)
+            for fname, digest in entry["files"].items():
+                path = folder / fname
+                if not path.is_file():
+                    raise LibraryError("file listed in the manifest is missing", expert=name, file=str(path))
+                if sha256_file(path) != digest:
+                    raise LibraryError("sha256 does not match the manifest (file changed or corrupt)", expert=name,
+                                       file=str(path))
+            meta_path = folder / EXPERT_FILE
+            try:
+                data = json.loads(meta_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise LibraryError(f"cannot parse: {e}", expert=name, file=str(meta_path)) from None
+            tensors = load_safetensors(folder / WEIGHTS_FILE, expert=name)
+            return Expert.from_state_dict(name, data["modules"], tensors, ExpertMetadata.from_json(data["metadata"]),
+                                          file=str(folder / WEIGHTS_FILE))
+
+    def experts(self) -> Iterator[Expert]:
+        """Every expert, loaded one at a time."""
+        for name in self.names():
+            yield self.get(name)
+
+    def verify(self) -> list[str]:
+        """Check every listed file's sha256 and that every expert loads; returns the problems found (empty: ok)."""
+        problems = []
+        for name in self.names():
+            try:
+                self.get(name)
+            except (LibraryError, ExpertFormatError) as e:
+                problems.append(str(e))
+        return problems
+
+    # --- checking against a base ----------------------------------------------------------------------------------
+    def check_base(self, base: nn.Module, *, strict_weights: bool = True) -> list[str]:
+        """Check ``base`` against the library's recorded base.
+
+        Raises :class:`BaseMismatchError` for another architecture or other shapes, and for other weights when
+        ``strict_weights``; returns the weight differences otherwise (empty when the weights match).
+        """
+        expected = self.base_fingerprint
+        if not expected:
+            return []
+        arch, weights = compare_fingerprints(expected, fingerprint(base))
+        if arch:
+            raise BaseMismatchError("the model is not the library's base: " + "; ".join(arch),
+                                    file=str(self.root / MANIFEST))
+        if weights and strict_weights:
+            raise BaseMismatchError(
+                "the model has the library's architecture but other weights (" + "; ".join(weights) + "); pass "
+                "strict_base=False to apply the experts to this version of the base anyway",
+                file=str(self.root / MANIFEST),
+            )
+        return weights
+
+    def _check_expert_against_base(self, expert: Expert) -> None:
+        fp = self.base_fingerprint
+        if fp and fp.get("modules"):
+            shapes = fp["modules"]
+            for m, w in expert.modules.items():
+                if m not in shapes:
+                    raise BaseMismatchError(f"targets module {m!r}, which the library's base does not have (or which "
+                                            "is not a linear module)", expert=expert.name)
+                out_f, in_f = shapes[m]
+                if (w.out_features, w.in_features) != (out_f, in_f):
+                    raise BaseMismatchError(
+                        f"module {m!r}: the expert maps {w.in_features}→{w.out_features} but the base's module maps "
+                        f"{in_f}→{out_f}", expert=expert.name,
+                    )
+        efp = expert.metadata.base_fingerprint
+        if fp and efp:
+            arch, _ = compare_fingerprints(fp, efp)
+            if arch:
+                raise BaseMismatchError("made for another base: " + "; ".join(arch), expert=expert.name)
+
+    # --- writing ----------------------------------------------------------------------------------------------------
+    def add(self, expert: Expert, *, overwrite: bool = False) -> Expert:
+        """Add ``expert`` (post hoc: nothing else in the library changes). Atomic: on any error the library is as
+        it was. Returns the expert."""
+        validate_name(expert.name)
+        with self._lock:
+            if expert.name in self and not overwrite:
+                raise LibraryError("an expert with this name already exists (pass overwrite=True to replace it)",
+                                   expert=expert.name, file=str(self.root / EXPERTS_DIR / expert.name))
+            self._check_expert_against_base(expert)
+            experts_dir = self.root / EXPERTS_DIR
+            experts_dir.mkdir(exist_ok=True)
+            tmp = experts_dir / f"{TMP_PREFIX}{expert.name}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                save_safetensors(tmp / WEIGHTS_FILE, expert.state_dict(), metadata={"format": "moerge-expert"})
+                atomic_write_json(tmp / EXPERT_FILE, {
+                    "name": expert.name,
+                    "format_version": FORMAT_VERSION,
+                    "modules": expert.spec(),
+                    "metadata": expert.metadata.to_json(),
+                })
+                files = {f: sha256_file(tmp / f) for f in (WEIGHTS_FILE, EXPERT_FILE)}
+                final = self._expert_dir(expert.name)
+                old = None
+                if final.exists():
+                    old = experts_dir / f"{TMP_PREFIX}old-{expert.name}-{uuid.uuid4().hex[:8]}"
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                fsync_dir(experts_dir)
+                entry = {
+                    "kind": expert.kind,
+                    "description": expert.metadata.description,
+                    "modules": len(expert.modules),
+                    "ranks": sorted(set(expert.ranks.values())),
+                    "parameters": expert.num_parameters(),
+                    "source": expert.metadata.source.get("type"),
+                    "added_at": time.time(),
+                    "files": files,
+                }
+                manifest = json.loads(json.dumps(self._manifest))
+                manifest["experts"].pop(expert.name, None)
+                manifest["experts"][expert.name] = entry
+                try:
+                    atomic_write_json(self.root / MANIFEST, manifest)
+                except BaseException:
+                    shutil.rmtree(final, ignore_errors=True)
+                    if old is not None:
+                        os.replace(old, final)
+                    raise
+                self._manifest = manifest
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return expert
+
+    def add_peft(
+        self, path: str | Path, name: str, *, description: str = "", examples: Iterable[str] = (),
+        overwrite: bool = False, **kwargs: Any,
+    ) -> Expert:
+        """Add the PEFT LoRA adapter in folder ``path`` as expert ``name`` (see
+        :func:`moerge.adapters.peft_loader.load_peft_lora`)."""
+        expert = Expert.from_peft(str(path), name=name, description=description, examples=list(examples), **kwargs)
+        return self.add(expert, overwrite=overwrite)
+
+    def add_delta(
+        self, finetuned: nn.Module, base: nn.Module, name: str, *, description: str = "",
+        examples: Iterable[str] = (), rank: int | None = None, overwrite: bool = False, **kwargs: Any,
+    ) -> Expert:
+        """Add the full fine-tune ``finetuned − base`` as expert ``name``, dense or (``rank=r``) low rank (see
+        :func:`moerge.adapters.delta.expert_from_diff`)."""
+        expert = Expert.from_diff(finetuned, base, name=name, rank=rank, description=description,
+                                  examples=list(examples), **kwargs)
+        return self.add(expert, overwrite=overwrite)
+
+    def remove(self, name: str) -> None:
+        """Remove expert ``name``. The manifest is updated first, so an interruption leaves at worst an unlisted
+        folder that the next open removes."""
+        with self._lock:
+            self._require(name)
+            folder = self._expert_dir(name)
+            manifest = json.loads(json.dumps(self._manifest))
+            del manifest["experts"][name]
+            atomic_write_json(self.root / MANIFEST, manifest)
+            self._manifest = manifest
+            if folder.exists():
+                trash = self.root / EXPERTS_DIR / f"{TMP_PREFIX}rm-{name}-{uuid.uuid4().hex[:8]}"
+                os.replace(folder, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+
+    def set_embedder(self, embedder_id: str, dim: int) -> None:
+        """Record the sentence embedder the library's routing data was made with."""
+        with self._lock:
+            manifest = json.loads(json.dumps(self._manifest))
+            manifest["embedder"] = {"id": embedder_id, "dim": int(dim)}
+            atomic_write_json(self.root / MANIFEST, manifest)
+            self._manifest = manifest
+

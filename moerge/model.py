@@ -1,0 +1,446 @@
+"""``MoErgeModel``: a causal LM whose linear modules mix a library's experts per request and per token."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
+from moerge.adapters.merge import merge_module
+from moerge.errors import BaseMismatchError, LibraryError, RoutingError
+from moerge.fingerprint import is_linear_like, linear_shape
+from moerge.layer import ExpertLinear
+from moerge.library import ExpertLibrary
+from moerge.routing import (
+    Candidates,
+    Router,
+    RoutingContext,
+    RoutingRequest,
+    RoutingState,
+    RowRouting,
+    build_router,
+)
+
+__all__ = ["MoErgeModel"]
+
+_INSTALL_CHUNK = 64  # experts stacked into the layers per step when loading a library
+
+
+class MoErgeModel(nn.Module):
+    """A Hugging Face causal LM plus a library of experts, routed at inference time.
+
+    Build one with :meth:`from_library`. Target ``nn.Linear`` (and GPT-2 ``Conv1D``) modules are replaced by
+    :class:`~moerge.layer.ExpertLinear`, which keeps the original as ``base_layer``. Each call routes once at
+    prefill (the router's global stage, or ``experts=`` given explicitly) and holds that routing for the row's
+    decode steps; a router with a local gate then mixes the row's candidates per token inside every module.
+
+    Attributes not defined here are looked up on the base model (``model.config``, ``model.device``, …).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        router: Router,
+        library: ExpertLibrary | None = None,
+        *,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.library = library
+        self.tokenizer = tokenizer
+        self.context = RoutingContext()
+        self._lock = threading.RLock()
+        self._experts: dict[str, ExpertMetadata] = {}
+        self._modules_of: dict[str, list[str]] = {}
+        self._layers: dict[str, ExpertLinear] = {}
+        self._active = True
+        self.last_routing: list[RowRouting] | None = None
+        self.router = router
+        router.attach(self)
+
+    # --- construction -----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_library(
+        cls,
+        base: nn.Module | str | Path,
+        library: ExpertLibrary | str | Path,
+        router: str | Router = "explicit",
+        *,
+        tokenizer: Any = None,
+        strict_base: bool = True,
+        experts: Iterable[str] | None = None,
+        **load_kwargs: Any,
+    ) -> MoErgeModel:
+        """Patch ``base`` with the experts of ``library``.
+
+        Args:
+            base: a loaded ``PreTrainedModel``, or a model id/path for ``AutoModelForCausalLM.from_pretrained``
+                (with ``load_kwargs``; its tokenizer is loaded too when there is one).
+            library: an :class:`ExpertLibrary` or the path of one.
+            router: a registered router name (see :func:`moerge.routers.list_routers`) or a router object.
+            tokenizer: used by routers that read the prompt as text.
+            strict_base: refuse a base whose weights differ from the library's recorded base; with ``False`` a base of
+                the same architecture is accepted with a warning (applying experts to another version of the base).
+            experts: load only these experts (default: all).
+        """
+        if isinstance(base, (str, Path)):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            base_path = str(base)
+            base = AutoModelForCausalLM.from_pretrained(base_path, **load_kwargs)
+            if tokenizer is None:
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(base_path)
+                except (OSError, ValueError):
+                    tokenizer = None
+        if not isinstance(library, ExpertLibrary):
+            library = ExpertLibrary.open(library)
+        differences = library.check_base(base, strict_weights=strict_base)
+        if differences:
+            warnings.warn(f"the base differs from the library's base ({'; '.join(differences)}); applying the "
+                          "experts to it anyway (strict_base=False)", stacklevel=2)
+        if isinstance(router, str):
+            router = build_router(router)
+        model = cls(base, router, library, tokenizer=tokenizer)
+        names = list(experts) if experts is not None else library.names()
+        for i in range(0, len(names), _INSTALL_CHUNK):
+            model._install([library.get(n) for n in names[i : i + _INSTALL_CHUNK]])
+        return model
+
+    # --- attribute delegation ---------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base, name)
+
+    @property
+    def experts(self) -> list[str]:
+        """Names of the experts the model routes over, in id order."""
+        return list(self._experts)
+
+    def expert_metadata(self, name: str) -> ExpertMetadata:
+        return self._experts[name]
+
+    @property
+    def patched_modules(self) -> list[str]:
+        return list(self._layers)
+
+    # --- installing experts into the layers ------------------------------------------------------------------------
+    def _check_fits(self, expert: Expert, *, replacing: bool = False) -> None:
+        """Raise (changing nothing) unless every module ``expert`` targets is a linear module of the base with the
+        expert's shapes."""
+        validate_name(expert.name)
+        if expert.name in self._experts and not replacing:
+            raise LibraryError("the model already has an expert with this name", expert=expert.name)
+        for m, w in expert.modules.items():
+            layer = self._layers.get(m)
+            if layer is not None:
+                shape = (layer.out_features, layer.in_features)
+            else:
+                try:
+                    mod = self.base.get_submodule(m)
+                except AttributeError:
+                    raise BaseMismatchError(f"targets module {m!r}, which the base model does not have",
+                                            expert=expert.name) from None
+                if not is_linear_like(mod):
+                    raise BaseMismatchError(f"targets module {m!r}, a {type(mod).__name__}, not a linear module",
+                                            expert=expert.name)
+                shape = linear_shape(mod)
+            if (w.out_features, w.in_features) != shape:
+                raise BaseMismatchError(
+                    f"module {m!r}: the expert maps {w.in_features}→{w.out_features} but the base maps "
+                    f"{shape[1]}→{shape[0]}", expert=expert.name,
+                )
+
+    def _patch(self, module_name: str) -> ExpertLinear:
+        layer = self._layers.get(module_name)
+        if layer is not None:
+            return layer
+        parent_name, _, attr = module_name.rpartition(".")
+        parent = self.base.get_submodule(parent_name) if parent_name else self.base
+        layer = ExpertLinear(getattr(parent, attr), module_name, len(self._layers), self.context)
+        setattr(parent, attr, layer)
+        self._layers[module_name] = layer
+        return layer
+
+    def _install(self, experts: Sequence[Expert]) -> None:
+        """Add ``experts`` to the router and every layer they target; all or nothing."""
+        with self._lock:
+            seen: set[str] = set()
+            for e in experts:
+                if e.name in seen:
+                    raise LibraryError("the same expert name appears twice", expert=e.name)
+                seen.add(e.name)
+                self._check_fits(e)
+            done: list[str] = []
+            try:
+                for e in experts:
+                    self.router.on_add_expert(e)
+                    done.append(e.name)
+            except BaseException:
+                for n in done:
+                    self.router.on_remove_expert(n)
+                raise
+            by_module: dict[str, dict[str, Any]] = {}
+            for e in experts:
+                for m, w in e.modules.items():
+                    by_module.setdefault(m, {})[e.name] = w
+            for m, group in by_module.items():
+                layer = self._patch(m)
+                layer.bank = layer.bank.with_experts(group)
+            for e in experts:
+                self._experts[e.name] = e.metadata
+                self._modules_of[e.name] = sorted(e.modules)
+
+    def add_expert(
+        self,
+        expert: Expert | str | Path,
+        name: str | None = None,
+        *,
+        description: str = "",
+        examples: Iterable[str] = (),
+        persist: bool = True,
+        overwrite: bool = False,
+    ) -> Expert:
+        """Add an expert to the live model, post hoc, without reloading the base or retraining anything.
+
+        ``expert`` is an :class:`Expert` or a PEFT LoRA folder (then ``name`` is required). With ``persist`` (the
+        default) it is also added to the library. Calls already under way keep the experts they started with.
+        """
+        if not isinstance(expert, Expert):
+            if name is None:
+                raise ValueError("name= is required when adding a PEFT folder")
+            expert = Expert.from_peft(str(expert), name=name, description=description, examples=list(examples))
+        elif name is not None and name != expert.name:
+            expert = expert.renamed(name)
+        with self._lock:
+            replacing = overwrite and expert.name in self._experts
+            self._check_fits(expert, replacing=replacing)
+            if persist and self.library is not None:
+                self.library.add(expert, overwrite=overwrite)  # atomic; the old version stays until it succeeds
+            if replacing:
+                self.remove_expert(expert.name, persist=False)
+            try:
+                self._install([expert])
+            except BaseException:
+                if persist and self.library is not None and not replacing:
+                    self.library.remove(expert.name)
+                raise
+        return expert
+
+    def remove_expert(self, name: str, *, persist: bool = True) -> None:
+        """Remove an expert from the live model (and, with ``persist``, from the library)."""
+        with self._lock:
+            if name not in self._experts:
+                raise LibraryError(f"the model has no expert {name!r}", expert=name)
+            if persist and self.library is not None and name in self.library:
+                self.library.remove(name)
+            for m in self._modules_of.pop(name):
+                layer = self._layers[m]
+                layer.bank = layer.bank.without({name})
+            del self._experts[name]
+            self.router.on_remove_expert(name)
+
+    def set_router(self, router: str | Router) -> None:
+        """Route with another router from now on; it is given every current expert."""
+        if isinstance(router, str):
+            router = build_router(router)
+        with self._lock:
+            router.attach(self)
+            if self.library is not None:
+                for n in self._experts:
+                    if n in self.library:
+                        router.on_add_expert(self.library.get(n))
+            self.router = router
+
+    # --- routing ------------------------------------------------------------------------------------------------
+    def _decode_prompts(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> list[str] | None:
+        if self.tokenizer is None or input_ids is None:
+            return None
+        rows = []
+        for b in range(input_ids.shape[0]):
+            ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
+            rows.append(self.tokenizer.decode(ids.tolist(), skip_special_tokens=True))
+        return rows
+
+    def route(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        experts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
+    ) -> RoutingState:
+        """Decide the routing of a batch (the global stage) and gather every module's candidate factors.
+
+        ``experts`` forces a mix per row (``[{"sql": 1.0}, {"math": .5, "sql": .5}]``) or one mix for all rows.
+        """
+        self._require_active()
+        if experts is not None and isinstance(experts, Mapping):
+            experts = [experts]
+        with self._lock:
+            names = tuple(self._experts)
+            router = self.router
+            if experts is not None:
+                from moerge.routers.explicit import ExplicitRouter
+
+                router = ExplicitRouter()
+                router.attach(self)
+            batch = int(input_ids.shape[0]) if input_ids is not None else len(experts or [])
+            if experts is not None and len(experts) == 1 and batch > 1:
+                experts = list(experts) * batch
+            request = RoutingRequest(
+                input_ids=input_ids, attention_mask=attention_mask, names=names, experts=experts,
+                prompts=None if experts is not None else self._decode_prompts(input_ids, attention_mask),
+            )
+            cands = router.select(request)
+            if not isinstance(cands, Candidates) or cands.names != names:
+                raise RoutingError(f"router {router.name!r} returned candidates over other expert names")
+            if input_ids is not None and cands.batch_size != batch:
+                raise RoutingError(f"router {router.name!r} routed {cands.batch_size} rows for a batch of {batch}")
+            gathered = {layer.layer_index: layer.bank.gather(cands) for layer in self._layers.values()}
+        return RoutingState(cands, router, gathered, record_usage=True)
+
+    @contextmanager
+    def routing(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        experts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
+    ) -> Iterator[RoutingState]:
+        """Route once and keep that routing for every forward inside the block (for hand-written decode loops)."""
+        state = self.route(input_ids, attention_mask, experts=experts)
+        with self.context.activate(state):
+            yield state
+        self.last_routing = state.trace()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        experts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The base model's forward with routing. Inside a :meth:`routing` block the block's routing is used;
+        otherwise the call is routed from its own ``input_ids`` (or ``experts=``)."""
+        if self.context.current is not None and experts is None:
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with self.routing(input_ids, attention_mask, experts=experts):
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        *,
+        experts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A drop-in for transformers' ``generate`` (same arguments: sampling, beams, streamers, KV cache…).
+
+        Each row is routed once from its prompt (or by ``experts=``), and the routing holds for its decode steps.
+        The routing is kept in :attr:`last_routing`.
+        """
+        input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        state = self.route(input_ids, kwargs.get("attention_mask"), experts=experts)
+        with self.context.activate(state):
+            out = self.base.generate(input_ids, **kwargs) if input_ids is not None else self.base.generate(**kwargs)
+        self.last_routing = state.trace()
+        return out
+
+    def explain(self, routing: list[RowRouting] | None = None) -> str:
+        """A readable account of the last call's routing: per row, the experts and their weights."""
+        routing = self.last_routing if routing is None else routing
+        if not routing:
+            return "no routed call yet"
+        lines = []
+        for b, row in enumerate(routing):
+            mix = ", ".join(f"{n} {w:.3f}" for n, w in sorted(row.experts.items(), key=lambda t: -t[1]))
+            lines.append(f"row {b}: {mix or '(no expert: base model)'}")
+            if row.scores and any(s != row.experts.get(n) for n, s in zip(row.candidates, row.scores)):
+                cand = ", ".join(f"{n} {s:.3f}" for n, s in zip(row.candidates, row.scores))
+                lines.append(f"  candidates (score): {cand}")
+            for mod, usage in row.layer_usage.items():
+                top = ", ".join(f"{n} {w:.2f}" for n, w in sorted(usage.items(), key=lambda t: -t[1])[:3])
+                lines.append(f"  {mod}: {top}")
+        return "\n".join(lines)
+
+    # --- merging and unpatching -------------------------------------------------------------------------------------
+    def _require_active(self) -> None:
+        if not self._active:
+            raise RuntimeError("this MoErgeModel was unpatched; build a new one with MoErgeModel.from_library")
+
+    @contextmanager
+    def _unpatched(self) -> Iterator[None]:
+        """Temporarily put the original modules back (e.g. to copy the plain base)."""
+        swaps = []
+        for name, layer in self._layers.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = self.base.get_submodule(parent_name) if parent_name else self.base
+            setattr(parent, attr, layer.base_layer)
+            swaps.append((parent, attr, layer))
+        try:
+            yield
+        finally:
+            for parent, attr, layer in swaps:
+                setattr(parent, attr, layer)
+
+    def merge(self, weights: Mapping[str, float], method: str = "linear", **method_kwargs: Any) -> nn.Module:
+        """A plain transformers model with the mix ``weights`` (expert → weight) folded into the base weights.
+
+        The result has no routing overhead and no moerge modules; this model is left unchanged.
+        ``method`` names a merge method of :mod:`moerge.adapters.merge`.
+        """
+        self._require_active()
+        with self._lock:
+            for n in weights:
+                if n not in self._experts:
+                    raise RoutingError(f"unknown expert {n!r}", expert=n)
+            with self._unpatched():
+                plain = copy.deepcopy(self.base)
+            emb = plain.get_input_embeddings() if hasattr(plain, "get_input_embeddings") else None
+            with torch.no_grad():
+                for name, layer in self._layers.items():
+                    used = {n: w for n, w in weights.items() if n in layer.bank}
+                    if not used:
+                        continue
+                    target = plain.get_submodule(name)
+                    dw = merge_module({n: layer.bank.delta_weight(n) for n in used}, used, method, **method_kwargs)
+                    if emb is not None and target.weight is getattr(emb, "weight", None):
+                        target.weight = nn.Parameter(target.weight.detach().clone())  # untie from the embeddings
+                        if getattr(plain.config, "tie_word_embeddings", False):
+                            plain.config.tie_word_embeddings = False
+                    w = target.weight
+                    dw = dw if isinstance(target, nn.Linear) else dw.t()  # Conv1D stores (in, out)
+                    w.copy_((w.float() + dw.to(w.device)).to(w.dtype))
+                    biases = [(wt, layer.bank.delta_bias(n)) for n, wt in used.items()]
+                    biases = [(wt, b) for wt, b in biases if b is not None]
+                    if biases:
+                        db = sum(wt * b.float() for wt, b in biases)
+                        target.bias.copy_((target.bias.float() + db.to(target.bias.device)).to(target.bias.dtype))
+        return plain
+
+    def unpatch(self) -> nn.Module:
+        """Put the original modules back and return the plain base model; this MoErgeModel is then unusable."""
+        with self._lock:
+            self._require_active()
+            for name, layer in self._layers.items():
+                parent_name, _, attr = name.rpartition(".")
+                parent = self.base.get_submodule(parent_name) if parent_name else self.base
+                setattr(parent, attr, layer.base_layer)
+            self._layers.clear()
+            self._active = False
+        return self.base

@@ -1,0 +1,349 @@
+"""Routing types, the router interface and the router registry.
+
+Routing is two-stage (see ARCHITECTURE.md):
+
+* a **global** stage, :meth:`Router.select`, runs once per request at prefill and returns
+  :class:`Candidates` — per row, ``K`` expert ids with scores and (for routers without a local stage)
+  sequence-level mixing weights;
+* a **local** stage, :meth:`Router.gate`, runs inside every patched module for every token and returns mixing
+  weights ``(B, T, K)`` over that row's candidates.
+
+The model owns a :class:`RoutingContext`; each forward or generate call activates a :class:`RoutingState` on it
+(thread-local, so concurrent calls in different threads do not see each other's routing), and the patched layers
+read it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from moerge.errors import RoutingError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from moerge.adapters.expert import Expert
+    from moerge.layer import GatheredLayer
+    from moerge.model import MoErgeModel
+
+__all__ = [
+    "Candidates", "RoutingRequest", "LayerInfo", "RowRouting", "RoutingState", "RoutingContext", "Router",
+    "register_router", "build_router", "list_routers", "router_class", "candidates_from_mixes",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing outputs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Candidates:
+    """Per-row candidate experts chosen by a global router (or given explicitly).
+
+    Attributes:
+        ids: ``(B, K)`` long, indices into ``names``; ``-1`` marks an empty slot (rows may use fewer than ``K``).
+        scores: ``(B, K)`` float, the global stage's scores (similarities, or the explicit weights); ``0`` at empty
+            slots.
+        names: the expert names ``ids`` index into (the model's experts when routing was decided).
+        weights: ``(B, K)`` float sequence-level mixing weights, used when the router has no local stage; ``0`` at
+            empty slots. ``None`` when a local gate decides the weights per token.
+    """
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+    names: tuple[str, ...]
+    weights: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.ids.dim() != 2 or self.scores.shape != self.ids.shape:
+            raise RoutingError(f"Candidates: ids {tuple(self.ids.shape)} and scores {tuple(self.scores.shape)} must "
+                               "both be (B, K)")
+        if self.weights is not None and self.weights.shape != self.ids.shape:
+            raise RoutingError(f"Candidates: weights {tuple(self.weights.shape)} must match ids {tuple(self.ids.shape)}")
+        if self.ids.numel() and (int(self.ids.max()) >= len(self.names) or int(self.ids.min()) < -1):
+            raise RoutingError("Candidates: ids out of range of names")
+        for row in self.ids.tolist():
+            used = [i for i in row if i >= 0]
+            if len(used) != len(set(used)):
+                raise RoutingError(f"Candidates: an expert appears twice in one row: {[self.names[i] for i in used]}")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[1])
+
+    def row_names(self, b: int) -> list[str]:
+        return [self.names[i] for i in self.ids[b].tolist() if i >= 0]
+
+    def repeat_rows(self, n: int) -> Candidates:
+        """Each row repeated ``n`` times in place (``repeat_interleave``), as generate does for beams/samples."""
+        if n == 1:
+            return self
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+        return dataclasses.replace(self, ids=rep(self.ids), scores=rep(self.scores), weights=rep(self.weights))
+
+
+def candidates_from_mixes(
+    mixes: Sequence[Mapping[str, float]], names: Sequence[str], batch_size: int | None = None
+) -> Candidates:
+    """Explicit per-row mixes (``[{"sql": 1.0}, {"math": .5, "sql": .5}]``) as :class:`Candidates`.
+
+    A single mix is used for every row when ``batch_size`` is given. Weights are used as given (not normalised);
+    an empty mix means "no expert" for that row (the base model's output).
+    """
+    if isinstance(mixes, Mapping):
+        mixes = [mixes]
+    mixes = list(mixes)
+    if batch_size is not None and len(mixes) == 1 and batch_size != 1:
+        mixes = mixes * batch_size
+    if batch_size is not None and len(mixes) != batch_size:
+        raise RoutingError(f"experts= gives {len(mixes)} mixes for a batch of {batch_size} rows; give one mix per row "
+                           "or a single mix for all rows")
+    index = {n: i for i, n in enumerate(names)}
+    k = max((len(m) for m in mixes), default=0)
+    ids = torch.full((len(mixes), max(k, 1)), -1, dtype=torch.long)
+    w = torch.zeros((len(mixes), max(k, 1)), dtype=torch.float32)
+    for b, mix in enumerate(mixes):
+        if not isinstance(mix, Mapping):
+            raise RoutingError(f"row {b}: a mix must be a dict of expert name → weight, got {type(mix).__name__}")
+        for j, (name, weight) in enumerate(mix.items()):
+            if name not in index:
+                raise RoutingError(f"row {b}: unknown expert {name!r}; known: {sorted(index)[:10]}", expert=str(name))
+            try:
+                wf = float(weight)
+            except (TypeError, ValueError):
+                raise RoutingError(f"row {b}: weight {weight!r} of expert {name!r} is not a number",
+                                   expert=str(name)) from None
+            if not torch.isfinite(torch.tensor(wf)):
+                raise RoutingError(f"row {b}: weight {weight!r} of expert {name!r} is not finite", expert=str(name))
+            ids[b, j] = index[name]
+            w[b, j] = wf
+    return Candidates(ids=ids, scores=w.clone(), names=tuple(names), weights=w)
+
+
+@dataclass(frozen=True)
+class RoutingRequest:
+    """What a global router sees of one batch at prefill.
+
+    Attributes:
+        input_ids: ``(B, T)`` prompt token ids (left or right padded).
+        attention_mask: ``(B, T)`` or ``None``.
+        names: the model's expert names, in id order.
+        experts: explicit per-row mixes passed to the call (``experts=``), if any.
+        prompts: the prompts as text, when the model has a tokenizer to decode them.
+    """
+
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    names: tuple[str, ...]
+    experts: Sequence[Mapping[str, float]] | None = None
+    prompts: list[str] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        if self.input_ids is not None:
+            return int(self.input_ids.shape[0])
+        if self.experts is not None:
+            return len(self.experts)
+        raise RoutingError("cannot tell the batch size: no input_ids and no experts=")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Which patched module a local gate is called for."""
+
+    index: int
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class RowRouting:
+    """The routing of one row, as recorded in :attr:`MoErgeModel.last_routing`.
+
+    Attributes:
+        experts: expert → weight. Sequence-level weights, or, for a local gate, the mean gate weight over
+            tokens and patched modules.
+        candidates: the row's candidate experts, in slot order.
+        scores: the global stage's score of each candidate.
+        layer_usage: for local gates, module name → expert → mean weight over the row's tokens.
+    """
+
+    experts: dict[str, float]
+    candidates: list[str]
+    scores: list[float]
+    layer_usage: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def top(self) -> str | None:
+        return max(self.experts, key=lambda e: self.experts[e]) if self.experts else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-call routing state and the model's context
+# ----------------------------------------------------------------------------------------------------------------
+class RoutingState:
+    """Routing of one forward/generate call: the candidates, the router, and each module's gathered factors.
+
+    Factors are gathered from every patched module once, when the state is built (at prefill), and reused by
+    every decode step; later changes to the model's experts do not affect a call already under way.
+    """
+
+    def __init__(self, candidates: Candidates, router: Router | None, gathered: dict[int, GatheredLayer | None],
+                 record_usage: bool = False) -> None:
+        self.candidates = candidates
+        self.router = router
+        self.gathered = gathered
+        self.local = router is not None and router.has_local_gate and candidates.weights is None
+        self.record_usage = record_usage and self.local
+        self.usage: dict[str, torch.Tensor] = {}  # module name -> (B, K) summed gate weights
+        self.usage_tokens: dict[str, int] = {}
+
+    def record(self, module: str, weights: torch.Tensor) -> None:
+        """Accumulate a local gate's ``(B, T, K)`` weights for :attr:`RowRouting.layer_usage`."""
+        b = self.candidates.batch_size
+        w = weights.detach().float()
+        if w.shape[0] != b:  # rows repeated by generate (beams / samples): fold back
+            w = w.reshape(b, -1, *w.shape[1:]).mean(1)
+        s = w.sum(1).cpu()  # (B, K)
+        self.usage[module] = self.usage.get(module, 0) + s
+        self.usage_tokens[module] = self.usage_tokens.get(module, 0) + int(w.shape[1])
+
+    def trace(self) -> list[RowRouting]:
+        c = self.candidates
+        rows: list[RowRouting] = []
+        for b in range(c.batch_size):
+            slots = [(j, i) for j, i in enumerate(c.ids[b].tolist()) if i >= 0]
+            cand = [c.names[i] for _, i in slots]
+            scores = [float(c.scores[b, j]) for j, _ in slots]
+            usage: dict[str, dict[str, float]] = {}
+            if c.weights is not None:
+                experts = {c.names[i]: float(c.weights[b, j]) for j, i in slots}
+            else:
+                for mod, tot in self.usage.items():
+                    n = max(self.usage_tokens[mod], 1)
+                    usage[mod] = {c.names[i]: float(tot[b, j]) / n for j, i in slots}
+                experts = {
+                    name: (sum(u[name] for u in usage.values()) / len(usage) if usage else 0.0) for name in cand
+                }
+            rows.append(RowRouting(experts=experts, candidates=cand, scores=scores, layer_usage=usage))
+        return rows
+
+
+class RoutingContext:
+    """Holds the routing state of the call under way, per thread. Owned by one :class:`MoErgeModel`."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @property
+    def current(self) -> RoutingState | None:
+        return getattr(self._local, "state", None)
+
+    @contextmanager
+    def activate(self, state: RoutingState) -> Iterator[RoutingState]:
+        prev = self.current
+        self._local.state = state
+        try:
+            yield state
+        finally:
+            self._local.state = prev
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Router interface and registry
+# ----------------------------------------------------------------------------------------------------------------
+class Router:
+    """Base class of routers. Subclasses live one per file in ``routers/``, with a config dataclass.
+
+    A router is attached to one model. It sees every expert as it is added (:meth:`on_add_expert`, where it
+    computes and stores the routing data it needs) or removed, picks candidates per row at prefill
+    (:meth:`select`) and, if ``has_local_gate``, mixes them per token inside each patched module (:meth:`gate`).
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type | None] = None
+    has_local_gate: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None) -> None:
+        if config is None and self.config_class is not None:
+            config = self.config_class()
+        self.config = config
+        self.model: MoErgeModel | None = None
+
+    def attach(self, model: MoErgeModel) -> None:
+        """Bind to ``model``; called by :class:`MoErgeModel` before any routing."""
+        self.model = model
+
+    def on_add_expert(self, expert: Expert) -> None:
+        """Compute and store the routing data ``expert`` needs. Must not change other experts' routing data."""
+
+    def on_remove_expert(self, name: str) -> None:
+        """Forget ``name``'s routing data."""
+
+    def select(self, request: RoutingRequest) -> Candidates:
+        """Per-row candidates for a batch (the global stage). Runs once per request, at prefill."""
+        raise NotImplementedError
+
+    def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
+        """Per-token weights ``(B, T, K)`` over the row's candidates for the module ``layer``; ``x`` is that
+        module's input ``(B, T, in)``. Only called when ``has_local_gate`` is true."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+_REGISTRY: dict[str, type[Router]] = {}
+
+
+def register_router(name: str):
+    """Class decorator: register a :class:`Router` subclass under ``name``."""
+
+    def wrap(cls: type[Router]) -> type[Router]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a router named {name!r} is already registered ({_REGISTRY[name].__qualname__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _discover() -> None:
+    import moerge.routers  # noqa: F401  (imports every router module, which registers itself)
+
+
+def router_class(name: str) -> type[Router]:
+    _discover()
+    if name not in _REGISTRY:
+        raise RoutingError(f"unknown router {name!r}; registered routers: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def list_routers() -> list[str]:
+    """Names of every registered router."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def build_router(name: str, **config: Any) -> Router:
+    """Build the router registered as ``name``, passing ``config`` to its config dataclass."""
+    cls = router_class(name)
+    if cls.config_class is None:
+        if config:
+            raise RoutingError(f"router {name!r} takes no configuration, got {sorted(config)}")
+        return cls()
+    try:
+        cfg = cls.config_class(**config)
+    except TypeError as e:
+        fields = [f.name for f in dataclasses.fields(cls.config_class)]
+        raise RoutingError(f"router {name!r}: {e}; its options are {fields}") from None
+    return cls(cfg)
