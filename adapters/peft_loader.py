@@ -127,8 +127,13 @@ def load_peft_lora(
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
+    base_copies: list[str] = []
     for key, t in tensors.items():
         k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if k.endswith(".base_layer.weight"):
+            # PEFT's save_embedding_layers stores a copy of the base's own (tied) weights; the base's are used.
+            base_copies.append(k[: -len(".base_layer.weight")])
+            continue
         m = _KEY_RE.match(k)
         if m is None:
             unknown.append(key)
@@ -179,6 +184,7 @@ def load_peft_lora(
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "peft_version": config.get("peft_version"),
+        "ignored_base_weight_copies": sorted(base_copies),
     }
     meta = ExpertMetadata(
         description=description,

@@ -243,6 +243,13 @@ class RoutingContext:
     def __init__(self) -> None:
         self._local = threading.local()
 
+    def __deepcopy__(self, memo: dict) -> RoutingContext:
+        # A copy of a patched model is owned by no MoErgeModel: its layers get a fresh context, act as the base.
+        return RoutingContext()
+
+    def __reduce__(self):
+        return (RoutingContext, ())
+
     @property
     def current(self) -> RoutingState | None:
         return getattr(self._local, "state", None)
