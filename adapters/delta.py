@@ -19,7 +19,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from moerge.adapters.expert import DeltaWeights, Expert, ExpertMetadata, LoRAWeights, ModuleWeights, validate_name
+from moerge.adapters.expert import (
+    DeltaWeights,
+    Expert,
+    ExpertMetadata,
+    LoRAWeights,
+    ModuleWeights,
+    validate_name,
+)
 from moerge.errors import BaseMismatchError, ExpertFormatError
 from moerge.fingerprint import fingerprint, is_linear_like
 

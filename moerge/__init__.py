@@ -11,7 +11,15 @@ from moerge.adapters.expert import DeltaWeights, Expert, ExpertMetadata, LoRAWei
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError, MoErgeError, RoutingError
 from moerge.library import ExpertLibrary
 from moerge.model import MoErgeModel
-from moerge.routing import Candidates, Router, RoutingRequest, RowRouting, build_router, list_routers, register_router
+from moerge.routing import (
+    Candidates,
+    Router,
+    RoutingRequest,
+    RowRouting,
+    build_router,
+    list_routers,
+    register_router,
+)
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moerge.adapters.expert import DeltaWeights, LoRAWeights, ModuleWeights
+from moerge.adapters.expert import LoRAWeights, ModuleWeights
 from moerge.fingerprint import linear_shape
 from moerge.routing import Candidates, LayerInfo, RoutingContext
 

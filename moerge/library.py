@@ -30,7 +30,14 @@ from torch import nn
 from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
 from moerge.fingerprint import compare_fingerprints, fingerprint
-from moerge.safe_io import TMP_PREFIX, atomic_write_json, fsync_dir, load_safetensors, save_safetensors, sha256_file
+from moerge.safe_io import (
+    TMP_PREFIX,
+    atomic_write_json,
+    fsync_dir,
+    load_safetensors,
+    save_safetensors,
+    sha256_file,
+)
 
 __all__ = ["ExpertLibrary", "FORMAT_VERSION"]
 

@@ -398,6 +398,12 @@ class MoErgeModel(nn.Module):
             for parent, attr, layer in swaps:
                 setattr(parent, attr, layer)
 
+    def copy_base(self) -> nn.Module:
+        """A plain deep copy of the base model, without experts (e.g. to train a new adapter on)."""
+        self._require_active()
+        with self._lock, self._unpatched():
+            return copy.deepcopy(self.base)
+
     def merge(self, weights: Mapping[str, float], method: str = "linear", **method_kwargs: Any) -> nn.Module:
         """A plain transformers model with the mix ``weights`` (expert → weight) folded into the base weights.
 
@@ -409,8 +415,7 @@ class MoErgeModel(nn.Module):
             for n in weights:
                 if n not in self._experts:
                     raise RoutingError(f"unknown expert {n!r}", expert=n)
-            with self._unpatched():
-                plain = copy.deepcopy(self.base)
+            plain = self.copy_base()
             emb = plain.get_input_embeddings() if hasattr(plain, "get_input_embeddings") else None
             with torch.no_grad():
                 for name, layer in self._layers.items():

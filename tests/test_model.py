@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, peft_logits, save_peft_lora, tiny_gpt2, tiny_llama
 
 from moerge import Expert, ExpertLibrary, LoRAWeights, MoErgeModel
 from moerge.errors import BaseMismatchError, LibraryError, RoutingError
 from moerge.layer import ExpertLinear
+
+from conftest import VOCAB, peft_logits, save_peft_lora, tiny_gpt2, tiny_llama
 
 
 def _library(tmp_path, base, adapters: dict[str, dict]) -> ExpertLibrary:

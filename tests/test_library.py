@@ -1,0 +1,212 @@
+"""ExpertLibrary: round trips through disk, atomic writes, hashes, names, bases."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from moerge import DeltaWeights, Expert, ExpertLibrary, ExpertMetadata, LoRAWeights
+from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
+from moerge.fingerprint import fingerprint
+from moerge.safe_io import TMP_PREFIX
+
+from conftest import save_peft_lora, tiny_llama
+
+
+def _expert(name: str, seed: int = 0, dtype=torch.float32) -> Expert:
+    g = torch.Generator().manual_seed(seed)
+    mods = {
+        "model.layers.0.self_attn.q_proj": LoRAWeights(torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g),
+                                                       0.5),
+        "model.layers.1.mlp.down_proj": LoRAWeights(torch.randn(2, 64, generator=g), torch.randn(32, 2, generator=g),
+                                                    2.0),
+        "model.layers.1.self_attn.v_proj": DeltaWeights(torch.randn(16, 32, generator=g), torch.randn(16, generator=g)),
+    }
+    meta = ExpertMetadata(description=f"expert {name}", examples=["ex one", "ex two"], source={"type": "test"})
+    return Expert(name, mods, meta).to(dtype)
+
+
+def test_round_trip_through_disk(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    original = _expert("alpha", 1)
+    lib.add(original)
+    lib.add(_expert("beta", 2, torch.bfloat16))
+    reopened = ExpertLibrary.open(tmp_path / "lib")
+    assert reopened.names() == ["alpha", "beta"] and len(reopened) == 2 and list(reopened) == ["alpha", "beta"]
+    assert "alpha" in reopened and "gamma" not in reopened
+    loaded = reopened["alpha"]
+    assert loaded.metadata.to_json() == original.metadata.to_json()
+    assert loaded.spec() == original.spec()
+    for m, w in original.modules.items():
+        for k, t in w.tensors(m).items():
+            assert torch.equal(loaded.state_dict()[k], t)
+    assert reopened["beta"].modules["model.layers.0.self_attn.q_proj"].A.dtype == torch.bfloat16
+    info = reopened.info("alpha")
+    assert info["kind"] == "mixed" and info["ranks"] == [2, 4] and info["description"] == "expert alpha"
+    assert reopened.verify() == []
+    assert reopened.base_fingerprint["modules"]["model.layers.0.self_attn.q_proj"] == [32, 32]
+
+
+def test_layout_on_disk_is_safetensors_and_json(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha"))
+    files = sorted(p.relative_to(tmp_path / "lib").as_posix() for p in (tmp_path / "lib").rglob("*") if p.is_file())
+    assert files == ["experts/alpha/expert.json", "experts/alpha/weights.safetensors", "library.json"]
+    manifest = json.loads((tmp_path / "lib" / "library.json").read_text())
+    assert manifest["format"] == "moerge-library" and manifest["format_version"] == 1
+    assert set(manifest["experts"]["alpha"]["files"]) == {"expert.json", "weights.safetensors"}
+
+
+def test_order_of_addition_survives_reopening(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    for name in ["zeta", "alpha", "mu"]:
+        lib.add(_expert(name))
+    assert lib.names() == ["zeta", "alpha", "mu"] == ExpertLibrary.open(tmp_path / "lib").names()
+
+
+def test_remove(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha"))
+    lib.add(_expert("beta"))
+    lib.remove("alpha")
+    assert lib.names() == ["beta"] and not (tmp_path / "lib" / "experts" / "alpha").exists()
+    assert ExpertLibrary.open(tmp_path / "lib").names() == ["beta"]
+    with pytest.raises(LibraryError, match="no expert named 'alpha'"):
+        lib.remove("alpha")
+    with pytest.raises(LibraryError, match="no expert named 'nope'"):
+        lib.get("nope")
+
+
+def test_failed_add_leaves_the_library_as_it_was(tmp_path, base, monkeypatch):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha"))
+    before = {p: p.read_bytes() for p in (tmp_path / "lib").rglob("*") if p.is_file()}
+
+    import moerge.library as library_mod
+
+    calls = {"n": 0}
+    real = library_mod.atomic_write_json
+
+    def failing_manifest_write(path, obj):
+        if str(path).endswith("library.json"):
+            calls["n"] += 1
+            raise OSError("disk full (injected)")
+        return real(path, obj)
+
+    monkeypatch.setattr(library_mod, "atomic_write_json", failing_manifest_write)
+    with pytest.raises(OSError, match="injected"):
+        lib.add(_expert("beta"))
+    with pytest.raises(OSError, match="injected"):
+        lib.add(_expert("alpha", seed=5), overwrite=True)
+    monkeypatch.undo()
+    assert calls["n"] == 2
+    after = {p: p.read_bytes() for p in (tmp_path / "lib").rglob("*") if p.is_file()}
+    assert after == before
+    assert lib.names() == ["alpha"] and ExpertLibrary.open(tmp_path / "lib").verify() == []
+    assert torch.equal(lib["alpha"].state_dict()["model.layers.0.self_attn.q_proj.lora_A"],
+                       _expert("alpha").state_dict()["model.layers.0.self_attn.q_proj.lora_A"])
+
+
+def test_leftovers_of_an_interrupted_write_are_cleaned_on_open(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha"))
+    (tmp_path / "lib" / "experts" / f"{TMP_PREFIX}beta-1234").mkdir()
+    (tmp_path / "lib" / "experts" / "orphan").mkdir()  # renamed into place but never listed in the manifest
+    (tmp_path / "lib" / f"{TMP_PREFIX}abc").write_text("half a manifest")
+    reopened = ExpertLibrary.open(tmp_path / "lib")
+    assert reopened.names() == ["alpha"]
+    assert sorted(p.name for p in (tmp_path / "lib" / "experts").iterdir()) == ["alpha"]
+    assert not list((tmp_path / "lib").glob(TMP_PREFIX + "*"))
+
+
+def test_tampered_file_is_detected(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha"))
+    f = tmp_path / "lib" / "experts" / "alpha" / "weights.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(LibraryError, match=r"expert 'alpha', file .*weights.safetensors: sha256 does not match"):
+        lib.get("alpha")
+    assert len(lib.verify()) == 1
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", "", ".hidden", "x" * 200, "a\\b", "sp ace"])
+def test_bad_expert_names_are_refused(tmp_path, base, name):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    with pytest.raises(ExpertFormatError, match="invalid expert name"):
+        _expert("ok").renamed(name)
+    sneaky = _expert("ok")
+    sneaky.name = name  # renamed after construction: the library checks again
+    with pytest.raises(ExpertFormatError, match="invalid expert name"):
+        lib.add(sneaky)
+    assert lib.names() == [] and [p.name for p in (tmp_path / "lib" / "experts").iterdir()] == []
+
+
+def test_duplicate_name_needs_overwrite(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha", 1))
+    with pytest.raises(LibraryError, match="already exists"):
+        lib.add(_expert("alpha", 2))
+    lib.add(_expert("alpha", 2), overwrite=True)
+    assert torch.equal(lib["alpha"].modules["model.layers.0.self_attn.q_proj"].A,
+                       _expert("alpha", 2).modules["model.layers.0.self_attn.q_proj"].A)
+    assert lib.names() == ["alpha"]
+
+
+def test_expert_for_another_base_is_refused(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    wrong_shape = Expert("w", {"model.layers.0.self_attn.q_proj": LoRAWeights(torch.randn(2, 48), torch.randn(48, 2))})
+    with pytest.raises(BaseMismatchError, match="maps 48→48"):
+        lib.add(wrong_shape)
+    absent = Expert("w", {"model.layers.7.self_attn.q_proj": LoRAWeights(torch.randn(2, 32), torch.randn(32, 2))})
+    with pytest.raises(BaseMismatchError, match="does not have"):
+        lib.add(absent)
+    other = tiny_llama(0, vocab_size=128)
+    folder = save_peft_lora(other, tmp_path / "other", seed=1)
+    diff_expert = Expert.from_peft(folder, name="p")
+    diff_expert.metadata.base_fingerprint = fingerprint(other)
+    with pytest.raises(BaseMismatchError, match="vocab_size"):
+        lib.add(diff_expert)
+    assert lib.names() == []
+
+
+def test_create_refuses_existing_or_foreign_folders(tmp_path, base):
+    ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    with pytest.raises(LibraryError, match="already exists"):
+        ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    assert ExpertLibrary.create(tmp_path / "lib", base_model=base, exist_ok=True).names() == []
+    with pytest.raises(BaseMismatchError):
+        ExpertLibrary.create(tmp_path / "lib", base_model=tiny_llama(0, hidden_size=48), exist_ok=True)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("x")
+    with pytest.raises(LibraryError, match="not empty"):
+        ExpertLibrary.create(tmp_path / "junk")
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "library.json is missing"),
+    ("{not json", "cannot parse"),
+    ('{"format": "other"}', "not a moerge library"),
+    ('{"format": "moerge-library", "format_version": 99, "experts": {}}', "format_version 99"),
+    ('{"format": "moerge-library", "format_version": 1, "experts": {"../x": {}}}', "invalid expert name"),
+])
+def test_open_refuses_bad_manifests(tmp_path, content, match):
+    (tmp_path / "lib").mkdir()
+    if content is not None:
+        (tmp_path / "lib" / "library.json").write_text(content)
+    with pytest.raises(LibraryError, match=match):
+        ExpertLibrary.open(tmp_path / "lib")
+
+
+def test_symlinked_expert_folder_is_refused(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha"))
+    outside = tmp_path / "outside"
+    os.replace(tmp_path / "lib" / "experts" / "alpha", outside)
+    os.symlink(outside, tmp_path / "lib" / "experts" / "alpha")
+    with pytest.raises(LibraryError, match="leads out of the library"):
+        lib.get("alpha")

@@ -1,0 +1,91 @@
+"""Router registry and the contracts of the fixed and explicit routers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from moerge import Candidates
+from moerge.errors import RoutingError
+from moerge.routers import build_router, list_routers, register_router, router_class
+from moerge.routing import Router, RoutingRequest, candidates_from_mixes
+
+NAMES = ("a", "b", "c")
+
+
+def _request(batch=2, experts=None):
+    return RoutingRequest(input_ids=torch.ones(batch, 3, dtype=torch.long), attention_mask=None, names=NAMES,
+                          experts=experts)
+
+
+def test_registry_lists_and_builds_routers():
+    assert {"explicit", "fixed"} <= set(list_routers())
+    r = build_router("fixed", weights={"a": 1.0})
+    assert r.name == "fixed" and r.config.weights == {"a": 1.0}
+    with pytest.raises(RoutingError, match="unknown router 'nope'"):
+        build_router("nope")
+    with pytest.raises(RoutingError, match="its options are"):
+        build_router("fixed", wieghts={"a": 1.0})
+
+
+@pytest.mark.parametrize("name", ["explicit", "fixed"])
+def test_every_router_is_documented_and_configurable(name):
+    cls = router_class(name)
+    assert "Paper:" in (cls.__doc__ or "")
+    for f in dataclasses.fields(cls.config_class):
+        assert f.metadata.get("help"), f"{name}.{f.name} has no help text"
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"weights": {}}, "non-empty dict"),
+    ({"weights": {"a": float("inf")}}, "finite number"),
+    ({"weights": {"a": "x"}}, "finite number"),
+])
+def test_fixed_config_validation_quotes_the_bad_value(config, match):
+    with pytest.raises(ValueError, match=match):
+        build_router("fixed", **config)
+
+
+def test_register_router_refuses_a_second_class_under_one_name():
+    with pytest.raises(ValueError, match="already registered"):
+        @register_router("fixed")
+        class Other(Router):
+            pass
+
+
+def test_fixed_router_contract():
+    r = build_router("fixed", weights={"c": 0.25, "a": 0.75})
+    c = r.select(_request(batch=3))
+    assert c.batch_size == 3 and c.names == NAMES
+    for b in range(3):
+        assert c.row_names(b) == ["c", "a"]
+        assert c.weights[b].tolist() == [0.25, 0.75]
+    uniform = build_router("fixed").select(_request())
+    assert torch.allclose(uniform.weights.sum(1), torch.ones(2))
+    with pytest.raises(RoutingError, match="unknown experts"):
+        build_router("fixed", weights={"zz": 1.0}).select(_request())
+
+
+def test_explicit_router_contract():
+    r = build_router("explicit")
+    c = r.select(_request(experts=[{"a": 1.0}, {"b": 0.5, "c": 0.5}]))
+    assert c.ids.tolist() == [[0, -1], [1, 2]] and c.weights.tolist() == [[1.0, 0.0], [0.5, 0.5]]
+    n = build_router("explicit", normalize=True).select(_request(experts=[{"a": 2.0}, {"b": 1.0, "c": 3.0}]))
+    assert n.weights.tolist() == [[1.0, 0.0], [0.25, 0.75]]
+    with pytest.raises(RoutingError, match="experts="):
+        r.select(_request())
+    with pytest.raises(RoutingError, match="sum to 0"):
+        build_router("explicit", normalize=True).select(_request(experts=[{"a": 0.0}, {"b": 1.0}]))
+
+
+def test_candidates_validate_their_shapes():
+    with pytest.raises(RoutingError, match="twice"):
+        Candidates(torch.tensor([[0, 0]]), torch.zeros(1, 2), NAMES)
+    with pytest.raises(RoutingError, match="out of range"):
+        Candidates(torch.tensor([[3]]), torch.zeros(1, 1), NAMES)
+    with pytest.raises(RoutingError, match="must both be"):
+        Candidates(torch.tensor([0]), torch.zeros(1), NAMES)
+    c = candidates_from_mixes([{"a": 1.0}], NAMES, batch_size=2).repeat_rows(3)
+    assert c.ids.shape == (6, 1) and c.weights.tolist() == [[1.0]] * 6
