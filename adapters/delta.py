@@ -28,7 +28,7 @@ from moerge.adapters.expert import (
     validate_name,
 )
 from moerge.errors import BaseMismatchError, ExpertFormatError
-from moerge.fingerprint import fingerprint, is_linear_like
+from moerge.fingerprint import compact_fingerprint, fingerprint, is_linear_like
 
 __all__ = ["expert_from_diff", "low_rank_factors"]
 
@@ -145,7 +145,7 @@ def expert_from_diff(
         description=description,
         examples=list(examples or []),
         base_model=base_id,
-        base_fingerprint=fingerprint(base),
+        base_fingerprint=compact_fingerprint(fingerprint(base)),
         source={"type": "diff", "finetuned": getattr(getattr(finetuned, "config", None), "_name_or_path", None),
                 "rank": rank},
         extra={"dropped_params": other} if other else {},

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["linear_modules", "fingerprint", "compare_fingerprints", "is_linear_like"]
+__all__ = ["linear_modules", "fingerprint", "compact_fingerprint", "compare_fingerprints", "is_linear_like"]
 
 _SAMPLE = 16  # values taken from each sampled tensor
 
@@ -89,6 +89,11 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def compact_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
+    """``fp`` without the per-module shape table (kept once, in the library's manifest); the shapes digest stays."""
+    return {k: v for k, v in fp.items() if k != "modules"}
+
+
 def compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Differences between two fingerprints: ``(architecture_problems, weight_problems)``.
 
@@ -101,6 +106,9 @@ def compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any]) -> tu
         if expected.get(key) is not None and actual.get(key) is not None and expected[key] != actual[key]:
             arch.append(f"{key} is {actual[key]!r}, expected {expected[key]!r}")
     exp_mods, act_mods = expected.get("modules") or {}, actual.get("modules") or {}
+    if not (exp_mods and act_mods) and expected.get("shapes_digest") and actual.get("shapes_digest"):
+        if expected["shapes_digest"] != actual["shapes_digest"]:
+            arch.append("the linear modules' names or shapes differ")
     if exp_mods and act_mods and exp_mods != act_mods:
         missing = sorted(set(exp_mods) - set(act_mods))
         differ = sorted(m for m in set(exp_mods) & set(act_mods) if list(exp_mods[m]) != list(act_mods[m]))

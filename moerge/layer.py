@@ -128,6 +128,7 @@ class LayerBank:
         ids = candidates.ids.tolist()
         names = candidates.names
         seq_w = candidates.weights
+        zero = (seq_w == 0).tolist() if seq_w is not None else None  # zero-weight candidates are skipped
         B = len(ids)
         cols: list[list[int]] = []
         col_k: list[list[int]] = []
@@ -136,7 +137,7 @@ class LayerBank:
         for b, row in enumerate(ids):
             c, ck, cs = [], [], []
             for k, i in enumerate(row):
-                if i < 0:
+                if i < 0 or (zero is not None and zero[b][k]):
                     continue
                 name = names[i]
                 slot = self.lora.get(name)

@@ -15,6 +15,7 @@ safetensors files are ever read, and every file is checked against its sha256 wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from torch import nn
 
 from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
-from moerge.fingerprint import compare_fingerprints, fingerprint
+from moerge.fingerprint import compact_fingerprint, compare_fingerprints, fingerprint
 from moerge.safe_io import (
     TMP_PREFIX,
     atomic_write_json,
@@ -283,6 +284,10 @@ class ExpertLibrary:
                 raise LibraryError("an expert with this name already exists (pass overwrite=True to replace it)",
                                    expert=expert.name, file=str(self.root / EXPERTS_DIR / expert.name))
             self._check_expert_against_base(expert)
+            if expert.metadata.base_fingerprint is None and self.base_fingerprint:
+                # checked against the library's base above: record which base it was verified for
+                expert = Expert(expert.name, expert.modules, dataclasses.replace(
+                    expert.metadata, base_fingerprint=compact_fingerprint(self.base_fingerprint)))
             experts_dir = self.root / EXPERTS_DIR
             experts_dir.mkdir(exist_ok=True)
             tmp = experts_dir / f"{TMP_PREFIX}{expert.name}-{uuid.uuid4().hex[:8]}"

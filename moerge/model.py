@@ -229,7 +229,7 @@ class MoErgeModel(nn.Module):
             replacing = overwrite and expert.name in self._experts
             self._check_fits(expert, replacing=replacing)
             if persist and self.library is not None:
-                self.library.add(expert, overwrite=overwrite)  # atomic; the old version stays until it succeeds
+                expert = self.library.add(expert, overwrite=overwrite)  # atomic: the old version stays until done
             if replacing:
                 self.remove_expert(expert.name, persist=False)
             try:
@@ -307,6 +307,8 @@ class MoErgeModel(nn.Module):
             cands = router.select(request)
             if not isinstance(cands, Candidates) or cands.names != names:
                 raise RoutingError(f"router {router.name!r} returned candidates over other expert names")
+            if cands.weights is None and not router.has_local_gate:
+                raise RoutingError(f"router {router.name!r} gave no mixing weights and has no local gate")
             if input_ids is not None and cands.batch_size != batch:
                 raise RoutingError(f"router {router.name!r} routed {cands.batch_size} rows for a batch of {batch}")
             gathered = {layer.layer_index: layer.bank.gather(cands) for layer in self._layers.values()}

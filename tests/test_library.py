@@ -31,8 +31,7 @@ def _expert(name: str, seed: int = 0, dtype=torch.float32) -> Expert:
 
 def test_round_trip_through_disk(tmp_path, base):
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
-    original = _expert("alpha", 1)
-    lib.add(original)
+    original = lib.add(_expert("alpha", 1))
     lib.add(_expert("beta", 2, torch.bfloat16))
     reopened = ExpertLibrary.open(tmp_path / "lib")
     assert reopened.names() == ["alpha", "beta"] and len(reopened) == 2 and list(reopened) == ["alpha", "beta"]
@@ -48,6 +47,9 @@ def test_round_trip_through_disk(tmp_path, base):
     assert info["kind"] == "mixed" and info["ranks"] == [2, 4] and info["description"] == "expert alpha"
     assert reopened.verify() == []
     assert reopened.base_fingerprint["modules"]["model.layers.0.self_attn.q_proj"] == [32, 32]
+    # experts added without a fingerprint are stamped with the (compact) fingerprint they were checked against
+    stamped = loaded.metadata.base_fingerprint
+    assert stamped["shapes_digest"] == reopened.base_fingerprint["shapes_digest"] and "modules" not in stamped
 
 
 def test_layout_on_disk_is_safetensors_and_json(tmp_path, base):

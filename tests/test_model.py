@@ -198,6 +198,31 @@ def test_delta_expert_reproduces_the_finetuned_model(tmp_path, base, input_ids):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_diff_vector_transfers_to_another_version_of_the_base(tmp_path, input_ids):
+    base1 = tiny_llama(0)
+    finetuned = copy.deepcopy(base1)
+    base2 = copy.deepcopy(base1)  # "v2" of the base: every weight nudged
+    with torch.no_grad():
+        torch.manual_seed(8)
+        for p in finetuned.parameters():
+            if p.dim() == 2:
+                p.add_(0.05 * torch.randn_like(p))
+        for p in base2.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    expected = copy.deepcopy(base2)
+    with torch.no_grad():
+        for (n, p), p_ft, p_b1 in zip(expected.named_parameters(), finetuned.parameters(), base1.parameters()):
+            if p.dim() == 2 and "embed" not in n:
+                p.add_(p_ft - p_b1)
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base1)
+    with pytest.warns(UserWarning, match="model.embed_tokens.weight"):  # embeddings are not linear: reported
+        lib.add_delta(finetuned, base1, name="ft")
+    with pytest.warns(UserWarning, match="differs from the library's base"):
+        model = MoErgeModel.from_library(base2, lib, strict_base=False)
+    torch.testing.assert_close(_logits(model, input_ids, experts={"ft": 1.0}), _logits(expected, input_ids),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_low_rank_delta_expert_is_close(tmp_path, base, input_ids):
     finetuned = copy.deepcopy(base)
     with torch.no_grad():  # a rank-2 change: rank 2 reproduces it exactly
