@@ -1,0 +1,317 @@
+"""The task suite: small text-to-text tasks with seeded generators and exact-match metrics.
+
+Each :class:`Task` has a one-sentence description (what an expert for it is for), at least five phrasings of its
+instruction, and a generator of ``(input, target)`` pairs seeded per split, so train and test sets are
+reproducible and disjoint in their seeds. ``HELD_IN`` tasks get an expert in the zoo; ``HELD_OUT`` tasks relate to
+or compose them and get none, to measure generalisation.
+
+A prompt is ``"{instruction}\\n\\n{input}"`` sent as the user turn of the base model's chat template; the target is
+the assistant's whole answer. The metric is exact match after stripping whitespace (case-sensitive).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["Task", "Example", "TASKS", "HELD_IN", "HELD_OUT", "get_task", "exact_match", "make_examples",
+           "SPLIT_SEEDS"]
+
+SPLIT_SEEDS = {"train": 1_000, "test": 2_000, "dev": 3_000}
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    instruction: str
+    input: str
+    target: str
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.instruction}\n\n{self.input}"
+
+
+@dataclass(frozen=True)
+class Task:
+    """A text-to-text task. ``generate(rng) -> (input, target)``."""
+
+    name: str
+    description: str
+    instructions: tuple[str, ...]
+    generate: Callable[[random.Random], tuple[str, str]]
+    held_out: bool = False
+    related: tuple[str, ...] = field(default_factory=tuple)
+
+    def examples(self, n: int, split: str = "train", seed: int = 0,
+                 instructions: tuple[str, ...] | None = None) -> list[Example]:
+        """``n`` examples of ``split``; each picks one of the instruction phrasings at random."""
+        rng = random.Random(f"{self.name}/{split}/{SPLIT_SEEDS[split] + seed}")
+        phr = instructions or self.instructions
+        out = []
+        for _ in range(n):
+            x, y = self.generate(rng)
+            out.append(Example(self.name, rng.choice(phr), x, y))
+        return out
+
+
+def exact_match(prediction: str, target: str) -> bool:
+    """Exact match after stripping surrounding whitespace (and a trailing period the model may add)."""
+    p = prediction.strip()
+    t = target.strip()
+    return p == t or (p.endswith(".") and not t.endswith(".") and p[:-1].rstrip() == t)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vocabulary for the generators
+# ----------------------------------------------------------------------------------------------------------------
+WORDS = ("apple river stone cloud green house music paper light dream window garden silver ocean forest yellow "
+         "winter summer bridge castle rabbit pencil market orange planet candle doctor engine button mirror "
+         "island jacket ladder monkey number pocket rocket saddle tunnel violin wallet basket camera dinner "
+         "flower guitar hammer lemon magnet needle parrot salad tiger").split()
+FIRST = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar",
+         "peggy", "trent", "victor", "walter"]
+DOMAINS = ["example.com", "mail.org", "company.net", "school.edu", "post.io", "web.de"]
+FILLERS = ["Please contact {e} for details.", "You can reach me at {e} any time.", "Send the report to {e} today.",
+           "My work address is {e}, not the old one.", "Questions? Write to {e} and we will reply."]
+POS = ["wonderful", "excellent", "delightful", "fantastic", "great", "superb", "lovely", "brilliant"]
+NEG = ["terrible", "awful", "disappointing", "horrible", "bad", "dreadful", "boring", "poor"]
+ITEMS = ["movie", "restaurant", "phone", "book", "hotel", "concert", "laptop", "game"]
+REVIEW = ["The {i} was {a}.", "What a {a} {i}, honestly.", "I found this {i} {a} from start to end.",
+          "Overall a {a} {i}.", "This {i} is {a} and I would say so again."]
+PLURALS = {"cat": "cats", "box": "boxes", "city": "cities", "child": "children", "mouse": "mice", "man": "men",
+           "woman": "women", "tooth": "teeth", "foot": "feet", "leaf": "leaves", "knife": "knives",
+           "wife": "wives", "bus": "buses", "church": "churches", "baby": "babies", "toy": "toys", "day": "days",
+           "potato": "potatoes", "tomato": "tomatoes", "hero": "heroes", "sheep": "sheep", "fish": "fish",
+           "goose": "geese", "person": "people", "ox": "oxen", "cactus": "cacti", "party": "parties",
+           "dish": "dishes", "brush": "brushes", "wolf": "wolves", "shelf": "shelves", "lady": "ladies",
+           "key": "keys", "glass": "glasses", "fox": "foxes", "dog": "dogs", "book": "books", "car": "cars",
+           "story": "stories", "class": "classes", "wish": "wishes", "half": "halves", "life": "lives",
+           "calf": "calves", "boy": "boys", "photo": "photos", "piano": "pianos", "echo": "echoes"}
+KEYS = ["name", "city", "age", "color", "job", "team", "pet", "food"]
+VALUES = {"name": FIRST, "city": ["paris", "tokyo", "lima", "oslo", "cairo", "rome"], "age": None,
+          "color": ["red", "blue", "green", "black"], "job": ["pilot", "chef", "nurse", "judge"],
+          "team": ["red", "blue", "alpha", "omega"], "pet": ["cat", "dog", "fish", "bird"],
+          "food": ["rice", "soup", "bread", "pasta"]}
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+
+
+def number_words(n: int) -> str:
+    """English words for 0 ≤ n ≤ 999 ("three hundred forty-two")."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("" if n % 10 == 0 else "-" + ONES[n % 10])
+    rest = n % 100
+    return ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
+
+
+def _words(rng: random.Random, lo: int = 3, hi: int = 6) -> list[str]:
+    return rng.sample(WORDS, rng.randint(lo, hi))
+
+
+def _numbers(rng: random.Random) -> list[int]:
+    return [rng.randint(1, 99) for _ in range(rng.randint(4, 6))]
+
+
+def _date(rng: random.Random) -> tuple[int, int, int]:
+    return rng.randint(1950, 2030), rng.randint(1, 12), rng.randint(1, 28)
+
+
+def _email(rng: random.Random) -> str:
+    return f"{rng.choice(FIRST)}.{rng.choice(FIRST)}{rng.randint(1, 99)}@{rng.choice(DOMAINS)}"
+
+
+def _kv(rng: random.Random) -> list[tuple[str, str]]:
+    keys = rng.sample(KEYS, rng.randint(2, 3))
+    return [(k, str(rng.randint(18, 80)) if VALUES[k] is None else rng.choice(VALUES[k])) for k in keys]
+
+
+def _g_reverse(rng):
+    w = _words(rng)
+    return " ".join(w), " ".join(reversed(w))
+
+
+def _g_upper(rng):
+    w = " ".join(_words(rng))
+    return w, w.upper()
+
+
+def _g_sort(rng):
+    n = _numbers(rng)
+    return ", ".join(map(str, n)), ", ".join(map(str, sorted(n)))
+
+
+def _g_add(rng):
+    a, b = rng.randint(10, 499), rng.randint(10, 499)
+    return f"{a} + {b}", str(a + b)
+
+
+def _g_date(rng):
+    y, m, d = _date(rng)
+    return f"{y:04d}-{m:02d}-{d:02d}", f"{d:02d}/{m:02d}/{y:04d}"
+
+
+def _g_email(rng):
+    e = _email(rng)
+    return rng.choice(FILLERS).format(e=e), e
+
+
+def _g_count(rng):
+    w = _words(rng, 2, 9)
+    return " ".join(w), str(len(w))
+
+
+def _g_json(rng):
+    kv = _kv(rng)
+    return "; ".join(f"{k}: {v}" for k, v in kv), json.dumps(dict(kv))
+
+
+def _g_sentiment(rng):
+    pos = rng.random() < 0.5
+    return rng.choice(REVIEW).format(i=rng.choice(ITEMS), a=rng.choice(POS if pos else NEG)), (
+        "positive" if pos else "negative")
+
+
+def _g_plural(rng):
+    noun = rng.choice(sorted(PLURALS))
+    return noun, PLURALS[noun]
+
+
+def _g_words(rng):
+    n = rng.randint(0, 999)
+    return str(n), number_words(n)
+
+
+def _g_acronym(rng):
+    w = _words(rng, 2, 5)
+    return " ".join(w), "".join(x[0] for x in w).upper()
+
+
+# held-out generators
+def _g_reverse_upper(rng):
+    w = _words(rng)
+    return " ".join(w), " ".join(reversed(w)).upper()
+
+
+def _g_sort_desc(rng):
+    n = _numbers(rng)
+    return ", ".join(map(str, n)), ", ".join(map(str, sorted(n, reverse=True)))
+
+
+def _g_subtract(rng):
+    a, b = rng.randint(100, 999), rng.randint(10, 99)
+    return f"{a} - {b}", str(a - b)
+
+
+def _g_date_long(rng):
+    y, m, d = _date(rng)
+    return f"{y:04d}-{m:02d}-{d:02d}", f"{MONTHS[m - 1]} {d}, {y}"
+
+
+def _g_count_upper(rng):
+    w = _words(rng, 2, 7)
+    k = rng.randint(0, len(w))
+    w = [x.upper() if i < k else x for i, x in enumerate(w)]
+    rng.shuffle(w)
+    return " ".join(w), str(sum(x.isupper() for x in w))
+
+
+_T = Task
+TASKS: dict[str, Task] = {t.name: t for t in [
+    _T("reverse_words", "Reverse the order of the words in a sentence.", (
+        "Reverse the order of the words.", "Write these words in reverse order.",
+        "Put the words below in the opposite order.", "Output the same words, last word first.",
+        "Flip the word order of this text.", "Rewrite the sequence of words backwards, keeping each word intact."),
+       _g_reverse),
+    _T("uppercase", "Convert text to upper-case letters.", (
+        "Convert the text to uppercase.", "Write this in capital letters.", "Make every letter upper case.",
+        "Rewrite the following in ALL CAPS.", "Change all letters below to uppercase.",
+        "Shout this text: same words, capital letters only."), _g_upper),
+    _T("sort_numbers", "Sort a list of numbers in ascending order.", (
+        "Sort these numbers from smallest to largest.", "Put the numbers in ascending order.",
+        "Order the list below in increasing order.", "Arrange the numbers from low to high.",
+        "Return the numbers sorted ascending, comma-separated.", "Sort the following list of integers."),
+       _g_sort),
+    _T("add_integers", "Add two integers and give the sum.", (
+        "Compute the sum.", "Add the two numbers.", "What is the result of this addition?",
+        "Calculate the total of the two integers.", "Give the answer to this sum as a number.",
+        "Work out the addition below."), _g_add),
+    _T("date_format", "Reformat an ISO date (YYYY-MM-DD) as DD/MM/YYYY.", (
+        "Rewrite the date in DD/MM/YYYY format.", "Convert this ISO date to day/month/year.",
+        "Change the date format to DD/MM/YYYY.", "Express the date as day, month and year separated by slashes.",
+        "Reformat the following YYYY-MM-DD date as DD/MM/YYYY.", "Turn the date around: day first, year last."),
+       _g_date),
+    _T("extract_email", "Extract the email address from a sentence.", (
+        "Extract the email address.", "What email address appears in this text?",
+        "Find the e-mail address in the sentence and output only it.", "Return just the email mentioned below.",
+        "Pull out the email address.", "Copy the email address from this message."), _g_email),
+    _T("count_words", "Count the words in a text.", (
+        "How many words are there?", "Count the words in this text.", "Give the number of words below.",
+        "Output the word count.", "Tell me how many words the following contains.",
+        "Count how many space-separated words there are."), _g_count),
+    _T("kv_to_json", "Turn 'key: value' pairs into a JSON object.", (
+        "Convert these key-value pairs to JSON.", "Write the following as a JSON object.",
+        "Turn the pairs below into JSON.", "Format this data as a JSON dictionary.",
+        "Output a JSON object with these keys and values.", "Serialize the key: value list as JSON."), _g_json),
+    _T("sentiment", "Classify the sentiment of a review as positive or negative.", (
+        "Is this review positive or negative?", "Classify the sentiment of the review.",
+        "Answer positive or negative: how does the writer feel?", "Label the review's sentiment.",
+        "What is the sentiment (positive/negative) of this text?", "Decide if the opinion below is positive or "
+        "negative."), _g_sentiment),
+    _T("plural", "Give the plural form of an English noun.", (
+        "Give the plural of this noun.", "What is the plural form?", "Write the plural.",
+        "Turn this noun into its plural.", "How do you say more than one of these?",
+        "Output the plural form of the word below."), _g_plural),
+    _T("number_to_words", "Write a number (0-999) in English words.", (
+        "Write this number in words.", "Spell out the number in English.", "Convert the digits to English words.",
+        "How is this number written in words?", "Express the number below in words.",
+        "Give the English words for this number."), _g_words),
+    _T("acronym", "Make an upper-case acronym from the first letters of the words.", (
+        "Make an acronym from these words.", "Give the acronym of the words below.",
+        "Take the first letter of each word, in capitals.", "Abbreviate the words into an acronym.",
+        "Form an acronym from the initials.", "What acronym do these words make?"), _g_acronym),
+    # held-out tasks: no expert; they relate to or compose the ones above
+    _T("reverse_then_uppercase", "Reverse the order of the words, then write them in upper case.", (
+        "Reverse the word order and write everything in capitals.", "Put the words in reverse order, in uppercase.",
+        "Flip the order of the words and convert them to upper case.",
+        "Write the words backwards (last word first) in ALL CAPS.",
+        "Uppercase the text and reverse its word order."), _g_reverse_upper, True,
+       ("reverse_words", "uppercase")),
+    _T("sort_descending", "Sort a list of numbers in descending order.", (
+        "Sort these numbers from largest to smallest.", "Put the numbers in descending order.",
+        "Order the list from high to low.", "Arrange the numbers in decreasing order.",
+        "Return the numbers sorted descending, comma-separated."), _g_sort_desc, True, ("sort_numbers",)),
+    _T("subtract_integers", "Subtract one integer from another.", (
+        "Compute the difference.", "Subtract the second number from the first.",
+        "What is the result of this subtraction?", "Calculate the difference of the two integers.",
+        "Work out the subtraction below."), _g_subtract, True, ("add_integers",)),
+    _T("date_long_format", "Write an ISO date in words, e.g. 'March 5, 2021'.", (
+        "Write the date with the month spelled out.", "Convert this ISO date to the form 'Month D, YYYY'.",
+        "Express the date as month name, day and year.", "Reformat the date in long form.",
+        "Spell out the month of this date."), _g_date_long, True, ("date_format",)),
+    _T("count_uppercase_words", "Count the words written in upper case.", (
+        "How many words are in capitals?", "Count the uppercase words.", "Give the number of ALL-CAPS words.",
+        "How many words below are written in upper case?", "Count the words in capital letters."),
+       _g_count_upper, True, ("count_words", "uppercase")),
+]}
+
+HELD_IN = [n for n, t in TASKS.items() if not t.held_out]
+HELD_OUT = [n for n, t in TASKS.items() if t.held_out]
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; tasks: {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def make_examples(names: list[str], n: int, split: str, seed: int = 0) -> list[Example]:
+    """``n`` examples of each task in ``names``."""
+    return [e for name in names for e in get_task(name).examples(n, split, seed)]

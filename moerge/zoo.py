@@ -1,0 +1,161 @@
+"""The expert zoo: one LoRA expert per held-in task, trained with PEFT on the default base.
+
+``python -m moerge.zoo build`` trains the experts that the library does not hold yet (so an interrupted build
+resumes where it stopped) and stores each with its description and example prompts. Training is reproducible
+from ``--seed``. The committed zoo lives in ``zoo/library`` at the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moerge.library import ExpertLibrary
+from moerge.tasks import HELD_IN, Example, get_task
+
+__all__ = ["ZooConfig", "build_zoo", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
+
+DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "zoo" / "library"
+
+
+class ZooConfig:
+    """Training settings of the zoo (all recorded in each expert's metadata)."""
+
+    def __init__(self, rank: int = 4, alpha: float = 8.0, steps: int = 60, batch_size: int = 16, lr: float = 1e-3,
+                 target_modules: str | list[str] = "all-linear", seed: int = 0, dtype: str = "bfloat16",
+                 warmup: int = 5) -> None:
+        if rank <= 0 or steps <= 0 or batch_size <= 0 or not lr > 0:
+            raise ValueError(f"rank, steps, batch_size and lr must be positive: got rank={rank!r}, steps={steps!r}, "
+                             f"batch_size={batch_size!r}, lr={lr!r}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        self.rank, self.alpha, self.steps, self.batch_size, self.lr = rank, alpha, steps, batch_size, lr
+        self.target_modules, self.seed, self.dtype, self.warmup = target_modules, seed, dtype, warmup
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """The user turn of the chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode_example(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + answer + end of turn, and labels that score the answer only (-100 on the prompt)."""
+    p = tokenizer(chat_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+    a = tokenizer(ex.target + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    return p + a, [-100] * len(p) + a
+
+
+def _batch(tokenizer: Any, examples: list[Example]) -> dict[str, torch.Tensor]:
+    rows = [encode_example(tokenizer, e) for e in examples]
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):  # right padding for training
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def train_expert(base: torch.nn.Module, tokenizer: Any, task: str, cfg: ZooConfig, progress: bool = True):
+    """Train one LoRA expert for ``task``; returns ``(peft_model, losses)``."""
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                                                           target_modules=cfg.target_modules))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (
+        1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    examples = get_task(task).examples(cfg.steps * cfg.batch_size, "train", cfg.seed)
+    model.train()
+    losses = []
+    bar = tqdm(range(cfg.steps), desc=f"train {task}", disable=not progress, leave=False)
+    for step in bar:
+        batch = _batch(tokenizer, examples[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return model, losses
+
+
+def build_zoo(library: str | Path = DEFAULT_ZOO, tasks: list[str] | None = None, cfg: ZooConfig | None = None,
+              *, base: Any = None, tokenizer: Any = None, progress: bool = True, log=print) -> ExpertLibrary:
+    """Train (with PEFT) and store one LoRA expert per task that ``library`` does not hold yet."""
+    from moerge.adapters.peft_loader import load_peft_lora
+    from moerge.models import default_base
+
+    cfg = cfg or ZooConfig()
+    tasks = list(tasks or HELD_IN)
+    if base is None:
+        base, tokenizer = default_base()
+    base.requires_grad_(False)
+    lib = ExpertLibrary.create(library, base_model=base, exist_ok=True)
+    todo = [t for t in tasks if t not in lib]
+    log(f"zoo {lib.root}: {len(lib)} experts present, training {len(todo)}: {todo}")
+    dtype = getattr(torch, cfg.dtype)
+    for task in todo:
+        t0 = time.time()
+        model, losses = train_expert(base, tokenizer, task, cfg, progress)
+        tmp = Path(lib.root).parent / f".adapter-{task}"
+        model.save_pretrained(str(tmp))
+        t = get_task(task)
+        examples = [e.prompt for e in t.examples(5, "train", cfg.seed + 99)]
+        expert = load_peft_lora(tmp, name=task, description=t.description, examples=examples, dtype=dtype)
+        expert.metadata.source.update({"type": "zoo", "task": task, "train": cfg.to_json(),
+                                       "loss_first": losses[0], "loss_last": sum(losses[-5:]) / len(losses[-5:])})
+        expert.metadata.source.pop("path", None)
+        lib.add(expert)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"  {task:<24} loss {losses[0]:.3f} -> {expert.metadata.source['loss_last']:.3f} "
+            f"in {time.time() - t0:.0f} s")
+    return lib
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m moerge.zoo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="train the experts the zoo library does not hold yet")
+    b.add_argument("--library", default=str(DEFAULT_ZOO))
+    b.add_argument("--tasks", default=",".join(HELD_IN), help="comma-separated task names")
+    b.add_argument("--rank", type=int, default=4)
+    b.add_argument("--alpha", type=float, default=8.0)
+    b.add_argument("--steps", type=int, default=60)
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    cfg = ZooConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    seed=args.seed, dtype=args.dtype)
+    build_zoo(args.library, [t for t in args.tasks.split(",") if t], cfg)
+
+
+if __name__ == "__main__":
+    main()
