@@ -30,6 +30,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 _PREFIX = "base_model.model."
+# initialisations that rewrite the base's weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA); converted saves say True
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def peft_pattern_key(pattern_keys: Iterable[str], module: str) -> str | None:
@@ -53,6 +55,11 @@ def _refuse_unsupported(config: dict[str, Any], name: str, file: Path) -> None:
         ("alora_invocation_tokens", lambda v: bool(v), "activated LoRA (alora_invocation_tokens) is not supported"),
         ("trainable_token_indices", lambda v: bool(v), "trainable_token_indices={v!r} is not supported"),
     ]
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        checks.append(("init_lora_weights", lambda v: True, "init_lora_weights={v!r} changes the base weights when "
+                       "the adapter is created, so this adapter only works on that modified base; convert it to a "
+                       "plain LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"))
     for key, bad, msg in checks:
         v = config.get(key)
         if bad(v):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moerge.adapters.expert import LoRAWeights, ModuleWeights
+from moerge.adapters.expert import DeltaWeights, LoRAWeights, ModuleWeights
 from moerge.fingerprint import linear_shape
 from moerge.routing import Candidates, LayerInfo, RoutingContext
 
@@ -118,6 +118,17 @@ class LayerBank:
         if name in self.dense:
             return self.dense[name][0].float()
         return torch.zeros(self.Bt_all.shape[1], self.A_all.shape[1], device=self.A_all.device)
+
+    def weights_of(self, name: str) -> ModuleWeights | None:
+        """Expert ``name``'s weights for this module as stored (``None`` if it does not target the module)."""
+        if name in self.lora:
+            s = self.lora[name]
+            return LoRAWeights(self.A_all[s.start : s.start + s.rank].clone(),
+                               self.Bt_all[s.start : s.start + s.rank].t().contiguous(), s.scale)
+        if name in self.dense:
+            d, b = self.dense[name]
+            return DeltaWeights(d.clone(), None if b is None else b.clone())
+        return None
 
     def delta_bias(self, name: str) -> torch.Tensor | None:
         return self.dense[name][1] if name in self.dense else None
@@ -302,7 +313,7 @@ class ExpertLinear(nn.Module):
                                         self.info)  # (B, T, K)
             if state.record_usage:
                 state.record(self.module_name, weights)
-        d = g.delta(x3.to(g.lora.A.dtype if g.lora is not None else x3.dtype), weights)  # (B, T, out)
+        d = g.delta(x3.to(self.bank.A_all.dtype), weights)  # (B, T, out), in the experts' dtype
         return y + d.reshape(*shape[:-1], d.shape[-1]).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -23,10 +23,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+try:  # POSIX file locks; on other platforms only threads of one process are serialised
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
@@ -44,6 +50,7 @@ __all__ = ["ExpertLibrary", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 MANIFEST = "library.json"
+LOCK_FILE = ".moerge.lock"
 EXPERTS_DIR = "experts"
 WEIGHTS_FILE = "weights.safetensors"
 EXPERT_FILE = "expert.json"
@@ -61,6 +68,34 @@ class ExpertLibrary:
         self.root = Path(root)
         self._manifest = manifest
         self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """Serialise writers: threads of this process (an RLock) and other processes and library objects on the
+        same folder (an exclusive ``flock`` on ``.moerge.lock``). The manifest is re-read under the lock, so a
+        change made through another object is never overwritten."""
+        with self._lock:
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                self.refresh()
+                yield
+            finally:
+                os.close(fd)  # closing releases the flock
+
+    def refresh(self) -> None:
+        """Re-read the manifest from disk (changes made by other processes or library objects)."""
+        self._manifest = self._read_manifest(self.root)
 
     # --- creating and opening -------------------------------------------------------------------------------------
     @classmethod
@@ -111,8 +146,14 @@ class ExpertLibrary:
 
     @classmethod
     def open(cls, root: str | Path) -> ExpertLibrary:
-        """Open the library at ``root``, removing leftovers of interrupted writes."""
-        root = Path(root)
+        """Open the library at ``root``, repairing what interrupted writes left behind."""
+        lib = cls(root, cls._read_manifest(Path(root)))
+        with lib._write_lock():
+            lib._clean_leftovers()
+        return lib
+
+    @staticmethod
+    def _read_manifest(root: Path) -> dict[str, Any]:
         path = root / MANIFEST
         if not path.is_file():
             raise LibraryError("no library here (library.json is missing)", file=str(path))
@@ -133,13 +174,25 @@ class ExpertLibrary:
                 validate_name(name)
             except ExpertFormatError as e:
                 raise LibraryError(e.problem, expert=name, file=str(path)) from None
-        lib = cls(root, manifest)
-        lib._clean_leftovers()
-        return lib
+        return manifest
+
+    def _files_match(self, folder: Path, name: str) -> bool:
+        files = self._manifest["experts"][name].get("files") or {}
+        return bool(files) and all((folder / f).is_file() and sha256_file(folder / f) == h for f, h in files.items())
 
     def _clean_leftovers(self) -> None:
-        """Remove temp files and unlisted expert folders left by interrupted writes."""
-        for p in [*self.root.glob(TMP_PREFIX + "*"), *(self.root / EXPERTS_DIR).glob(TMP_PREFIX + "*")]:
+        """Repair what an interrupted write left: restore a replaced expert's old folder when the manifest still
+        names its files, then remove temp files and folders the manifest does not list."""
+        experts_dir = self.root / EXPERTS_DIR
+        for old in sorted(experts_dir.glob(TMP_PREFIX + "old-*")):
+            name = old.name[len(TMP_PREFIX + "old-"):].rsplit("-", 1)[0]
+            final = experts_dir / name
+            if name in self._manifest["experts"] and not self._files_match(final, name) \
+                    and self._files_match(old, name):
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(old, final)
+        for p in [*self.root.glob(TMP_PREFIX + "*"), *experts_dir.glob(TMP_PREFIX + "*")]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         experts_dir = self.root / EXPERTS_DIR
         if experts_dir.is_dir():
@@ -279,7 +332,7 @@ class ExpertLibrary:
         """Add ``expert`` (post hoc: nothing else in the library changes). Atomic: on any error the library is as
         it was. Returns the expert."""
         validate_name(expert.name)
-        with self._lock:
+        with self._write_lock():
             if expert.name in self and not overwrite:
                 raise LibraryError("an expert with this name already exists (pass overwrite=True to replace it)",
                                    expert=expert.name, file=str(self.root / EXPERTS_DIR / expert.name))
@@ -292,6 +345,8 @@ class ExpertLibrary:
             experts_dir.mkdir(exist_ok=True)
             tmp = experts_dir / f"{TMP_PREFIX}{expert.name}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
+            final = self._expert_dir(expert.name)
+            old: Path | None = None
             try:
                 save_safetensors(tmp / WEIGHTS_FILE, expert.state_dict(), metadata={"format": "moerge-expert"})
                 atomic_write_json(tmp / EXPERT_FILE, {
@@ -300,14 +355,6 @@ class ExpertLibrary:
                     "modules": expert.spec(),
                     "metadata": expert.metadata.to_json(),
                 })
-                files = {f: sha256_file(tmp / f) for f in (WEIGHTS_FILE, EXPERT_FILE)}
-                final = self._expert_dir(expert.name)
-                old = None
-                if final.exists():
-                    old = experts_dir / f"{TMP_PREFIX}old-{expert.name}-{uuid.uuid4().hex[:8]}"
-                    os.replace(final, old)
-                os.replace(tmp, final)
-                fsync_dir(experts_dir)
                 entry = {
                     "kind": expert.kind,
                     "description": expert.metadata.description,
@@ -316,24 +363,32 @@ class ExpertLibrary:
                     "parameters": expert.num_parameters(),
                     "source": expert.metadata.source.get("type"),
                     "added_at": time.time(),
-                    "files": files,
+                    "files": {f: sha256_file(tmp / f) for f in (WEIGHTS_FILE, EXPERT_FILE)},
                 }
                 manifest = json.loads(json.dumps(self._manifest))
-                manifest["experts"].pop(expert.name, None)
-                manifest["experts"][expert.name] = entry
-                try:
-                    atomic_write_json(self.root / MANIFEST, manifest)
-                except BaseException:
-                    shutil.rmtree(final, ignore_errors=True)
-                    if old is not None:
-                        os.replace(old, final)
-                    raise
-                self._manifest = manifest
+                manifest["experts"][expert.name] = entry  # a replaced expert keeps its place (and id order)
+                if final.exists():
+                    # kept until the manifest names the new files; open() restores it after a crash (see
+                    # _clean_leftovers)
+                    old = experts_dir / f"{TMP_PREFIX}old-{expert.name}-{uuid.uuid4().hex[:8]}"
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                fsync_dir(experts_dir)
+                atomic_write_json(self.root / MANIFEST, manifest)
+            except BaseException:
                 if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+                    if final.exists():
+                        shutil.rmtree(final, ignore_errors=True)
+                    os.replace(old, final)
+                elif final.exists() and expert.name not in self._manifest["experts"]:
+                    shutil.rmtree(final, ignore_errors=True)
+                raise
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
+            self._manifest = manifest
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         return expert
 
     def add_peft(
@@ -358,7 +413,7 @@ class ExpertLibrary:
     def remove(self, name: str) -> None:
         """Remove expert ``name``. The manifest is updated first, so an interruption leaves at worst an unlisted
         folder that the next open removes."""
-        with self._lock:
+        with self._write_lock():
             self._require(name)
             folder = self._expert_dir(name)
             manifest = json.loads(json.dumps(self._manifest))
@@ -372,7 +427,7 @@ class ExpertLibrary:
 
     def set_embedder(self, embedder_id: str, dim: int) -> None:
         """Record the sentence embedder the library's routing data was made with."""
-        with self._lock:
+        with self._write_lock():
             manifest = json.loads(json.dumps(self._manifest))
             manifest["embedder"] = {"id": embedder_id, "dim": int(dim)}
             atomic_write_json(self.root / MANIFEST, manifest)

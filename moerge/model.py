@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
 from moerge.adapters.merge import merge_module
 from moerge.errors import BaseMismatchError, LibraryError, RoutingError
 from moerge.fingerprint import is_linear_like, linear_shape
-from moerge.layer import ExpertLinear
+from moerge.layer import ExpertLinear, LayerBank
 from moerge.library import ExpertLibrary
 from moerge.routing import (
     Candidates,
@@ -54,6 +55,9 @@ class MoErgeModel(nn.Module):
         tokenizer: Any = None,
     ) -> None:
         super().__init__()
+        if any(isinstance(m, ExpertLinear) for m in base.modules()):
+            raise ValueError("this base is already patched by another MoErgeModel; pass that model's copy_base() "
+                             "(a plain copy) or unpatch() it first")
         self.base = base
         self.library = library
         self.tokenizer = tokenizer
@@ -175,69 +179,127 @@ class MoErgeModel(nn.Module):
         self._layers[module_name] = layer
         return layer
 
+    def _empty_bank(self, module_name: str) -> LayerBank:
+        mod = self.base.get_submodule(module_name)
+        out_f, in_f = linear_shape(mod)
+        w = mod.weight
+        return LayerBank.empty(in_f, out_f, w.device, w.dtype if w.is_floating_point() else torch.float32)
+
+    def _new_banks(self, add: Sequence[Expert], drop: set[str]) -> dict[str, LayerBank]:
+        """The banks of every affected module after dropping ``drop`` and adding ``add`` (nothing is changed)."""
+        banks: dict[str, LayerBank] = {}
+
+        def current(m: str) -> LayerBank:
+            if m not in banks:
+                banks[m] = self._layers[m].bank if m in self._layers else self._empty_bank(m)
+            return banks[m]
+
+        for name in drop:
+            for m in self._modules_of.get(name, []):
+                banks[m] = current(m).without({name})
+        by_module: dict[str, dict[str, Any]] = {}
+        for e in add:
+            for m, w in e.modules.items():
+                by_module.setdefault(m, {})[e.name] = w
+        for m, group in by_module.items():
+            banks[m] = current(m).with_experts(group)
+        return banks
+
+    def _router_add(self, experts: Sequence[Expert]) -> Callable[[], None]:
+        """Give ``experts`` to the router (replacing the routing data of names it has); returns an undo."""
+        previous = {e.name: self.get_expert(e.name) for e in experts if e.name in self._experts}
+        done: list[str] = []
+
+        def undo() -> None:
+            for n in reversed(done):
+                if n in previous:
+                    self.router.on_add_expert(previous[n])
+                else:
+                    self.router.on_remove_expert(n)
+
+        try:
+            for e in experts:
+                self.router.on_add_expert(e)
+                done.append(e.name)
+        except BaseException:
+            undo()
+            raise
+        return undo
+
+    def _commit(self, banks: dict[str, LayerBank], add: Sequence[Expert], drop: set[str]) -> None:
+        for m, bank in banks.items():
+            if len(bank) or m in self._layers:
+                self._patch(m).bank = bank
+        for name in drop:
+            self._experts.pop(name, None)
+            self._modules_of.pop(name, None)
+        for e in add:
+            self._experts[e.name] = e.metadata
+            self._modules_of[e.name] = sorted(e.modules)
+
     def _install(self, experts: Sequence[Expert]) -> None:
         """Add ``experts`` to the router and every layer they target; all or nothing."""
         with self._lock:
-            seen: set[str] = set()
+            names = [e.name for e in experts]
+            if len(set(names)) != len(names):
+                raise LibraryError("the same expert name appears twice", expert=names[0])
             for e in experts:
-                if e.name in seen:
-                    raise LibraryError("the same expert name appears twice", expert=e.name)
-                seen.add(e.name)
                 self._check_fits(e)
-            done: list[str] = []
-            try:
-                for e in experts:
-                    self.router.on_add_expert(e)
-                    done.append(e.name)
-            except BaseException:
-                for n in done:
-                    self.router.on_remove_expert(n)
-                raise
-            by_module: dict[str, dict[str, Any]] = {}
-            for e in experts:
-                for m, w in e.modules.items():
-                    by_module.setdefault(m, {})[e.name] = w
-            for m, group in by_module.items():
-                layer = self._patch(m)
-                layer.bank = layer.bank.with_experts(group)
-            for e in experts:
-                self._experts[e.name] = e.metadata
-                self._modules_of[e.name] = sorted(e.modules)
+            banks = self._new_banks(experts, set())
+            self._router_add(experts)
+            self._commit(banks, experts, set())
+
+    def get_expert(self, name: str) -> Expert:
+        """Expert ``name`` as the model holds it (rebuilt from the layers' stores, so also for experts that were
+        added without persisting them)."""
+        with self._lock:
+            if name not in self._experts:
+                raise LibraryError(f"the model has no expert {name!r}", expert=name)
+            mods = {m: self._layers[m].bank.weights_of(name) for m in self._modules_of[name]}
+            return Expert(name, mods, self._experts[name])
 
     def add_expert(
         self,
         expert: Expert | str | Path,
         name: str | None = None,
         *,
-        description: str = "",
-        examples: Iterable[str] = (),
+        description: str | None = None,
+        examples: Iterable[str] | None = None,
         persist: bool = True,
         overwrite: bool = False,
     ) -> Expert:
         """Add an expert to the live model, post hoc, without reloading the base or retraining anything.
 
-        ``expert`` is an :class:`Expert` or a PEFT LoRA folder (then ``name`` is required). With ``persist`` (the
-        default) it is also added to the library. Calls already under way keep the experts they started with.
+        ``expert`` is an :class:`Expert` or a PEFT LoRA folder (then ``name`` is required). ``description`` and
+        ``examples`` set its metadata. With ``persist`` (the default) it is also added to the library. On any
+        error the model and the library are as they were; calls already under way keep the experts they started
+        with.
         """
         if not isinstance(expert, Expert):
             if name is None:
                 raise ValueError("name= is required when adding a PEFT folder")
-            expert = Expert.from_peft(str(expert), name=name, description=description, examples=list(examples))
+            expert = Expert.from_peft(str(expert), name=name)
         elif name is not None and name != expert.name:
             expert = expert.renamed(name)
+        if description is not None or examples is not None:
+            expert = Expert(expert.name, expert.modules, dataclasses.replace(
+                expert.metadata,
+                description=expert.metadata.description if description is None else description,
+                examples=expert.metadata.examples if examples is None else [str(e) for e in examples]))
         with self._lock:
+            self._require_active()
             replacing = overwrite and expert.name in self._experts
             self._check_fits(expert, replacing=replacing)
+            drop = {expert.name} if replacing else set()
+            banks = self._new_banks([expert], drop)
+            undo_router = self._router_add([expert])
             if persist and self.library is not None:
-                expert = self.library.add(expert, overwrite=overwrite)  # atomic: the old version stays until done
-            if replacing:
-                self.remove_expert(expert.name, persist=False)
-            try:
-                self._install([expert])
-            except BaseException:
-                if persist and self.library is not None and not replacing:
-                    self.library.remove(expert.name)
-                raise
+                try:
+                    expert = self.library.add(expert, overwrite=overwrite)  # atomic: all or nothing on disk
+                except BaseException:
+                    undo_router()
+                    raise
+            self._commit(banks, [expert], drop)
         return expert
 
     def remove_expert(self, name: str, *, persist: bool = True) -> None:
@@ -245,12 +307,10 @@ class MoErgeModel(nn.Module):
         with self._lock:
             if name not in self._experts:
                 raise LibraryError(f"the model has no expert {name!r}", expert=name)
+            banks = self._new_banks([], {name})
             if persist and self.library is not None and name in self.library:
                 self.library.remove(name)
-            for m in self._modules_of.pop(name):
-                layer = self._layers[m]
-                layer.bank = layer.bank.without({name})
-            del self._experts[name]
+            self._commit(banks, [], {name})
             self.router.on_remove_expert(name)
 
     def set_router(self, router: str | Router) -> None:
@@ -259,10 +319,8 @@ class MoErgeModel(nn.Module):
             router = build_router(router)
         with self._lock:
             router.attach(self)
-            if self.library is not None:
-                for n in self._experts:
-                    if n in self.library:
-                        router.on_add_expert(self.library.get(n))
+            for n in self._experts:
+                router.on_add_expert(self.get_expert(n))
             self.router = router
 
     # --- routing ------------------------------------------------------------------------------------------------
@@ -281,6 +339,7 @@ class MoErgeModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         experts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> RoutingState:
         """Decide the routing of a batch (the global stage) and gather every module's candidate factors.
 
@@ -297,7 +356,12 @@ class MoErgeModel(nn.Module):
 
                 router = ExplicitRouter()
                 router.attach(self)
-            batch = int(input_ids.shape[0]) if input_ids is not None else len(experts or [])
+            if input_ids is not None:
+                batch = int(input_ids.shape[0])
+            elif inputs_embeds is not None:
+                batch = int(inputs_embeds.shape[0])
+            else:
+                batch = len(experts or [])
             if experts is not None and len(experts) == 1 and batch > 1:
                 experts = list(experts) * batch
             request = RoutingRequest(
@@ -309,7 +373,7 @@ class MoErgeModel(nn.Module):
                 raise RoutingError(f"router {router.name!r} returned candidates over other expert names")
             if cands.weights is None and not router.has_local_gate:
                 raise RoutingError(f"router {router.name!r} gave no mixing weights and has no local gate")
-            if input_ids is not None and cands.batch_size != batch:
+            if cands.batch_size != batch:
                 raise RoutingError(f"router {router.name!r} routed {cands.batch_size} rows for a batch of {batch}")
             gathered = {layer.layer_index: layer.bank.gather(cands) for layer in self._layers.values()}
         return RoutingState(cands, router, gathered, record_usage=True)
@@ -321,9 +385,10 @@ class MoErgeModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         experts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> Iterator[RoutingState]:
         """Route once and keep that routing for every forward inside the block (for hand-written decode loops)."""
-        state = self.route(input_ids, attention_mask, experts=experts)
+        state = self.route(input_ids, attention_mask, experts=experts, inputs_embeds=inputs_embeds)
         with self.context.activate(state):
             yield state
         self.last_routing = state.trace()
@@ -340,7 +405,7 @@ class MoErgeModel(nn.Module):
         otherwise the call is routed from its own ``input_ids`` (or ``experts=``)."""
         if self.context.current is not None and experts is None:
             return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        with self.routing(input_ids, attention_mask, experts=experts):
+        with self.routing(input_ids, attention_mask, experts=experts, inputs_embeds=kwargs.get("inputs_embeds")):
             return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
@@ -357,7 +422,8 @@ class MoErgeModel(nn.Module):
         The routing is kept in :attr:`last_routing`.
         """
         input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
-        state = self.route(input_ids, kwargs.get("attention_mask"), experts=experts)
+        state = self.route(input_ids, kwargs.get("attention_mask"), experts=experts,
+                           inputs_embeds=kwargs.get("inputs_embeds"))
         with self.context.activate(state):
             out = self.base.generate(input_ids, **kwargs) if input_ids is not None else self.base.generate(**kwargs)
         self.last_routing = state.trace()
@@ -385,26 +451,33 @@ class MoErgeModel(nn.Module):
         if not self._active:
             raise RuntimeError("this MoErgeModel was unpatched; build a new one with MoErgeModel.from_library")
 
-    @contextmanager
-    def _unpatched(self) -> Iterator[None]:
-        """Temporarily put the original modules back (e.g. to copy the plain base)."""
-        swaps = []
-        for name, layer in self._layers.items():
-            parent_name, _, attr = name.rpartition(".")
-            parent = self.base.get_submodule(parent_name) if parent_name else self.base
-            setattr(parent, attr, layer.base_layer)
-            swaps.append((parent, attr, layer))
-        try:
-            yield
-        finally:
-            for parent, attr, layer in swaps:
-                setattr(parent, attr, layer)
-
     def copy_base(self) -> nn.Module:
-        """A plain deep copy of the base model, without experts (e.g. to train a new adapter on)."""
+        """A plain deep copy of the base model, without experts (e.g. to train a new adapter on).
+
+        The live model is not touched: calls under way in other threads keep routing."""
         self._require_active()
-        with self._lock, self._unpatched():
-            return copy.deepcopy(self.base)
+        with self._lock:
+            memo: dict[int, Any] = {}
+            for layer in self._layers.values():  # each patched module is copied as its original module
+                memo[id(layer)] = copy.deepcopy(layer.base_layer, memo)
+            return copy.deepcopy(self.base, memo)
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: a MoErgeModel is a base plus a library, and the library is already on disk."""
+        raise TypeError(
+            "a MoErgeModel is not saved as one checkpoint: its experts live in the library"
+            f"{f' at {self.library.root}' if self.library is not None else ''}. Save the base with "
+            "model.copy_base().save_pretrained(...), or a fixed mix with model.merge({...}).save_pretrained(...)"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     def merge(self, weights: Mapping[str, float], method: str = "linear", **method_kwargs: Any) -> nn.Module:
         """A plain transformers model with the mix ``weights`` (expert → weight) folded into the base weights.

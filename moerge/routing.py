@@ -290,7 +290,9 @@ class Router:
         self.model = model
 
     def on_add_expert(self, expert: Expert) -> None:
-        """Compute and store the routing data ``expert`` needs. Must not change other experts' routing data."""
+        """Compute and store the routing data ``expert`` needs. Called again for a name it already has (an expert
+        being replaced), it replaces that name's data. Must not change other experts' routing data; on error it
+        must leave its state as it was."""
 
     def on_remove_expert(self, name: str) -> None:
         """Forget ``name``'s routing data."""

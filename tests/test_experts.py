@@ -61,6 +61,8 @@ def _adapter(tmp_path, base, **edits):
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"peft_type": "IA3"}, "only LORA"),
     ({"r": 0}, "positive integer"),
+    ({"init_lora_weights": "pissa_niter_4"}, "changes the base weights"),
+    ({"init_lora_weights": "olora"}, "changes the base weights"),
     ({"r": 8}, "config gives rank 8 but lora_A has shape"),
     ({"lora_alpha": "big"}, "finite number"),
 ])

@@ -56,7 +56,8 @@ def test_layout_on_disk_is_safetensors_and_json(tmp_path, base):
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
     lib.add(_expert("alpha"))
     files = sorted(p.relative_to(tmp_path / "lib").as_posix() for p in (tmp_path / "lib").rglob("*") if p.is_file())
-    assert files == ["experts/alpha/expert.json", "experts/alpha/weights.safetensors", "library.json"]
+    assert files == [".moerge.lock", "experts/alpha/expert.json", "experts/alpha/weights.safetensors",
+                     "library.json"]
     manifest = json.loads((tmp_path / "lib" / "library.json").read_text())
     assert manifest["format"] == "moerge-library" and manifest["format_version"] == 1
     assert set(manifest["experts"]["alpha"]["files"]) == {"expert.json", "weights.safetensors"}
@@ -212,3 +213,62 @@ def test_symlinked_expert_folder_is_refused(tmp_path, base):
     os.symlink(outside, tmp_path / "lib" / "experts" / "alpha")
     with pytest.raises(LibraryError, match="leads out of the library"):
         lib.get("alpha")
+
+
+def test_failed_overwrite_swap_keeps_the_old_expert(tmp_path, base, monkeypatch):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha", 1))
+    import moerge.library as library_mod
+
+    real_replace = library_mod.os.replace
+    calls = {"n": 0}
+
+    def second_rename_fails(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:  # old folder moved aside, then moving the new one into place fails
+            raise OSError("rename failed (injected)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(library_mod.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="injected"):
+        lib.add(_expert("alpha", 2), overwrite=True)
+    monkeypatch.undo()
+    assert torch.equal(lib["alpha"].modules["model.layers.0.self_attn.q_proj"].A,
+                       _expert("alpha", 1).modules["model.layers.0.self_attn.q_proj"].A)
+    assert ExpertLibrary.open(tmp_path / "lib").verify() == []
+
+
+def test_open_restores_an_expert_whose_overwrite_was_interrupted(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha", 1))
+    experts = tmp_path / "lib" / "experts"
+    # the state a crash leaves between "move the old folder aside" and "write the manifest"
+    os.replace(experts / "alpha", experts / f"{TMP_PREFIX}old-alpha-1a2b3c4d")
+    other = ExpertLibrary.create(tmp_path / "scratch", base_model=base)
+    other.add(_expert("alpha", 2))
+    os.replace(tmp_path / "scratch" / "experts" / "alpha", experts / "alpha")
+    reopened = ExpertLibrary.open(tmp_path / "lib")
+    assert reopened.verify() == []
+    assert torch.equal(reopened["alpha"].modules["model.layers.0.self_attn.q_proj"].A,
+                       _expert("alpha", 1).modules["model.layers.0.self_attn.q_proj"].A)
+    assert sorted(p.name for p in experts.iterdir()) == ["alpha"]
+
+
+def test_two_library_objects_on_one_folder_do_not_lose_changes(tmp_path, base):
+    first = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    second = ExpertLibrary.open(tmp_path / "lib")
+    first.add(_expert("alpha"))
+    second.add(_expert("beta"))  # second's view is stale: the write re-reads the manifest under the lock
+    first.add(_expert("gamma"))
+    assert ExpertLibrary.open(tmp_path / "lib").names() == ["alpha", "beta", "gamma"]
+    second.remove("alpha")
+    first.refresh()
+    assert first.names() == ["beta", "gamma"]
+
+
+def test_overwrite_keeps_the_expert_in_its_place(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    for n in ("a", "b", "c"):
+        lib.add(_expert(n))
+    lib.add(_expert("a", 3), overwrite=True)
+    assert lib.names() == ["a", "b", "c"] == ExpertLibrary.open(tmp_path / "lib").names()

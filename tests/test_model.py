@@ -10,6 +10,7 @@ import torch
 from moerge import Expert, ExpertLibrary, LoRAWeights, MoErgeModel
 from moerge.errors import BaseMismatchError, LibraryError, RoutingError
 from moerge.layer import ExpertLinear
+from moerge.routing import Router
 
 from conftest import VOCAB, peft_logits, save_peft_lora, tiny_gpt2, tiny_llama
 
@@ -443,3 +444,103 @@ def test_bfloat16_base_runs_close_to_fp32(base, lib2, input_ids):
     assert (got - ref).abs().max() < 0.1
     model.float()  # moving the model moves the experts' factors too
     assert layer.bank.A_all.dtype == torch.float32
+
+
+class _FlakyRouter(Router):
+    """Explicit routing whose routing-data hook can be made to fail, and which records what it was given."""
+
+    name = "flaky"
+    has_local_gate = False
+
+    def __init__(self):
+        super().__init__()
+        self.fail = False
+        self.seen: list[str] = []
+
+    def on_add_expert(self, expert):
+        if self.fail:
+            raise RuntimeError("routing data failed (injected)")
+        if expert.name not in self.seen:  # the contract: a name seen again replaces its routing data
+            self.seen.append(expert.name)
+
+    def on_remove_expert(self, name):
+        self.seen.remove(name)
+
+    def select(self, request):
+        raise RoutingError("flaky routes only with experts=")
+
+
+def test_failed_add_expert_changes_neither_model_nor_library(tmp_path, base, lib2, input_ids, monkeypatch):
+    pristine = tiny_llama(0)
+    router = _FlakyRouter()
+    model = MoErgeModel.from_library(base, lib2, router=router)
+    before = _logits(model, input_ids, experts={"a": 1.0})
+    new_a = Expert.from_peft(save_peft_lora(pristine, tmp_path / "a2", seed=77, r=2), name="a")
+    router.fail = True
+    for expert, kw in ((new_a, {"overwrite": True}), (new_a.renamed("c"), {})):
+        with pytest.raises(RuntimeError, match="injected"):
+            model.add_expert(expert, **kw)
+    router.fail = False
+    import moerge.library as library_mod
+
+    monkeypatch.setattr(library_mod, "atomic_write_json", lambda *a: (_ for _ in ()).throw(OSError("disk (injected)")))
+    for expert, kw in ((new_a, {"overwrite": True}), (new_a.renamed("c"), {})):
+        with pytest.raises(OSError, match="injected"):
+            model.add_expert(expert, **kw)
+    monkeypatch.undo()
+    assert model.experts == ["a", "b"] and lib2.names() == ["a", "b"] and sorted(router.seen) == ["a", "b"]
+    torch.testing.assert_close(_logits(model, input_ids, experts={"a": 1.0}), before)
+    assert ExpertLibrary.open(lib2.root).verify() == []
+
+
+def test_set_router_sees_experts_that_were_not_persisted(tmp_path, base, lib2):
+    model = MoErgeModel.from_library(base, lib2)
+    extra = Expert.from_peft(save_peft_lora(tiny_llama(0), tmp_path / "x", seed=5), name="live")
+    model.add_expert(extra, persist=False)
+    assert "live" not in lib2
+    router = _FlakyRouter()
+    model.set_router(router)
+    assert router.seen == ["a", "b", "live"]
+    rebuilt = model.get_expert("live")
+    for m, w in extra.modules.items():
+        torch.testing.assert_close(rebuilt.modules[m].delta_weight(), w.delta_weight())
+
+
+def test_inputs_embeds_are_routed_per_row(base, lib2, input_ids):
+    model = MoErgeModel.from_library(base, lib2)
+    embeds = base.get_input_embeddings()(input_ids).detach()
+    with pytest.raises(RoutingError, match="2 rows for a batch of 3"):
+        model(inputs_embeds=embeds, experts=[{"a": 1.0}, {"b": 1.0}])
+    mixes = [{"a": 1.0}, {"b": 1.0}, {}]
+    torch.testing.assert_close(_logits(model, None, inputs_embeds=embeds, experts=mixes),
+                               _logits(model, input_ids, experts=mixes))
+
+
+def test_copy_base_is_plain_independent_and_keeps_ties(tmp_path, input_ids):
+    base = tiny_llama(0, tie_word_embeddings=True)
+    reference = _logits(base, input_ids)
+    folder = save_peft_lora(base, tmp_path / "ad", seed=2, target_modules=["lm_head", "q_proj"])
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add_peft(folder, name="h")
+    model = MoErgeModel.from_library(base, lib)
+    with model.routing(input_ids, experts={"h": 1.0}):
+        plain = model.copy_base()
+        assert isinstance(model.base.lm_head, ExpertLinear)  # the live model was never unpatched
+    assert not any(isinstance(m, ExpertLinear) for m in plain.modules())
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    assert torch.equal(_logits(plain, input_ids), reference)
+    with torch.no_grad():
+        plain.model.embed_tokens.weight.zero_()
+    assert torch.equal(_logits(base, input_ids), reference)
+
+
+def test_model_copies_saving_and_double_patching(tmp_path, base, lib2, input_ids):
+    model = MoErgeModel.from_library(base, lib2)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(_logits(twin, input_ids, experts={"a": 0.5, "b": 0.5}),
+                               _logits(model, input_ids, experts={"a": 0.5, "b": 0.5}))
+    with pytest.raises(TypeError, match="copy_base"):
+        model.save_pretrained(tmp_path / "out")
+    with pytest.raises(ValueError, match="already patched"):
+        MoErgeModel.from_library(base, lib2)
+    assert MoErgeModel.from_library(model.copy_base(), lib2).experts == ["a", "b"]
