@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["default_base", "default_embedder", "gguf_file", "embedder_folder", "cache_root", "DEFAULT_BASE_ID",
+__all__ = ["default_base", "default_tokenizer", "base_folder", "default_embedder", "gguf_file", "embedder_folder", "cache_root", "DEFAULT_BASE_ID",
            "DEFAULT_EMBEDDER_ID"]
 
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -107,22 +107,35 @@ def default_base(*, dtype: torch.dtype = torch.float32, device: str | torch.devi
 
     Converts the packaged GGUF once into ``<cache>/SmolLM2-135M-Instruct`` and loads that folder afterwards.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    folder = base_folder(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    model.config._name_or_path = DEFAULT_BASE_ID
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), default_tokenizer(cache_dir)
+
+
+def base_folder(cache_dir: str | Path | None = None) -> Path:
+    """The converted SmolLM2-135M-Instruct folder (safetensors + tokenizer), converting the GGUF on first use."""
     gguf = gguf_file()
     folder = Path(cache_dir or cache_root()) / "SmolLM2-135M-Instruct"
     if not _cache_valid(folder, gguf):
         folder.parent.mkdir(parents=True, exist_ok=True)
         _convert(gguf, folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    model.config._name_or_path = DEFAULT_BASE_ID
-    if device is not None:
-        model = model.to(device)
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    return folder
+
+
+def default_tokenizer(cache_dir: str | Path | None = None) -> Any:
+    """The base's tokenizer (with its chat template), padding on the left for batched generation."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_folder(cache_dir)))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # decoder-only batched generation
-    return model.eval(), tok
+    return tok
 
 
 def default_embedder(device: str | None = None) -> Any:

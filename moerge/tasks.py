@@ -292,7 +292,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
         "Compute the difference.", "Subtract the second number from the first.",
         "What is the result of this subtraction?", "Calculate the difference of the two integers.",
         "Work out the subtraction below."), _g_subtract, True, ("add_integers",)),
-    _T("date_long_format", "Write an ISO date in words, e.g. 'March 5, 2021'.", (
+    _T("date_long_format", "Write an ISO date with the month spelled out, as in 'March 5, 2021'.", (
         "Write the date with the month spelled out.", "Convert this ISO date to the form 'Month D, YYYY'.",
         "Express the date as month name, day and year.", "Reformat the date in long form.",
         "Spell out the month of this date."), _g_date_long, True, ("date_format",)),

@@ -28,7 +28,7 @@ DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "zoo" / "library"
 class ZooConfig:
     """Training settings of the zoo (all recorded in each expert's metadata)."""
 
-    def __init__(self, rank: int = 4, alpha: float = 8.0, steps: int = 60, batch_size: int = 16, lr: float = 1e-3,
+    def __init__(self, rank: int = 4, alpha: float = 16.0, steps: int = 60, batch_size: int = 16, lr: float = 5e-3,
                  target_modules: str | list[str] = "all-linear", seed: int = 0, dtype: str = "bfloat16",
                  warmup: int = 5) -> None:
         if rank <= 0 or steps <= 0 or batch_size <= 0 or not lr > 0:
@@ -143,10 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--library", default=str(DEFAULT_ZOO))
     b.add_argument("--tasks", default=",".join(HELD_IN), help="comma-separated task names")
     b.add_argument("--rank", type=int, default=4)
-    b.add_argument("--alpha", type=float, default=8.0)
+    b.add_argument("--alpha", type=float, default=16.0)
     b.add_argument("--steps", type=int, default=60)
     b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--lr", type=float, default=5e-3)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args(argv)

@@ -1,0 +1,85 @@
+"""The evaluation harness on a tiny model with the real tokenizer (chat template), and on the real zoo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import save_peft_lora
+
+from moerge import ExpertLibrary, MoErgeModel
+from moerge.eval import EvalResult, evaluate, list_methods, to_markdown
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from moerge.models import default_tokenizer
+
+    return default_tokenizer()
+
+
+@pytest.fixture
+def tiny_routed(tmp_path, tok):
+    from conftest import tiny_llama
+
+    base = tiny_llama(0, vocab_size=len(tok))
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    for i, name in enumerate(["uppercase", "plural"]):
+        lib.add_peft(save_peft_lora(base, tmp_path / name, seed=i), name=name, description=name)
+    return MoErgeModel.from_library(base, lib, tokenizer=tok)
+
+
+def test_evaluate_runs_every_method_and_task(tiny_routed, tok):
+    res = evaluate(tiny_routed, tok, ["base", "oracle", "uniform", "router:fixed"],
+                   ["uppercase", "plural", "sort_descending"], limit=3, batch_size=2, progress=False)
+    assert set(res.scores) == {"base", "oracle", "uniform", "router:fixed"}
+    assert set(res.scores["base"]) == {"uppercase", "plural", "sort_descending"}
+    assert set(res.scores["oracle"]) == {"uppercase", "plural"}  # held-out tasks have no own expert
+    for by_task in res.scores.values():
+        assert all(0.0 <= v <= 1.0 for v in by_task.values())
+    sample = res.samples["oracle"]["plural"][0]
+    assert set(sample) == {"prompt", "target", "answer", "correct"}
+    md = to_markdown(res)
+    assert "| plural (held-in) |" in md and "| sort_descending (held-out) |" in md and "average held-out" in md
+    row = next(line for line in md.splitlines() if line.startswith("| sort_descending"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "—" and cells[1] != "—"  # the oracle has no held-out cell; the base has one
+    json.dumps(res.to_json())
+    assert tiny_routed.router.name == "explicit"  # the model's own router is restored
+
+
+def test_methods_route_as_described(tiny_routed, tok, monkeypatch):
+    import moerge.eval as ev
+
+    seen = []
+    real = ev.generate_answers
+
+    def spy(model, tokenizer, examples, experts, max_new_tokens):
+        seen.append((examples[0].task, experts))
+        return real(model, tokenizer, examples, experts, max_new_tokens)
+
+    monkeypatch.setattr(ev, "generate_answers", spy)
+    evaluate(tiny_routed, tok, ["base", "oracle", "uniform"], ["plural"], limit=2, batch_size=2, progress=False)
+    assert seen == [("plural", [{}, {}]), ("plural", [{"plural": 1.0}] * 2),
+                    ("plural", [{"uppercase": 0.5, "plural": 0.5}] * 2)]
+
+
+def test_averages_and_unknown_method(tiny_routed, tok):
+    r = EvalResult(scores={"m": {"uppercase": 1.0, "plural": 0.5, "sort_descending": 0.25}})
+    assert r.average("m", ["uppercase", "plural"]) == 0.75
+    assert r.to_json()["averages"]["m"]["held_out"] == 0.25
+    assert "router:fixed" in list_methods()
+    with pytest.raises(ValueError, match="unknown method"):
+        evaluate(tiny_routed, tok, ["nope"], ["plural"], limit=1, progress=False)
+
+
+def test_generation_uses_the_chat_template(tiny_routed, tok):
+    from moerge.eval import generate_answers
+    from moerge.tasks import get_task
+
+    ex = get_task("plural").examples(2, "test")
+    answers = generate_answers(tiny_routed, tok, ex, [{"plural": 1.0}, {}], max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    prompt = tok.apply_chat_template([{"role": "user", "content": ex[0].prompt}], tokenize=False,
+                                     add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n") and ex[0].input in prompt
