@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import save_peft_lora
 
 from moerge import ExpertLibrary, MoErgeModel
 from moerge.eval import EvalResult, evaluate, list_methods, to_markdown
+
+from conftest import save_peft_lora
 
 
 @pytest.fixture(scope="module")
