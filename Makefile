@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo lint clean
+.PHONY: setup test test-fast demo demo-tiny zoo eval lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,15 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m moerge.demo
+
+demo-tiny: $(STAMP)
+	$(PY) -m moerge.demo_tiny
+
+zoo: $(STAMP)
+	$(PY) -m moerge.zoo build
+
+eval: $(STAMP)
+	$(PY) -m moerge.eval --limit 50 --out results
 
 lint: $(STAMP)
 	$(PY) -m ruff check moerge adapters routers tests

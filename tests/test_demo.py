@@ -1,4 +1,4 @@
-"""The demo (`make demo`) end to end, with fewer training steps: it must train, route and report."""
+"""The demos end to end: `make demo` (real base + zoo) and the self-contained tiny demo."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_runs_and_experts_specialise(tmp_path, capsys):
-    from moerge.demo import main
+def test_tiny_demo_runs_and_experts_specialise(tmp_path, capsys):
+    from moerge.demo_tiny import main
 
     main(["--out", str(tmp_path / "demo"), "--steps", "250"])
     out = capsys.readouterr().out
@@ -18,3 +18,14 @@ def test_demo_runs_and_experts_specialise(tmp_path, capsys):
         accs = [int(x.rstrip("%")) for x in table[task].split()[2:]]
         assert accs[col] >= 80 and all(a <= 20 for i, a in enumerate(accs) if i != col), table[task]
     assert (tmp_path / "demo" / "library" / "library.json").exists()
+
+
+@pytest.mark.slow
+def test_main_demo_routes_rows_to_their_experts(capsys):
+    from moerge.demo import main
+
+    main(["--tasks", "reverse_words,date_format,reverse_then_uppercase"])
+    out = capsys.readouterr().out
+    assert "experts:  reverse_words 1.00" in out and "experts:  date_format 1.00" in out
+    assert "experts:  reverse_words 0.50, uppercase 0.50" in out
+    assert out.count("✓") >= 2 and "model.explain()" in out
