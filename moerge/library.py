@@ -336,6 +336,10 @@ class ExpertLibrary:
             if expert.name in self and not overwrite:
                 raise LibraryError("an expert with this name already exists (pass overwrite=True to replace it)",
                                    expert=expert.name, file=str(self.root / EXPERTS_DIR / expert.name))
+            clash = [n for n in self._manifest["experts"] if n.lower() == expert.name.lower() and n != expert.name]
+            if clash:
+                raise LibraryError(f"the name differs only in case from {clash[0]!r}, which would share its folder "
+                                   "on case-insensitive file systems", expert=expert.name)
             self._check_expert_against_base(expert)
             if expert.metadata.base_fingerprint is None and self.base_fingerprint:
                 # checked against the library's base above: record which base it was verified for

@@ -152,6 +152,8 @@ def test_bad_expert_names_are_refused(tmp_path, base, name):
 def test_duplicate_name_needs_overwrite(tmp_path, base):
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
     lib.add(_expert("alpha", 1))
+    with pytest.raises(LibraryError, match="differs only in case from 'alpha'"):
+        lib.add(_expert("Alpha", 1))
     with pytest.raises(LibraryError, match="already exists"):
         lib.add(_expert("alpha", 2))
     lib.add(_expert("alpha", 2), overwrite=True)
