@@ -21,7 +21,7 @@ def _request(batch=2, experts=None):
 
 
 def test_registry_lists_and_builds_routers():
-    assert {"explicit", "fixed"} <= set(list_routers())
+    assert {"explicit", "fixed", "arrow"} <= set(list_routers())
     r = build_router("fixed", weights={"a": 1.0})
     assert r.name == "fixed" and r.config.weights == {"a": 1.0}
     with pytest.raises(RoutingError, match="unknown router 'nope'"):
@@ -30,7 +30,7 @@ def test_registry_lists_and_builds_routers():
         build_router("fixed", wieghts={"a": 1.0})
 
 
-@pytest.mark.parametrize("name", ["explicit", "fixed"])
+@pytest.mark.parametrize("name", list_routers())
 def test_every_router_is_documented_and_configurable(name):
     cls = router_class(name)
     assert "Paper:" in (cls.__doc__ or "")

@@ -1,0 +1,107 @@
+"""Arrow: training-free per-token routing by the experts' prototypes.
+
+Each expert's prototype for a module is the top right-singular vector of its update ``ΔW = s·B·A`` (computed
+exactly, once, when the expert is added). For every token, inside every module, the scores are
+``|⟨prototype_e, x⟩|`` over the row's candidates; the ``top_k`` best are mixed with
+``softmax(score / temperature)`` and the others get 0. Experts that do not target a module are not candidates
+there. With no global stage the candidates are all experts (as in PEFT's Arrow).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moerge.adapters.expert import Expert, LoRAWeights, ModuleWeights
+from moerge.routing import Candidates, LayerInfo, Router, RoutingRequest, register_router
+
+__all__ = ["ArrowConfig", "ArrowRouter", "prototype"]
+
+
+@dataclass
+class ArrowConfig:
+    top_k: int = field(default=3, metadata={"help": "experts mixed per token and module"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the prototype scores"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.top_k, int) or self.top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+
+
+def prototype(w: ModuleWeights) -> torch.Tensor:
+    """Top right-singular vector ``(in,)`` of a module update (its sign is arbitrary; Arrow uses ``|·|``).
+
+    For LoRA, ``B·A = B·Rᵀ·Qᵀ`` with ``Aᵀ = Q·R``, so the right-singular vectors of ``B·A`` are ``Q`` times those of
+    the small ``B·Rᵀ (out × r)``: exact, without forming ``ΔW``.
+    """
+    if isinstance(w, LoRAWeights):
+        Q, R = torch.linalg.qr(w.A.float().t())  # Q (in, r), R (r, r)
+        _, _, Vh = torch.linalg.svd(w.B.float() @ R.t(), full_matrices=False)  # Vh (r, r)
+        return Q @ Vh[0]  # (in,)
+    _, _, Vh = torch.linalg.svd(w.delta.float(), full_matrices=False)
+    return Vh[0]
+
+
+@register_router("arrow")
+class ArrowRouter(Router):
+    """Per-token top-k routing by |⟨prototype, x⟩|, training-free.
+
+    Paper: Ostapenko et al., "Towards Modular LLMs by Building and Reusing a Library of LoRAs" (ICML 2024),
+    arXiv:2405.11157.
+    """
+
+    config_class = ArrowConfig
+    has_local_gate = True
+
+    def __init__(self, config: ArrowConfig | None = None) -> None:
+        super().__init__(config)
+        self._protos: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> (in,)
+        self._stacked: dict[tuple[str, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_add_expert(self, expert: Expert) -> None:
+        protos = {m: prototype(w) for m, w in expert.modules.items()}  # all computed before anything changes
+        for d in self._protos.values():
+            d.pop(expert.name, None)
+        for m, p in protos.items():
+            self._protos.setdefault(m, {})[expert.name] = p
+        self._stacked.clear()
+
+    def on_remove_expert(self, name: str) -> None:
+        for d in self._protos.values():
+            d.pop(name, None)
+        self._stacked.clear()
+
+    def select(self, request: RoutingRequest) -> Candidates:
+        """Every expert is a candidate of every row; the local gate decides per token."""
+        n, b = len(request.names), request.batch_size
+        ids = torch.arange(n).expand(b, n).clone() if n else torch.full((b, 1), -1)  # (B, N)
+        return Candidates(ids=ids, scores=torch.zeros(ids.shape), names=request.names, weights=None)
+
+    def _module_protos(self, module: str, names: tuple[str, ...], device: torch.device):
+        key = (module, names)
+        if key not in self._stacked:
+            have = self._protos.get(module, {})
+            dim = next(iter(have.values())).numel() if have else 1
+            P = torch.stack([have.get(n, torch.zeros(dim)) for n in names]) if names else torch.zeros(0, dim)
+            valid = torch.tensor([n in have for n in names], dtype=torch.bool)
+            self._stacked[key] = (P.to(device), valid.to(device))  # (N, in), (N,)
+        return self._stacked[key]
+
+    def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
+        ids = candidates.ids.to(x.device)  # (B, K)
+        if layer.name not in self._protos or not self._protos[layer.name]:  # no expert targets this module
+            return torch.zeros(x.shape[0], x.shape[1], ids.shape[1], device=x.device)
+        P, valid = self._module_protos(layer.name, candidates.names, x.device)
+        safe = ids.clamp(min=0)
+        Pc = P[safe]  # (B, K, in)
+        ok = valid[safe] & (ids >= 0)  # (B, K)
+        sim = torch.bmm(x.float(), Pc.transpose(1, 2)).abs()  # (B, T, K)
+        sim = sim.masked_fill(~ok.unsqueeze(1), float("-inf"))
+        k = min(self.config.top_k, sim.shape[-1])
+        top_v, top_i = sim.topk(k, dim=-1)  # (B, T, k)
+        coeff = torch.softmax(top_v / self.config.temperature, dim=-1)  # (B, T, k)
+        coeff = torch.nan_to_num(coeff, nan=0.0)  # rows with no candidate here: all -inf
+        return torch.zeros_like(sim).scatter(-1, top_i, coeff)  # (B, T, K)
