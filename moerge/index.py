@@ -1,0 +1,245 @@
+"""``ExpertIndex``: a FAISS index over the experts' embeddings, for a global router's top-K retrieval.
+
+Each expert owns one or more unit vectors (its description's embedding, its examples'); an expert's score for a
+query is the best inner product (cosine) of its vectors. The stored vectors are the truth: the FAISS index is
+derived from them, so a corrupt, truncated or foreign index file is rebuilt rather than trusted. The index is exact
+(``IndexFlatIP``) up to ``approx_threshold`` vectors and approximate (HNSW) above, and is updated in place when an
+expert is added (and rebuilt from the vectors when one is removed, which HNSW cannot do in place).
+
+On disk (a folder, e.g. ``<library>/routing/index``): ``vectors.safetensors`` (vectors + owner ids),
+``index.faiss`` and ``index.json`` (dimension, embedder id, owners, sha256 of the two files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moerge.errors import LibraryError
+from moerge.safe_io import atomic_write_bytes, atomic_write_json, load_safetensors, save_safetensors
+
+__all__ = ["ExpertIndex"]
+
+INDEX_FILE, VECTORS_FILE, META_FILE = "index.faiss", "vectors.safetensors", "index.json"
+
+
+def _normalize(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    if v.ndim == 1:
+        v = v[None]
+    n = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.maximum(n, 1e-12)
+
+
+class ExpertIndex:
+    """Top-K expert retrieval by cosine similarity over FAISS.
+
+    Args:
+        dim: embedding dimension.
+        embedder: id of the embedder the vectors come from (a query from another embedder is refused).
+        approx_threshold: above this many vectors, use an HNSW index instead of the exact flat one.
+        hnsw_m: HNSW graph degree.
+    """
+
+    def __init__(self, dim: int, embedder: str | None = None, *, approx_threshold: int = 50_000,
+                 hnsw_m: int = 32) -> None:
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        self.dim, self.embedder = dim, embedder
+        self.approx_threshold, self.hnsw_m = approx_threshold, hnsw_m
+        self._vectors = np.zeros((0, dim), dtype=np.float32)  # (V, dim), unit rows
+        self._owner = np.zeros((0,), dtype=np.int64)  # (V,) index into self._names
+        self._names: list[str] = []
+        self._keys: dict[str, str] = {}  # expert -> key of the texts its vectors were made from
+        self._index: Any = None
+
+    # --- contents ---------------------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    @property
+    def approximate(self) -> bool:
+        return len(self._vectors) > self.approx_threshold
+
+    def _check_dim(self, v: np.ndarray, what: str) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float32)
+        if v.ndim == 1:
+            v = v[None]
+        if v.ndim != 2 or v.shape[1] != self.dim:
+            raise ValueError(f"{what} has dimension {v.shape[-1] if v.ndim else '?'}, the index has {self.dim}"
+                             f"{f' (embedder {self.embedder})' if self.embedder else ''}")
+        if not np.isfinite(v).all():
+            raise ValueError(f"{what} contains NaN or Inf")
+        return v
+
+    def key(self, name: str) -> str | None:
+        """The key given with ``name``'s vectors (e.g. a hash of the texts they embed), to tell if they are stale."""
+        return self._keys.get(name) if name in self else None
+
+    def vectors(self, name: str) -> np.ndarray:
+        """``name``'s unit vectors ``(n, dim)``."""
+        if name not in self:
+            raise KeyError(f"no expert {name!r} in the index")
+        return self._vectors[self._owner == self._names.index(name)].copy()
+
+    def add(self, name: str, vectors: np.ndarray | torch.Tensor, key: str | None = None) -> None:
+        """Add (or replace) ``name``'s vectors ``(n, dim)``; other experts' entries are untouched."""
+        v = _normalize(self._check_dim(vectors.numpy() if isinstance(vectors, torch.Tensor) else vectors,
+                                       f"the vectors of expert {name!r}"))
+        if name in self._names:
+            self.remove(name)
+        if len(v) == 0:
+            raise ValueError(f"expert {name!r}: no vectors to add")
+        if name not in self._names:
+            self._names.append(name)
+        if key is not None:
+            self._keys[name] = key
+        owner = self._names.index(name)
+        start = len(self._vectors)
+        self._vectors = np.concatenate([self._vectors, v])
+        self._owner = np.concatenate([self._owner, np.full(len(v), owner, dtype=np.int64)])
+        if self._index is not None and self._index_kind() == self._wanted_kind():
+            self._index.add_with_ids(v, np.arange(start, start + len(v), dtype=np.int64))
+        else:
+            self._index = None  # rebuilt lazily (first use, or the exact → approximate switch)
+
+    def remove(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(f"no expert {name!r} in the index")
+        gone = self._names.index(name)
+        keep = self._owner != gone
+        # compact the owner ids so that removed names do not accumulate
+        self._vectors, owner = self._vectors[keep], self._owner[keep]
+        self._names.pop(gone)
+        self._owner = owner - (owner > gone)
+        self._keys.pop(name, None)
+        self._index = None
+
+    # --- FAISS ------------------------------------------------------------------------------------------------------
+    def _wanted_kind(self) -> str:
+        return "hnsw" if self.approximate else "flat"
+
+    def _index_kind(self) -> str:
+        import faiss
+
+        inner = faiss.downcast_index(self._index.index) if hasattr(self._index, "index") else self._index
+        return "hnsw" if isinstance(inner, faiss.IndexHNSW) else "flat"
+
+    def _build(self) -> Any:
+        import faiss
+
+        if self.approximate:
+            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efSearch = 64
+        else:
+            inner = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIDMap(inner)
+        if len(self._vectors):
+            index.add_with_ids(self._vectors, np.arange(len(self._vectors), dtype=np.int64))
+        return index
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[list[list[str]], np.ndarray]:
+        """The ``k`` best experts per query row: ``(names per row, scores (B, k))``; rows are padded with ``""`` and
+        ``-inf`` when the index holds fewer than ``k`` experts."""
+        q = _normalize(self._check_dim(queries.numpy() if isinstance(queries, torch.Tensor) else queries, "the query"))
+        if self._index is None:
+            self._index = self._build()
+        n_experts = len(self)
+        depth = min(len(self._vectors), max(k, 1) * max(1, int(np.bincount(self._owner).max()) if len(
+            self._owner) else 1))
+        names_out: list[list[str]] = []
+        scores_out = np.full((len(q), k), -np.inf, dtype=np.float32)
+        if depth == 0:
+            return [[""] * k for _ in q], scores_out
+        sims, ids = self._index.search(q, depth)  # (B, depth)
+        for b in range(len(q)):
+            best: dict[int, float] = {}
+            for s, i in zip(sims[b], ids[b]):
+                if i < 0:
+                    continue
+                o = int(self._owner[i])
+                if o not in best:  # results come best first: the first hit of an expert is its max
+                    best[o] = float(s)
+                if len(best) == min(k, n_experts):
+                    break
+            ranked = sorted(best.items(), key=lambda t: -t[1])[:k]
+            names_out.append([self._names[o] for o, _ in ranked] + [""] * (k - len(ranked)))
+            scores_out[b, : len(ranked)] = [s for _, s in ranked]
+        return names_out, scores_out
+
+    # --- persistence ------------------------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        """Write the index folder (each file atomically; ``index.json`` last, with the others' sha256)."""
+        import faiss
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self._index is None:
+            self._index = self._build()
+        save_safetensors(folder / VECTORS_FILE, {"vectors": torch.from_numpy(self._vectors.copy()),
+                                                 "owner": torch.from_numpy(self._owner.copy())})
+        atomic_write_bytes(folder / INDEX_FILE, faiss.serialize_index(self._index).tobytes())
+        digest = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in (VECTORS_FILE, INDEX_FILE)}
+        atomic_write_json(folder / META_FILE, {"format": "moerge-index", "dim": self.dim, "embedder": self.embedder,
+                                               "names": self._names, "keys": self._keys, "approx_threshold": self.approx_threshold,
+                                               "hnsw_m": self.hnsw_m, "sha256": digest})
+
+    @classmethod
+    def load(cls, folder: str | Path, *, dim: int | None = None, embedder: str | None = None) -> ExpertIndex:
+        """Read an index folder. ``dim`` / ``embedder``, when given, must match. A FAISS file that is missing,
+        corrupt, of another size or of other contents than its vectors is rebuilt from the vectors (with a
+        warning), never trusted."""
+        import faiss
+
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LibraryError(f"cannot read the index metadata: {e}", file=str(folder / META_FILE)) from None
+        if dim is not None and meta.get("dim") != dim:
+            raise LibraryError(f"the index was built for dimension {meta.get('dim')}, the embedder gives {dim}; "
+                               "rebuild it for this embedder", file=str(folder / META_FILE))
+        if embedder is not None and meta.get("embedder") not in (None, embedder):
+            raise LibraryError(f"the index was built with embedder {meta.get('embedder')!r}, not {embedder!r}",
+                               file=str(folder / META_FILE))
+        vec_path = folder / VECTORS_FILE
+        if hashlib.sha256(vec_path.read_bytes()).hexdigest() != meta["sha256"].get(VECTORS_FILE):
+            raise LibraryError("the stored vectors do not match their sha256", file=str(vec_path))
+        t = load_safetensors(vec_path)
+        idx = cls(int(meta["dim"]), meta.get("embedder"), approx_threshold=int(meta["approx_threshold"]),
+                  hnsw_m=int(meta["hnsw_m"]))
+        idx._vectors = t["vectors"].numpy().astype(np.float32)
+        idx._owner = t["owner"].numpy().astype(np.int64)
+        idx._names = list(meta["names"])
+        idx._keys = {str(k): str(v) for k, v in dict(meta.get("keys") or {}).items()}
+        if (idx._vectors.shape[1:] != (idx.dim,) or len(idx._owner) != len(idx._vectors)
+                or (len(idx._owner) and (idx._owner.min() < 0 or idx._owner.max() >= len(idx._names)))
+                or len(set(idx._owner.tolist())) != len(idx._names)):
+            raise LibraryError("the stored vectors have the wrong shape", file=str(vec_path))
+        index_path = folder / INDEX_FILE
+        try:
+            data = index_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta["sha256"].get(INDEX_FILE):
+                raise ValueError("sha256 mismatch")
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+            if index.ntotal != len(idx._vectors) or index.d != idx.dim:
+                raise ValueError(f"it holds {index.ntotal} vectors of dimension {index.d}")
+            idx._index = index
+        except (OSError, ValueError, RuntimeError) as e:
+            warnings.warn(f"{index_path}: FAISS index not usable ({e}); rebuilt from the stored vectors",
+                          stacklevel=2)
+            idx._index = idx._build()
+        return idx
