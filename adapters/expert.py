@@ -263,6 +263,20 @@ class Expert:
             out.update({k: v.detach().contiguous().cpu() for k, v in w.tensors(m).items()})
         return out
 
+    def digest(self) -> str:
+        """sha256 of the expert's weights (module names, layout and tensor bytes): routing data made for these
+        weights records it, so data made for other weights is never reused."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for key, t in sorted(self.state_dict().items()):
+            h.update(key.encode())
+            h.update(str((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                     if t.numel() else b"")
+        h.update(repr(sorted(self.spec().items())).encode())
+        return h.hexdigest()
+
     def spec(self) -> dict[str, Any]:
         """The JSON description of the weights' layout (kind, rank, scale per module)."""
         return {m: w.spec() for m, w in sorted(self.modules.items())}

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 try:  # POSIX file locks; on other platforms only threads of one process are serialised
@@ -54,6 +55,7 @@ LOCK_FILE = ".moerge.lock"
 EXPERTS_DIR = "experts"
 WEIGHTS_FILE = "weights.safetensors"
 EXPERT_FILE = "expert.json"
+ROUTING_DIR = "routing"
 
 
 class ExpertLibrary:
@@ -428,6 +430,63 @@ class ExpertLibrary:
                 trash = self.root / EXPERTS_DIR / f"{TMP_PREFIX}rm-{name}-{uuid.uuid4().hex[:8]}"
                 os.replace(folder, trash)
                 shutil.rmtree(trash, ignore_errors=True)
+
+    # --- routing data -----------------------------------------------------------------------------------------------
+    @property
+    def routing_dir(self) -> Path:
+        """Folder of library-wide routing data (the FAISS index: ``routing/index``)."""
+        return self.root / ROUTING_DIR
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the library's write lock (for writers of library-wide routing data such as the index)."""
+        with self._write_lock():
+            yield
+
+    def put_routing(self, name: str, kind: str, tensors: dict[str, torch.Tensor],
+                    info: dict[str, Any] | None = None) -> None:
+        """Store routing data ``kind`` of expert ``name`` (e.g. PHATGOOSE gate vectors) next to its weights, as
+        ``experts/<name>/routing-<kind>.safetensors`` with its sha256 and ``info`` in the manifest. Replacing the
+        expert's weights drops its routing data (it was made for the old weights)."""
+        if not kind.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"routing data kind must be alphanumeric (with - or _), got {kind!r}")
+        with self._write_lock():
+            self._require(name)
+            folder = self._expert_dir(name)
+            # a new file name each time: the manifest names the old file until it is replaced, so a crash leaves
+            # the old data valid (and at worst an unlisted file)
+            fname = f"routing-{kind}-{uuid.uuid4().hex[:8]}.safetensors"
+            save_safetensors(folder / fname, tensors, metadata={"format": "moerge-routing", "kind": kind})
+            manifest = json.loads(json.dumps(self._manifest))
+            routing = manifest["experts"][name].setdefault("routing", {})
+            old = routing.get(kind, {}).get("file")
+            routing[kind] = {"file": fname, "sha256": sha256_file(folder / fname),
+                             "info": json.loads(json.dumps(info or {}))}
+            try:
+                atomic_write_json(self.root / MANIFEST, manifest)
+            except BaseException:
+                (folder / fname).unlink(missing_ok=True)
+                raise
+            self._manifest = manifest
+            if old and old != fname:
+                (folder / old).unlink(missing_ok=True)
+
+    def get_routing(self, name: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """Routing data ``kind`` of expert ``name`` as ``(tensors, info)``, or ``None`` if none is stored."""
+        with self._lock:
+            self._require(name)
+            entry = self._manifest["experts"][name].get("routing", {}).get(kind)
+            if entry is None:
+                return None
+            path = self._expert_dir(name) / entry["file"]
+            if not path.is_file() or sha256_file(path) != entry["sha256"]:
+                raise LibraryError(f"routing data {kind!r} is missing or does not match its sha256", expert=name,
+                                   file=str(path))
+            return load_safetensors(path, expert=name), dict(entry.get("info") or {})
+
+    def routing_kinds(self, name: str) -> list[str]:
+        self._require(name)
+        return sorted(self._manifest["experts"][name].get("routing", {}))
 
     def set_embedder(self, embedder_id: str, dim: int) -> None:
         """Record the sentence embedder the library's routing data was made with."""

@@ -118,7 +118,18 @@ class MoErgeModel(nn.Module):
         names = list(experts) if experts is not None else library.names()
         for i in range(0, len(names), _INSTALL_CHUNK):
             model._install([library.get(n) for n in names[i : i + _INSTALL_CHUNK]])
+        model._persist_routing()
         return model
+
+    def _persist_routing(self) -> None:
+        """Let the router store the routing data it computed (a cache: a failure is a warning, not an error)."""
+        if self.library is None:
+            return
+        try:
+            self.router.persist(self.library)
+        except (OSError, LibraryError) as e:
+            warnings.warn(f"router {self.router.name!r} could not store its routing data in {self.library.root}: {e}",
+                          stacklevel=3)
 
     # --- attribute delegation ---------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -300,6 +311,8 @@ class MoErgeModel(nn.Module):
                     undo_router()
                     raise
             self._commit(banks, [expert], drop)
+            if persist:
+                self._persist_routing()
         return expert
 
     def remove_expert(self, name: str, *, persist: bool = True) -> None:
@@ -312,6 +325,8 @@ class MoErgeModel(nn.Module):
                 self.library.remove(name)
             self._commit(banks, [], {name})
             self.router.on_remove_expert(name)
+            if persist:
+                self._persist_routing()
 
     def set_router(self, router: str | Router) -> None:
         """Route with another router from now on; it is given every current expert."""
@@ -322,15 +337,49 @@ class MoErgeModel(nn.Module):
             for n in self._experts:
                 router.on_add_expert(self.get_expert(n))
             self.router = router
+            self._persist_routing()
 
     # --- routing ------------------------------------------------------------------------------------------------
+    def _chat_markers(self) -> tuple[str, str] | None:
+        """The text that opens and closes a user turn in the tokenizer's chat template (``None`` without one)."""
+        if "_chat_markers_cache" not in self.__dict__:
+            markers = None
+            tok = self.tokenizer
+            if getattr(tok, "chat_template", None):
+                try:
+                    s = tok.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False,
+                                                add_generation_prompt=True)
+                    pre, post = s.split("\x00", 1)
+                    i = pre.rfind("user")
+                    opener = pre[pre.rfind("\n", 0, i) + 1 :] if i >= 0 else ""
+                    closer = post.split("\n", 1)[0] if "\n" in post else post
+                    if opener and closer:
+                        markers = (opener, closer)
+                except Exception:  # noqa: BLE001 - a template that cannot render: use the whole text
+                    markers = None
+            self.__dict__["_chat_markers_cache"] = markers
+        return self.__dict__["_chat_markers_cache"]
+
     def _decode_prompts(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> list[str] | None:
+        """Each row's prompt as text: the last user message when the tokenizer has a chat template and the prompt
+        follows it, else the whole decoded prompt."""
         if self.tokenizer is None or input_ids is None:
             return None
+        markers = self._chat_markers()
         rows = []
         for b in range(input_ids.shape[0]):
             ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
-            rows.append(self.tokenizer.decode(ids.tolist(), skip_special_tokens=True))
+            text = None
+            if markers is not None:
+                raw = self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+                start = raw.rfind(markers[0])
+                if start >= 0:
+                    body = raw[start + len(markers[0]) :]
+                    end = body.find(markers[1])
+                    text = (body[:end] if end >= 0 else body).strip()
+            if text is None:
+                text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+            rows.append(text)
         return rows
 
     def route(

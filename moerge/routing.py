@@ -16,6 +16,7 @@ read it from there.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Candidates", "RoutingRequest", "LayerInfo", "RowRouting", "RoutingState", "RoutingContext", "Router",
-    "register_router", "build_router", "list_routers", "router_class", "candidates_from_mixes",
+    "register_router", "build_router", "list_routers", "router_class", "candidates_from_mixes", "select_weights",
+    "SelectionConfig",
 ]
 
 
@@ -126,6 +128,69 @@ def candidates_from_mixes(
             ids[b, j] = index[name]
             w[b, j] = wf
     return Candidates(ids=ids, scores=w.clone(), names=tuple(names), weights=w)
+
+
+def select_weights(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
+                   null_logit: float | None = None) -> torch.Tensor:
+    """Mixing weights from gate logits ``(..., K)`` (``-inf`` marks candidates that cannot be chosen).
+
+    * ``top_k``: at most this many experts per token (``None``: all);
+    * ``top_p``: dynamic k ("harder inputs use more experts", Huang et al. 2024): per token, the fewest experts
+      whose softmax probability sums to at least ``top_p`` (still at most ``top_k``);
+    * ``null_logit``: a null expert (AdaMoE, Zeng et al. 2024) competes with this fixed logit; when it is chosen
+      its share of the weight goes to no expert (the base model), so a token may use fewer experts or none.
+
+    The chosen experts' weights are their softmax renormalised over the chosen set (including the null expert, if
+    chosen); the others get 0. Rows with no possible candidate get all zeros. Returns ``(..., K)``.
+    """
+    k_all = logits.shape[-1]
+    if k_all == 0:
+        return logits.clone()
+    z = logits.float()
+    if null_logit is not None:
+        z = torch.cat([z, torch.full_like(z[..., :1], float(null_logit))], dim=-1)  # (..., K+1)
+    k = z.shape[-1] if top_k is None else min(int(top_k) + (null_logit is not None), z.shape[-1])
+    top_v, top_i = z.topk(k, dim=-1)  # (..., k), best first
+    keep = torch.isfinite(top_v)
+    if top_k is not None and null_logit is not None:  # the null expert does not count against top_k
+        real_rank = (top_i < k_all).long().cumsum(-1)
+        keep &= (real_rank <= top_k) | (top_i == k_all)
+    if top_p is not None:
+        p = torch.softmax(top_v.masked_fill(~keep, float("-inf")), dim=-1)
+        p = torch.nan_to_num(p, nan=0.0)
+        before = p.cumsum(-1) - p  # probability mass of the better experts
+        keep &= before < top_p
+    w = torch.softmax(top_v.masked_fill(~keep, float("-inf")), dim=-1)
+    w = torch.nan_to_num(w, nan=0.0)  # (..., k); rows with nothing kept are all -inf → 0
+    out = torch.zeros_like(z).scatter(-1, top_i, w)
+    return out[..., :k_all].to(logits.dtype if logits.is_floating_point() else torch.float32)
+
+
+@dataclass
+class SelectionConfig:
+    """How a local gate turns its logits into weights (see :func:`select_weights`); mixed into routers' configs."""
+
+    top_k: int | None = field(default=2, metadata={"help": "experts mixed per token and module (None: all)"})
+    top_p: float | None = field(default=None, metadata={
+        "help": "dynamic k: the fewest experts whose probability reaches top_p (None: always top_k)"})
+    null_logit: float | None = field(default=None, metadata={
+        "help": "logit of a null expert (AdaMoE): when chosen, its weight goes to the base (None: no null expert)"})
+
+    def _check_selection(self) -> None:
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                       or self.top_k <= 0):
+            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if self.null_logit is not None and not (isinstance(self.null_logit, (int, float))
+                                                and math.isfinite(self.null_logit)):
+            raise ValueError(f"null_logit must be a finite number or None, got {self.null_logit!r}")
+
+    def __post_init__(self) -> None:
+        self._check_selection()
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        return select_weights(logits, self.top_k, self.top_p, self.null_logit)
 
 
 @dataclass(frozen=True)
@@ -296,6 +361,10 @@ class Router:
 
     def on_remove_expert(self, name: str) -> None:
         """Forget ``name``'s routing data."""
+
+    def persist(self, library: Any) -> None:
+        """Store in ``library`` the routing data computed since the last call (for experts it holds), so the next
+        load reuses it. Called by :class:`MoErgeModel` after experts are loaded, added or removed."""
 
     def select(self, request: RoutingRequest) -> Candidates:
         """Per-row candidates for a batch (the global stage). Runs once per request, at prefill."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["Task", "Example", "TASKS", "HELD_IN", "HELD_OUT", "get_task", "exact_match", "make_examples",
-           "SPLIT_SEEDS"]
+           "SPLIT_SEEDS", "UNSEEN_PHRASINGS", "unseen_examples"]
 
 SPLIT_SEEDS = {"train": 1_000, "test": 2_000, "dev": 3_000}
 
@@ -302,6 +302,34 @@ TASKS: dict[str, Task] = {t.name: t for t in [
        _g_count_upper, True, ("count_words", "uppercase")),
 ]}
 
+# Phrasings of the held-in tasks that no expert was trained on and no expert's examples use: to measure whether
+# routing recognises a task asked for in new words.
+UNSEEN_PHRASINGS: dict[str, tuple[str, ...]] = {
+    "reverse_words": ("Read the words from right to left and write them out.",
+                      "Give me this word list backwards.", "Mirror the order of the words in the sentence."),
+    "uppercase": ("Capitalize every single character.", "Transform the sentence into block capitals.",
+                  "Switch every lowercase letter to its capital."),
+    "sort_numbers": ("Rank these values, lowest first.", "Can you order the integers ascending?",
+                     "List the numbers in sorted order, starting from the minimum."),
+    "add_integers": ("Sum these two values.", "What do you get when you add them together?",
+                     "Find the total of the two numbers given."),
+    "date_format": ("Show this date as day/month/year.", "Convert the date into the European DD/MM/YYYY style.",
+                    "Write the date with the day first, then the month, then the year, using slashes."),
+    "extract_email": ("Which e-mail address is mentioned here?", "Give me only the email contact from this text.",
+                      "Identify the electronic mail address in the message."),
+    "count_words": ("What is the number of words in the passage?", "Tally the words.",
+                    "Report how many words the sentence has."),
+    "kv_to_json": ("Encode these fields as a JSON object.", "Produce JSON from the key/value lines.",
+                   "Convert the list of keys and values into a JSON map."),
+    "sentiment": ("Does the customer like it or not? Answer positive or negative.",
+                  "Determine the polarity of this review.", "Is the reviewer's opinion favourable or unfavourable?"),
+    "plural": ("What do we call several of these?", "Pluralize the noun.", "Give the form used for many of them."),
+    "number_to_words": ("Spell the number with letters instead of digits.", "Say this number in English.",
+                        "Write out the numeral as words."),
+    "acronym": ("Shorten these words to their capitalised initials.", "Build an abbreviation from the initials.",
+                "Combine the first letters into an acronym."),
+}
+
 HELD_IN = [n for n, t in TASKS.items() if not t.held_out]
 HELD_OUT = [n for n, t in TASKS.items() if t.held_out]
 
@@ -310,6 +338,11 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; tasks: {sorted(TASKS)}")
     return TASKS[name]
+
+
+def unseen_examples(name: str, n: int, split: str = "test", seed: int = 0) -> list[Example]:
+    """``n`` examples of held-in task ``name`` asked in phrasings that no expert saw (:data:`UNSEEN_PHRASINGS`)."""
+    return get_task(name).examples(n, split, seed, instructions=UNSEEN_PHRASINGS[name])
 
 
 def make_examples(names: list[str], n: int, split: str, seed: int = 0) -> list[Example]:

@@ -20,7 +20,7 @@ import torch
 from moerge.library import ExpertLibrary
 from moerge.tasks import HELD_IN, Example, get_task
 
-__all__ = ["ZooConfig", "build_zoo", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
+__all__ = ["ZooConfig", "build_zoo", "build_gates", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
 
 DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "zoo" / "library"
 
@@ -51,9 +51,9 @@ def chat_prompt(tokenizer: Any, prompt: str) -> str:
 
 def encode_example(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
     """Token ids of prompt + answer + end of turn, and labels that score the answer only (-100 on the prompt)."""
-    p = tokenizer(chat_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
-    a = tokenizer(ex.target + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
-    return p + a, [-100] * len(p) + a
+    from moerge.training import encode_pair
+
+    return encode_pair(tokenizer, ex.prompt, ex.target)
 
 
 def _batch(tokenizer: Any, examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -135,6 +135,34 @@ def build_zoo(library: str | Path = DEFAULT_ZOO, tasks: list[str] | None = None,
     return lib
 
 
+def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 40, batch_size: int = 8, lr: float = 1e-2,
+                seed: int = 0, base: Any = None, tokenizer: Any = None, progress: bool = True,
+                log=print) -> ExpertLibrary:
+    """Train and store the PHATGOOSE gate vectors of every zoo expert that has none for its current weights (each
+    on its own task's training examples only: post hoc, one expert at a time)."""
+    from moerge.models import default_base
+    from moerge.routers.phatgoose import ROUTING_KIND, train_phatgoose_gates
+
+    if base is None:
+        base, tokenizer = default_base()
+    lib = ExpertLibrary.open(library)
+    for name in lib.names():
+        expert = lib.get(name)
+        digest = expert.digest()
+        stored = lib.get_routing(name, ROUTING_KIND)
+        if stored is not None and stored[1].get("digest") == digest:
+            continue
+        task = expert.metadata.source.get("task", name)
+        t0 = time.time()
+        pairs = [(e.prompt, e.target) for e in get_task(task).examples(steps * batch_size, "train", seed + 500)]
+        gates, losses = train_phatgoose_gates(base, tokenizer, expert, pairs, steps=steps, lr=lr,
+                                              batch_size=batch_size, seed=seed, progress=progress)
+        lib.put_routing(name, ROUTING_KIND, gates, {"digest": digest, "steps": steps, "batch_size": batch_size,
+                                                    "lr": lr, "loss_first": losses[0], "loss_last": losses[-1]})
+        log(f"  gates {name:<20} loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.time() - t0:.0f} s")
+    return lib
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moerge.zoo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,7 +177,16 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--lr", type=float, default=5e-3)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--dtype", default="bfloat16")
+    g = sub.add_parser("gates", help="train the PHATGOOSE gates of the zoo's experts that have none")
+    g.add_argument("--library", default=str(DEFAULT_ZOO))
+    g.add_argument("--steps", type=int, default=40)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--lr", type=float, default=1e-2)
+    g.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.cmd == "gates":
+        build_gates(args.library, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        return
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     cfg = ZooConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

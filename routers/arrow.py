@@ -14,19 +14,18 @@ from dataclasses import dataclass, field
 import torch
 
 from moerge.adapters.expert import Expert, LoRAWeights, ModuleWeights
-from moerge.routing import Candidates, LayerInfo, Router, RoutingRequest, register_router
+from moerge.routing import Candidates, LayerInfo, Router, RoutingRequest, SelectionConfig, register_router
 
 __all__ = ["ArrowConfig", "ArrowRouter", "prototype"]
 
 
 @dataclass
-class ArrowConfig:
-    top_k: int = field(default=3, metadata={"help": "experts mixed per token and module"})
+class ArrowConfig(SelectionConfig):
+    top_k: int | None = field(default=3, metadata={"help": "experts mixed per token and module (None: all)"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the prototype scores"})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.top_k, int) or self.top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        self._check_selection()
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
 
@@ -90,18 +89,17 @@ class ArrowRouter(Router):
             self._stacked[key] = (P.to(device), valid.to(device))  # (N, in), (N,)
         return self._stacked[key]
 
-    def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
+        """``(B, T, K)`` logits ``|⟨prototype, x⟩| / temperature``; ``-inf`` for candidates without the module."""
         ids = candidates.ids.to(x.device)  # (B, K)
-        if layer.name not in self._protos or not self._protos[layer.name]:  # no expert targets this module
-            return torch.zeros(x.shape[0], x.shape[1], ids.shape[1], device=x.device)
+        if not self._protos.get(layer.name):  # no expert targets this module
+            return torch.full((*x.shape[:2], ids.shape[1]), float("-inf"), device=x.device)
         P, valid = self._module_protos(layer.name, candidates.names, x.device)
         safe = ids.clamp(min=0)
         Pc = P[safe]  # (B, K, in)
         ok = valid[safe] & (ids >= 0)  # (B, K)
-        sim = torch.bmm(x.float(), Pc.transpose(1, 2)).abs()  # (B, T, K)
-        sim = sim.masked_fill(~ok.unsqueeze(1), float("-inf"))
-        k = min(self.config.top_k, sim.shape[-1])
-        top_v, top_i = sim.topk(k, dim=-1)  # (B, T, k)
-        coeff = torch.softmax(top_v / self.config.temperature, dim=-1)  # (B, T, k)
-        coeff = torch.nan_to_num(coeff, nan=0.0)  # rows with no candidate here: all -inf
-        return torch.zeros_like(sim).scatter(-1, top_i, coeff)  # (B, T, K)
+        sim = torch.bmm(x.float(), Pc.transpose(1, 2)).abs() / self.config.temperature  # (B, T, K)
+        return sim.masked_fill(~ok.unsqueeze(1), float("-inf"))
+
+    def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
+        return self.config.select(self.logits(x, candidates, layer))  # (B, T, K)

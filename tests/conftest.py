@@ -76,3 +76,54 @@ def base():
 def input_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, VOCAB, (3, 10), generator=g)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer with a ChatML chat template, built in memory (vocab < 128)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHATML
+    fast.padding_side = "left"
+    return fast
+
+
+TOK_VOCAB = 128
+
+
+def tiny_chat_llama(seed: int = 0):
+    """A tiny Llama whose vocabulary covers :func:`tiny_tokenizer`."""
+    return tiny_llama(seed, vocab_size=TOK_VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture
+def tok():
+    return tiny_tokenizer()
+
+
+def rand_expert(base, name: str, *, seed: int = 0, rank: int = 4, modules=("q_proj", "v_proj", "down_proj"),
+                scale: float = 2.0, description: str = "", examples=()):
+    """A random (non-zero) LoRA expert for ``base`` on the modules whose names end with ``modules``."""
+    from moerge import Expert, ExpertMetadata, LoRAWeights
+    from moerge.fingerprint import linear_shape
+
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for mname, mod in base.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mname.rsplit(".", 1)[-1] in modules:
+            out_f, in_f = linear_shape(mod)
+            mods[mname] = LoRAWeights(torch.randn(rank, in_f, generator=g) / in_f ** 0.5,
+                                      torch.randn(out_f, rank, generator=g) / rank ** 0.5, scale)
+    return Expert(name, mods, ExpertMetadata(description=description, examples=list(examples)))

@@ -1,0 +1,174 @@
+"""Training of routing parameters (gates) on a frozen base with frozen experts.
+
+The experts are applied to the base through forward hooks on its linear modules (patched or not: a patched
+:class:`~moerge.layer.ExpertLinear` outside a routed call is the base module), so gates can be trained for an expert
+before it is installed in the model, and the model's own routing is never touched.
+
+* :class:`GatedExperts`: a context manager that adds ``Σ_e g_e(x)·ΔW_e x`` to each hooked module's output, ``g``
+  given by a gate function of the module's input (the gates being trained).
+* :func:`make_batches` / :func:`answers_from_expert`: training data from ``(prompt, answer)`` pairs, or from
+  prompts alone, answered by the expert itself.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from moerge.adapters.expert import Expert, LoRAWeights
+
+__all__ = ["GatedExperts", "encode_pair", "make_batches", "answers_from_expert", "frozen"]
+
+GateFn = Callable[[str, torch.Tensor], torch.Tensor]  # (module, x (B, T, in)) -> (B, T, E) weights
+
+
+class _ModuleExperts:
+    """One module's experts in the training dtype: LoRA as ``A (E, r, in)``-style lists, dense as matrices."""
+
+    def __init__(self, weights: list, device: torch.device, dtype: torch.dtype) -> None:
+        self.items = []
+        for w in weights:
+            if w is None:
+                self.items.append(None)
+            elif isinstance(w, LoRAWeights):
+                self.items.append(("lora", w.A.to(device, dtype), w.B.to(device, dtype), float(w.scale)))
+            else:
+                self.items.append(("dense", w.delta.to(device, dtype),
+                                   None if w.bias is None else w.bias.to(device, dtype)))
+
+    def delta(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        out = 0
+        for e, item in enumerate(self.items):
+            if item is None:
+                continue
+            if item[0] == "lora":
+                _, A, B, s = item
+                y = (x @ A.t()) @ B.t() * s  # (B, T, out)
+            else:
+                _, D, b = item
+                y = torch.nn.functional.linear(x, D, b)  # (B, T, out)
+            out = out + g[..., e : e + 1] * y
+        return out
+
+
+class GatedExperts:
+    """Apply ``experts`` to ``base`` with per-token weights from ``gate(module, x)`` while the context is open.
+
+    Args:
+        base: the causal LM (a patched model's base acts as the plain base outside routed calls).
+        experts: the experts to apply; expert ``e``'s weight is column ``e`` of the gate's output.
+        gate: ``(module name, x (B, T, in)) -> (B, T, E)``.
+    """
+
+    def __init__(self, base: nn.Module, experts: Sequence[Expert], gate: GateFn) -> None:
+        self.base, self.experts, self.gate = base, list(experts), gate
+        self.modules = sorted({m for e in self.experts for m in e.modules})
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> GatedExperts:
+        p = next(self.base.parameters())
+        for m in self.modules:
+            mod = self.base.get_submodule(m)
+            store = _ModuleExperts([e.modules.get(m) for e in self.experts], p.device, torch.float32)
+
+            def hook(module, args, output, _m=m, _store=store):
+                x = args[0]
+                x3 = x.reshape(x.shape[0], -1, x.shape[-1]).float()  # (B, T, in)
+                g = self.gate(_m, x3)  # (B, T, E)
+                d = _store.delta(x3, g)
+                return output + d.reshape(*output.shape[:-1], -1).to(output.dtype)
+
+            self._handles.append(mod.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Turn off gradients of every parameter of ``model`` (restored afterwards); gradients still flow through."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _chat(tokenizer: Any, prompt: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt + "\n"
+
+
+def _end_of_turn(tokenizer: Any) -> str:
+    if getattr(tokenizer, "chat_template", None) and "<|im_end|>" in tokenizer.get_vocab():
+        return "<|im_end|>\n"
+    return tokenizer.eos_token or ""
+
+
+def encode_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of chat prompt + answer + end of turn, and labels scoring the answer only (-100 on the prompt)."""
+    p = tokenizer(_chat(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    a = tokenizer(answer + _end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+    return p + a, [-100] * len(p) + a
+
+
+def make_batches(tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int, steps: int,
+                 seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """``steps`` right-padded training batches drawn from ``pairs`` (reshuffled every epoch)."""
+    if not pairs:
+        raise ValueError("no training examples")
+    rng = random.Random(seed)
+    order: list[int] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    for _ in range(steps):
+        rows = []
+        while len(rows) < min(batch_size, len(pairs)):
+            if not order:
+                order = list(range(len(pairs)))
+                rng.shuffle(order)
+            rows.append(encode_pair(tokenizer, *pairs[order.pop()]))
+        width = max(len(i) for i, _ in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (x, y) in enumerate(rows):
+            ids[r, : len(x)], labels[r, : len(y)], mask[r, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@torch.no_grad()
+def answers_from_expert(base: nn.Module, tokenizer: Any, expert: Expert, prompts: Sequence[str],
+                        max_new_tokens: int = 64, batch_size: int = 16) -> list[tuple[str, str]]:
+    """``(prompt, answer)`` pairs where the answer is the expert's own greedy answer (the expert at weight 1)."""
+    pairs = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(base.parameters()).device
+    try:
+        with GatedExperts(base, [expert], lambda m, x: torch.ones(*x.shape[:2], 1, device=x.device)):
+            for i in range(0, len(prompts), batch_size):
+                chunk = list(prompts[i : i + batch_size])
+                batch = tokenizer([_chat(tokenizer, p) for p in chunk], return_tensors="pt", padding=True,
+                                  add_special_tokens=False).to(device)
+                out = base.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+                texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                pairs.extend((p, t.strip()) for p, t in zip(chunk, texts))
+    finally:
+        tokenizer.padding_side = side
+    return pairs

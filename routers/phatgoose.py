@@ -1,0 +1,232 @@
+"""PHATGOOSE: per-token routing by gate vectors trained post hoc, one expert at a time.
+
+For each expert and each module it targets, a gate vector ``v`` is trained in front of the frozen expert:
+``y = W x + σ(⟨v, x⟩) · ΔW x``, on that expert's own examples only, with the base and the expert frozen (a few
+hundred steps at most; :func:`train_phatgoose_gates`). At inference, inside each module, the token ``x`` and the
+candidates' gate vectors are standardized (zero mean, unit variance over features), their dot products divided by
+the temperature (default ``√d``) are the logits, and the ``top_k`` best are mixed by softmax (or dynamic ``top_p``
+and a null expert, see :class:`~moerge.routing.SelectionConfig`).
+
+Gate vectors are computed when an expert is added — loaded from the library when it holds gates made for the same
+weights, trained otherwise (from the expert's example prompts, answered by the expert itself) — and stored in the
+library, so adding an expert never retrains the others. An expert without gates (no examples to train on, and
+``train_missing=False``) gets zero gate vectors: a logit of 0 in every module.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moerge.adapters.expert import Expert
+from moerge.errors import RoutingError
+from moerge.routing import Candidates, LayerInfo, Router, RoutingRequest, SelectionConfig, register_router
+
+__all__ = ["PhatgooseConfig", "PhatgooseRouter", "train_phatgoose_gates", "ROUTING_KIND"]
+
+ROUTING_KIND = "phatgoose"
+
+
+@dataclass
+class PhatgooseConfig(SelectionConfig):
+    temperature: float | None = field(default=None, metadata={
+        "help": "logits are standardized dot products divided by this (None: √d, as in the paper)"})
+    train_missing: bool = field(default=True, metadata={
+        "help": "train the gates of an added expert that has none stored (from its example prompts)"})
+    train_steps: int = field(default=40, metadata={"help": "gate training steps per expert"})
+    train_lr: float = field(default=1e-2, metadata={"help": "gate training learning rate (Adam)"})
+    train_batch_size: int = field(default=8, metadata={"help": "gate training batch size"})
+
+    def __post_init__(self) -> None:
+        self._check_selection()
+        if self.temperature is not None and not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0 or None, got {self.temperature!r}")
+        for f in ("train_steps", "train_batch_size"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{f} must be a positive integer, got {v!r}")
+        if not (isinstance(self.train_lr, (int, float)) and self.train_lr > 0):
+            raise ValueError(f"train_lr must be > 0, got {self.train_lr!r}")
+
+
+def _standardize(v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(v.float(), v.shape[-1:])  # zero mean, unit variance, no affine
+
+
+def train_phatgoose_gates(
+    base: torch.nn.Module,
+    tokenizer: Any,
+    expert: Expert,
+    examples: Sequence[str] | Sequence[tuple[str, str]],
+    *,
+    steps: int = 100,
+    lr: float = 1e-2,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train PHATGOOSE gate vectors for ``expert`` on its own examples; returns ``(module → (in,) gate, losses)``.
+
+    ``examples`` are ``(prompt, answer)`` pairs, or prompts alone (then answered by the expert itself). The base and
+    the expert are frozen; only one vector per module is trained, from zeros (σ = 0.5), with Adam and the LM loss
+    on the answers.
+    """
+    from tqdm.auto import tqdm
+
+    from moerge.training import GatedExperts, answers_from_expert, frozen, make_batches
+
+    examples = list(examples)
+    if not examples:
+        raise RoutingError("no examples to train its PHATGOOSE gates on", expert=expert.name)
+    if isinstance(examples[0], str):
+        pairs = answers_from_expert(base, tokenizer, expert, examples)
+    else:
+        pairs = [(str(p), str(a)) for p, a in examples]
+    device = next(base.parameters()).device
+    torch.manual_seed(seed)
+    gates = {m: torch.zeros(w.in_features, device=device, requires_grad=True) for m, w in expert.modules.items()}
+    opt = torch.optim.Adam(list(gates.values()), lr=lr)
+    losses: list[float] = []
+    was_training = base.training
+    base.eval()
+
+    def gate(module: str, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x @ gates[module]).unsqueeze(-1)  # (B, T, 1)
+
+    bar = tqdm(make_batches(tokenizer, pairs, batch_size, steps, seed), total=steps,
+               desc=f"phatgoose gates {expert.name}", disable=not progress, leave=False)
+    try:
+        with frozen(base), torch.enable_grad(), GatedExperts(base, [expert], gate):
+            for batch in bar:
+                loss = base(**{k: v.to(device) for k, v in batch.items()}).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        base.train(was_training)
+    return {m: g.detach().cpu() for m, g in gates.items()}, losses
+
+
+@register_router("phatgoose")
+class PhatgooseRouter(Router):
+    """Per-token top-k routing by standardized dot products with post-hoc trained gate vectors.
+
+    Paper: Muqeeth et al., "Learning to Route Among Specialized Experts for Zero-Shot Generalization" (ICML 2024),
+    arXiv:2402.05859.
+    """
+
+    config_class = PhatgooseConfig
+    has_local_gate = True
+
+    def __init__(self, config: PhatgooseConfig | None = None) -> None:
+        super().__init__(config)
+        self._gates: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> standardized gate (in,)
+        self._raw: dict[str, dict[str, torch.Tensor]] = {}  # expert -> module -> gate as trained
+        self._digest: dict[str, str] = {}
+        self._unsaved: set[str] = set()
+        self._stacked: dict[tuple[str, tuple[str, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.losses: dict[str, list[float]] = {}
+
+    # --- routing data -------------------------------------------------------------------------------------------
+    def set_gates(self, name: str, gates: dict[str, torch.Tensor], digest: str | None = None) -> None:
+        """Use ``gates`` (module → (in,)) for expert ``name`` (e.g. trained with :func:`train_phatgoose_gates`)."""
+        gates = {m: g.detach().float().cpu().reshape(-1) for m, g in gates.items()}
+        for d in self._gates.values():
+            d.pop(name, None)
+        for m, g in gates.items():
+            self._gates.setdefault(m, {})[name] = _standardize(g)
+        self._raw[name] = gates
+        if digest is not None:
+            self._digest[name] = digest
+        self._unsaved.add(name)
+        self._stacked.clear()
+
+    def _stored(self, expert: Expert, digest: str) -> dict[str, torch.Tensor] | None:
+        lib = getattr(self.model, "library", None)
+        if lib is None or expert.name not in lib:
+            return None
+        got = lib.get_routing(expert.name, ROUTING_KIND)
+        if got is None or got[1].get("digest") != digest:
+            return None
+        return got[0]
+
+    def on_add_expert(self, expert: Expert) -> None:
+        digest = expert.digest()
+        if self._digest.get(expert.name) == digest and expert.name in self._raw:
+            return  # same weights, gates already known (e.g. set_gates before adding)
+        gates = self._stored(expert, digest)
+        fresh = gates is None
+        if gates is None and self.config.train_missing and expert.metadata.examples and self.model is not None \
+                and getattr(self.model, "tokenizer", None) is not None:
+            gates, losses = train_phatgoose_gates(
+                self.model.base, self.model.tokenizer, expert, expert.metadata.examples,
+                steps=self.config.train_steps, lr=self.config.train_lr, batch_size=self.config.train_batch_size)
+            self.losses[expert.name] = losses
+        if gates is None:
+            warnings.warn(f"expert {expert.name!r} has no PHATGOOSE gates (none stored, and no example prompts or "
+                          "tokenizer to train them): its local logit is 0 everywhere", stacklevel=3)
+            gates = {m: torch.zeros(w.in_features) for m, w in expert.modules.items()}
+            fresh = False
+        self.set_gates(expert.name, gates, digest)
+        if not fresh:
+            self._unsaved.discard(expert.name)
+
+    def on_remove_expert(self, name: str) -> None:
+        for d in self._gates.values():
+            d.pop(name, None)
+        self._raw.pop(name, None)
+        self._digest.pop(name, None)
+        self._unsaved.discard(name)
+        self._stacked.clear()
+
+    def persist(self, library: Any) -> None:
+        for name in sorted(self._unsaved):
+            if name in library and name in self._digest:
+                library.put_routing(name, ROUTING_KIND, self._raw[name], {"digest": self._digest[name]})
+                self._unsaved.discard(name)
+
+    def gates_of(self, name: str) -> dict[str, torch.Tensor]:
+        """Expert ``name``'s gate vectors as trained (module → (in,))."""
+        if name not in self._raw:
+            raise RoutingError("no PHATGOOSE gates for this expert", expert=name)
+        return dict(self._raw[name])
+
+    # --- routing --------------------------------------------------------------------------------------------------
+    def select(self, request: RoutingRequest) -> Candidates:
+        """Every expert is a candidate of every row; the gates decide per token."""
+        n, b = len(request.names), request.batch_size
+        ids = torch.arange(n).expand(b, n).clone() if n else torch.full((b, 1), -1)  # (B, N)
+        return Candidates(ids=ids, scores=torch.zeros(ids.shape), names=request.names, weights=None)
+
+    def _module_gates(self, module: str, names: tuple[str, ...], device: torch.device):
+        key = (module, names, str(device))
+        if key not in self._stacked:
+            have = self._gates.get(module, {})
+            dim = next(iter(have.values())).numel() if have else 1
+            G = torch.stack([have.get(n, torch.zeros(dim)) for n in names]) if names else torch.zeros(0, dim)
+            valid = torch.tensor([n in have for n in names], dtype=torch.bool)
+            self._stacked[key] = (G.to(device), valid.to(device))  # (N, in), (N,)
+        return self._stacked[key]
+
+    def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
+        """``(B, T, K)`` standardized-dot-product logits; ``-inf`` for candidates that do not target the module."""
+        ids = candidates.ids.to(x.device)  # (B, K)
+        if not self._gates.get(layer.name):
+            return torch.full((*x.shape[:2], ids.shape[1]), float("-inf"), device=x.device)
+        G, valid = self._module_gates(layer.name, candidates.names, x.device)
+        safe = ids.clamp(min=0)
+        Gc = G[safe]  # (B, K, in)
+        ok = valid[safe] & (ids >= 0)  # (B, K)
+        temp = self.config.temperature or math.sqrt(x.shape[-1])
+        z = torch.bmm(_standardize(x), Gc.transpose(1, 2)) / temp  # (B, T, K)
+        return z.masked_fill(~ok.unsqueeze(1), float("-inf"))
+
+    def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
+        return self.config.select(self.logits(x, candidates, layer))  # (B, T, K)

@@ -1,0 +1,68 @@
+"""select_weights: top-k, dynamic top-p and the null expert, against a direct reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moerge.routing import SelectionConfig, select_weights
+
+INF = float("-inf")
+
+
+def _softmax(vals):
+    e = [math.exp(v) for v in vals]
+    return [x / sum(e) for x in e]
+
+
+@pytest.mark.parametrize("logits,kw,expected", [
+    ([3.0, 2.0, 1.0], dict(top_k=2), _softmax([3, 2]) + [0.0]),
+    ([1.0, 3.0, 2.0], dict(top_k=1), [0.0, 1.0, 0.0]),
+    ([3.0, 2.0, 1.0], dict(top_k=None), _softmax([3, 2, 1])),
+    ([5.0, 0.0, 0.0], dict(top_k=None, top_p=0.5), [1.0, 0.0, 0.0]),  # one expert already has p > 0.5
+    ([1.0, 1.0, 1.0], dict(top_k=None, top_p=0.9), [1 / 3] * 3),  # a flat distribution needs all three
+    ([1.0, 1.0, 1.0], dict(top_k=2, top_p=0.9), [0.5, 0.5, 0.0]),  # ... but top_k still caps it
+    ([2.0, INF, 1.0], dict(top_k=3), _softmax([2, 1])[:1] + [0.0] + _softmax([2, 1])[1:]),
+    ([INF, INF], dict(top_k=2), [0.0, 0.0]),
+    ([0.0, 0.0], dict(top_k=2, null_logit=50.0), [0.0, 0.0]),  # the null expert takes everything: base only
+    ([1.0, 0.0], dict(top_k=1, null_logit=1.0), [0.5, 0.0]),  # null ties with the best: half goes to the base
+    ([2.0, 1.0], dict(top_k=2, null_logit=-50.0), _softmax([2, 1])),  # a null expert that is never chosen
+])
+def test_select_weights_table(logits, kw, expected):
+    w = select_weights(torch.tensor([[logits]]), **kw)[0, 0]
+    assert w.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_weights_sum_to_one_over_chosen_and_respect_k():
+    torch.manual_seed(0)
+    z = torch.randn(4, 7, 6)
+    for k in (1, 2, 3, 6):
+        w = select_weights(z, top_k=k)
+        assert torch.allclose(w.sum(-1), torch.ones(4, 7), atol=1e-6)
+        assert int((w > 0).sum(-1).max()) <= k
+        # the chosen experts are the k largest logits
+        assert torch.equal((w > 0), torch.zeros_like(z, dtype=torch.bool).scatter(-1, z.topk(k, -1).indices, True))
+
+
+def test_top_p_uses_more_experts_on_flatter_tokens():
+    sharp = torch.tensor([8.0, 0.0, 0.0, 0.0])
+    flat = torch.tensor([0.1, 0.0, 0.05, 0.02])
+    w = select_weights(torch.stack([sharp, flat])[None], top_k=None, top_p=0.8)[0]
+    assert int((w[0] > 0).sum()) == 1 and int((w[1] > 0).sum()) == 4
+
+
+def test_null_expert_does_not_count_against_top_k():
+    w = select_weights(torch.tensor([[[3.0, 2.0, 1.0]]]), top_k=2, null_logit=2.5)[0, 0]
+    expected = _softmax([3.0, 2.5, 2.0])  # experts 0 and 1 are kept, plus the null expert
+    assert w.tolist() == pytest.approx([expected[0], expected[2], 0.0], abs=1e-6)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(top_k=0), "top_k"), (dict(top_k=1.5), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(null_logit=float("nan")), "null_logit"),
+])
+def test_selection_config_quotes_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SelectionConfig(**kw)
