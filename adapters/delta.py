@@ -30,7 +30,7 @@ from moerge.adapters.expert import (
 from moerge.errors import BaseMismatchError, ExpertFormatError
 from moerge.fingerprint import compact_fingerprint, fingerprint, is_linear_like
 
-__all__ = ["expert_from_diff", "low_rank_factors"]
+__all__ = ["truncate_factors", "expert_from_diff", "low_rank_factors"]
 
 
 def _oriented(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -48,6 +48,19 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> LoRAWeights:
     B = U[:, :r] * S[:r]  # (out, r)
     A = Vh[:r, :]  # (r, in)
     return LoRAWeights(A.contiguous().to(delta.dtype), B.contiguous().to(delta.dtype), 1.0)
+
+
+def truncate_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> LoRAWeights:
+    """Best rank-``rank`` approximation of ``B @ A`` (``A (q, in)``, ``B (out, q)``) as LoRA factors, without forming
+    the ``(out, in)`` product: with ``Aᵀ = Q_a R_a`` and ``B = Q_b R_b``, ``B A = Q_b (R_b R_aᵀ) Q_aᵀ`` and only the
+    small ``q × q`` core is decomposed (exact truncated SVD)."""
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank!r}")
+    Qa, Ra = torch.linalg.qr(A.float().t())  # (in, q), (q, q)
+    Qb, Rb = torch.linalg.qr(B.float())  # (out, q), (q, q)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.t())  # (q, q) each
+    r = min(rank, S.numel())
+    return LoRAWeights((Vh[:r] @ Qa.t()).contiguous(), (Qb @ (U[:, :r] * S[:r])).contiguous(), 1.0)  # (r, in), (out, r)
 
 
 def expert_from_diff(

@@ -42,7 +42,8 @@ class SentenceEmbedder:
 
     def __init__(self, model: Any, id: str | None = None, batch_size: int = 64) -> None:
         self.model = model
-        self.dim = int(model.get_sentence_embedding_dimension())
+        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
         self.id = id or str(getattr(model, "model_card_data", None) and model.model_card_data.base_model
                             or getattr(model, "name_or_path", None) or type(model).__name__)
         self.batch_size = batch_size

@@ -27,19 +27,21 @@ import torch
 from moerge.tasks import HELD_IN, HELD_OUT, Example, exact_match, get_task
 
 __all__ = ["Method", "register_method", "list_methods", "evaluate", "EvalResult", "generate_answers",
-           "to_markdown"]
+           "to_markdown", "retrieval_accuracy"]
 
 
 @dataclass
 class Method:
     """How a method routes: ``experts_for(examples, model)`` gives per-row mixes (or ``None`` to let the model's
-    router decide); ``router`` (a registered name or ``None``) is set on the model first."""
+    router decide); ``router`` (a registered name, a ``() -> Router`` factory, or ``None``) is set on the model
+    first."""
 
     name: str
     experts_for: Callable[[list[Example], Any], list[dict[str, float]] | None]
-    router: str | None = None
+    router: str | Callable[[], Any] | None = None
     applies_to: Callable[[str], bool] = lambda task: True
     description: str = ""
+    make_model: Callable[[Any], Any] | None = None  # another model to run this method on (e.g. a derived library)
 
 
 _METHODS: dict[str, Method] = {}
@@ -56,6 +58,36 @@ register_method(Method("oracle", lambda exs, m: [{e.task: 1.0} for e in exs],
                        description="each task's own expert (upper bound)"))
 register_method(Method("uniform", lambda exs, m: [{n: 1.0 / len(m.experts) for n in m.experts} for _ in exs],
                        description="uniform average of all experts"))
+
+
+def _router_factory(name: str, **config: Any) -> Callable[[], Any]:
+    def make() -> Any:
+        from moerge.routing import build_router
+
+        return build_router(name, **config)
+
+    return make
+
+
+def _twin_model(model: Any, rank: int = 8) -> Any:
+    """A model over the Twin-Merging split of ``model``'s library (built once, cached next to the library)."""
+    from moerge.adapters.twin import make_twin_library
+    from moerge.library import ExpertLibrary
+    from moerge.model import MoErgeModel
+    from moerge.models import cache_root
+
+    lib = model.library
+    digest = __import__("hashlib").sha256(json.dumps(
+        [[n, lib.info(n).get("files")] for n in lib.names()], sort_keys=True).encode()).hexdigest()[:12]
+    root = cache_root() / "twin" / f"{Path(lib.root).name}-{digest}-r{rank}"
+    twin = ExpertLibrary.open(root) if (root / "library.json").is_file() else make_twin_library(lib, root, rank)
+    return MoErgeModel.from_library(model.copy_base(), twin, router="twin", tokenizer=model.tokenizer)
+
+
+register_method(Method("twin", lambda exs, m: None, make_model=_twin_model,
+                       description="Twin-Merging: shared average always on + rank-8 exclusive parts by retrieval"))
+register_method(Method("glider_global", lambda exs, m: None, router=_router_factory("glider", local="none"),
+                       description="GLIDER's global stage alone: top-K retrieval, sequence-level softmax mix"))
 
 
 def list_methods() -> list[str]:
@@ -93,6 +125,7 @@ class EvalResult:
     """Exact-match accuracy per method and task, plus what was run."""
 
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> task -> accuracy
+    retrieval: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> retrieval_accuracy(...)
     samples: dict[str, dict[str, list[dict[str, str]]]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -104,35 +137,41 @@ class EvalResult:
         return {"config": self.config, "scores": self.scores,
                 "averages": {m: {"held_in": self.average(m, HELD_IN), "held_out": self.average(m, HELD_OUT)}
                              for m in self.scores},
-                "samples": self.samples}
+                "retrieval": self.retrieval, "samples": self.samples}
 
 
 def evaluate(model: Any, tokenizer: Any, methods: Sequence[str] = ("base", "oracle", "uniform"),
              tasks: Sequence[str] | None = None, limit: int = 50, batch_size: int = 32, progress: bool = True,
-             samples_per_task: int = 3) -> EvalResult:
+             samples_per_task: int = 3, split: str = "test") -> EvalResult:
     """Run ``methods`` on ``limit`` test examples of each task with ``model`` (a :class:`~moerge.MoErgeModel`)."""
     from tqdm.auto import tqdm
 
     tasks = list(tasks or (HELD_IN + HELD_OUT))
     result = EvalResult(config={"methods": list(methods), "tasks": tasks, "limit": limit,
-                                "experts": list(model.experts), "batch_size": batch_size})
+                                "experts": list(model.experts), "batch_size": batch_size,
+                                "split": split})
     original_router = model.router
     jobs = [(m, t) for m in methods for t in tasks if _method(m).applies_to(t)]
     bar = tqdm(total=len(jobs) * limit, desc="eval", disable=not progress)
     try:
         for mname in methods:
             method = _method(mname)
-            model.set_router(method.router if method.router else original_router)
+            router = method.router() if callable(method.router) else method.router
+            run_model = method.make_model(model) if method.make_model is not None else model
+            if run_model is model:
+                model.set_router(router if router else original_router)
+            elif router:
+                run_model.set_router(router)
             result.scores[mname], result.samples[mname] = {}, {}
             for task in tasks:
                 if not method.applies_to(task):
                     continue
-                examples = get_task(task).examples(limit, "test")
+                examples = get_task(task).examples(limit, split)
                 longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in examples)
                 correct, shown = 0, []
                 for i in range(0, len(examples), batch_size):
                     chunk = examples[i : i + batch_size]
-                    answers = generate_answers(model, tokenizer, chunk, method.experts_for(chunk, model),
+                    answers = generate_answers(run_model, tokenizer, chunk, method.experts_for(chunk, run_model),
                                                max_new_tokens=longest + 4)
                     for e, a in zip(chunk, answers):
                         ok = exact_match(a, e.target)
@@ -148,6 +187,27 @@ def evaluate(model: Any, tokenizer: Any, methods: Sequence[str] = ("base", "orac
     return result
 
 
+def retrieval_accuracy(router: Any, tasks: Sequence[str] | None = None, limit: int = 50, k: int | None = None,
+                       unseen: bool = False) -> dict[str, float]:
+    """Top-1 and top-K accuracy of a global router's retrieval (``router.retrieve``) against each prompt's true
+    task, over ``limit`` test prompts per held-in task; ``unseen`` asks in phrasings no expert saw."""
+    from moerge.tasks import unseen_examples
+
+    tasks = list(tasks or HELD_IN)
+    k = k or router.config.candidates
+    top1 = topk = total = 0
+    per_task: dict[str, float] = {}
+    for task in tasks:
+        exs = unseen_examples(task, limit, "test") if unseen else get_task(task).examples(limit, "test")
+        names, _ = router.retrieve([e.prompt for e in exs], k)
+        hits = [row[0] == task for row in names]
+        per_task[task] = sum(hits) / len(hits)
+        top1 += sum(hits)
+        topk += sum(task in row for row in names)
+        total += len(exs)
+    return {"top1": top1 / total, f"top{k}": topk / total, "k": k, "prompts": total, "per_task_top1": per_task}
+
+
 def to_markdown(result: EvalResult) -> str:
     """The table: one column per method, one row per task, then held-in and held-out averages (EM, %)."""
     methods = list(result.scores)
@@ -159,6 +219,17 @@ def to_markdown(result: EvalResult) -> str:
                 lines.append(f"| {t} ({group}) | " + " | ".join(fmt(result.scores[m].get(t)) for m in methods) + " |")
     for label, names in (("**average held-in**", HELD_IN), ("**average held-out**", HELD_OUT)):
         lines.append(f"| {label} | " + " | ".join(fmt(result.average(m, names)) for m in methods) + " |")
+    if "oracle" in result.scores and result.average("oracle", HELD_IN):
+        oracle = result.average("oracle", HELD_IN)
+        lines.append("| *held-in, % of oracle* | " + " | ".join(
+            "—" if result.average(m, HELD_IN) is None else f"{100 * result.average(m, HELD_IN) / oracle:.1f}"
+            for m in methods) + " |")
+    if result.retrieval:
+        lines += ["", "| global retrieval (held-in test prompts) | top-1 | top-K | K | prompts |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for label, r in result.retrieval.items():
+            k = r["k"]
+            lines.append(f"| {label} | {100 * r['top1']:.1f} | {100 * r[f'top{k}']:.1f} | {k} | {r['prompts']} |")
     return "\n".join(lines)
 
 
@@ -171,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=50, help="test examples per task")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", default="results", help="folder for eval.json and eval.md")
+    ap.add_argument("--retrieval", action="store_true",
+                    help="also measure the global router's top-1/top-K retrieval accuracy")
     args = ap.parse_args(argv)
     from moerge.model import MoErgeModel
     from moerge.models import default_base
@@ -183,6 +256,13 @@ def main(argv: list[str] | None = None) -> None:
     methods = [m for m in args.methods.split(",") if m]
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     result = evaluate(model, tok, methods, tasks, limit=args.limit, batch_size=args.batch_size)
+    if args.retrieval:
+        from moerge.routing import build_router
+
+        glider = build_router("glider", local="none")
+        model.set_router(glider)
+        result.retrieval["seen phrasings"] = retrieval_accuracy(glider, limit=args.limit)
+        result.retrieval["unseen phrasings"] = retrieval_accuracy(glider, limit=args.limit, unseen=True)
     result.config["seconds"] = round(time.time() - t0, 1)
     result.config["command"] = "python -m moerge.eval " + " ".join(argv if argv is not None else __import__(
         "sys").argv[1:])

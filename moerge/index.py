@@ -53,13 +53,32 @@ class ExpertIndex:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self.dim, self.embedder = dim, embedder
         self.approx_threshold, self.hnsw_m = approx_threshold, hnsw_m
-        self._vectors = np.zeros((0, dim), dtype=np.float32)  # (V, dim), unit rows
-        self._owner = np.zeros((0,), dtype=np.int64)  # (V,) index into self._names
+        self._buf = np.zeros((0, dim), dtype=np.float32)  # (capacity, dim): rows [0, V) are the unit vectors
+        self._obuf = np.zeros((0,), dtype=np.int64)  # (capacity,): rows [0, V) are owner ids into self._names
+        self._n = 0
         self._names: list[str] = []
+        self._pos: dict[str, int] = {}  # name -> owner id
         self._keys: dict[str, str] = {}  # expert -> key of the texts its vectors were made from
+        self._max_per = 0  # most vectors one expert has (how deep a search must look to see k experts)
         self._index: Any = None
 
     # --- contents ---------------------------------------------------------------------------------------------------
+    @property
+    def _vectors(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+    @property
+    def _owner(self) -> np.ndarray:
+        return self._obuf[: self._n]
+
+    def _set(self, vectors: np.ndarray, owner: np.ndarray, names: list[str]) -> None:
+        self._buf, self._obuf, self._n = np.ascontiguousarray(vectors, dtype=np.float32), owner.astype(np.int64), len(
+            vectors)
+        self._names = list(names)
+        self._pos = {n: i for i, n in enumerate(self._names)}
+        self._max_per = int(np.bincount(self._owner).max()) if self._n else 0
+        self._index = None
+
     @property
     def names(self) -> list[str]:
         return list(self._names)
@@ -68,11 +87,11 @@ class ExpertIndex:
         return len(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._names
+        return name in self._pos
 
     @property
     def approximate(self) -> bool:
-        return len(self._vectors) > self.approx_threshold
+        return self._n > self.approx_threshold
 
     def _check_dim(self, v: np.ndarray, what: str) -> np.ndarray:
         v = np.asarray(v, dtype=np.float32)
@@ -93,40 +112,47 @@ class ExpertIndex:
         """``name``'s unit vectors ``(n, dim)``."""
         if name not in self:
             raise KeyError(f"no expert {name!r} in the index")
-        return self._vectors[self._owner == self._names.index(name)].copy()
+        return self._vectors[self._owner == self._pos[name]].copy()
 
     def add(self, name: str, vectors: np.ndarray | torch.Tensor, key: str | None = None) -> None:
-        """Add (or replace) ``name``'s vectors ``(n, dim)``; other experts' entries are untouched."""
+        """Add (or replace) ``name``'s vectors ``(n, dim)``; other experts' entries are untouched. Amortised O(n):
+        the storage grows by doubling, and an exact FAISS index is extended in place."""
         v = _normalize(self._check_dim(vectors.numpy() if isinstance(vectors, torch.Tensor) else vectors,
                                        f"the vectors of expert {name!r}"))
-        if name in self._names:
-            self.remove(name)
         if len(v) == 0:
             raise ValueError(f"expert {name!r}: no vectors to add")
-        if name not in self._names:
-            self._names.append(name)
+        if name in self:
+            self.remove(name)
+        owner = len(self._names)
+        self._names.append(name)
+        self._pos[name] = owner
         if key is not None:
             self._keys[name] = key
-        owner = self._names.index(name)
-        start = len(self._vectors)
-        self._vectors = np.concatenate([self._vectors, v])
-        self._owner = np.concatenate([self._owner, np.full(len(v), owner, dtype=np.int64)])
+        start, end = self._n, self._n + len(v)
+        if end > len(self._buf):  # grow by doubling
+            cap = max(end, 2 * len(self._buf), 64)
+            buf = np.zeros((cap, self.dim), dtype=np.float32)
+            obuf = np.zeros((cap,), dtype=np.int64)
+            buf[:start], obuf[:start] = self._buf[:start], self._obuf[:start]
+            self._buf, self._obuf = buf, obuf
+        self._buf[start:end], self._obuf[start:end] = v, owner
+        self._n = end
+        self._max_per = max(self._max_per, len(v))
         if self._index is not None and self._index_kind() == self._wanted_kind():
-            self._index.add_with_ids(v, np.arange(start, start + len(v), dtype=np.int64))
+            self._index.add_with_ids(v, np.arange(start, end, dtype=np.int64))
         else:
             self._index = None  # rebuilt lazily (first use, or the exact → approximate switch)
 
     def remove(self, name: str) -> None:
+        """Remove ``name``'s vectors (the FAISS index is rebuilt on the next search)."""
         if name not in self:
             raise KeyError(f"no expert {name!r} in the index")
-        gone = self._names.index(name)
+        gone = self._pos[name]
         keep = self._owner != gone
-        # compact the owner ids so that removed names do not accumulate
-        self._vectors, owner = self._vectors[keep], self._owner[keep]
-        self._names.pop(gone)
-        self._owner = owner - (owner > gone)
+        owner = self._owner[keep]
+        names = self._names[:gone] + self._names[gone + 1 :]
         self._keys.pop(name, None)
-        self._index = None
+        self._set(self._vectors[keep], owner - (owner > gone), names)  # owner ids stay compact
 
     # --- FAISS ------------------------------------------------------------------------------------------------------
     def _wanted_kind(self) -> str:
@@ -158,8 +184,7 @@ class ExpertIndex:
         if self._index is None:
             self._index = self._build()
         n_experts = len(self)
-        depth = min(len(self._vectors), max(k, 1) * max(1, int(np.bincount(self._owner).max()) if len(
-            self._owner) else 1))
+        depth = min(self._n, max(k, 1) * max(1, self._max_per))
         names_out: list[list[str]] = []
         scores_out = np.full((len(q), k), -np.inf, dtype=np.float32)
         if depth == 0:
@@ -221,14 +246,14 @@ class ExpertIndex:
         t = load_safetensors(vec_path)
         idx = cls(int(meta["dim"]), meta.get("embedder"), approx_threshold=int(meta["approx_threshold"]),
                   hnsw_m=int(meta["hnsw_m"]))
-        idx._vectors = t["vectors"].numpy().astype(np.float32)
-        idx._owner = t["owner"].numpy().astype(np.int64)
-        idx._names = list(meta["names"])
+        vectors, owner, names = t["vectors"].numpy().astype(np.float32), t["owner"].numpy().astype(np.int64), list(
+            meta["names"])
         idx._keys = {str(k): str(v) for k, v in dict(meta.get("keys") or {}).items()}
-        if (idx._vectors.shape[1:] != (idx.dim,) or len(idx._owner) != len(idx._vectors)
-                or (len(idx._owner) and (idx._owner.min() < 0 or idx._owner.max() >= len(idx._names)))
-                or len(set(idx._owner.tolist())) != len(idx._names)):
-            raise LibraryError("the stored vectors have the wrong shape", file=str(vec_path))
+        if (vectors.ndim != 2 or vectors.shape[1:] != (idx.dim,) or len(owner) != len(vectors)
+                or (len(owner) and (owner.min() < 0 or owner.max() >= len(names)))
+                or len(set(owner.tolist())) != len(names) or len(set(names)) != len(names)):
+            raise LibraryError("the stored vectors do not match the index's names and dimension", file=str(vec_path))
+        idx._set(vectors, owner, names)
         index_path = folder / INDEX_FILE
         try:
             data = index_path.read_bytes()

@@ -77,7 +77,7 @@ class MoErgeModel(nn.Module):
         cls,
         base: nn.Module | str | Path,
         library: ExpertLibrary | str | Path,
-        router: str | Router = "explicit",
+        router: str | Router = "glider",
         *,
         tokenizer: Any = None,
         strict_base: bool = True,
@@ -127,7 +127,7 @@ class MoErgeModel(nn.Module):
             return
         try:
             self.router.persist(self.library)
-        except (OSError, LibraryError) as e:
+        except OSError as e:
             warnings.warn(f"router {self.router.name!r} could not store its routing data in {self.library.root}: {e}",
                           stacklevel=3)
 

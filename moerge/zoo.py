@@ -20,7 +20,7 @@ import torch
 from moerge.library import ExpertLibrary
 from moerge.tasks import HELD_IN, Example, get_task
 
-__all__ = ["ZooConfig", "build_zoo", "build_gates", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
+__all__ = ["ZooConfig", "build_zoo", "build_gates", "build_xlora", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
 
 DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "zoo" / "library"
 
@@ -135,8 +135,8 @@ def build_zoo(library: str | Path = DEFAULT_ZOO, tasks: list[str] | None = None,
     return lib
 
 
-def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 40, batch_size: int = 8, lr: float = 1e-2,
-                seed: int = 0, base: Any = None, tokenizer: Any = None, progress: bool = True,
+def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_size: int = 4, lr: float = 1e-2,
+                seed: int = 0, base: Any = None, tokenizer: Any = None, progress: bool = True, force: bool = False,
                 log=print) -> ExpertLibrary:
     """Train and store the PHATGOOSE gate vectors of every zoo expert that has none for its current weights (each
     on its own task's training examples only: post hoc, one expert at a time)."""
@@ -150,7 +150,7 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 40, batch_siz
         expert = lib.get(name)
         digest = expert.digest()
         stored = lib.get_routing(name, ROUTING_KIND)
-        if stored is not None and stored[1].get("digest") == digest:
+        if stored is not None and stored[1].get("digest") == digest and not force:
             continue
         task = expert.metadata.source.get("task", name)
         t0 = time.time()
@@ -160,6 +160,33 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 40, batch_siz
         lib.put_routing(name, ROUTING_KIND, gates, {"digest": digest, "steps": steps, "batch_size": batch_size,
                                                     "lr": lr, "loss_first": losses[0], "loss_last": losses[-1]})
         log(f"  gates {name:<20} loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.time() - t0:.0f} s")
+    return lib
+
+
+def build_xlora(library: str | Path = DEFAULT_ZOO, *, steps: int = 60, batch_size: int = 8, lr: float = 1e-2,
+                seed: int = 0, base: Any = None, tokenizer: Any = None, progress: bool = True,
+                log=print) -> ExpertLibrary:
+    """Train the X-LoRA-style head jointly for every zoo expert, on a mix of their tasks' training examples, and
+    store each expert's rows in the library."""
+    from moerge.models import default_base
+    from moerge.routers.xlora import ROUTING_KIND, rows_to_tensors, train_xlora_head
+
+    if base is None:
+        base, tokenizer = default_base()
+    lib = ExpertLibrary.open(library)
+    experts = [lib.get(n) for n in lib.names()]
+    per_task = max(1, steps * batch_size // max(len(experts), 1))
+    pairs = [(e.prompt, e.target) for x in experts
+             for e in get_task(x.metadata.source.get("task", x.name)).examples(per_task, "train", seed + 700)]
+    t0 = time.time()
+    rows, losses = train_xlora_head(base, tokenizer, experts, pairs, steps=steps, lr=lr, batch_size=batch_size,
+                                    seed=seed, progress=progress)
+    for x in experts:
+        lib.put_routing(x.name, ROUTING_KIND, rows_to_tensors(rows[x.name]),
+                        {"digest": x.digest(), "steps": steps, "batch_size": batch_size, "lr": lr,
+                         "peers": [e.name for e in experts]})
+    log(f"  x-lora head over {len(experts)} experts: loss {losses[0]:.4f} -> {sum(losses[-5:]) / 5:.4f} "
+        f"in {time.time() - t0:.0f} s")
     return lib
 
 
@@ -179,13 +206,24 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--dtype", default="bfloat16")
     g = sub.add_parser("gates", help="train the PHATGOOSE gates of the zoo's experts that have none")
     g.add_argument("--library", default=str(DEFAULT_ZOO))
-    g.add_argument("--steps", type=int, default=40)
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--force", action="store_true", help="retrain gates that are already stored")
     g.add_argument("--lr", type=float, default=1e-2)
     g.add_argument("--seed", type=int, default=0)
+    x = sub.add_parser("xlora", help="train the X-LoRA-style head jointly over the zoo's experts")
+    x.add_argument("--library", default=str(DEFAULT_ZOO))
+    x.add_argument("--steps", type=int, default=60)
+    x.add_argument("--batch-size", type=int, default=8)
+    x.add_argument("--lr", type=float, default=1e-2)
+    x.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.cmd == "xlora":
+        build_xlora(args.library, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        return
     if args.cmd == "gates":
-        build_gates(args.library, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        build_gates(args.library, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    force=args.force)
         return
     torch.manual_seed(args.seed)
     random.seed(args.seed)

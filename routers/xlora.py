@@ -1,0 +1,270 @@
+"""X-LoRA-style learned gate: a small head per patched module maps the token's hidden state to scalings over
+the experts, trained on a mix of the experts' examples with the base and the experts frozen.
+
+Per module, expert ``e`` owns one row ``w_e (in,)`` and a bias ``b_e`` of the head; the logits are
+``⟨standardize(x), w_e⟩ / √d + b_e`` and the scalings are their softmax over the row's candidates (dense, as in
+X-LoRA, or top-k / top-p / null expert). Unlike PEFT's X-LoRA, which runs the model twice per step (a scaling pass
+without adapters, then the real pass) and so cannot keep its KV cache, the head reads each module's own input, so a
+routed forward is one pass and generation keeps the KV cache.
+
+The head is trained jointly for the experts present (:func:`train_xlora_head`), and each expert's rows are stored
+with it in the library. An expert added later gets only its own rows trained (the others stay frozen), on its
+examples mixed with the other experts' examples — the others are never retrained.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moerge.adapters.expert import Expert
+from moerge.errors import RoutingError
+from moerge.routing import Candidates, LayerInfo, Router, RoutingRequest, SelectionConfig, register_router
+
+__all__ = ["XLoRAConfig", "XLoRARouter", "train_xlora_head", "ROUTING_KIND"]
+
+ROUTING_KIND = "xlora"
+
+
+@dataclass
+class XLoRAConfig(SelectionConfig):
+    top_k: int | None = field(default=None, metadata={"help": "experts mixed per token (None: dense softmax)"})
+    train_missing: bool = field(default=True, metadata={
+        "help": "train the head rows of an added expert that has none stored (others frozen)"})
+    train_steps: int = field(default=40, metadata={"help": "head training steps when an expert is added"})
+    train_lr: float = field(default=1e-2, metadata={"help": "head training learning rate (Adam)"})
+    train_batch_size: int = field(default=8, metadata={"help": "head training batch size"})
+    peers: int = field(default=8, metadata={
+        "help": "when training a new expert's rows: how many other experts' examples to mix in"})
+
+    def __post_init__(self) -> None:
+        self._check_selection()
+        for f in ("train_steps", "train_batch_size", "peers"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < (0 if f == "peers" else 1):
+                raise ValueError(f"{f} must be a positive integer, got {v!r}")
+        if not (isinstance(self.train_lr, (int, float)) and self.train_lr > 0):
+            raise ValueError(f"train_lr must be > 0, got {self.train_lr!r}")
+
+
+def _standardize(v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(v.float(), v.shape[-1:])
+
+
+def _head_logits(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x (B, T, in)``, ``W (E, in)``, ``b (E,)`` → ``(B, T, E)``."""
+    return _standardize(x) @ W.t() / math.sqrt(x.shape[-1]) + b
+
+
+def train_xlora_head(
+    base: torch.nn.Module,
+    tokenizer: Any,
+    experts: Sequence[Expert],
+    pairs: Sequence[tuple[str, str]],
+    *,
+    init: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    trainable: set[str] | None = None,
+    steps: int = 40,
+    lr: float = 1e-2,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], list[float]]:
+    """Train the head's rows on ``pairs`` (a mix of the experts' ``(prompt, answer)`` examples).
+
+    Returns ``(expert → module → (w (in,), b ()), losses)``. ``init`` gives starting rows (default zeros: uniform
+    scalings); only the experts in ``trainable`` (default: all) are updated.
+    """
+    from tqdm.auto import tqdm
+
+    from moerge.training import GatedExperts, frozen, make_batches
+
+    experts = list(experts)
+    if not experts or not pairs:
+        raise RoutingError("training the X-LoRA head needs experts and examples")
+    names = [e.name for e in experts]
+    trainable = set(names) if trainable is None else set(trainable)
+    init = init or {}
+    device = next(base.parameters()).device
+    rows: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    params = []
+    for e in experts:
+        rows[e.name] = {}
+        for m, w in e.modules.items():
+            w0, b0 = init.get(e.name, {}).get(m, (torch.zeros(w.in_features), torch.zeros(())))
+            wv = w0.detach().float().clone().to(device).requires_grad_(e.name in trainable)
+            bv = b0.detach().float().clone().reshape(()).to(device).requires_grad_(e.name in trainable)
+            rows[e.name][m] = (wv, bv)
+            if e.name in trainable:
+                params += [wv, bv]
+    if not params:
+        raise RoutingError(f"none of the experts to train ({sorted(trainable)}) is among {names}")
+
+    def gate(module: str, x: torch.Tensor) -> torch.Tensor:
+        present = [i for i, e in enumerate(experts) if module in e.modules]
+        W = torch.stack([rows[experts[i].name][module][0] for i in present])  # (E_m, in)
+        b = torch.stack([rows[experts[i].name][module][1] for i in present])  # (E_m,)
+        p = torch.softmax(_head_logits(x, W, b), dim=-1)  # (B, T, E_m)
+        out = x.new_zeros(*x.shape[:2], len(experts))
+        return out.index_copy(-1, torch.tensor(present, device=x.device), p)  # (B, T, E)
+
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=lr)
+    losses: list[float] = []
+    was_training = base.training
+    base.eval()
+    bar = tqdm(make_batches(tokenizer, list(pairs), batch_size, steps, seed), total=steps,
+               desc=f"x-lora head ({len(trainable)} of {len(names)} experts)", disable=not progress, leave=False)
+    try:
+        with frozen(base), torch.enable_grad(), GatedExperts(base, experts, gate):
+            for batch in bar:
+                loss = base(**{k: v.to(device) for k, v in batch.items()}).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        base.train(was_training)
+    return {n: {m: (w.detach().cpu(), b.detach().cpu()) for m, (w, b) in r.items()} for n, r in rows.items()}, losses
+
+
+def rows_to_tensors(rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for m, (w, b) in rows.items():
+        out[f"{m}.weight"], out[f"{m}.bias"] = w, b.reshape(1)
+    return out
+
+
+def rows_from_tensors(t: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    mods = {k.rsplit(".", 1)[0] for k in t}
+    return {m: (t[f"{m}.weight"].float(), t[f"{m}.bias"].float().reshape(())) for m in mods}
+
+
+@register_router("xlora")
+class XLoRARouter(Router):
+    """Learned per-module softmax head over the experts, one forward pass, KV cache kept.
+
+    Paper: Buehler & Buehler, "X-LoRA: Mixture of Low-Rank Adapter Experts" (2024), arXiv:2402.07148.
+    """
+
+    config_class = XLoRAConfig
+    has_local_gate = True
+
+    def __init__(self, config: XLoRAConfig | None = None) -> None:
+        super().__init__(config)
+        self._rows: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # expert -> module -> (w, b)
+        self._digest: dict[str, str] = {}
+        self._unsaved: set[str] = set()
+        self._experts: dict[str, Expert] = {}
+        self._answers: dict[str, list[tuple[str, str]]] = {}
+        self._stacked: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.losses: dict[str, list[float]] = {}
+
+    def set_rows(self, name: str, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], digest: str | None = None,
+                 saved: bool = False) -> None:
+        """Use ``rows`` (module → (w (in,), b ())) as expert ``name``'s part of the head."""
+        self._rows[name] = {m: (w.detach().float().cpu().reshape(-1), b.detach().float().cpu().reshape(()))
+                            for m, (w, b) in rows.items()}
+        if digest is not None:
+            self._digest[name] = digest
+        (self._unsaved.discard if saved else self._unsaved.add)(name)
+        self._stacked.clear()
+
+    def _examples(self, expert: Expert) -> list[tuple[str, str]]:
+        if expert.name not in self._answers:
+            from moerge.training import answers_from_expert
+
+            self._answers[expert.name] = answers_from_expert(self.model.base, self.model.tokenizer, expert,
+                                                             list(expert.metadata.examples))
+        return self._answers[expert.name]
+
+    def on_add_expert(self, expert: Expert) -> None:
+        digest = expert.digest()
+        if self._digest.get(expert.name) == digest and expert.name in self._rows:
+            self._experts[expert.name] = expert
+            return
+        lib = getattr(self.model, "library", None)
+        if lib is not None and expert.name in lib:
+            got = lib.get_routing(expert.name, ROUTING_KIND)
+            if got is not None and got[1].get("digest") == digest:
+                self._experts[expert.name] = expert
+                self.set_rows(expert.name, rows_from_tensors(got[0]), digest, saved=True)
+                return
+        tok = getattr(self.model, "tokenizer", None) if self.model is not None else None
+        if self.config.train_missing and expert.metadata.examples and tok is not None:
+            peers = [self._experts[n] for n in self._experts if n != expert.name and self._experts[n].metadata.examples]
+            peers = random.Random(expert.name).sample(peers, min(self.config.peers, len(peers)))
+            pairs = list(self._examples(expert))
+            for p in peers:
+                pairs += self._examples(p)
+            group = [expert, *peers]
+            rows, losses = train_xlora_head(
+                self.model.base, tok, group, pairs, init={n: self._rows[n] for n in self._rows},
+                trainable={expert.name}, steps=self.config.train_steps, lr=self.config.train_lr,
+                batch_size=self.config.train_batch_size, progress=True)
+            self.losses[expert.name] = losses
+            self._experts[expert.name] = expert
+            self.set_rows(expert.name, rows[expert.name], digest)
+            return
+        warnings.warn(f"expert {expert.name!r} has no X-LoRA head rows (none stored, and no example prompts or "
+                      "tokenizer to train them): it gets logit 0 everywhere", stacklevel=3)
+        self._experts[expert.name] = expert
+        self.set_rows(expert.name, {m: (torch.zeros(w.in_features), torch.zeros(()))
+                                    for m, w in expert.modules.items()}, digest, saved=True)
+
+    def on_remove_expert(self, name: str) -> None:
+        for d in (self._rows, self._digest, self._experts, self._answers):
+            d.pop(name, None)
+        self._unsaved.discard(name)
+        self._stacked.clear()
+
+    def persist(self, library: Any) -> None:
+        for name in sorted(self._unsaved):
+            if name in library and name in self._digest:
+                library.put_routing(name, ROUTING_KIND, rows_to_tensors(self._rows[name]),
+                                    {"digest": self._digest[name]})
+                self._unsaved.discard(name)
+
+    def rows_of(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if name not in self._rows:
+            raise RoutingError("no X-LoRA head rows for this expert", expert=name)
+        return dict(self._rows[name])
+
+    def select(self, request: RoutingRequest) -> Candidates:
+        """Every expert is a candidate of every row; the head decides per token."""
+        n, b = len(request.names), request.batch_size
+        ids = torch.arange(n).expand(b, n).clone() if n else torch.full((b, 1), -1)  # (B, N)
+        return Candidates(ids=ids, scores=torch.zeros(ids.shape), names=request.names, weights=None)
+
+    def _module_rows(self, module: str, names: tuple[str, ...], device: torch.device):
+        key = (module, names, str(device))
+        if key not in self._stacked:
+            have = {n: self._rows[n][module] for n in names if n in self._rows and module in self._rows[n]}
+            dim = next(iter(have.values()))[0].numel() if have else 1
+            W = torch.stack([have[n][0] if n in have else torch.zeros(dim) for n in names]) if names else \
+                torch.zeros(0, dim)
+            b = torch.stack([have[n][1] if n in have else torch.zeros(()) for n in names]) if names else torch.zeros(0)
+            valid = torch.tensor([n in have for n in names], dtype=torch.bool)
+            self._stacked[key] = (W.to(device), b.to(device), valid.to(device))
+        return self._stacked[key]
+
+    def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
+        ids = candidates.ids.to(x.device)  # (B, K)
+        W, b, valid = self._module_rows(layer.name, candidates.names, x.device)
+        if not bool(valid.any()):
+            return torch.full((*x.shape[:2], ids.shape[1]), float("-inf"), device=x.device)
+        safe = ids.clamp(min=0)
+        z = torch.bmm(_standardize(x), W[safe].transpose(1, 2)) / math.sqrt(x.shape[-1])  # (B, T, K)
+        z = z + b[safe].unsqueeze(1)
+        ok = valid[safe] & (ids >= 0)  # (B, K)
+        return z.masked_fill(~ok.unsqueeze(1), float("-inf"))
+
+    def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
+        return self.config.select(self.logits(x, candidates, layer))

@@ -1,0 +1,218 @@
+"""GLIDER: global retrieval over the experts' descriptions (FAISS index kept in the library), the local gate
+among each row's candidates, and the router contracts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moerge import ExpertLibrary, MoErgeModel
+from moerge.embed import CallableEmbedder, default_sentence_embedder
+from moerge.errors import LibraryError, RoutingError
+from moerge.routers import build_router
+from moerge.routing import Candidates, select_weights
+from tests.conftest import rand_expert, tiny_chat_llama, tiny_tokenizer
+
+EXPERTS = {
+    "sort": ("Sort a list of numbers in ascending order.", ["Sort these numbers: 4, 1, 3", "Order 9, 2, 7 ascending"]),
+    "french": ("Translate English text into French.", ["Translate to French: good night",
+                                                       "How do you say 'cat' in French?"]),
+    "sql": ("Write an SQL query that answers a question about a database table.",
+            ["Write SQL to list every customer", "Query the orders table for last week's orders"]),
+    "haiku": ("Write a short haiku poem about a topic.", ["Write a haiku about autumn", "A haiku on the sea"]),
+}
+PROMPTS = {
+    "sort": "Arrange 12, 5, 8 and 1 from smallest to largest.",
+    "french": "Please put 'the weather is nice today' into French.",
+    "sql": "Give me a SELECT statement returning the users older than 30 from the users table.",
+}
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return default_sentence_embedder()
+
+
+def _lib(tmp_path, base, names=("sort", "french", "sql")):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    for i, n in enumerate(names):
+        d, ex = EXPERTS[n]
+        lib.add(rand_expert(base, n, seed=i, description=d, examples=ex))
+    return lib
+
+
+def _model(tmp_path, router=None, names=("sort", "french", "sql"), **kw):
+    base = tiny_chat_llama()
+    lib = _lib(tmp_path, base, names)
+    router = router or build_router("glider", local="none", **kw)
+    return MoErgeModel.from_library(base, lib, router=router, tokenizer=tiny_tokenizer())
+
+
+def _batch(model, prompts):
+    tok = model.tokenizer
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def test_default_router_is_glider(tmp_path):
+    base = tiny_chat_llama()
+    model = MoErgeModel.from_library(base, _lib(tmp_path, base), tokenizer=tiny_tokenizer())
+    assert model.router.name == "glider" and model.router.config.local == "phatgoose"
+
+
+def test_retrieves_the_right_expert_from_the_prompt(tmp_path):
+    model = _model(tmp_path, candidates=2)
+    names, scores = model.router.retrieve(list(PROMPTS.values()))
+    assert [n[0] for n in names] == list(PROMPTS)
+    assert (scores[:, 0] >= scores[:, 1]).all()
+    # through generate: per-row candidates from the chat-formatted prompt (the user turn is what is embedded)
+    model.generate(**_batch(model, list(PROMPTS.values())), max_new_tokens=2, do_sample=False)
+    for row, task in zip(model.last_routing, PROMPTS):
+        assert row.candidates[0] == task and row.top() == task
+        assert len(row.candidates) == 2 and sum(row.experts.values()) == pytest.approx(1.0)
+
+
+def test_sequence_weights_are_the_softmax_of_scores(tmp_path):
+    model = _model(tmp_path, candidates=3, temperature=0.1)
+    state = model.route(**_batch(model, list(PROMPTS.values())))
+    c = state.candidates
+    assert c.ids.shape == (3, 3) and len({tuple(r) for r in c.ids.tolist()}) == 3  # rows differ
+    ref = torch.softmax(c.scores / 0.1, dim=-1)
+    assert torch.allclose(c.weights, ref, atol=1e-6)
+
+
+def test_batch_rows_equal_rows_alone_and_deterministic(tmp_path):
+    model = _model(tmp_path, router=build_router("glider", candidates=2, local_config={"train_steps": 2}))
+    prompts = list(PROMPTS.values())
+    full = model(**_batch(model, prompts)).logits
+    again = model(**_batch(model, prompts)).logits
+    assert torch.equal(full, again)
+    for i, p in enumerate(prompts):
+        alone = model(**_batch(model, [p])).logits
+        n = alone.shape[1]
+        assert torch.allclose(full[i, -n:], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("local", ["phatgoose", "arrow"])
+def test_local_logits_plus_global_score_then_top_k(tmp_path, local):
+    router = build_router("glider", local=local, candidates=3, top_k=2, global_weight=3.0,
+                          local_config={"train_steps": 2} if local == "phatgoose" else {})
+    model = _model(tmp_path, router=router)
+    layer = next(iter(model._layers.values()))
+    x = torch.randn(2, 4, layer.in_features)
+    cands = Candidates(torch.tensor([[0, 2, 1], [1, -1, -1]]), torch.tensor([[0.9, 0.5, 0.1], [0.7, 0, 0]]),
+                       tuple(model.experts))
+    w = router.gate(x, cands, layer.info)
+    ref = select_weights(router.local.logits(x, cands, layer.info) + 3.0 * cands.scores.unsqueeze(1), top_k=2)
+    assert torch.allclose(w, ref)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 4), atol=1e-6)
+    assert int((w > 0).sum(-1).max()) <= 2 and (w[1, :, 1:] == 0).all()  # empty slots get nothing
+
+
+def test_adding_an_expert_changes_nothing_for_rows_that_do_not_select_it(tmp_path):
+    router = build_router("glider", candidates=2, local="arrow")
+    model = _model(tmp_path, router=router)
+    batch = _batch(model, list(PROMPTS.values()))
+    before = model(**batch).logits
+    d, ex = EXPERTS["haiku"]
+    model.add_expert(rand_expert(tiny_chat_llama(), "haiku", seed=9, description=d, examples=ex))
+    after = model(**batch).logits
+    state = model.route(**batch)
+    untouched = [b for b in range(3) if "haiku" not in state.candidates.row_names(b)]
+    assert len(untouched) >= 2
+    for b in untouched:
+        assert torch.equal(before[b], after[b])
+    poem = _batch(model, ["Compose a haiku about the moon."])
+    model(**poem)
+    assert model.last_routing[0].candidates[0] == "haiku"
+
+
+def test_index_lives_in_the_library_and_is_updated_incrementally(tmp_path, embedder):
+    texts_embedded = []
+
+    def counting(texts):
+        texts_embedded.extend(texts)
+        return embedder.encode(texts)
+
+    emb = CallableEmbedder(counting, id=embedder.id, dim=embedder.dim)
+    model = _model(tmp_path, router=build_router("glider", local="none", embedder=emb))
+    lib = model.library
+    assert (lib.routing_dir / "index" / "index.json").is_file()
+    assert ExpertLibrary.open(lib.root).embedder == {"id": embedder.id, "dim": embedder.dim}
+    n_first = len(texts_embedded)
+    assert n_first == 3 * 3  # description + 2 examples per expert
+
+    # reopening: the stored index is used, nothing is embedded again
+    texts_embedded.clear()
+    again = MoErgeModel.from_library(tiny_chat_llama(), ExpertLibrary.open(lib.root),
+                                     router=build_router("glider", local="none", embedder=emb),
+                                     tokenizer=tiny_tokenizer())
+    assert texts_embedded == [] and sorted(again.router.index.names) == ["french", "sort", "sql"]
+
+    # adding embeds only the new expert; removing drops it from the stored index
+    d, ex = EXPERTS["haiku"]
+    model.add_expert(rand_expert(tiny_chat_llama(), "haiku", seed=5, description=d, examples=ex))
+    assert texts_embedded == [d, *ex]
+    from moerge.index import ExpertIndex
+
+    assert "haiku" in ExpertIndex.load(lib.routing_dir / "index").names
+    model.remove_expert("sort")
+    stored = ExpertIndex.load(lib.routing_dir / "index")
+    assert sorted(stored.names) == ["french", "haiku", "sql"]
+    assert model.router.retrieve([PROMPTS["sort"]], 3)[0][0][0] != "sort"
+
+
+def test_an_index_from_another_embedder_is_refused(tmp_path, embedder):
+    model = _model(tmp_path)
+    other = CallableEmbedder(lambda ts: np.random.default_rng(0).standard_normal((len(ts), 8)), id="other-emb",
+                             dim=8)
+    with pytest.raises(LibraryError, match="all-MiniLM-L6-v2.*384.*other-emb.*8.*rebuild_index"):
+        MoErgeModel.from_library(tiny_chat_llama(), model.library,
+                                 router=build_router("glider", local="none", embedder=other),
+                                 tokenizer=tiny_tokenizer())
+    assert ExpertLibrary.open(model.library.root).embedder["id"] == embedder.id  # nothing changed
+    rebuilt = MoErgeModel.from_library(tiny_chat_llama(), model.library, tokenizer=tiny_tokenizer(),
+                                       router=build_router("glider", local="none", embedder=other,
+                                                           rebuild_index=True))
+    assert rebuilt.router.index.dim == 8
+    assert ExpertLibrary.open(model.library.root).embedder == {"id": "other-emb", "dim": 8}
+
+
+def test_description_query_uses_the_describer(tmp_path):
+    described = []
+
+    def describer(prompts):
+        described.extend(prompts)
+        return ["Translate English text into French." for _ in prompts]
+
+    model = _model(tmp_path, query="description", describer=describer)
+    names, _ = model.router.retrieve([PROMPTS["sort"], PROMPTS["sql"]], 1)
+    assert names == [["french"], ["french"]] and len(described) == 2
+    model.router.retrieve([PROMPTS["sort"]], 1)
+    assert len(described) == 2  # cached by prompt
+    both = _model(tmp_path / "b", query="both", description_weight=0.2, describer=describer)
+    assert both.router.retrieve([PROMPTS["sql"]], 1)[0] == [["sql"]]  # the prompt dominates at weight 0.8
+
+
+def test_default_describer_is_the_base_model(tmp_path):
+    model = _model(tmp_path, query="description", describe_tokens=4)
+    names, _ = model.router.retrieve([PROMPTS["sort"]], 2)
+    assert len(names[0]) == 2 and model.router.describer.calls == 1
+
+
+def test_needs_prompts_as_text(tmp_path):
+    base = tiny_chat_llama()
+    model = MoErgeModel.from_library(base, _lib(tmp_path, base), router=build_router("glider", local="none"))
+    with pytest.raises(RoutingError, match="tokenizer"):
+        model.generate(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(candidates=0), "candidates"), (dict(local="moe"), "local"), (dict(query="both!"), "query"),
+    (dict(description_weight=2.0), "description_weight"), (dict(temperature=0), "temperature"),
+])
+def test_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        build_router("glider", **kw)
