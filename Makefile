@@ -35,9 +35,12 @@ demo-tiny: $(STAMP)
 
 zoo: $(STAMP)
 	$(PY) -m moerge.zoo build
+	$(PY) -m moerge.zoo gates
+	$(PY) -m moerge.zoo xlora
 
 eval: $(STAMP)
-	$(PY) -m moerge.eval --limit 50 --out results
+	$(PY) -m moerge.eval --limit 50 --retrieval --out results \
+	  --methods base,oracle,uniform,twin,glider_global,router:glider,router:phatgoose,router:arrow,router:xlora
 
 lint: $(STAMP)
 	$(PY) -m ruff check moerge adapters routers tests

@@ -264,16 +264,17 @@ class Expert:
         return out
 
     def digest(self) -> str:
-        """sha256 of the expert's weights (module names, layout and tensor bytes): routing data made for these
-        weights records it, so data made for other weights is never reused."""
+        """sha256 of the expert's weights (module names, layout and values in float32): routing data made for these
+        weights records it, so data made for other weights is never reused. Values are hashed in float32, so an
+        expert stored in bf16 and the same expert held by a float32 model have one digest."""
         import hashlib
 
         h = hashlib.sha256()
         for key, t in sorted(self.state_dict().items()):
             h.update(key.encode())
-            h.update(str((tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                     if t.numel() else b"")
+            h.update(str(tuple(t.shape)).encode())
+            t32 = t.detach().cpu().float().contiguous().reshape(-1)
+            h.update(t32.numpy().tobytes() if t.numel() else b"")
         h.update(repr(sorted(self.spec().items())).encode())
         return h.hexdigest()
 

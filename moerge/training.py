@@ -28,31 +28,32 @@ GateFn = Callable[[str, torch.Tensor], torch.Tensor]  # (module, x (B, T, in)) -
 
 
 class _ModuleExperts:
-    """One module's experts in the training dtype: LoRA as ``A (E, r, in)``-style lists, dense as matrices."""
+    """One module's experts in the training dtype. LoRA experts are concatenated along the rank, so the whole group
+    costs two matmuls whatever its size: ``((x Aᵀ) ⊙ g[col]) Bᵀ``; dense experts are applied one by one."""
 
     def __init__(self, weights: list, device: torch.device, dtype: torch.dtype) -> None:
-        self.items = []
-        for w in weights:
+        a, b, cols = [], [], []
+        self.dense = []
+        for e, w in enumerate(weights):
             if w is None:
-                self.items.append(None)
-            elif isinstance(w, LoRAWeights):
-                self.items.append(("lora", w.A.to(device, dtype), w.B.to(device, dtype), float(w.scale)))
+                continue
+            if isinstance(w, LoRAWeights):
+                a.append(w.A.to(device, dtype))  # (r, in)
+                b.append(w.B.to(device, dtype) * float(w.scale))  # (out, r)
+                cols += [e] * w.rank
             else:
-                self.items.append(("dense", w.delta.to(device, dtype),
-                                   None if w.bias is None else w.bias.to(device, dtype)))
+                self.dense.append((e, w.delta.to(device, dtype), None if w.bias is None else w.bias.to(device, dtype)))
+        self.A = torch.cat(a) if a else None  # (Σr, in)
+        self.B = torch.cat(b, dim=1) if b else None  # (out, Σr)
+        self.cols = torch.tensor(cols, device=device, dtype=torch.long)  # (Σr,) expert of each rank column
 
     def delta(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         out = 0
-        for e, item in enumerate(self.items):
-            if item is None:
-                continue
-            if item[0] == "lora":
-                _, A, B, s = item
-                y = (x @ A.t()) @ B.t() * s  # (B, T, out)
-            else:
-                _, D, b = item
-                y = torch.nn.functional.linear(x, D, b)  # (B, T, out)
-            out = out + g[..., e : e + 1] * y
+        if self.A is not None:
+            h = (x @ self.A.t()) * g.index_select(-1, self.cols)  # (B, T, Σr)
+            out = h @ self.B.t()  # (B, T, out)
+        for e, D, bias in self.dense:
+            out = out + g[..., e : e + 1] * torch.nn.functional.linear(x, D, bias)  # (B, T, out)
         return out
 
 

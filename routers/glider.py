@@ -50,8 +50,8 @@ class GliderConfig(SelectionConfig):
     local: str = field(default="phatgoose", metadata={"help": "local gate: 'phatgoose', 'arrow' or 'none'"})
     local_config: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "options of the local gate's router (e.g. {'train_steps': 50})"})
-    global_weight: float = field(default=1.0, metadata={
-        "help": "weight of the global cosine score added to the local logits"})
+    global_weight: float = field(default=100.0, metadata={
+        "help": "weight of the global cosine score added to the local logits (100: tuned on the zoo's dev split)"})
     temperature: float = field(default=0.05, metadata={
         "help": "with local='none': candidates mixed by softmax(score / temperature)"})
     query: str = field(default="prompt", metadata={

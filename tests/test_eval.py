@@ -7,7 +7,8 @@ import json
 import pytest
 
 from moerge import ExpertLibrary, MoErgeModel
-from moerge.eval import EvalResult, evaluate, list_methods, to_markdown
+from moerge.eval import EvalResult, evaluate, list_methods, retrieval_accuracy, to_markdown
+from moerge.tasks import get_task
 
 from conftest import save_peft_lora
 
@@ -26,8 +27,9 @@ def tiny_routed(tmp_path, tok):
     base = tiny_llama(0, vocab_size=len(tok))
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
     for i, name in enumerate(["uppercase", "plural"]):
-        lib.add_peft(save_peft_lora(base, tmp_path / name, seed=i), name=name, description=name)
-    return MoErgeModel.from_library(base, lib, tokenizer=tok)
+        lib.add_peft(save_peft_lora(base, tmp_path / name, seed=i), name=name,
+                     description=get_task(name).description)
+    return MoErgeModel.from_library(base, lib, tokenizer=tok, router="explicit")
 
 
 def test_evaluate_runs_every_method_and_task(tiny_routed, tok):
@@ -84,3 +86,22 @@ def test_generation_uses_the_chat_template(tiny_routed, tok):
     prompt = tok.apply_chat_template([{"role": "user", "content": ex[0].prompt}], tokenize=False,
                                      add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n") and ex[0].input in prompt
+
+
+def test_router_methods_twin_and_retrieval(tiny_routed, tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "cache"))
+    res = evaluate(tiny_routed, tok, ["glider_global", "twin"], ["uppercase", "plural"], limit=2, batch_size=2,
+                   progress=False)
+    assert set(res.scores) == {"glider_global", "twin"}
+    assert (tmp_path / "cache" / "twin").is_dir()  # the derived Twin-Merging library, built once
+    assert tiny_routed.router.name == "explicit"
+    from moerge.routers import build_router
+
+    glider = build_router("glider", local="none")
+    tiny_routed.set_router(glider)
+    r = retrieval_accuracy(glider, ["uppercase", "plural"], limit=5)
+    assert r["prompts"] == 10 and r["k"] == 3 and 0.5 <= r["top1"] <= r["top3"] == 1.0
+    u = retrieval_accuracy(glider, ["uppercase", "plural"], limit=5, unseen=True)
+    assert u["prompts"] == 10
+    res.retrieval["seen"] = r
+    assert "| seen |" in to_markdown(res)

@@ -331,7 +331,7 @@ def test_bad_explicit_routing_is_refused(base, lib2, input_ids, bad, match):
 
 
 def test_explicit_router_without_experts_explains_itself(base, lib2, input_ids):
-    model = MoErgeModel.from_library(base, lib2)
+    model = MoErgeModel.from_library(base, lib2, router="explicit")
     with pytest.raises(RoutingError, match="experts="):
         model.generate(input_ids, max_new_tokens=2)
 
