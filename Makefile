@@ -39,7 +39,7 @@ zoo: $(STAMP)
 	$(PY) -m moerge.zoo xlora
 
 eval: $(STAMP)
-	$(PY) -m moerge.eval --limit 50 --retrieval --out results \
+	$(PY) -m moerge.eval --limit 30 --retrieval --out results \
 	  --methods base,oracle,uniform,twin,glider_global,router:glider,router:phatgoose,router:arrow,router:xlora
 
 lint: $(STAMP)

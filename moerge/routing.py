@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Candidates", "RoutingRequest", "LayerInfo", "RowRouting", "RoutingState", "RoutingContext", "Router",
     "register_router", "build_router", "list_routers", "router_class", "candidates_from_mixes", "select_weights",
-    "SelectionConfig",
+    "SelectionConfig", "all_candidates",
 ]
 
 
@@ -191,6 +191,13 @@ class SelectionConfig:
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         return select_weights(logits, self.top_k, self.top_p, self.null_logit)
+
+
+def all_candidates(request: RoutingRequest) -> Candidates:
+    """Every expert of the model as a candidate of every row, for local gates without a global stage."""
+    n, b = len(request.names), request.batch_size
+    ids = torch.arange(n).expand(b, n).clone() if n else torch.full((b, 1), -1)  # (B, N)
+    return Candidates(ids=ids, scores=torch.zeros(ids.shape), names=request.names, weights=None)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from moerge.tasks import HELD_IN, Example, get_task
 __all__ = ["ZooConfig", "build_zoo", "build_gates", "build_xlora", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
 
 DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "zoo" / "library"
+EXAMPLES_PER_EXPERT = 5  # example prompts stored with each expert (the global router retrieves by them)
 
 
 class ZooConfig:
@@ -121,7 +122,7 @@ def build_zoo(library: str | Path = DEFAULT_ZOO, tasks: list[str] | None = None,
         tmp = Path(lib.root).parent / f".adapter-{task}"
         model.save_pretrained(str(tmp))
         t = get_task(task)
-        examples = [e.prompt for e in t.examples(5, "train", cfg.seed + 99)]
+        examples = [e.prompt for e in t.examples(EXAMPLES_PER_EXPERT, "train", cfg.seed + 99)]
         expert = load_peft_lora(tmp, name=task, description=t.description, examples=examples, dtype=dtype)
         expert.metadata.source.update({"type": "zoo", "task": task, "train": cfg.to_json(),
                                        "loss_first": losses[0], "loss_last": sum(losses[-5:]) / len(losses[-5:])})
@@ -157,7 +158,8 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_siz
         pairs = [(e.prompt, e.target) for e in get_task(task).examples(steps * batch_size, "train", seed + 500)]
         gates, losses = train_phatgoose_gates(base, tokenizer, expert, pairs, steps=steps, lr=lr,
                                               batch_size=batch_size, seed=seed, progress=progress)
-        lib.put_routing(name, ROUTING_KIND, gates, {"digest": digest, "steps": steps, "batch_size": batch_size,
+        small = {m: g.to(torch.bfloat16) for m, g in gates.items()}  # bf16: routing data stays small on disk
+        lib.put_routing(name, ROUTING_KIND, small, {"digest": digest, "steps": steps, "batch_size": batch_size,
                                                     "lr": lr, "loss_first": losses[0], "loss_last": losses[-1]})
         log(f"  gates {name:<20} loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.time() - t0:.0f} s")
     return lib
@@ -182,7 +184,8 @@ def build_xlora(library: str | Path = DEFAULT_ZOO, *, steps: int = 60, batch_siz
     rows, losses = train_xlora_head(base, tokenizer, experts, pairs, steps=steps, lr=lr, batch_size=batch_size,
                                     seed=seed, progress=progress)
     for x in experts:
-        lib.put_routing(x.name, ROUTING_KIND, rows_to_tensors(rows[x.name]),
+        small = {k: v.to(torch.bfloat16) for k, v in rows_to_tensors(rows[x.name]).items()}
+        lib.put_routing(x.name, ROUTING_KIND, small,
                         {"digest": x.digest(), "steps": steps, "batch_size": batch_size, "lr": lr,
                          "peers": [e.name for e in experts]})
     log(f"  x-lora head over {len(experts)} experts: loss {losses[0]:.4f} -> {sum(losses[-5:]) / 5:.4f} "

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 import torch
 
 from moerge.adapters.expert import Expert, LoRAWeights, ModuleWeights
-from moerge.routing import Candidates, LayerInfo, Router, RoutingRequest, SelectionConfig, register_router
+from moerge.routing import (
+    Candidates,
+    LayerInfo,
+    Router,
+    RoutingRequest,
+    SelectionConfig,
+    all_candidates,
+    register_router,
+)
 
 __all__ = ["ArrowConfig", "ArrowRouter", "prototype"]
 
@@ -75,9 +83,7 @@ class ArrowRouter(Router):
 
     def select(self, request: RoutingRequest) -> Candidates:
         """Every expert is a candidate of every row; the local gate decides per token."""
-        n, b = len(request.names), request.batch_size
-        ids = torch.arange(n).expand(b, n).clone() if n else torch.full((b, 1), -1)  # (B, N)
-        return Candidates(ids=ids, scores=torch.zeros(ids.shape), names=request.names, weights=None)
+        return all_candidates(request)
 
     def _module_protos(self, module: str, names: tuple[str, ...], device: torch.device):
         key = (module, names)

@@ -25,7 +25,15 @@ import torch
 
 from moerge.adapters.expert import Expert
 from moerge.errors import RoutingError
-from moerge.routing import Candidates, LayerInfo, Router, RoutingRequest, SelectionConfig, register_router
+from moerge.routing import (
+    Candidates,
+    LayerInfo,
+    Router,
+    RoutingRequest,
+    SelectionConfig,
+    all_candidates,
+    register_router,
+)
 
 __all__ = ["PhatgooseConfig", "PhatgooseRouter", "train_phatgoose_gates", "ROUTING_KIND"]
 
@@ -201,9 +209,7 @@ class PhatgooseRouter(Router):
     # --- routing --------------------------------------------------------------------------------------------------
     def select(self, request: RoutingRequest) -> Candidates:
         """Every expert is a candidate of every row; the gates decide per token."""
-        n, b = len(request.names), request.batch_size
-        ids = torch.arange(n).expand(b, n).clone() if n else torch.full((b, 1), -1)  # (B, N)
-        return Candidates(ids=ids, scores=torch.zeros(ids.shape), names=request.names, weights=None)
+        return all_candidates(request)
 
     def _module_gates(self, module: str, names: tuple[str, ...], device: torch.device):
         key = (module, names, str(device))

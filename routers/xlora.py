@@ -25,7 +25,15 @@ import torch
 
 from moerge.adapters.expert import Expert
 from moerge.errors import RoutingError
-from moerge.routing import Candidates, LayerInfo, Router, RoutingRequest, SelectionConfig, register_router
+from moerge.routing import (
+    Candidates,
+    LayerInfo,
+    Router,
+    RoutingRequest,
+    SelectionConfig,
+    all_candidates,
+    register_router,
+)
 
 __all__ = ["XLoRAConfig", "XLoRARouter", "train_xlora_head", "ROUTING_KIND"]
 
@@ -239,9 +247,7 @@ class XLoRARouter(Router):
 
     def select(self, request: RoutingRequest) -> Candidates:
         """Every expert is a candidate of every row; the head decides per token."""
-        n, b = len(request.names), request.batch_size
-        ids = torch.arange(n).expand(b, n).clone() if n else torch.full((b, 1), -1)  # (B, N)
-        return Candidates(ids=ids, scores=torch.zeros(ids.shape), names=request.names, weights=None)
+        return all_candidates(request)
 
     def _module_rows(self, module: str, names: tuple[str, ...], device: torch.device):
         key = (module, names, str(device))

@@ -274,3 +274,54 @@ def test_overwrite_keeps_the_expert_in_its_place(tmp_path, base):
         lib.add(_expert(n))
     lib.add(_expert("a", 3), overwrite=True)
     assert lib.names() == ["a", "b", "c"] == ExpertLibrary.open(tmp_path / "lib").names()
+
+
+def test_routing_data_round_trip_replace_and_checks(tmp_path, base, monkeypatch):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha", 1))
+    assert lib.get_routing("alpha", "phatgoose") is None and lib.routing_kinds("alpha") == []
+    gates = {"m.q": torch.randn(32), "m.v": torch.randn(64)}
+    lib.put_routing("alpha", "phatgoose", gates, {"digest": "d1"})
+    t, info = ExpertLibrary.open(lib.root).get_routing("alpha", "phatgoose")
+    assert info == {"digest": "d1"} and all(torch.equal(t[k], v) for k, v in gates.items())
+    first = lib.info("alpha")["routing"]["phatgoose"]["file"]
+    assert oct((lib.root / "experts" / "alpha" / first).stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    lib.put_routing("alpha", "phatgoose", {"m.q": torch.zeros(32)}, {"digest": "d2"})
+    files = sorted(p.name for p in (lib.root / "experts" / "alpha").iterdir())
+    assert first not in files and sum(f.startswith("routing-phatgoose") for f in files) == 1  # old file removed
+    assert lib.get_routing("alpha", "phatgoose")[1]["digest"] == "d2"
+
+    # a crash while writing the manifest keeps the old data valid and listed
+    import moerge.library as libmod
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(libmod, "atomic_write_json", boom)
+    with pytest.raises(OSError):
+        lib.put_routing("alpha", "phatgoose", {"m.q": torch.ones(32)}, {"digest": "d3"})
+    monkeypatch.undo()
+    again = ExpertLibrary.open(lib.root)
+    assert again.get_routing("alpha", "phatgoose")[1]["digest"] == "d2"
+    assert sum(p.name.startswith("routing-") for p in (lib.root / "experts" / "alpha").iterdir()) == 1
+
+    # tampering is caught; a bad kind and an unknown expert are refused
+    path = lib.root / "experts" / "alpha" / again.info("alpha")["routing"]["phatgoose"]["file"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(LibraryError, match="sha256"):
+        again.get_routing("alpha", "phatgoose")
+    with pytest.raises(ValueError, match="alphanumeric"):
+        lib.put_routing("alpha", "../evil", gates)
+    with pytest.raises(LibraryError, match="no expert named 'nope'"):
+        lib.put_routing("nope", "phatgoose", gates)
+    # replacing the expert's weights drops its routing data (made for the old weights)
+    lib.add(_expert("alpha", 9), overwrite=True)
+    assert lib.routing_kinds("alpha") == []
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
