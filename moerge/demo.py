@@ -87,8 +87,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"    experts:  {used}")
         print(f"    answer:   {a.strip()!r}  {'✓' if exact_match(a, e.target) else '✗'}   expected {e.target!r}")
         print(f"    base:     {b.strip()!r}  {'✓' if exact_match(b, e.target) else '✗'}")
-    print("\nmodel.explain() of the routed batch:")
-    print(model.explain(routing))
+    print("\nmodel.explain() of the routed batch (first modules of each row):")
+    shown, per_row = [], 0
+    for line in model.explain(routing).splitlines():
+        per_row = 0 if line.startswith("row ") else per_row + (not line.startswith("  candidates"))
+        if per_row <= 4:
+            shown.append(line)
+    print("\n".join(shown))
     print(f"\ndone in {time.time() - t0:.1f} s")
 
 
