@@ -114,7 +114,8 @@ class GliderRouter(Router):
         self._describer = None
         self.index: ExpertIndex | None = None
         self._texts: dict[str, tuple[list[str], str]] = {}  # expert -> (texts, key)
-        self._dirty = False
+        self._dirty = False  # experts changed since the index was last brought up to date
+        self._unsaved_index = False  # the index changed since it was last written to the library
 
     # --- parts, built on first use ------------------------------------------------------------------------------
     @property
@@ -198,7 +199,9 @@ class GliderRouter(Router):
                     warnings.warn(f"{e}; re-embedding every expert (rebuild_index=True)", stacklevel=2)
             if self.index is None:
                 self.index = ExpertIndex(emb.dim, emb.id, approx_threshold=self.config.approx_threshold)
-        for name in [n for n in self.index.names if n not in self._texts]:
+                self._unsaved_index = True
+        stale = [n for n in self.index.names if n not in self._texts]
+        for name in stale:
             self.index.remove(name)
         todo = []
         for name, (texts, _) in self._texts.items():
@@ -215,7 +218,7 @@ class GliderRouter(Router):
                 self.index.add(n, vecs[i : i + k], key=self._texts[n][1])
                 i += k
         self._dirty = False
-        self._unsaved_index = True
+        self._unsaved_index = self._unsaved_index or bool(stale or todo)
         return self.index
 
     def persist(self, library: Any) -> None:
@@ -224,7 +227,7 @@ class GliderRouter(Router):
         if not self._texts and self.index is None:
             return
         index = self._sync_index()
-        if getattr(self, "_unsaved_index", False):
+        if self._unsaved_index:
             with library.locked():
                 index.save(library.routing_dir / INDEX_SUBDIR)
             if library.embedder != {"id": self.embedder.id, "dim": self.embedder.dim}:

@@ -216,3 +216,12 @@ def test_needs_prompts_as_text(tmp_path):
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         build_router("glider", **kw)
+
+
+def test_an_unchanged_index_is_not_rewritten(tmp_path):
+    model = _model(tmp_path)
+    path = model.library.routing_dir / "index" / "index.faiss"
+    before = path.stat().st_mtime_ns
+    again = MoErgeModel.from_library(tiny_chat_llama(), ExpertLibrary.open(model.library.root),
+                                     router=build_router("glider", local="none"), tokenizer=tiny_tokenizer())
+    assert again.router.index is not None and path.stat().st_mtime_ns == before
