@@ -168,6 +168,7 @@ class GliderRouter(Router):
         self._texts.pop(name, None)
         if self.index is not None and name in self.index:
             self.index.remove(name)
+            self._unsaved_index = True
         self._dirty = True
 
     def _index_dir(self):
