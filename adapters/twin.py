@@ -33,10 +33,7 @@ def _shared_module(ws: list[ModuleWeights], n: int) -> ModuleWeights:
     return DeltaWeights(sum(w.delta_weight(torch.float32) for w in ws) / n)
 
 
-def _exclusive_module(w: ModuleWeights, shared: ModuleWeights | None, rank: int) -> LoRAWeights:
-    if shared is None:
-        return truncate_factors(w.A.float(), w.B.float() * float(w.scale), rank) if isinstance(w, LoRAWeights) \
-            else low_rank_factors(w.delta_weight(torch.float32), rank)
+def _exclusive_module(w: ModuleWeights, shared: ModuleWeights, rank: int) -> LoRAWeights:
     if isinstance(w, LoRAWeights) and isinstance(shared, LoRAWeights):
         A = torch.cat([w.A.float(), shared.A])  # (r_e + Σr, in)
         B = torch.cat([w.B.float() * float(w.scale), -shared.B], dim=1)  # (out, r_e + Σr)

@@ -17,8 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from moerge.safe_io import atomic_write_json
 
 __all__ = ["TaskDescriber", "DescriptionCache", "DESCRIBE_INSTRUCTION"]
@@ -117,23 +115,10 @@ class TaskDescriber:
                                            add_generation_prompt=True)
         return text + "\nTask:"
 
-    @torch.no_grad()
     def _generate(self, prompts: list[str]) -> list[str]:
-        tok = self.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            if tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token
-            batch = tok([self._request(p) for p in prompts], return_tensors="pt", padding=True,
-                        add_special_tokens=False)
-            device = next(self.model.parameters()).device
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=tok.pad_token_id)
-        finally:
-            tok.padding_side = side
-        texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        from moerge.training import greedy_generate
+
+        texts = greedy_generate(self.model, self.tokenizer, [self._request(p) for p in prompts], self.max_new_tokens)
         return [" ".join(t.split()) for t in texts]
 
     def __call__(self, prompts: Sequence[str]) -> list[str]:

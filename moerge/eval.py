@@ -108,16 +108,11 @@ def _method(name: str) -> Method:
 def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], experts: list[dict] | None,
                      max_new_tokens: int) -> list[str]:
     """Greedy answers for ``examples`` (one batch), prompts formatted with the chat template, left padded."""
-    from moerge.zoo import chat_prompt
+    from moerge.training import chat_prompt, greedy_generate
 
-    prompts = [chat_prompt(tokenizer, e.prompt) for e in examples]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     kw: dict[str, Any] = {"experts": experts} if experts is not None else {}
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, **kw)
-    return [tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+    return greedy_generate(model, tokenizer, [chat_prompt(tokenizer, e.prompt) for e in examples], max_new_tokens,
+                           **kw)
 
 
 @dataclass

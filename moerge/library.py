@@ -446,7 +446,7 @@ class ExpertLibrary:
     def put_routing(self, name: str, kind: str, tensors: dict[str, torch.Tensor],
                     info: dict[str, Any] | None = None) -> None:
         """Store routing data ``kind`` of expert ``name`` (e.g. PHATGOOSE gate vectors) next to its weights, as
-        ``experts/<name>/routing-<kind>.safetensors`` with its sha256 and ``info`` in the manifest. Replacing the
+        ``experts/<name>/routing-<kind>-<random>.safetensors`` with its sha256 and ``info`` in the manifest. Replacing the
         expert's weights drops its routing data (it was made for the old weights)."""
         if not kind.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"routing data kind must be alphanumeric (with - or _), got {kind!r}")

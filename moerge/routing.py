@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Candidates", "RoutingRequest", "LayerInfo", "RowRouting", "RoutingState", "RoutingContext", "Router",
     "register_router", "build_router", "list_routers", "router_class", "candidates_from_mixes", "select_weights",
-    "SelectionConfig", "all_candidates",
+    "SelectionConfig", "all_candidates", "standardize", "ExpertVectors", "no_candidate_logits",
 ]
 
 
@@ -191,6 +191,70 @@ class SelectionConfig:
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         return select_weights(logits, self.top_k, self.top_p, self.null_logit)
+
+
+def standardize(v: torch.Tensor) -> torch.Tensor:
+    """Zero mean and unit variance over the last dimension (layer norm without affine), in float32."""
+    return torch.nn.functional.layer_norm(v.float(), v.shape[-1:])
+
+
+class ExpertVectors(Mapping):
+    """Per module, one vector per expert (Arrow prototypes, PHATGOOSE gates, X-LoRA head rows); read-only it is a
+    mapping module → {expert: vector}.
+
+    The vectors of one module are stacked in the model's expert order once per ``(module, names, device)`` and
+    then gathered for each row's candidates, so a gate costs one indexing and one batched matmul per module.
+    """
+
+    def __init__(self) -> None:
+        self._by_module: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> (d,)
+        self._stacked: dict[tuple[str, tuple[str, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getitem__(self, module: str) -> dict[str, torch.Tensor]:
+        return self._by_module[module]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_module)
+
+    def __len__(self) -> int:
+        return len(self._by_module)
+
+    def set(self, name: str, vectors: Mapping[str, torch.Tensor]) -> None:
+        """Use ``vectors`` (module → (d,)) for expert ``name``, replacing what it had."""
+        self.remove(name)
+        for m, v in vectors.items():
+            self._by_module.setdefault(m, {})[name] = v
+        self._stacked.clear()
+
+    def remove(self, name: str) -> None:
+        for d in self._by_module.values():
+            d.pop(name, None)
+        self._stacked.clear()
+
+    def gather(self, module: str, candidates: Candidates,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(V (B, K, d), ok (B, K))``: each row's candidates' vectors for ``module`` and whether the candidate has
+        one (``False`` for empty slots and experts that do not target the module); ``None`` when no expert has a
+        vector for ``module``."""
+        have = self._by_module.get(module)
+        if not have:
+            return None
+        names = candidates.names
+        key = (module, names, str(device))
+        if key not in self._stacked:
+            dim = next(iter(have.values())).numel()
+            V = torch.stack([have.get(n, torch.zeros(dim)) for n in names]) if names else torch.zeros(0, dim)
+            valid = torch.tensor([n in have for n in names], dtype=torch.bool)
+            self._stacked[key] = (V.to(device), valid.to(device))  # (N, d), (N,)
+        V, valid = self._stacked[key]
+        ids = candidates.ids.to(device)  # (B, K)
+        safe = ids.clamp(min=0)
+        return V[safe], valid[safe] & (ids >= 0)  # (B, K, d), (B, K)
+
+
+def no_candidate_logits(x: torch.Tensor, candidates: Candidates) -> torch.Tensor:
+    """``(B, T, K)`` of ``-inf``: the logits of a module that none of the candidates targets."""
+    return torch.full((*x.shape[:2], candidates.k), float("-inf"), device=x.device)
 
 
 def all_candidates(request: RoutingRequest) -> Candidates:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +23,27 @@ from torch import nn
 
 from moerge.adapters.expert import Expert, LoRAWeights
 
-__all__ = ["GatedExperts", "encode_pair", "make_batches", "answers_from_expert", "frozen"]
+__all__ = ["GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "make_batches", "answers_from_expert",
+           "frozen", "greedy_generate"]
+
+
+@dataclass
+class GateTrainingConfig:
+    """How a router trains the routing data of an added expert that has none stored (mixed into its config)."""
+
+    train_missing: bool = field(default=True, metadata={
+        "help": "train the routing data of an added expert that has none stored (from its example prompts)"})
+    train_steps: int = field(default=40, metadata={"help": "training steps per added expert"})
+    train_lr: float = field(default=1e-2, metadata={"help": "training learning rate (Adam)"})
+    train_batch_size: int = field(default=8, metadata={"help": "training batch size"})
+
+    def _check_training(self) -> None:
+        for f in ("train_steps", "train_batch_size"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{f} must be a positive integer, got {v!r}")
+        if not (isinstance(self.train_lr, (int, float)) and self.train_lr > 0):
+            raise ValueError(f"train_lr must be > 0, got {self.train_lr!r}")
 
 GateFn = Callable[[str, torch.Tensor], torch.Tensor]  # (module, x (B, T, in)) -> (B, T, E) weights
 
@@ -106,7 +127,9 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _chat(tokenizer: Any, prompt: str) -> str:
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """The user turn of the tokenizer's chat template, ready for the assistant's answer (the prompt and a newline
+    for a tokenizer without a template)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -121,7 +144,7 @@ def _end_of_turn(tokenizer: Any) -> str:
 
 def encode_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """Token ids of chat prompt + answer + end of turn, and labels scoring the answer only (-100 on the prompt)."""
-    p = tokenizer(_chat(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    p = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     a = tokenizer(answer + _end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
     return p + a, [-100] * len(p) + a
 
@@ -151,25 +174,32 @@ def make_batches(tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: i
 
 
 @torch.no_grad()
+def greedy_generate(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_new_tokens: int,
+                    **generate_kwargs: Any) -> list[str]:
+    """Greedy continuations of ``texts`` (already formatted, one batch): left padded (the tokenizer's padding side
+    is restored), on the model's device, decoded without special tokens. ``generate_kwargs`` go to ``generate``
+    (e.g. ``experts=`` for a :class:`~moerge.MoErgeModel`)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    batch = batch.to(next(model.parameters()).device)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def answers_from_expert(base: nn.Module, tokenizer: Any, expert: Expert, prompts: Sequence[str],
                         max_new_tokens: int = 64, batch_size: int = 16) -> list[tuple[str, str]]:
     """``(prompt, answer)`` pairs where the answer is the expert's own greedy answer (the expert at weight 1)."""
     pairs = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    device = next(base.parameters()).device
-    try:
-        with GatedExperts(base, [expert], lambda m, x: torch.ones(*x.shape[:2], 1, device=x.device)):
-            for i in range(0, len(prompts), batch_size):
-                chunk = list(prompts[i : i + batch_size])
-                batch = tokenizer([_chat(tokenizer, p) for p in chunk], return_tensors="pt", padding=True,
-                                  add_special_tokens=False).to(device)
-                out = base.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-                texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-                pairs.extend((p, t.strip()) for p, t in zip(chunk, texts))
-    finally:
-        tokenizer.padding_side = side
+    with GatedExperts(base, [expert], lambda m, x: torch.ones(*x.shape[:2], 1, device=x.device)):
+        for i in range(0, len(prompts), batch_size):
+            chunk = list(prompts[i : i + batch_size])
+            texts = greedy_generate(base, tokenizer, [chat_prompt(tokenizer, p) for p in chunk], max_new_tokens)
+            pairs.extend((p, t.strip()) for p, t in zip(chunk, texts))
     return pairs

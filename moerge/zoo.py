@@ -19,6 +19,7 @@ import torch
 
 from moerge.library import ExpertLibrary
 from moerge.tasks import HELD_IN, Example, get_task
+from moerge.training import chat_prompt, encode_pair
 
 __all__ = ["ZooConfig", "build_zoo", "build_gates", "build_xlora", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
 
@@ -44,16 +45,8 @@ class ZooConfig:
         return dict(vars(self))
 
 
-def chat_prompt(tokenizer: Any, prompt: str) -> str:
-    """The user turn of the chat template, ready for the assistant's answer."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
 def encode_example(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
     """Token ids of prompt + answer + end of turn, and labels that score the answer only (-100 on the prompt)."""
-    from moerge.training import encode_pair
-
     return encode_pair(tokenizer, ex.prompt, ex.target)
 
 

@@ -16,11 +16,13 @@ import torch
 from moerge.adapters.expert import Expert, LoRAWeights, ModuleWeights
 from moerge.routing import (
     Candidates,
+    ExpertVectors,
     LayerInfo,
     Router,
     RoutingRequest,
     SelectionConfig,
     all_candidates,
+    no_candidate_logits,
     register_router,
 )
 
@@ -65,46 +67,25 @@ class ArrowRouter(Router):
 
     def __init__(self, config: ArrowConfig | None = None) -> None:
         super().__init__(config)
-        self._protos: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> (in,)
-        self._stacked: dict[tuple[str, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._protos = ExpertVectors()  # module -> expert -> prototype (in,)
 
     def on_add_expert(self, expert: Expert) -> None:
-        protos = {m: prototype(w) for m, w in expert.modules.items()}  # all computed before anything changes
-        for d in self._protos.values():
-            d.pop(expert.name, None)
-        for m, p in protos.items():
-            self._protos.setdefault(m, {})[expert.name] = p
-        self._stacked.clear()
+        self._protos.set(expert.name, {m: prototype(w) for m, w in expert.modules.items()})
 
     def on_remove_expert(self, name: str) -> None:
-        for d in self._protos.values():
-            d.pop(name, None)
-        self._stacked.clear()
+        self._protos.remove(name)
 
     def select(self, request: RoutingRequest) -> Candidates:
         """Every expert is a candidate of every row; the local gate decides per token."""
         return all_candidates(request)
 
-    def _module_protos(self, module: str, names: tuple[str, ...], device: torch.device):
-        key = (module, names)
-        if key not in self._stacked:
-            have = self._protos.get(module, {})
-            dim = next(iter(have.values())).numel() if have else 1
-            P = torch.stack([have.get(n, torch.zeros(dim)) for n in names]) if names else torch.zeros(0, dim)
-            valid = torch.tensor([n in have for n in names], dtype=torch.bool)
-            self._stacked[key] = (P.to(device), valid.to(device))  # (N, in), (N,)
-        return self._stacked[key]
-
     def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
         """``(B, T, K)`` logits ``|⟨prototype, x⟩| / temperature``; ``-inf`` for candidates without the module."""
-        ids = candidates.ids.to(x.device)  # (B, K)
-        if not self._protos.get(layer.name):  # no expert targets this module
-            return torch.full((*x.shape[:2], ids.shape[1]), float("-inf"), device=x.device)
-        P, valid = self._module_protos(layer.name, candidates.names, x.device)
-        safe = ids.clamp(min=0)
-        Pc = P[safe]  # (B, K, in)
-        ok = valid[safe] & (ids >= 0)  # (B, K)
-        sim = torch.bmm(x.float(), Pc.transpose(1, 2)).abs() / self.config.temperature  # (B, T, K)
+        got = self._protos.gather(layer.name, candidates, x.device)
+        if got is None:  # no expert targets this module
+            return no_candidate_logits(x, candidates)
+        P, ok = got  # (B, K, in), (B, K)
+        sim = torch.bmm(x.float(), P.transpose(1, 2)).abs() / self.config.temperature  # (B, T, K)
         return sim.masked_fill(~ok.unsqueeze(1), float("-inf"))
 
     def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:

@@ -27,13 +27,17 @@ from moerge.adapters.expert import Expert
 from moerge.errors import RoutingError
 from moerge.routing import (
     Candidates,
+    ExpertVectors,
     LayerInfo,
     Router,
     RoutingRequest,
     SelectionConfig,
     all_candidates,
+    no_candidate_logits,
     register_router,
+    standardize,
 )
+from moerge.training import GateTrainingConfig
 
 __all__ = ["PhatgooseConfig", "PhatgooseRouter", "train_phatgoose_gates", "ROUTING_KIND"]
 
@@ -41,29 +45,15 @@ ROUTING_KIND = "phatgoose"
 
 
 @dataclass
-class PhatgooseConfig(SelectionConfig):
+class PhatgooseConfig(SelectionConfig, GateTrainingConfig):
     temperature: float | None = field(default=None, metadata={
         "help": "logits are standardized dot products divided by this (None: √d, as in the paper)"})
-    train_missing: bool = field(default=True, metadata={
-        "help": "train the gates of an added expert that has none stored (from its example prompts)"})
-    train_steps: int = field(default=40, metadata={"help": "gate training steps per expert"})
-    train_lr: float = field(default=1e-2, metadata={"help": "gate training learning rate (Adam)"})
-    train_batch_size: int = field(default=8, metadata={"help": "gate training batch size"})
 
     def __post_init__(self) -> None:
         self._check_selection()
+        self._check_training()
         if self.temperature is not None and not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"temperature must be > 0 or None, got {self.temperature!r}")
-        for f in ("train_steps", "train_batch_size"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{f} must be a positive integer, got {v!r}")
-        if not (isinstance(self.train_lr, (int, float)) and self.train_lr > 0):
-            raise ValueError(f"train_lr must be > 0, got {self.train_lr!r}")
-
-
-def _standardize(v: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.layer_norm(v.float(), v.shape[-1:])  # zero mean, unit variance, no affine
 
 
 def train_phatgoose_gates(
@@ -135,26 +125,21 @@ class PhatgooseRouter(Router):
 
     def __init__(self, config: PhatgooseConfig | None = None) -> None:
         super().__init__(config)
-        self._gates: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> standardized gate (in,)
+        self._gates = ExpertVectors()  # module -> expert -> standardized gate (in,)
         self._raw: dict[str, dict[str, torch.Tensor]] = {}  # expert -> module -> gate as trained
         self._digest: dict[str, str] = {}
         self._unsaved: set[str] = set()
-        self._stacked: dict[tuple[str, tuple[str, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.losses: dict[str, list[float]] = {}
 
     # --- routing data -------------------------------------------------------------------------------------------
     def set_gates(self, name: str, gates: dict[str, torch.Tensor], digest: str | None = None) -> None:
         """Use ``gates`` (module → (in,)) for expert ``name`` (e.g. trained with :func:`train_phatgoose_gates`)."""
         gates = {m: g.detach().float().cpu().reshape(-1) for m, g in gates.items()}
-        for d in self._gates.values():
-            d.pop(name, None)
-        for m, g in gates.items():
-            self._gates.setdefault(m, {})[name] = _standardize(g)
+        self._gates.set(name, {m: standardize(g) for m, g in gates.items()})
         self._raw[name] = gates
         if digest is not None:
             self._digest[name] = digest
         self._unsaved.add(name)
-        self._stacked.clear()
 
     def _stored(self, expert: Expert, digest: str) -> dict[str, torch.Tensor] | None:
         lib = getattr(self.model, "library", None)
@@ -187,12 +172,10 @@ class PhatgooseRouter(Router):
             self._unsaved.discard(expert.name)
 
     def on_remove_expert(self, name: str) -> None:
-        for d in self._gates.values():
-            d.pop(name, None)
+        self._gates.remove(name)
         self._raw.pop(name, None)
         self._digest.pop(name, None)
         self._unsaved.discard(name)
-        self._stacked.clear()
 
     def persist(self, library: Any) -> None:
         for name in sorted(self._unsaved):
@@ -211,27 +194,14 @@ class PhatgooseRouter(Router):
         """Every expert is a candidate of every row; the gates decide per token."""
         return all_candidates(request)
 
-    def _module_gates(self, module: str, names: tuple[str, ...], device: torch.device):
-        key = (module, names, str(device))
-        if key not in self._stacked:
-            have = self._gates.get(module, {})
-            dim = next(iter(have.values())).numel() if have else 1
-            G = torch.stack([have.get(n, torch.zeros(dim)) for n in names]) if names else torch.zeros(0, dim)
-            valid = torch.tensor([n in have for n in names], dtype=torch.bool)
-            self._stacked[key] = (G.to(device), valid.to(device))  # (N, in), (N,)
-        return self._stacked[key]
-
     def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
         """``(B, T, K)`` standardized-dot-product logits; ``-inf`` for candidates that do not target the module."""
-        ids = candidates.ids.to(x.device)  # (B, K)
-        if not self._gates.get(layer.name):
-            return torch.full((*x.shape[:2], ids.shape[1]), float("-inf"), device=x.device)
-        G, valid = self._module_gates(layer.name, candidates.names, x.device)
-        safe = ids.clamp(min=0)
-        Gc = G[safe]  # (B, K, in)
-        ok = valid[safe] & (ids >= 0)  # (B, K)
+        got = self._gates.gather(layer.name, candidates, x.device)
+        if got is None:
+            return no_candidate_logits(x, candidates)
+        G, ok = got  # (B, K, in), (B, K)
         temp = self.config.temperature or math.sqrt(x.shape[-1])
-        z = torch.bmm(_standardize(x), Gc.transpose(1, 2)) / temp  # (B, T, K)
+        z = torch.bmm(standardize(x), G.transpose(1, 2)) / temp  # (B, T, K)
         return z.masked_fill(~ok.unsqueeze(1), float("-inf"))
 
     def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:

@@ -27,13 +27,17 @@ from moerge.adapters.expert import Expert
 from moerge.errors import RoutingError
 from moerge.routing import (
     Candidates,
+    ExpertVectors,
     LayerInfo,
     Router,
     RoutingRequest,
     SelectionConfig,
     all_candidates,
+    no_candidate_logits,
     register_router,
+    standardize,
 )
+from moerge.training import GateTrainingConfig
 
 __all__ = ["XLoRAConfig", "XLoRARouter", "train_xlora_head", "ROUTING_KIND"]
 
@@ -41,33 +45,21 @@ ROUTING_KIND = "xlora"
 
 
 @dataclass
-class XLoRAConfig(SelectionConfig):
+class XLoRAConfig(SelectionConfig, GateTrainingConfig):
     top_k: int | None = field(default=None, metadata={"help": "experts mixed per token (None: dense softmax)"})
-    train_missing: bool = field(default=True, metadata={
-        "help": "train the head rows of an added expert that has none stored (others frozen)"})
-    train_steps: int = field(default=40, metadata={"help": "head training steps when an expert is added"})
-    train_lr: float = field(default=1e-2, metadata={"help": "head training learning rate (Adam)"})
-    train_batch_size: int = field(default=8, metadata={"help": "head training batch size"})
     peers: int = field(default=8, metadata={
         "help": "when training a new expert's rows: how many other experts' examples to mix in"})
 
     def __post_init__(self) -> None:
         self._check_selection()
-        for f in ("train_steps", "train_batch_size", "peers"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v < (0 if f == "peers" else 1):
-                raise ValueError(f"{f} must be a positive integer, got {v!r}")
-        if not (isinstance(self.train_lr, (int, float)) and self.train_lr > 0):
-            raise ValueError(f"train_lr must be > 0, got {self.train_lr!r}")
-
-
-def _standardize(v: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.layer_norm(v.float(), v.shape[-1:])
+        self._check_training()
+        if not isinstance(self.peers, int) or self.peers < 0:
+            raise ValueError(f"peers must be a non-negative integer, got {self.peers!r}")
 
 
 def _head_logits(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``x (B, T, in)``, ``W (E, in)``, ``b (E,)`` → ``(B, T, E)``."""
-    return _standardize(x) @ W.t() / math.sqrt(x.shape[-1]) + b
+    return standardize(x) @ W.t() / math.sqrt(x.shape[-1]) + b
 
 
 def train_xlora_head(
@@ -172,7 +164,7 @@ class XLoRARouter(Router):
         self._unsaved: set[str] = set()
         self._experts: dict[str, Expert] = {}
         self._answers: dict[str, list[tuple[str, str]]] = {}
-        self._stacked: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._head = ExpertVectors()  # module -> expert -> [w (in,), b] (in + 1,)
         self.losses: dict[str, list[float]] = {}
 
     def set_rows(self, name: str, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], digest: str | None = None,
@@ -180,10 +172,10 @@ class XLoRARouter(Router):
         """Use ``rows`` (module → (w (in,), b ())) as expert ``name``'s part of the head."""
         self._rows[name] = {m: (w.detach().float().cpu().reshape(-1), b.detach().float().cpu().reshape(()))
                             for m, (w, b) in rows.items()}
+        self._head.set(name, {m: torch.cat([w, b.reshape(1)]) for m, (w, b) in self._rows[name].items()})
         if digest is not None:
             self._digest[name] = digest
         (self._unsaved.discard if saved else self._unsaved.add)(name)
-        self._stacked.clear()
 
     def _examples(self, expert: Expert) -> list[tuple[str, str]]:
         if expert.name not in self._answers:
@@ -230,8 +222,8 @@ class XLoRARouter(Router):
     def on_remove_expert(self, name: str) -> None:
         for d in (self._rows, self._digest, self._experts, self._answers):
             d.pop(name, None)
+        self._head.remove(name)
         self._unsaved.discard(name)
-        self._stacked.clear()
 
     def persist(self, library: Any) -> None:
         for name in sorted(self._unsaved):
@@ -249,27 +241,13 @@ class XLoRARouter(Router):
         """Every expert is a candidate of every row; the head decides per token."""
         return all_candidates(request)
 
-    def _module_rows(self, module: str, names: tuple[str, ...], device: torch.device):
-        key = (module, names, str(device))
-        if key not in self._stacked:
-            have = {n: self._rows[n][module] for n in names if n in self._rows and module in self._rows[n]}
-            dim = next(iter(have.values()))[0].numel() if have else 1
-            W = torch.stack([have[n][0] if n in have else torch.zeros(dim) for n in names]) if names else \
-                torch.zeros(0, dim)
-            b = torch.stack([have[n][1] if n in have else torch.zeros(()) for n in names]) if names else torch.zeros(0)
-            valid = torch.tensor([n in have for n in names], dtype=torch.bool)
-            self._stacked[key] = (W.to(device), b.to(device), valid.to(device))
-        return self._stacked[key]
-
     def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
-        ids = candidates.ids.to(x.device)  # (B, K)
-        W, b, valid = self._module_rows(layer.name, candidates.names, x.device)
-        if not bool(valid.any()):
-            return torch.full((*x.shape[:2], ids.shape[1]), float("-inf"), device=x.device)
-        safe = ids.clamp(min=0)
-        z = torch.bmm(_standardize(x), W[safe].transpose(1, 2)) / math.sqrt(x.shape[-1])  # (B, T, K)
-        z = z + b[safe].unsqueeze(1)
-        ok = valid[safe] & (ids >= 0)  # (B, K)
+        got = self._head.gather(layer.name, candidates, x.device)
+        if got is None:
+            return no_candidate_logits(x, candidates)
+        H, ok = got  # (B, K, in + 1): the rows' w and b, (B, K)
+        z = torch.bmm(standardize(x), H[..., :-1].transpose(1, 2)) / math.sqrt(x.shape[-1])  # (B, T, K)
+        z = z + H[..., -1].unsqueeze(1)
         return z.masked_fill(~ok.unsqueeze(1), float("-inf"))
 
     def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
