@@ -484,6 +484,15 @@ class ExpertLibrary:
                                    file=str(path))
             return load_safetensors(path, expert=name), dict(entry.get("info") or {})
 
+    def routing_for(self, name: str, kind: str, digest: str) -> dict[str, torch.Tensor] | None:
+        """The tensors of routing data ``kind`` of expert ``name`` if they were made for the weights with ``digest``
+        (see :meth:`Expert.digest`); ``None`` when the library lacks the expert, the data, or holds data made for
+        other weights."""
+        if name not in self:
+            return None
+        got = self.get_routing(name, kind)
+        return got[0] if got is not None and got[1].get("digest") == digest else None
+
     def routing_kinds(self, name: str) -> list[str]:
         self._require(name)
         return sorted(self._manifest["experts"][name].get("routing", {}))

@@ -143,8 +143,7 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_siz
     for name in lib.names():
         expert = lib.get(name)
         digest = expert.digest()
-        stored = lib.get_routing(name, ROUTING_KIND)
-        if stored is not None and stored[1].get("digest") == digest and not force:
+        if not force and lib.routing_for(name, ROUTING_KIND, digest) is not None:
             continue
         task = expert.metadata.source.get("task", name)
         t0 = time.time()

@@ -143,12 +143,7 @@ class PhatgooseRouter(Router):
 
     def _stored(self, expert: Expert, digest: str) -> dict[str, torch.Tensor] | None:
         lib = getattr(self.model, "library", None)
-        if lib is None or expert.name not in lib:
-            return None
-        got = lib.get_routing(expert.name, ROUTING_KIND)
-        if got is None or got[1].get("digest") != digest:
-            return None
-        return got[0]
+        return None if lib is None else lib.routing_for(expert.name, ROUTING_KIND, digest)
 
     def on_add_expert(self, expert: Expert) -> None:
         digest = expert.digest()

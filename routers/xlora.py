@@ -191,12 +191,11 @@ class XLoRARouter(Router):
             self._experts[expert.name] = expert
             return
         lib = getattr(self.model, "library", None)
-        if lib is not None and expert.name in lib:
-            got = lib.get_routing(expert.name, ROUTING_KIND)
-            if got is not None and got[1].get("digest") == digest:
-                self._experts[expert.name] = expert
-                self.set_rows(expert.name, rows_from_tensors(got[0]), digest, saved=True)
-                return
+        stored = None if lib is None else lib.routing_for(expert.name, ROUTING_KIND, digest)
+        if stored is not None:
+            self._experts[expert.name] = expert
+            self.set_rows(expert.name, rows_from_tensors(stored), digest, saved=True)
+            return
         tok = getattr(self.model, "tokenizer", None) if self.model is not None else None
         if self.config.train_missing and expert.metadata.examples and tok is not None:
             peers = [self._experts[n] for n in self._experts if n != expert.name and self._experts[n].metadata.examples]
