@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
-from moerge.adapters.merge import merge_module
+from moerge.adapters.merge import lines_scales, merge_module
 from moerge.errors import BaseMismatchError, LibraryError, RoutingError
 from moerge.fingerprint import is_linear_like, linear_shape
 from moerge.layer import ExpertLinear, LayerBank
@@ -528,11 +528,14 @@ class MoErgeModel(nn.Module):
         super().__setstate__(state)
         self._lock = threading.RLock()
 
-    def merge(self, weights: Mapping[str, float], method: str = "linear", **method_kwargs: Any) -> nn.Module:
+    def merge(self, weights: Mapping[str, float], method: str = "linear", *,
+              layer_scaling: tuple[float, float] | None = None, **method_kwargs: Any) -> nn.Module:
         """A plain transformers model with the mix ``weights`` (expert → weight) folded into the base weights.
 
         The result has no routing overhead and no moerge modules; this model is left unchanged.
-        ``method`` names a merge method of :mod:`moerge.adapters.merge`.
+        ``method`` names a merge method of :mod:`moerge.adapters.merge` (``linear``, ``task_arithmetic``, ``ties``,
+        ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``breadcrumbs``, ``breadcrumbs_ties``, ``consensus``)
+        and ``method_kwargs`` its options (``density=``, ``scale=``, ...); ``layer_scaling=(α, β)`` applies LiNeS.
         """
         self._require_active()
         with self._lock:
@@ -541,6 +544,8 @@ class MoErgeModel(nn.Module):
                     raise RoutingError(f"unknown expert {n!r}", expert=n)
             plain = self.copy_base()
             emb = plain.get_input_embeddings() if hasattr(plain, "get_input_embeddings") else None
+            n_layers = getattr(getattr(plain, "config", None), "num_hidden_layers", None)
+            scales = lines_scales(list(self._layers), *layer_scaling, num_layers=n_layers) if layer_scaling else {}
             with torch.no_grad():
                 for name, layer in self._layers.items():
                     used = {n: w for n, w in weights.items() if n in layer.bank}
@@ -548,6 +553,7 @@ class MoErgeModel(nn.Module):
                         continue
                     target = plain.get_submodule(name)
                     dw = merge_module({n: layer.bank.delta_weight(n) for n in used}, used, method, **method_kwargs)
+                    dw = dw * scales.get(name, 1.0)
                     if emb is not None and target.weight is getattr(emb, "weight", None):
                         target.weight = nn.Parameter(target.weight.detach().clone())  # untie from the embeddings
                         if getattr(plain.config, "tie_word_embeddings", False):
@@ -558,7 +564,7 @@ class MoErgeModel(nn.Module):
                     biases = [(wt, layer.bank.delta_bias(n)) for n, wt in used.items()]
                     biases = [(wt, b) for wt, b in biases if b is not None]
                     if biases:
-                        db = sum(wt * b.float() for wt, b in biases)
+                        db = sum(wt * b.float() for wt, b in biases) * scales.get(name, 1.0)
                         target.bias.copy_((target.bias.float() + db.to(target.bias.device)).to(target.bias.dtype))
         return plain
 
