@@ -203,11 +203,19 @@ class Expert:
     name: str
     modules: dict[str, ModuleWeights]
     metadata: ExpertMetadata = field(default_factory=ExpertMetadata)
+    compressed: dict[str, Any] = field(default_factory=dict, repr=False)
+    """State-dict key (``"<module>.lora_A"``, ``"<module>.delta"``) → its packed form
+    (:class:`~moerge.adapters.compress.PackedSigns`), which the library stores instead of the dense tensor; the
+    module weights hold the reconstruction. Empty for an uncompressed expert."""
 
     def __post_init__(self) -> None:
         validate_name(self.name)
         if not self.modules:
             raise ExpertFormatError("the expert has no module weights", expert=self.name)
+        keys = {k for m, w in self.modules.items() for k in w.tensors(m)}
+        stray = sorted(set(self.compressed) - keys)
+        if stray:
+            raise ExpertFormatError(f"compressed tensors {stray[:3]} belong to no module weight", expert=self.name)
         for module, w in self.modules.items():
             if not isinstance(w, (LoRAWeights, DeltaWeights)):
                 raise ExpertFormatError(
@@ -243,7 +251,7 @@ class Expert:
         return {m: w.delta_weight(dtype) for m, w in self.modules.items()}
 
     def renamed(self, name: str) -> Expert:
-        return Expert(name=name, modules=self.modules, metadata=self.metadata)
+        return Expert(name=name, modules=self.modules, metadata=self.metadata, compressed=self.compressed)
 
     def to(self, dtype: torch.dtype) -> Expert:
         """A copy with every tensor cast to ``dtype`` (scales stay float)."""
@@ -253,14 +261,19 @@ class Expert:
                 mods[m] = LoRAWeights(w.A.to(dtype), w.B.to(dtype), w.scale)
             else:
                 mods[m] = DeltaWeights(w.delta.to(dtype), None if w.bias is None else w.bias.to(dtype))
-        return Expert(self.name, mods, self.metadata)
+        return Expert(self.name, mods, self.metadata, compressed=self.compressed)
 
     # --- serialisation (used by ExpertLibrary) -------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensor dict for safetensors: ``<module>.lora_A``, ``<module>.lora_B``, ``<module>.delta[_bias]``."""
+        """Flat tensor dict for safetensors: ``<module>.lora_A``, ``<module>.lora_B``, ``<module>.delta[_bias]``;
+        a compressed tensor ``<key>`` is stored packed as ``<key>.signs`` and ``<key>.mask`` (uint8)."""
         out: dict[str, torch.Tensor] = {}
         for m, w in sorted(self.modules.items()):
-            out.update({k: v.detach().contiguous().cpu() for k, v in w.tensors(m).items()})
+            for k, v in w.tensors(m).items():
+                if k in self.compressed:
+                    out.update(self.compressed[k].tensors(k))
+                else:
+                    out[k] = v.detach().contiguous().cpu()
         return out
 
     def digest(self) -> str:
@@ -279,8 +292,15 @@ class Expert:
         return h.hexdigest()
 
     def spec(self) -> dict[str, Any]:
-        """The JSON description of the weights' layout (kind, rank, scale per module)."""
-        return {m: w.spec() for m, w in sorted(self.modules.items())}
+        """The JSON description of the weights' layout (kind, rank, scale per module; how a tensor is compressed)."""
+        out = {}
+        for m, w in sorted(self.modules.items()):
+            spec = w.spec()
+            packed = {k[len(m) + 1:]: self.compressed[k].spec() for k in w.tensors(m) if k in self.compressed}
+            if packed:
+                spec["compressed"] = packed
+            out[m] = spec
+        return out
 
     @classmethod
     def from_state_dict(
@@ -290,6 +310,26 @@ class Expert:
         """Rebuild an expert from :meth:`spec` and :meth:`state_dict` output, checking that they agree."""
         mods: dict[str, ModuleWeights] = {}
         used: set[str] = set()
+        compressed: dict[str, Any] = {}
+        if any(isinstance(s, Mapping) and s.get("compressed") for s in spec.values()):
+            from moerge.adapters.compress import PackedSigns
+
+            tensors = dict(tensors)
+            for m, s in spec.items():
+                entries = s.get("compressed") or {}
+                if not isinstance(entries, Mapping):
+                    raise ExpertFormatError(f"module {m!r}: 'compressed' must map tensor names to settings",
+                                            expert=name, file=file)
+                for role, cs in entries.items():
+                    if role not in ("lora_A", "lora_B", "delta") or not isinstance(cs, Mapping):
+                        raise ExpertFormatError(f"module {m!r}: cannot decompress {role!r}", expert=name, file=file)
+                    key = f"{m}.{role}"
+                    if key in tensors:
+                        raise ExpertFormatError(f"{key} is stored both dense and compressed", expert=name, file=file)
+                    packed = PackedSigns.from_tensors(key, dict(cs), dict(tensors), expert=name, file=file)
+                    compressed[key] = packed
+                    used |= set(packed.tensors(key))
+                    tensors[key] = packed.dense()
         for m, s in spec.items():
             kind = s.get("kind")
             try:
@@ -316,10 +356,10 @@ class Expert:
             except KeyError as e:
                 raise ExpertFormatError(f"missing tensor {e.args[0]!r}", expert=name, file=file) from None
             mods[m] = w
-        extra = sorted(set(tensors) - used)
+        extra = sorted(set(tensors) - used - set(compressed))
         if extra:
             raise ExpertFormatError(f"tensors not described in expert.json: {extra[:5]}", expert=name, file=file)
-        return cls(name=name, modules=mods, metadata=metadata or ExpertMetadata())
+        return cls(name=name, modules=mods, metadata=metadata or ExpertMetadata(), compressed=compressed)
 
     # --- constructors -------------------------------------------------------------------------------------------
     @classmethod

@@ -30,12 +30,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from moerge.adapters.expert import DeltaWeights, Expert, ExpertMetadata, LoRAWeights, ModuleWeights
 
 __all__ = [
     "register_merge", "merge_module", "list_merge_methods", "merge_experts", "merge_lora", "prune_magnitude",
     "prune_random", "majority_sign_mask", "disjoint_merge", "tall_masks", "lines_scales", "layer_index",
+    "add_update", "fold_into",
 ]
 
 MergeFn = Callable[..., torch.Tensor]
@@ -434,3 +436,43 @@ def merge_experts(
                 "rank": rank, "factorwise": factorwise, "layer_scaling": list(layer_scaling or []) or None},
     )
     return Expert(name, merged, meta)
+
+
+# --- into a base ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def add_update(model: nn.Module, module: str, delta: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Add ``delta (out, in)`` (and ``bias (out,)``) to the weights of ``model``'s linear module ``module``, in place.
+
+    GPT-2 ``Conv1D`` weights (stored ``(in, out)``) get the transpose; an ``lm_head`` tied to the input embeddings is
+    untied first, so the embeddings keep their weights.
+    """
+    target = model.get_submodule(module)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and target.weight is getattr(emb, "weight", None):
+        target.weight = nn.Parameter(target.weight.detach().clone())  # untie from the embeddings
+        if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False
+    w = target.weight
+    d = delta if isinstance(target, nn.Linear) else delta.t()  # Conv1D stores (in, out)
+    if tuple(d.shape) != tuple(w.shape):
+        raise ValueError(f"module {module!r}: update of shape {tuple(delta.shape)} does not fit weight "
+                         f"{tuple(w.shape)}")
+    w.copy_((w.float() + d.float().to(w.device)).to(w.dtype))
+    if bias is not None:
+        if target.bias is None:
+            raise ValueError(f"module {module!r} has no bias to update")
+        target.bias.copy_((target.bias.float() + bias.float().to(target.bias.device)).to(target.bias.dtype))
+
+
+def fold_into(model: nn.Module, expert: Expert, weight: float = 1.0) -> nn.Module:
+    """Add ``weight ×`` ``expert``'s update to ``model``'s weights, in place (e.g. a merged expert into a copy of
+    the base, to save as a full model). Returns ``model``."""
+    from moerge.errors import BaseMismatchError
+
+    missing = [m for m in expert.modules if m not in dict(model.named_modules())]
+    if missing:
+        raise BaseMismatchError(f"targets modules the model does not have: {missing[:3]}", expert=expert.name)
+    for m, w in expert.modules.items():
+        bias = w.bias if isinstance(w, DeltaWeights) else None
+        add_update(model, m, w.delta_weight(torch.float32) * weight, None if bias is None else bias * weight)
+    return model

@@ -23,7 +23,7 @@ from moerge.adapters.expert import Expert, ExpertMetadata, LoRAWeights, ModuleWe
 from moerge.errors import ExpertFormatError
 from moerge.safe_io import load_safetensors
 
-__all__ = ["load_peft_lora", "peft_pattern_key", "PICKLE_SUFFIXES"]
+__all__ = ["load_peft_lora", "save_peft_lora", "peft_pattern_key", "PICKLE_SUFFIXES"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -200,3 +200,43 @@ def load_peft_lora(
         source=source,
     )
     return Expert(name=name, modules=modules, metadata=meta)
+
+
+def save_peft_lora(expert: Expert, folder: str | Path, *, base_model_name_or_path: str | None = None,
+                   fan_in_fan_out: bool = False) -> Path:
+    """Write a LoRA ``expert`` as a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
+    that ``PeftModel.from_pretrained`` loads.
+
+    Each module's scale is folded into its ``B`` factor and every module gets ``lora_alpha = r`` (PEFT scaling 1),
+    with ``rank_pattern``/``alpha_pattern`` entries for modules whose rank is not the most common one. Dense modules
+    cannot be a LoRA adapter: merge them into the base instead (:meth:`moerge.MoErgeModel.merge`). Set
+    ``fan_in_fan_out`` for GPT-2 ``Conv1D`` bases. Written atomically (temp files + rename).
+    """
+    from collections import Counter
+
+    from moerge.safe_io import atomic_write_json, save_safetensors
+
+    dense = sorted(m for m, w in expert.modules.items() if not isinstance(w, LoRAWeights))
+    if dense:
+        raise ExpertFormatError(f"modules {dense[:3]} hold dense updates, which a PEFT LoRA adapter cannot: merge the "
+                                "expert into the base, or compress it to low rank first (method 'svd')",
+                                expert=expert.name)
+    mods: dict[str, LoRAWeights] = dict(sorted(expert.modules.items()))  # type: ignore[arg-type]
+    r = Counter(w.rank for w in mods.values()).most_common(1)[0][0]
+    tensors: dict[str, torch.Tensor] = {}
+    for m, w in mods.items():
+        tensors[f"{_PREFIX}{m}.lora_A.weight"] = w.A.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{m}.lora_B.weight"] = (w.B.float() * w.scale).to(w.B.dtype).contiguous().cpu()
+    other = {m: w.rank for m, w in mods.items() if w.rank != r}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path
+        or expert.metadata.base_model, "r": r, "lora_alpha": r, "target_modules": list(mods),
+        "rank_pattern": other, "alpha_pattern": dict(other), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    atomic_write_json(folder / CONFIG_NAME, config)
+    return folder

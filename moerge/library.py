@@ -345,7 +345,7 @@ class ExpertLibrary:
             self._check_expert_against_base(expert)
             if expert.metadata.base_fingerprint is None and self.base_fingerprint:
                 # checked against the library's base above: record which base it was verified for
-                expert = Expert(expert.name, expert.modules, dataclasses.replace(
+                expert = dataclasses.replace(expert, metadata=dataclasses.replace(
                     expert.metadata, base_fingerprint=compact_fingerprint(self.base_fingerprint)))
             experts_dir = self.root / EXPERTS_DIR
             experts_dir.mkdir(exist_ok=True)

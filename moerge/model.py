@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
-from moerge.adapters.merge import lines_scales, merge_module
+from moerge.adapters.merge import add_update, lines_scales, merge_module
 from moerge.errors import BaseMismatchError, LibraryError, RoutingError
 from moerge.fingerprint import is_linear_like, linear_shape
 from moerge.layer import ExpertLinear, LayerBank
@@ -293,7 +293,7 @@ class MoErgeModel(nn.Module):
         elif name is not None and name != expert.name:
             expert = expert.renamed(name)
         if description is not None or examples is not None:
-            expert = Expert(expert.name, expert.modules, dataclasses.replace(
+            expert = dataclasses.replace(expert, metadata=dataclasses.replace(
                 expert.metadata,
                 description=expert.metadata.description if description is None else description,
                 examples=expert.metadata.examples if examples is None else [str(e) for e in examples]))
@@ -543,7 +543,6 @@ class MoErgeModel(nn.Module):
                 if n not in self._experts:
                     raise RoutingError(f"unknown expert {n!r}", expert=n)
             plain = self.copy_base()
-            emb = plain.get_input_embeddings() if hasattr(plain, "get_input_embeddings") else None
             n_layers = getattr(getattr(plain, "config", None), "num_hidden_layers", None)
             scales = lines_scales(list(self._layers), *layer_scaling, num_layers=n_layers) if layer_scaling else {}
             with torch.no_grad():
@@ -551,21 +550,12 @@ class MoErgeModel(nn.Module):
                     used = {n: w for n, w in weights.items() if n in layer.bank}
                     if not used:
                         continue
-                    target = plain.get_submodule(name)
+                    s = scales.get(name, 1.0)
                     dw = merge_module({n: layer.bank.delta_weight(n) for n in used}, used, method, **method_kwargs)
-                    dw = dw * scales.get(name, 1.0)
-                    if emb is not None and target.weight is getattr(emb, "weight", None):
-                        target.weight = nn.Parameter(target.weight.detach().clone())  # untie from the embeddings
-                        if getattr(plain.config, "tie_word_embeddings", False):
-                            plain.config.tie_word_embeddings = False
-                    w = target.weight
-                    dw = dw if isinstance(target, nn.Linear) else dw.t()  # Conv1D stores (in, out)
-                    w.copy_((w.float() + dw.to(w.device)).to(w.dtype))
                     biases = [(wt, layer.bank.delta_bias(n)) for n, wt in used.items()]
                     biases = [(wt, b) for wt, b in biases if b is not None]
-                    if biases:
-                        db = sum(wt * b.float() for wt, b in biases) * scales.get(name, 1.0)
-                        target.bias.copy_((target.bias.float() + db.to(target.bias.device)).to(target.bias.dtype))
+                    db = sum(wt * b.float() for wt, b in biases) * s if biases else None
+                    add_update(plain, name, dw * s, db)
         return plain
 
     def unpatch(self) -> nn.Module:

@@ -240,3 +240,26 @@ def test_merge_experts_refuses_what_it_cannot_do(peft_setup, base):
     dense = Expert("d", {m: DeltaWeights(w.delta_weight()) for m, w in experts[0].modules.items()})
     with pytest.raises(ValueError, match="needs LoRA experts"):
         merge_experts([dense, experts[1]], method="cat")
+
+
+def test_low_rank_merge_saved_as_a_peft_adapter_runs_in_peft(tmp_path, base, input_ids):
+    from moerge.adapters.peft_loader import load_peft_lora, save_peft_lora
+
+    from conftest import peft_logits, rand_expert
+
+    experts = [rand_expert(base, "x", seed=1, rank=4), rand_expert(base, "y", seed=2, rank=2, modules=("q_proj",))]
+    merged = merge_experts(experts, {"x": 0.7, "y": 0.5}, "cat", name="xy")  # ranks 6 on q_proj, 4 elsewhere
+    folder = save_peft_lora(merged, tmp_path / "peft", base_model_name_or_path="tiny-llama-0")
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(merged)
+    reference = peft_logits(base, folder, input_ids)
+    model = MoErgeModel.from_library(base, lib)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids, experts={"xy": 1.0}).logits, reference,
+                                   atol=1e-5, rtol=1e-5)
+    back = load_peft_lora(folder, name="back")
+    for m, w in merged.modules.items():
+        torch.testing.assert_close(back.modules[m].delta_weight(), w.delta_weight(), atol=1e-6, rtol=1e-5)
+    dense = merge_experts(experts, method="ties", density=0.5)
+    with pytest.raises(Exception, match="dense updates"):
+        save_peft_lora(dense, tmp_path / "nope")

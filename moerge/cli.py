@@ -1,0 +1,258 @@
+"""The ``moerge`` command line (typer + rich).
+
+    moerge merge    -l LIB --method ties --experts a,b,c --density 0.5 -o out/
+    moerge compress -l LIB --method compeft --density 0.1 EXPERT
+    moerge transfer -l LIB EXPERT --source OLD_BASE --target NEW_BASE --into NEW_LIB
+
+Every command takes ``--json`` (one JSON object on stdout, for scripts). Exit codes: 0 done; 1 the request was
+refused (bad input, a check failed: the message names the file, the expert and the problem; nothing was changed);
+2 bad usage (unknown option, missing argument). The library defaults to ``$MOERGE_LIBRARY``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(name="moerge", help="Route and merge a library of expert adapters over one base model.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+LibraryOpt = Annotated[Path, typer.Option("--library", "-l", envvar="MOERGE_LIBRARY",
+                                          help="the expert library folder (default: $MOERGE_LIBRARY)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
+BaseOpt = Annotated[str | None, typer.Option(
+    "--base", help="the base model: a transformers folder (default: the library's base when it is the packaged "
+                   "SmolLM2-135M-Instruct)")]
+
+
+class Refused(Exception):
+    """A request the command refuses (exit code 1)."""
+
+
+def _fail(message: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ok": False, "error": message}))
+    else:
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _run(fn, as_json: bool) -> Any:
+    """Run ``fn``; user-facing failures become exit code 1 with their message."""
+    from moerge.errors import MoErgeError
+
+    try:
+        return fn()
+    except (MoErgeError, ValueError, KeyError, FileNotFoundError, Refused) as e:
+        _fail(str(e) if not isinstance(e, KeyError) else str(e.args[0]), as_json)
+
+
+def _emit(data: dict[str, Any], as_json: bool, table: Table | None = None, message: str | None = None) -> None:
+    if as_json:
+        print(json.dumps({"ok": True, **data}, default=str))
+        return
+    if table is not None:
+        console.print(table)
+    if message:
+        console.print(message, highlight=False)
+
+
+def _open_library(path: Path):
+    from moerge.library import ExpertLibrary
+
+    if not (path / "library.json").is_file():
+        raise Refused(f"{path}: not an expert library (no library.json); create one with ExpertLibrary.create")
+    return ExpertLibrary.open(path)
+
+
+def _load_base(spec: str | None, lib) -> Any:
+    """The base model: ``spec`` (a folder), or the default base when the library was made on it."""
+    from moerge.models import DEFAULT_BASE_ID, default_base
+
+    if spec:
+        from transformers import AutoModelForCausalLM
+
+        if not Path(spec).is_dir():
+            raise Refused(f"{spec}: no such model folder (give --base a transformers model folder)")
+        return AutoModelForCausalLM.from_pretrained(spec).eval()
+    if lib is not None and lib.base_model not in (None, DEFAULT_BASE_ID):
+        raise Refused(f"{lib.root}: the library's base is {lib.base_model!r}; give its folder with --base")
+    return default_base()[0]
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+@app.command()
+def merge(
+    library: LibraryOpt,
+    experts: Annotated[str, typer.Option("--experts", "-e", help="comma-separated expert names")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="folder to write: a PEFT adapter when the "
+                                                "result is low rank, else a full model")] = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="linear, task_arithmetic, ties, dare_linear, "
+                                        "dare_ties, magnitude_prune, breadcrumbs, breadcrumbs_ties, consensus, "
+                                        "or cat (exact rank concatenation)")] = "linear",
+    weights: Annotated[str | None, typer.Option("--weights", "-w", help="comma-separated, one per expert "
+                                                "(default 1 each)")] = None,
+    density: Annotated[float | None, typer.Option(help="fraction kept (ties, dare_*, magnitude_prune, "
+                                                  "breadcrumbs*)")] = None,
+    scale: Annotated[float | None, typer.Option(help="λ (task_arithmetic, ties, breadcrumbs*, consensus)")] = None,
+    majority_sign: Annotated[str | None, typer.Option(help="'total' or 'frequency' (ties, dare_ties)")] = None,
+    gamma: Annotated[float | None, typer.Option(help="largest fraction dropped (breadcrumbs*)")] = None,
+    k: Annotated[int | None, typer.Option(help="consensus: tasks an entry must serve")] = None,
+    lam: Annotated[float | None, typer.Option(help="consensus: TALL mask threshold λ")] = None,
+    rank: Annotated[int | None, typer.Option(help="low-rank result: truncated SVD of the merge at this rank")] = None,
+    factorwise: Annotated[bool, typer.Option(help="merge LoRA factors separately (PEFT's way; equal ranks)")] = False,
+    lines: Annotated[str | None, typer.Option(help="LiNeS layer scaling 'ALPHA,BETA'")] = None,
+    seed: Annotated[int, typer.Option(help="random seed (DARE)")] = 0,
+    into: Annotated[str | None, typer.Option(help="add the merged expert to the library under this name instead "
+                                             "of writing -o")] = None,
+    base: BaseOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge experts into one: a PEFT adapter (low rank), a full model, or a new expert of the library."""
+    import torch
+
+    from moerge.adapters.expert import LoRAWeights
+    from moerge.adapters.merge import merge_experts
+
+    def work() -> dict[str, Any]:
+        if (output is None) == (into is None):
+            raise Refused("give exactly one of -o/--output (write a folder) and --into (add to the library)")
+        lib = _open_library(library)
+        names = _split(experts)
+        if not names:
+            raise Refused("--experts names no expert")
+        ws = [float(x) for x in _split(weights)] if weights else None
+        opts = {key: v for key, v in dict(density=density, scale=scale, majority_sign=majority_sign, gamma=gamma,
+                                          k=k, lam=lam).items() if v is not None}
+        if method.startswith("dare"):
+            opts["generator"] = torch.Generator().manual_seed(seed)
+        layer_scaling = tuple(float(x) for x in _split(lines)) if lines else None
+        if layer_scaling is not None and len(layer_scaling) != 2:
+            raise Refused(f"--lines takes 'ALPHA,BETA', got {lines!r}")
+        loaded = [lib.get(n) for n in names]
+        merged = merge_experts(loaded, ws, method, name=into or "merged", rank=rank, factorwise=factorwise,
+                               layer_scaling=layer_scaling, **opts)
+        low_rank = all(isinstance(w, LoRAWeights) for w in merged.modules.values())
+        result: dict[str, Any] = {"method": method, "experts": names, "options": {
+            key: v for key, v in opts.items() if key != "generator"}, "low_rank": low_rank,
+            "parameters": merged.num_parameters()}
+        if into is not None:
+            lib.add(merged)
+            result.update(added=into, library=str(lib.root))
+            return result
+        assert output is not None
+        if low_rank:
+            from moerge.adapters.peft_loader import save_peft_lora
+
+            save_peft_lora(merged, output, base_model_name_or_path=lib.base_model)
+            result.update(output=str(output), format="peft")
+        else:
+            from moerge.adapters.merge import fold_into
+
+            plain = _load_base(base, lib)
+            lib.check_base(plain)
+            fold_into(plain, merged).save_pretrained(str(output))
+            result.update(output=str(output), format="model")
+        return result
+
+    data = _run(work, as_json)
+    where = f"added to the library as {data['added']!r}" if "added" in data else \
+        f"wrote a {'PEFT LoRA adapter' if data['format'] == 'peft' else 'full model'} to {data['output']}"
+    _emit(data, as_json, message=f"{data['method']} merge of {', '.join(data['experts'])}: {where} "
+                                 f"({data['parameters']:,} parameters{', low rank' if data['low_rank'] else ''})")
+
+
+@app.command()
+def compress(
+    library: LibraryOpt,
+    expert: Annotated[str, typer.Argument(help="the expert to compress")],
+    method: Annotated[str, typer.Option("--method", "-m", help="compeft, bitdelta or svd")] = "compeft",
+    density: Annotated[float, typer.Option(help="compeft: fraction of entries kept")] = 0.1,
+    alpha: Annotated[float | None, typer.Option(help="compeft: scale = alpha·std (default: mean kept "
+                                                "magnitude)")] = None,
+    rank: Annotated[int | None, typer.Option(help="svd: the rank kept")] = None,
+    as_name: Annotated[str | None, typer.Option("--as", help="store under this name (default: replace the "
+                                                "expert)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compress an expert of the library (ComPEFT, BitDelta or low-rank SVD) and store it packed."""
+    from moerge.adapters.compress import compress_expert, storage_bytes
+
+    def work() -> dict[str, Any]:
+        lib = _open_library(library)
+        original = lib.get(expert)
+        small = compress_expert(original, method, density=density, alpha=alpha, rank=rank, name=as_name)
+        lib.add(small, overwrite=as_name is None or as_name == expert)
+        before, after = storage_bytes(original), storage_bytes(small)
+        err = num = 0.0
+        for m, w in original.modules.items():
+            d = w.delta_weight()
+            err += float(((small.modules[m].delta_weight() - d) ** 2).sum())
+            num += float((d * d).sum())
+        return {"expert": expert, "stored_as": small.name, "method": method,
+                "settings": small.metadata.source["compression"], "bytes_before": before, "bytes_after": after,
+                "size_ratio": before / max(after, 1), "relative_error": (err / num) ** 0.5 if num else 0.0}
+
+    data = _run(work, as_json)
+    table = Table(title=f"{data['method']} compression of {data['expert']!r}")
+    for col in ("stored as", "bytes before", "bytes after", "size ratio", "relative error of ΔW"):
+        table.add_column(col, justify="right")
+    table.add_row(data["stored_as"], f"{data['bytes_before']:,}", f"{data['bytes_after']:,}",
+                  f"{data['size_ratio']:.1f}×", f"{data['relative_error']:.3f}")
+    _emit(data, as_json, table)
+
+
+@app.command()
+def transfer(
+    library: LibraryOpt,
+    expert: Annotated[str, typer.Argument(help="an expert of --library, or a PEFT adapter folder")],
+    source: Annotated[str, typer.Option(help="the base the expert was made on (transformers folder)")],
+    target: Annotated[str, typer.Option(help="the new version of the base (transformers folder)")],
+    into: Annotated[Path, typer.Option(help="library for the target base (created when missing)")],
+    name: Annotated[str | None, typer.Option(help="name in the target library (default: the same)")] = None,
+    strict_source: Annotated[bool, typer.Option(help="refuse an expert that records another source base")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply an expert made on one version of a base to another version (PortLLM-style patch transfer)."""
+    from moerge.adapters.expert import Expert
+    from moerge.adapters.transfer import transfer_expert
+    from moerge.library import ExpertLibrary
+
+    def work() -> dict[str, Any]:
+        src, tgt = _load_base(source, None), _load_base(target, None)
+        if Path(expert).is_dir():
+            e = Expert.from_peft(expert, name=name or Path(expert).name)
+        else:
+            e = _open_library(library).get(expert)
+        moved, dist = transfer_expert(e, src, tgt, name=name, strict_source=strict_source)
+        dst = ExpertLibrary.open(into) if (into / "library.json").is_file() else \
+            ExpertLibrary.create(into, base_model=tgt)
+        dst.check_base(tgt)
+        dst.add(moved)
+        return {"expert": moved.name, "library": str(dst.root), "distance": dist.to_json(),
+                "summary": dist.summary()}
+
+    data = _run(work, as_json)
+    _emit(data, as_json, message=f"transferred {data['expert']!r} into {data['library']}: bases are "
+                                 f"{data['summary']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="moerge")
+
+
+if __name__ == "__main__":
+    main()
