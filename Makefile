@@ -38,9 +38,18 @@ zoo: $(STAMP)
 	$(PY) -m moerge.zoo gates
 	$(PY) -m moerge.zoo xlora
 
+MERGES := merge:task_arithmetic?scale=0.3,merge:ties?density=0.2,merge:dare_linear?density=0.3&weight=0.3,\
+merge:dare_ties?density=0.3,merge:magnitude_prune?density=0.2&weight=0.3,\
+merge:breadcrumbs?density=0.2&gamma=0.01&scale=0.3,merge:breadcrumbs_ties?density=0.2&gamma=0.01,\
+merge:consensus?k=2&lam=0.4&scale=0.3,merge:ties?density=0.2&layer_scaling=[0.5,0.5],merge:ties?density=0.2&rank=8
+COMPRESSIONS := compress:compeft?density=0.05,compress:compeft?density=0.1,compress:compeft?density=0.3,\
+compress:bitdelta,compress:svd?rank=2,compress:svd?rank=1
+
+# the routing table, then the static merges and the compressed experts added to it (about 40 min in all)
 eval: $(STAMP)
 	$(PY) -m moerge.eval --limit 30 --retrieval --out results \
 	  --methods base,oracle,uniform,twin,glider_global,router:glider,router:phatgoose,router:arrow,router:xlora
+	$(PY) -m moerge.eval --limit 30 --out results --update --methods "$(MERGES),$(COMPRESSIONS)"
 
 lint: $(STAMP)
 	$(PY) -m ruff check moerge adapters routers tests

@@ -1,12 +1,14 @@
 """Benchmark: the global router's retrieval for one prompt over a library of 10,000 experts.
 
-Measures, per prompt (batch of 1, the serving case): embedding the prompt with all-MiniLM-L6-v2, and the FAISS
-top-K search over the experts' vectors (each expert: a description and 5 example prompts, 6 vectors), with the
-exact index (IndexFlatIP) and the approximate one (HNSW). The LLM description step is excluded (the default
-router embeds the prompt itself). Expert vectors are random unit vectors: the search cost depends on their number
-and dimension, not their values. Prints the command, the machine and each time as a ratio to the 5 ms target.
+Measures, per prompt (batch of 1, the serving case): embedding the prompt with all-MiniLM-L6-v2 (float32 and
+int8 weights), and the FAISS top-K search over the experts' vectors with the exact index (IndexFlatIP) and the
+approximate one (HNSW). Each expert is one vector by default (GLIDER's ``expert_vectors="centroid"``); pass
+``--per-expert 6`` for ``"each"`` with a description and 5 example prompts. The LLM description step is excluded
+(the default router embeds the prompt itself). Expert vectors are random unit vectors: the search cost depends on
+their number and dimension, not their values. Prints the command, the machine and each time as a ratio to the
+5 ms target.
 
-    python benchmarks/retrieval.py [--experts 10000] [--per-expert 6] [--k 3] [--repeat 200]
+    python benchmarks/retrieval.py [--experts 10000] [--per-expert 1] [--k 3] [--repeat 200]
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _time(fn, repeat: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=10_000)
-    ap.add_argument("--per-expert", type=int, default=6)
+    ap.add_argument("--per-expert", type=int, default=1)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--target-ms", type=float, default=5.0)
@@ -49,10 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}, python {platform.python_version()}")
     emb = default_sentence_embedder()
+    emb8 = default_sentence_embedder(quantize=True)
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((args.experts * args.per_expert, emb.dim)).astype(np.float32)
     prompt = "Arrange these numbers from the smallest to the largest: 42, 7, 19, 3."
-    t_embed = _time(lambda: emb.encode([prompt]), args.repeat)
+    embeds = [("float32", _time(lambda: emb.encode([prompt]), args.repeat)),
+              ("int8", _time(lambda: emb8.encode([prompt]), args.repeat))]
     q = emb.encode([prompt])
     rows = []
     for label, threshold in (("exact (IndexFlatIP)", 10**12), ("approximate (HNSW)", 0)):
@@ -67,12 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"experts: {args.experts} × {args.per_expert} vectors of dimension {emb.dim}, top-{args.k}, median of "
           f"{args.repeat}")
     print(f"{'step':<34} {'ms':>8} {'÷ target':>9}")
-    print(f"{'embed the prompt (MiniLM)':<34} {1e3 * t_embed:>8.2f} {1e3 * t_embed / args.target_ms:>9.2f}")
+    for label, t_embed in embeds:
+        print(f"{f'embed the prompt (MiniLM, {label})':<34} {1e3 * t_embed:>8.2f} "
+              f"{1e3 * t_embed / args.target_ms:>9.2f}")
     for label, build, t in rows:
         print(f"{'search, ' + label:<34} {1e3 * t:>8.2f} {1e3 * t / args.target_ms:>9.2f}   (index built in "
               f"{build:.1f} s)")
-        total = t_embed + t
-        print(f"{'  embed + search':<34} {1e3 * total:>8.2f} {1e3 * total / args.target_ms:>9.2f}")
+        for elabel, t_embed in embeds:
+            total = t_embed + t
+            print(f"{f'  embed ({elabel}) + search':<34} {1e3 * total:>8.2f} {1e3 * total / args.target_ms:>9.2f}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Embedder", "SentenceEmbedder", "CallableEmbedder", "as_embedder", "default_sentence_embedder"]
+__all__ = ["Embedder", "SentenceEmbedder", "CallableEmbedder", "as_embedder", "default_sentence_embedder",
+           "quantize_int8"]
 
 
 @runtime_checkable
@@ -31,6 +32,25 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
+def quantize_int8(model: Any) -> Any:
+    """A copy of ``model`` whose linear layers hold int8 weights (dynamic quantization, CPU).
+
+    A small encoder embedding one short prompt is bound by reading its weights, not by arithmetic: all-MiniLM-L6-v2
+    takes about as long for 3 tokens as for 20. int8 weights are a quarter of the bytes; measured on the 2-core
+    CPU of benchmarks/retrieval.py: 12 ms → about 4.5 ms per prompt, cosine to the float32 embedding ≈ 0.99.
+    """
+    import copy
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # torch.ao.quantization warns that it moves to torchao; it still works
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(model).cpu(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
 class SentenceEmbedder:
     """A sentence-transformers model as an :class:`Embedder` (unit vectors, batched).
 
@@ -38,9 +58,14 @@ class SentenceEmbedder:
         model: a ``SentenceTransformer``.
         id: the embedder's id (default: the model's name or folder).
         batch_size: texts per forward.
+        quantize: embed with int8 linear weights (:func:`quantize_int8`, CPU only): about 2.7× faster for one
+            prompt, the same vector space (the id stays the model's), vectors within ≈ 0.01 cosine of float32.
     """
 
-    def __init__(self, model: Any, id: str | None = None, batch_size: int = 64) -> None:
+    def __init__(self, model: Any, id: str | None = None, batch_size: int = 64, quantize: bool = False) -> None:
+        self.quantized = bool(quantize)
+        if self.quantized:
+            model = quantize_int8(model)
         self.model = model
         get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
@@ -56,7 +81,7 @@ class SentenceEmbedder:
         return _unit(v)  # (n, dim)
 
     def __repr__(self) -> str:
-        return f"SentenceEmbedder({self.id!r}, dim={self.dim})"
+        return f"SentenceEmbedder({self.id!r}, dim={self.dim}{', int8' if self.quantized else ''})"
 
 
 class CallableEmbedder:
@@ -73,12 +98,12 @@ class CallableEmbedder:
         return _unit(v)
 
 
-@functools.lru_cache(maxsize=2)
-def default_sentence_embedder(device: str | None = None) -> SentenceEmbedder:
-    """all-MiniLM-L6-v2 as an :class:`Embedder`, loaded once per process."""
+@functools.lru_cache(maxsize=4)
+def default_sentence_embedder(device: str | None = None, quantize: bool = False) -> SentenceEmbedder:
+    """all-MiniLM-L6-v2 as an :class:`Embedder`, loaded once per process (``quantize``: int8 weights, CPU)."""
     from moerge.models import DEFAULT_EMBEDDER_ID, default_embedder
 
-    return SentenceEmbedder(default_embedder(device), id=DEFAULT_EMBEDDER_ID)
+    return SentenceEmbedder(default_embedder(device), id=DEFAULT_EMBEDDER_ID, quantize=quantize)
 
 
 def as_embedder(obj: Any) -> Embedder:

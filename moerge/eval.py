@@ -27,7 +27,7 @@ import torch
 from moerge.tasks import HELD_IN, HELD_OUT, Example, exact_match, get_task
 
 __all__ = ["Method", "register_method", "list_methods", "evaluate", "EvalResult", "generate_answers",
-           "to_markdown", "retrieval_accuracy"]
+           "to_markdown", "retrieval_accuracy", "split_methods"]
 
 
 @dataclass
@@ -77,11 +77,79 @@ def _twin_model(model: Any, rank: int = 8) -> Any:
     from moerge.models import cache_root
 
     lib = model.library
-    digest = __import__("hashlib").sha256(json.dumps(
-        [[n, lib.info(n).get("files")] for n in lib.names()], sort_keys=True).encode()).hexdigest()[:12]
-    root = cache_root() / "twin" / f"{Path(lib.root).name}-{digest}-r{rank}"
+    root = cache_root() / "twin" / f"{Path(lib.root).name}-{_library_digest(lib)}-r{rank}"
     twin = ExpertLibrary.open(root) if (root / "library.json").is_file() else make_twin_library(lib, root, rank)
     return MoErgeModel.from_library(model.copy_base(), twin, router="twin", tokenizer=model.tokenizer)
+
+
+def _library_digest(lib: Any) -> str:
+    return __import__("hashlib").sha256(json.dumps(
+        [[n, lib.info(n).get("files")] for n in lib.names()], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _merge_method(name: str) -> Method:
+    """``merge:METHOD?opt=value&...``: all the library's experts merged into the base by a static merge method.
+
+    Options besides the method's own: ``weight`` (per expert, default 1), ``rank`` (merge to a low-rank expert
+    through the SVD first), ``layer_scaling`` (LiNeS ``[α, β]``). DARE draws its masks with seed 0."""
+    method, _, query = name.split(":", 1)[1].partition("?")
+    config = _parse_config(query, name)
+    weight = float(config.pop("weight", 1.0))
+    rank = config.pop("rank", None)
+    lines = config.pop("layer_scaling", None)
+    layer_scaling = tuple(lines) if lines is not None else None
+
+    def make(model: Any) -> Any:
+        from moerge.adapters.merge import fold_into, merge_experts
+
+        opts = dict(config)
+        if method.startswith("dare"):
+            opts["generator"] = torch.Generator().manual_seed(0)
+        names = list(model.experts)
+        if rank is None:
+            return model.merge({n: weight for n in names}, method, layer_scaling=layer_scaling, **opts)
+        merged = merge_experts([model.library.get(n) for n in names], {n: weight for n in names}, method,
+                               rank=int(rank), layer_scaling=layer_scaling, **opts)
+        return fold_into(model.copy_base(), merged)
+
+    return Method(name, lambda exs, m: None, make_model=make, description=f"static {method} merge of every expert")
+
+
+def _compress_method(name: str) -> Method:
+    """``compress:METHOD?opt=value``: each task's own expert (oracle routing) after compression, e.g.
+    ``compress:compeft?density=0.1``, ``compress:bitdelta``, ``compress:svd?rank=2``. The compressed library is
+    built once and cached; the size ratio (bytes stored) is recorded with the scores."""
+    method, _, query = name.split(":", 1)[1].partition("?")
+    config = _parse_config(query, name)
+
+    def make(model: Any) -> tuple[Any, dict[str, Any]]:
+        import shutil
+        import uuid
+
+        from moerge.adapters.compress import compress_expert, storage_bytes
+        from moerge.library import ExpertLibrary
+        from moerge.model import MoErgeModel
+        from moerge.models import cache_root
+
+        src = model.library
+        tag = "-".join([method] + [f"{k}{v}" for k, v in sorted(config.items())])
+        root = cache_root() / "compressed" / f"{Path(src.root).name}-{_library_digest(src)}-{tag}"
+        if not (root / "library.json").is_file():
+            tmp = root.parent / f".tmp-{root.name}-{uuid.uuid4().hex[:6]}"
+            lib = ExpertLibrary.create(tmp, base_model=src.base_model, base_fingerprint=src.base_fingerprint)
+            for e in src.experts():
+                lib.add(compress_expert(e, method, **config))
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+        lib = ExpertLibrary.open(root)
+        before = sum(storage_bytes(src.get(n)) for n in src.names())
+        after = sum(storage_bytes(lib.get(n)) for n in lib.names())
+        run = MoErgeModel.from_library(model.copy_base(), lib, router="explicit", tokenizer=model.tokenizer)
+        return run, {"bytes": after, "bytes_original": before, "size_ratio": before / max(after, 1)}
+
+    return Method(name, lambda exs, m: [{e.task: 1.0} for e in exs], make_model=make,
+                  applies_to=lambda task: not get_task(task).held_out,
+                  description=f"each task's own expert, compressed by {method}")
 
 
 register_method(Method("twin", lambda exs, m: None, make_model=_twin_model,
@@ -96,12 +164,46 @@ def list_methods() -> list[str]:
     return sorted(_METHODS) + [f"router:{r}" for r in list_routers() if r not in ("explicit",)]
 
 
+def split_methods(text: str) -> list[str]:
+    """``"a,merge:ties?layer_scaling=[0.5,0.5],b"`` → the method names (commas inside ``[]``/``{}`` stay)."""
+    out, depth, cur = [], 0, []
+    for ch in text:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur).strip())
+    return [m for m in out if m]
+
+
+def _parse_config(query: str, method: str) -> dict[str, Any]:
+    """``"top_k=1&global_weight=300"`` → ``{"top_k": 1, "global_weight": 300}`` (values read as JSON, else text)."""
+    config: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method {method!r}: expected router:NAME?key=value&key=value, got {part!r}")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return config
+
+
 def _method(name: str) -> Method:
     if name in _METHODS:
         return _METHODS[name]
+    if name.startswith("merge:"):
+        return _merge_method(name)
+    if name.startswith("compress:"):
+        return _compress_method(name)
     if name.startswith("router:"):
-        router = name.split(":", 1)[1]
-        return Method(name, lambda exs, m: None, router=router, description=f"router {router!r}")
+        router, _, query = name.split(":", 1)[1].partition("?")
+        config = _parse_config(query, name)
+        return Method(name, lambda exs, m: None, router=_router_factory(router, **config) if config else router,
+                      description=f"router {router!r}" + (f" with {config}" if config else ""))
     raise ValueError(f"unknown method {name!r}; available: {list_methods()}")
 
 
@@ -123,16 +225,34 @@ class EvalResult:
     retrieval: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> retrieval_accuracy(...)
     samples: dict[str, dict[str, list[dict[str, str]]]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> facts (e.g. compression size ratio)
 
     def average(self, method: str, tasks: Sequence[str]) -> float | None:
         vals = [self.scores[method][t] for t in tasks if t in self.scores.get(method, {})]
         return sum(vals) / len(vals) if vals else None
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvalResult:
+        return cls(scores=data.get("scores", {}), retrieval=data.get("retrieval", {}),
+                   samples=data.get("samples", {}), config=data.get("config", {}), info=data.get("info", {}))
+
+    def updated(self, new: EvalResult) -> EvalResult:
+        """This table with ``new``'s methods added or replaced (both must use the same limit and split)."""
+        for key in ("limit", "split"):
+            if self.config.get(key) != new.config.get(key):
+                raise ValueError(f"cannot update a table made with {key}={self.config.get(key)!r} by one made with "
+                                 f"{key}={new.config.get(key)!r}")
+        out = EvalResult({**self.scores, **new.scores}, {**self.retrieval, **new.retrieval},
+                         {**self.samples, **new.samples}, dict(self.config), {**self.info, **new.info})
+        out.config["methods"] = list(out.scores)
+        out.config.setdefault("updates", []).append({k: new.config.get(k) for k in ("command", "seconds")})
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "scores": self.scores,
                 "averages": {m: {"held_in": self.average(m, HELD_IN), "held_out": self.average(m, HELD_OUT)}
                              for m in self.scores},
-                "retrieval": self.retrieval, "samples": self.samples}
+                "retrieval": self.retrieval, "info": self.info, "samples": self.samples}
 
 
 def evaluate(model: Any, tokenizer: Any, methods: Sequence[str] = ("base", "oracle", "uniform"),
@@ -153,6 +273,8 @@ def evaluate(model: Any, tokenizer: Any, methods: Sequence[str] = ("base", "orac
             method = _method(mname)
             router = method.router() if callable(method.router) else method.router
             run_model = method.make_model(model) if method.make_model is not None else model
+            if isinstance(run_model, tuple):  # (model, facts about it to report)
+                run_model, result.info[mname] = run_model
             if run_model is model:
                 model.set_router(router if router else original_router)
             elif router:
@@ -205,7 +327,8 @@ def retrieval_accuracy(router: Any, tasks: Sequence[str] | None = None, limit: i
 
 def to_markdown(result: EvalResult) -> str:
     """The table: one column per method, one row per task, then held-in and held-out averages (EM, %)."""
-    methods = list(result.scores)
+    summary = [m for m in result.scores if m.startswith(("merge:", "compress:"))]
+    methods = [m for m in result.scores if m not in summary]
     fmt = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = ["| task | " + " | ".join(methods) + " |", "| --- | " + " | ".join("---:" for _ in methods) + " |"]
     for group, names in (("held-in", HELD_IN), ("held-out", HELD_OUT)):
@@ -219,6 +342,26 @@ def to_markdown(result: EvalResult) -> str:
         lines.append("| *held-in, % of oracle* | " + " | ".join(
             "—" if result.average(m, HELD_IN) is None else f"{100 * result.average(m, HELD_IN) / oracle:.1f}"
             for m in methods) + " |")
+    oracle = result.average("oracle", HELD_IN) if "oracle" in result.scores else None
+    of_oracle = lambda v: "—" if v is None or not oracle else f"{100 * v / oracle:.1f}"  # noqa: E731
+    merges = [m for m in summary if m.startswith("merge:")]
+    if merges:
+        lines += ["", "| static merge of all experts | held-in | held-out | held-in, % of oracle |",
+                  "| --- | ---: | ---: | ---: |"]
+        for m in merges:
+            hi = result.average(m, HELD_IN)
+            lines.append(f"| {m.removeprefix('merge:')} | {fmt(hi)} | {fmt(result.average(m, HELD_OUT))} | "
+                         f"{of_oracle(hi)} |")
+    packs = [m for m in summary if m.startswith("compress:")]
+    if packs:
+        lines += ["", "| compression (each task's own expert) | size ratio | bytes | held-in | Δ vs oracle | "
+                      "% of oracle |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for m in packs:
+            hi, info = result.average(m, HELD_IN), result.info.get(m, {})
+            delta = "—" if hi is None or oracle is None else f"{100 * (hi - oracle):+.1f}"
+            ratio = f"{info['size_ratio']:.1f}×" if "size_ratio" in info else "—"
+            lines.append(f"| {m.removeprefix('compress:')} | {ratio} | {info.get('bytes', 0):,} | {fmt(hi)} | "
+                         f"{delta} | {of_oracle(hi)} |")
     if result.retrieval:
         lines += ["", "| global retrieval (held-in test prompts) | top-1 | top-K | K | prompts |",
                   "| --- | ---: | ---: | ---: | ---: |"]
@@ -236,9 +379,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
     ap.add_argument("--limit", type=int, default=50, help="test examples per task")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--split", default="test", choices=("dev", "test"),
+                    help="which prompts: 'dev' to tune settings, 'test' for the reported table")
     ap.add_argument("--out", default="results", help="folder for eval.json and eval.md")
     ap.add_argument("--retrieval", action="store_true",
                     help="also measure the global router's top-1/top-K retrieval accuracy")
+    ap.add_argument("--update", action="store_true",
+                    help="add these methods to the table already in --out (same limit and split), keeping the rest")
     args = ap.parse_args(argv)
     from moerge.model import MoErgeModel
     from moerge.models import default_base
@@ -248,9 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     base, tok = default_base()
     model = MoErgeModel.from_library(base, args.library or DEFAULT_ZOO, tokenizer=tok)
-    methods = [m for m in args.methods.split(",") if m]
+    methods = split_methods(args.methods)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    result = evaluate(model, tok, methods, tasks, limit=args.limit, batch_size=args.batch_size)
+    result = evaluate(model, tok, methods, tasks, limit=args.limit, batch_size=args.batch_size, split=args.split)
     if args.retrieval:
         from moerge.routing import build_router
 
@@ -262,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     result.config["command"] = "python -m moerge.eval " + " ".join(argv if argv is not None else __import__(
         "sys").argv[1:])
     out = Path(args.out)
+    if args.update and (out / "eval.json").is_file():
+        result = EvalResult.from_json(json.loads((out / "eval.json").read_text())).updated(result)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result.to_json(), indent=2))
     md = to_markdown(result)

@@ -5,7 +5,10 @@ base model itself, no expert applied, greedy, ``describe_tokens`` new tokens at 
 description — and/or the prompt itself (``query``) — is embedded with a sentence embedder (default
 all-MiniLM-L6-v2) and a FAISS index over the experts' description and example-prompt embeddings
 (:class:`~moerge.index.ExpertIndex`, stored in the library under ``routing/index``) returns the ``top_k`` candidate
-experts per row with their cosine scores.
+experts per row with their cosine scores. By default each expert is one vector, the normalised centroid of its
+texts' embeddings (``expert_vectors="centroid"``): the inputs inside example prompts average out, where with one
+vector per text (``"each"``) a prompt that shares input words with another expert's example is pulled to it
+(measured on the zoo: unseen-phrasing top-1 99.2% with centroids vs 95.6% with best-match over texts).
 
 Local stage, per token and module: a local gate (``local``: PHATGOOSE by default, or Arrow) scores the row's
 candidates; ``global_weight × global score`` is added to its logits (as in the paper) and the result is mixed by
@@ -42,6 +45,7 @@ __all__ = ["GliderConfig", "GliderRouter", "expert_texts"]
 
 INDEX_SUBDIR = "index"
 _QUERIES = ("description", "prompt", "both")
+_EXPERT_VECTORS = ("centroid", "each")
 
 
 @dataclass
@@ -50,8 +54,8 @@ class GliderConfig(SelectionConfig):
     local: str = field(default="phatgoose", metadata={"help": "local gate: 'phatgoose', 'arrow' or 'none'"})
     local_config: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "options of the local gate's router (e.g. {'train_steps': 50})"})
-    global_weight: float = field(default=100.0, metadata={
-        "help": "weight of the global cosine score added to the local logits (100: tuned on the zoo's dev split)"})
+    global_weight: float = field(default=300.0, metadata={
+        "help": "weight of the global cosine score added to the local logits (300: tuned on the zoo's dev split)"})
     temperature: float = field(default=0.05, metadata={
         "help": "with local='none': candidates mixed by softmax(score / temperature)"})
     query: str = field(default="prompt", metadata={
@@ -65,6 +69,9 @@ class GliderConfig(SelectionConfig):
         "help": "None: all-MiniLM-L6-v2; a SentenceTransformer, or an object with id, dim, encode()"})
     rebuild_index: bool = field(default=False, metadata={
         "help": "re-embed every expert when the library's index was made with another embedder (else: an error)"})
+    expert_vectors: str = field(default="centroid", metadata={
+        "help": "how an expert's texts enter the index: 'centroid' (one vector, the normalised mean of its "
+                "description and example embeddings) or 'each' (one vector per text, scored by the best match)"})
     approx_threshold: int = field(default=50_000, metadata={
         "help": "above this many vectors the index is approximate (HNSW) instead of exact"})
 
@@ -74,6 +81,8 @@ class GliderConfig(SelectionConfig):
             raise ValueError(f"candidates must be a positive integer, got {self.candidates!r}")
         if self.local not in ("phatgoose", "arrow", "none"):
             raise ValueError(f"local must be 'phatgoose', 'arrow' or 'none', got {self.local!r}")
+        if self.expert_vectors not in _EXPERT_VECTORS:
+            raise ValueError(f"expert_vectors must be one of {_EXPERT_VECTORS}, got {self.expert_vectors!r}")
         if self.query not in _QUERIES:
             raise ValueError(f"query must be one of {_QUERIES}, got {self.query!r}")
         if not isinstance(self.global_weight, (int, float)) or not np.isfinite(self.global_weight):
@@ -153,7 +162,7 @@ class GliderRouter(Router):
 
     # --- experts ------------------------------------------------------------------------------------------------
     def _key(self, texts: list[str]) -> str:
-        return hashlib.sha256(json.dumps([self.embedder.id, texts]).encode()).hexdigest()
+        return hashlib.sha256(json.dumps([self.embedder.id, self.config.expert_vectors, texts]).encode()).hexdigest()
 
     def on_add_expert(self, expert: Expert) -> None:
         if self.local is not None:
@@ -216,7 +225,11 @@ class GliderRouter(Router):
             i = 0
             for n in todo:
                 k = len(self._texts[n][0])
-                self.index.add(n, vecs[i : i + k], key=self._texts[n][1])
+                v = vecs[i : i + k]  # (texts, dim)
+                if self.config.expert_vectors == "centroid":
+                    v = v.mean(axis=0, keepdims=True)
+                    v /= max(float(np.linalg.norm(v)), 1e-12)  # (1, dim)
+                self.index.add(n, v, key=self._texts[n][1])
                 i += k
         self._dirty = False
         self._unsaved_index = self._unsaved_index or bool(stale or todo)

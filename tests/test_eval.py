@@ -105,3 +105,54 @@ def test_router_methods_twin_and_retrieval(tiny_routed, tok, tmp_path, monkeypat
     assert u["prompts"] == 10
     res.retrieval["seen"] = r
     assert "| seen |" in to_markdown(res)
+
+
+def test_merge_compress_and_configured_router_methods(tiny_routed, tok, tmp_path, monkeypatch):
+    import moerge.eval as ev
+
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "cache"))
+    used = {}
+    real = ev.generate_answers
+
+    def spy(model, tokenizer, examples, experts, max_new_tokens):
+        used.setdefault(type(model).__name__, 0)
+        used[type(model).__name__] += 1
+        return real(model, tokenizer, examples, experts, max_new_tokens)
+
+    monkeypatch.setattr(ev, "generate_answers", spy)
+    methods = ["oracle", "merge:ties?density=0.5", "merge:dare_linear?density=0.5&weight=0.5&rank=2",
+               "compress:compeft?density=0.2", 'router:fixed?weights={"plural": 1.0}']
+    res = evaluate(tiny_routed, tok, methods, ["uppercase", "plural", "sort_descending"], limit=2, batch_size=2,
+                   progress=False)
+    assert set(res.scores) == set(methods)
+    assert used["LlamaForCausalLM"] == 2 * 3  # the merges run as plain models, on every task
+    assert set(res.scores["compress:compeft?density=0.2"]) == {"uppercase", "plural"}  # oracle routing: held-in
+    info = res.info["compress:compeft?density=0.2"]
+    assert info["size_ratio"] > 3 and info["bytes"] < info["bytes_original"]
+    assert (tmp_path / "cache" / "compressed").is_dir()
+    md = to_markdown(res)
+    assert "| static merge of all experts |" in md and "| ties?density=0.5 |" in md
+    assert "| compression (each task's own expert) |" in md and "| compeft?density=0.2 |" in md
+    main_header = md.splitlines()[0]
+    assert "merge:" not in main_header and "router:fixed" in main_header
+    with pytest.raises(ValueError, match="key=value"):
+        evaluate(tiny_routed, tok, ["router:fixed?oops"], ["plural"], limit=1, progress=False)
+
+
+def test_update_adds_methods_to_a_saved_table():
+    a = EvalResult({"base": {"plural": 0.0}}, config={"limit": 3, "split": "test", "methods": ["base"]})
+    b = EvalResult({"merge:ties": {"plural": 0.5}}, config={"limit": 3, "split": "test", "command": "x"},
+                   info={"merge:ties": {"k": 1}})
+    c = EvalResult.from_json(json.loads(json.dumps(a.to_json()))).updated(b)
+    assert c.scores == {"base": {"plural": 0.0}, "merge:ties": {"plural": 0.5}} and c.info["merge:ties"] == {"k": 1}
+    assert c.config["methods"] == ["base", "merge:ties"] and c.config["updates"][0]["command"] == "x"
+    with pytest.raises(ValueError, match="limit"):
+        a.updated(EvalResult({}, config={"limit": 5, "split": "test"}))
+
+
+def test_method_lists_keep_commas_inside_brackets():
+    from moerge.eval import split_methods
+
+    assert split_methods('base, merge:ties?layer_scaling=[0.5,0.5]&density=0.2,router:fixed?weights={"a":1,"b":2} ,'
+                         ) == ["base", "merge:ties?layer_scaling=[0.5,0.5]&density=0.2",
+                               'router:fixed?weights={"a":1,"b":2}']

@@ -225,3 +225,22 @@ def test_an_unchanged_index_is_not_rewritten(tmp_path):
     again = MoErgeModel.from_library(tiny_chat_llama(), ExpertLibrary.open(model.library.root),
                                      router=build_router("glider", local="none"), tokenizer=tiny_tokenizer())
     assert again.router.index is not None and path.stat().st_mtime_ns == before
+
+
+def test_expert_vectors_centroid_or_each(tmp_path, embedder):
+    centroid = _model(tmp_path / "c")  # default: one vector per expert, the normalised mean of its texts
+    d, ex = EXPERTS["sort"]
+    texts = embedder.encode([d, *ex])
+    mean = texts.mean(0)
+    np.testing.assert_allclose(centroid.router.index.vectors("sort"), (mean / np.linalg.norm(mean))[None], atol=1e-5)
+    each = _model(tmp_path / "e", expert_vectors="each")
+    np.testing.assert_allclose(each.router.index.vectors("sort"), texts, atol=1e-5)
+    # "each" scores an expert by its best-matching text: a query equal to one example scores 1
+    assert each.router.retrieve([ex[1]], 1)[1][0, 0] == pytest.approx(1.0, abs=1e-4)
+    assert centroid.router.retrieve([ex[1]], 1)[1][0, 0] < 0.99
+    # switching the setting on an existing library re-embeds its experts (the stored vectors are of the other kind)
+    again = MoErgeModel.from_library(tiny_chat_llama(), centroid.library, tokenizer=tiny_tokenizer(),
+                                     router=build_router("glider", local="none", expert_vectors="each"))
+    assert again.router.index.vectors("sort").shape == (3, embedder.dim)
+    with pytest.raises(ValueError, match="expert_vectors"):
+        build_router("glider", expert_vectors="mean")
