@@ -66,7 +66,8 @@ class GliderConfig(SelectionConfig):
         "help": "None: the base model describes the task; a callable prompts → descriptions; or a TaskDescriber"})
     describe_tokens: int = field(default=32, metadata={"help": "most new tokens of a task description"})
     embedder: Any = field(default=None, metadata={
-        "help": "None: all-MiniLM-L6-v2; a SentenceTransformer, or an object with id, dim, encode()"})
+        "help": "None: all-MiniLM-L6-v2 (int8, traced: ~2 ms per prompt on CPU); a SentenceTransformer, or an "
+                "object with id, dim, encode()"})
     rebuild_index: bool = field(default=False, metadata={
         "help": "re-embed every expert when the library's index was made with another embedder (else: an error)"})
     expert_vectors: str = field(default="centroid", metadata={

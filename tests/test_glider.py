@@ -31,7 +31,9 @@ PROMPTS = {
 
 @pytest.fixture(scope="module")
 def embedder():
-    return default_sentence_embedder()
+    from moerge.embed import as_embedder
+
+    return as_embedder(None)  # what the router uses by default
 
 
 def _lib(tmp_path, base, names=("sort", "french", "sql")):
@@ -244,3 +246,20 @@ def test_expert_vectors_centroid_or_each(tmp_path, embedder):
     assert again.router.index.vectors("sort").shape == (3, embedder.dim)
     with pytest.raises(ValueError, match="expert_vectors"):
         build_router("glider", expert_vectors="mean")
+
+
+def test_fast_int8_embedder_matches_float32_and_pads_correctly():
+    fast, exact = default_sentence_embedder(quantize=True), default_sentence_embedder()
+    assert fast.id == exact.id and fast.dim == exact.dim == 384 and fast.quantized
+    assert isinstance(fast._fast[1], torch.jit.ScriptModule)  # traced, not the eager fallback
+    texts = [p for p in PROMPTS.values()] + ["Sort", "A much longer prompt " * 20]
+    a, b = fast.encode(texts), exact.encode(texts)
+    cos = (a * b).sum(1)
+    assert cos.min() > 0.9, cos
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    alone = np.concatenate([fast.encode([t]) for t in texts])
+    np.testing.assert_allclose(a, alone, atol=1e-6)  # a vector never depends on the texts embedded with it
+    assert fast.encode([]).shape == (0, 384)
+    # retrieval agrees with the float32 embedder on the prompts above
+    experts = [EXPERTS[n][0] for n in PROMPTS]
+    assert ((a[:3] @ fast.encode(experts).T).argmax(1) == (b[:3] @ exact.encode(experts).T).argmax(1)).all()
