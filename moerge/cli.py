@@ -3,6 +3,7 @@
     moerge merge    -l LIB --method ties --experts a,b,c --density 0.5 -o out/
     moerge compress -l LIB --method compeft --density 0.1 EXPERT
     moerge transfer -l LIB EXPERT --source OLD_BASE --target NEW_BASE --into NEW_LIB
+    moerge bench    --experts 16,256,1000 --batch 1,8 --out results
 
 Every command takes ``--json`` (one JSON object on stdout, for scripts). Exit codes: 0 done; 1 the request was
 refused (bad input, a check failed: the message names the file, the expert and the problem; nothing was changed);
@@ -247,6 +248,15 @@ def transfer(
     data = _run(work, as_json)
     _emit(data, as_json, message=f"transferred {data['expert']!r} into {data['library']}: bases are "
                                  f"{data['summary']}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Prefill/decode speed and memory of routed inference vs the base model and PEFT (options: see
+    ``python -m moerge.bench --help``: --experts 16,256,1000 --batch 1,8 --prompt 64 --new 32 --skip-peft --out DIR)."""
+    from moerge.bench import main as bench_main
+
+    bench_main(list(ctx.args))
 
 
 def main(argv: list[str] | None = None) -> None:

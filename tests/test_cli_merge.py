@@ -122,3 +122,17 @@ def test_transfer_to_a_new_base_version(setup, tmp_path):
                      "--into", tmp_path / "lib3", "--json")
     assert code == 1 and "not a version of the source" in json.loads(out)["error"]
     assert not (tmp_path / "lib3").exists()
+
+
+def test_bench_runs_every_scenario_on_a_tiny_model(tmp_path):
+    code, out = _run("bench", "--tiny", "--experts", "3", "--batch", "1,2", "--prompt", "6", "--new", "3",
+                     "--repeat", "1", "--mixed", "2", "--out", tmp_path)
+    assert code == 0, out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = {(r["scenario"], r["batch"]): r for r in data["results"]}
+    assert set(rows) == {(s, b) for s in ("base", "peft-1", "peft-mixed", "peft-xlora", "moerge-3") for b in (1, 2)}
+    for (s, _), r in rows.items():
+        assert r["prefill_tps"] > 0 and r["decode_tps"] > 0
+        if s == "base":
+            assert r["ratios"] == {"prefill": 1.0, "decode": 1.0}
+    assert "| moerge-3 | 2 |" in (tmp_path / "bench.md").read_text() and data["header"][0].startswith("command:")
