@@ -59,6 +59,9 @@ class Candidates:
     scores: torch.Tensor
     names: tuple[str, ...]
     weights: torch.Tensor | None = None
+    memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """What is derived from these candidates once per request and reused at every step (gathered gate vectors,
+    the rows repeated for beams); routers may store their own entries, keyed by something of theirs."""
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 2 or self.scores.shape != self.ids.shape:
@@ -88,8 +91,12 @@ class Candidates:
         """Each row repeated ``n`` times in place (``repeat_interleave``), as generate does for beams/samples."""
         if n == 1:
             return self
-        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
-        return dataclasses.replace(self, ids=rep(self.ids), scores=rep(self.scores), weights=rep(self.weights))
+        key = ("repeat_rows", n)
+        if key not in self.memo:
+            rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+            self.memo[key] = dataclasses.replace(self, ids=rep(self.ids), scores=rep(self.scores),
+                                                 weights=rep(self.weights))
+        return self.memo[key]
 
 
 def candidates_from_mixes(
@@ -147,6 +154,14 @@ def select_weights(logits: torch.Tensor, top_k: int | None = None, top_p: float 
     if k_all == 0:
         return logits.clone()
     z = logits.float()
+    if top_p is None and null_logit is None and top_k is not None and top_k < k_all:
+        # the common case, in as few ops as a decode step allows: softmax over the top k (−inf entries get 0,
+        # a token with no finite logit gets all zeros)
+        top_v, top_i = z.topk(int(top_k), dim=-1)  # (..., k)
+        w = torch.nan_to_num(torch.softmax(top_v, dim=-1), nan=0.0)
+        out = torch.zeros_like(z).scatter_(-1, top_i, w)
+        return out if logits.dtype == torch.float32 else out.to(
+            logits.dtype if logits.is_floating_point() else torch.float32)
     if null_logit is not None:
         z = torch.cat([z, torch.full_like(z[..., :1], float(null_logit))], dim=-1)  # (..., K+1)
     k = z.shape[-1] if top_k is None else min(int(top_k) + (null_logit is not None), z.shape[-1])
@@ -236,8 +251,12 @@ class ExpertVectors(Mapping):
         """``(V (B, K, d), ok (B, K))``: each row's candidates' vectors for ``module`` and whether the candidate has
         one (``False`` for empty slots and experts that do not target the module); ``None`` when no expert has a
         vector for ``module``."""
+        memo_key = (id(self), module, device)
+        if memo_key in candidates.memo:  # gathered once per request, reused at every decode step
+            return candidates.memo[memo_key]
         have = self._by_module.get(module)
         if not have:
+            candidates.memo[memo_key] = None
             return None
         names = candidates.names
         key = (module, names, str(device))
@@ -249,7 +268,26 @@ class ExpertVectors(Mapping):
         V, valid = self._stacked[key]
         ids = candidates.ids.to(device)  # (B, K)
         safe = ids.clamp(min=0)
-        return V[safe], valid[safe] & (ids >= 0)  # (B, K, d), (B, K)
+        out = (V[safe], valid[safe] & (ids >= 0))  # (B, K, d), (B, K)
+        candidates.memo[memo_key] = out
+        return out
+
+
+    def gate_operands(self, module: str, candidates: Candidates, device: torch.device,
+                      scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(Vt (B, d, K), bias (B, 1, K))`` for a gate ``x @ Vt + bias``: the candidates' vectors times
+        ``scale``, transposed for the batched matmul, and ``0`` / ``-inf`` for candidates with / without a vector.
+        Made once per request (kept in ``candidates.memo``), so a decode step costs one matmul and one add."""
+        key = (id(self), module, device, "gate", scale)
+        if key not in candidates.memo:
+            got = self.gather(module, candidates, device)
+            if got is None:
+                candidates.memo[key] = None
+            else:
+                V, ok = got  # (B, K, d), (B, K)
+                bias = torch.zeros(ok.shape, device=device).masked_fill(~ok, float("-inf")).unsqueeze(1)
+                candidates.memo[key] = ((V.float() * scale).transpose(1, 2).contiguous(), bias)  # (B, d, K), (B,1,K)
+        return candidates.memo[key]
 
 
 def no_candidate_logits(x: torch.Tensor, candidates: Candidates) -> torch.Tensor:
@@ -348,13 +386,15 @@ class RoutingState:
         w = weights.detach().float()
         if w.shape[0] != b:  # rows repeated by generate (beams / samples): fold back
             w = w.reshape(b, -1, *w.shape[1:]).mean(1)
-        s = w.sum(1).cpu()  # (B, K)
-        self.usage[module] = self.usage.get(module, 0) + s
+        s = w.sum(1)  # (B, K), kept on the device (no sync per step); read once by trace()
+        prev = self.usage.get(module)
+        self.usage[module] = s if prev is None else prev + s
         self.usage_tokens[module] = self.usage_tokens.get(module, 0) + int(w.shape[1])
 
     def trace(self) -> list[RowRouting]:
         c = self.candidates
         rows: list[RowRouting] = []
+        totals = {mod: tot.float().cpu() for mod, tot in self.usage.items()}  # one copy from the device
         for b in range(c.batch_size):
             slots = [(j, i) for j, i in enumerate(c.ids[b].tolist()) if i >= 0]
             cand = [c.names[i] for _, i in slots]
@@ -363,7 +403,7 @@ class RoutingState:
             if c.weights is not None:
                 experts = {c.names[i]: float(c.weights[b, j]) for j, i in slots}
             else:
-                for mod, tot in self.usage.items():
+                for mod, tot in totals.items():
                     n = max(self.usage_tokens[mod], 1)
                     usage[mod] = {c.names[i]: float(tot[b, j]) / n for j, i in slots}
                 experts = {

@@ -81,12 +81,11 @@ class ArrowRouter(Router):
 
     def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
         """``(B, T, K)`` logits ``|⟨prototype, x⟩| / temperature``; ``-inf`` for candidates without the module."""
-        got = self._protos.gather(layer.name, candidates, x.device)
+        got = self._protos.gate_operands(layer.name, candidates, x.device, 1.0 / self.config.temperature)
         if got is None:  # no expert targets this module
             return no_candidate_logits(x, candidates)
-        P, ok = got  # (B, K, in), (B, K)
-        sim = torch.bmm(x.float(), P.transpose(1, 2)).abs() / self.config.temperature  # (B, T, K)
-        return sim.masked_fill(~ok.unsqueeze(1), float("-inf"))
+        Pt, bias = got  # (B, in, K) prototypes / temperature, (B, 1, K) 0 or -inf
+        return torch.bmm(x.float(), Pt).abs_() + bias  # (B, T, K)
 
     def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
         return self.config.select(self.logits(x, candidates, layer))  # (B, T, K)

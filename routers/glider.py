@@ -286,6 +286,8 @@ class GliderRouter(Router):
         return Candidates(ids=ids, scores=scores, names=request.names, weights=weights)
 
     def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
-        z = self.local.logits(x, candidates, layer)  # (B, T, K)
-        z = z + self.config.global_weight * candidates.scores.to(x.device).unsqueeze(1)  # (B, T, K)
+        key = (id(self), "global", x.device)
+        if key not in candidates.memo:  # the global term is the same at every step of the request
+            candidates.memo[key] = (self.config.global_weight * candidates.scores.to(x.device).float()).unsqueeze(1)
+        z = self.local.logits(x, candidates, layer) + candidates.memo[key]  # (B, T, K)
         return self.config.select(z)

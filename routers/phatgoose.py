@@ -191,13 +191,12 @@ class PhatgooseRouter(Router):
 
     def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
         """``(B, T, K)`` standardized-dot-product logits; ``-inf`` for candidates that do not target the module."""
-        got = self._gates.gather(layer.name, candidates, x.device)
+        temp = self.config.temperature or math.sqrt(x.shape[-1])
+        got = self._gates.gate_operands(layer.name, candidates, x.device, 1.0 / temp)
         if got is None:
             return no_candidate_logits(x, candidates)
-        G, ok = got  # (B, K, in), (B, K)
-        temp = self.config.temperature or math.sqrt(x.shape[-1])
-        z = torch.bmm(standardize(x), G.transpose(1, 2)) / temp  # (B, T, K)
-        return z.masked_fill(~ok.unsqueeze(1), float("-inf"))
+        Gt, bias = got  # (B, in, K) gates / temperature, (B, 1, K) 0 or -inf
+        return torch.bmm(standardize(x), Gt) + bias  # (B, T, K)
 
     def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
         return self.config.select(self.logits(x, candidates, layer))  # (B, T, K)

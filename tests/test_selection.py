@@ -66,3 +66,18 @@ def test_null_expert_does_not_count_against_top_k():
 def test_selection_config_quotes_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):
         SelectionConfig(**kw)
+
+
+def test_top_k_fast_path_equals_the_general_path():
+    from moerge.routing import select_weights
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 6, generator=g)
+    z[0, :, 1] = float("-inf")  # a candidate without the module
+    z[1, 2, :] = float("-inf")  # a token with no possible candidate
+    for k in (1, 2, 3):
+        fast = select_weights(z, top_k=k)
+        general = select_weights(z, top_k=k, top_p=1.0)  # top_p=1 keeps the same set through the general path
+        torch.testing.assert_close(fast, general)
+        assert ((fast > 0).sum(-1) <= k).all() and torch.equal(fast[1, 2], torch.zeros(6))
+    assert select_weights(z.to(torch.bfloat16), top_k=2).dtype == torch.bfloat16
