@@ -132,7 +132,7 @@ def _peft_adapters(base: nn.Module, n: int, rank: int, folder: Path) -> list[Pat
 def run_bench(base: nn.Module, tokenizer: Any, *, experts: list[int], batches: list[int], prompt: int = 64,
               new: int = 32, rank: int = 8, candidates: int = 4, top_k: int = 2, mixed: int = 8,
               peft: bool = True, xlora: bool = True, repeat: int = 3, workdir: Path | None = None,
-              log: Any = print) -> list[BenchResult]:
+              expert_dtype: torch.dtype | None = None, log: Any = print) -> list[BenchResult]:
     """Run every scenario for every batch size; returns the results with ratios to the base filled in."""
     import tempfile
 
@@ -190,14 +190,17 @@ def run_bench(base: nn.Module, tokenizer: Any, *, experts: list[int], batches: l
     for n in experts:
         t0 = time.perf_counter()
         router = build_router("glider", candidates=candidates, local="arrow", top_k=top_k)
-        model = MoErgeModel(copy.deepcopy(base), router, tokenizer=tokenizer)
+        model = MoErgeModel(copy.deepcopy(base), router, tokenizer=tokenizer, expert_dtype=expert_dtype)
+        dt = expert_dtype or torch.float32
         for i in range(0, n, 64):  # made and installed a chunk at a time, so the pool is never held twice
-            model._install(random_lora_experts(base, min(64, n - i), rank, seed=n * 1000 + i, name=f"e{i}-"))
+            model._install(random_lora_experts(base, min(64, n - i), rank, seed=n * 1000 + i, name=f"e{i}-",
+                                               dtype=dt))
             gc.collect()
         setup = time.perf_counter() - t0
         for batch in batches_in.values():
             record(_measure(f"moerge-{n}", model, batch, new, repeat, device, mem0, setup,
-                            notes=f"K={candidates}, top-{top_k}"))
+                            notes=f"K={candidates}, top-{top_k}" + (f", experts in {str(dt).removeprefix('torch.')}"
+                                                                     if expert_dtype is not None else "")))
         del model
         gc.collect()
     base_by_batch = {r.batch: r for r in results if r.scenario == "base"}
@@ -228,6 +231,8 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     ap.add_argument("--top-k", type=int, default=2, help="experts mixed per token")
     ap.add_argument("--mixed", type=int, default=8, help="adapters for PEFT's mixed batch and X-LoRA")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--expert-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="how the routed model stores its experts (default: the base's dtype)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-xlora", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of the default base (tests)")
@@ -262,7 +267,8 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     results = run_bench(base, tok, experts=[int(x) for x in args.experts.split(",") if x],
                         batches=[int(x) for x in args.batch.split(",") if x], prompt=args.prompt, new=args.new,
                         rank=args.rank, candidates=args.candidates, top_k=args.top_k, mixed=args.mixed,
-                        peft=not args.skip_peft, xlora=not args.skip_xlora, repeat=args.repeat)
+                        peft=not args.skip_peft, xlora=not args.skip_xlora, repeat=args.repeat,
+                        expert_dtype=getattr(torch, args.expert_dtype) if args.expert_dtype else None)
     md = to_markdown(results, header)
     print()
     print(md)

@@ -133,9 +133,9 @@ class LayerBank:
     def delta_bias(self, name: str) -> torch.Tensor | None:
         return self.dense[name][1] if name in self.dense else None
 
-    def gather(self, candidates: Candidates) -> GatheredLayer | None:
-        """Copy the factors of each row's candidates side by side (once per request); ``None`` when no row's
-        candidates touch this module."""
+    def gather(self, candidates: Candidates, dtype: torch.dtype | None = None) -> GatheredLayer | None:
+        """Copy the factors of each row's candidates side by side (once per request), in ``dtype`` (default: the
+        bank's); ``None`` when no row's candidates touch this module."""
         ids = candidates.ids.tolist()
         names = candidates.names
         seq_w = candidates.weights
@@ -164,15 +164,16 @@ class LayerBank:
         R = max((len(c) for c in cols), default=0)
         if R == 0 and not dense_uses:
             return None
-        device, dtype = self.A_all.device, self.A_all.dtype
+        device = self.A_all.device
+        dtype = dtype or self.A_all.dtype
         lora = None
         if R > 0:
             pad = self.A_all.shape[0] - 1  # index of the zero row
             idx = torch.tensor([c + [pad] * (R - len(c)) for c in cols], device=device)  # (B, R)
             k_idx = torch.tensor([k + [0] * (R - len(k)) for k in col_k], device=device)  # (B, R)
             scale = torch.tensor([s + [0.0] * (R - len(s)) for s in col_scale], device=device, dtype=torch.float32)
-            A = self.A_all[idx]  # (B, R, in)
-            Bt = self.Bt_all[idx]  # (B, R, out)
+            A = self.A_all[idx].to(dtype)  # (B, R, in)
+            Bt = self.Bt_all[idx].to(dtype)  # (B, R, out)
             if seq_w is not None:
                 w_cols = seq_w.to(device).gather(1, k_idx) * scale  # (B, R)
                 Bt = Bt * w_cols.to(dtype).unsqueeze(-1)  # (B, R, out): weights and scales folded in
@@ -182,11 +183,12 @@ class LayerBank:
         dense = []
         for name, uses in dense_uses.items():
             d, bias = self.dense[name]
+            d, bias = d.to(dtype), None if bias is None else bias.to(dtype)
             rows = torch.tensor([b for b, _ in uses], device=device)
             ks = torch.tensor([k for _, k in uses], device=device)
             w = None if seq_w is None else seq_w.to(device)[rows, ks].to(dtype)  # (n,)
             dense.append(_GatheredDense(d, bias, rows, ks, w))
-        return GatheredLayer(B, lora, dense)
+        return GatheredLayer(B, lora, dense, dtype)
 
 
 @dataclass
@@ -222,6 +224,7 @@ class GatheredLayer:
     rows: int
     lora: _GatheredLoRA | None
     dense: list[_GatheredDense]
+    dtype: torch.dtype = torch.float32  # the dtype the factors were gathered in (the forward computes in it)
     _expanded: dict[int, GatheredLayer] = field(default_factory=dict)
 
     def for_batch(self, batch: int) -> GatheredLayer:
@@ -233,7 +236,8 @@ class GatheredLayer:
         n = batch // self.rows
         if n not in self._expanded:
             self._expanded[n] = GatheredLayer(
-                batch, None if self.lora is None else self.lora.repeat_rows(n), [d.repeat_rows(n) for d in self.dense]
+                batch, None if self.lora is None else self.lora.repeat_rows(n), [d.repeat_rows(n) for d in self.dense],
+                self.dtype,
             )
         return self._expanded[n]
 
@@ -289,6 +293,12 @@ class ExpertLinear(nn.Module):
         return self
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype a request's gathered factors take: the base layer's (its output is added to theirs)."""
+        w = self.base_layer.weight
+        return w.dtype if w.is_floating_point() else self.bank.A_all.dtype
+
+    @property
     def weight(self) -> torch.Tensor:  # some model code reads .weight of its linears (e.g. dtype checks)
         return self.base_layer.weight
 
@@ -313,7 +323,7 @@ class ExpertLinear(nn.Module):
                                         self.info)  # (B, T, K)
             if state.record_usage:
                 state.record(self.module_name, weights)
-        d = g.delta(x3.to(self.bank.A_all.dtype), weights)  # (B, T, out), in the experts' dtype
+        d = g.delta(x3.to(g.dtype), weights)  # (B, T, out), in the dtype the factors were gathered in
         return y + d.reshape(*shape[:-1], d.shape[-1]).to(y.dtype)
 
     def extra_repr(self) -> str:

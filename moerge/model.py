@@ -53,14 +53,18 @@ class MoErgeModel(nn.Module):
         library: ExpertLibrary | None = None,
         *,
         tokenizer: Any = None,
+        expert_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if expert_dtype is not None and not (isinstance(expert_dtype, torch.dtype) and expert_dtype.is_floating_point):
+            raise ValueError(f"expert_dtype must be a floating torch dtype, got {expert_dtype!r}")
         if any(isinstance(m, ExpertLinear) for m in base.modules()):
             raise ValueError("this base is already patched by another MoErgeModel; pass that model's copy_base() "
                              "(a plain copy) or unpatch() it first")
         self.base = base
         self.library = library
         self.tokenizer = tokenizer
+        self.expert_dtype = expert_dtype  # how the layers store experts (None: the base's dtype)
         self.context = RoutingContext()
         self._lock = threading.RLock()
         self._experts: dict[str, ExpertMetadata] = {}
@@ -82,6 +86,7 @@ class MoErgeModel(nn.Module):
         tokenizer: Any = None,
         strict_base: bool = True,
         experts: Iterable[str] | None = None,
+        expert_dtype: torch.dtype | None = None,
         **load_kwargs: Any,
     ) -> MoErgeModel:
         """Patch ``base`` with the experts of ``library``.
@@ -95,6 +100,9 @@ class MoErgeModel(nn.Module):
             strict_base: refuse a base whose weights differ from the library's recorded base; with ``False`` a base of
                 the same architecture is accepted with a warning (applying experts to another version of the base).
             experts: load only these experts (default: all).
+            expert_dtype: the dtype the layers store the experts' factors in (default: the base's). With
+                ``torch.bfloat16`` under a float32 base, a library takes half the memory; each request's
+                candidates are cast to the base's dtype once, when they are gathered.
         """
         if isinstance(base, (str, Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,7 +122,7 @@ class MoErgeModel(nn.Module):
                           "experts to it anyway (strict_base=False)", stacklevel=2)
         if isinstance(router, str):
             router = build_router(router)
-        model = cls(base, router, library, tokenizer=tokenizer)
+        model = cls(base, router, library, tokenizer=tokenizer, expert_dtype=expert_dtype)
         names = list(experts) if experts is not None else library.names()
         for i in range(0, len(names), _INSTALL_CHUNK):
             model._install([library.get(n) for n in names[i : i + _INSTALL_CHUNK]])
@@ -194,7 +202,8 @@ class MoErgeModel(nn.Module):
         mod = self.base.get_submodule(module_name)
         out_f, in_f = linear_shape(mod)
         w = mod.weight
-        return LayerBank.empty(in_f, out_f, w.device, w.dtype if w.is_floating_point() else torch.float32)
+        dtype = self.expert_dtype or (w.dtype if w.is_floating_point() else torch.float32)
+        return LayerBank.empty(in_f, out_f, w.device, dtype)
 
     def _new_banks(self, add: Sequence[Expert], drop: set[str]) -> dict[str, LayerBank]:
         """The banks of every affected module after dropping ``drop`` and adding ``add`` (nothing is changed)."""
@@ -424,7 +433,8 @@ class MoErgeModel(nn.Module):
                 raise RoutingError(f"router {router.name!r} gave no mixing weights and has no local gate")
             if cands.batch_size != batch:
                 raise RoutingError(f"router {router.name!r} routed {cands.batch_size} rows for a batch of {batch}")
-            gathered = {layer.layer_index: layer.bank.gather(cands) for layer in self._layers.values()}
+            gathered = {layer.layer_index: layer.bank.gather(cands, layer.compute_dtype)
+                        for layer in self._layers.values()}
         return RoutingState(cands, router, gathered, record_usage=True)
 
     @contextmanager

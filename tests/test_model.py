@@ -544,3 +544,24 @@ def test_model_copies_saving_and_double_patching(tmp_path, base, lib2, input_ids
     with pytest.raises(ValueError, match="already patched"):
         MoErgeModel.from_library(base, lib2)
     assert MoErgeModel.from_library(model.copy_base(), lib2).experts == ["a", "b"]
+
+
+def test_experts_stored_in_bfloat16_under_a_float32_base(tmp_path, base, input_ids):
+    from conftest import rand_expert
+
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    for i, n in enumerate("xy"):
+        lib.add(rand_expert(base, n, seed=i).to(torch.bfloat16))
+    half = MoErgeModel.from_library(copy.deepcopy(base), lib, expert_dtype=torch.bfloat16)
+    full = MoErgeModel.from_library(copy.deepcopy(base), lib)  # the same bf16 values, held in float32
+    layer = half.base.model.layers[0].self_attn.q_proj
+    assert layer.bank.A_all.dtype == torch.bfloat16 and layer.compute_dtype == torch.float32
+    assert full.base.model.layers[0].self_attn.q_proj.bank.A_all.dtype == torch.float32
+    w = [{"x": 0.7, "y": 0.3}, {"y": 1.0}, {"x": 1.0}]
+    with torch.no_grad():
+        a = half(input_ids=input_ids, experts=w).logits
+        b = full(input_ids=input_ids, experts=w).logits
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # the factors are cast once per request, exactly
+    with pytest.raises(ValueError, match="expert_dtype"):
+        MoErgeModel.from_library(copy.deepcopy(base), lib, expert_dtype=torch.int8)
