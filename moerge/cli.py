@@ -90,6 +90,20 @@ def _load_base(spec: str | None, lib) -> Any:
     return default_base()[0]
 
 
+def _load_tokenizer(spec: str | None) -> Any:
+    """The tokenizer of the ``--base`` folder, or the default base's; ``None`` when there is none."""
+    try:
+        if spec:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(spec)
+        from moerge.models import default_tokenizer
+
+        return default_tokenizer()
+    except (OSError, ValueError):
+        return None
+
+
 def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
@@ -165,14 +179,18 @@ def merge(
             plain = _load_base(base, lib)
             lib.check_base(plain)
             fold_into(plain, merged).save_pretrained(str(output))
-            result.update(output=str(output), format="model")
+            tok = _load_tokenizer(base)
+            if tok is not None:  # a full model folder should load with its tokenizer
+                tok.save_pretrained(str(output))
+            result.update(output=str(output), format="model", tokenizer=tok is not None)
         return result
 
     data = _run(work, as_json)
     where = f"added to the library as {data['added']!r}" if "added" in data else \
         f"wrote a {'PEFT LoRA adapter' if data['format'] == 'peft' else 'full model'} to {data['output']}"
     _emit(data, as_json, message=f"{data['method']} merge of {', '.join(data['experts'])}: {where} "
-                                 f"({data['parameters']:,} parameters{', low rank' if data['low_rank'] else ''})")
+                                 f"(the merged update has {data['parameters']:,} parameters"
+                                 f"{', low rank' if data['low_rank'] else ''})")
 
 
 @app.command()
