@@ -565,3 +565,27 @@ def test_experts_stored_in_bfloat16_under_a_float32_base(tmp_path, base, input_i
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # the factors are cast once per request, exactly
     with pytest.raises(ValueError, match="expert_dtype"):
         MoErgeModel.from_library(copy.deepcopy(base), lib, expert_dtype=torch.int8)
+
+
+def test_a_requests_gathered_factors_are_freed_after_generate(lib2, base, input_ids):
+    import gc
+    import weakref
+
+    model = MoErgeModel.from_library(base, lib2, router="explicit")
+    seen = []
+    real_route = model.route
+
+    def spy(*a, **k):
+        state = real_route(*a, **k)
+        seen.append(weakref.ref(state))
+        g = next(x for x in state.gathered.values() if x is not None)
+        seen.append(weakref.ref(g.lora.A))  # the candidates' factors copied for this request
+        return state
+
+    model.route = spy
+    model.generate(input_ids=input_ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                   experts=[{"a": 0.5, "b": 0.5}])
+    gc.collect()
+    assert model.context.current is None and len(seen) == 2
+    assert all(ref() is None for ref in seen), "the routing state and its gathered factors outlived the call"
+    assert model.last_routing[0].experts == {"a": 0.5, "b": 0.5}
