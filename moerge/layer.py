@@ -29,6 +29,9 @@ from moerge.routing import Candidates, LayerInfo, RoutingContext
 __all__ = ["ExpertLinear", "LayerBank", "GatheredLayer"]
 
 
+_VECTOR_GATHER_MIN = 64  # candidate slots (B·K) from which the vectorised gather beats the row loop
+
+
 @dataclass(frozen=True)
 class _LoRASlot:
     start: int
@@ -133,9 +136,67 @@ class LayerBank:
     def delta_bias(self, name: str) -> torch.Tensor | None:
         return self.dense[name][1] if name in self.dense else None
 
-    def gather(self, candidates: Candidates, dtype: torch.dtype | None = None) -> GatheredLayer | None:
+    def _slots_for(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(start, rank, scale)`` ``(N,)`` per name of ``names`` (rank 0 for experts without this module); the
+        last computed is kept, since a model's name tuple is the same object until its experts change."""
+        cached = self.__dict__.get("_slot_cache")
+        if cached is not None and cached[0] is names:
+            return cached[1]
+        start = torch.tensor([self.lora[n].start if n in self.lora else 0 for n in names], dtype=torch.long)
+        rank = torch.tensor([self.lora[n].rank if n in self.lora else 0 for n in names], dtype=torch.long)
+        scale = torch.tensor([self.lora[n].scale if n in self.lora else 0.0 for n in names], dtype=torch.float32)
+        dev = self.A_all.device
+        out = (start.to(dev), rank.to(dev), scale.to(dev))
+        object.__setattr__(self, "_slot_cache", (names, out))
+        return out
+
+    def _gather_lora_columns(self, candidates: Candidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Vectorised: per row, the bank rows of its candidates' factors in candidate order, ``idx (B, R)`` (the
+        zero row at padding), their candidate slot ``k_idx (B, R)`` and LoRA scale ``(B, R)`` (0 at padding)."""
+        start, rank, scale = self._slots_for(candidates.names)
+        ids = candidates.ids.to(start.device)  # (B, K)
+        safe = ids.clamp(min=0)
+        r = rank[safe] * (ids >= 0)  # (B, K)
+        if candidates.weights is not None:
+            r = r * (candidates.weights.to(r.device) != 0)  # zero-weight candidates are skipped
+        B, K = ids.shape
+        width = int(r.max()) if r.numel() else 0
+        if width == 0:
+            z = torch.zeros(B, 0, dtype=torch.long, device=start.device)
+            return z, z, torch.zeros(B, 0, device=start.device), 0
+        off = torch.arange(width, device=start.device)  # (w,)
+        valid = (off < r.unsqueeze(-1)).reshape(B, K * width)  # (B, K*w)
+        rows = (start[safe].unsqueeze(-1) + off).reshape(B, K * width)  # (B, K*w)
+        ks = torch.arange(K, device=start.device).repeat_interleave(width).expand(B, -1)  # (B, K*w)
+        sc = scale[safe].unsqueeze(-1).expand(B, K, width).reshape(B, K * width)  # (B, K*w)
+        R = int(valid.sum(1).max())
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :R]  # valid columns first, in order
+        keep = valid.gather(1, order)  # (B, R)
+        pad = self.A_all.shape[0] - 1
+        idx = torch.where(keep, rows.gather(1, order), torch.full_like(order, pad))
+        k_idx = torch.where(keep, ks.gather(1, order), torch.zeros_like(order))
+        col_scale = torch.where(keep, sc.gather(1, order), torch.zeros(order.shape, device=start.device))
+        return idx, k_idx, col_scale, R
+
+    def gather(self, candidates: Candidates, dtype: torch.dtype | None = None, *,
+               loop: bool = False) -> GatheredLayer | None:
         """Copy the factors of each row's candidates side by side (once per request), in ``dtype`` (default: the
-        bank's); ``None`` when no row's candidates touch this module."""
+        bank's); ``None`` when no row's candidates touch this module. With many candidate slots (``B·K ≥ 64``)
+        a bank of LoRA experts only is gathered vectorised (measured 1.2× faster at B=32, 1.7× at B=128, K=4;
+        2× slower at B=1, where the row loop stays); ``loop=True`` forces the row-by-row path."""
+        if not self.dense and not loop and candidates.ids.numel() >= _VECTOR_GATHER_MIN:  # LoRA experts only: the columns are found without a Python loop over rows
+            idx, k_idx, col_scale, R = self._gather_lora_columns(candidates)
+            if R == 0:
+                return None
+            dtype = dtype or self.A_all.dtype
+            A = self.A_all[idx].to(dtype)  # (B, R, in)
+            Bt = self.Bt_all[idx].to(dtype)  # (B, R, out)
+            seq_w = candidates.weights
+            if seq_w is not None:
+                w_cols = seq_w.to(idx.device).gather(1, k_idx) * col_scale  # (B, R)
+                return GatheredLayer(idx.shape[0], _GatheredLoRA(A, Bt * w_cols.to(dtype).unsqueeze(-1), None, None),
+                                     [], dtype)
+            return GatheredLayer(idx.shape[0], _GatheredLoRA(A, Bt, k_idx, col_scale.to(dtype)), [], dtype)
         ids = candidates.ids.tolist()
         names = candidates.names
         seq_w = candidates.weights

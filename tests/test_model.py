@@ -589,3 +589,28 @@ def test_a_requests_gathered_factors_are_freed_after_generate(lib2, base, input_
     assert model.context.current is None and len(seen) == 2
     assert all(ref() is None for ref in seen), "the routing state and its gathered factors outlived the call"
     assert model.last_routing[0].experts == {"a": 0.5, "b": 0.5}
+
+
+@pytest.mark.parametrize("seq_weights", [True, False])
+def test_vectorised_gather_equals_the_row_by_row_one(seq_weights, monkeypatch):
+    from moerge.layer import LayerBank
+    from moerge.routing import Candidates
+
+    g = torch.Generator().manual_seed(0)
+    bank = LayerBank.empty(12, 10, torch.device("cpu"), torch.float32)
+    ranks = {"a": 2, "b": 4, "c": 8, "d": 3}
+    bank = bank.with_experts({n: LoRAWeights(torch.randn(r, 12, generator=g), torch.randn(10, r, generator=g),
+                                             0.5 + i) for i, (n, r) in enumerate(ranks.items())})
+    names = ("a", "b", "x", "c", "d")  # "x" does not target this module
+    ids = torch.tensor([[0, 1, 3], [2, 4, -1], [3, -1, -1], [1, 0, 4]])
+    weights = torch.tensor([[0.5, 0.0, 0.5], [0.2, 0.8, 0.0], [1.0, 0.0, 0.0], [0.3, 0.3, 0.4]])
+    cands = Candidates(ids, weights.clone(), names, weights if seq_weights else None)
+    monkeypatch.setattr("moerge.layer._VECTOR_GATHER_MIN", 1)  # the vectorised path even for this small batch
+    fast, slow = bank.gather(cands), bank.gather(cands, loop=True)
+    for field_ in ("A", "Bt", "k_idx", "scale"):
+        a, b = getattr(fast.lora, field_), getattr(slow.lora, field_)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b), field_
+    empty = Candidates(torch.tensor([[2, -1]]), torch.zeros(1, 2), names, None)
+    assert bank.gather(empty) is None and bank.gather(empty, loop=True) is None
