@@ -1,11 +1,12 @@
 """Compressed experts: ComPEFT, BitDelta and low-rank SVD, stored compactly in the library.
 
-A compressed matrix is ``scale · S`` where ``S`` is a sign pattern: ternary ``{−1, 0, +1}`` for ComPEFT (a
-bit mask of the kept entries plus one sign bit per kept entry), binary ``{−1, +1}`` for BitDelta (one sign bit per
-entry); one ``scale`` per matrix. :func:`compress_expert` compresses every matrix of an expert — a dense ``ΔW``, or
-a LoRA expert's ``A`` and ``B`` factors — and returns an expert whose weights are the reconstruction (what the
-runtime uses, in the expert's dtype) and which the library stores in packed form (``<key>.mask``, ``<key>.signs``,
-uint8; the scale in ``expert.json``). ``method="svd"`` keeps a dense ``ΔW`` as rank-``r`` LoRA factors (truncated
+A compressed matrix is ``scale · S`` where ``S`` is a sign pattern: ternary ``{−1, 0, +1}`` for ComPEFT (the
+kept entries' positions — a bit mask, or one gap byte per kept entry when that is smaller, i.e. below a density of
+about 1/8 — plus one sign bit per kept entry), binary ``{−1, +1}`` for BitDelta (one sign bit per entry); one
+``scale`` per matrix. :func:`compress_expert` compresses every matrix of an expert — a dense ``ΔW``, or a LoRA
+expert's ``A`` and ``B`` factors — and returns an expert whose weights are the reconstruction (what the runtime
+uses, in the expert's dtype) and which the library stores in packed form (``<key>.signs`` and ``<key>.mask`` or
+``<key>.gaps``, uint8; the scale in ``expert.json``). ``method="svd"`` keeps a dense ``ΔW`` as rank-``r`` LoRA factors (truncated
 SVD), or cuts a LoRA expert's rank to ``r``.
 
 The default scale is the mean magnitude of the kept entries, the least-squares best scale for a fixed sign
@@ -28,6 +29,7 @@ from moerge.errors import ExpertFormatError
 __all__ = ["PackedSigns", "compress_tensor", "compress_expert", "storage_bytes", "COMPRESSION_METHODS"]
 
 COMPRESSION_METHODS = ("compeft", "bitdelta", "svd")
+COMPRESSION_FORMAT = 2  # 2: ComPEFT positions as a bit mask or gap bytes, whichever is smaller
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -44,10 +46,29 @@ def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     return ((packed.reshape(-1, 1) & _BITS) != 0).reshape(-1)[:n]
 
 
+def _encode_gaps(positions: torch.Tensor) -> torch.Tensor:
+    """Sorted positions ``(k,)`` → uint8 gap bytes: each gap ``g = p_i − p_{i−1}`` (``p_{−1} = −1``) is written as
+    ``(g − 1) // 255`` zero bytes (each "+255, no entry") and one byte ``1..255``."""
+    prev = torch.cat([torch.tensor([-1]), positions[:-1]])
+    g = positions - prev  # (k,) ≥ 1
+    escapes = (g - 1) // 255
+    out = torch.zeros(int((escapes + 1).sum()), dtype=torch.uint8)
+    out[(escapes + 1).cumsum(0) - 1] = (g - 255 * escapes).to(torch.uint8)
+    return out
+
+
+def _decode_gaps(gaps: torch.Tensor) -> torch.Tensor:
+    """uint8 gap bytes → the positions ``(k,)`` they encode (see :func:`_encode_gaps`)."""
+    steps = torch.where(gaps == 0, 255, gaps.long())
+    return steps.cumsum(0)[gaps != 0] - 1
+
+
 @dataclass
 class PackedSigns:
-    """``scale · S`` for a sign pattern ``S`` of shape ``shape``: ``mask`` (packed, ``None`` = every entry kept)
-    marks the non-zero entries; ``signs`` (packed) holds one bit per kept entry, 1 for +."""
+    """``scale · S`` for a sign pattern ``S`` of shape ``shape``. The non-zero entries are marked by ``mask`` (one
+    bit per entry) or by ``gaps`` (one byte per kept entry: the distance from the previous one; smaller below a
+    density of about 1/8), or are all entries when both are ``None`` (BitDelta); ``signs`` (packed) holds one bit
+    per kept entry, 1 for +."""
 
     method: str
     shape: tuple[int, ...]
@@ -55,6 +76,7 @@ class PackedSigns:
     signs: torch.Tensor  # uint8 (ceil(kept/8),)
     mask: torch.Tensor | None  # uint8 (ceil(numel/8),) or None
     dtype: torch.dtype = torch.float32
+    gaps: torch.Tensor | None = None  # uint8 gap bytes, instead of mask
 
     @property
     def numel(self) -> int:
@@ -62,7 +84,11 @@ class PackedSigns:
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         n = self.numel
-        keep = torch.ones(n, dtype=torch.bool) if self.mask is None else _unpack(self.mask, n)
+        if self.gaps is not None:
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[_decode_gaps(self.gaps)] = True
+        else:
+            keep = torch.ones(n, dtype=torch.bool) if self.mask is None else _unpack(self.mask, n)
         kept = int(keep.sum())
         sign = _unpack(self.signs, kept).to(torch.float32) * 2 - 1  # (kept,) ±1
         out = torch.zeros(n, dtype=torch.float32)
@@ -73,6 +99,8 @@ class PackedSigns:
         out = {f"{key}.signs": self.signs}
         if self.mask is not None:
             out[f"{key}.mask"] = self.mask
+        if self.gaps is not None:
+            out[f"{key}.gaps"] = self.gaps
         return out
 
     def spec(self) -> dict[str, Any]:
@@ -94,18 +122,28 @@ class PackedSigns:
             raise ExpertFormatError(f"{key}: bad compression entry {spec!r}", expert=expert, file=file)
         signs = tensors.get(f"{key}.signs")
         mask = tensors.get(f"{key}.mask")
+        gaps = tensors.get(f"{key}.gaps")
         n = math.prod(shape)
-        if signs is None or signs.dtype != torch.uint8 or (method == "compeft") != (mask is not None):
+        marked = (mask is not None) + (gaps is not None)
+        if signs is None or signs.dtype != torch.uint8 or marked != (1 if method == "compeft" else 0):
             raise ExpertFormatError(f"{key}: missing or mistyped packed tensors for {method}", expert=expert,
                                     file=file)
         if mask is not None and (mask.dtype != torch.uint8 or mask.numel() != math.ceil(n / 8)):
             raise ExpertFormatError(f"{key}.mask has {mask.numel()} bytes, expected {math.ceil(n / 8)} for shape "
                                     f"{shape}", expert=expert, file=file)
-        kept = n if mask is None else int(_unpack(mask, n).sum())
+        kept = n
+        if mask is not None:
+            kept = int(_unpack(mask, n).sum())
+        if gaps is not None:
+            pos = _decode_gaps(gaps) if gaps.dtype == torch.uint8 and gaps.dim() == 1 else None
+            if pos is None or (pos.numel() and int(pos[-1]) >= n):
+                raise ExpertFormatError(f"{key}.gaps: positions beyond the {n} entries of shape {shape}",
+                                        expert=expert, file=file)
+            kept = pos.numel()
         if signs.numel() != math.ceil(kept / 8):
             raise ExpertFormatError(f"{key}.signs has {signs.numel()} bytes, expected {math.ceil(kept / 8)}",
                                     expert=expert, file=file)
-        return cls(method, shape, scale, signs, mask, dtype)
+        return cls(method, shape, scale, signs, mask, dtype, gaps)
 
 
 def compress_tensor(t: torch.Tensor, method: str, density: float = 0.1, alpha: float | None = None) -> PackedSigns:
@@ -128,6 +166,9 @@ def compress_tensor(t: torch.Tensor, method: str, density: float = 0.1, alpha: f
         keep[torch.topk(x.abs(), k).indices] = True
         kept = x[keep]
         scale = float(alpha * x.std()) if alpha is not None else float(kept.abs().mean())
+        gaps = _encode_gaps(keep.nonzero().reshape(-1))
+        if gaps.numel() < math.ceil(n / 8):  # positions as gap bytes when that is smaller than a bit mask
+            return PackedSigns("compeft", tuple(t.shape), scale, _pack(kept > 0), None, t.dtype, gaps)
         return PackedSigns("compeft", tuple(t.shape), scale, _pack(kept > 0), _pack(keep), t.dtype)
     if method == "bitdelta":
         return PackedSigns("bitdelta", tuple(t.shape), float(x.abs().mean()), _pack(x > 0), None, t.dtype)

@@ -132,7 +132,9 @@ def _compress_method(name: str) -> Method:
         from moerge.models import cache_root
 
         src = model.library
-        tag = "-".join([method] + [f"{k}{v}" for k, v in sorted(config.items())])
+        from moerge.adapters.compress import COMPRESSION_FORMAT
+
+        tag = "-".join([method] + [f"{k}{v}" for k, v in sorted(config.items())] + [f"f{COMPRESSION_FORMAT}"])
         root = cache_root() / "compressed" / f"{Path(src.root).name}-{_library_digest(src)}-{tag}"
         if not (root / "library.json").is_file():
             tmp = root.parent / f".tmp-{root.name}-{uuid.uuid4().hex[:6]}"

@@ -142,3 +142,26 @@ def test_svd_cuts_a_lora_rank_to_the_best_approximation(base):
         assert c.modules[m].rank == 2
         err = torch.linalg.matrix_norm(c.modules[m].delta_weight() - full)
         torch.testing.assert_close(err, S[2:].norm(), atol=1e-4, rtol=1e-3)
+
+
+def test_sparse_positions_are_stored_as_gap_bytes():
+    from moerge.adapters.compress import PackedSigns, _decode_gaps, _encode_gaps
+
+    pos = torch.tensor([0, 1, 254, 255, 256, 900, 1200])  # gaps 1, 1, 253, 1, 1, 644 (two escapes), 300 (one)
+    b = _encode_gaps(pos)
+    assert b.tolist() == [1, 1, 253, 1, 1, 0, 0, 134, 0, 45]
+    assert torch.equal(_decode_gaps(b), pos)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 300, generator=g)
+    sparse, dense = compress_tensor(t, "compeft", density=0.05), compress_tensor(t, "compeft", density=0.5)
+    assert sparse.gaps is not None and sparse.mask is None and dense.mask is not None and dense.gaps is None
+    assert sparse.gaps.numel() < math.ceil(t.numel() / 8)
+    expected = torch.zeros(t.numel(), dtype=torch.bool)
+    expected[t.abs().flatten().topk(round(0.05 * t.numel())).indices] = True
+    d = sparse.dense()
+    assert torch.equal(d != 0, expected.view(t.shape)) and torch.equal(d.sign()[d != 0], t.sign()[d != 0])
+    again = PackedSigns.from_tensors("k", sparse.spec(), sparse.tensors("k"), expert="x", file=None)
+    assert torch.equal(again.dense(), d)
+    bad = dict(sparse.tensors("k"), **{"k.gaps": torch.tensor([255, 255, 255, 255], dtype=torch.uint8) * 0 + 200})
+    with pytest.raises(ExpertFormatError, match="beyond|bytes"):
+        PackedSigns.from_tensors("k", {**sparse.spec(), "shape": [2, 2]}, bad, expert="x", file=None)
