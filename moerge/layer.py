@@ -178,30 +178,14 @@ class LayerBank:
         col_scale = torch.where(keep, sc.gather(1, order), torch.zeros(order.shape, device=start.device))
         return idx, k_idx, col_scale, R
 
-    def gather(self, candidates: Candidates, dtype: torch.dtype | None = None, *,
-               loop: bool = False) -> GatheredLayer | None:
-        """Copy the factors of each row's candidates side by side (once per request), in ``dtype`` (default: the
-        bank's); ``None`` when no row's candidates touch this module. With many candidate slots (``B·K ≥ 64``)
-        a bank of LoRA experts only is gathered vectorised (measured 1.2× faster at B=32, 1.7× at B=128, K=4;
-        2× slower at B=1, where the row loop stays); ``loop=True`` forces the row-by-row path."""
-        if not self.dense and not loop and candidates.ids.numel() >= _VECTOR_GATHER_MIN:  # LoRA experts only: the columns are found without a Python loop over rows
-            idx, k_idx, col_scale, R = self._gather_lora_columns(candidates)
-            if R == 0:
-                return None
-            dtype = dtype or self.A_all.dtype
-            A = self.A_all[idx].to(dtype)  # (B, R, in)
-            Bt = self.Bt_all[idx].to(dtype)  # (B, R, out)
-            seq_w = candidates.weights
-            if seq_w is not None:
-                w_cols = seq_w.to(idx.device).gather(1, k_idx) * col_scale  # (B, R)
-                return GatheredLayer(idx.shape[0], _GatheredLoRA(A, Bt * w_cols.to(dtype).unsqueeze(-1), None, None),
-                                     [], dtype)
-            return GatheredLayer(idx.shape[0], _GatheredLoRA(A, Bt, k_idx, col_scale.to(dtype)), [], dtype)
+    def _loop_lora_columns(self, candidates: Candidates
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, dict[str, list[tuple[int, int]]]]:
+        """Row by row: the same columns as :meth:`_gather_lora_columns`, plus the dense experts each row uses
+        (expert → its ``(row, slot)`` pairs)."""
         ids = candidates.ids.tolist()
         names = candidates.names
         seq_w = candidates.weights
         zero = (seq_w == 0).tolist() if seq_w is not None else None  # zero-weight candidates are skipped
-        B = len(ids)
         cols: list[list[int]] = []
         col_k: list[list[int]] = []
         col_scale: list[list[float]] = []
@@ -223,16 +207,31 @@ class LayerBank:
             col_k.append(ck)
             col_scale.append(cs)
         R = max((len(c) for c in cols), default=0)
+        device = self.A_all.device
+        pad = self.A_all.shape[0] - 1  # index of the zero row
+        idx = torch.tensor([c + [pad] * (R - len(c)) for c in cols], dtype=torch.long, device=device)  # (B, R)
+        k_idx = torch.tensor([k + [0] * (R - len(k)) for k in col_k], dtype=torch.long, device=device)  # (B, R)
+        scale = torch.tensor([s + [0.0] * (R - len(s)) for s in col_scale], device=device, dtype=torch.float32)
+        return idx, k_idx, scale, R, dense_uses
+
+    def gather(self, candidates: Candidates, dtype: torch.dtype | None = None, *,
+               loop: bool = False) -> GatheredLayer | None:
+        """Copy the factors of each row's candidates side by side (once per request), in ``dtype`` (default: the
+        bank's); ``None`` when no row's candidates touch this module. With many candidate slots (``B·K ≥ 64``)
+        a bank of LoRA experts only finds its columns vectorised (measured 1.2× faster at B=32, 1.7× at B=128,
+        K=4; 2× slower at B=1, where the row loop stays); ``loop=True`` forces the row-by-row path."""
+        dense_uses: dict[str, list[tuple[int, int]]] = {}
+        if not self.dense and not loop and candidates.ids.numel() >= _VECTOR_GATHER_MIN:
+            idx, k_idx, scale, R = self._gather_lora_columns(candidates)
+        else:
+            idx, k_idx, scale, R, dense_uses = self._loop_lora_columns(candidates)
         if R == 0 and not dense_uses:
             return None
         device = self.A_all.device
         dtype = dtype or self.A_all.dtype
+        seq_w = candidates.weights
         lora = None
         if R > 0:
-            pad = self.A_all.shape[0] - 1  # index of the zero row
-            idx = torch.tensor([c + [pad] * (R - len(c)) for c in cols], device=device)  # (B, R)
-            k_idx = torch.tensor([k + [0] * (R - len(k)) for k in col_k], device=device)  # (B, R)
-            scale = torch.tensor([s + [0.0] * (R - len(s)) for s in col_scale], device=device, dtype=torch.float32)
             A = self.A_all[idx].to(dtype)  # (B, R, in)
             Bt = self.Bt_all[idx].to(dtype)  # (B, R, out)
             if seq_w is not None:
@@ -249,7 +248,7 @@ class LayerBank:
             ks = torch.tensor([k for _, k in uses], device=device)
             w = None if seq_w is None else seq_w.to(device)[rows, ks].to(dtype)  # (n,)
             dense.append(_GatheredDense(d, bias, rows, ks, w))
-        return GatheredLayer(B, lora, dense, dtype)
+        return GatheredLayer(candidates.batch_size, lora, dense, dtype)
 
 
 @dataclass

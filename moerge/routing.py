@@ -251,12 +251,8 @@ class ExpertVectors(Mapping):
         """``(V (B, K, d), ok (B, K))``: each row's candidates' vectors for ``module`` and whether the candidate has
         one (``False`` for empty slots and experts that do not target the module); ``None`` when no expert has a
         vector for ``module``."""
-        memo_key = (id(self), module, device)
-        if memo_key in candidates.memo:  # gathered once per request, reused at every decode step
-            return candidates.memo[memo_key]
         have = self._by_module.get(module)
         if not have:
-            candidates.memo[memo_key] = None
             return None
         names = candidates.names
         key = (module, names, str(device))
@@ -268,25 +264,27 @@ class ExpertVectors(Mapping):
         V, valid = self._stacked[key]
         ids = candidates.ids.to(device)  # (B, K)
         safe = ids.clamp(min=0)
-        out = (V[safe], valid[safe] & (ids >= 0))  # (B, K, d), (B, K)
-        candidates.memo[memo_key] = out
-        return out
+        return V[safe], valid[safe] & (ids >= 0)  # (B, K, d), (B, K)
 
 
-    def gate_operands(self, module: str, candidates: Candidates, device: torch.device,
-                      scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def gate_operands(self, module: str, candidates: Candidates, device: torch.device, scale: float = 1.0,
+                      with_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(Vt (B, d, K), bias (B, 1, K))`` for a gate ``x @ Vt + bias``: the candidates' vectors times
-        ``scale``, transposed for the batched matmul, and ``0`` / ``-inf`` for candidates with / without a vector.
-        Made once per request (kept in ``candidates.memo``), so a decode step costs one matmul and one add."""
-        key = (id(self), module, device, "gate", scale)
+        ``scale``, transposed for the batched matmul, and ``-inf`` in ``bias`` for candidates without a vector (else
+        ``0``, or with ``with_bias`` the vector's last element, which is then not part of ``Vt``). Made once per
+        request (kept in ``candidates.memo``), so a decode step costs one matmul and one add."""
+        key = (id(self), module, device, "gate", scale, with_bias)
         if key not in candidates.memo:
             got = self.gather(module, candidates, device)
             if got is None:
                 candidates.memo[key] = None
             else:
                 V, ok = got  # (B, K, d), (B, K)
-                bias = torch.zeros(ok.shape, device=device).masked_fill(~ok, float("-inf")).unsqueeze(1)
-                candidates.memo[key] = ((V.float() * scale).transpose(1, 2).contiguous(), bias)  # (B, d, K), (B,1,K)
+                V = V.float()
+                b = V[..., -1] if with_bias else torch.zeros(ok.shape, device=device)  # (B, K)
+                w = V[..., :-1] if with_bias else V
+                bias = b.masked_fill(~ok, float("-inf")).unsqueeze(1)  # (B, 1, K)
+                candidates.memo[key] = ((w * scale).transpose(1, 2).contiguous(), bias)  # (B, d, K), (B, 1, K)
         return candidates.memo[key]
 
 

@@ -241,13 +241,12 @@ class XLoRARouter(Router):
         return all_candidates(request)
 
     def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
-        got = self._head.gather(layer.name, candidates, x.device)
+        got = self._head.gate_operands(layer.name, candidates, x.device, 1.0 / math.sqrt(x.shape[-1]),
+                                       with_bias=True)
         if got is None:
             return no_candidate_logits(x, candidates)
-        H, ok = got  # (B, K, in + 1): the rows' w and b, (B, K)
-        z = torch.bmm(standardize(x), H[..., :-1].transpose(1, 2)) / math.sqrt(x.shape[-1])  # (B, T, K)
-        z = z + H[..., -1].unsqueeze(1)
-        return z.masked_fill(~ok.unsqueeze(1), float("-inf"))
+        Wt, bias = got  # (B, in, K) the rows' w / √in, (B, 1, K) their b (-inf for candidates without a row)
+        return torch.bmm(standardize(x), Wt) + bias  # (B, T, K)
 
     def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
         return self.config.select(self.logits(x, candidates, layer))
