@@ -326,7 +326,7 @@ class Expert:
                     key = f"{m}.{role}"
                     if key in tensors:
                         raise ExpertFormatError(f"{key} is stored both dense and compressed", expert=name, file=file)
-                    packed = PackedSigns.from_tensors(key, dict(cs), dict(tensors), expert=name, file=file)
+                    packed = PackedSigns.from_tensors(key, dict(cs), tensors, expert=name, file=file)
                     compressed[key] = packed
                     used |= set(packed.tensors(key))
                     tensors[key] = packed.dense()

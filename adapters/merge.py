@@ -363,7 +363,8 @@ def merge_experts(
         rank: low-rank result: the merged update's truncated SVD at this rank (PEFT's ``svd`` / ``<method>_svd``).
         factorwise: LoRA experts of equal rank: run ``method`` on the factors (see :func:`merge_lora`).
         layer_scaling: LiNeS ``(α, β)`` applied to each module's merged update (see :func:`lines_scales`).
-        dtype: dtype of the result's tensors (default: the first expert's).
+        dtype: dtype of the result's tensors (default: the first expert's first module's: a dense delta's own
+            dtype, or at least float32 for LoRA factors).
         description: the merged expert's description (default: names the method and the experts).
         module_order: the order modules are merged in, e.g. ``[n for n, _ in base.named_modules()]`` (it matters
             only for the random draws of DARE; default: sorted by name).
@@ -403,7 +404,9 @@ def merge_experts(
         rank_of = {m: i for i, m in enumerate(module_order)}
         modules.sort(key=lambda m: (rank_of.get(m, len(rank_of)), m))
     scales = lines_scales(modules, *layer_scaling) if layer_scaling is not None else {}
-    out_dtype = dtype or next(iter(experts[0].modules.values())).delta_weight().dtype
+    first = next(iter(experts[0].modules.values()))
+    out_dtype = dtype or (torch.promote_types(first.A.dtype, torch.float32) if isinstance(first, LoRAWeights)
+                          else first.delta.dtype)
     merged: dict[str, ModuleWeights] = {}
     for m in modules:
         have = {e.name: e.modules[m] for e in experts if m in e.modules}

@@ -21,7 +21,13 @@ from torch import nn
 
 from moerge.adapters.expert import Expert
 from moerge.errors import BaseMismatchError
-from moerge.fingerprint import compact_fingerprint, compare_fingerprints, fingerprint, linear_modules
+from moerge.fingerprint import (
+    check_expert_shapes,
+    compact_fingerprint,
+    compare_fingerprints,
+    fingerprint,
+    linear_modules,
+)
 
 __all__ = ["BaseDistance", "base_distance", "transfer_expert"]
 
@@ -54,8 +60,8 @@ class BaseDistance:
                 "worst_modules": dict(self.worst(5))}
 
 
-def _check_architecture(source: nn.Module, target: nn.Module, expert: str | None = None) -> None:
-    arch, _ = compare_fingerprints(fingerprint(source), fingerprint(target))
+def _check_architecture(source_fp: dict[str, Any], target_fp: dict[str, Any], expert: str | None = None) -> None:
+    arch, _ = compare_fingerprints(source_fp, target_fp)
     if arch:
         raise BaseMismatchError("the target base is not a version of the source base: " + "; ".join(arch),
                                 expert=expert)
@@ -63,7 +69,12 @@ def _check_architecture(source: nn.Module, target: nn.Module, expert: str | None
 
 def base_distance(source: nn.Module, target: nn.Module) -> BaseDistance:
     """The distance between two versions of a base (same architecture and shapes, else an error)."""
-    _check_architecture(source, target)
+    _check_architecture(fingerprint(source), fingerprint(target))
+    return _distance(source, target)
+
+
+def _distance(source: nn.Module, target: nn.Module) -> BaseDistance:
+    """:func:`base_distance` for bases whose architectures were already checked."""
     sp, tp = dict(source.named_parameters()), dict(target.named_parameters())
     if set(sp) != set(tp):
         missing = sorted(set(sp) ^ set(tp))[:3]
@@ -106,25 +117,20 @@ def transfer_expert(expert: Expert, source: nn.Module, target: nn.Module, *, nam
     expert records a base whose weights are not ``source``'s. The weights are unchanged (the patch is portable);
     the metadata records the transfer and the distance.
     """
-    _check_architecture(source, target, expert.name)
+    source_fp, target_fp = fingerprint(source), fingerprint(target)
+    _check_architecture(source_fp, target_fp, expert.name)
     recorded = expert.metadata.base_fingerprint
     if recorded and strict_source:
-        arch, weights = compare_fingerprints(recorded, fingerprint(source))
+        arch, weights = compare_fingerprints(recorded, source_fp)
         if arch or weights:
             raise BaseMismatchError("the expert was not made on the given source base: " + "; ".join(arch + weights)
                                     + " (pass strict_source=False to transfer it anyway)", expert=expert.name)
-    shapes = linear_modules(target)
-    for m, w in expert.modules.items():
-        if m not in shapes:
-            raise BaseMismatchError(f"targets module {m!r}, which the target base does not have", expert=expert.name)
-        if (w.out_features, w.in_features) != tuple(shapes[m]):
-            raise BaseMismatchError(f"module {m!r}: the expert maps {w.in_features}→{w.out_features}, the target "
-                                    f"base's module maps {shapes[m][1]}→{shapes[m][0]}", expert=expert.name)
-    dist = base_distance(source, target)
+    check_expert_shapes(expert, target_fp["modules"], "the target base")
+    dist = _distance(source, target)
     target_id = getattr(getattr(target, "config", None), "_name_or_path", None) or type(target).__name__
     source_id = getattr(getattr(source, "config", None), "_name_or_path", None) or type(source).__name__
     meta = dataclasses.replace(
-        expert.metadata, base_model=target_id, base_fingerprint=compact_fingerprint(fingerprint(target)),
+        expert.metadata, base_model=target_id, base_fingerprint=compact_fingerprint(target_fp),
         source=dict(expert.metadata.source, transfer={"from_base": source_id, "distance": dist.to_json()}),
     )
     out = dataclasses.replace(expert, metadata=meta)

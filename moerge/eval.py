@@ -92,8 +92,7 @@ def _merge_method(name: str) -> Method:
 
     Options besides the method's own: ``weight`` (per expert, default 1), ``rank`` (merge to a low-rank expert
     through the SVD first), ``layer_scaling`` (LiNeS ``[α, β]``). DARE draws its masks with seed 0."""
-    method, _, query = name.split(":", 1)[1].partition("?")
-    config = _parse_config(query, name)
+    method, config = _parse_method(name)
     weight = float(config.pop("weight", 1.0))
     rank = config.pop("rank", None)
     lines = config.pop("layer_scaling", None)
@@ -119,21 +118,18 @@ def _compress_method(name: str) -> Method:
     """``compress:METHOD?opt=value``: each task's own expert (oracle routing) after compression, e.g.
     ``compress:compeft?density=0.1``, ``compress:bitdelta``, ``compress:svd?rank=2``. The compressed library is
     built once and cached; the size ratio (bytes stored) is recorded with the scores."""
-    method, _, query = name.split(":", 1)[1].partition("?")
-    config = _parse_config(query, name)
+    method, config = _parse_method(name)
 
     def make(model: Any) -> tuple[Any, dict[str, Any]]:
         import shutil
         import uuid
 
-        from moerge.adapters.compress import compress_expert, storage_bytes
+        from moerge.adapters.compress import COMPRESSION_FORMAT, compress_expert, storage_bytes
         from moerge.library import ExpertLibrary
         from moerge.model import MoErgeModel
         from moerge.models import cache_root
 
         src = model.library
-        from moerge.adapters.compress import COMPRESSION_FORMAT
-
         tag = "-".join([method] + [f"{k}{v}" for k, v in sorted(config.items())] + [f"f{COMPRESSION_FORMAT}"])
         root = cache_root() / "compressed" / f"{Path(src.root).name}-{_library_digest(src)}-{tag}"
         if not (root / "library.json").is_file():
@@ -180,18 +176,20 @@ def split_methods(text: str) -> list[str]:
     return [m for m in out if m]
 
 
-def _parse_config(query: str, method: str) -> dict[str, Any]:
-    """``"top_k=1&global_weight=300"`` → ``{"top_k": 1, "global_weight": 300}`` (values read as JSON, else text)."""
+def _parse_method(method: str) -> tuple[str, dict[str, Any]]:
+    """``"router:glider?top_k=1&global_weight=300"`` → ``("glider", {"top_k": 1, "global_weight": 300})`` (values
+    read as JSON, else text)."""
+    name, _, query = method.split(":", 1)[1].partition("?")
     config: dict[str, Any] = {}
     for part in filter(None, query.split("&")):
         key, eq, value = part.partition("=")
         if not eq or not key:
-            raise ValueError(f"method {method!r}: expected router:NAME?key=value&key=value, got {part!r}")
+            raise ValueError(f"method {method!r}: expected KIND:NAME?key=value&key=value, got {part!r}")
         try:
             config[key] = json.loads(value)
         except json.JSONDecodeError:
             config[key] = value
-    return config
+    return name, config
 
 
 def _method(name: str) -> Method:
@@ -202,8 +200,7 @@ def _method(name: str) -> Method:
     if name.startswith("compress:"):
         return _compress_method(name)
     if name.startswith("router:"):
-        router, _, query = name.split(":", 1)[1].partition("?")
-        config = _parse_config(query, name)
+        router, config = _parse_method(name)
         return Method(name, lambda exs, m: None, router=_router_factory(router, **config) if config else router,
                       description=f"router {router!r}" + (f" with {config}" if config else ""))
     raise ValueError(f"unknown method {name!r}; available: {list_methods()}")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["linear_modules", "fingerprint", "compact_fingerprint", "compare_fingerprints", "is_linear_like"]
+__all__ = ["linear_modules", "fingerprint", "compact_fingerprint", "compare_fingerprints", "is_linear_like",
+           "check_expert_shapes"]
 
 _SAMPLE = 16  # values taken from each sampled tensor
 
@@ -134,3 +136,19 @@ def compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any]) -> tu
                     f"weights differ (digest {actual.get('weights_digest')} vs {expected.get('weights_digest')})"
                 )
     return arch, weights
+
+
+def check_expert_shapes(expert: Any, shapes: Mapping[str, Sequence[int]], base: str = "the base") -> None:
+    """Raise :class:`~moerge.errors.BaseMismatchError` unless every module ``expert`` changes is in ``shapes``
+    (module → ``(out, in)``, as :func:`linear_modules` gives) with the expert's sizes; ``base`` names the base in
+    the message."""
+    from moerge.errors import BaseMismatchError
+
+    for m, w in expert.modules.items():
+        if m not in shapes:
+            raise BaseMismatchError(f"targets module {m!r}, which {base} does not have (or which is not a linear "
+                                    "module)", expert=expert.name)
+        out_f, in_f = shapes[m]
+        if (w.out_features, w.in_features) != (out_f, in_f):
+            raise BaseMismatchError(f"module {m!r}: the expert maps {w.in_features}→{w.out_features} but the base's "
+                                    f"module maps {in_f}→{out_f}", expert=expert.name)

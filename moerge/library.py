@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover
 
 from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
-from moerge.fingerprint import compact_fingerprint, compare_fingerprints, fingerprint
+from moerge.fingerprint import check_expert_shapes, compact_fingerprint, compare_fingerprints, fingerprint
 from moerge.safe_io import (
     TMP_PREFIX,
     atomic_write_json,
@@ -312,17 +312,7 @@ class ExpertLibrary:
     def _check_expert_against_base(self, expert: Expert) -> None:
         fp = self.base_fingerprint
         if fp and fp.get("modules"):
-            shapes = fp["modules"]
-            for m, w in expert.modules.items():
-                if m not in shapes:
-                    raise BaseMismatchError(f"targets module {m!r}, which the library's base does not have (or which "
-                                            "is not a linear module)", expert=expert.name)
-                out_f, in_f = shapes[m]
-                if (w.out_features, w.in_features) != (out_f, in_f):
-                    raise BaseMismatchError(
-                        f"module {m!r}: the expert maps {w.in_features}→{w.out_features} but the base's module maps "
-                        f"{in_f}→{out_f}", expert=expert.name,
-                    )
+            check_expert_shapes(expert, fp["modules"], "the library's base")
         efp = expert.metadata.base_fingerprint
         if fp and efp:
             arch, _ = compare_fingerprints(fp, efp)
