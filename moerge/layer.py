@@ -16,6 +16,8 @@ gather time; with a local gate they are applied per token between the two matmul
 
 from __future__ import annotations
 
+from collections.abc import Callable
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +26,7 @@ from torch import nn
 
 from moerge.adapters.expert import DeltaWeights, LoRAWeights, ModuleWeights
 from moerge.fingerprint import linear_shape
-from moerge.routing import Candidates, LayerInfo, RoutingContext
+from moerge.routing import Candidates, LayerInfo, LinearGate, RoutingContext
 
 __all__ = ["ExpertLinear", "LayerBank", "GatheredLayer"]
 
@@ -37,6 +39,33 @@ class _LoRASlot:
     start: int
     rank: int
     scale: float
+
+
+class _Layout:
+    """Where each LoRA expert's rows sit in a bank (name → start, rank, scale), interned: the banks of modules
+    that hold the same experts with the same ranks share one object, so a request finds its factor columns once for
+    all of them (:meth:`LayerBank.columns`) instead of once per module."""
+
+    __slots__ = ("slots", "_hash", "__weakref__")
+    _interned: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def __init__(self, slots: tuple) -> None:
+        self.slots = slots
+        self._hash = hash(slots)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, _Layout) and self._hash == other._hash and self.slots == other.slots)
+
+    @classmethod
+    def of(cls, lora: dict[str, _LoRASlot]) -> _Layout:
+        slots = tuple((n, s.start, s.rank, s.scale) for n, s in lora.items())
+        layout = cls._interned.get(slots)
+        if layout is None:
+            layout = cls._interned.setdefault(slots, cls(slots))
+        return layout
 
 
 @dataclass(frozen=True)
@@ -56,6 +85,9 @@ class LayerBank:
     Bt_all: torch.Tensor
     lora: dict[str, _LoRASlot] = field(default_factory=dict)
     dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", _Layout.of(self.lora))
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype) -> LayerBank:
@@ -214,32 +246,61 @@ class LayerBank:
         scale = torch.tensor([s + [0.0] * (R - len(s)) for s in col_scale], device=device, dtype=torch.float32)
         return idx, k_idx, scale, R, dense_uses
 
-    def gather(self, candidates: Candidates, dtype: torch.dtype | None = None, *,
+    def columns(self, candidates: Candidates, dtype: torch.dtype, *, loop: bool = False) -> tuple:
+        """``(idx, k_idx, scale, R, col_w, E)`` of a bank of LoRA experts for ``candidates`` (see
+        :meth:`_loop_lora_columns` and :meth:`_column_weights`), found once per request for every bank of the same
+        layout (kept in ``candidates.memo``)."""
+        key = ("columns", self.layout, self.A_all.device, dtype, loop)
+        got = candidates.memo.get(key)
+        if got is None:
+            if not loop and candidates.ids.numel() >= _VECTOR_GATHER_MIN:
+                idx, k_idx, scale, R = self._gather_lora_columns(candidates)
+            else:
+                idx, k_idx, scale, R, _ = self._loop_lora_columns(candidates)
+            col_w, E = self._column_weights(candidates, k_idx, scale, dtype) if R else (None, None)
+            got = candidates.memo[key] = (idx, k_idx, scale, R, col_w, E)
+        return got
+
+    @staticmethod
+    def _column_weights(candidates: Candidates, k_idx: torch.Tensor, scale: torch.Tensor,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What multiplies the gathered ``Bt`` rows, ``(B, R, 1)``: each column's LoRA scale, times its candidate's
+        sequence weight when there is one; and, for a local gate, ``E (B, K, R)``, 1 where column r belongs to
+        candidate slot k (it maps the gate's per-slot weights to the columns), else ``None``."""
+        if candidates.weights is not None:  # sequence weights and scales folded into Bt
+            return (candidates.weights.to(k_idx.device).gather(1, k_idx) * scale).to(dtype).unsqueeze(-1), None
+        E = F.one_hot(k_idx, candidates.k).transpose(1, 2).to(dtype) * (scale != 0).unsqueeze(1).to(dtype)
+        return scale.to(dtype).unsqueeze(-1), E
+
+    def gather(self, candidates: Candidates, dtype: torch.dtype | None = None, gate: LinearGate | None = None, *,
                loop: bool = False) -> GatheredLayer | None:
         """Copy the factors of each row's candidates side by side (once per request), in ``dtype`` (default: the
         bank's); ``None`` when no row's candidates touch this module. With many candidate slots (``B·K ≥ 64``)
         a bank of LoRA experts only finds its columns vectorised (measured 1.2× faster at B=32, 1.7× at B=128,
-        K=4; 2× slower at B=1, where the row loop stays); ``loop=True`` forces the row-by-row path."""
+        K=4; 2× slower at B=1, where the row loop stays); ``loop=True`` forces the row-by-row path.
+
+        ``gate``, a local gate linear in the module input, is fused when it can be (``dtype`` float32, the gate's):
+        its vectors go in front of the A factors, so one matmul gives both the gate's ``x @ Vt`` and the shrink."""
         dense_uses: dict[str, list[tuple[int, int]]] = {}
-        if not self.dense and not loop and candidates.ids.numel() >= _VECTOR_GATHER_MIN:
-            idx, k_idx, scale, R = self._gather_lora_columns(candidates)
-        else:
-            idx, k_idx, scale, R, dense_uses = self._loop_lora_columns(candidates)
-        if R == 0 and not dense_uses:
-            return None
         device = self.A_all.device
         dtype = dtype or self.A_all.dtype
+        if self.dense:
+            idx, k_idx, scale, R, dense_uses = self._loop_lora_columns(candidates)
+            col_w = E = None
+        else:
+            idx, k_idx, scale, R, col_w, E = self.columns(candidates, dtype, loop=loop)
+        if R == 0 and not dense_uses:
+            return None
         seq_w = candidates.weights
         lora = None
         if R > 0:
-            A = self.A_all[idx].to(dtype)  # (B, R, in)
-            Bt = self.Bt_all[idx].to(dtype)  # (B, R, out)
-            if seq_w is not None:
-                w_cols = seq_w.to(device).gather(1, k_idx) * scale  # (B, R)
-                Bt = Bt * w_cols.to(dtype).unsqueeze(-1)  # (B, R, out): weights and scales folded in
-                lora = _GatheredLoRA(A, Bt, None, None)
-            else:
-                lora = _GatheredLoRA(A, Bt, k_idx, scale.to(dtype))
+            if col_w is None:
+                col_w, E = self._column_weights(candidates, k_idx, scale, dtype)
+            At = self.A_all[idx].to(dtype).transpose(1, 2)  # (B, in, R)
+            Bt = self.Bt_all[idx].to(dtype) * col_w  # (B, R, out)
+            fused = gate if gate is not None and seq_w is None and gate.Vt.dtype == dtype else None
+            W = torch.cat([fused.Vt.to(device), At], dim=2) if fused is not None else At  # (B, in, Kg + R)
+            lora = _GatheredLoRA(W, Bt, E, fused)
         dense = []
         for name, uses in dense_uses.items():
             d, bias = self.dense[name]
@@ -253,14 +314,15 @@ class LayerBank:
 
 @dataclass
 class _GatheredLoRA:
-    A: torch.Tensor  # (B, R, in)
-    Bt: torch.Tensor  # (B, R, out); sequence weights and scales folded in when k_idx is None
-    k_idx: torch.Tensor | None  # (B, R) candidate slot of each column (local gating)
-    scale: torch.Tensor | None  # (B, R) LoRA scale of each column, 0 at padding (local gating)
+    W: torch.Tensor  # (B, in, Kg + R): a fused gate's vectors (Kg of them, else none), then the factors A^T
+    Bt: torch.Tensor  # (B, R, out): LoRA scales folded in, and the sequence weights when there is no local gate
+    E: torch.Tensor | None  # (B, K, R): 1 where column r belongs to candidate slot k (local gating), else None
+    gate: LinearGate | None  # the fused local gate, whose Vt is W[..., :Kg]
 
     def repeat_rows(self, n: int) -> _GatheredLoRA:
         rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
-        return _GatheredLoRA(rep(self.A), rep(self.Bt), rep(self.k_idx), rep(self.scale))
+        return _GatheredLoRA(rep(self.W), rep(self.Bt), rep(self.E),
+                             None if self.gate is None else self.gate.repeat_rows(n))
 
 
 @dataclass
@@ -287,6 +349,11 @@ class GatheredLayer:
     dtype: torch.dtype = torch.float32  # the dtype the factors were gathered in (the forward computes in it)
     _expanded: dict[int, GatheredLayer] = field(default_factory=dict)
 
+    @property
+    def gate_fused(self) -> bool:
+        """Whether the local gate is computed here, in the same matmul as the experts' shrink."""
+        return self.lora is not None and self.lora.gate is not None
+
     def for_batch(self, batch: int) -> GatheredLayer:
         """This layer for a batch of ``batch`` rows: generate repeats each prompt's row for beams and samples."""
         if batch == self.rows:
@@ -301,31 +368,37 @@ class GatheredLayer:
             )
         return self._expanded[n]
 
-    def delta(self, x: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
-        """The experts' contribution for input ``x (B, T, in)``; ``token_weights (B, T, K)`` from a local gate, or
-        ``None`` when sequence-level weights were folded in at gather time."""
-        out: torch.Tensor | None = None
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, token_weights: torch.Tensor | None,
+                  select: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``y + `` the experts' contribution for input ``x (B, T, in)`` and base output ``y (B, T, out)`` (added in
+        place when autograd allows). ``token_weights (B, T, K)`` come from a local gate computed outside; with a
+        fused gate they are computed here (``select`` turns its logits into weights); ``None`` when sequence
+        weights were folded in at gather time. Returns ``(y, token_weights)``."""
         if self.lora is not None:
             g = self.lora
-            h = torch.bmm(x, g.A.transpose(1, 2))  # (B, T, R)
-            if token_weights is not None:
-                k_idx = g.k_idx.unsqueeze(1).expand(-1, x.shape[1], -1)  # (B, T, R)
-                h = h * (token_weights.to(h.dtype).gather(2, k_idx) * g.scale.unsqueeze(1))  # (B, T, R)
-            out = torch.bmm(h, g.Bt)  # (B, T, out)
+            z = torch.bmm(x.to(self.dtype), g.W)  # (B, T, Kg + R)
+            h = z
+            if g.gate is not None:
+                kg = g.gate.k
+                token_weights = select(g.gate.logits(x, z[..., :kg]))  # (B, T, K)
+                h = z[..., kg:]
+            if g.E is not None:
+                h = h * torch.bmm(token_weights.to(h.dtype), g.E)  # (B, T, R): each column times its slot's weight
+            if y.dtype == h.dtype and not y.requires_grad:
+                y = y.baddbmm_(h, g.Bt)  # (B, T, out)
+            else:
+                y = y + torch.bmm(h, g.Bt).to(y.dtype)
         for d in self.dense:
-            xr = x.index_select(0, d.rows)  # (n, T, in)
+            xr = x.to(self.dtype).index_select(0, d.rows)  # (n, T, in)
             yr = F.linear(xr, d.delta, d.bias)  # (n, T, out)
             if token_weights is not None:
                 w = token_weights.index_select(0, d.rows)  # (n, T, K)
                 w = w.gather(2, d.ks.view(-1, 1, 1).expand(-1, x.shape[1], 1))  # (n, T, 1)
             else:
                 w = d.weight.view(-1, 1, 1)  # (n, 1, 1)
-            yr = yr * w.to(yr.dtype)
-            if out is None:
-                out = torch.zeros(x.shape[0], x.shape[1], yr.shape[-1], device=x.device, dtype=yr.dtype)
-            out = out.index_add(0, d.rows, yr)
-        assert out is not None
-        return out
+            y = y.index_add(0, d.rows, (yr * w.to(yr.dtype)).to(y.dtype))
+        return y, token_weights
 
 
 class ExpertLinear(nn.Module):
@@ -374,17 +447,19 @@ class ExpertLinear(nn.Module):
         g = state.gathered.get(self.layer_index)
         if g is None:
             return y
-        shape = x.shape
-        x3 = x.reshape(shape[0], -1, shape[-1]) if x.dim() != 3 else x  # (B, T, in)
-        g = g.for_batch(x3.shape[0])
-        weights = None
+        b = x.shape[0]
+        x3 = x.reshape(b, -1, x.shape[-1])  # (B, T, in)
+        g = g.for_batch(b)
+        weights = select = None
         if state.local:
-            weights = state.router.gate(x3, state.candidates.repeat_rows(x3.shape[0] // state.candidates.batch_size),
-                                        self.info)  # (B, T, K)
-            if state.record_usage:
-                state.record(self.module_name, weights)
-        d = g.delta(x3.to(g.dtype), weights)  # (B, T, out), in the dtype the factors were gathered in
-        return y + d.reshape(*shape[:-1], d.shape[-1]).to(y.dtype)
+            select = state.router.config.select
+            if not g.gate_fused:
+                weights = state.router.gate(x3, state.candidates.repeat_rows(b // state.candidates.batch_size),
+                                            self.info)  # (B, T, K)
+        y3, weights = g.add_delta(x3, y.reshape(b, -1, y.shape[-1]), weights, select)
+        if state.record_usage:
+            state.record(self.module_name, weights)
+        return y3.reshape(y.shape)
 
     def extra_repr(self) -> str:
         return f"module={self.module_name!r}, experts={len(self.bank)}"

@@ -433,8 +433,11 @@ class MoErgeModel(nn.Module):
                 raise RoutingError(f"router {router.name!r} gave no mixing weights and has no local gate")
             if cands.batch_size != batch:
                 raise RoutingError(f"router {router.name!r} routed {cands.batch_size} rows for a batch of {batch}")
-            gathered = {layer.layer_index: layer.bank.gather(cands, layer.compute_dtype)
-                        for layer in self._layers.values()}
+            fuse = cands.weights is None and router.has_local_gate and router.has_linear_gate
+            gathered = {layer.layer_index: layer.bank.gather(
+                cands, layer.compute_dtype,
+                router.linear_gate(cands, layer.info, layer.bank.A_all.device) if fuse else None)
+                for layer in self._layers.values()}
         return RoutingState(cands, router, gathered, record_usage=True)
 
     @contextmanager

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Candidates", "RoutingRequest", "LayerInfo", "RowRouting", "RoutingState", "RoutingContext", "Router",
     "register_router", "build_router", "list_routers", "router_class", "candidates_from_mixes", "select_weights",
-    "SelectionConfig", "all_candidates", "standardize", "ExpertVectors", "no_candidate_logits",
+    "SelectionConfig", "all_candidates", "standardize", "ExpertVectors", "no_candidate_logits", "LinearGate",
 ]
 
 
@@ -268,24 +268,70 @@ class ExpertVectors(Mapping):
 
 
     def gate_operands(self, module: str, candidates: Candidates, device: torch.device, scale: float = 1.0,
-                      with_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(Vt (B, d, K), bias (B, 1, K))`` for a gate ``x @ Vt + bias``: the candidates' vectors times
-        ``scale``, transposed for the batched matmul, and ``-inf`` in ``bias`` for candidates without a vector (else
-        ``0``, or with ``with_bias`` the vector's last element, which is then not part of ``Vt``). Made once per
-        request (kept in ``candidates.memo``), so a decode step costs one matmul and one add."""
-        key = (id(self), module, device, "gate", scale, with_bias)
-        if key not in candidates.memo:
-            got = self.gather(module, candidates, device)
-            if got is None:
-                candidates.memo[key] = None
-            else:
-                V, ok = got  # (B, K, d), (B, K)
-                V = V.float()
-                b = V[..., -1] if with_bias else torch.zeros(ok.shape, device=device)  # (B, K)
-                w = V[..., :-1] if with_bias else V
-                bias = b.masked_fill(~ok, float("-inf")).unsqueeze(1)  # (B, 1, K)
-                candidates.memo[key] = ((w * scale).transpose(1, 2).contiguous(), bias)  # (B, d, K), (B, 1, K)
-        return candidates.memo[key]
+                      with_bias: bool = False, center: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(Vt (B, d, K), bias (B, 1, K))`` for a gate ``x @ Vt + bias``: the candidates' vectors times ``scale``
+        (``center``: less their mean, so ``x @ Vt`` is ``(x - mean(x)) @ V``), transposed for the batched matmul,
+        and ``-inf`` in ``bias`` for candidates without a vector (else ``0``, or with ``with_bias`` the vector's
+        last element, which is then not part of ``Vt``). ``None`` when no expert has a vector for ``module``."""
+        got = self.gather(module, candidates, device)
+        if got is None:
+            return None
+        V, ok = got  # (B, K, d), (B, K)
+        V = V.float()
+        b = V[..., -1] if with_bias else torch.zeros(ok.shape, device=device)  # (B, K)
+        w = V[..., :-1] if with_bias else V
+        if center:
+            w = w - w.mean(-1, keepdim=True)
+        bias = b.masked_fill(~ok, float("-inf")).unsqueeze(1)  # (B, 1, K)
+        return (w * scale).transpose(1, 2).contiguous(), bias  # (B, d, K), (B, 1, K)
+
+
+@dataclass(frozen=True)
+class LinearGate:
+    """A local gate whose logits are linear in the module input ``x (B, T, d)`` up to a per-token finish::
+
+        logits = finish(x @ Vt) + bias
+
+    with ``finish`` one of ``"none"``, ``"abs"`` (Arrow's ``|⟨p, x⟩|``) and ``"standardized"`` (``x @ Vt / σ(x)``
+    with ``σ(x)² = var(x) + 1e-5``; with centred vectors that is ``layer_norm(x) @ V``, PHATGOOSE's and X-LoRA's
+    logits). Made once per request and module (:meth:`Router.linear_gate`); because ``x @ Vt`` is a matmul of the
+    same ``x`` the experts' A factors multiply, a patched layer computes both in one matmul.
+
+    Attributes:
+        Vt: ``(B, d, K)`` float32, the candidates' vectors (times any temperature), transposed.
+        bias: ``(B, 1, K)`` float32: ``-inf`` for candidates without a vector, plus any per-request term (a
+            router's own bias, GLIDER's global score).
+        finish: how ``x @ Vt`` becomes a logit.
+    """
+
+    Vt: torch.Tensor
+    bias: torch.Tensor
+    finish: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.finish not in ("none", "abs", "standardized"):
+            raise ValueError(f"LinearGate: unknown finish {self.finish!r}")
+
+    @property
+    def k(self) -> int:
+        return int(self.Vt.shape[-1])
+
+    def logits(self, x: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
+        """``(B, T, K)`` logits from ``x`` and ``xv = x @ Vt`` (computed alone or as part of a larger matmul)."""
+        xv = xv.float()
+        if self.finish == "abs":
+            xv = xv.abs()
+        elif self.finish == "standardized":
+            xv = xv * torch.rsqrt(x.float().var(-1, unbiased=False, keepdim=True) + 1e-5)
+        return xv + self.bias
+
+    def with_bias(self, extra: torch.Tensor) -> LinearGate:
+        """This gate with ``extra`` ``(B, 1, K)`` added to its bias."""
+        return dataclasses.replace(self, bias=self.bias + extra)
+
+    def repeat_rows(self, n: int) -> LinearGate:
+        return self if n == 1 else dataclasses.replace(
+            self, Vt=self.Vt.repeat_interleave(n, dim=0), bias=self.bias.repeat_interleave(n, dim=0))
 
 
 def no_candidate_logits(x: torch.Tensor, candidates: Candidates) -> torch.Tensor:
@@ -377,20 +423,36 @@ class RoutingState:
         self.record_usage = record_usage and self.local
         self.usage: dict[str, torch.Tensor] = {}  # module name -> (B, K) summed gate weights
         self.usage_tokens: dict[str, int] = {}
+        self._weights: dict[str, list[torch.Tensor]] = {}  # module name -> weights not yet summed
 
     def record(self, module: str, weights: torch.Tensor) -> None:
-        """Accumulate a local gate's ``(B, T, K)`` weights for :attr:`RowRouting.layer_usage`."""
+        """Keep a local gate's ``(B, T, K)`` weights for :attr:`RowRouting.layer_usage`. Kept as they are (no op
+        per step); summed when there are many, and by :meth:`trace`."""
+        kept = self._weights.setdefault(module, [])
+        kept.append(weights)
+        if len(kept) >= 64:
+            self._fold(module)
+
+    def _fold(self, module: str) -> None:
+        """Sum the weights kept for ``module`` into its usage totals."""
+        kept = self._weights.pop(module, [])
+        if not kept:
+            return
         b = self.candidates.batch_size
-        w = weights.detach().float()
-        if w.shape[0] != b:  # rows repeated by generate (beams / samples): fold back
-            w = w.reshape(b, -1, *w.shape[1:]).mean(1)
-        s = w.sum(1)  # (B, K), kept on the device (no sync per step); read once by trace()
-        prev = self.usage.get(module)
-        self.usage[module] = s if prev is None else prev + s
-        self.usage_tokens[module] = self.usage_tokens.get(module, 0) + int(w.shape[1])
+        total = self.usage.get(module)
+        for w in kept:
+            w = w.detach().float()
+            if w.shape[0] != b:  # rows repeated by generate (beams / samples): fold back
+                w = w.reshape(b, -1, *w.shape[1:]).mean(1)
+            s = w.sum(1)  # (B, K)
+            total = s if total is None else total + s
+            self.usage_tokens[module] = self.usage_tokens.get(module, 0) + int(w.shape[1])
+        self.usage[module] = total
 
     def trace(self) -> list[RowRouting]:
         c = self.candidates
+        for module in list(self._weights):
+            self._fold(module)
         rows: list[RowRouting] = []
         totals = {mod: tot.float().cpu() for mod, tot in self.usage.items()}  # one copy from the device
         for b in range(c.batch_size):
@@ -479,10 +541,35 @@ class Router:
         """Per-row candidates for a batch (the global stage). Runs once per request, at prefill."""
         raise NotImplementedError
 
+    def make_linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
+        """The local gate of ``layer`` for these candidates as a :class:`LinearGate` (``None`` when no candidate
+        has gate data for the module: it then gets no expert). Routers whose gate is linear in the module input
+        implement this and get :meth:`gate` for free; the patched layer then fuses the gate's matmul with the
+        experts' first one. A router with another kind of gate overrides :meth:`gate` instead."""
+        raise NotImplementedError
+
+    @property
+    def has_linear_gate(self) -> bool:
+        return type(self).make_linear_gate is not Router.make_linear_gate
+
+    def linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
+        """:meth:`make_linear_gate`, made once per request and module (kept in ``candidates.memo``)."""
+        key = (id(self), "linear_gate", layer.name, device)
+        if key not in candidates.memo:
+            candidates.memo[key] = self.make_linear_gate(candidates, layer, device)
+        return candidates.memo[key]
+
+    def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
+        """``(B, T, K)`` gate logits of a linear gate; ``-inf`` everywhere for a module no candidate targets."""
+        lg = self.linear_gate(candidates, layer, x.device)
+        if lg is None:
+            return no_candidate_logits(x, candidates)
+        return lg.logits(x, torch.bmm(x.float(), lg.Vt))
+
     def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
         """Per-token weights ``(B, T, K)`` over the row's candidates for the module ``layer``; ``x`` is that
         module's input ``(B, T, in)``. Only called when ``has_local_gate`` is true."""
-        raise NotImplementedError
+        return self.config.select(self.logits(x, candidates, layer))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"

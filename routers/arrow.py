@@ -18,11 +18,11 @@ from moerge.routing import (
     Candidates,
     ExpertVectors,
     LayerInfo,
+    LinearGate,
     Router,
     RoutingRequest,
     SelectionConfig,
     all_candidates,
-    no_candidate_logits,
     register_router,
 )
 
@@ -79,13 +79,7 @@ class ArrowRouter(Router):
         """Every expert is a candidate of every row; the local gate decides per token."""
         return all_candidates(request)
 
-    def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
-        """``(B, T, K)`` logits ``|⟨prototype, x⟩| / temperature``; ``-inf`` for candidates without the module."""
-        got = self._protos.gate_operands(layer.name, candidates, x.device, 1.0 / self.config.temperature)
-        if got is None:  # no expert targets this module
-            return no_candidate_logits(x, candidates)
-        Pt, bias = got  # (B, in, K) prototypes / temperature, (B, 1, K) 0 or -inf
-        return torch.bmm(x.float(), Pt).abs_() + bias  # (B, T, K)
-
-    def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
-        return self.config.select(self.logits(x, candidates, layer))  # (B, T, K)
+    def make_linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
+        """Logits ``|⟨prototype, x⟩| / temperature``; ``-inf`` for candidates without the module."""
+        got = self._protos.gate_operands(layer.name, candidates, device, 1.0 / self.config.temperature)
+        return None if got is None else LinearGate(*got, finish="abs")  # (B, in, K), (B, 1, K)

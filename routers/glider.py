@@ -34,6 +34,7 @@ from moerge.index import ExpertIndex
 from moerge.routing import (
     Candidates,
     LayerInfo,
+    LinearGate,
     Router,
     RoutingRequest,
     SelectionConfig,
@@ -285,9 +286,9 @@ class GliderRouter(Router):
             weights = torch.nan_to_num(torch.softmax(z, dim=-1), nan=0.0)  # (B, K)
         return Candidates(ids=ids, scores=scores, names=request.names, weights=weights)
 
-    def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
-        key = (id(self), "global", x.device)
-        if key not in candidates.memo:  # the global term is the same at every step of the request
-            candidates.memo[key] = (self.config.global_weight * candidates.scores.to(x.device).float()).unsqueeze(1)
-        z = self.local.logits(x, candidates, layer) + candidates.memo[key]  # (B, T, K)
-        return self.config.select(z)
+    def make_linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
+        """The local router's gate plus the global term ``global_weight · score`` in its bias."""
+        lg = self.local.linear_gate(candidates, layer, device)
+        if lg is None:
+            return None
+        return lg.with_bias((self.config.global_weight * candidates.scores.to(device).float()).unsqueeze(1))

@@ -29,11 +29,11 @@ from moerge.routing import (
     Candidates,
     ExpertVectors,
     LayerInfo,
+    LinearGate,
     Router,
     RoutingRequest,
     SelectionConfig,
     all_candidates,
-    no_candidate_logits,
     register_router,
     standardize,
 )
@@ -189,14 +189,9 @@ class PhatgooseRouter(Router):
         """Every expert is a candidate of every row; the gates decide per token."""
         return all_candidates(request)
 
-    def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
-        """``(B, T, K)`` standardized-dot-product logits; ``-inf`` for candidates that do not target the module."""
-        temp = self.config.temperature or math.sqrt(x.shape[-1])
-        got = self._gates.gate_operands(layer.name, candidates, x.device, 1.0 / temp)
-        if got is None:
-            return no_candidate_logits(x, candidates)
-        Gt, bias = got  # (B, in, K) gates / temperature, (B, 1, K) 0 or -inf
-        return torch.bmm(standardize(x), Gt) + bias  # (B, T, K)
-
-    def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
-        return self.config.select(self.logits(x, candidates, layer))  # (B, T, K)
+    def make_linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
+        """Standardized-dot-product logits ``⟨layer_norm(x), g⟩ / temperature``; ``-inf`` for candidates that do not
+        target the module. (The gates are centred, so ``x @ g / σ(x)`` is that dot product.)"""
+        temp = self.config.temperature or math.sqrt(layer.in_features)
+        got = self._gates.gate_operands(layer.name, candidates, device, 1.0 / temp, center=True)
+        return None if got is None else LinearGate(*got, finish="standardized")

@@ -29,11 +29,11 @@ from moerge.routing import (
     Candidates,
     ExpertVectors,
     LayerInfo,
+    LinearGate,
     Router,
     RoutingRequest,
     SelectionConfig,
     all_candidates,
-    no_candidate_logits,
     register_router,
     standardize,
 )
@@ -240,13 +240,8 @@ class XLoRARouter(Router):
         """Every expert is a candidate of every row; the head decides per token."""
         return all_candidates(request)
 
-    def logits(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
-        got = self._head.gate_operands(layer.name, candidates, x.device, 1.0 / math.sqrt(x.shape[-1]),
-                                       with_bias=True)
-        if got is None:
-            return no_candidate_logits(x, candidates)
-        Wt, bias = got  # (B, in, K) the rows' w / √in, (B, 1, K) their b (-inf for candidates without a row)
-        return torch.bmm(standardize(x), Wt) + bias  # (B, T, K)
-
-    def gate(self, x: torch.Tensor, candidates: Candidates, layer: LayerInfo) -> torch.Tensor:
-        return self.config.select(self.logits(x, candidates, layer))
+    def make_linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
+        """The head's logits ``layer_norm(x) @ w / √in + b`` (``-inf`` for candidates without a row)."""
+        got = self._head.gate_operands(layer.name, candidates, device, 1.0 / math.sqrt(layer.in_features),
+                                       with_bias=True, center=True)
+        return None if got is None else LinearGate(*got, finish="standardized")

@@ -579,7 +579,7 @@ def test_a_requests_gathered_factors_are_freed_after_generate(lib2, base, input_
         state = real_route(*a, **k)
         seen.append(weakref.ref(state))
         g = next(x for x in state.gathered.values() if x is not None)
-        seen.append(weakref.ref(g.lora.A))  # the candidates' factors copied for this request
+        seen.append(weakref.ref(g.lora.W))  # the candidates' factors copied for this request
         return state
 
     model.route = spy
@@ -607,7 +607,7 @@ def test_vectorised_gather_equals_the_row_by_row_one(seq_weights, monkeypatch):
     cands = Candidates(ids, weights.clone(), names, weights if seq_weights else None)
     monkeypatch.setattr("moerge.layer._VECTOR_GATHER_MIN", 1)  # the vectorised path even for this small batch
     fast, slow = bank.gather(cands), bank.gather(cands, loop=True)
-    for field_ in ("A", "Bt", "k_idx", "scale"):
+    for field_ in ("W", "Bt", "E"):
         a, b = getattr(fast.lora, field_), getattr(slow.lora, field_)
         assert (a is None) == (b is None)
         if a is not None:
