@@ -16,8 +16,8 @@ gather time; with a local gate they are applied per token between the two matmul
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
