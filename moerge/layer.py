@@ -296,8 +296,9 @@ class LayerBank:
         if R > 0:
             if col_w is None:
                 col_w, E = self._column_weights(candidates, k_idx, scale, dtype)
-            At = self.A_all[idx].to(dtype).transpose(1, 2)  # (B, in, R)
-            Bt = self.Bt_all[idx].to(dtype) * col_w  # (B, R, out)
+            B, flat = idx.shape[0], idx.reshape(-1)
+            At = self.A_all.index_select(0, flat).view(B, R, -1).to(dtype).transpose(1, 2)  # (B, in, R)
+            Bt = self.Bt_all.index_select(0, flat).view(B, R, -1).to(dtype) * col_w  # (B, R, out)
             fused = gate if gate is not None and seq_w is None and gate.Vt.dtype == dtype else None
             W = torch.cat([fused.Vt.to(device), At], dim=2) if fused is not None else At  # (B, in, Kg + R)
             lora = _GatheredLoRA(W, Bt, E, fused)

@@ -217,13 +217,14 @@ class ExpertVectors(Mapping):
     """Per module, one vector per expert (Arrow prototypes, PHATGOOSE gates, X-LoRA head rows); read-only it is a
     mapping module → {expert: vector}.
 
-    The vectors of one module are stacked in the model's expert order once per ``(module, names, device)`` and
-    then gathered for each row's candidates, so a gate costs one indexing and one batched matmul per module.
+    The vectors of one module are stacked in the model's expert order once per ``(module, names, device)`` and form
+    (finished as :meth:`gate_operands` asks) and then gathered for each row's candidates, so a request's gate costs
+    two index operations per module and every step one batched matmul.
     """
 
     def __init__(self) -> None:
         self._by_module: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> (d,)
-        self._stacked: dict[tuple[str, tuple[str, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __getitem__(self, module: str) -> dict[str, torch.Tensor]:
         return self._by_module[module]
@@ -239,51 +240,48 @@ class ExpertVectors(Mapping):
         self.remove(name)
         for m, v in vectors.items():
             self._by_module.setdefault(m, {})[name] = v
-        self._stacked.clear()
+        self._tables.clear()
 
     def remove(self, name: str) -> None:
         for d in self._by_module.values():
             d.pop(name, None)
-        self._stacked.clear()
+        self._tables.clear()
 
-    def gather(self, module: str, candidates: Candidates,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(V (B, K, d), ok (B, K))``: each row's candidates' vectors for ``module`` and whether the candidate has
-        one (``False`` for empty slots and experts that do not target the module); ``None`` when no expert has a
-        vector for ``module``."""
-        have = self._by_module.get(module)
-        if not have:
-            return None
-        names = candidates.names
-        key = (module, names, str(device))
-        if key not in self._stacked:
+    def _table(self, module: str, names: tuple[str, ...], device: torch.device, scale: float, with_bias: bool,
+               center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Vt (d, N + 1), bias (N + 1,))`` over the model's experts ``names`` and a last, empty column (the
+        target of empty slots): the vectors as :meth:`gate_operands` describes them, and the bias (``-inf`` where
+        an expert has no vector)."""
+        key = (module, names, str(device), scale, with_bias, center)
+        got = self._tables.get(key)
+        if got is None:
+            have = self._by_module[module]
             dim = next(iter(have.values())).numel()
-            V = torch.stack([have.get(n, torch.zeros(dim)) for n in names]) if names else torch.zeros(0, dim)
-            valid = torch.tensor([n in have for n in names], dtype=torch.bool)
-            self._stacked[key] = (V.to(device), valid.to(device))  # (N, d), (N,)
-        V, valid = self._stacked[key]
-        ids = candidates.ids.to(device)  # (B, K)
-        safe = ids.clamp(min=0)
-        return V[safe], valid[safe] & (ids >= 0)  # (B, K, d), (B, K)
-
+            V = torch.stack([have.get(n, torch.zeros(dim)).float() for n in names] + [torch.zeros(dim)])  # (N+1, dim)
+            ok = torch.tensor([n in have for n in names] + [False])
+            b = V[:, -1] if with_bias else torch.zeros(len(V))
+            w = V[:, :-1] if with_bias else V
+            if center:
+                w = w - w.mean(-1, keepdim=True)
+            got = ((w * scale).t().contiguous().to(device), b.masked_fill(~ok, float("-inf")).to(device))
+            self._tables[key] = got
+        return got
 
     def gate_operands(self, module: str, candidates: Candidates, device: torch.device, scale: float = 1.0,
                       with_bias: bool = False, center: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(Vt (B, d, K), bias (B, 1, K))`` for a gate ``x @ Vt + bias``: the candidates' vectors times ``scale``
         (``center``: less their mean, so ``x @ Vt`` is ``(x - mean(x)) @ V``), transposed for the batched matmul,
-        and ``-inf`` in ``bias`` for candidates without a vector (else ``0``, or with ``with_bias`` the vector's
-        last element, which is then not part of ``Vt``). ``None`` when no expert has a vector for ``module``."""
-        got = self.gather(module, candidates, device)
-        if got is None:
+        and ``-inf`` in ``bias`` for empty slots and candidates without a vector (else ``0``, or with
+        ``with_bias`` the vector's last element, which is then not part of ``Vt``). ``None`` when no expert has a
+        vector for ``module``."""
+        if not self._by_module.get(module):
             return None
-        V, ok = got  # (B, K, d), (B, K)
-        V = V.float()
-        b = V[..., -1] if with_bias else torch.zeros(ok.shape, device=device)  # (B, K)
-        w = V[..., :-1] if with_bias else V
-        if center:
-            w = w - w.mean(-1, keepdim=True)
-        bias = b.masked_fill(~ok, float("-inf")).unsqueeze(1)  # (B, 1, K)
-        return (w * scale).transpose(1, 2).contiguous(), bias  # (B, d, K), (B, 1, K)
+        Vt_all, bias_all = self._table(module, candidates.names, device, scale, with_bias, center)
+        ids = candidates.ids.to(device)  # (B, K)
+        safe = torch.where(ids >= 0, ids, len(candidates.names)).reshape(-1)  # empty slots → the empty column
+        B, K = ids.shape
+        Vt = Vt_all.index_select(1, safe).view(-1, B, K).transpose(0, 1)  # (B, d, K), strided
+        return Vt, bias_all.index_select(0, safe).view(B, 1, K)
 
 
 @dataclass(frozen=True)
