@@ -378,14 +378,15 @@ class GatheredLayer:
         weights were folded in at gather time. Returns ``(y, token_weights)``."""
         if self.lora is not None:
             g = self.lora
-            z = torch.bmm(x.to(self.dtype), g.W)  # (B, T, Kg + R)
+            z = torch.bmm(x if x.dtype == self.dtype else x.to(self.dtype), g.W)  # (B, T, Kg + R)
             h = z
             if g.gate is not None:
                 kg = g.gate.k
                 token_weights = select(g.gate.logits(x, z[..., :kg]))  # (B, T, K)
                 h = z[..., kg:]
             if g.E is not None:
-                h = h * torch.bmm(token_weights.to(h.dtype), g.E)  # (B, T, R): each column times its slot's weight
+                tw = token_weights if token_weights.dtype == h.dtype else token_weights.to(h.dtype)
+                h = h * torch.bmm(tw, g.E)  # (B, T, R): each column times its slot's weight
             if y.dtype == h.dtype and not y.requires_grad:
                 y = y.baddbmm_(h, g.Bt)  # (B, T, out)
             else:
@@ -449,7 +450,8 @@ class ExpertLinear(nn.Module):
         if g is None:
             return y
         b = x.shape[0]
-        x3 = x.reshape(b, -1, x.shape[-1])  # (B, T, in)
+        three = x.dim() == 3
+        x3 = x if three else x.reshape(b, -1, x.shape[-1])  # (B, T, in)
         g = g.for_batch(b)
         weights = select = None
         if state.local:
@@ -457,10 +459,10 @@ class ExpertLinear(nn.Module):
             if not g.gate_fused:
                 weights = state.router.gate(x3, state.candidates.repeat_rows(b // state.candidates.batch_size),
                                             self.info)  # (B, T, K)
-        y3, weights = g.add_delta(x3, y.reshape(b, -1, y.shape[-1]), weights, select)
+        y3, weights = g.add_delta(x3, y if three else y.reshape(b, -1, y.shape[-1]), weights, select)
         if state.record_usage:
             state.record(self.module_name, weights)
-        return y3.reshape(y.shape)
+        return y3 if three else y3.reshape(y.shape)
 
     def extra_repr(self) -> str:
         return f"module={self.module_name!r}, experts={len(self.bank)}"

@@ -151,17 +151,18 @@ def select_weights(logits: torch.Tensor, top_k: int | None = None, top_p: float 
     chosen); the others get 0. Rows with no possible candidate get all zeros. Returns ``(..., K)``.
     """
     k_all = logits.shape[-1]
-    if k_all == 0:
-        return logits.clone()
-    z = logits.float()
-    if top_p is None and null_logit is None and top_k is not None and top_k < k_all:
+    if top_p is None and null_logit is None and top_k is not None and 0 < top_k < k_all:
         # the common case, in as few ops as a decode step allows: softmax over the top k (−inf entries get 0,
         # a token with no finite logit gets all zeros)
-        top_v, top_i = z.topk(int(top_k), dim=-1)  # (..., k)
-        w = torch.nan_to_num(torch.softmax(top_v, dim=-1), nan=0.0)
+        z = logits if logits.dtype == torch.float32 else logits.float()
+        top_v, top_i = z.topk(top_k, dim=-1)  # (..., k)
+        w = torch.nan_to_num_(torch.softmax(top_v, dim=-1), nan=0.0)
         out = torch.zeros_like(z).scatter_(-1, top_i, w)
         return out if logits.dtype == torch.float32 else out.to(
             logits.dtype if logits.is_floating_point() else torch.float32)
+    if k_all == 0:
+        return logits.clone()
+    z = logits.float()
     if null_logit is not None:
         z = torch.cat([z, torch.full_like(z[..., :1], float(null_logit))], dim=-1)  # (..., K+1)
     k = z.shape[-1] if top_k is None else min(int(top_k) + (null_logit is not None), z.shape[-1])
@@ -316,7 +317,8 @@ class LinearGate:
 
     def logits(self, x: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
         """``(B, T, K)`` logits from ``x`` and ``xv = x @ Vt`` (computed alone or as part of a larger matmul)."""
-        xv = xv.float()
+        if xv.dtype != torch.float32:
+            xv = xv.float()
         if self.finish == "abs":
             xv = xv.abs()
         elif self.finish == "standardized":
