@@ -17,16 +17,16 @@ gather time; with a local gate they are applied per token between the two matmul
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moerge import kernels
 from moerge.adapters.expert import DeltaWeights, LoRAWeights, ModuleWeights
 from moerge.fingerprint import linear_shape
-from moerge.routing import Candidates, LayerInfo, LinearGate, RoutingContext
+from moerge.routing import Candidates, LayerInfo, LinearGate, RoutingContext, SelectionConfig
 
 __all__ = ["ExpertLinear", "LayerBank", "GatheredLayer"]
 
@@ -279,8 +279,8 @@ class LayerBank:
         a bank of LoRA experts only finds its columns vectorised (measured 1.2× faster at B=32, 1.7× at B=128,
         K=4; 2× slower at B=1, where the row loop stays); ``loop=True`` forces the row-by-row path.
 
-        ``gate``, a local gate linear in the module input, is fused when it can be (``dtype`` float32, the gate's):
-        its vectors go in front of the A factors, so one matmul gives both the gate's ``x @ Vt`` and the shrink."""
+        ``gate``, a local gate linear in the module input, is fused: its vectors (in ``dtype``) go in front of the A
+        factors, so one matmul gives both the gate's ``x @ Vt`` and the shrink."""
         dense_uses: dict[str, list[tuple[int, int]]] = {}
         device = self.A_all.device
         dtype = dtype or self.A_all.dtype
@@ -299,8 +299,8 @@ class LayerBank:
             B, flat = idx.shape[0], idx.reshape(-1)
             At = self.A_all.index_select(0, flat).view(B, R, -1).to(dtype).transpose(1, 2)  # (B, in, R)
             Bt = self.Bt_all.index_select(0, flat).view(B, R, -1).to(dtype) * col_w  # (B, R, out)
-            fused = gate if gate is not None and seq_w is None and gate.Vt.dtype == dtype else None
-            W = torch.cat([fused.Vt.to(device), At], dim=2) if fused is not None else At  # (B, in, Kg + R)
+            fused = gate if gate is not None and seq_w is None else None
+            W = torch.cat([fused.Vt.to(device, dtype), At], dim=2) if fused is not None else At  # (B, in, Kg + R)
             lora = _GatheredLoRA(W, Bt, E, fused)
         dense = []
         for name, uses in dense_uses.items():
@@ -319,11 +319,19 @@ class _GatheredLoRA:
     Bt: torch.Tensor  # (B, R, out): LoRA scales folded in, and the sequence weights when there is no local gate
     E: torch.Tensor | None  # (B, K, R): 1 where column r belongs to candidate slot k (local gating), else None
     gate: LinearGate | None  # the fused local gate, whose Vt is W[..., :Kg]
+    _slots: torch.Tensor | None = None
 
     def repeat_rows(self, n: int) -> _GatheredLoRA:
         rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
         return _GatheredLoRA(rep(self.W), rep(self.Bt), rep(self.E),
                              None if self.gate is None else self.gate.repeat_rows(n))
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """``(B, R)`` int32: each column's candidate slot, ``-1`` at padding (the kernel's form of ``E``)."""
+        if self._slots is None:
+            self._slots = torch.where(self.E.sum(1) > 0, self.E.argmax(1), -1).to(torch.int32)
+        return self._slots
 
 
 @dataclass
@@ -369,20 +377,48 @@ class GatheredLayer:
             )
         return self._expanded[n]
 
+    def _kernel_top_k(self, x: torch.Tensor, y: torch.Tensor, token_weights: torch.Tensor | None,
+                      selection: SelectionConfig | None) -> int | None | bool:
+        """The top-k the fused kernel should use for this call, or ``False`` when the torch path must run it."""
+        g = self.lora
+        if not (x.is_cuda or kernels.CPU) or g is None or self.dense or y.requires_grad:
+            return False
+        if g.E is None:  # sequence weights folded into Bt
+            top_k = None
+        elif g.gate is None or token_weights is not None or selection is None:
+            return False
+        elif selection.top_p is not None or selection.null_logit is not None:
+            return False
+        else:
+            top_k = selection.top_k
+        return top_k if kernels.supports(x, top_k, g.Bt.shape[1], 0 if g.gate is None else g.gate.k) else False
+
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, token_weights: torch.Tensor | None,
-                  select: Callable[[torch.Tensor], torch.Tensor] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  selection: SelectionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``y + `` the experts' contribution for input ``x (B, T, in)`` and base output ``y (B, T, out)`` (added in
         place when autograd allows). ``token_weights (B, T, K)`` come from a local gate computed outside; with a
-        fused gate they are computed here (``select`` turns its logits into weights); ``None`` when sequence
-        weights were folded in at gather time. Returns ``(y, token_weights)``."""
+        fused gate they are computed here (``selection`` turns its logits into weights); ``None`` when sequence
+        weights were folded in at gather time. Returns ``(y, token_weights)``.
+
+        On CUDA (with triton) the LoRA part runs as one fused kernel (:mod:`moerge.kernels`) when it can: no dense
+        experts, and the gate fused here with a plain top-k selection, or sequence weights."""
+        xg = x if x.dtype == self.dtype else x.to(self.dtype)
+        top_k = self._kernel_top_k(xg, y, token_weights, selection)
+        if top_k is not False:
+            g = self.lora
+            gate = g.gate
+            w = kernels.routed_lora_(xg, y, g.W, g.Bt, gate_k=0 if gate is None else gate.k,
+                                     bias=None if gate is None else gate.bias,
+                                     slots=None if gate is None else g.slots,
+                                     finish="none" if gate is None else gate.finish, top_k=top_k)
+            return y, (token_weights if w is None else w)
         if self.lora is not None:
             g = self.lora
-            z = torch.bmm(x if x.dtype == self.dtype else x.to(self.dtype), g.W)  # (B, T, Kg + R)
+            z = torch.bmm(xg, g.W)  # (B, T, Kg + R)
             h = z
             if g.gate is not None:
                 kg = g.gate.k
-                token_weights = select(g.gate.logits(x, z[..., :kg]))  # (B, T, K)
+                token_weights = selection.select(g.gate.logits(x, z[..., :kg]))  # (B, T, K)
                 h = z[..., kg:]
             if g.E is not None:
                 tw = token_weights if token_weights.dtype == h.dtype else token_weights.to(h.dtype)
@@ -453,13 +489,13 @@ class ExpertLinear(nn.Module):
         three = x.dim() == 3
         x3 = x if three else x.reshape(b, -1, x.shape[-1])  # (B, T, in)
         g = g.for_batch(b)
-        weights = select = None
+        weights = selection = None
         if state.local:
-            select = state.router.config.select
+            selection = state.router.config
             if not g.gate_fused:
                 weights = state.router.gate(x3, state.candidates.repeat_rows(b // state.candidates.batch_size),
                                             self.info)  # (B, T, K)
-        y3, weights = g.add_delta(x3, y if three else y.reshape(b, -1, y.shape[-1]), weights, select)
+        y3, weights = g.add_delta(x3, y if three else y.reshape(b, -1, y.shape[-1]), weights, selection)
         if state.record_usage:
             state.record(self.module_name, weights)
         return y3 if three else y3.reshape(y.shape)

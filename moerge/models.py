@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["default_base", "default_tokenizer", "base_folder", "default_embedder", "gguf_file", "embedder_folder", "cache_root", "DEFAULT_BASE_ID",
+__all__ = ["default_base", "attention_implementation", "default_tokenizer", "base_folder", "default_embedder", "gguf_file", "embedder_folder", "cache_root", "DEFAULT_BASE_ID",
            "DEFAULT_EMBEDDER_ID"]
 
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -101,16 +101,28 @@ def _cache_valid(folder: Path, gguf: Path) -> bool:
             and (folder / "model.safetensors").is_file() and (folder / "config.json").is_file())
 
 
+def attention_implementation(device: str | torch.device | None, dtype: torch.dtype) -> str:
+    """``"flash_attention_2"`` where flash-attn can run (installed, CUDA, fp16/bf16), else ``"sdpa"``."""
+    from transformers.utils import is_flash_attn_2_available
+
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if on_cuda and dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def default_base(*, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
                  cache_dir: str | Path | None = None) -> tuple[Any, Any]:
     """SmolLM2-135M-Instruct and its tokenizer, offline: ``(model, tokenizer)``.
 
     Converts the packaged GGUF once into ``<cache>/SmolLM2-135M-Instruct`` and loads that folder afterwards.
+    Attention runs with flash-attn 2 where it can (:func:`attention_implementation`), SDPA otherwise.
     """
     from transformers import AutoModelForCausalLM
 
     folder = base_folder(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
+                                                 attn_implementation=attention_implementation(device, dtype))
     model.config._name_or_path = DEFAULT_BASE_ID
     if device is not None:
         model = model.to(device)

@@ -71,3 +71,18 @@ def test_default_embedder_embeds_meaningfully():
                     "What is the capital of Peru?"], normalize_embeddings=True)
     assert v.shape == (3, 384)
     assert float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.2
+
+
+def test_attention_implementation_prefers_flash_attn_where_it_can_run(monkeypatch):
+    import torch
+    import transformers.utils
+
+    from moerge.models import attention_implementation
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert attention_implementation("cuda", torch.bfloat16) == "flash_attention_2"
+    assert attention_implementation("cuda", torch.float32) == "sdpa"  # flash-attn needs fp16/bf16
+    assert attention_implementation("cpu", torch.bfloat16) == "sdpa"
+    assert attention_implementation(None, torch.float16) == "sdpa"
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert attention_implementation("cuda", torch.bfloat16) == "sdpa"
