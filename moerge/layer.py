@@ -272,18 +272,21 @@ class LayerBank:
         E = F.one_hot(k_idx, candidates.k).transpose(1, 2).to(dtype) * (scale != 0).unsqueeze(1).to(dtype)
         return scale.to(dtype).unsqueeze(-1), E
 
-    def gather(self, candidates: Candidates, dtype: torch.dtype | None = None, gate: LinearGate | None = None, *,
-               loop: bool = False) -> GatheredLayer | None:
+    def gather(self, candidates: Candidates, dtype: torch.dtype | None = None, gate: LinearGate | None = None,
+               device: torch.device | None = None, *, loop: bool = False) -> GatheredLayer | None:
         """Copy the factors of each row's candidates side by side (once per request), in ``dtype`` (default: the
         bank's); ``None`` when no row's candidates touch this module. With many candidate slots (``B·K ≥ 64``)
         a bank of LoRA experts only finds its columns vectorised (measured 1.2× faster at B=32, 1.7× at B=128,
         K=4; 2× slower at B=1, where the row loop stays); ``loop=True`` forces the row-by-row path.
 
         ``gate``, a local gate linear in the module input, is fused: its vectors (in ``dtype``) go in front of the A
-        factors, so one matmul gives both the gate's ``x @ Vt`` and the shrink."""
+        factors, so one matmul gives both the gate's ``x @ Vt`` and the shrink. ``device``: where the gathered
+        factors go (default: the bank's); a bank kept in host memory copies only the candidates' rows there."""
         dense_uses: dict[str, list[tuple[int, int]]] = {}
-        device = self.A_all.device
+        here = self.A_all.device
+        device = device or here
         dtype = dtype or self.A_all.dtype
+        move = (lambda t: t.to(device, non_blocking=True)) if device != here else (lambda t: t)  # noqa: E731
         if self.dense:
             idx, k_idx, scale, R, dense_uses = self._loop_lora_columns(candidates)
             col_w = E = None
@@ -297,15 +300,16 @@ class LayerBank:
             if col_w is None:
                 col_w, E = self._column_weights(candidates, k_idx, scale, dtype)
             B, flat = idx.shape[0], idx.reshape(-1)
-            At = self.A_all.index_select(0, flat).view(B, R, -1).to(dtype).transpose(1, 2)  # (B, in, R)
-            Bt = self.Bt_all.index_select(0, flat).view(B, R, -1).to(dtype) * col_w  # (B, R, out)
+            At = move(self.A_all.index_select(0, flat)).view(B, R, -1).to(dtype).transpose(1, 2)  # (B, in, R)
+            Bt = move(self.Bt_all.index_select(0, flat)).view(B, R, -1).to(dtype) * move(col_w)  # (B, R, out)
+            E = None if E is None else move(E)
             fused = gate if gate is not None and seq_w is None else None
             W = torch.cat([fused.Vt.to(device, dtype), At], dim=2) if fused is not None else At  # (B, in, Kg + R)
             lora = _GatheredLoRA(W, Bt, E, fused)
         dense = []
         for name, uses in dense_uses.items():
             d, bias = self.dense[name]
-            d, bias = d.to(dtype), None if bias is None else bias.to(dtype)
+            d, bias = move(d).to(dtype), None if bias is None else move(bias).to(dtype)
             rows = torch.tensor([b for b, _ in uses], device=device)
             ks = torch.tensor([k for _, k in uses], device=device)
             w = None if seq_w is None else seq_w.to(device)[rows, ks].to(dtype)  # (n,)
@@ -446,8 +450,10 @@ class ExpertLinear(nn.Module):
     (no state active) it is exactly ``base_layer``.
     """
 
-    def __init__(self, base_layer: nn.Module, name: str, index: int, context: RoutingContext) -> None:
+    def __init__(self, base_layer: nn.Module, name: str, index: int, context: RoutingContext,
+                 bank_device: torch.device | None = None) -> None:
         super().__init__()
+        self.bank_device = bank_device  # where the bank stays (None: with the base layer, moved along with it)
         self.base_layer = base_layer
         self.module_name = name
         self.layer_index = index
@@ -455,13 +461,20 @@ class ExpertLinear(nn.Module):
         self.info = LayerInfo(index, name, self.in_features, self.out_features)
         self._context = context
         w = base_layer.weight
-        self.bank = LayerBank.empty(self.in_features, self.out_features, w.device,
+        self.bank = LayerBank.empty(self.in_features, self.out_features, bank_device or w.device,
                                     w.dtype if w.is_floating_point() else torch.float32)
 
-    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() also move the experts' factors
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .half(), .cuda() also move and cast the experts' factors, unless they are kept on bank_device
         super()._apply(fn, recurse)
-        self.bank = self.bank.apply(fn)
+        if self.bank_device is None:
+            self.bank = self.bank.apply(fn)
         return self
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the layer computes: its base layer's device (a request's factors are gathered there)."""
+        return self.base_layer.weight.device
 
     @property
     def compute_dtype(self) -> torch.dtype:

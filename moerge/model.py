@@ -54,10 +54,12 @@ class MoErgeModel(nn.Module):
         *,
         tokenizer: Any = None,
         expert_dtype: torch.dtype | None = None,
+        expert_device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
         if expert_dtype is not None and not (isinstance(expert_dtype, torch.dtype) and expert_dtype.is_floating_point):
             raise ValueError(f"expert_dtype must be a floating torch dtype, got {expert_dtype!r}")
+        self.expert_device = None if expert_device is None else torch.device(expert_device)
         if any(isinstance(m, ExpertLinear) for m in base.modules()):
             raise ValueError("this base is already patched by another MoErgeModel; pass that model's copy_base() "
                              "(a plain copy) or unpatch() it first")
@@ -87,6 +89,7 @@ class MoErgeModel(nn.Module):
         strict_base: bool = True,
         experts: Iterable[str] | None = None,
         expert_dtype: torch.dtype | None = None,
+        expert_device: str | torch.device | None = None,
         **load_kwargs: Any,
     ) -> MoErgeModel:
         """Patch ``base`` with the experts of ``library``.
@@ -103,6 +106,9 @@ class MoErgeModel(nn.Module):
             expert_dtype: the dtype the layers store the experts' factors in (default: the base's). With
                 ``torch.bfloat16`` under a float32 base, a library takes half the memory; each request's
                 candidates are cast to the base's dtype once, when they are gathered.
+            expert_device: where the layers keep the experts' factors (default: with the base). ``"cpu"`` under a
+                CUDA base keeps a library larger than the GPU's memory in host memory: each request copies only its
+                candidates' factors to the GPU, once, when they are gathered; ``model.to(...)`` leaves them there.
         """
         if isinstance(base, (str, Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,7 +128,8 @@ class MoErgeModel(nn.Module):
                           "experts to it anyway (strict_base=False)", stacklevel=2)
         if isinstance(router, str):
             router = build_router(router)
-        model = cls(base, router, library, tokenizer=tokenizer, expert_dtype=expert_dtype)
+        model = cls(base, router, library, tokenizer=tokenizer, expert_dtype=expert_dtype,
+                    expert_device=expert_device)
         names = list(experts) if experts is not None else library.names()
         for i in range(0, len(names), _INSTALL_CHUNK):
             model._install([library.get(n) for n in names[i : i + _INSTALL_CHUNK]])
@@ -193,7 +200,8 @@ class MoErgeModel(nn.Module):
             return layer
         parent_name, _, attr = module_name.rpartition(".")
         parent = self.base.get_submodule(parent_name) if parent_name else self.base
-        layer = ExpertLinear(getattr(parent, attr), module_name, len(self._layers), self.context)
+        layer = ExpertLinear(getattr(parent, attr), module_name, len(self._layers), self.context,
+                             bank_device=self.expert_device)
         setattr(parent, attr, layer)
         self._layers[module_name] = layer
         return layer
@@ -203,7 +211,7 @@ class MoErgeModel(nn.Module):
         out_f, in_f = linear_shape(mod)
         w = mod.weight
         dtype = self.expert_dtype or (w.dtype if w.is_floating_point() else torch.float32)
-        return LayerBank.empty(in_f, out_f, w.device, dtype)
+        return LayerBank.empty(in_f, out_f, self.expert_device or w.device, dtype)
 
     def _new_banks(self, add: Sequence[Expert], drop: set[str]) -> dict[str, LayerBank]:
         """The banks of every affected module after dropping ``drop`` and adding ``add`` (nothing is changed)."""
@@ -436,7 +444,7 @@ class MoErgeModel(nn.Module):
             fuse = cands.weights is None and router.has_local_gate and router.has_linear_gate
             gathered = {layer.layer_index: layer.bank.gather(
                 cands, layer.compute_dtype,
-                router.linear_gate(cands, layer.info, layer.bank.A_all.device) if fuse else None)
+                router.linear_gate(cands, layer.info, layer.compute_device) if fuse else None, layer.compute_device)
                 for layer in self._layers.values()}
         return RoutingState(cands, router, gathered, record_usage=True)
 

@@ -614,3 +614,33 @@ def test_vectorised_gather_equals_the_row_by_row_one(seq_weights, monkeypatch):
             assert torch.equal(a, b), field_
     empty = Candidates(torch.tensor([[2, -1]]), torch.zeros(1, 2), names, None)
     assert bank.gather(empty) is None and bank.gather(empty, loop=True) is None
+
+
+def test_experts_kept_on_their_own_device_stay_there_when_the_model_moves(lib2, base, input_ids):
+    mix = [{"a": 0.6, "b": 0.4}] * input_ids.shape[0]
+    kept = MoErgeModel.from_library(copy.deepcopy(base), lib2, router="explicit", expert_device="cpu")
+    moved = MoErgeModel.from_library(copy.deepcopy(base), lib2, router="explicit")
+    kept.double()
+    moved.double()
+    layer = kept.base.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.bank.A_all.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.float64
+    assert moved.base.get_submodule("model.layers.0.self_attn.q_proj").bank.A_all.dtype == torch.float64
+    with torch.no_grad():
+        a = kept(input_ids=input_ids, experts=mix).logits
+        b = moved(input_ids=input_ids, experts=mix).logits
+    assert a.dtype == torch.float64
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)  # gathered and cast per request, same result
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_library_in_host_memory_serves_a_gpu_base(lib2, base, input_ids):
+    mix = [{"a": 0.6, "b": 0.4}] * input_ids.shape[0]
+    with torch.no_grad():
+        ref = MoErgeModel.from_library(copy.deepcopy(base), lib2, router="explicit")(
+            input_ids=input_ids, experts=mix).logits
+        model = MoErgeModel.from_library(copy.deepcopy(base), lib2, router="explicit", expert_device="cpu").to("cuda")
+        layer = model.base.get_submodule("model.layers.0.self_attn.q_proj")
+        assert layer.bank.A_all.device.type == "cpu" and layer.base_layer.weight.is_cuda
+        out = model(input_ids=input_ids.cuda(), experts=mix).logits
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
