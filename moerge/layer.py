@@ -68,15 +68,32 @@ class _Layout:
         return layout
 
 
+class _Storage:
+    """The tensors a chain of banks appends into: rows ``[0, used)`` hold data, the rest is spare capacity
+    (``torch.empty``: pages untouched until written). Banks are views of its first rows; only the bank that ends
+    at ``used`` (the newest) may append in place, so older banks, and requests that gathered from them, never see
+    a row change."""
+
+    __slots__ = ("a", "bt", "used")
+
+    def __init__(self, a: torch.Tensor, bt: torch.Tensor, used: int) -> None:
+        self.a, self.bt, self.used = a, bt, used
+
+
+_GROWTH = 1.5  # capacity factor when a bank's storage must grow
+
+
 @dataclass(frozen=True)
 class LayerBank:
     """An immutable store of every expert's weights for one module. Changes build a new bank, so a request that
-    already gathered from the old one is unaffected.
+    already gathered from the old one is unaffected. Adding experts appends their rows to spare capacity of the
+    same storage when there is some (adding one expert to a large library copies nothing else); removing them
+    compacts into new tensors.
 
     Attributes:
-        A_all: ``(R_total + 1, in)`` LoRA A factors of all experts, stacked along the rank; the last row is zeros
-            (the target of padding indices).
-        Bt_all: ``(R_total + 1, out)`` the matching B factors, transposed; last row zeros.
+        A_all: ``(R_total + 1, in)`` LoRA A factors of all experts, stacked along the rank after a first row of
+            zeros (row 0, the target of padding indices).
+        Bt_all: ``(R_total + 1, out)`` the matching B factors, transposed; row 0 zeros.
         lora: expert name → its rows in ``A_all``/``Bt_all`` and its scale.
         dense: expert name → (ΔW ``(out, in)``, Δb ``(out,)`` or None).
     """
@@ -85,6 +102,7 @@ class LayerBank:
     Bt_all: torch.Tensor
     lora: dict[str, _LoRASlot] = field(default_factory=dict)
     dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    storage: _Storage | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", _Layout.of(self.lora))
@@ -104,33 +122,50 @@ class LayerBank:
     def __len__(self) -> int:
         return len(self.lora) + len(self.dense)
 
+    def _room_for(self, rows: int) -> _Storage:
+        """A storage holding this bank's rows with room for ``rows`` more after them: this bank's own, when it is
+        the newest of its storage and has the room, else a new one (capacity × :data:`_GROWTH`)."""
+        n = self.A_all.shape[0]
+        st = self.storage
+        if st is not None and st.used == n and st.a.shape[0] >= n + rows:
+            return st
+        cap = max(n + rows, int(_GROWTH * (n + rows))) if self.lora else n + rows
+        a = torch.empty(cap, self.A_all.shape[1], device=self.A_all.device, dtype=self.A_all.dtype)
+        bt = torch.empty(cap, self.Bt_all.shape[1], device=self.A_all.device, dtype=self.A_all.dtype)
+        a[:n].copy_(self.A_all)
+        bt[:n].copy_(self.Bt_all)
+        return _Storage(a, bt, n)
+
     def with_experts(self, weights: dict[str, ModuleWeights]) -> LayerBank:
         """A new bank with ``weights`` (expert name → this module's weights) added."""
         dtype, device = self.A_all.dtype, self.A_all.device
-        new_a, new_bt = [self.A_all[:-1]], [self.Bt_all[:-1]]
         lora, dense = dict(self.lora), dict(self.dense)
-        start = self.A_all.shape[0] - 1
-        for name, w in weights.items():
+        for name in weights:
             if name in self:
                 raise ValueError(f"expert {name!r} is already in this layer")
-            if isinstance(w, LoRAWeights):
-                new_a.append(w.A.to(device=device, dtype=dtype))  # (r, in)
-                new_bt.append(w.B.t().to(device=device, dtype=dtype))  # (r, out)
-                lora[name] = _LoRASlot(start, w.rank, float(w.scale))
-                start += w.rank
-            else:
+        new = {n: w for n, w in weights.items() if isinstance(w, LoRAWeights)}
+        start = self.A_all.shape[0]
+        st = self._room_for(sum(w.rank for w in new.values())) if new else self.storage
+        for name, w in new.items():
+            st.a[start : start + w.rank].copy_(w.A)  # (r, in)
+            st.bt[start : start + w.rank].copy_(w.B.t())  # (r, out)
+            lora[name] = _LoRASlot(start, w.rank, float(w.scale))
+            start += w.rank
+        for name, w in weights.items():
+            if name not in new:
                 dense[name] = (w.delta.to(device=device, dtype=dtype),
                                None if w.bias is None else w.bias.to(device=device, dtype=dtype))
-        zero_a = torch.zeros(1, self.A_all.shape[1], device=device, dtype=dtype)
-        zero_b = torch.zeros(1, self.Bt_all.shape[1], device=device, dtype=dtype)
-        return LayerBank(torch.cat([*new_a, zero_a]), torch.cat([*new_bt, zero_b]), lora, dense)
+        if not new:
+            return LayerBank(self.A_all, self.Bt_all, lora, dense, self.storage)
+        st.used = start
+        return LayerBank(st.a[:start], st.bt[:start], lora, dense, st)
 
     def without(self, names: set[str]) -> LayerBank:
-        """A new bank without the experts in ``names``."""
+        """A new bank without the experts in ``names`` (its rows compacted into new tensors)."""
         keep = [(n, s) for n, s in self.lora.items() if n not in names]
         rows = [torch.arange(s.start, s.start + s.rank) for _, s in keep]
-        idx = torch.cat([*rows, torch.tensor([self.A_all.shape[0] - 1])]).to(self.A_all.device)
-        lora, start = {}, 0
+        idx = torch.cat([torch.zeros(1, dtype=torch.long), *rows]).to(self.A_all.device)
+        lora, start = {}, 1
         for n, s in keep:
             lora[n] = _LoRASlot(start, s.rank, s.scale)
             start += s.rank
@@ -204,8 +239,7 @@ class LayerBank:
         R = int(valid.sum(1).max())
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :R]  # valid columns first, in order
         keep = valid.gather(1, order)  # (B, R)
-        pad = self.A_all.shape[0] - 1
-        idx = torch.where(keep, rows.gather(1, order), torch.full_like(order, pad))
+        idx = torch.where(keep, rows.gather(1, order), torch.zeros_like(order))  # padding: the zero row 0
         k_idx = torch.where(keep, ks.gather(1, order), torch.zeros_like(order))
         col_scale = torch.where(keep, sc.gather(1, order), torch.zeros(order.shape, device=start.device))
         return idx, k_idx, col_scale, R
@@ -240,8 +274,7 @@ class LayerBank:
             col_scale.append(cs)
         R = max((len(c) for c in cols), default=0)
         device = self.A_all.device
-        pad = self.A_all.shape[0] - 1  # index of the zero row
-        idx = torch.tensor([c + [pad] * (R - len(c)) for c in cols], dtype=torch.long, device=device)  # (B, R)
+        idx = torch.tensor([c + [0] * (R - len(c)) for c in cols], dtype=torch.long, device=device)  # (B, R), row 0: zeros
         k_idx = torch.tensor([k + [0] * (R - len(k)) for k in col_k], dtype=torch.long, device=device)  # (B, R)
         scale = torch.tensor([s + [0.0] * (R - len(s)) for s in col_scale], device=device, dtype=torch.float32)
         return idx, k_idx, scale, R, dense_uses

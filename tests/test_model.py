@@ -644,3 +644,26 @@ def test_a_library_in_host_memory_serves_a_gpu_base(lib2, base, input_ids):
         assert layer.bank.A_all.device.type == "cpu" and layer.base_layer.weight.is_cuda
         out = model(input_ids=input_ids.cuda(), experts=mix).logits
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_adding_experts_appends_in_place_and_never_changes_an_older_bank():
+    from moerge.layer import LayerBank
+
+    g = torch.Generator().manual_seed(0)
+    lora = lambda r: LoRAWeights(torch.randn(r, 6, generator=g), torch.randn(5, r, generator=g), 1.0)  # noqa: E731
+    b0 = LayerBank.empty(6, 5, torch.device("cpu"), torch.float32).with_experts({"a": lora(2)})
+    b1 = b0.with_experts({"b": lora(3)})  # grows with spare room
+    c = lora(1)
+    b2 = b1.with_experts({"c": c})  # fits in the room: no copy of a or b
+    assert b2.A_all.data_ptr() == b1.A_all.data_ptr() and b2.A_all.shape[0] == b1.A_all.shape[0] + 1
+    snapshot = {n: (b1.weights_of(n).A.clone(), b1.weights_of(n).B.clone()) for n in ("a", "b")}
+    stale = b1.with_experts({"d": lora(1)})  # b1 is no longer the newest bank: it must not write over c's rows
+    assert stale.A_all.data_ptr() != b2.A_all.data_ptr()
+    assert torch.equal(b2.weights_of("c").A, c.A)
+    for bank in (b1, b2, stale):
+        assert torch.equal(bank.A_all[0], torch.zeros(6)) and torch.equal(bank.Bt_all[0], torch.zeros(5))
+        for n, (A, B) in snapshot.items():
+            assert torch.equal(bank.weights_of(n).A, A) and torch.equal(bank.weights_of(n).B, B)
+    assert not torch.equal(stale.weights_of("d").A, b2.weights_of("c").A)
+    assert b2.without({"b"}).names == ["a", "c"] and torch.equal(b2.without({"b"}).weights_of("c").A,
+                                                                b2.weights_of("c").A)
