@@ -89,3 +89,48 @@ def test_candidates_validate_their_shapes():
         Candidates(torch.tensor([0]), torch.zeros(1), NAMES)
     c = candidates_from_mixes([{"a": 1.0}], NAMES, batch_size=2).repeat_rows(3)
     assert c.ids.shape == (6, 1) and c.weights.tolist() == [[1.0]] * 6
+
+
+@pytest.mark.parametrize("router", ["arrow", "phatgoose", "xlora", "arrow-all", "arrow-bf16"])
+def test_the_fast_decode_step_equals_the_general_path(router, monkeypatch):
+    """The per-request closure a CPU step runs (GatheredLayer.fast_step) against the general add_delta path, for
+    each kind of linear gate, top-k and all-candidates selection, float32 and bfloat16."""
+    import copy
+    import warnings
+
+    from conftest import VOCAB, rand_expert, tiny_llama
+    from moerge import MoErgeModel
+    from moerge.layer import GatheredLayer
+    from moerge.routing import build_router
+
+    base = tiny_llama()
+    kind = router.split("-")[0]
+    r = build_router(kind, top_k=None if router == "arrow-all" else 2)
+    if router == "arrow-bf16":
+        base = base.to(torch.bfloat16)
+    model = MoErgeModel(copy.deepcopy(base), r)
+    experts = [rand_expert(base, f"e{i}", seed=i, rank=2 + i % 3) for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model._install(experts)
+    g = torch.Generator().manual_seed(5)
+    for e in experts:  # gates and head rows with some spread, so the top-k is not a tie
+        if kind == "phatgoose":
+            r.set_gates(e.name, {m: torch.randn(w.in_features, generator=g) for m, w in e.modules.items()})
+        if kind == "xlora":
+            r.set_rows(e.name, {m: (torch.randn(w.in_features, generator=g), torch.randn((), generator=g))
+                                for m, w in e.modules.items()})
+    ids = torch.randint(3, VOCAB, (3, 8), generator=g)
+    calls = []
+    real = GatheredLayer.fast_step
+    monkeypatch.setattr(GatheredLayer, "fast_step", lambda self, sel: calls.append(1) or real(self, sel))
+    with torch.no_grad():
+        fast = model(input_ids=ids).logits
+        fast_usage = model.last_routing
+        monkeypatch.setattr(GatheredLayer, "fast_step", lambda self, sel: None)
+        general = model(input_ids=ids).logits
+    assert calls
+    tol = dict(atol=1e-5, rtol=1e-5) if router != "arrow-bf16" else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fast, general, **tol)
+    for a, b in zip(fast_usage, model.last_routing):
+        assert a.experts == pytest.approx(b.experts, abs=1e-5)
