@@ -98,10 +98,11 @@ def test_the_fast_decode_step_equals_the_general_path(router, monkeypatch):
     import copy
     import warnings
 
-    from conftest import VOCAB, rand_expert, tiny_llama
     from moerge import MoErgeModel
     from moerge.layer import GatheredLayer
     from moerge.routing import build_router
+
+    from conftest import VOCAB, rand_expert, tiny_llama
 
     base = tiny_llama()
     kind = router.split("-")[0]
