@@ -132,7 +132,8 @@ def _peft_adapters(base: nn.Module, n: int, rank: int, folder: Path) -> list[Pat
 def run_bench(base: nn.Module, tokenizer: Any, *, experts: list[int], batches: list[int], prompt: int = 64,
               new: int = 32, rank: int = 8, candidates: int = 4, top_k: int = 2, mixed: int = 8,
               peft: bool = True, xlora: bool = True, repeat: int = 3, workdir: Path | None = None,
-              expert_dtype: torch.dtype | None = None, log: Any = print) -> list[BenchResult]:
+              expert_dtype: torch.dtype | None = None, expert_device: str | None = None,
+              log: Any = print) -> list[BenchResult]:
     """Run every scenario for every batch size; returns the results with ratios to the base filled in."""
     import tempfile
 
@@ -190,8 +191,9 @@ def run_bench(base: nn.Module, tokenizer: Any, *, experts: list[int], batches: l
     for n in experts:
         t0 = time.perf_counter()
         router = build_router("glider", candidates=candidates, local="arrow", top_k=top_k)
-        model = MoErgeModel(copy.deepcopy(base), router, tokenizer=tokenizer, expert_dtype=expert_dtype)
-        dt = expert_dtype or torch.float32
+        model = MoErgeModel(copy.deepcopy(base), router, tokenizer=tokenizer, expert_dtype=expert_dtype,
+                            expert_device=expert_device)
+        dt = expert_dtype or next(base.parameters()).dtype
         for i in range(0, n, 64):  # made and installed a chunk at a time, so the pool is never held twice
             model._install(random_lora_experts(base, min(64, n - i), rank, seed=n * 1000 + i, name=f"e{i}-",
                                                dtype=dt))
@@ -200,7 +202,8 @@ def run_bench(base: nn.Module, tokenizer: Any, *, experts: list[int], batches: l
         for batch in batches_in.values():
             record(_measure(f"moerge-{n}", model, batch, new, repeat, device, mem0, setup,
                             notes=f"K={candidates}, top-{top_k}" + (f", experts in {str(dt).removeprefix('torch.')}"
-                                                                     if expert_dtype is not None else "")))
+                                                                     if expert_dtype is not None else "")
+                            + (f", experts on {expert_device}" if expert_device else "")))
         del model
         gc.collect()
     base_by_batch = {r.batch: r for r in results if r.scenario == "base"}
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--expert-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                     help="how the routed model stores its experts (default: the base's dtype)")
+    ap.add_argument("--expert-device", default=None, help="where the routed model keeps its experts (e.g. cpu under "
+                    "a cuda base; default: with the base)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="the base's dtype")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-xlora", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of the default base (tests)")
@@ -253,14 +259,16 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     else:
         from moerge.models import DEFAULT_BASE_ID, default_base
 
-        base, tok = default_base()
+        base, tok = default_base(dtype=getattr(torch, args.dtype), device=device)
         label = DEFAULT_BASE_ID
-    base = base.to(device).eval()
+    base = base.to(device=device, dtype=getattr(torch, args.dtype)).eval()
     threads = torch.get_num_threads()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     header = [f"command: python -m moerge.bench {' '.join(argv if argv is not None else sys.argv[1:])}",
               f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads)"
-              + (f", GPU {gpu}" if gpu else "") + f"; base: {label}, float32 on {device.type}",
+              + (f", GPU {gpu}" if gpu else "") + f"; base: {label}, {args.dtype} on {device.type}"
+              + (f" ({base.config._attn_implementation} attention)" if hasattr(base.config, "_attn_implementation")
+                 else ""),
               f"prompt {args.prompt} tokens, {args.new} new tokens per row, rank {args.rank} on all linear layers"]
     for line in header:
         print(line)
@@ -268,7 +276,8 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
                         batches=[int(x) for x in args.batch.split(",") if x], prompt=args.prompt, new=args.new,
                         rank=args.rank, candidates=args.candidates, top_k=args.top_k, mixed=args.mixed,
                         peft=not args.skip_peft, xlora=not args.skip_xlora, repeat=args.repeat,
-                        expert_dtype=getattr(torch, args.expert_dtype) if args.expert_dtype else None)
+                        expert_dtype=getattr(torch, args.expert_dtype) if args.expert_dtype else None,
+                        expert_device=args.expert_device)
     md = to_markdown(results, header)
     print()
     print(md)
