@@ -438,24 +438,11 @@ class GatheredLayer:
             return seq_step
         if g.gate is None or selection is None or selection.top_p is not None or selection.null_logit is not None:
             return None
-        kg, bias, finish, cast = g.gate.k, g.gate.bias, g.gate.finish, dt != torch.float32
-        k = selection.top_k if selection.top_k is not None and selection.top_k < kg else None
-        zeros_like, softmax, rsqrt = torch.zeros_like, torch.softmax, torch.rsqrt
+        kg, logits, select, cast = g.gate.k, g.gate.logits, selection.select, dt != torch.float32
 
         def gate_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             z = bmm(x, W)  # (B, T, Kg + R): the gate's x @ Vt, then the shrink
-            lg = z[:, :, :kg].float() if cast else z[:, :, :kg]  # written over in place: z's gate part is not reused
-            if finish == "abs":
-                lg = lg.abs_()
-            elif finish == "standardized":
-                xf = x.float() if cast else x
-                lg = lg.mul_(rsqrt(xf.var(-1, correction=0, keepdim=True).add_(1e-5)))
-            lg = lg.add_(bias)  # (B, T, K) logits
-            if k is None:
-                w = softmax(lg, -1).nan_to_num_(0.0)
-            else:
-                v, i = lg.topk(k, -1)
-                w = zeros_like(lg).scatter_(-1, i, softmax(v, -1).nan_to_num_(0.0))
+            w = select(logits(x, z[:, :, :kg], inplace=True))  # (B, T, K); z's gate part is not reused
             h = z[:, :, kg:] * bmm(w.to(dt) if cast else w, E)  # each column times its candidate's weight
             return y.baddbmm_(h, Bt), w
 
@@ -507,7 +494,7 @@ class GatheredLayer:
             h = z
             if g.gate is not None:
                 kg = g.gate.k
-                token_weights = selection.select(g.gate.logits(x, z[..., :kg]))  # (B, T, K)
+                token_weights = selection.select(g.gate.logits(x, z[..., :kg], inplace=True))  # (B, T, K)
                 h = z[..., kg:]
             if g.E is not None:
                 tw = token_weights if token_weights.dtype == h.dtype else token_weights.to(h.dtype)

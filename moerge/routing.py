@@ -151,15 +151,14 @@ def select_weights(logits: torch.Tensor, top_k: int | None = None, top_p: float 
     chosen); the others get 0. Rows with no possible candidate get all zeros. Returns ``(..., K)``.
     """
     k_all = logits.shape[-1]
-    if top_p is None and null_logit is None and top_k is not None and 0 < top_k < k_all:
-        # the common case, in as few ops as a decode step allows: softmax over the top k (−inf entries get 0,
-        # a token with no finite logit gets all zeros)
-        z = logits if logits.dtype == torch.float32 else logits.float()
-        top_v, top_i = z.topk(top_k, dim=-1)  # (..., k)
-        w = torch.nan_to_num_(torch.softmax(top_v, dim=-1), nan=0.0)
-        out = torch.zeros_like(z).scatter_(-1, top_i, w)
-        return out if logits.dtype == torch.float32 else out.to(
-            logits.dtype if logits.is_floating_point() else torch.float32)
+    if top_p is None and null_logit is None and logits.dtype == torch.float32:
+        # the common cases, in as few ops as a decode step allows: softmax over the top k or over all (−inf
+        # entries get 0, a token with no finite logit gets all zeros)
+        if top_k is None or top_k >= k_all:
+            return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        if top_k > 0:
+            top_v, top_i = logits.topk(top_k, dim=-1)  # (..., k)
+            return torch.zeros_like(logits).scatter_(-1, top_i, torch.softmax(top_v, dim=-1).nan_to_num_(0.0))
     if k_all == 0:
         return logits.clone()
     z = logits.float()
@@ -315,15 +314,18 @@ class LinearGate:
     def k(self) -> int:
         return int(self.Vt.shape[-1])
 
-    def logits(self, x: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
-        """``(B, T, K)`` logits from ``x`` and ``xv = x @ Vt`` (computed alone or as part of a larger matmul)."""
+    def logits(self, x: torch.Tensor, xv: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+        """``(B, T, K)`` float32 logits from ``x`` and ``xv = x @ Vt`` (computed alone or as part of a larger
+        matmul); ``inplace``: ``xv`` may be written over (a step's own matmul output)."""
         if xv.dtype != torch.float32:
-            xv = xv.float()
+            xv, inplace = xv.float(), True
         if self.finish == "abs":
-            xv = xv.abs()
+            xv, inplace = (xv.abs_() if inplace else xv.abs()), True
         elif self.finish == "standardized":
-            xv = xv * torch.rsqrt(x.float().var(-1, unbiased=False, keepdim=True) + 1e-5)
-        return xv + self.bias
+            xf = x if x.dtype == torch.float32 else x.float()
+            s = torch.rsqrt(xf.var(-1, correction=0, keepdim=True).add_(1e-5))  # 1 / σ(x), (B, T, 1)
+            xv, inplace = (xv.mul_(s) if inplace else xv * s), True
+        return xv.add_(self.bias) if inplace else xv + self.bias
 
     def with_bias(self, extra: torch.Tensor) -> LinearGate:
         """This gate with ``extra`` ``(B, 1, K)`` added to its bias."""
