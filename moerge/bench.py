@@ -12,9 +12,11 @@ Scenarios, each measured in the same process as the base model it is compared wi
   factors and the per-token gate are all timed).
 
 Prefill: tokens/s of one forward over ``prompt`` tokens per row. Decode: tokens/s of the following steps with the
-KV cache (``(t(generate n) − t(generate 1)) / (n − 1)``). Memory: resident set size after the scenario ran,
-less the process's before the base was loaded (CPU), or the CUDA peak. Ratios are to the base model measured in
-the same run. Experts have random weights: speed does not depend on their values.
+KV cache (``(t(generate n) − t(generate 1)) / (n − 1)``). Ratios are to the base model timed in the same rounds
+as the scenario (base, then scenario, ``repeat`` times; the median of the per-round ratios), so the drift of a
+shared machine cancels. Memory: resident set size after the scenario ran, less the process's before the base was
+loaded (CPU; it accumulates what earlier scenarios left), or the CUDA peak; the routed rows also give the size of
+their experts' factors. Experts have random weights: speed does not depend on their values.
 
     python -m moerge.bench [--experts 16,256,1000] [--batch 1,8] [--prompt 64] [--new 32] [--skip-peft]
     moerge bench ...
@@ -86,33 +88,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time_generate(model: Any, batch: dict[str, torch.Tensor], new: int, repeat: int, device: torch.device,
-                   **kw: Any) -> tuple[float, float]:
-    """(seconds for 1 new token, seconds for ``new`` new tokens): medians over ``repeat`` runs after a warm-up."""
-    def run(n: int) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
-        _sync(device)
-        return time.perf_counter() - t0
-
-    run(2)  # warm-up
-    ones = sorted(run(1) for _ in range(repeat))[repeat // 2]
-    fulls = sorted(run(new) for _ in range(repeat))[repeat // 2]
-    return ones, fulls
+def _run(model: Any, batch: dict[str, torch.Tensor], n: int, device: torch.device, **kw: Any) -> float:
+    """Seconds for one greedy ``generate`` of ``n`` new tokens."""
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def _measure(label: str, model: Any, batch: dict[str, torch.Tensor], new: int, repeat: int, device: torch.device,
-             mem0: float, setup_s: float, notes: str = "", **kw: Any) -> BenchResult:
+             mem0: float, setup_s: float, notes: str = "", base: Any = None, **kw: Any) -> BenchResult:
+    """Prefill tok/s (``generate`` of 1 token) and decode tok/s (``(t(new) − t(1)) / (new − 1)``), medians over
+    ``repeat`` rounds after a warm-up. With ``base``, each round also times the base model just before the scenario
+    (same batch, same lengths), and the ratios are the medians of the per-round ratios: drift of a shared machine
+    cancels."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t1, tn = _time_generate(model, batch, new, repeat, device, **kw)
+    _run(model, batch, 2, device, **kw)  # warm-up
+    if base is not None:
+        _run(base, batch, 2, device)
     b, p = batch["input_ids"].shape
+    rounds = []
+    for _ in range(repeat):
+        ref = (_run(base, batch, 1, device), _run(base, batch, new, device)) if base is not None else None
+        rounds.append((_run(model, batch, 1, device, **kw), _run(model, batch, new, device, **kw), ref))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    t1, tn = med([r[0] for r in rounds]), med([r[1] for r in rounds])
     mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb() - mem0
-    decode = b * (new - 1) / max(tn - t1, 1e-9)
-    return BenchResult(label, b, prefill_tps=b * p / t1, decode_tps=decode, memory_mb=mem, setup_s=setup_s,
-                       notes=notes)
+    out = BenchResult(label, b, prefill_tps=b * p / t1, decode_tps=b * (new - 1) / max(tn - t1, 1e-9),
+                      memory_mb=mem, setup_s=setup_s, notes=notes)
+    if base is not None:
+        out.ratios = {"prefill": med([r[2][0] / r[0] for r in rounds]),
+                      "decode": med([(r[2][1] - r[2][0]) / max(r[1] - r[0], 1e-9) for r in rounds])}
+    return out
+
+
+def _bank_mb(model: Any) -> float:
+    """Memory of the routed model's expert factors: the rows of every layer's bank in use (spare capacity that
+    was never written costs no memory)."""
+    from moerge.layer import ExpertLinear
+
+    total = 0
+    for m in model.base.modules():
+        if isinstance(m, ExpertLinear):
+            bank = m.bank
+            total += bank.A_all.nbytes + bank.Bt_all.nbytes
+            total += sum(d.nbytes + (0 if b is None else b.nbytes) for d, b in bank.dense.values())
+    return total / 2**20
 
 
 def _peft_adapters(base: nn.Module, n: int, rank: int, folder: Path) -> list[Path]:
@@ -156,6 +180,7 @@ def run_bench(base: nn.Module, tokenizer: Any, *, experts: list[int], batches: l
 
     for batch in batches_in.values():
         record(_measure("base", base, batch, new, repeat, device, mem0, 0.0))
+    ref = dict(base=base)
     if peft:
         from peft import PeftModel
 
@@ -164,13 +189,13 @@ def run_bench(base: nn.Module, tokenizer: Any, *, experts: list[int], batches: l
         pm = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name="a0").eval()
         setup = time.perf_counter() - t0
         for batch in batches_in.values():
-            record(_measure("peft-1", pm, batch, new, repeat, device, mem0, setup))
+            record(_measure("peft-1", pm, batch, new, repeat, device, mem0, setup, **ref))
         for i, p in enumerate(paths[1:], start=1):
             pm.load_adapter(str(p), adapter_name=f"a{i}")
         for b, batch in batches_in.items():
             names = [f"a{i % mixed}" for i in range(b)]
             record(_measure("peft-mixed", pm, batch, new, repeat, device, mem0, setup,
-                            notes=f"{len(set(names))} adapters in the batch", adapter_names=names))
+                            notes=f"{len(set(names))} adapters in the batch", adapter_names=names, **ref))
         del pm
         gc.collect()
         if xlora:
@@ -185,7 +210,7 @@ def run_bench(base: nn.Module, tokenizer: Any, *, experts: list[int], batches: l
             setup = time.perf_counter() - t0
             for batch in batches_in.values():
                 record(_measure("peft-xlora", xm, batch, new, max(1, repeat // 3), device, mem0, setup,
-                                notes="use_cache=False", use_cache=False))
+                                notes="use_cache=False", use_cache=False, **ref))
             del xm
             gc.collect()
     for n in experts:
@@ -199,17 +224,17 @@ def run_bench(base: nn.Module, tokenizer: Any, *, experts: list[int], batches: l
                                                dtype=dt))
             gc.collect()
         setup = time.perf_counter() - t0
+        mb = _bank_mb(model)
+        notes = (f"K={candidates}, top-{top_k}, experts {mb:.{0 if mb >= 10 else 1}f} MB"
+                 + (f" in {str(dt).removeprefix('torch.')}" if expert_dtype is not None else "")
+                 + (f" on {expert_device}" if expert_device else ""))
         for batch in batches_in.values():
-            record(_measure(f"moerge-{n}", model, batch, new, repeat, device, mem0, setup,
-                            notes=f"K={candidates}, top-{top_k}" + (f", experts in {str(dt).removeprefix('torch.')}"
-                                                                     if expert_dtype is not None else "")
-                            + (f", experts on {expert_device}" if expert_device else "")))
+            record(_measure(f"moerge-{n}", model, batch, new, repeat, device, mem0, setup, notes=notes, **ref))
         del model
         gc.collect()
-    base_by_batch = {r.batch: r for r in results if r.scenario == "base"}
     for r in results:
-        ref = base_by_batch[r.batch]
-        r.ratios = {"prefill": r.prefill_tps / ref.prefill_tps, "decode": r.decode_tps / ref.decode_tps}
+        if not r.ratios:  # the base rows
+            r.ratios = {"prefill": 1.0, "decode": 1.0}
     return results
 
 
