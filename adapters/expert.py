@@ -359,7 +359,10 @@ class Expert:
         extra = sorted(set(tensors) - used - set(compressed))
         if extra:
             raise ExpertFormatError(f"tensors not described in expert.json: {extra[:5]}", expert=name, file=file)
-        return cls(name=name, modules=mods, metadata=metadata or ExpertMetadata(), compressed=compressed)
+        try:
+            return cls(name=name, modules=mods, metadata=metadata or ExpertMetadata(), compressed=compressed)
+        except ExpertFormatError as e:
+            raise e.at(file) from None
 
     # --- constructors -------------------------------------------------------------------------------------------
     @classmethod

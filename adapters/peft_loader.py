@@ -66,6 +66,59 @@ def _refuse_unsupported(config: dict[str, Any], name: str, file: Path) -> None:
             raise ExpertFormatError(msg.format(v=v), expert=name, file=str(file))
 
 
+def _known_config_fields() -> set[str]:
+    """Every field of the installed PEFT's ``LoraConfig`` (and its base ``PeftConfig``)."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    return {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+def _refuse_unknown_fields(config: dict[str, Any], name: str, file: Path) -> None:
+    """A field the installed PEFT does not know may change what the adapter means (a newer PEFT feature), so one
+    that is set (not null, false, 0 or empty) is refused; an unset one is ignored."""
+    unknown = sorted(k for k, v in config.items() if k not in _known_config_fields() and v not in (None, False, 0, "",
+                                                                                                  [], {}))
+    if unknown:
+        import peft
+
+        raise ExpertFormatError(
+            f"{CONFIG_NAME} sets fields this PEFT ({peft.__version__}) does not know: {unknown[:5]}; they may change "
+            "what the adapter computes, so it is refused (upgrade PEFT, or remove them if they are inert)",
+            expert=name, file=str(file))
+
+
+def _pattern(config: dict[str, Any], key: str, ok: Any, what: str, name: str, file: Path) -> dict[str, Any]:
+    """``rank_pattern`` / ``alpha_pattern``: a mapping of module-name patterns to values, checked."""
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise ExpertFormatError(f"{key} must be a mapping of module patterns to values, got {value!r}", expert=name,
+                                file=str(file))
+    for k, v in value.items():
+        if not ok(v):
+            raise ExpertFormatError(f"{key}[{k!r}] = {v!r} must be {what}", expert=name, file=str(file))
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise ExpertFormatError(f"{key} key {k!r} is not a valid pattern ({e})", expert=name,
+                                    file=str(file)) from None
+    return dict(value)
+
+
+def _check_targets(config: dict[str, Any], modules: dict[str, Any], name: str, file: Path) -> None:
+    """Each module name listed in ``target_modules`` must have weights (an adapter missing a target's tensors
+    would silently leave that part of the base unchanged)."""
+    targets = config.get("target_modules")
+    if not isinstance(targets, list):  # a regex string or "all-linear": nothing to compare by name
+        return
+    missing = [t for t in targets if isinstance(t, str)
+               and not any(m == t or m.endswith("." + t) for m in modules)]
+    if missing:
+        raise ExpertFormatError(f"target_modules lists {missing[:5]} but the weights hold no module of that name "
+                                "(missing adapter keys)", expert=name, file=str(file))
+
+
 def load_peft_lora(
     path: str | Path,
     name: str,
@@ -110,13 +163,17 @@ def load_peft_lora(
         if key not in config:
             raise ExpertFormatError(f"{CONFIG_NAME} has no {key!r} field", expert=name, file=str(cfg_file))
     r_default, alpha_default = config["r"], config["lora_alpha"]
-    if not isinstance(r_default, int) or r_default <= 0:
+    if not isinstance(r_default, int) or isinstance(r_default, bool) or r_default <= 0:
         raise ExpertFormatError(f"r={r_default!r} must be a positive integer", expert=name, file=str(cfg_file))
-    if not isinstance(alpha_default, (int, float)) or not math.isfinite(alpha_default):
+    if (not isinstance(alpha_default, (int, float)) or isinstance(alpha_default, bool)
+            or not math.isfinite(alpha_default)):
         raise ExpertFormatError(f"lora_alpha={alpha_default!r} must be a finite number", expert=name,
                                 file=str(cfg_file))
-    rank_pattern: dict[str, int] = dict(config.get("rank_pattern") or {})
-    alpha_pattern: dict[str, float] = dict(config.get("alpha_pattern") or {})
+    _refuse_unknown_fields(config, name, cfg_file)
+    rank_pattern = _pattern(config, "rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                            "a positive integer", name, cfg_file)
+    alpha_pattern = _pattern(config, "alpha_pattern", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                             and math.isfinite(v), "a finite number", name, cfg_file)
     use_rslora = bool(config.get("use_rslora", False))
 
     weights_file = folder / WEIGHTS_NAME
@@ -145,7 +202,11 @@ def load_peft_lora(
         if m is None:
             unknown.append(key)
             continue
-        factors.setdefault(m["module"], {})[m["which"]] = t
+        slot = factors.setdefault(m["module"], {})
+        if m["which"] in slot:
+            raise ExpertFormatError(f"two tensors hold lora_{m['which']} of module {m['module']!r} (the second is "
+                                    f"{key!r})", expert=name, file=str(weights_file))
+        slot[m["which"]] = t
     if unknown:
         hint = " (embedding LoRA is not supported)" if any("lora_embedding" in k for k in unknown) else ""
         raise ExpertFormatError(f"tensors that are not LoRA A/B factors{hint}: {sorted(unknown)[:5]}", expert=name,
@@ -159,6 +220,10 @@ def load_peft_lora(
             missing = "lora_B" if "A" in ab else "lora_A"
             raise ExpertFormatError(f"module {module!r} has no {missing} weight", expert=name, file=str(weights_file))
         a, b = ab["A"], ab["B"]
+        for what, t in (("lora_A", a), ("lora_B", b)):
+            if not t.is_floating_point():
+                raise ExpertFormatError(f"{what} of module {module!r} has dtype {t.dtype}, not a float type",
+                                        expert=name, file=str(weights_file))
         if dtype is not None:
             a, b = a.to(dtype), b.to(dtype)
         rk = peft_pattern_key(rank_pattern, module)
@@ -177,8 +242,12 @@ def load_peft_lora(
                                     file=str(weights_file))
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         w = LoRAWeights(a, b, scale)
-        w.validate(name, module)
+        try:
+            w.validate(name, module)
+        except ExpertFormatError as e:
+            raise e.at(str(weights_file)) from None
         modules[module] = w
+    _check_targets(config, modules, name, cfg_file)
 
     source = {
         "type": "peft",

@@ -19,6 +19,12 @@ class MoErgeError(Exception):
             parts.append(f"file {self.file}")
         super().__init__(f"{', '.join(parts)}: {problem}" if parts else problem)
 
+    def at(self, file: str | None) -> MoErgeError:
+        """This error naming ``file``, when it named no file (raised from code that did not know it)."""
+        if self.file is not None or file is None:
+            return self
+        return type(self)(self.problem, expert=self.expert, file=file)
+
 
 class ExpertFormatError(MoErgeError, ValueError):
     """An expert's files or tensors are malformed, unsafe (pickle) or unsupported."""

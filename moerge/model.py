@@ -16,7 +16,7 @@ from torch import nn
 
 from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
 from moerge.adapters.merge import add_update, lines_scales, merge_module
-from moerge.errors import BaseMismatchError, LibraryError, RoutingError
+from moerge.errors import BaseMismatchError, LibraryError, MoErgeError, RoutingError
 from moerge.fingerprint import is_linear_like, linear_shape
 from moerge.layer import ExpertLinear, LayerBank
 from moerge.library import ExpertLibrary
@@ -317,7 +317,12 @@ class MoErgeModel(nn.Module):
         with self._lock:
             self._require_active()
             replacing = overwrite and expert.name in self._experts
-            self._check_fits(expert, replacing=replacing)
+            try:
+                self._check_fits(expert, replacing=replacing)
+            except MoErgeError as e:  # name the file the weights came from, when known
+                src = expert.metadata.source or {}
+                raise e.at(str(Path(src["path"]) / "adapter_model.safetensors") if src.get("type") == "peft"
+                           and src.get("path") else None) from None
             drop = {expert.name} if replacing else set()
             banks = self._new_banks([expert], drop)
             undo_router = self._router_add([expert])
@@ -412,6 +417,7 @@ class MoErgeModel(nn.Module):
         ``experts`` forces a mix per row (``[{"sql": 1.0}, {"math": .5, "sql": .5}]``) or one mix for all rows.
         """
         self._require_active()
+        self._check_prompt(input_ids, attention_mask)
         if experts is not None and isinstance(experts, Mapping):
             experts = [experts]
         with self._lock:
@@ -447,6 +453,31 @@ class MoErgeModel(nn.Module):
                 router.linear_gate(cands, layer.info, layer.compute_device) if fuse else None, layer.compute_device)
                 for layer in self._layers.values()}
         return RoutingState(cands, router, gathered, record_usage=True)
+
+    @property
+    def context_length(self) -> int | None:
+        """The base's context length (``max_position_embeddings``), when its config gives one."""
+        n = getattr(self.base.config, "max_position_embeddings", None) or getattr(self.base.config, "n_positions", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
+    def _check_prompt(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                      new_tokens: int = 0) -> None:
+        """Refuse an empty prompt (no tokens, or a row of padding only) and one that does not fit the context."""
+        if input_ids is None:
+            return
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise RoutingError(f"the prompt is empty (input_ids of shape {tuple(input_ids.shape)})")
+        lengths = [input_ids.shape[1]] * input_ids.shape[0]
+        if attention_mask is not None:
+            lengths = attention_mask.reshape(input_ids.shape[0], -1).sum(-1).tolist()
+            empty = [b for b, n in enumerate(lengths) if n == 0]
+            if empty:
+                raise RoutingError(f"row {empty[0]}: the prompt is empty (only padding)")
+        ctx = self.context_length
+        if ctx is not None and input_ids.shape[1] + new_tokens > ctx:
+            what = f"the prompt has {input_ids.shape[1]} tokens" + (f" and {new_tokens} are to be generated"
+                                                                  if new_tokens else "")
+            raise RoutingError(f"{what}: longer than the model's context of {ctx} tokens")
 
     @contextmanager
     def routing(
@@ -492,6 +523,11 @@ class MoErgeModel(nn.Module):
         The routing is kept in :attr:`last_routing`.
         """
         input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        if input_ids is not None:
+            new = kwargs.get("max_new_tokens")
+            if new is None and kwargs.get("generation_config") is not None:
+                new = kwargs["generation_config"].max_new_tokens
+            self._check_prompt(input_ids, kwargs.get("attention_mask"), int(new or 0))
         state = self.route(input_ids, kwargs.get("attention_mask"), experts=experts,
                            inputs_embeds=kwargs.get("inputs_embeds"))
         with self.context.activate(state):

@@ -18,7 +18,7 @@ import torch
 
 from moerge.errors import ExpertFormatError
 
-__all__ = ["load_safetensors", "save_safetensors", "atomic_write_bytes", "atomic_write_json", "sha256_file",
+__all__ = ["load_safetensors", "check_safetensors_header", "save_safetensors", "atomic_write_bytes", "atomic_write_json", "sha256_file",
            "fsync_dir", "TMP_PREFIX"]
 
 TMP_PREFIX = ".moerge-tmp-"
@@ -87,8 +87,82 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
     atomic_write_bytes(path, data)
 
 
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER = 100 << 20  # the safetensors format's own limit on the header
+
+
+def check_safetensors_header(path: str | Path, *, expert: str | None = None) -> dict[str, Any]:
+    """Read and check a safetensors file's header without loading any tensor; returns it (name → entry).
+
+    Refused, naming the file: a file shorter than its header says, a header that is not a JSON object, a name that
+    appears twice (JSON parsers keep the last one silently), an unknown dtype, a shape whose size disagrees with
+    its byte range, a byte range outside the data, overlapping ranges, and bytes after the last tensor."""
+    path = Path(path)
+
+    def bad(problem: str) -> ExpertFormatError:
+        return ExpertFormatError(f"malformed safetensors file: {problem}", expert=expert, file=str(path))
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > min(_MAX_HEADER, size - 8):
+            raise bad(f"the header says it is {n} bytes long, the file has {size - 8} after the length")
+        raw = f.read(n)
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in seen:
+                raise bad(f"the name {k!r} appears twice in the header")
+            seen[k] = v
+        return seen
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    data = size - 8 - n
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r}: its entry must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _DTYPE_BYTES:
+            raise bad(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise bad(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data):
+            raise bad(f"tensor {name!r}: byte range {offsets!r} is outside the file's {data} data bytes")
+        count = 1
+        for d in shape:
+            count *= d
+        if count * _DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+            raise bad(f"tensor {name!r}: shape {shape} of {dtype} needs {count * _DTYPE_BYTES[dtype]} bytes, its "
+                      f"range holds {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start < end:
+            raise bad(f"tensor {name!r}: its bytes overlap another tensor's")
+        end = max(end, stop)
+    if end != data:
+        raise bad(f"{data - end} bytes after the last tensor (truncated or padded file)" if end < data else
+                  "tensors end past the data")
+    return header
+
+
 def load_safetensors(path: str | Path, *, expert: str | None = None) -> dict[str, torch.Tensor]:
-    """Load every tensor of a safetensors file on CPU; a malformed file raises :class:`ExpertFormatError` naming it."""
+    """Load every tensor of a safetensors file on CPU, after :func:`check_safetensors_header`; a malformed file
+    raises :class:`ExpertFormatError` naming it. Never pickle."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -96,6 +170,11 @@ def load_safetensors(path: str | Path, *, expert: str | None = None) -> dict[str
     if path.suffix != ".safetensors":
         raise ExpertFormatError("refusing to load a file that is not .safetensors", expert=expert, file=str(path))
     try:
+        check_safetensors_header(path, expert=expert)
         return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except OSError as e:
+        raise ExpertFormatError(f"cannot read safetensors file: {e}", expert=expert, file=str(path)) from None
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        if isinstance(e, ExpertFormatError):
+            raise
         raise ExpertFormatError(f"cannot read safetensors file: {e}", expert=expert, file=str(path)) from None

@@ -100,7 +100,7 @@ def test_pickle_only_adapter_is_refused_without_loading_it(tmp_path, base):
 
 
 @pytest.mark.parametrize("damage,match", [
-    ("truncate", "cannot read safetensors"),
+    ("truncate", "malformed safetensors"),
     ("missing", "missing adapter_model.safetensors"),
     ("noconfig", "missing adapter_config.json"),
     ("nan", "NaN or Inf"),
