@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from moerge.errors import LibraryError
-from moerge.safe_io import atomic_write_bytes, atomic_write_json, load_safetensors, save_safetensors
+from moerge.safe_io import atomic_write_bytes, atomic_write_json, load_safetensors
 
-__all__ = ["ExpertIndex"]
+__all__ = ["ExpertIndex", "IndexMismatchError"]
 
 INDEX_FILE, VECTORS_FILE, META_FILE = "index.faiss", "vectors.safetensors", "index.json"
 
@@ -35,6 +35,10 @@ def _normalize(v: np.ndarray) -> np.ndarray:
         v = v[None]
     n = np.linalg.norm(v, axis=1, keepdims=True)
     return v / np.maximum(n, 1e-12)
+
+
+class IndexMismatchError(LibraryError):
+    """The index was made with another embedder (another dimension or id): its vectors mean something else."""
 
 
 class ExpertIndex:
@@ -207,20 +211,35 @@ class ExpertIndex:
 
     # --- persistence ------------------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
-        """Write the index folder (each file atomically; ``index.json`` last, with the others' sha256)."""
+        """Write the index folder, crash-safe: the vectors and the FAISS index go to new files named by their
+        content's sha256, then ``index.json`` (atomic) switches to them, then the files it no longer names are
+        removed. A process killed at any point leaves ``index.json`` naming complete files."""
         import faiss
+        from safetensors.torch import save as st_save
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if self._index is None:
             self._index = self._build()
-        save_safetensors(folder / VECTORS_FILE, {"vectors": torch.from_numpy(self._vectors.copy()),
-                                                 "owner": torch.from_numpy(self._owner.copy())})
-        atomic_write_bytes(folder / INDEX_FILE, faiss.serialize_index(self._index).tobytes())
-        digest = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in (VECTORS_FILE, INDEX_FILE)}
+        blobs = {
+            "vectors": (st_save({"vectors": torch.from_numpy(self._vectors.copy()),
+                                 "owner": torch.from_numpy(self._owner.copy())}), ".safetensors"),
+            "faiss": (faiss.serialize_index(self._index).tobytes(), ".faiss"),
+        }
+        files, digest = {}, {}
+        for role, (data, suffix) in blobs.items():
+            h = hashlib.sha256(data).hexdigest()
+            fname = f"{role}-{h[:16]}{suffix}"
+            if not (folder / fname).is_file() or hashlib.sha256((folder / fname).read_bytes()).hexdigest() != h:
+                atomic_write_bytes(folder / fname, data)
+            files[role], digest[fname] = fname, h
         atomic_write_json(folder / META_FILE, {"format": "moerge-index", "dim": self.dim, "embedder": self.embedder,
-                                               "names": self._names, "keys": self._keys, "approx_threshold": self.approx_threshold,
-                                               "hnsw_m": self.hnsw_m, "sha256": digest})
+                                               "names": self._names, "keys": self._keys,
+                                               "approx_threshold": self.approx_threshold, "hnsw_m": self.hnsw_m,
+                                               "files": files, "sha256": digest})
+        for p in folder.iterdir():  # what an earlier save (or one killed midway) left
+            if p.is_file() and p.name != META_FILE and p.name not in digest:
+                p.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, folder: str | Path, *, dim: int | None = None, embedder: str | None = None) -> ExpertIndex:
@@ -235,14 +254,20 @@ class ExpertIndex:
         except (OSError, json.JSONDecodeError) as e:
             raise LibraryError(f"cannot read the index metadata: {e}", file=str(folder / META_FILE)) from None
         if dim is not None and meta.get("dim") != dim:
-            raise LibraryError(f"the index was built for dimension {meta.get('dim')}, the embedder gives {dim}; "
+            raise IndexMismatchError(f"the index was built for dimension {meta.get('dim')}, the embedder gives {dim}; "
                                "rebuild it for this embedder", file=str(folder / META_FILE))
         if embedder is not None and meta.get("embedder") not in (None, embedder):
-            raise LibraryError(f"the index was built with embedder {meta.get('embedder')!r}, not {embedder!r}",
+            raise IndexMismatchError(f"the index was built with embedder {meta.get('embedder')!r}, not {embedder!r}",
                                file=str(folder / META_FILE))
-        vec_path = folder / VECTORS_FILE
-        if hashlib.sha256(vec_path.read_bytes()).hexdigest() != meta["sha256"].get(VECTORS_FILE):
-            raise LibraryError("the stored vectors do not match their sha256", file=str(vec_path))
+        files = meta.get("files") or {"vectors": VECTORS_FILE, "faiss": INDEX_FILE}  # (format of 0.1: fixed names)
+        vec_path = folder / str(files.get("vectors"))
+        try:
+            if hashlib.sha256(vec_path.read_bytes()).hexdigest() != meta["sha256"].get(vec_path.name):
+                raise LibraryError("the stored vectors do not match their sha256", file=str(vec_path))
+        except OSError as e:
+            raise LibraryError(f"the stored vectors cannot be read: {e}", file=str(vec_path)) from None
+        except (KeyError, TypeError, AttributeError):
+            raise LibraryError("the index metadata is incomplete", file=str(folder / META_FILE)) from None
         t = load_safetensors(vec_path)
         idx = cls(int(meta["dim"]), meta.get("embedder"), approx_threshold=int(meta["approx_threshold"]),
                   hnsw_m=int(meta["hnsw_m"]))
@@ -254,10 +279,10 @@ class ExpertIndex:
                 or len(set(owner.tolist())) != len(names) or len(set(names)) != len(names)):
             raise LibraryError("the stored vectors do not match the index's names and dimension", file=str(vec_path))
         idx._set(vectors, owner, names)
-        index_path = folder / INDEX_FILE
+        index_path = folder / str(files.get("faiss"))
         try:
             data = index_path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != meta["sha256"].get(INDEX_FILE):
+            if hashlib.sha256(data).hexdigest() != meta["sha256"].get(index_path.name):
                 raise ValueError("sha256 mismatch")
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
             if index.ntotal != len(idx._vectors) or index.d != idx.dim:

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from moerge.adapters.expert import Expert
-from moerge.errors import LibraryError, RoutingError
-from moerge.index import ExpertIndex
+from moerge.errors import ExpertFormatError, LibraryError, RoutingError
+from moerge.index import ExpertIndex, IndexMismatchError
 from moerge.routing import (
     Candidates,
     LayerInfo,
@@ -204,11 +204,13 @@ class GliderRouter(Router):
             if folder is not None and (folder / "index.json").is_file():
                 try:
                     self.index = ExpertIndex.load(folder, dim=emb.dim, embedder=emb.id)
-                except LibraryError as e:
+                except IndexMismatchError as e:  # made with another embedder: only on request
                     if not self.config.rebuild_index:
                         raise LibraryError(f"{e.problem}; pass rebuild_index=True to re-embed every expert",
                                            file=e.file) from None
                     warnings.warn(f"{e}; re-embedding every expert (rebuild_index=True)", stacklevel=2)
+                except (LibraryError, ExpertFormatError) as e:  # damaged: the index is derived data, made again
+                    warnings.warn(f"{e}; the routing index is rebuilt by re-embedding every expert", stacklevel=2)
             if self.index is None:
                 self.index = ExpertIndex(emb.dim, emb.id, approx_threshold=self.config.approx_threshold)
                 self._unsaved_index = True

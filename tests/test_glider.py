@@ -3,6 +3,8 @@ among each row's candidates, and the router contracts."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -222,7 +224,8 @@ def test_config_validation(kw, match):
 
 def test_an_unchanged_index_is_not_rewritten(tmp_path):
     model = _model(tmp_path)
-    path = model.library.routing_dir / "index" / "index.faiss"
+    folder = model.library.routing_dir / "index"
+    path = folder / json.loads((folder / "index.json").read_text())["files"]["faiss"]
     before = path.stat().st_mtime_ns
     again = MoErgeModel.from_library(tiny_chat_llama(), ExpertLibrary.open(model.library.root),
                                      router=build_router("glider", local="none"), tokenizer=tiny_tokenizer())
@@ -263,3 +266,28 @@ def test_fast_int8_embedder_matches_float32_and_pads_correctly():
     # retrieval agrees with the float32 embedder on the prompts above
     experts = [EXPERTS[n][0] for n in PROMPTS]
     assert ((a[:3] @ fast.encode(experts).T).argmax(1) == (b[:3] @ exact.encode(experts).T).argmax(1)).all()
+
+
+@pytest.mark.parametrize("damage", ["truncate-faiss", "flip-vectors", "delete-vectors", "json-garbage"])
+def test_a_damaged_index_is_rebuilt_by_re_embedding(tmp_path, damage):
+    model = _model(tmp_path)
+    folder = model.library.routing_dir / "index"
+    files = json.loads((folder / "index.json").read_text())["files"]
+    prompts = ["Sort these words: pear apple fig", "Translate to French: the cat"]
+    before = model.router.retrieve(prompts)[0]
+    if damage == "truncate-faiss":
+        f = folder / files["faiss"]
+        f.write_bytes(f.read_bytes()[:20])
+    elif damage == "flip-vectors":
+        f = folder / files["vectors"]
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 1
+        f.write_bytes(bytes(data))
+    elif damage == "delete-vectors":
+        (folder / files["vectors"]).unlink()
+    else:
+        (folder / "index.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="rebuilt"):
+        again = MoErgeModel.from_library(tiny_chat_llama(), ExpertLibrary.open(model.library.root),
+                                         router=build_router("glider", local="none"), tokenizer=tiny_tokenizer())
+        assert again.router.retrieve(prompts)[0] == before  # never trusted: rebuilt, same answers

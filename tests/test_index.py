@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -109,6 +111,10 @@ def test_save_load_roundtrip_and_checks(tmp_path):
         ExpertIndex.load(tmp_path / "ix", embedder="emb-b")
 
 
+def _files(folder):
+    return json.loads((folder / "index.json").read_text())["files"]
+
+
 def test_corrupt_faiss_file_is_rebuilt_from_vectors(tmp_path):
     rng = np.random.default_rng(4)
     idx = ExpertIndex(8)
@@ -116,7 +122,7 @@ def test_corrupt_faiss_file_is_rebuilt_from_vectors(tmp_path):
         idx.add(f"e{i}", _unit(rng, 1, 8))
     idx.save(tmp_path)
     q = _unit(rng, 2, 8)
-    (tmp_path / "index.faiss").write_bytes(b"garbage")
+    (tmp_path / _files(tmp_path)["faiss"]).write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="rebuilt"):
         loaded = ExpertIndex.load(tmp_path)
     assert loaded.search(q, 2)[0] == idx.search(q, 2)[0]
@@ -126,8 +132,35 @@ def test_tampered_vectors_refused(tmp_path):
     idx = ExpertIndex(8)
     idx.add("a", np.eye(8, dtype=np.float32)[:1])
     idx.save(tmp_path)
-    data = bytearray((tmp_path / "vectors.safetensors").read_bytes())
+    vec = tmp_path / _files(tmp_path)["vectors"]
+    data = bytearray(vec.read_bytes())
     data[-1] ^= 1
-    (tmp_path / "vectors.safetensors").write_bytes(bytes(data))
+    vec.write_bytes(bytes(data))
     with pytest.raises(LibraryError, match="sha256"):
         ExpertIndex.load(tmp_path)
+
+
+def test_a_save_killed_midway_leaves_the_previous_index(tmp_path, monkeypatch):
+    import moerge.index as index_module
+
+    rng = np.random.default_rng(7)
+    idx = ExpertIndex(8)
+    idx.add("a", _unit(rng, 1, 8))
+    idx.save(tmp_path)
+    q = _unit(rng, 3, 8)
+    expected = ExpertIndex.load(tmp_path).search(q, 1)
+    idx.add("b", _unit(rng, 1, 8))
+
+    def killed(*a, **k):  # the new vectors and FAISS files are written; the switch to them is not
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(index_module, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        idx.save(tmp_path)
+    monkeypatch.undo()
+    old = ExpertIndex.load(tmp_path)
+    assert old.names == ["a"] and old.search(q, 1)[0] == expected[0]
+    np.testing.assert_array_equal(old.search(q, 1)[1], expected[1])
+    idx.save(tmp_path)  # the next save switches and removes what the killed one left
+    assert ExpertIndex.load(tmp_path).names == ["a", "b"]
+    assert len([p for p in tmp_path.iterdir()]) == 3
