@@ -4,6 +4,7 @@
     moerge compress -l LIB --method compeft --density 0.1 EXPERT
     moerge transfer -l LIB EXPERT --source OLD_BASE --target NEW_BASE --into NEW_LIB
     moerge bench    --experts 16,256,1000 --batch 1,8 --out results
+    moerge library verify -l LIB      (list: the experts)
 
 Every command takes ``--json`` (one JSON object on stdout, for scripts). Exit codes: 0 done; 1 the request was
 refused (bad input, a check failed: the message names the file, the expert and the problem; nothing was changed);
@@ -266,6 +267,40 @@ def transfer(
     data = _run(work, as_json)
     _emit(data, as_json, message=f"transferred {data['expert']!r} into {data['library']}: bases are "
                                  f"{data['summary']}")
+
+
+library_app = typer.Typer(help="Inspect and check an expert library.", no_args_is_help=True)
+app.add_typer(library_app, name="library")
+
+
+@library_app.command("verify")
+def library_verify(library: LibraryOpt = Path("."), as_json: JsonOpt = False) -> None:
+    """Re-hash every file the manifest lists, load every expert and its routing data, load the routing index.
+    Exit code 0: all good; 1: problems (each named with its file and expert)."""
+    lib = _run(lambda: _open_library(library), as_json)
+    problems = lib.verify()
+    if as_json:
+        print(json.dumps({"ok": not problems, "library": str(library), "experts": len(lib), "problems": problems}))
+    elif problems:
+        for p in problems:
+            err_console.print(f"[bold red]problem:[/] {p}", highlight=False)
+    else:
+        console.print(f"{library}: {len(lib)} experts, every file matches its sha256 and loads", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+
+
+@library_app.command("list")
+def library_list(library: LibraryOpt = Path("."), as_json: JsonOpt = False) -> None:
+    """The library's experts with their kind, modules, parameters and description."""
+    lib = _run(lambda: _open_library(library), as_json)
+    rows = [{"name": n, **{k: v for k, v in lib.info(n).items() if k not in ("files", "source")}}
+            for n in lib.names()]
+    table = Table("expert", "kind", "modules", "ranks", "parameters", "description")
+    for r in rows:
+        table.add_row(r["name"], str(r["kind"]), str(r["modules"]), ",".join(map(str, r["ranks"])),
+                      f"{r['parameters']:,}", str(r["description"])[:60])
+    _emit({"library": str(library), "experts": rows}, as_json, table)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -201,6 +202,19 @@ class ExpertLibrary:
             for p in experts_dir.iterdir():
                 if p.is_dir() and not p.is_symlink() and p.name not in self._manifest["experts"]:
                     shutil.rmtree(p, ignore_errors=True)
+        for name, entry in self._manifest["experts"].items():  # temp files and unlisted routing data of an expert
+            folder = experts_dir / name
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            listed = {*entry.get("files", {}), *(r.get("file") for r in entry.get("routing", {}).values())}
+            for p in folder.iterdir():
+                if p.is_file() and (p.name.startswith(TMP_PREFIX)
+                                    or (p.name.startswith("routing-") and p.name not in listed)):
+                    p.unlink(missing_ok=True)
+        index_dir = self.root / ROUTING_DIR / "index"
+        if index_dir.is_dir():
+            for p in index_dir.glob(TMP_PREFIX + "*"):
+                p.unlink(missing_ok=True)
 
     # --- reading ----------------------------------------------------------------------------------------------------
     @property
@@ -278,13 +292,33 @@ class ExpertLibrary:
             yield self.get(name)
 
     def verify(self) -> list[str]:
-        """Check every listed file's sha256 and that every expert loads; returns the problems found (empty: ok)."""
+        """Check the library as it is on disk now: every listed file's sha256, that every expert loads, every
+        expert's routing data against its sha256, and that the routing index loads; returns the problems found
+        (empty: ok)."""
+        from moerge.index import ExpertIndex
+
         problems = []
-        for name in self.names():
+        with self._lock:
             try:
-                self.get(name)
-            except (LibraryError, ExpertFormatError) as e:
-                problems.append(str(e))
+                self.refresh()
+            except LibraryError as e:
+                return [str(e)]
+            for name in self.names():
+                try:
+                    self.get(name)
+                    for kind in self.routing_kinds(name):
+                        self.get_routing(name, kind)
+                except (LibraryError, ExpertFormatError) as e:
+                    problems.append(str(e))
+            index_dir = self.routing_dir / "index"
+            if (index_dir / "index.json").is_file():
+                dim = (self.embedder or {}).get("dim")
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("error")  # a FAISS file that must be rebuilt is a problem here
+                        ExpertIndex.load(index_dir, dim=dim)
+                except (LibraryError, ExpertFormatError, UserWarning) as e:
+                    problems.append(f"routing index {index_dir}: {e}")
         return problems
 
     # --- checking against a base ----------------------------------------------------------------------------------

@@ -136,3 +136,21 @@ def test_bench_runs_every_scenario_on_a_tiny_model(tmp_path):
         if s == "base":
             assert r["ratios"] == {"prefill": 1.0, "decode": 1.0}
     assert "| moerge-3 | 2 |" in (tmp_path / "bench.md").read_text() and data["header"][0].startswith("command:")
+
+
+def test_library_verify_and_list(setup):
+    _, _, lib = setup
+    code, out = _run("library", "verify", "-l", lib.root, "--json")
+    assert code == 0 and json.loads(out) == {"ok": True, "library": str(lib.root), "experts": 3, "problems": []}
+    code, out = _run("library", "list", "-l", lib.root, "--json")
+    assert code == 0 and [e["name"] for e in json.loads(out)["experts"]] == ["a", "b", "c"]
+    f = lib.root / "experts" / "b" / "weights.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    code, out = _run("library", "verify", "-l", lib.root, "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["ok"] and len(report["problems"]) == 1
+    assert "'b'" in report["problems"][0] and str(f) in report["problems"][0] and "sha256" in report["problems"][0]
+    code, out = _run("library", "verify", "-l", lib.root / "nowhere")
+    assert code == 1
