@@ -36,7 +36,7 @@ try:  # POSIX file locks; on other platforms only threads of one process are ser
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
+from moerge.adapters.expert import Expert, ExpertMetadata, LoRAWeights, validate_name
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
 from moerge.fingerprint import check_expert_shapes, compact_fingerprint, compare_fingerprints, fingerprint
 from moerge.safe_io import (
@@ -57,6 +57,20 @@ EXPERTS_DIR = "experts"
 WEIGHTS_FILE = "weights.safetensors"
 EXPERT_FILE = "expert.json"
 ROUTING_DIR = "routing"
+
+
+DEFAULT_MAX_RANK = 1024  # LoRA ranks above this are refused unless the library was made with another cap
+
+
+def _check_cap(n: Any) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"max_rank must be a positive integer, got {n!r}")
+    return n
+
+
+def _model_name(spec: str) -> str:
+    """A base's name for comparison: the last part of a hub id or folder path, lower case."""
+    return str(spec).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
 
 
 class ExpertLibrary:
@@ -109,6 +123,7 @@ class ExpertLibrary:
         *,
         base_fingerprint: dict[str, Any] | None = None,
         exist_ok: bool = False,
+        max_rank: int | None = None,
     ) -> ExpertLibrary:
         """Make a new, empty library folder at ``root``.
 
@@ -117,6 +132,8 @@ class ExpertLibrary:
                 every expert added is checked against it) or just an id.
             base_fingerprint: a fingerprint to record when ``base_model`` is only an id.
             exist_ok: open the library if ``root`` already holds one (its base must match).
+            max_rank: refuse LoRA experts of a higher rank (default :data:`DEFAULT_MAX_RANK`); recorded in the
+                manifest.
         """
         root = Path(root)
         if (root / MANIFEST).exists():
@@ -140,6 +157,7 @@ class ExpertLibrary:
             "base_model": base_id,
             "base_fingerprint": base_fingerprint,
             "embedder": None,
+            "max_rank": DEFAULT_MAX_RANK if max_rank is None else _check_cap(max_rank),
             "created_at": time.time(),
             "experts": {},
         }
@@ -259,10 +277,22 @@ class ExpertLibrary:
                                file=str(self.root / MANIFEST))
 
     def _expert_dir(self, name: str) -> Path:
-        d = self.root / EXPERTS_DIR / name
-        if d.is_symlink() or (d.exists() and d.resolve().parent != (self.root / EXPERTS_DIR).resolve()):
+        experts = self.root / EXPERTS_DIR
+        if experts.is_symlink() or (experts.exists() and experts.resolve().parent != self.root.resolve()):
+            raise LibraryError("the experts folder is a link that leads out of the library", expert=name,
+                               file=str(experts))
+        d = experts / name
+        if d.is_symlink() or (d.exists() and d.resolve().parent != experts.resolve()):
             raise LibraryError("the expert's folder leads out of the library", expert=name, file=str(d))
         return d
+
+    @staticmethod
+    def _inside(path: Path, folder: Path, name: str) -> Path:
+        """``path``, a file of ``folder``: refused when it is a link (it could lead anywhere)."""
+        if path.is_symlink() or (path.exists() and path.resolve().parent != folder.resolve()):
+            raise LibraryError("the file is a link that leads out of the expert's folder", expert=name,
+                               file=str(path))
+        return path
 
     def get(self, name: str) -> Expert:
         """Load expert ``name``, checking its files against the manifest's sha256."""
@@ -271,7 +301,7 @@ class ExpertLibrary:
             entry = self._manifest["experts"][name]
             folder = self._expert_dir(name)
             for fname, digest in entry["files"].items():
-                path = folder / fname
+                path = self._inside(folder / fname, folder, name)
                 if not path.is_file():
                     raise LibraryError("file listed in the manifest is missing", expert=name, file=str(path))
                 if sha256_file(path) != digest:
@@ -343,7 +373,24 @@ class ExpertLibrary:
             )
         return weights
 
-    def _check_expert_against_base(self, expert: Expert) -> None:
+    @property
+    def max_rank(self) -> int:
+        """The highest LoRA rank an added expert may have (``max_rank`` of :meth:`create`)."""
+        return int(self._manifest.get("max_rank") or DEFAULT_MAX_RANK)
+
+    def _check_expert_against_base(self, expert: Expert, allow_other_base: bool = False) -> None:
+        over = {m: w.rank for m, w in expert.modules.items() if isinstance(w, LoRAWeights) and w.rank > self.max_rank}
+        if over:
+            m, r = next(iter(over.items()))
+            raise ExpertFormatError(f"module {m!r}: rank {r} exceeds the library's cap of {self.max_rank}",
+                                    expert=expert.name)
+        theirs, ours = expert.metadata.base_model, self.base_model
+        if theirs and ours and _model_name(theirs) != _model_name(ours):
+            msg = (f"made for base {theirs!r} (its base_model_name_or_path), the library's base is {ours!r}; "
+                   "pass allow_other_base=True if it is the same model under another name")
+            if not allow_other_base:
+                raise BaseMismatchError(msg, expert=expert.name)
+            warnings.warn(f"expert {expert.name!r}: {msg}", stacklevel=3)
         fp = self.base_fingerprint
         if fp and fp.get("modules"):
             check_expert_shapes(expert, fp["modules"], "the library's base")
@@ -354,9 +401,13 @@ class ExpertLibrary:
                 raise BaseMismatchError("made for another base: " + "; ".join(arch), expert=expert.name)
 
     # --- writing ----------------------------------------------------------------------------------------------------
-    def add(self, expert: Expert, *, overwrite: bool = False) -> Expert:
+    def add(self, expert: Expert, *, overwrite: bool = False, allow_other_base: bool = False) -> Expert:
         """Add ``expert`` (post hoc: nothing else in the library changes). Atomic: on any error the library is as
-        it was. Returns the expert."""
+        it was. Returns the expert.
+
+        Refused: a LoRA rank above :attr:`max_rank`; shapes or modules the library's base does not have; an
+        expert whose own record names another base (``base_model``, e.g. a PEFT adapter's
+        ``base_model_name_or_path``, compared by model name) unless ``allow_other_base``."""
         validate_name(expert.name)
         with self._write_lock():
             if expert.name in self and not overwrite:
@@ -366,7 +417,7 @@ class ExpertLibrary:
             if clash:
                 raise LibraryError(f"the name differs only in case from {clash[0]!r}, which would share its folder "
                                    "on case-insensitive file systems", expert=expert.name)
-            self._check_expert_against_base(expert)
+            self._check_expert_against_base(expert, allow_other_base)
             if expert.metadata.base_fingerprint is None and self.base_fingerprint:
                 # checked against the library's base above: record which base it was verified for
                 expert = dataclasses.replace(expert, metadata=dataclasses.replace(
@@ -423,12 +474,15 @@ class ExpertLibrary:
 
     def add_peft(
         self, path: str | Path, name: str, *, description: str = "", examples: Iterable[str] = (),
-        overwrite: bool = False, **kwargs: Any,
+        overwrite: bool = False, allow_other_base: bool = False, **kwargs: Any,
     ) -> Expert:
         """Add the PEFT LoRA adapter in folder ``path`` as expert ``name`` (see
         :func:`moerge.adapters.peft_loader.load_peft_lora`)."""
         expert = Expert.from_peft(str(path), name=name, description=description, examples=list(examples), **kwargs)
-        return self.add(expert, overwrite=overwrite)
+        try:
+            return self.add(expert, overwrite=overwrite, allow_other_base=allow_other_base)
+        except (ExpertFormatError, BaseMismatchError) as e:
+            raise e.at(str(Path(path) / "adapter_model.safetensors")) from None
 
     def add_delta(
         self, finetuned: nn.Module, base: nn.Module, name: str, *, description: str = "",
@@ -502,7 +556,8 @@ class ExpertLibrary:
             entry = self._manifest["experts"][name].get("routing", {}).get(kind)
             if entry is None:
                 return None
-            path = self._expert_dir(name) / entry["file"]
+            folder = self._expert_dir(name)
+            path = self._inside(folder / entry["file"], folder, name)
             if not path.is_file() or sha256_file(path) != entry["sha256"]:
                 raise LibraryError(f"routing data {kind!r} is missing or does not match its sha256", expert=name,
                                    file=str(path))

@@ -218,3 +218,57 @@ def test_empty_and_overlong_prompts_are_refused(tmp_path, base):
         model.generate(input_ids=torch.ones(1, n + 1, dtype=torch.long), experts={"good": 1.0}, max_new_tokens=2)
     with pytest.raises(RoutingError, match="context"):  # the prompt fits but the requested generation does not
         model.generate(input_ids=torch.ones(1, n - 2, dtype=torch.long), experts={"good": 1.0}, max_new_tokens=8)
+
+
+def _lib_with(tmp_path, base, name="alpha"):
+    from conftest import rand_expert
+
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(rand_expert(base, name, seed=0))
+    return lib
+
+
+def test_links_out_of_the_library_are_refused(tmp_path, base):
+    import os
+
+    lib = _lib_with(tmp_path, base)
+    root = Path(lib.root)
+    # a file of the expert replaced by a link to an identical copy elsewhere: refused all the same
+    f = root / "experts" / "alpha" / "weights.safetensors"
+    copy_ = tmp_path / "copy.safetensors"
+    copy_.write_bytes(f.read_bytes())
+    f.unlink()
+    os.symlink(copy_, f)
+    with pytest.raises(MoErgeError, match="link") as e:
+        lib.get("alpha")
+    assert e.value.file == str(f) and e.value.expert == "alpha"
+    f.unlink()
+    f.write_bytes(copy_.read_bytes())
+    lib.get("alpha")
+    # the whole experts folder moved out and linked back
+    os.replace(root / "experts", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", root / "experts")
+    with pytest.raises(MoErgeError, match="leads out of the library"):
+        lib.get("alpha")
+
+
+def test_library_rank_cap_and_base_name(tmp_path, base):
+    from conftest import rand_expert
+
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base, max_rank=4)
+    assert ExpertLibrary.open(lib.root).max_rank == 4
+    with pytest.raises(ExpertFormatError, match="exceeds the library's cap of 4"):
+        lib.add(rand_expert(base, "big", rank=8))
+    lib.add(rand_expert(base, "ok", rank=4))
+    other = save_peft_lora(base, tmp_path / "other", seed=3, r=2)
+    _edit_config(other, base_model_name_or_path="meta-llama/Llama-3-8B")
+    with pytest.raises(MoErgeError, match="Llama-3-8B") as e:
+        lib.add_peft(other, name="other")
+    assert e.value.file == str(other / "adapter_model.safetensors") and lib.names() == ["ok"]
+    with pytest.warns(UserWarning, match="Llama-3-8B"):
+        lib.add_peft(other, name="other", allow_other_base=True)
+    same = save_peft_lora(base, tmp_path / "same", seed=4, r=2)  # the same model under a local path: accepted
+    _edit_config(same, base_model_name_or_path=f"/models/{base.config._name_or_path}/")
+    lib.add_peft(same, name="same")
+    with pytest.raises(ValueError, match="max_rank"):
+        ExpertLibrary.create(tmp_path / "lib2", base_model=base, max_rank=0)
