@@ -295,7 +295,19 @@ class ExpertLibrary:
         return path
 
     def get(self, name: str) -> Expert:
-        """Load expert ``name``, checking its files against the manifest's sha256."""
+        """Load expert ``name``, checking its files against the manifest's sha256. When they do not match, the
+        manifest may be stale (another process replaced the expert): it is re-read under the library's lock and
+        the load tried once more."""
+        try:
+            return self._get(name)
+        except LibraryError as first:
+            try:
+                with self._write_lock():  # re-reads the manifest; no writer can change the files meanwhile
+                    return self._get(name)
+            except OSError:  # no lock to take (a read-only folder): the first answer stands
+                raise first from None
+
+    def _get(self, name: str) -> Expert:
         with self._lock:
             self._require(name)
             entry = self._manifest["experts"][name]

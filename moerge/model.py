@@ -73,9 +73,18 @@ class MoErgeModel(nn.Module):
         self._modules_of: dict[str, list[str]] = {}
         self._layers: dict[str, ExpertLinear] = {}
         self._active = True
-        self.last_routing: list[RowRouting] | None = None
+        self._last = threading.local()  # last_routing, per thread
         self.router = router
         router.attach(self)
+
+    @property
+    def last_routing(self) -> list[RowRouting] | None:
+        """The routing of this thread's last call (per row); concurrent calls in other threads do not change it."""
+        return getattr(self._last, "routing", None)
+
+    @last_routing.setter
+    def last_routing(self, value: list[RowRouting] | None) -> None:
+        self._last.routing = value
 
     # --- construction -----------------------------------------------------------------------------------------------
     @classmethod
@@ -579,11 +588,13 @@ class MoErgeModel(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock", None)
+        state.pop("_last", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._lock = threading.RLock()
+        self._last = threading.local()
 
     def merge(self, weights: Mapping[str, float], method: str = "linear", *,
               layer_scaling: tuple[float, float] | None = None, **method_kwargs: Any) -> nn.Module:

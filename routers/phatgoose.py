@@ -86,6 +86,7 @@ def train_phatgoose_gates(
     else:
         pairs = [(str(p), str(a)) for p, a in examples]
     device = next(base.parameters()).device
+    rng_state = torch.random.get_rng_state()  # the caller's random state is given back afterwards
     torch.manual_seed(seed)
     gates = {m: torch.zeros(w.in_features, device=device, requires_grad=True) for m, w in expert.modules.items()}
     opt = torch.optim.Adam(list(gates.values()), lr=lr)
@@ -109,6 +110,7 @@ def train_phatgoose_gates(
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
         base.train(was_training)
+        torch.random.set_rng_state(rng_state)
     return {m: g.detach().cpu() for m, g in gates.items()}, losses
 
 

@@ -114,6 +114,7 @@ def train_xlora_head(
         out = x.new_zeros(*x.shape[:2], len(experts))
         return out.index_copy(-1, torch.tensor(present, device=x.device), p)  # (B, T, E)
 
+    rng_state = torch.random.get_rng_state()  # the caller's random state is given back afterwards
     torch.manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
     losses: list[float] = []
@@ -132,6 +133,7 @@ def train_xlora_head(
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
         base.train(was_training)
+        torch.random.set_rng_state(rng_state)
     return {n: {m: (w.detach().cpu(), b.detach().cpu()) for m, (w, b) in r.items()} for n, r in rows.items()}, losses
 
 

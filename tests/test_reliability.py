@@ -184,3 +184,30 @@ def test_same_prompt_library_and_seed_give_the_same_routing_and_output_after_a_r
     for other in (again, reloaded):
         assert torch.equal(first[0], other[0])
         assert first[1] == other[1]
+
+
+def test_a_reader_with_a_stale_manifest_gets_the_current_expert(tmp_path):
+    base = tiny_llama()
+    writer = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    writer.add(rand_expert(base, "a", seed=1))
+    reader = ExpertLibrary.open(writer.root)  # e.g. another process
+    new = rand_expert(base, "a", seed=2)
+    writer.add(new, overwrite=True)
+    got = reader.get("a")
+    m = next(iter(new.modules))
+    assert torch.equal(got.modules[m].A, new.modules[m].A)
+
+
+def test_last_routing_is_per_thread():
+    base = tiny_llama()
+    model = MoErgeModel(copy.deepcopy(base), build_router("explicit"))
+    model.add_expert(rand_expert(base, "a", seed=1))
+    model.add_expert(rand_expert(base, "b", seed=2))
+    ids = torch.randint(3, VOCAB, (1, 4))
+    with torch.no_grad():
+        model(input_ids=ids, experts={"a": 1.0})
+        t = threading.Thread(target=lambda: model(input_ids=ids, experts={"b": 1.0}))
+        t.start()
+        t.join()
+    assert model.last_routing[0].experts == {"a": 1.0}
+    assert copy.deepcopy(model).last_routing is None  # a copy is a new model
