@@ -30,8 +30,10 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched():
     ids = tok(["hello"], return_tensors="pt")["input_ids"]
     before = base(input_ids=ids).logits
     pairs = [(f"say {w}", w.upper()) for w in ("abc", "hello", "moerge", "gate")]
+    rng = torch.random.get_rng_state()
     gates, losses = pg.train_phatgoose_gates(base, tok, expert, pairs, steps=25, lr=0.05, batch_size=4,
                                              progress=False)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's random state is untouched
     assert set(gates) == set(expert.modules)
     assert all(g.shape == (expert.modules[m].in_features,) and g.abs().sum() > 0 for m, g in gates.items())
     assert losses[-1] < losses[0]
