@@ -4,7 +4,9 @@
     moerge compress -l LIB --method compeft --density 0.1 EXPERT
     moerge transfer -l LIB EXPERT --source OLD_BASE --target NEW_BASE --into NEW_LIB
     moerge bench    --experts 16,256,1000 --batch 1,8 --out results
-    moerge library verify -l LIB      (list: the experts)
+    moerge library init|add|list|show|rm|verify ...
+    moerge route "prompt" -l LIB --explain
+    moerge generate "prompt" -l LIB [--experts a=0.5,b=0.5]
 
 Every command takes ``--json`` (one JSON object on stdout, for scripts). Exit codes: 0 done; 1 the request was
 refused (bad input, a check failed: the message names the file, the expert and the problem; nothing was changed);
@@ -301,6 +303,201 @@ def library_list(library: LibraryOpt = Path("."), as_json: JsonOpt = False) -> N
         table.add_row(r["name"], str(r["kind"]), str(r["modules"]), ",".join(map(str, r["ranks"])),
                       f"{r['parameters']:,}", str(r["description"])[:60])
     _emit({"library": str(library), "experts": rows}, as_json, table)
+
+
+@library_app.command("init")
+def library_init(
+    path: Annotated[Path, typer.Argument(help="the folder to create (empty or absent)")],
+    base: BaseOpt = None,
+    max_rank: Annotated[int | None, typer.Option(help="refuse LoRA experts of a higher rank (default 1024)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an empty library for a base model (its id and fingerprint are recorded; every expert added is checked
+    against them)."""
+    from moerge.library import ExpertLibrary
+
+    def work() -> dict[str, Any]:
+        lib = ExpertLibrary.create(path, base_model=_load_base(base, None), max_rank=max_rank)
+        return {"library": str(path), "base": lib.base_model, "max_rank": lib.max_rank}
+
+    data = _run(work, as_json)
+    _emit(data, as_json, message=f"created {path} for base {data['base']!r}")
+
+
+@library_app.command("add")
+def library_add(
+    source: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter folder, or with --finetune a full fine-tune's "
+                                                "transformers folder")],
+    name: Annotated[str, typer.Option("--name", "-n", help="the expert's name")],
+    library: LibraryOpt = Path("."),
+    description: Annotated[str, typer.Option("--description", "-d", help="what the expert does (for routing)")] = "",
+    example: Annotated[list[str] | None, typer.Option("--example", help="an example prompt (repeatable)")] = None,
+    finetune: Annotated[bool, typer.Option("--finetune", help="SOURCE is a full fine-tune: store its difference "
+                                           "from the base")] = False,
+    rank: Annotated[int | None, typer.Option(help="--finetune: store the difference as a truncated SVD of this "
+                                             "rank (default: dense)")] = None,
+    base: BaseOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an expert of the same name")] = False,
+    allow_other_base: Annotated[bool, typer.Option(help="accept an adapter whose record names another base")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add an expert, post hoc (nothing else in the library changes; all or nothing)."""
+
+    def work() -> dict[str, Any]:
+        lib = _open_library(library)
+        examples = list(example or [])
+        if finetune:
+            from transformers import AutoModelForCausalLM
+
+            if not (source / "config.json").is_file():
+                raise Refused(f"{source}: not a transformers model folder (no config.json)")
+            tuned = AutoModelForCausalLM.from_pretrained(source)
+            e = lib.add_delta(tuned, _load_base(base, lib), name, description=description, examples=examples,
+                              rank=rank, overwrite=overwrite)
+        else:
+            e = lib.add_peft(source, name, description=description, examples=examples, overwrite=overwrite,
+                             allow_other_base=allow_other_base)
+        return {"library": str(library), "expert": e.name, **lib.info(e.name)}
+
+    data = _run(work, as_json)
+    _emit({k: v for k, v in data.items() if k != "files"}, as_json,
+          message=f"added {data['expert']!r} ({data['kind']}, {data['modules']} modules, ranks {data['ranks']}) to "
+                  f"{library}")
+
+
+@library_app.command("show")
+def library_show(name: Annotated[str, typer.Argument(help="the expert")], library: LibraryOpt = Path("."),
+                 as_json: JsonOpt = False) -> None:
+    """One expert: kind, modules, ranks, parameters, description, examples, source, files and routing data."""
+
+    def work() -> dict[str, Any]:
+        lib = _open_library(library)
+        if name not in lib:
+            raise Refused(f"{library}: no expert {name!r}; experts: {lib.names()[:10]}")
+        meta = json.loads((lib.root / "experts" / name / "expert.json").read_text())["metadata"]
+        return {"expert": name, **lib.info(name), "examples": meta.get("examples", []),
+                "routing": lib.routing_kinds(name)}
+
+    data = _run(work, as_json)
+    table = Table("field", "value", show_header=False)
+    for k, v in data.items():
+        table.add_row(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+    _emit(data, as_json, table)
+
+
+@library_app.command("rm")
+def library_rm(name: Annotated[str, typer.Argument(help="the expert")], library: LibraryOpt = Path("."),
+               as_json: JsonOpt = False) -> None:
+    """Remove an expert (the manifest first: an interruption leaves at worst an unlisted folder, removed on open)."""
+
+    def work() -> dict[str, Any]:
+        lib = _open_library(library)
+        lib.remove(name)
+        return {"library": str(library), "removed": name, "experts": len(lib)}
+
+    data = _run(work, as_json)
+    _emit(data, as_json, message=f"removed {name!r}; {data['experts']} experts left")
+
+
+RouterOpt = Annotated[str, typer.Option("--router", "-r", help="glider, arrow, phatgoose, xlora, twin, fixed")]
+
+
+def _routed_model(library: Path, router: str, base: str | None) -> Any:
+    from moerge.model import MoErgeModel
+
+    lib = _open_library(library)
+    tok = _load_tokenizer(base)
+    if tok is None:
+        raise Refused(f"{base}: the base folder has no tokenizer; routing reads the prompt")
+    return MoErgeModel.from_library(_load_base(base, lib), lib, router=router, tokenizer=tok)
+
+
+def _encode(model: Any, prompt: str) -> dict[str, Any]:
+    tok = model.tokenizer
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        return tok(text, return_tensors="pt", add_special_tokens=False)
+    return tok(prompt, return_tensors="pt")
+
+
+def _row(routing: Any) -> dict[str, Any]:
+    return {"experts": routing.experts, "candidates": dict(zip(routing.candidates, routing.scores)),
+            "layer_usage": routing.layer_usage}
+
+
+@app.command()
+def route(
+    prompt: Annotated[str, typer.Argument(help="the request, as a user would write it")],
+    library: LibraryOpt = Path("."),
+    router: RouterOpt = "glider",
+    base: BaseOpt = None,
+    explain: Annotated[bool, typer.Option("--explain", help="also the per-layer gate usage")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which experts a prompt is routed to: the global stage's candidates with their scores, the mixing weights, and
+    (with --explain) each patched module's gate usage over the prompt's tokens."""
+    import torch
+
+    def work() -> dict[str, Any]:
+        model = _routed_model(library, router, base)
+        batch = _encode(model, prompt)
+        with torch.no_grad():
+            model(**batch)
+        data = {"prompt": prompt, "router": model.router.name, **_row(model.last_routing[0])}
+        if not explain:
+            data.pop("layer_usage")
+        data["explain"] = model.explain()
+        return data
+
+    data = _run(work, as_json)
+    if as_json:
+        data.pop("explain")
+        _emit(data, True)
+        return
+    table = Table("candidate", "score", "weight")
+    for n, sc in data["candidates"].items():
+        table.add_row(n, f"{sc:.3f}", f"{data['experts'].get(n, 0.0):.3f}")
+    _emit(data, False, table, message=data["explain"] if explain else None)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the request")],
+    library: LibraryOpt = Path("."),
+    router: RouterOpt = "glider",
+    base: BaseOpt = None,
+    experts: Annotated[str | None, typer.Option("--experts", "-e", help="force a mix instead of routing: "
+                                                "name=weight,name=weight")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer a prompt with the routed model (greedy), and say which experts answered."""
+    import torch
+
+    def work() -> dict[str, Any]:
+        mix = None
+        if experts:
+            mix = {}
+            for part in _split(experts):
+                n, _, w = part.partition("=")
+                try:
+                    mix[n.strip()] = float(w) if w else 1.0
+                except ValueError:
+                    raise Refused(f"--experts: {part!r} is not name=weight") from None
+        model = _routed_model(library, router, base)
+        batch = _encode(model, prompt)
+        tok = model.tokenizer
+        with torch.no_grad():
+            out = model.generate(**batch, experts=mix, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        text = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return {"prompt": prompt, "answer": text, **_row(model.last_routing[0])}
+
+    data = _run(work, as_json)
+    mix = ", ".join(f"{n} {w:.2f}" for n, w in sorted(data["experts"].items(), key=lambda t: -t[1]))
+    _emit({k: v for k, v in data.items() if k != "layer_usage"}, as_json,
+          message=f"{data['answer']}\n[dim]experts: {mix or 'none (base model)'}[/]")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -68,6 +68,12 @@ def _check_cap(n: Any) -> int:
     return n
 
 
+def _local(spec: str) -> bool:
+    """Whether a base's record is a folder path (whose hub name cannot be known) rather than a model id."""
+    spec = str(spec)
+    return spec.startswith(("/", ".", "~")) or "\\" in spec or Path(spec).expanduser().exists()
+
+
 def _model_name(spec: str) -> str:
     """A base's name for comparison: the last part of a hub id or folder path, lower case."""
     return str(spec).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
@@ -397,7 +403,7 @@ class ExpertLibrary:
             raise ExpertFormatError(f"module {m!r}: rank {r} exceeds the library's cap of {self.max_rank}",
                                     expert=expert.name)
         theirs, ours = expert.metadata.base_model, self.base_model
-        if theirs and ours and _model_name(theirs) != _model_name(ours):
+        if theirs and ours and not (_local(theirs) or _local(ours)) and _model_name(theirs) != _model_name(ours):
             msg = (f"made for base {theirs!r} (its base_model_name_or_path), the library's base is {ours!r}; "
                    "pass allow_other_base=True if it is the same model under another name")
             if not allow_other_base:
@@ -419,7 +425,8 @@ class ExpertLibrary:
 
         Refused: a LoRA rank above :attr:`max_rank`; shapes or modules the library's base does not have; an
         expert whose own record names another base (``base_model``, e.g. a PEFT adapter's
-        ``base_model_name_or_path``, compared by model name) unless ``allow_other_base``."""
+        ``base_model_name_or_path``, compared by model name when both are ids, not folder paths) unless
+        ``allow_other_base``."""
         validate_name(expert.name)
         with self._write_lock():
             if expert.name in self and not overwrite:

@@ -267,8 +267,11 @@ def test_library_rank_cap_and_base_name(tmp_path, base):
     assert e.value.file == str(other / "adapter_model.safetensors") and lib.names() == ["ok"]
     with pytest.warns(UserWarning, match="Llama-3-8B"):
         lib.add_peft(other, name="other", allow_other_base=True)
-    same = save_peft_lora(base, tmp_path / "same", seed=4, r=2)  # the same model under a local path: accepted
-    _edit_config(same, base_model_name_or_path=f"/models/{base.config._name_or_path}/")
+    same = save_peft_lora(base, tmp_path / "same", seed=4, r=2)  # the same model under an org prefix: accepted
+    _edit_config(same, base_model_name_or_path=f"some-org/{base.config._name_or_path}")
     lib.add_peft(same, name="same")
+    local = save_peft_lora(base, tmp_path / "local", seed=5, r=2)  # a folder path: its name says nothing
+    _edit_config(local, base_model_name_or_path="/data/checkpoints/final")
+    lib.add_peft(local, name="local")
     with pytest.raises(ValueError, match="max_rank"):
         ExpertLibrary.create(tmp_path / "lib2", base_model=base, max_rank=0)

@@ -1,0 +1,114 @@
+"""The library, route and generate commands of the moerge CLI, in-process, on a tiny chat model saved to disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moerge import ExpertLibrary
+from moerge.cli import app
+
+from conftest import save_peft_lora, tiny_chat_llama, tiny_tokenizer
+
+runner = CliRunner()
+
+
+def _run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def setup(tmp_path):
+    base = tiny_chat_llama()
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    adapters = {n: save_peft_lora(base, tmp_path / n, seed=i, r=4, target_modules=["q_proj", "v_proj"])
+                for i, n in enumerate(("sort", "french"))}
+    return base, base_dir, adapters, tmp_path / "lib"
+
+
+def _json(args):
+    result = runner.invoke(app, [str(a) for a in args] + ["--json"])
+    return result.exit_code, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_library_commands_end_to_end(setup, tmp_path):
+    base, base_dir, adapters, lib_dir = setup
+    code, data = _json(["library", "init", lib_dir, "--base", base_dir, "--max-rank", "8"])
+    assert code == 0 and data["max_rank"] == 8 and ExpertLibrary.open(lib_dir).base_fingerprint
+    code, data = _json(["library", "add", adapters["sort"], "-n", "sort", "-l", lib_dir, "-d",
+                        "Sort words alphabetically.", "--example", "sort: pear fig", "--example", "order: b a"])
+    assert code == 0 and data["expert"] == "sort" and data["kind"] == "lora" and data["ranks"] == [4]
+    assert _json(["library", "add", adapters["french"], "-n", "french", "-l", lib_dir, "-d",
+                  "Translate English to French."])[0] == 0
+    code, data = _json(["library", "add", adapters["sort"], "-n", "sort", "-l", lib_dir])  # exists already
+    assert code == 1 and "already exists" in data["error"]
+    # a broken adapter: exit code 1, the file and the expert named, nothing changed
+    f = adapters["french"] / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-9])
+    code, data = _json(["library", "add", adapters["french"], "-n", "broken", "-l", lib_dir])
+    assert code == 1 and str(f) in data["error"] and "'broken'" in data["error"]
+    # a full fine-tune, stored as its low-rank difference from the base
+    tuned = tiny_chat_llama()
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+    tuned.save_pretrained(tmp_path / "tuned")
+    code, data = _json(["library", "add", tmp_path / "tuned", "-n", "tuned", "--finetune", "--rank", "2",
+                        "--base", base_dir, "-l", lib_dir])
+    assert code == 0 and data["modules"] == 1 and data["ranks"] == [2]
+    code, data = _json(["library", "list", "-l", lib_dir])
+    assert [e["name"] for e in data["experts"]] == ["sort", "french", "tuned"]
+    code, data = _json(["library", "show", "sort", "-l", lib_dir])
+    assert code == 0 and data["examples"] == ["sort: pear fig", "order: b a"]
+    assert data["description"] == "Sort words alphabetically."
+    assert _json(["library", "show", "nope", "-l", lib_dir])[0] == 1
+    code, data = _json(["library", "rm", "tuned", "-l", lib_dir])
+    assert code == 0 and data["experts"] == 2
+    assert _json(["library", "verify", "-l", lib_dir]) == (0, {"ok": True, "library": str(lib_dir), "experts": 2,
+                                                                "problems": []})
+    code, out = _run("library", "list", "-l", lib_dir)  # the table for people
+    assert code == 0 and "sort" in out and "french" in out
+
+
+@pytest.fixture
+def lib(setup):
+    base, base_dir, adapters, lib_dir = setup
+    lib = ExpertLibrary.create(lib_dir, base_model=base)
+    lib.add_peft(adapters["sort"], "sort", description="Sort words alphabetically.",
+                 examples=["Sort these words: pear apple fig"])
+    lib.add_peft(adapters["french"], "french", description="Translate English text into French.",
+                 examples=["Translate to French: the cat sleeps"])
+    return base_dir, lib_dir
+
+
+def test_route_explains_candidates_weights_and_layer_usage(lib):
+    base_dir, lib_dir = lib
+    code, data = _json(["route", "Sort these words: kiwi banana", "-l", lib_dir, "--base", base_dir,
+                        "--router", "glider", "--explain"])
+    assert code == 0 and data["router"] == "glider"
+    assert list(data["candidates"])[0] == "sort"  # retrieval ranks the sorting expert first
+    assert sum(data["experts"].values()) == pytest.approx(1.0, abs=1e-5)
+    usage = data["layer_usage"]
+    assert usage and all(sum(u.values()) == pytest.approx(1.0, abs=1e-4) for u in usage.values())
+    code, out = _run("route", "Sort these words: kiwi banana", "-l", lib_dir, "--base", base_dir, "--router", "arrow",
+                     "--explain")
+    assert code == 0 and "candidate" in out and "q_proj" in out  # a table, then the per-layer account
+
+
+def test_generate_with_routing_or_a_forced_mix(lib):
+    base_dir, lib_dir = lib
+    code, data = _json(["generate", "Translate to French: the dog", "-l", lib_dir, "--base", base_dir, "-n", "4",
+                        "--router", "arrow"])
+    assert code == 0 and isinstance(data["answer"], str) and set(data["experts"]) <= {"sort", "french"}
+    code, data = _json(["generate", "anything", "-l", lib_dir, "--base", base_dir, "-n", "3",
+                        "--experts", "french=1"])
+    assert code == 0 and data["experts"] == {"french": 1.0}
+    code, data = _json(["generate", "anything", "-l", lib_dir, "--base", base_dir, "--experts", "nope=1"])
+    assert code == 1 and "unknown expert" in data["error"]
+    code, data = _json(["generate", "anything", "-l", lib_dir, "--base", base_dir, "--experts", "french=x"])
+    assert code == 1 and "name=weight" in data["error"]
