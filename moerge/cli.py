@@ -413,12 +413,10 @@ def _routed_model(library: Path, router: str, base: str | None) -> Any:
 
 
 def _encode(model: Any, prompt: str) -> dict[str, Any]:
-    tok = model.tokenizer
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-        return tok(text, return_tensors="pt", add_special_tokens=False)
-    return tok(prompt, return_tensors="pt")
+    """The prompt as the user turn of the tokenizer's chat template (the way the experts were trained)."""
+    from moerge.training import chat_prompt
+
+    return model.tokenizer(chat_prompt(model.tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
 
 
 def _row(routing: Any) -> dict[str, Any]:
