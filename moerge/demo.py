@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="one prompt from each of these tasks")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--router", default="glider", help="the router deciding each row's experts")
+    ap.add_argument("--out", default="out", help="folder for the routing heatmap (routing_heatmap.png)")
     ap.add_argument("--explicit", action="store_true",
                     help="route by hand instead: each task's own expert (held-out: its related experts)")
     args = ap.parse_args(argv)
@@ -94,6 +96,12 @@ def main(argv: list[str] | None = None) -> None:
         if per_row <= 4:
             shown.append(line)
     print("\n".join(shown))
+    if not args.explicit and any(r.layer_usage for r in routing):
+        from moerge.views import save_usage_heatmap
+
+        png = save_usage_heatmap(routing, Path(args.out) / "routing_heatmap.png",
+                                 titles=[f"[{i}] {e.task}" for i, e in enumerate(examples)])
+        print(f"\nper-layer gate usage of each row: {png}")
     print(f"\ndone in {time.time() - t0:.1f} s")
 
 

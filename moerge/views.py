@@ -1,0 +1,75 @@
+"""Routing views: the per-layer × expert usage of a routed call, as a matrix and as a heatmap PNG.
+
+    model.generate(...)
+    save_usage_heatmap(model.last_routing, "routing.png")          # every row of the batch, one panel each
+    layers, experts, M = usage_matrix(model.last_routing[0])       # M[layer, expert]: mean gate weight
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from moerge.routing import RowRouting
+
+__all__ = ["usage_matrix", "save_usage_heatmap"]
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def _layer_of(module: str) -> str:
+    m = _LAYER.search(module)
+    return f"layer {int(m.group(1))}" if m else module
+
+
+def usage_matrix(row: RowRouting, *, by: str = "layer") -> tuple[list[str], list[str], np.ndarray]:
+    """``(rows, experts, M)``: ``M[i, j]`` the mean weight the local gate gave expert ``j`` over the row's tokens in
+    module ``i`` (``by="module"``) or averaged over the patched modules of transformer layer ``i`` (``by="layer"``).
+    Experts are the row's candidates in slot order. For sequence-level routing (no local gate) every module
+    uses the row's mixing weights, so ``M`` has one row of them."""
+    if by not in ("layer", "module"):
+        raise ValueError(f"by must be 'layer' or 'module', got {by!r}")
+    experts = list(row.candidates) or list(row.experts)
+    if not row.layer_usage:
+        return ["all modules"], experts, np.array([[row.experts.get(e, 0.0) for e in experts]], dtype=np.float64)
+    groups: dict[str, list[list[float]]] = {}
+    for module, usage in row.layer_usage.items():
+        key = module if by == "module" else _layer_of(module)
+        groups.setdefault(key, []).append([usage.get(e, 0.0) for e in experts])
+    names = list(groups)
+    if by == "layer":
+        names.sort(key=lambda n: (0, int(n.split()[1])) if n.startswith("layer ") else (1, n))
+    return names, experts, np.array([np.mean(groups[n], axis=0) for n in names], dtype=np.float64)
+
+
+def save_usage_heatmap(routing: RowRouting | Sequence[RowRouting], path: str | Path, *, by: str = "layer",
+                       titles: Sequence[str] | None = None, dpi: int = 120) -> Path:
+    """Write a heatmap PNG of :func:`usage_matrix` for one row or each row of a batch (one panel per row), layers
+    down, experts across, the mean gate weight in each cell. Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = [routing] if isinstance(routing, RowRouting) else list(routing)
+    if not rows:
+        raise ValueError("no routing to draw (route a call first: model.last_routing)")
+    mats = [usage_matrix(r, by=by) for r in rows]
+    height = max(len(m[0]) for m in mats)
+    fig, axes = plt.subplots(1, len(rows), figsize=(1.2 + 2.3 * len(rows), 1.4 + 0.22 * height), squeeze=False,
+                             constrained_layout=True)
+    image = None
+    for i, (ax, (names, experts, M)) in enumerate(zip(axes[0], mats)):
+        image = ax.imshow(M, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks(range(len(experts)), experts, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names if i == 0 else [""] * len(names), fontsize=6)
+        ax.set_title(titles[i] if titles is not None and i < len(titles) else f"row {i}", fontsize=8)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mean gate weight")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
