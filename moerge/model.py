@@ -420,10 +420,13 @@ class MoErgeModel(nn.Module):
         *,
         experts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        exclude: Iterable[str] | None = None,
     ) -> RoutingState:
         """Decide the routing of a batch (the global stage) and gather every module's candidate factors.
 
         ``experts`` forces a mix per row (``[{"sql": 1.0}, {"math": .5, "sql": .5}]``) or one mix for all rows.
+        ``exclude`` names experts no row may use: they are dropped from the router's candidates (sequence weights
+        are renormalised over the rest).
         """
         self._require_active()
         self._check_prompt(input_ids, attention_mask)
@@ -456,12 +459,28 @@ class MoErgeModel(nn.Module):
                 raise RoutingError(f"router {router.name!r} gave no mixing weights and has no local gate")
             if cands.batch_size != batch:
                 raise RoutingError(f"router {router.name!r} routed {cands.batch_size} rows for a batch of {batch}")
+            if exclude:
+                cands = self._without(cands, set(exclude))
             fuse = cands.weights is None and router.has_local_gate and router.has_linear_gate
             gathered = {layer.layer_index: layer.bank.gather(
                 cands, layer.compute_dtype,
                 router.linear_gate(cands, layer.info, layer.compute_device) if fuse else None, layer.compute_device)
                 for layer in self._layers.values()}
         return RoutingState(cands, router, gathered, record_usage=True)
+
+    def _without(self, cands: Candidates, names: set[str]) -> Candidates:
+        unknown = sorted(names - set(cands.names))
+        if unknown:
+            raise RoutingError(f"cannot exclude unknown experts {unknown[:5]}", expert=unknown[0])
+        drop = torch.tensor([[i >= 0 and cands.names[i] in names for i in row] for row in cands.ids.tolist()],
+                            dtype=torch.bool).reshape(cands.ids.shape)
+        weights = None
+        if cands.weights is not None:
+            weights = cands.weights.masked_fill(drop, 0.0)
+            total = weights.sum(-1, keepdim=True)
+            weights = torch.where(total > 0, weights / total.clamp_min(1e-12), weights)
+        return Candidates(ids=cands.ids.masked_fill(drop, -1), scores=cands.scores.masked_fill(drop, 0.0),
+                          names=cands.names, weights=weights)
 
     @property
     def context_length(self) -> int | None:
@@ -524,6 +543,7 @@ class MoErgeModel(nn.Module):
         inputs: torch.Tensor | None = None,
         *,
         experts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
+        exclude: Iterable[str] | None = None,
         **kwargs: Any,
     ) -> Any:
         """A drop-in for transformers' ``generate`` (same arguments: sampling, beams, streamers, KV cache…).
@@ -538,7 +558,7 @@ class MoErgeModel(nn.Module):
                 new = kwargs["generation_config"].max_new_tokens
             self._check_prompt(input_ids, kwargs.get("attention_mask"), int(new or 0))
         state = self.route(input_ids, kwargs.get("attention_mask"), experts=experts,
-                           inputs_embeds=kwargs.get("inputs_embeds"))
+                           inputs_embeds=kwargs.get("inputs_embeds"), exclude=exclude)
         with self.context.activate(state):
             out = self.base.generate(input_ids, **kwargs) if input_ids is not None else self.base.generate(**kwargs)
         self.last_routing = state.trace()

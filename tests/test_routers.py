@@ -135,3 +135,29 @@ def test_the_fast_decode_step_equals_the_general_path(router, monkeypatch):
     torch.testing.assert_close(fast, general, **tol)
     for a, b in zip(fast_usage, model.last_routing):
         assert a.experts == pytest.approx(b.experts, abs=1e-5)
+
+
+def test_excluded_experts_are_never_used():
+    import copy
+
+    from conftest import VOCAB, rand_expert, tiny_llama
+    from moerge import MoErgeModel
+    from moerge.errors import RoutingError
+    from moerge.routing import build_router
+
+    base = tiny_llama()
+    model = MoErgeModel(copy.deepcopy(base), build_router("arrow", top_k=2))
+    model._install([rand_expert(base, f"e{i}", seed=i) for i in range(4)])
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       exclude=["e0", "e2"])
+    for row in model.last_routing:
+        assert set(row.candidates) == {"e1", "e3"} and set(row.experts) == {"e1", "e3"}
+        assert sum(row.experts.values()) == pytest.approx(1.0, abs=1e-5)
+    fixed = MoErgeModel(copy.deepcopy(base), build_router("explicit"))
+    fixed._install([rand_expert(base, f"e{i}", seed=i) for i in range(2)])
+    state = fixed.route(ids, experts={"e0": 0.5, "e1": 0.5}, exclude=["e0"])
+    assert state.candidates.weights.tolist() == [[0.0, 1.0], [0.0, 1.0]]  # renormalised over the rest
+    with pytest.raises(RoutingError, match="unknown experts"):
+        fixed.route(ids, experts={"e0": 1.0}, exclude=["nope"])
