@@ -7,6 +7,7 @@
     moerge library init|add|list|show|rm|verify ...
     moerge route "prompt" -l LIB --explain
     moerge generate "prompt" -l LIB [--experts a=0.5,b=0.5]
+    moerge serve -l LIB --port 8000          (OpenAI-compatible HTTP API)
 
 Every command takes ``--json`` (one JSON object on stdout, for scripts). Exit codes: 0 done; 1 the request was
 refused (bad input, a check failed: the message names the file, the expert and the problem; nothing was changed);
@@ -496,6 +497,26 @@ def generate(
     mix = ", ".join(f"{n} {w:.2f}" for n, w in sorted(data["experts"].items(), key=lambda t: -t[1]))
     _emit({k: v for k, v in data.items() if k != "layer_usage"}, as_json,
           message=f"{data['answer']}\n[dim]experts: {mix or 'none (base model)'}[/]")
+
+
+@app.command()
+def serve(
+    library: LibraryOpt = Path("."),
+    router: RouterOpt = "glider",
+    base: BaseOpt = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="requests run together in one generate call")] = 8,
+    batch_window: Annotated[float, typer.Option(help="seconds to wait for more requests to batch")] = 0.02,
+) -> None:
+    """An OpenAI-compatible HTTP API over the routed model: /v1/chat/completions, /v1/completions (streaming with
+    SSE), /v1/models (the routed model and each expert), /v1/experts (upload a PEFT adapter)."""
+    from moerge.server import ServerConfig
+    from moerge.server import serve as run_server
+
+    model = _run(lambda: _routed_model(library, router, base), False)
+    run_server(model, model.tokenizer, host=host, port=port,
+               config=ServerConfig(max_batch=max_batch, batch_window=batch_window))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,0 +1,412 @@
+"""An OpenAI-compatible HTTP API over a routed model (FastAPI + uvicorn): ``moerge serve``.
+
+Endpoints:
+
+* ``GET /v1/models`` — the routed model (``moerge``) and each expert as ``moerge/<name>``; asking for an expert's id
+  forces that expert.
+* ``POST /v1/chat/completions`` and ``POST /v1/completions`` — OpenAI's request and response shapes, streamed as
+  server-sent events with ``"stream": true``. A ``moerge`` field in the request (with the openai client:
+  ``extra_body={"moerge": {...}}``) may force a mix (``"experts": {"sql": 0.7, "math": 0.3}``), exclude experts
+  (``"exclude": ["code"]``) and ask for the routing trace (``"trace": true``); the response then carries a
+  ``moerge`` field with each choice's routing and the size of the batch it ran in.
+* ``POST /v1/experts`` — add an expert post hoc: a multipart upload of a PEFT adapter (``adapter_config`` and
+  ``adapter_model`` files, ``name``, optional ``description`` and ``examples``), with every check of the library;
+  ``DELETE /v1/experts/{name}`` removes one.
+
+Requests that arrive together are batched: a worker takes what is queued within ``batch_window`` seconds (up to
+``max_batch``), groups requests that can share one ``generate`` call (same sampling settings, routed or forced,
+same exclusions) and runs each group as one batch, every row routed on its own. Streamed requests run one per call,
+in their own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from moerge.errors import MoErgeError
+
+__all__ = ["create_app", "serve", "ServerConfig"]
+
+MODEL_ID = "moerge"
+
+
+@dataclass
+class ServerConfig:
+    max_batch: int = 8
+    batch_window: float = 0.02  # seconds the worker waits for more requests after the first
+    default_max_tokens: int = 128
+
+
+@dataclass
+class _Job:
+    text: str  # the prompt, chat template applied
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    experts: dict[str, float] | None
+    exclude: tuple[str, ...]
+    seed: int | None
+    future: Future = field(default_factory=Future)
+
+    def key(self) -> tuple:
+        """Requests with the same key can run in one generate call."""
+        return (self.temperature, self.top_p, self.experts is not None, self.exclude, self.seed)
+
+
+class _OpenAIError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+class _Engine:
+    """Runs jobs on the model: batched (a worker thread) or streamed (one thread per request)."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: ServerConfig) -> None:
+        self.model, self.tok, self.config = model, tokenizer, config
+        self.queue: queue.Queue[_Job] = queue.Queue()
+        self.batches: list[int] = []  # sizes of the batches run (for tests and /v1/moerge/stats)
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._loop, name="moerge-batcher", daemon=True)
+        self._worker.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._worker.join(timeout=5)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tok
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _kwargs(self, job: _Job, max_new: int) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(max_new_tokens=max_new, pad_token_id=self.pad_id)
+        if job.temperature > 0:
+            kw.update(do_sample=True, temperature=job.temperature, top_p=job.top_p)
+        else:
+            kw.update(do_sample=False)
+        return kw
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            jobs = [first]
+            deadline = time.monotonic() + self.config.batch_window
+            while len(jobs) < self.config.max_batch:
+                try:
+                    jobs.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            groups: dict[tuple, list[_Job]] = {}
+            for j in jobs:
+                groups.setdefault(j.key(), []).append(j)
+            for group in groups.values():
+                self._run(group)
+
+    def _run(self, jobs: list[_Job]) -> None:
+        try:
+            self.tok.padding_side = "left"
+            batch = self.tok([j.text for j in jobs], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {k: v.to(self.model.device) for k, v in batch.items()}
+            first = jobs[0]
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+            with torch.no_grad():
+                out = self.model.generate(**batch, experts=[j.experts for j in jobs] if first.experts is not None
+                                          else None, exclude=first.exclude or None,
+                                          **self._kwargs(first, max(j.max_tokens for j in jobs)))
+            routing = self.model.last_routing
+            self.batches.append(len(jobs))
+            width = batch["input_ids"].shape[1]
+            for b, job in enumerate(jobs):
+                ids = out[b, width:].tolist()
+                text, finish, n = self._finish(ids, job)
+                job.future.set_result({"text": text, "finish_reason": finish, "completion_tokens": n,
+                                       "prompt_tokens": int(batch["attention_mask"][b].sum()),
+                                       "routing": routing[b], "batch_size": len(jobs)})
+        except BaseException as e:  # noqa: BLE001 - handed to every waiting request
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(e)
+
+    def _finish(self, ids: list[int], job: _Job) -> tuple[str, str, int]:
+        """The completion's text, why it ended and its token count: cut at the end of turn / EOS, at the request's
+        own max_tokens (a batch generates up to its longest), and at the first stop sequence."""
+        eos = {self.tok.eos_token_id, self.pad_id}
+        end = self.tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tok.get_vocab() else None
+        finish = "length"
+        kept: list[int] = []
+        for t in ids[: job.max_tokens]:
+            if t in eos or t == end:
+                finish = "stop"
+                break
+            kept.append(t)
+        text = self.tok.decode(kept, skip_special_tokens=True)
+        for s in job.stop:
+            if s and s in text:
+                text, finish = text[: text.index(s)], "stop"
+        return text, finish, len(kept)
+
+    def stream(self, job: _Job, info: dict[str, Any]) -> Iterator[str]:
+        """The completion's text in pieces, as generated (one request per generate call); when done, ``info``
+        holds the finish reason, the routing and the token count."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        batch = self.tok([job.text], return_tensors="pt", add_special_tokens=False)
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    out = self.model.generate(**batch, streamer=streamer, experts=job.experts,
+                                              exclude=job.exclude or None, **self._kwargs(job, job.max_tokens))
+                result["routing"] = self.model.last_routing[0]
+                result["ids"] = out[0, batch["input_ids"].shape[1]:].tolist()
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+                result["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        sent, stopped = "", False
+        for piece in streamer:
+            if stopped:
+                continue  # drain: the generation runs to its end
+            text = sent + piece
+            cut = min((text.index(s) for s in job.stop if s and s in text), default=None)
+            if cut is not None:
+                text, stopped = text[:cut], True
+            if len(text) > len(sent):
+                yield text[len(sent):]
+            sent = text
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        _, finish, n = self._finish(result["ids"], job)
+        info.update(finish_reason="stop" if stopped else finish, routing=result["routing"], completion_tokens=n,
+                    prompt_tokens=int(batch["attention_mask"].sum()))
+
+
+def _routing_json(r: Any) -> dict[str, Any]:
+    return {"experts": r.experts, "candidates": dict(zip(r.candidates, r.scores)), "layer_usage": r.layer_usage}
+
+
+def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -> Any:
+    """The FastAPI app serving ``model`` (a :class:`~moerge.MoErgeModel` with its library, if any)."""
+    config = config or ServerConfig()
+    engine = _Engine(model, tokenizer, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any):
+        yield
+        engine.close()
+
+    app = FastAPI(title="moerge", description="OpenAI-compatible API over a routed mixture of experts",
+                  lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(_OpenAIError)
+    async def _openai_error(_: Request, e: _OpenAIError) -> JSONResponse:
+        return JSONResponse(status_code=e.status, content={"error": {
+            "message": e.message, "type": "invalid_request_error", "param": e.param, "code": e.code}})
+
+    def models() -> list[str]:
+        return [MODEL_ID] + [f"{MODEL_ID}/{n}" for n in model.experts]
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        now = int(time.time())
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "moerge"}
+                                           for m in models()]}
+
+    @app.get("/v1/moerge/stats")
+    async def stats() -> dict[str, Any]:
+        return {"batches": list(engine.batches), "experts": list(model.experts)}
+
+    def job_from(body: dict[str, Any], text: str) -> _Job:
+        model_id = body.get("model") or MODEL_ID
+        if model_id not in models():
+            raise _OpenAIError(404, f"the model {model_id!r} does not exist; see GET /v1/models", "model_not_found",
+                               "model")
+        ext = body.get("moerge") or {}
+        if not isinstance(ext, dict):
+            raise _OpenAIError(400, "moerge must be an object", param="moerge")
+        experts = ext.get("experts")
+        if model_id != MODEL_ID:
+            experts = {model_id.split("/", 1)[1]: 1.0}
+        if experts is not None and not (isinstance(experts, dict) and experts):
+            raise _OpenAIError(400, "moerge.experts must map expert names to weights", param="moerge.experts")
+        exclude = ext.get("exclude") or []
+        if not (isinstance(exclude, list) and all(isinstance(n, str) for n in exclude)):
+            raise _OpenAIError(400, "moerge.exclude must be a list of expert names", param="moerge.exclude")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        try:
+            max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or config.default_max_tokens)
+            temperature = float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0)
+            top_p = float(body.get("top_p") if body.get("top_p") is not None else 1.0)
+        except (TypeError, ValueError):
+            raise _OpenAIError(400, "max_tokens, temperature and top_p must be numbers") from None
+        if max_tokens <= 0 or temperature < 0 or not 0 < top_p <= 1:
+            raise _OpenAIError(400, "max_tokens must be positive, temperature ≥ 0 and top_p in (0, 1]")
+        if int(body.get("n") or 1) != 1:
+            raise _OpenAIError(400, "n > 1 is not supported; send several requests (they are batched)", param="n")
+        return _Job(text, max_tokens, temperature, top_p, stop, experts, tuple(sorted(exclude)), body.get("seed"))
+
+    async def run(job: _Job) -> dict[str, Any]:
+        engine.queue.put(job)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except MoErgeError as e:
+            raise _OpenAIError(400, str(e)) from None
+
+    def ext(result: dict[str, Any], trace: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"batch_size": result.get("batch_size", 1)}
+        if trace:
+            out["routing"] = [_routing_json(result["routing"])]
+        return out
+
+    def usage(result: dict[str, Any]) -> dict[str, int]:
+        p = result.get("prompt_tokens", 0)
+        return {"prompt_tokens": p, "completion_tokens": result["completion_tokens"],
+                "total_tokens": p + result["completion_tokens"]}
+
+    def sse(job: _Job, body: dict[str, Any], chat: bool) -> StreamingResponse:
+        rid, created, model_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time()), \
+            body.get("model") or MODEL_ID
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        trace = bool((body.get("moerge") or {}).get("trace"))
+
+        def chunk(text: str | None, finish: str | None, first: bool = False, extra: dict | None = None) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                if text:
+                    delta["content"] = text
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            data = {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice]}
+            if extra:
+                data["moerge"] = extra
+            return f"data: {json.dumps(data)}\n\n"
+
+        def events() -> Iterator[str]:
+            first, info = True, {}
+            try:
+                for piece in engine.stream(job, info):
+                    yield chunk(piece, None, first)
+                    first = False
+                extra = {"batch_size": 1, **({"routing": [_routing_json(info["routing"])]} if trace else {})}
+                yield chunk(None, info["finish_reason"], first, extra)
+            except MoErgeError as e:
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'invalid_request_error'}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = await request.json()
+        messages = body.get("messages")
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+            raise _OpenAIError(400, "messages must be a non-empty list of {role, content}", param="messages")
+        msgs = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: the text ones
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            msgs.append({"role": str(m.get("role", "user")), "content": str(content or "")})
+        if not getattr(tokenizer, "chat_template", None):
+            raise _OpenAIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        job = job_from(body, text)
+        if body.get("stream"):
+            return sse(job, body, chat=True)
+        result = await run(job)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model") or MODEL_ID,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                             "finish_reason": result["finish_reason"], "logprobs": None}],
+                "usage": usage(result), "moerge": ext(result, bool((body.get("moerge") or {}).get("trace")))}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await request.json()
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise _OpenAIError(400, "prompt must be a non-empty string", param="prompt")
+        job = job_from(body, prompt)
+        if body.get("stream"):
+            return sse(job, body, chat=False)
+        result = await run(job)
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": body.get("model") or MODEL_ID,
+                "choices": [{"index": 0, "text": result["text"], "finish_reason": result["finish_reason"],
+                             "logprobs": None}],
+                "usage": usage(result), "moerge": ext(result, bool((body.get("moerge") or {}).get("trace")))}
+
+    @app.post("/v1/experts")
+    async def add_expert(name: Annotated[str, Form()], adapter_config: Annotated[UploadFile, File()],
+                         adapter_model: Annotated[UploadFile, File()], description: Annotated[str, Form()] = "",
+                         examples: Annotated[str, Form()] = "[]") -> dict[str, Any]:
+        try:
+            example_list = json.loads(examples)
+            if not (isinstance(example_list, list) and all(isinstance(e, str) for e in example_list)):
+                raise ValueError
+        except ValueError:
+            raise _OpenAIError(400, "examples must be a JSON list of strings", param="examples") from None
+        with tempfile.TemporaryDirectory(prefix="moerge-upload-") as d:
+            folder = Path(d)
+            (folder / "adapter_config.json").write_bytes(await adapter_config.read())
+            (folder / "adapter_model.safetensors").write_bytes(await adapter_model.read())
+
+            def add() -> Any:
+                return model.add_expert(folder, name=name, description=description, examples=example_list)
+
+            try:
+                expert = await asyncio.to_thread(add)
+            except (MoErgeError, ValueError) as e:
+                raise _OpenAIError(400, str(e).replace(str(folder), "upload")) from None
+        return {"object": "expert", "id": f"{MODEL_ID}/{expert.name}", "name": expert.name,
+                "modules": len(expert.modules), "kind": expert.kind}
+
+    @app.delete("/v1/experts/{name}")
+    async def remove_expert(name: str) -> dict[str, Any]:
+        if name not in model.experts:
+            raise _OpenAIError(404, f"no expert {name!r}", "expert_not_found")
+        await asyncio.to_thread(model.remove_expert, name)
+        return {"object": "expert", "id": f"{MODEL_ID}/{name}", "deleted": True}
+
+    return app
+
+
+def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
+          config: ServerConfig | None = None) -> None:
+    """Serve ``model`` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(model, tokenizer, config), host=host, port=port, log_level="info")

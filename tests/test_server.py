@@ -1,0 +1,156 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official openai client."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from moerge import ExpertLibrary, MoErgeModel
+from moerge.routing import build_router
+from moerge.server import ServerConfig, create_app
+
+from conftest import save_peft_lora, tiny_chat_llama, tiny_tokenizer
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(tmp / "lib", base_model=base)
+    for i, (n, d) in enumerate({"sort": "Sort words.", "french": "Translate to French."}.items()):
+        lib.add_peft(save_peft_lora(base, tmp / n, seed=i, r=4, target_modules=["q_proj", "v_proj"]), n,
+                     description=d)
+    tok = tiny_tokenizer()
+    model = MoErgeModel.from_library(copy.deepcopy(base), lib, router=build_router("arrow", top_k=1), tokenizer=tok)
+    app = create_app(model, tok, ServerConfig(max_batch=8, batch_window=0.3))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    yield url, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), model, tok, base, tmp, app
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _reference(model, tok, messages, max_tokens, experts=None):
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    batch = tok([text], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                             experts=experts)
+    ids = out[0, batch["input_ids"].shape[1]:].tolist()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    kept = []
+    for t in ids:
+        if t in (tok.eos_token_id, tok.pad_token_id, end):
+            break
+        kept.append(t)
+    return tok.decode(kept, skip_special_tokens=True)
+
+
+def test_models_lists_the_routed_model_and_each_expert(server):
+    _, client, *_ = server
+    assert [m.id for m in client.models.list().data] == ["moerge", "moerge/sort", "moerge/french"]
+
+
+def test_chat_completion_with_routing_trace(server):
+    _, client, model, tok, *_ = server
+    messages = [{"role": "user", "content": "sort: pear fig"}]
+    r = client.chat.completions.create(model="moerge", messages=messages, max_tokens=6, temperature=0,
+                                       extra_body={"moerge": {"trace": True}})
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == _reference(model, tok, messages, 6)  # what generate gives
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 6
+    trace = r.model_extra["moerge"]["routing"][0]
+    assert set(trace["experts"]) <= {"sort", "french"} and trace["layer_usage"]
+
+
+def test_an_experts_model_id_forces_it_and_exclusion_works(server):
+    _, client, model, tok, *_ = server
+    messages = [{"role": "user", "content": "hello there"}]
+    r = client.chat.completions.create(model="moerge/french", messages=messages, max_tokens=5, temperature=0,
+                                       extra_body={"moerge": {"trace": True}})
+    assert r.model_extra["moerge"]["routing"][0]["experts"] == {"french": 1.0}
+    assert r.choices[0].message.content == _reference(model, tok, messages, 5, experts={"french": 1.0})
+    r = client.chat.completions.create(model="moerge", messages=messages, max_tokens=3, temperature=0,
+                                       extra_body={"moerge": {"exclude": ["french"], "trace": True}})
+    assert set(r.model_extra["moerge"]["routing"][0]["experts"]) == {"sort"}
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="moerge/nope", messages=messages, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="unknown expert"):
+        client.chat.completions.create(model="moerge", messages=messages, max_tokens=2,
+                                       extra_body={"moerge": {"experts": {"nope": 1.0}}})
+
+
+def test_streaming_gives_the_same_text_as_one_response(server):
+    _, client, *_ = server
+    messages = [{"role": "user", "content": "translate: cat"}]
+    whole = client.chat.completions.create(model="moerge", messages=messages, max_tokens=8, temperature=0)
+    pieces, finish = [], None
+    for chunk in client.chat.completions.create(model="moerge", messages=messages, max_tokens=8, temperature=0,
+                                                stream=True):
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content and finish == whole.choices[0].finish_reason
+    text = client.completions.create(model="moerge", prompt="abc", max_tokens=5, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="moerge", prompt="abc",
+                                                                            max_tokens=5, temperature=0,
+                                                                            stream=True))
+    assert text.object == "text_completion" and streamed == text.choices[0].text
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
+    _, client, model, tok, *_ = server
+    prompts = [f"item {i}: sort b a" for i in range(4)]
+
+    def ask(p):
+        return client.chat.completions.create(model="moerge", messages=[{"role": "user", "content": p}],
+                                              max_tokens=4, temperature=0)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(ask, prompts))
+    assert max(r.model_extra["moerge"]["batch_size"] for r in results) > 1  # ran together
+    for p, r in zip(prompts, results):  # and each row is its prompt's answer, routed on its own
+        assert r.choices[0].message.content == _reference(model, tok, [{"role": "user", "content": p}], 4)
+
+
+def test_an_expert_uploaded_over_http_is_checked_then_served(server):
+    url, client, model, tok, base, tmp, _ = server
+    folder = save_peft_lora(base, tmp / "upload", seed=7, r=2, target_modules=["q_proj"])
+    files = {"adapter_config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
+             "adapter_model": ("adapter_model.safetensors", (folder / "adapter_model.safetensors").read_bytes())}
+    r = httpx.post(f"{url}/v1/experts", files=files, data={"name": "json", "description": "Write JSON.",
+                                                           "examples": json.dumps(["make json"])})
+    assert r.status_code == 200 and r.json()["id"] == "moerge/json"
+    assert "moerge/json" in [m.id for m in client.models.list().data]
+    assert "json" in ExpertLibrary.open(model.library.root).names()  # persisted, with the library's checks
+    out = client.chat.completions.create(model="moerge/json", messages=[{"role": "user", "content": "x"}],
+                                         max_tokens=2, temperature=0, extra_body={"moerge": {"trace": True}})
+    assert out.model_extra["moerge"]["routing"][0]["experts"] == {"json": 1.0}
+    broken = dict(files, adapter_model=("adapter_model.safetensors", files["adapter_model"][1][:-10]))
+    r = httpx.post(f"{url}/v1/experts", files=broken, data={"name": "broken"})
+    assert r.status_code == 400 and "malformed safetensors" in r.json()["error"]["message"]
+    assert "broken" in r.json()["error"]["message"] and "moerge/broken" not in [m.id for m in client.models.list().data]
+    assert httpx.delete(f"{url}/v1/experts/json").json()["deleted"] is True
+    assert "moerge/json" not in [m.id for m in client.models.list().data]
+    assert httpx.delete(f"{url}/v1/experts/json").status_code == 404
