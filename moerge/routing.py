@@ -426,14 +426,26 @@ class RoutingState:
         self.usage: dict[str, torch.Tensor] = {}  # module name -> (B, K) summed gate weights
         self.usage_tokens: dict[str, int] = {}
         self._weights: dict[str, list[torch.Tensor]] = {}  # module name -> weights not yet summed
+        self.keep_tokens = False  # keep every step's weights (token_weights) instead of summing them as they come
 
     def record(self, module: str, weights: torch.Tensor) -> None:
         """Keep a local gate's ``(B, T, K)`` weights for :attr:`RowRouting.layer_usage`. Kept as they are (no op
         per step); summed when there are many, and by :meth:`trace`."""
         kept = self._weights.setdefault(module, [])
         kept.append(weights)
-        if len(kept) >= 64:
+        if len(kept) >= 64 and not self.keep_tokens:
             self._fold(module)
+
+    def token_weights(self, module: str) -> torch.Tensor | None:
+        """``(B, T, K)``: the gate's weights for every token this state's calls ran through ``module``, in order
+        (kept only with ``keep_tokens``; else what is not yet summed); ``None`` if none were recorded."""
+        kept = self._weights.get(module)
+        if not kept:
+            return None
+        b = self.candidates.batch_size
+        ws = [w.detach().float() if w.shape[0] == b else w.detach().float().reshape(b, -1, *w.shape[1:]).mean(1)
+              for w in kept]
+        return torch.cat(ws, dim=1)
 
     def _fold(self, module: str) -> None:
         """Sum the weights kept for ``module`` into its usage totals."""
@@ -453,8 +465,11 @@ class RoutingState:
 
     def trace(self) -> list[RowRouting]:
         c = self.candidates
+        kept = dict(self._weights) if self.keep_tokens else None
         for module in list(self._weights):
             self._fold(module)
+        if kept is not None:
+            self._weights = kept
         rows: list[RowRouting] = []
         totals = {mod: tot.float().cpu() for mod, tot in self.usage.items()}  # one copy from the device
         for b in range(c.batch_size):

@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from moerge.routing import RowRouting
 
-__all__ = ["usage_matrix", "save_usage_heatmap"]
+__all__ = ["usage_matrix", "save_usage_heatmap", "token_usage"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -43,6 +44,40 @@ def usage_matrix(row: RowRouting, *, by: str = "layer") -> tuple[list[str], list
     if by == "layer":
         names.sort(key=lambda n: (0, int(n.split()[1])) if n.startswith("layer ") else (1, n))
     return names, experts, np.array([np.mean(groups[n], axis=0) for n in names], dtype=np.float64)
+
+
+def token_usage(model: Any, input_ids: Any, attention_mask: Any = None, *, row: int = 0,
+                by: str = "layer") -> tuple[list[str], list[str], list[str], np.ndarray]:
+    """Route and run one forward of ``input_ids`` and return, for batch row ``row``, ``(rows, tokens, experts, W)``
+    with ``W[i, t, k]`` the local gate's weight of candidate ``k`` at token ``t`` in module ``i`` (``by="module"``)
+    or averaged over the modules of layer ``i`` (``by="layer"``). Empty when the router has no local gate."""
+    import torch
+
+    if by not in ("layer", "module"):
+        raise ValueError(f"by must be 'layer' or 'module', got {by!r}")
+    state = model.route(input_ids, attention_mask)
+    state.keep_tokens = True
+    with torch.no_grad(), model.context.activate(state):
+        model.base(input_ids=input_ids, attention_mask=attention_mask)
+    model.last_routing = state.trace()
+    c = state.candidates
+    experts = [c.names[i] for i in c.ids[row].tolist() if i >= 0]
+    slots = [j for j, i in enumerate(c.ids[row].tolist()) if i >= 0]
+    groups: dict[str, list[np.ndarray]] = {}
+    for module in state.usage:
+        w = state.token_weights(module)
+        if w is None:
+            continue
+        key = module if by == "module" else _layer_of(module)
+        groups.setdefault(key, []).append(w[row][:, slots].cpu().numpy())  # (T, K)
+    names = list(groups)
+    if by == "layer":
+        names.sort(key=lambda n: (0, int(n.split()[1])) if n.startswith("layer ") else (1, n))
+    tok = getattr(model, "tokenizer", None)
+    ids = input_ids[row].tolist()
+    tokens = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
+    W = np.stack([np.mean(groups[n], axis=0) for n in names]) if names else np.zeros((0, len(ids), len(experts)))
+    return names, tokens, experts, W
 
 
 def save_usage_heatmap(routing: RowRouting | Sequence[RowRouting], path: str | Path, *, by: str = "layer",

@@ -10,7 +10,7 @@ import torch
 
 from moerge import MoErgeModel
 from moerge.routing import RowRouting, build_router
-from moerge.views import save_usage_heatmap, usage_matrix
+from moerge.views import save_usage_heatmap, token_usage, usage_matrix
 
 from conftest import VOCAB, rand_expert, tiny_llama
 
@@ -48,3 +48,19 @@ def test_heatmap_of_a_routed_batch_is_written(tmp_path):
     assert img[..., :3].std() > 0.05  # not a blank canvas
     with pytest.raises(ValueError, match="no routing"):
         save_usage_heatmap([], tmp_path / "x.png")
+
+
+def test_token_usage_gives_each_tokens_gate_weights_per_layer():
+    base = tiny_llama()
+    model = MoErgeModel(copy.deepcopy(base), build_router("arrow", top_k=2))
+    model._install([rand_expert(base, f"e{i}", seed=i) for i in range(3)])
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    layers, tokens, experts, W = token_usage(model, ids, row=1)
+    assert layers == ["layer 0", "layer 1"] and len(tokens) == 7 and experts == ["e0", "e1", "e2"]
+    assert W.shape == (2, 7, 3)
+    np.testing.assert_allclose(W.sum(-1), 1.0, atol=1e-5)  # each token's weights sum to 1 in every module
+    assert ((W > 0).sum(-1) <= 2 * 3).all()  # top-2 per module, averaged over a layer's modules
+    # the per-token weights average to the trace's per-layer usage
+    row = model.last_routing[1]
+    names, _, M = usage_matrix(row)
+    np.testing.assert_allclose(W.mean(1), M, atol=1e-5)
