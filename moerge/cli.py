@@ -403,14 +403,16 @@ def library_rm(name: Annotated[str, typer.Argument(help="the expert")], library:
 RouterOpt = Annotated[str, typer.Option("--router", "-r", help="glider, arrow, phatgoose, xlora, twin, fixed")]
 
 
-def _routed_model(library: Path, router: str, base: str | None) -> Any:
+def _routed_model(library: Path, router: str, base: str | None, **router_config: Any) -> Any:
     from moerge.model import MoErgeModel
+    from moerge.routing import build_router
 
     lib = _open_library(library)
     tok = _load_tokenizer(base)
     if tok is None:
         raise Refused(f"{base}: the base folder has no tokenizer; routing reads the prompt")
-    return MoErgeModel.from_library(_load_base(base, lib), lib, router=router, tokenizer=tok)
+    return MoErgeModel.from_library(_load_base(base, lib), lib, router=build_router(router, **router_config),
+                                    tokenizer=tok)
 
 
 def _encode(model: Any, prompt: str) -> dict[str, Any]:
@@ -432,18 +434,25 @@ def route(
     router: RouterOpt = "glider",
     base: BaseOpt = None,
     explain: Annotated[bool, typer.Option("--explain", help="also the per-layer gate usage")] = False,
+    query: Annotated[str | None, typer.Option(help="glider: retrieve by the 'prompt', the task 'description' an LLM "
+                                              "(the base) writes for it, or 'both'")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Which experts a prompt is routed to: the global stage's candidates with their scores, the mixing weights, and
-    (with --explain) each patched module's gate usage over the prompt's tokens."""
+    (with --explain) each patched module's gate usage over the prompt's tokens; with --query description, the task
+    description the LLM wrote."""
     import torch
 
     def work() -> dict[str, Any]:
-        model = _routed_model(library, router, base)
+        if query is not None and router != "glider":
+            raise Refused("--query applies to the glider router")
+        model = _routed_model(library, router, base, **({"query": query} if query else {}))
         batch = _encode(model, prompt)
         with torch.no_grad():
             model(**batch)
         data = {"prompt": prompt, "router": model.router.name, **_row(model.last_routing[0])}
+        if query in ("description", "both"):  # what the LLM wrote (cached: the routing above made it)
+            data["description"] = model.router.describer([model._decode_prompts(batch["input_ids"], None)[0]])[0]
         if not explain:
             data.pop("layer_usage")
         data["explain"] = model.explain()
@@ -457,6 +466,8 @@ def route(
     table = Table("candidate", "score", "weight")
     for n, sc in data["candidates"].items():
         table.add_row(n, f"{sc:.3f}", f"{data['experts'].get(n, 0.0):.3f}")
+    if "description" in data:
+        console.print(f"task description: {data['description']}", highlight=False)
     _emit(data, False, table, message=data["explain"] if explain else None)
 
 
@@ -517,6 +528,15 @@ def serve(
     model = _run(lambda: _routed_model(library, router, base), False)
     run_server(model, model.tokenizer, host=host, port=port,
                config=ServerConfig(max_batch=max_batch, batch_window=batch_window))
+
+
+@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def eval_(ctx: typer.Context) -> None:
+    """Exact-match accuracy of ways to use a library on the task suite (options: see ``python -m moerge.eval
+    --help``: --methods base,oracle,router:glider --tasks ... --limit 30 --out DIR)."""
+    from moerge.eval import main as eval_main
+
+    eval_main(list(ctx.args))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -112,3 +112,53 @@ def test_generate_with_routing_or_a_forced_mix(lib):
     assert code == 1 and "unknown expert" in data["error"]
     code, data = _json(["generate", "anything", "-l", lib_dir, "--base", base_dir, "--experts", "french=x"])
     assert code == 1 and "name=weight" in data["error"]
+
+
+def test_route_shows_the_task_description_the_llm_wrote(lib):
+    base_dir, lib_dir = lib
+    code, data = _json(["route", "Sort these words: kiwi banana", "-l", lib_dir, "--base", base_dir,
+                        "--query", "both"])
+    assert code == 0 and isinstance(data["description"], str) and data["candidates"]
+    code, data = _json(["route", "x", "-l", lib_dir, "--base", base_dir, "--router", "arrow", "--query", "both"])
+    assert code == 1 and "glider" in data["error"]
+
+
+@pytest.mark.slow
+def test_eval_command_runs_the_harness(tmp_path):
+    code, out = _run("eval", "--methods", "base,oracle", "--tasks", "uppercase", "--limit", "2", "--out", tmp_path)
+    assert code == 0, out
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert set(result["scores"]) >= {"base", "oracle"}
+
+
+def test_serve_command_answers_over_http(lib, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    base_dir, lib_dir = lib
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moerge.cli", "serve", "-l", str(lib_dir), "--base", str(base_dir),
+                             "--router", "arrow", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        for _ in range(600):
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.1)
+        assert [m["id"] for m in models["data"]] == ["moerge", "moerge/sort", "moerge/french"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "abc", "max_tokens": 3,
+                                                                         "temperature": 0}, timeout=60).json()
+        assert r["object"] == "text_completion" and isinstance(r["choices"][0]["text"], str)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
