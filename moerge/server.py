@@ -326,6 +326,21 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def respond(job: _Job, body: dict[str, Any], chat: bool) -> Any:
+        """A streamed response, or the whole completion in OpenAI's shape (chat or text)."""
+        if body.get("stream"):
+            return sse(job, body, chat=chat)
+        result = await run(job)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": result["text"]}
+        else:
+            choice["text"] = result["text"]
+        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": body.get("model") or MODEL_ID, "choices": [choice], "usage": usage(result),
+                "moerge": ext(result, bool((body.get("moerge") or {}).get("trace")))}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body = await request.json()
@@ -341,15 +356,7 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
         if not getattr(tokenizer, "chat_template", None):
             raise _OpenAIError(400, "this model's tokenizer has no chat template; use /v1/completions")
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        job = job_from(body, text)
-        if body.get("stream"):
-            return sse(job, body, chat=True)
-        result = await run(job)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.get("model") or MODEL_ID,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                             "finish_reason": result["finish_reason"], "logprobs": None}],
-                "usage": usage(result), "moerge": ext(result, bool((body.get("moerge") or {}).get("trace")))}
+        return await respond(job_from(body, text), body, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -359,15 +366,7 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise _OpenAIError(400, "prompt must be a non-empty string", param="prompt")
-        job = job_from(body, prompt)
-        if body.get("stream"):
-            return sse(job, body, chat=False)
-        result = await run(job)
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": body.get("model") or MODEL_ID,
-                "choices": [{"index": 0, "text": result["text"], "finish_reason": result["finish_reason"],
-                             "logprobs": None}],
-                "usage": usage(result), "moerge": ext(result, bool((body.get("moerge") or {}).get("trace")))}
+        return await respond(job_from(body, prompt), body, chat=False)
 
     @app.post("/v1/experts")
     async def add_expert(name: Annotated[str, Form()], adapter_config: Annotated[UploadFile, File()],
