@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from moerge.errors import LibraryError
-from moerge.safe_io import atomic_write_bytes, atomic_write_json, load_safetensors
+from moerge.safe_io import TMP_PREFIX, atomic_write_bytes, atomic_write_json, load_safetensors
 
 __all__ = ["ExpertIndex", "IndexMismatchError"]
 
@@ -237,8 +237,9 @@ class ExpertIndex:
                                                "names": self._names, "keys": self._keys,
                                                "approx_threshold": self.approx_threshold, "hnsw_m": self.hnsw_m,
                                                "files": files, "sha256": digest})
-        for p in folder.iterdir():  # what an earlier save (or one killed midway) left
-            if p.is_file() and p.name != META_FILE and p.name not in digest:
+        for p in folder.iterdir():  # what an earlier save (or one killed midway) left; nothing else is touched
+            ours = (p.name.startswith(("vectors-", "faiss-", TMP_PREFIX)) or p.name in (VECTORS_FILE, INDEX_FILE))
+            if p.is_file() and ours and p.name not in digest:
                 p.unlink(missing_ok=True)
 
     @classmethod

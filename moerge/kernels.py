@@ -22,6 +22,7 @@ is how the tests check it without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -180,6 +181,12 @@ def routed_lora_(x: torch.Tensor, y: torch.Tensor, W: torch.Tensor, Bt: torch.Te
         bias = slots = wout = torch.empty(0, device=x.device)
     block_t = 16 if T <= 16 else 32
     grid = (B, triton.cdiv(T, block_t))
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
+        _launch(grid, x, W, bias, slots, Bt, y, wout, T, IN, OUT, R, gate_k, finish, top_k, block_t, gate)
+    return wout if gate else None
+
+
+def _launch(grid, x, W, bias, slots, Bt, y, wout, T, IN, OUT, R, gate_k, finish, top_k, block_t, gate) -> None:
     _routed_lora_kernel[grid](
         x, W, bias, slots, Bt, y, wout,
         T, IN, OUT, R, gate_k,
@@ -189,4 +196,3 @@ def routed_lora_(x: torch.Tensor, y: torch.Tensor, W: torch.Tensor, Bt: torch.Te
         K_PAD=_pow2(gate_k), R_PAD=_pow2(R), BLOCK_T=block_t, BLOCK_IN=64, BLOCK_OUT=64,
         IEEE=x.dtype == torch.float32,
     )
-    return wout if gate else None

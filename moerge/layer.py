@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from moerge import kernels
 from moerge.adapters.expert import DeltaWeights, LoRAWeights, ModuleWeights
@@ -142,9 +143,13 @@ class LayerBank:
         """A new bank with ``weights`` (expert name → this module's weights) added."""
         dtype, device = self.A_all.dtype, self.A_all.device
         lora, dense = dict(self.lora), dict(self.dense)
-        for name in weights:
+        for name, w in weights.items():
             if name in self:
                 raise ValueError(f"expert {name!r} is already in this layer")
+            if isinstance(w, LoRAWeights) and (tuple(w.A.shape) != (w.rank, self.A_all.shape[1])
+                                               or tuple(w.B.shape) != (self.Bt_all.shape[1], w.rank)):
+                raise ValueError(f"expert {name!r}: factors {tuple(w.A.shape)} and {tuple(w.B.shape)} do not fit "
+                                 f"this layer ({self.A_all.shape[1]} → {self.Bt_all.shape[1]})")
         new = {n: w for n, w in weights.items() if isinstance(w, LoRAWeights)}
         start = self.A_all.shape[0]
         st = self._room_for(sum(w.rank for w in new.values())) if new else self.storage
@@ -580,6 +585,8 @@ class ExpertLinear(nn.Module):
             if not g.gate_fused:
                 weights = state.router.gate(x3, state.candidates.repeat_rows(b // state.candidates.batch_size),
                                             self.info)  # (B, T, K)
+        if self.base_layer._forward_hooks or _global_forward_hooks:
+            y = y.clone()  # a hook may keep the base output: the experts' delta is added in place below
         y3, weights = g.add_delta(x3, y if three else y.reshape(b, -1, y.shape[-1]), weights, selection)
         if state.record_usage:
             state.record(self.module_name, weights)

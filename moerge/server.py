@@ -70,6 +70,11 @@ class _Job:
         return (self.temperature, self.top_p, self.experts is not None, self.exclude, self.seed)
 
 
+def _fail(job: _Job, e: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(e)
+
+
 class _OpenAIError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
@@ -81,6 +86,8 @@ class _Engine:
 
     def __init__(self, model: Any, tokenizer: Any, config: ServerConfig) -> None:
         self.model, self.tok, self.config = model, tokenizer, config
+        tokenizer.padding_side = "left"
+        self.tok_lock = threading.Lock()
         self.queue: queue.Queue[_Job] = queue.Queue()
         self.batches: list[int] = []  # sizes of the batches run (for tests and /v1/moerge/stats)
         self._stop = threading.Event()
@@ -117,37 +124,49 @@ class _Engine:
                     jobs.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # drop requests given up on
             groups: dict[tuple, list[_Job]] = {}
             for j in jobs:
                 groups.setdefault(j.key(), []).append(j)
             for group in groups.values():
-                self._run(group)
+                try:
+                    self._run(group)
+                except BaseException as e:  # noqa: BLE001 - one batch's failure is its requests', not the worker's
+                    if len(group) == 1:
+                        _fail(group[0], e)
+                        continue
+                    for job in group:  # run alone, so one bad request does not fail the others
+                        try:
+                            self._run([job])
+                        except BaseException as e1:  # noqa: BLE001
+                            _fail(job, e1)
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded token ids of ``texts`` on the model's device (the fast tokenizer's padding settings are
+        shared state: one call at a time)."""
+        with self.tok_lock:
+            batch = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(self.model.device) for k, v in batch.items()}
 
     def _run(self, jobs: list[_Job]) -> None:
-        try:
-            self.tok.padding_side = "left"
-            batch = self.tok([j.text for j in jobs], return_tensors="pt", padding=True, add_special_tokens=False)
-            batch = {k: v.to(self.model.device) for k, v in batch.items()}
-            first = jobs[0]
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
-            with torch.no_grad():
-                out = self.model.generate(**batch, experts=[j.experts for j in jobs] if first.experts is not None
-                                          else None, exclude=first.exclude or None,
-                                          **self._kwargs(first, max(j.max_tokens for j in jobs)))
-            routing = self.model.last_routing
-            self.batches.append(len(jobs))
-            width = batch["input_ids"].shape[1]
-            for b, job in enumerate(jobs):
-                ids = out[b, width:].tolist()
-                text, finish, n = self._finish(ids, job)
+        batch = self.encode([j.text for j in jobs])
+        first = jobs[0]
+        if first.seed is not None:
+            torch.manual_seed(first.seed)
+        with torch.no_grad():
+            out = self.model.generate(**batch, experts=[j.experts for j in jobs] if first.experts is not None
+                                      else None, exclude=first.exclude or None,
+                                      **self._kwargs(first, max(j.max_tokens for j in jobs)))
+        routing = self.model.last_routing
+        self.batches.append(len(jobs))
+        width = batch["input_ids"].shape[1]
+        for b, job in enumerate(jobs):
+            ids = out[b, width:].tolist()
+            text, finish, n = self._finish(ids, job)
+            if not job.future.done():
                 job.future.set_result({"text": text, "finish_reason": finish, "completion_tokens": n,
                                        "prompt_tokens": int(batch["attention_mask"][b].sum()),
                                        "routing": routing[b], "batch_size": len(jobs)})
-        except BaseException as e:  # noqa: BLE001 - handed to every waiting request
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(e)
 
     def _finish(self, ids: list[int], job: _Job) -> tuple[str, str, int]:
         """The completion's text, why it ended and its token count: cut at the end of turn / EOS, at the request's
@@ -170,18 +189,24 @@ class _Engine:
     def stream(self, job: _Job, info: dict[str, Any]) -> Iterator[str]:
         """The completion's text in pieces, as generated (one request per generate call); when done, ``info``
         holds the finish reason, the routing and the token count."""
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        batch = self.tok([job.text], return_tensors="pt", add_special_tokens=False)
-        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        batch = self.encode([job.text])
         result: dict[str, Any] = {}
+        cancel = threading.Event()  # a stop sequence was met, or the client went away: stop generating
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         def run() -> None:
             try:
                 with torch.no_grad():
                     out = self.model.generate(**batch, streamer=streamer, experts=job.experts,
-                                              exclude=job.exclude or None, **self._kwargs(job, job.max_tokens))
+                                              exclude=job.exclude or None,
+                                              stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                                              **self._kwargs(job, job.max_tokens))
                 result["routing"] = self.model.last_routing[0]
                 result["ids"] = out[0, batch["input_ids"].shape[1]:].tolist()
             except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
@@ -191,17 +216,21 @@ class _Engine:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         sent, stopped = "", False
-        for piece in streamer:
-            if stopped:
-                continue  # drain: the generation runs to its end
-            text = sent + piece
-            cut = min((text.index(s) for s in job.stop if s and s in text), default=None)
-            if cut is not None:
-                text, stopped = text[:cut], True
-            if len(text) > len(sent):
-                yield text[len(sent):]
-            sent = text
-        thread.join()
+        try:
+            for piece in streamer:
+                if stopped:
+                    continue  # what the generation made before it saw the cancel
+                text = sent + piece
+                cut = min((text.index(s) for s in job.stop if s and s in text), default=None)
+                if cut is not None:
+                    text, stopped = text[:cut], True
+                    cancel.set()
+                if len(text) > len(sent):
+                    yield text[len(sent):]
+                sent = text
+        finally:  # also when the client disconnects (the generator is closed)
+            cancel.set()
+            thread.join()
         if "error" in result:
             raise result["error"]
         _, finish, n = self._finish(result["ids"], job)
@@ -261,19 +290,45 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
         exclude = ext.get("exclude") or []
         if not (isinstance(exclude, list) and all(isinstance(n, str) for n in exclude)):
             raise _OpenAIError(400, "moerge.exclude must be a list of expert names", param="moerge.exclude")
+        known = set(model.experts)
+        if experts is not None and isinstance(experts, dict):
+            bad = [n for n, w in experts.items() if n not in known or isinstance(w, bool)
+                   or not isinstance(w, (int, float))]
+            if bad:
+                raise _OpenAIError(400, f"moerge.experts: unknown expert or weight not a number: {bad[:5]}",
+                                   param="moerge.experts")
+        if any(n not in known for n in exclude):
+            raise _OpenAIError(400, f"moerge.exclude: unknown experts {[n for n in exclude if n not in known][:5]}",
+                               param="moerge.exclude")
         stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else list(stop)
+        stop = [stop] if isinstance(stop, str) else stop
+        if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) for x in stop)):
+            raise _OpenAIError(400, "stop must be a string or a list of at most 4 strings", param="stop")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise _OpenAIError(400, "seed must be an integer", param="seed")
+        asked = body.get("max_completion_tokens", body.get("max_tokens"))
         try:
-            max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or config.default_max_tokens)
+            max_tokens = int(asked if asked is not None else config.default_max_tokens)
             temperature = float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0)
             top_p = float(body.get("top_p") if body.get("top_p") is not None else 1.0)
         except (TypeError, ValueError):
             raise _OpenAIError(400, "max_tokens, temperature and top_p must be numbers") from None
         if max_tokens <= 0 or temperature < 0 or not 0 < top_p <= 1:
             raise _OpenAIError(400, "max_tokens must be positive, temperature ≥ 0 and top_p in (0, 1]")
-        if int(body.get("n") or 1) != 1:
+        if body.get("n") not in (None, 1):
             raise _OpenAIError(400, "n > 1 is not supported; send several requests (they are batched)", param="n")
-        return _Job(text, max_tokens, temperature, top_p, stop, experts, tuple(sorted(exclude)), body.get("seed"))
+        with engine.tok_lock:
+            n_prompt = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ctx = model.context_length
+        if n_prompt == 0:
+            raise _OpenAIError(400, "the prompt is empty", param="prompt")
+        if asked is None and ctx is not None:  # the default never asks for more than the context holds
+            max_tokens = max(1, min(max_tokens, ctx - n_prompt))
+        if ctx is not None and n_prompt + max_tokens > ctx:
+            raise _OpenAIError(400, f"the prompt has {n_prompt} tokens and {max_tokens} are asked for: longer than "
+                                    f"the model's context of {ctx} tokens", param="max_tokens")
+        return _Job(text, max_tokens, temperature, top_p, stop, experts, tuple(sorted(exclude)), seed)
 
     async def run(job: _Job) -> dict[str, Any]:
         engine.queue.put(job)
@@ -320,8 +375,9 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
                     first = False
                 extra = {"batch_size": 1, **({"routing": [_routing_json(info["routing"])]} if trace else {})}
                 yield chunk(None, info["finish_reason"], first, extra)
-            except MoErgeError as e:
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'invalid_request_error'}})}\n\n"
+            except Exception as e:  # noqa: BLE001 - the stream has started: report in it, then end it properly
+                kind = "invalid_request_error" if isinstance(e, MoErgeError) else "server_error"
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': kind}})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

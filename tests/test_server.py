@@ -154,3 +154,31 @@ def test_an_expert_uploaded_over_http_is_checked_then_served(server):
     assert httpx.delete(f"{url}/v1/experts/json").json()["deleted"] is True
     assert "moerge/json" not in [m.id for m in client.models.list().data]
     assert httpx.delete(f"{url}/v1/experts/json").status_code == 404
+
+
+def test_bad_requests_are_refused_and_the_server_keeps_serving(server):
+    url, client, *_ = server
+    messages = [{"role": "user", "content": "hi"}]
+    for body, match in [({"seed": [1]}, "seed"), ({"stop": [1]}, "stop"), ({"n": 2}, "n > 1"),
+                        ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10_000}, "context"),
+                        ({"moerge": {"exclude": ["nope"]}}, "unknown experts"),
+                        ({"moerge": {"experts": {"sort": "x"}}}, "not a number")]:
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "moerge", "messages": messages, **body},
+                       timeout=60)
+        assert r.status_code == 400 and match in r.json()["error"]["message"], (body, r.text)
+    ok = client.chat.completions.create(model="moerge", messages=messages, max_tokens=2, temperature=0)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_stop_sequence_ends_a_stream_early(server):
+    _, client, *_ = server
+    prompts = ["abc", "hello world", "sort: b a", "zzz", "1 2 3", "the cat", "x", "qwerty"]
+    answers = {p: client.completions.create(model="moerge", prompt=p, max_tokens=12, temperature=0).choices[0].text
+               for p in prompts}
+    prompt, full = max(answers.items(), key=lambda t: len(set(t[1])))  # the answer with the most distinct chars
+    assert len(set(full)) >= 3, answers
+    stop = next(c for c in full[1:] if c != full[0])  # a character after the start, never the first one
+    chunks = list(client.completions.create(model="moerge", prompt=prompt, max_tokens=12, temperature=0,
+                                            stream=True, stop=[stop]))
+    text = "".join(c.choices[0].text for c in chunks)
+    assert text == full[: full.index(stop)] and chunks[-1].choices[0].finish_reason == "stop"
