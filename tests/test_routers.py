@@ -140,10 +140,11 @@ def test_the_fast_decode_step_equals_the_general_path(router, monkeypatch):
 def test_excluded_experts_are_never_used():
     import copy
 
-    from conftest import VOCAB, rand_expert, tiny_llama
     from moerge import MoErgeModel
     from moerge.errors import RoutingError
     from moerge.routing import build_router
+
+    from conftest import VOCAB, rand_expert, tiny_llama
 
     base = tiny_llama()
     model = MoErgeModel(copy.deepcopy(base), build_router("arrow", top_k=2))
