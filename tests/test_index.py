@@ -164,3 +164,13 @@ def test_a_save_killed_midway_leaves_the_previous_index(tmp_path, monkeypatch):
     idx.save(tmp_path)  # the next save switches and removes what the killed one left
     assert ExpertIndex.load(tmp_path).names == ["a", "b"]
     assert len([p for p in tmp_path.iterdir()]) == 3
+
+
+def test_save_leaves_other_files_in_the_folder_alone(tmp_path):
+    idx = ExpertIndex(8)
+    idx.add("a", np.eye(8, dtype=np.float32)[:1])
+    (tmp_path / "notes.txt").write_text("mine")
+    idx.save(tmp_path)
+    idx.add("b", np.eye(8, dtype=np.float32)[1:2])
+    idx.save(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 4

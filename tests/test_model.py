@@ -667,3 +667,17 @@ def test_adding_experts_appends_in_place_and_never_changes_an_older_bank():
     assert not torch.equal(stale.weights_of("d").A, b2.weights_of("c").A)
     assert b2.without({"b"}).names == ["a", "c"] and torch.equal(b2.without({"b"}).weights_of("c").A,
                                                                 b2.weights_of("c").A)
+
+
+def test_a_forward_hook_on_a_base_layer_sees_the_base_output(lib2, base, input_ids):
+    model = MoErgeModel.from_library(copy.deepcopy(base), lib2, router="explicit")
+    layer = model.base.get_submodule("model.layers.0.self_attn.q_proj")
+    seen = []
+    layer.base_layer.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        x = torch.randn(1, 3, layer.in_features)
+        with model.routing(input_ids[:1], experts={"a": 1.0}):
+            routed = layer(x)
+        plain = layer.base_layer(x)
+    torch.testing.assert_close(seen[0], plain)  # the hook kept the base output, not the routed one
+    assert not torch.allclose(routed, plain)
