@@ -509,7 +509,7 @@ class GatheredLayer:
             else:
                 y = y + torch.bmm(h, g.Bt).to(y.dtype)
         for d in self.dense:
-            xr = x.to(self.dtype).index_select(0, d.rows)  # (n, T, in)
+            xr = xg.index_select(0, d.rows)  # (n, T, in)
             yr = F.linear(xr, d.delta, d.bias)  # (n, T, out)
             if token_weights is not None:
                 w = token_weights.index_select(0, d.rows)  # (n, T, K)

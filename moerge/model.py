@@ -421,15 +421,17 @@ class MoErgeModel(nn.Module):
         experts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
         inputs_embeds: torch.Tensor | None = None,
         exclude: Iterable[str] | None = None,
+        new_tokens: int = 0,
     ) -> RoutingState:
         """Decide the routing of a batch (the global stage) and gather every module's candidate factors.
 
         ``experts`` forces a mix per row (``[{"sql": 1.0}, {"math": .5, "sql": .5}]``) or one mix for all rows.
         ``exclude`` names experts no row may use: they are dropped from the router's candidates (sequence weights
-        are renormalised over the rest).
+        are renormalised over the rest). An empty prompt, or one that with ``new_tokens`` to generate exceeds the
+        base's context, is refused.
         """
         self._require_active()
-        self._check_prompt(input_ids, attention_mask)
+        self._check_prompt(input_ids, attention_mask, new_tokens)
         if experts is not None and isinstance(experts, Mapping):
             experts = [experts]
         with self._lock:
@@ -495,7 +497,6 @@ class MoErgeModel(nn.Module):
             return
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise RoutingError(f"the prompt is empty (input_ids of shape {tuple(input_ids.shape)})")
-        lengths = [input_ids.shape[1]] * input_ids.shape[0]
         if attention_mask is not None:
             lengths = attention_mask.reshape(input_ids.shape[0], -1).sum(-1).tolist()
             empty = [b for b, n in enumerate(lengths) if n == 0]
@@ -552,13 +553,11 @@ class MoErgeModel(nn.Module):
         The routing is kept in :attr:`last_routing`.
         """
         input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
-        if input_ids is not None:
-            new = kwargs.get("max_new_tokens")
-            if new is None and kwargs.get("generation_config") is not None:
-                new = kwargs["generation_config"].max_new_tokens
-            self._check_prompt(input_ids, kwargs.get("attention_mask"), int(new or 0))
+        new = kwargs.get("max_new_tokens")
+        if new is None and kwargs.get("generation_config") is not None:
+            new = kwargs["generation_config"].max_new_tokens
         state = self.route(input_ids, kwargs.get("attention_mask"), experts=experts,
-                           inputs_embeds=kwargs.get("inputs_embeds"), exclude=exclude)
+                           inputs_embeds=kwargs.get("inputs_embeds"), exclude=exclude, new_tokens=int(new or 0))
         with self.context.activate(state):
             out = self.base.generate(input_ids, **kwargs) if input_ids is not None else self.base.generate(**kwargs)
         self.last_routing = state.trace()

@@ -440,24 +440,21 @@ class RoutingState:
         """``(B, T, K)``: the gate's weights for every token this state's calls ran through ``module``, in order
         (kept only with ``keep_tokens``; else what is not yet summed); ``None`` if none were recorded."""
         kept = self._weights.get(module)
-        if not kept:
-            return None
+        return torch.cat([self._per_row(w) for w in kept], dim=1) if kept else None
+
+    def _per_row(self, weights: torch.Tensor) -> torch.Tensor:
+        """``(B, T, K)`` float weights per routed row: rows repeated by generate (beams, samples) folded back."""
+        w = weights.detach().float()
         b = self.candidates.batch_size
-        ws = [w.detach().float() if w.shape[0] == b else w.detach().float().reshape(b, -1, *w.shape[1:]).mean(1)
-              for w in kept]
-        return torch.cat(ws, dim=1)
+        return w if w.shape[0] == b else w.reshape(b, -1, *w.shape[1:]).mean(1)
 
     def _fold(self, module: str) -> None:
         """Sum the weights kept for ``module`` into its usage totals."""
         kept = self._weights.pop(module, [])
         if not kept:
             return
-        b = self.candidates.batch_size
         total = self.usage.get(module)
-        for w in kept:
-            w = w.detach().float()
-            if w.shape[0] != b:  # rows repeated by generate (beams / samples): fold back
-                w = w.reshape(b, -1, *w.shape[1:]).mean(1)
+        for w in map(self._per_row, kept):
             s = w.sum(1)  # (B, K)
             total = s if total is None else total + s
             self.usage_tokens[module] = self.usage_tokens.get(module, 0) + int(w.shape[1])
