@@ -78,8 +78,8 @@ def _known_config_fields() -> set[str]:
 def _refuse_unknown_fields(config: dict[str, Any], name: str, file: Path) -> None:
     """A field the installed PEFT does not know may change what the adapter means (a newer PEFT feature), so one
     that is set (not null, false, 0 or empty) is refused; an unset one is ignored."""
-    unknown = sorted(k for k, v in config.items() if k not in _known_config_fields() and v not in (None, False, 0, "",
-                                                                                                  [], {}))
+    known = _known_config_fields()
+    unknown = sorted(k for k, v in config.items() if k not in known and v not in (None, False, 0, "", [], {}))
     if unknown:
         import peft
 
@@ -220,12 +220,6 @@ def load_peft_lora(
             missing = "lora_B" if "A" in ab else "lora_A"
             raise ExpertFormatError(f"module {module!r} has no {missing} weight", expert=name, file=str(weights_file))
         a, b = ab["A"], ab["B"]
-        for what, t in (("lora_A", a), ("lora_B", b)):
-            if not t.is_floating_point():
-                raise ExpertFormatError(f"{what} of module {module!r} has dtype {t.dtype}, not a float type",
-                                        expert=name, file=str(weights_file))
-        if dtype is not None:
-            a, b = a.to(dtype), b.to(dtype)
         rk = peft_pattern_key(rank_pattern, module)
         ak = peft_pattern_key(alpha_pattern, module)
         r = int(rank_pattern[rk]) if rk is not None else int(r_default)
@@ -243,7 +237,10 @@ def load_peft_lora(
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         w = LoRAWeights(a, b, scale)
         try:
-            w.validate(name, module)
+            w.validate(name, module)  # as stored (an integer tensor is refused, not cast) ...
+            if dtype is not None:
+                w = LoRAWeights(a.to(dtype), b.to(dtype), scale)
+                w.validate(name, module)  # ... and as cast (a narrower dtype may overflow)
         except ExpertFormatError as e:
             raise e.at(str(weights_file)) from None
         modules[module] = w

@@ -283,21 +283,16 @@ class ExpertLibrary:
                                file=str(self.root / MANIFEST))
 
     def _expert_dir(self, name: str) -> Path:
-        experts = self.root / EXPERTS_DIR
-        if experts.is_symlink() or (experts.exists() and experts.resolve().parent != self.root.resolve()):
-            raise LibraryError("the experts folder is a link that leads out of the library", expert=name,
-                               file=str(experts))
-        d = experts / name
-        if d.is_symlink() or (d.exists() and d.resolve().parent != experts.resolve()):
-            raise LibraryError("the expert's folder leads out of the library", expert=name, file=str(d))
-        return d
+        experts = self._inside(self.root / EXPERTS_DIR, self.root, name,
+                               "the experts folder is a link that leads out of the library")
+        return self._inside(experts / name, experts, name, "the expert's folder leads out of the library")
 
     @staticmethod
-    def _inside(path: Path, folder: Path, name: str) -> Path:
-        """``path``, a file of ``folder``: refused when it is a link (it could lead anywhere)."""
+    def _inside(path: Path, folder: Path, name: str,
+                problem: str = "the file is a link that leads out of the expert's folder") -> Path:
+        """``path``, an entry of ``folder``: refused when it is a link (it could lead anywhere)."""
         if path.is_symlink() or (path.exists() and path.resolve().parent != folder.resolve()):
-            raise LibraryError("the file is a link that leads out of the expert's folder", expert=name,
-                               file=str(path))
+            raise LibraryError(problem, expert=name, file=str(path))
         return path
 
     def get(self, name: str) -> Expert:
