@@ -422,11 +422,6 @@ def _encode(model: Any, prompt: str) -> dict[str, Any]:
     return model.tokenizer(chat_prompt(model.tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
 
 
-def _row(routing: Any) -> dict[str, Any]:
-    return {"experts": routing.experts, "candidates": dict(zip(routing.candidates, routing.scores)),
-            "layer_usage": routing.layer_usage}
-
-
 @app.command()
 def route(
     prompt: Annotated[str, typer.Argument(help="the request, as a user would write it")],
@@ -450,7 +445,7 @@ def route(
         batch = _encode(model, prompt)
         with torch.no_grad():
             model(**batch)
-        data = {"prompt": prompt, "router": model.router.name, **_row(model.last_routing[0])}
+        data = {"prompt": prompt, "router": model.router.name, **model.last_routing[0].to_json()}
         if query in ("description", "both"):  # what the LLM wrote (cached: the routing above made it)
             data["description"] = model.router.describer([model._decode_prompts(batch["input_ids"], None)[0]])[0]
         if not explain:
@@ -502,7 +497,7 @@ def generate(
             out = model.generate(**batch, experts=mix, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         text = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        return {"prompt": prompt, "answer": text, **_row(model.last_routing[0])}
+        return {"prompt": prompt, "answer": text, **model.last_routing[0].to_json()}
 
     data = _run(work, as_json)
     mix = ", ".join(f"{n} {w:.2f}" for n, w in sorted(data["experts"].items(), key=lambda t: -t[1]))

@@ -402,6 +402,11 @@ class RowRouting:
     scores: list[float]
     layer_usage: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    def to_json(self) -> dict[str, Any]:
+        """The row's routing as plain JSON: experts → weight, candidates → score, and the per-layer usage."""
+        return {"experts": self.experts, "candidates": dict(zip(self.candidates, self.scores)),
+                "layer_usage": self.layer_usage}
+
     def top(self) -> str | None:
         return max(self.experts, key=lambda e: self.experts[e]) if self.experts else None
 

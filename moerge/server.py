@@ -87,6 +87,8 @@ class _Engine:
     def __init__(self, model: Any, tokenizer: Any, config: ServerConfig) -> None:
         self.model, self.tok, self.config = model, tokenizer, config
         tokenizer.padding_side = "left"
+        vocab = tokenizer.get_vocab()
+        self.ends = {tokenizer.eos_token_id, self.pad_id} | ({vocab["<|im_end|>"]} if "<|im_end|>" in vocab else set())
         self.tok_lock = threading.Lock()
         self.queue: queue.Queue[_Job] = queue.Queue()
         self.batches: list[int] = []  # sizes of the batches run (for tests and /v1/moerge/stats)
@@ -171,12 +173,10 @@ class _Engine:
     def _finish(self, ids: list[int], job: _Job) -> tuple[str, str, int]:
         """The completion's text, why it ended and its token count: cut at the end of turn / EOS, at the request's
         own max_tokens (a batch generates up to its longest), and at the first stop sequence."""
-        eos = {self.tok.eos_token_id, self.pad_id}
-        end = self.tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tok.get_vocab() else None
         finish = "length"
         kept: list[int] = []
         for t in ids[: job.max_tokens]:
-            if t in eos or t == end:
+            if t in self.ends:  # end of sequence, padding, or the chat template's end of turn
                 finish = "stop"
                 break
             kept.append(t)
@@ -236,10 +236,6 @@ class _Engine:
         _, finish, n = self._finish(result["ids"], job)
         info.update(finish_reason="stop" if stopped else finish, routing=result["routing"], completion_tokens=n,
                     prompt_tokens=int(batch["attention_mask"].sum()))
-
-
-def _routing_json(r: Any) -> dict[str, Any]:
-    return {"experts": r.experts, "candidates": dict(zip(r.candidates, r.scores)), "layer_usage": r.layer_usage}
 
 
 def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -> Any:
@@ -340,7 +336,7 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
     def ext(result: dict[str, Any], trace: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"batch_size": result.get("batch_size", 1)}
         if trace:
-            out["routing"] = [_routing_json(result["routing"])]
+            out["routing"] = [result["routing"].to_json()]
         return out
 
     def usage(result: dict[str, Any]) -> dict[str, int]:
@@ -373,7 +369,7 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
                 for piece in engine.stream(job, info):
                     yield chunk(piece, None, first)
                     first = False
-                extra = {"batch_size": 1, **({"routing": [_routing_json(info["routing"])]} if trace else {})}
+                extra = {"batch_size": 1, **({"routing": [info["routing"].to_json()]} if trace else {})}
                 yield chunk(None, info["finish_reason"], first, extra)
             except Exception as e:  # noqa: BLE001 - the stream has started: report in it, then end it properly
                 kind = "invalid_request_error" if isinstance(e, MoErgeError) else "server_error"

@@ -26,24 +26,36 @@ def _layer_of(module: str) -> str:
     return f"layer {int(m.group(1))}" if m else module
 
 
+def _check_by(by: str) -> None:
+    if by not in ("layer", "module"):
+        raise ValueError(f"by must be 'layer' or 'module', got {by!r}")
+
+
+def _by_layer(per_module: dict[str, np.ndarray], by: str) -> tuple[list[str], np.ndarray]:
+    """``(names, M)``: each module's array as is (``by="module"``), or averaged over the modules of each transformer
+    layer, layers in numeric order (``by="layer"``)."""
+    _check_by(by)
+    groups: dict[str, list[np.ndarray]] = {}
+    for module, a in per_module.items():
+        groups.setdefault(module if by == "module" else _layer_of(module), []).append(a)
+    names = list(groups)
+    if by == "layer":
+        names.sort(key=lambda n: (0, int(n.split()[1])) if n.startswith("layer ") else (1, n))
+    return names, np.stack([np.mean(groups[n], axis=0) for n in names]) if names else np.zeros((0,))
+
+
 def usage_matrix(row: RowRouting, *, by: str = "layer") -> tuple[list[str], list[str], np.ndarray]:
     """``(rows, experts, M)``: ``M[i, j]`` the mean weight the local gate gave expert ``j`` over the row's tokens in
     module ``i`` (``by="module"``) or averaged over the patched modules of transformer layer ``i`` (``by="layer"``).
     Experts are the row's candidates in slot order. For sequence-level routing (no local gate) every module
     uses the row's mixing weights, so ``M`` has one row of them."""
-    if by not in ("layer", "module"):
-        raise ValueError(f"by must be 'layer' or 'module', got {by!r}")
     experts = list(row.candidates) or list(row.experts)
     if not row.layer_usage:
+        _check_by(by)
         return ["all modules"], experts, np.array([[row.experts.get(e, 0.0) for e in experts]], dtype=np.float64)
-    groups: dict[str, list[list[float]]] = {}
-    for module, usage in row.layer_usage.items():
-        key = module if by == "module" else _layer_of(module)
-        groups.setdefault(key, []).append([usage.get(e, 0.0) for e in experts])
-    names = list(groups)
-    if by == "layer":
-        names.sort(key=lambda n: (0, int(n.split()[1])) if n.startswith("layer ") else (1, n))
-    return names, experts, np.array([np.mean(groups[n], axis=0) for n in names], dtype=np.float64)
+    names, M = _by_layer({m: np.array([u.get(e, 0.0) for e in experts], dtype=np.float64)
+                          for m, u in row.layer_usage.items()}, by)
+    return names, experts, M
 
 
 def token_usage(model: Any, input_ids: Any, attention_mask: Any = None, *, row: int = 0,
@@ -53,8 +65,7 @@ def token_usage(model: Any, input_ids: Any, attention_mask: Any = None, *, row: 
     or averaged over the modules of layer ``i`` (``by="layer"``). Empty when the router has no local gate."""
     import torch
 
-    if by not in ("layer", "module"):
-        raise ValueError(f"by must be 'layer' or 'module', got {by!r}")
+    _check_by(by)  # before running anything
     state = model.route(input_ids, attention_mask)
     state.keep_tokens = True
     with torch.no_grad(), model.context.activate(state):
@@ -63,21 +74,13 @@ def token_usage(model: Any, input_ids: Any, attention_mask: Any = None, *, row: 
     c = state.candidates
     experts = [c.names[i] for i in c.ids[row].tolist() if i >= 0]
     slots = [j for j, i in enumerate(c.ids[row].tolist()) if i >= 0]
-    groups: dict[str, list[np.ndarray]] = {}
-    for module in state.usage:
-        w = state.token_weights(module)
-        if w is None:
-            continue
-        key = module if by == "module" else _layer_of(module)
-        groups.setdefault(key, []).append(w[row][:, slots].cpu().numpy())  # (T, K)
-    names = list(groups)
-    if by == "layer":
-        names.sort(key=lambda n: (0, int(n.split()[1])) if n.startswith("layer ") else (1, n))
+    per_module = {m: w[row][:, slots].cpu().numpy() for m in state.usage  # (T, K)
+                  if (w := state.token_weights(m)) is not None}
+    names, W = _by_layer(per_module, by)
     tok = getattr(model, "tokenizer", None)
     ids = input_ids[row].tolist()
     tokens = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
-    W = np.stack([np.mean(groups[n], axis=0) for n in names]) if names else np.zeros((0, len(ids), len(experts)))
-    return names, tokens, experts, W
+    return names, tokens, experts, W if names else np.zeros((0, len(ids), len(experts)))
 
 
 def save_usage_heatmap(routing: RowRouting | Sequence[RowRouting], path: str | Path, *, by: str = "layer",
