@@ -28,15 +28,15 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(PY) -m moerge.demo
+	$(PY) -m moerge.lab.demo
 
 demo-tiny: $(STAMP)
-	$(PY) -m moerge.demo_tiny
+	$(PY) -m moerge.lab.demo_tiny
 
 zoo: $(STAMP)
-	$(PY) -m moerge.zoo build
-	$(PY) -m moerge.zoo gates
-	$(PY) -m moerge.zoo xlora
+	$(PY) -m moerge.lab.zoo build
+	$(PY) -m moerge.lab.zoo gates
+	$(PY) -m moerge.lab.zoo xlora
 
 MERGES := merge:task_arithmetic?scale=0.3,merge:ties?density=0.2,merge:dare_linear?density=0.3&weight=0.3,\
 merge:dare_ties?density=0.3,merge:magnitude_prune?density=0.2&weight=0.3,\
@@ -47,9 +47,9 @@ compress:bitdelta,compress:svd?rank=2,compress:svd?rank=1
 
 # the routing table, then the static merges and the compressed experts added to it (about 40 min in all)
 eval: $(STAMP)
-	$(PY) -m moerge.eval --limit 30 --retrieval --out results \
+	$(PY) -m moerge.lab.eval --limit 30 --retrieval --out results \
 	  --methods base,oracle,uniform,twin,glider_global,router:glider,router:phatgoose,router:arrow,router:xlora
-	$(PY) -m moerge.eval --limit 30 --out results --update --methods "$(MERGES),$(COMPRESSIONS)"
+	$(PY) -m moerge.lab.eval --limit 30 --out results --update --methods "$(MERGES),$(COMPRESSIONS)"
 
 lint: $(STAMP)
 	$(PY) -m ruff check moerge adapters routers tests

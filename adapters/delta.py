@@ -4,7 +4,7 @@ Every linear module (``nn.Linear`` or GPT-2 ``Conv1D``) whose weight or bias cha
 :class:`~moerge.adapters.expert.DeltaWeights`, or, with ``rank=r``, LoRA factors from the truncated SVD of its
 ``ΔW`` (``B = U_r·S_r``, ``A = V_rᵀ``, scale 1). The diff can be applied to any base of the same architecture,
 e.g. an updated version of the base it was made on (the library checks architecture and shapes; see
-:mod:`moerge.fingerprint`).
+:mod:`moerge.core.fingerprint`).
 
 Parameters outside linear modules (norms, embeddings) cannot be routed per token; when they changed,
 ``on_other_params`` decides: ``"warn"`` (default: drop them with a warning and record their names in the
@@ -27,8 +27,8 @@ from moerge.adapters.expert import (
     ModuleWeights,
     validate_name,
 )
+from moerge.core.fingerprint import compact_fingerprint, fingerprint, is_linear_like, unwrap_linear
 from moerge.errors import BaseMismatchError, ExpertFormatError
-from moerge.fingerprint import compact_fingerprint, fingerprint, is_linear_like
 
 __all__ = ["truncate_factors", "expert_from_diff", "low_rank_factors"]
 
@@ -95,17 +95,14 @@ def expert_from_diff(
     validate_name(name)
     if on_other_params not in ("warn", "error", "ignore"):
         raise ValueError(f"on_other_params must be 'warn', 'error' or 'ignore', got {on_other_params!r}")
-    from moerge.layer import ExpertLinear
-
     base_mods = dict(base.named_modules())
     ft_mods = dict(finetuned.named_modules())
     modules: dict[str, ModuleWeights] = {}
     covered: set[str] = set()
     with torch.no_grad():
-        for mname, bmod in base_mods.items():
-            if isinstance(bmod, ExpertLinear):
-                bmod = bmod.base_layer
-            elif not is_linear_like(bmod) or mname.endswith(".base_layer"):
+        for mname, module in base_mods.items():
+            bmod = unwrap_linear(mname, module)
+            if bmod is None:
                 continue
             fmod = ft_mods.get(mname)
             if fmod is None or not is_linear_like(fmod):

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from moerge.adapters.packed import PackedSigns
 from moerge.errors import ExpertFormatError
 
 __all__ = ["Expert", "ExpertMetadata", "LoRAWeights", "DeltaWeights", "ModuleWeights", "validate_name"]
@@ -158,7 +159,7 @@ ModuleWeights = LoRAWeights | DeltaWeights
 class ExpertMetadata:
     """What an expert is for and where it came from.
 
-    ``base_fingerprint`` is the dict of :func:`moerge.fingerprint.fingerprint` for the base the expert was made on
+    ``base_fingerprint`` is the dict of :func:`moerge.core.fingerprint.fingerprint` for the base the expert was made on
     (``None`` when unknown, e.g. a PEFT adapter added before any base was seen).
     """
 
@@ -195,8 +196,8 @@ class ExpertMetadata:
 class Expert:
     """One expert: a name, its metadata and its weights per target module.
 
-    Build one directly, or with :meth:`from_peft` (a PEFT LoRA directory) or :meth:`from_diff` (a full fine-tune
-    minus its base). ``modules`` maps a module name of the base (``"model.layers.0.self_attn.q_proj"``) to
+    Build one directly, or with :func:`~moerge.adapters.peft_loader.load_peft_lora` (a PEFT LoRA directory) or
+    :func:`~moerge.adapters.delta.expert_from_diff` (a full fine-tune minus its base). ``modules`` maps a module name of the base (``"model.layers.0.self_attn.q_proj"``) to
     :class:`LoRAWeights` or :class:`DeltaWeights`.
     """
 
@@ -312,8 +313,6 @@ class Expert:
         used: set[str] = set()
         compressed: dict[str, Any] = {}
         if any(isinstance(s, Mapping) and s.get("compressed") for s in spec.values()):
-            from moerge.adapters.compress import PackedSigns
-
             tensors = dict(tensors)
             for m, s in spec.items():
                 entries = s.get("compressed") or {}
@@ -363,19 +362,3 @@ class Expert:
             return cls(name=name, modules=mods, metadata=metadata or ExpertMetadata(), compressed=compressed)
         except ExpertFormatError as e:
             raise e.at(file) from None
-
-    # --- constructors -------------------------------------------------------------------------------------------
-    @classmethod
-    def from_peft(cls, path: str, name: str, **kwargs: Any) -> Expert:
-        """Load a PEFT LoRA directory; see :func:`moerge.adapters.peft_loader.load_peft_lora`."""
-        from moerge.adapters.peft_loader import load_peft_lora
-
-        return load_peft_lora(path, name=name, **kwargs)
-
-    @classmethod
-    def from_diff(cls, finetuned: torch.nn.Module, base: torch.nn.Module, name: str, **kwargs: Any) -> Expert:
-        """The fine-tuning diff vector ``finetuned − base``; see :func:`moerge.adapters.delta.expert_from_diff`."""
-        from moerge.adapters.delta import expert_from_diff
-
-        return expert_from_diff(finetuned, base, name=name, **kwargs)
-

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from moerge.adapters.expert import Expert, ExpertMetadata, LoRAWeights, ModuleWeights, validate_name
+from moerge.core.safe_io import load_safetensors
 from moerge.errors import ExpertFormatError
-from moerge.safe_io import load_safetensors
 
 __all__ = ["load_peft_lora", "save_peft_lora", "peft_pattern_key", "PICKLE_SUFFIXES"]
 
@@ -280,7 +280,7 @@ def save_peft_lora(expert: Expert, folder: str | Path, *, base_model_name_or_pat
     """
     from collections import Counter
 
-    from moerge.safe_io import atomic_write_json, save_safetensors
+    from moerge.core.safe_io import atomic_write_json, save_safetensors
 
     dense = sorted(m for m, w in expert.modules.items() if not isinstance(w, LoRAWeights))
     if dense:

@@ -20,14 +20,14 @@ from typing import Any
 from torch import nn
 
 from moerge.adapters.expert import Expert
-from moerge.errors import BaseMismatchError
-from moerge.fingerprint import (
+from moerge.core.fingerprint import (
     check_expert_shapes,
     compact_fingerprint,
     compare_fingerprints,
     fingerprint,
     linear_modules,
 )
+from moerge.errors import BaseMismatchError
 
 __all__ = ["BaseDistance", "base_distance", "transfer_expert"]
 

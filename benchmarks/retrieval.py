@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from moerge.embed import default_sentence_embedder
-    from moerge.index import ExpertIndex
+    from moerge.routing.embed import default_sentence_embedder
+    from moerge.library.index import ExpertIndex
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     print(f"command: python {' '.join(sys.argv)}")

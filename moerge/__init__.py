@@ -10,16 +10,9 @@
 from moerge.adapters.expert import DeltaWeights, Expert, ExpertMetadata, LoRAWeights
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError, MoErgeError, RoutingError
 from moerge.library import ExpertLibrary
-from moerge.model import MoErgeModel
-from moerge.routing import (
-    Candidates,
-    Router,
-    RoutingRequest,
-    RowRouting,
-    build_router,
-    list_routers,
-    register_router,
-)
+from moerge.routers import build_router, list_routers
+from moerge.routing import Candidates, Router, RoutingRequest, RowRouting, register_router
+from moerge.runtime.model import MoErgeModel
 
 __version__ = "0.1.0"
 

@@ -9,9 +9,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from moerge.routing import Router, build_router, list_routers, register_router, router_class
+from moerge.routing.router import (
+    Router,
+    RouterContext,
+    build_router,
+    list_routers,
+    register_router,
+    router_class,
+)
 
-__all__ = ["Router", "build_router", "list_routers", "register_router", "router_class"]
+__all__ = ["Router", "RouterContext", "build_router", "list_routers", "register_router", "router_class"]
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):

@@ -4,7 +4,7 @@ Global stage, once per request at prefill: an LLM writes a short description of 
 base model itself, no expert applied, greedy, ``describe_tokens`` new tokens at most; cached by prompt hash); the
 description — and/or the prompt itself (``query``) — is embedded with a sentence embedder (default
 all-MiniLM-L6-v2) and a FAISS index over the experts' description and example-prompt embeddings
-(:class:`~moerge.index.ExpertIndex`, stored in the library under ``routing/index``) returns the ``top_k`` candidate
+(:class:`~moerge.library.index.ExpertIndex`, stored in the library under ``routing/index``) returns the ``top_k`` candidate
 experts per row with their cosine scores. By default each expert is one vector, the normalised centroid of its
 texts' embeddings (``expert_vectors="centroid"``): the inputs inside example prompts average out, where with one
 vector per text (``"each"``) a prompt that shares input words with another expert's example is pulled to it
@@ -30,17 +30,18 @@ import torch
 
 from moerge.adapters.expert import Expert
 from moerge.errors import ExpertFormatError, LibraryError, RoutingError
-from moerge.index import ExpertIndex, IndexMismatchError
+from moerge.library.index import ExpertIndex, IndexMismatchError
 from moerge.routing import (
     Candidates,
     LayerInfo,
     LinearGate,
     Router,
+    RouterContext,
     RoutingRequest,
     SelectionConfig,
-    build_router,
     register_router,
 )
+from moerge.routing.router import build_router
 
 __all__ = ["GliderConfig", "GliderRouter", "expert_texts"]
 
@@ -132,7 +133,7 @@ class GliderRouter(Router):
     @property
     def embedder(self):
         if self._embedder is None:
-            from moerge.embed import as_embedder
+            from moerge.routing.embed import as_embedder
 
             self._embedder = as_embedder(self.config.embedder)
         return self._embedder
@@ -140,7 +141,7 @@ class GliderRouter(Router):
     @property
     def describer(self) -> Callable[[list[str]], list[str]]:
         if self._describer is None:
-            from moerge.describe import TaskDescriber
+            from moerge.routing.describe import TaskDescriber
 
             d = self.config.describer
             if isinstance(d, TaskDescriber):
@@ -150,17 +151,17 @@ class GliderRouter(Router):
                     raise RoutingError(f"router 'glider': describer must be callable, got {d!r}")
                 self._describer = TaskDescriber(d)
             else:
-                if self.model is None or getattr(self.model, "tokenizer", None) is None:
+                if self.context.tokenizer is None or self.context.language_model is None:
                     raise RoutingError("router 'glider' describes tasks with the base model, which needs a tokenizer: "
                                        "build the model with tokenizer=..., give describer=, or use query='prompt'")
-                self._describer = TaskDescriber(self.model.base, self.model.tokenizer,
+                self._describer = TaskDescriber(self.context.language_model, self.context.tokenizer,
                                                 max_new_tokens=self.config.describe_tokens)
         return self._describer
 
-    def attach(self, model: Any) -> None:
-        super().attach(model)
+    def attach(self, context: RouterContext) -> None:
+        super().attach(context)
         if self.local is not None:
-            self.local.attach(model)
+            self.local.attach(context)
 
     # --- experts ------------------------------------------------------------------------------------------------
     def _key(self, texts: list[str]) -> str:
@@ -183,8 +184,8 @@ class GliderRouter(Router):
         self._dirty = True
 
     def _index_dir(self):
-        lib = getattr(self.model, "library", None)
-        return None if lib is None else lib.routing_dir / INDEX_SUBDIR
+        store = self.context.store
+        return None if store is None else store.routing_dir / INDEX_SUBDIR
 
     def _sync_index(self) -> ExpertIndex:
         """Bring the index up to date with the experts: load the library's, embed only what changed."""
@@ -193,7 +194,7 @@ class GliderRouter(Router):
         emb = self.embedder
         if self.index is None:
             folder = self._index_dir()
-            lib = self.model.library if folder is not None else None
+            lib = self.context.store if folder is not None else None
             recorded = lib.embedder if lib is not None else None
             if recorded and (recorded.get("id"), recorded.get("dim")) != (emb.id, emb.dim) \
                     and not self.config.rebuild_index:

@@ -37,7 +37,7 @@ from moerge.routing import (
     register_router,
     standardize,
 )
-from moerge.training import GateTrainingConfig
+from moerge.routing.training import GateTrainingConfig
 
 __all__ = ["PhatgooseConfig", "PhatgooseRouter", "train_phatgoose_gates", "ROUTING_KIND"]
 
@@ -76,7 +76,7 @@ def train_phatgoose_gates(
     """
     from tqdm.auto import tqdm
 
-    from moerge.training import GatedExperts, answers_from_expert, frozen, make_batches
+    from moerge.routing.training import GatedExperts, answers_from_expert, frozen, make_batches
 
     examples = list(examples)
     if not examples:
@@ -144,8 +144,8 @@ class PhatgooseRouter(Router):
         self._unsaved.add(name)
 
     def _stored(self, expert: Expert, digest: str) -> dict[str, torch.Tensor] | None:
-        lib = getattr(self.model, "library", None)
-        return None if lib is None else lib.routing_for(expert.name, ROUTING_KIND, digest)
+        store = self.context.store
+        return None if store is None else store.routing_for(expert.name, ROUTING_KIND, digest)
 
     def on_add_expert(self, expert: Expert) -> None:
         digest = expert.digest()
@@ -153,10 +153,11 @@ class PhatgooseRouter(Router):
             return  # same weights, gates already known (e.g. set_gates before adding)
         gates = self._stored(expert, digest)
         fresh = gates is None
-        if gates is None and self.config.train_missing and expert.metadata.examples and self.model is not None \
-                and getattr(self.model, "tokenizer", None) is not None:
+        ctx = self.context
+        if gates is None and self.config.train_missing and expert.metadata.examples and ctx.tokenizer is not None \
+                and ctx.training_base is not None:
             gates, losses = train_phatgoose_gates(
-                self.model.base, self.model.tokenizer, expert, expert.metadata.examples,
+                ctx.training_base(), ctx.tokenizer, expert, expert.metadata.examples,
                 steps=self.config.train_steps, lr=self.config.train_lr, batch_size=self.config.train_batch_size)
             self.losses[expert.name] = losses
         if gates is None:

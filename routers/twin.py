@@ -1,6 +1,6 @@
 """Twin-Merging at inference: the shared expert always on, the exclusive parts mixed per request.
 
-Use it on a library made by :func:`moerge.adapters.twin.make_twin_library` (a shared expert named
+Use it on a library made by :func:`moerge.library.derive.make_twin_library` (a shared expert named
 ``twin_shared`` plus one exclusive expert per original expert, under the original names). Per request, the
 exclusive experts are scored against the prompt by the same retrieval as GLIDER's global stage (embedding of the
 prompt against each expert's description and examples, FAISS top-``candidates``) and mixed by
@@ -52,7 +52,7 @@ class TwinRouter(GliderRouter):
     def select(self, request: RoutingRequest) -> Candidates:
         if self.config.shared not in request.names:
             raise RoutingError(f"router 'twin' needs the shared expert {self.config.shared!r}; build the library "
-                               "with moerge.adapters.twin.make_twin_library", expert=self.config.shared)
+                               "with moerge.library.derive.make_twin_library", expert=self.config.shared)
         c = super().select(request)  # (B, K) exclusive candidates, sequence weights
         b = c.batch_size
         shared = torch.full((b, 1), request.names.index(self.config.shared), dtype=torch.long)

@@ -37,7 +37,7 @@ from moerge.routing import (
     register_router,
     standardize,
 )
-from moerge.training import GateTrainingConfig
+from moerge.routing.training import GateTrainingConfig
 
 __all__ = ["XLoRAConfig", "XLoRARouter", "train_xlora_head", "ROUTING_KIND"]
 
@@ -83,7 +83,7 @@ def train_xlora_head(
     """
     from tqdm.auto import tqdm
 
-    from moerge.training import GatedExperts, frozen, make_batches
+    from moerge.routing.training import GatedExperts, frozen, make_batches
 
     experts = list(experts)
     if not experts or not pairs:
@@ -168,6 +168,7 @@ class XLoRARouter(Router):
         self._answers: dict[str, list[tuple[str, str]]] = {}
         self._head = ExpertVectors()  # module -> expert -> [w (in,), b] (in + 1,)
         self.losses: dict[str, list[float]] = {}
+        self._copy: torch.nn.Module | None = None  # the private base of the expert being added
 
     def set_rows(self, name: str, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], digest: str | None = None,
                  saved: bool = False) -> None:
@@ -179,27 +180,40 @@ class XLoRARouter(Router):
             self._digest[name] = digest
         (self._unsaved.discard if saved else self._unsaved.add)(name)
 
+    def _training_base(self) -> torch.nn.Module:
+        """One private copy of the base per expert added (its examples are answered and its rows trained on it)."""
+        if self._copy is None:
+            self._copy = self.context.training_base()
+        return self._copy
+
     def _examples(self, expert: Expert) -> list[tuple[str, str]]:
         if expert.name not in self._answers:
-            from moerge.training import answers_from_expert
+            from moerge.routing.training import answers_from_expert
 
-            self._answers[expert.name] = answers_from_expert(self.model.base, self.model.tokenizer, expert,
+            self._answers[expert.name] = answers_from_expert(self._training_base(), self.context.tokenizer, expert,
                                                              list(expert.metadata.examples))
         return self._answers[expert.name]
 
     def on_add_expert(self, expert: Expert) -> None:
+        try:
+            self._add(expert)
+        finally:
+            self._copy = None  # the private base is dropped once the expert's rows are made
+
+    def _add(self, expert: Expert) -> None:
         digest = expert.digest()
         if self._digest.get(expert.name) == digest and expert.name in self._rows:
             self._experts[expert.name] = expert
             return
-        lib = getattr(self.model, "library", None)
-        stored = None if lib is None else lib.routing_for(expert.name, ROUTING_KIND, digest)
+        store = self.context.store
+        stored = None if store is None else store.routing_for(expert.name, ROUTING_KIND, digest)
         if stored is not None:
             self._experts[expert.name] = expert
             self.set_rows(expert.name, rows_from_tensors(stored), digest, saved=True)
             return
-        tok = getattr(self.model, "tokenizer", None) if self.model is not None else None
-        if self.config.train_missing and expert.metadata.examples and tok is not None:
+        tok = self.context.tokenizer
+        if self.config.train_missing and expert.metadata.examples and tok is not None \
+                and self.context.training_base is not None:
             peers = [self._experts[n] for n in self._experts if n != expert.name and self._experts[n].metadata.examples]
             peers = random.Random(expert.name).sample(peers, min(self.config.peers, len(peers)))
             pairs = list(self._examples(expert))
@@ -207,7 +221,7 @@ class XLoRARouter(Router):
                 pairs += self._examples(p)
             group = [expert, *peers]
             rows, losses = train_xlora_head(
-                self.model.base, tok, group, pairs, init={n: self._rows[n] for n in self._rows},
+                self._training_base(), tok, group, pairs, init={n: self._rows[n] for n in self._rows},
                 trainable={expert.name}, steps=self.config.train_steps, lr=self.config.train_lr,
                 batch_size=self.config.train_batch_size, progress=True)
             self.losses[expert.name] = losses

@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not os.path.exists("/dev/nvidiactl"):
     # no GPU: Triton kernels run under its interpreter, which must be chosen before triton is imported (only the
-    # kernel tests send CPU tensors to the kernel: moerge.kernels.CPU)
+    # kernel tests send CPU tensors to the kernel: moerge.runtime.kernels.CPU)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
@@ -121,7 +121,7 @@ def rand_expert(base, name: str, *, seed: int = 0, rank: int = 4, modules=("q_pr
                 scale: float = 2.0, description: str = "", examples=()):
     """A random (non-zero) LoRA expert for ``base`` on the modules whose names end with ``modules``."""
     from moerge import Expert, ExpertMetadata, LoRAWeights
-    from moerge.fingerprint import linear_shape
+    from moerge.core.fingerprint import linear_shape
 
     g = torch.Generator().manual_seed(seed)
     mods = {}

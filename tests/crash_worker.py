@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from moerge.adapters.expert import Expert, LoRAWeights
-from moerge.index import ExpertIndex
 from moerge.library import ExpertLibrary
+from moerge.library.index import ExpertIndex
 
 
 def expert(name: str, shapes: dict, seed: int) -> Expert:

@@ -145,10 +145,10 @@ def test_svd_cuts_a_lora_rank_to_the_best_approximation(base):
 
 
 def test_sparse_positions_are_stored_as_gap_bytes():
-    from moerge.adapters.compress import PackedSigns, _decode_gaps, _encode_gaps
+    from moerge.adapters.packed import PackedSigns, _decode_gaps, encode_gaps
 
     pos = torch.tensor([0, 1, 254, 255, 256, 900, 1200])  # gaps 1, 1, 253, 1, 1, 644 (two escapes), 300 (one)
-    b = _encode_gaps(pos)
+    b = encode_gaps(pos)
     assert b.tolist() == [1, 1, 253, 1, 1, 0, 0, 134, 0, 45]
     assert torch.equal(_decode_gaps(b), pos)
     g = torch.Generator().manual_seed(0)

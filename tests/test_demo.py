@@ -7,7 +7,7 @@ import pytest
 
 @pytest.mark.slow
 def test_tiny_demo_runs_and_experts_specialise(tmp_path, capsys):
-    from moerge.demo_tiny import main
+    from moerge.lab.demo_tiny import main
 
     main(["--out", str(tmp_path / "demo"), "--steps", "250"])
     out = capsys.readouterr().out
@@ -22,7 +22,7 @@ def test_tiny_demo_runs_and_experts_specialise(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_main_demo_routes_rows_to_their_experts(capsys):
-    from moerge.demo import main
+    from moerge.lab.demo import main
 
     main(["--tasks", "reverse_words,date_format,reverse_then_uppercase"])  # GLIDER decides, unseen phrasings
     out = capsys.readouterr().out

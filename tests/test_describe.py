@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moerge.describe import DescriptionCache, TaskDescriber
+from moerge.routing.describe import DescriptionCache, TaskDescriber
 from tests.conftest import tiny_chat_llama, tiny_tokenizer
 
 

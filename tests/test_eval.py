@@ -7,15 +7,15 @@ import json
 import pytest
 
 from moerge import ExpertLibrary, MoErgeModel
-from moerge.eval import EvalResult, evaluate, list_methods, retrieval_accuracy, to_markdown
-from moerge.tasks import get_task
+from moerge.lab.eval import EvalResult, evaluate, list_methods, retrieval_accuracy, to_markdown
+from moerge.lab.tasks import get_task
 
 from conftest import save_peft_lora
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from moerge.models import default_tokenizer
+    from moerge.lab.defaults import default_tokenizer
 
     return default_tokenizer()
 
@@ -52,7 +52,7 @@ def test_evaluate_runs_every_method_and_task(tiny_routed, tok):
 
 
 def test_methods_route_as_described(tiny_routed, tok, monkeypatch):
-    import moerge.eval as ev
+    import moerge.lab.eval as ev
 
     seen = []
     real = ev.generate_answers
@@ -77,8 +77,8 @@ def test_averages_and_unknown_method(tiny_routed, tok):
 
 
 def test_generation_uses_the_chat_template(tiny_routed, tok):
-    from moerge.eval import generate_answers
-    from moerge.tasks import get_task
+    from moerge.lab.eval import generate_answers
+    from moerge.lab.tasks import get_task
 
     ex = get_task("plural").examples(2, "test")
     answers = generate_answers(tiny_routed, tok, ex, [{"plural": 1.0}, {}], max_new_tokens=3)
@@ -108,7 +108,7 @@ def test_router_methods_twin_and_retrieval(tiny_routed, tok, tmp_path, monkeypat
 
 
 def test_merge_compress_and_configured_router_methods(tiny_routed, tok, tmp_path, monkeypatch):
-    import moerge.eval as ev
+    import moerge.lab.eval as ev
 
     monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "cache"))
     used = {}
@@ -151,7 +151,7 @@ def test_update_adds_methods_to_a_saved_table():
 
 
 def test_method_lists_keep_commas_inside_brackets():
-    from moerge.eval import split_methods
+    from moerge.lab.eval import split_methods
 
     assert split_methods('base, merge:ties?layer_scaling=[0.5,0.5]&density=0.2,router:fixed?weights={"a":1,"b":2} ,'
                          ) == ["base", "merge:ties?layer_scaling=[0.5,0.5]&density=0.2",

@@ -12,7 +12,7 @@ import torch
 
 from moerge import DeltaWeights, Expert, LoRAWeights
 from moerge.adapters import expert_from_diff, low_rank_factors
-from moerge.adapters.peft_loader import peft_pattern_key
+from moerge.adapters.peft_loader import load_peft_lora, peft_pattern_key
 from moerge.errors import BaseMismatchError, ExpertFormatError
 
 from conftest import save_peft_lora, tiny_llama
@@ -21,7 +21,7 @@ from conftest import save_peft_lora, tiny_llama
 def test_peft_settings_are_honoured(tmp_path, base):
     folder = save_peft_lora(base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
                             rank_pattern={"v_proj": 2}, alpha_pattern={"up_proj": 3})
-    e = Expert.from_peft(folder, name="a", description="d", examples=["x"])
+    e = load_peft_lora(folder, name="a", description="d", examples=["x"])
     q, v, up = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj")
     assert e.ranks[q] == 4 and e.ranks[v] == 2 and e.ranks[up] == 4
     assert e.modules[q].scale == pytest.approx(8 / 4)
@@ -29,7 +29,7 @@ def test_peft_settings_are_honoured(tmp_path, base):
     assert e.modules[up].scale == pytest.approx(3 / 4)
     assert len(e.modules) == 6 and e.kind == "lora"
     assert e.metadata.description == "d" and e.metadata.examples == ["x"] and e.metadata.source["type"] == "peft"
-    rs = Expert.from_peft(save_peft_lora(base, tmp_path / "rs", r=16, lora_alpha=8, use_rslora=True), name="rs")
+    rs = load_peft_lora(save_peft_lora(base, tmp_path / "rs", r=16, lora_alpha=8, use_rslora=True), name="rs")
     assert all(w.scale == pytest.approx(8 / math.sqrt(16)) for w in rs.modules.values())
 
 
@@ -69,7 +69,7 @@ def _adapter(tmp_path, base, **edits):
 def test_unsupported_or_inconsistent_configs_are_refused(tmp_path, base, edits, match):
     folder = _adapter(tmp_path, base, **edits)
     with pytest.raises(ExpertFormatError, match=match) as info:
-        Expert.from_peft(folder, name="bad")
+        load_peft_lora(folder, name="bad")
     assert info.value.expert == "bad" and info.value.file.endswith((".json", ".safetensors"))
 
 
@@ -79,7 +79,7 @@ def test_missing_config_field_is_refused(tmp_path, base):
     del cfg["lora_alpha"]
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExpertFormatError, match="no 'lora_alpha' field"):
-        Expert.from_peft(folder, name="bad")
+        load_peft_lora(folder, name="bad")
 
 
 def test_pickle_only_adapter_is_refused_without_loading_it(tmp_path, base):
@@ -95,7 +95,7 @@ def test_pickle_only_adapter_is_refused_without_loading_it(tmp_path, base):
 
     (folder / "adapter_model.bin").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(ExpertFormatError, match=r"only pickle weights found \(adapter_model.bin\).*never loads pickle"):
-        Expert.from_peft(folder, name="p")
+        load_peft_lora(folder, name="p")
     assert not marker.exists()
 
 
@@ -122,7 +122,7 @@ def test_broken_adapter_files_are_refused(tmp_path, base, damage, match):
         t[k][0, 0] = float("nan")
         save_file(t, str(f))
     with pytest.raises(ExpertFormatError, match=match):
-        Expert.from_peft(folder, name="x")
+        load_peft_lora(folder, name="x")
 
 
 def test_adapter_with_missing_factor_is_refused(tmp_path, base):
@@ -134,7 +134,7 @@ def test_adapter_with_missing_factor_is_refused(tmp_path, base):
     del t[sorted(k for k in t if "lora_B" in k)[0]]
     save_file(t, str(f))
     with pytest.raises(ExpertFormatError, match="has no lora_B weight"):
-        Expert.from_peft(folder, name="x")
+        load_peft_lora(folder, name="x")
 
 
 @pytest.mark.parametrize("mods,match", [

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from moerge import ExpertLibrary, MoErgeModel
-from moerge.embed import CallableEmbedder, default_sentence_embedder
 from moerge.errors import LibraryError, RoutingError
 from moerge.routers import build_router
 from moerge.routing import Candidates, select_weights
+from moerge.routing.embed import CallableEmbedder, default_sentence_embedder
 from tests.conftest import rand_expert, tiny_chat_llama, tiny_tokenizer
 
 EXPERTS = {
@@ -33,7 +33,7 @@ PROMPTS = {
 
 @pytest.fixture(scope="module")
 def embedder():
-    from moerge.embed import as_embedder
+    from moerge.routing.embed import as_embedder
 
     return as_embedder(None)  # what the router uses by default
 
@@ -159,7 +159,7 @@ def test_index_lives_in_the_library_and_is_updated_incrementally(tmp_path, embed
     d, ex = EXPERTS["haiku"]
     model.add_expert(rand_expert(tiny_chat_llama(), "haiku", seed=5, description=d, examples=ex))
     assert texts_embedded == [d, *ex]
-    from moerge.index import ExpertIndex
+    from moerge.library.index import ExpertIndex
 
     assert "haiku" in ExpertIndex.load(lib.routing_dir / "index").names
     model.remove_expert("sort")

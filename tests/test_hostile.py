@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from moerge import Expert, ExpertLibrary, MoErgeModel
+from moerge import ExpertLibrary, MoErgeModel
+from moerge.adapters.peft_loader import load_peft_lora
+from moerge.core.safe_io import check_safetensors_header, load_safetensors
 from moerge.errors import ExpertFormatError, MoErgeError, RoutingError
-from moerge.safe_io import check_safetensors_header, load_safetensors
 
 from conftest import VOCAB, save_peft_lora, tiny_llama
 
@@ -118,20 +119,20 @@ def _a_key(tensors: dict) -> str:
 def test_broken_peft_adapters_are_refused_naming_file_and_expert(adapter, edit, match, which):
     edit(adapter)
     with pytest.raises(ExpertFormatError, match=match) as e:
-        Expert.from_peft(adapter, name="bad")
+        load_peft_lora(adapter, name="bad")
     assert e.value.expert == "bad"
     assert e.value.file == str(adapter / ("adapter_config.json" if which == "config" else "adapter_model.safetensors"))
 
 
 def test_unset_unknown_config_fields_are_ignored(adapter):
     _edit_config(adapter, some_future_flag=None, another=False)
-    assert Expert.from_peft(adapter, name="ok").modules
+    assert load_peft_lora(adapter, name="ok").modules
 
 
 def test_rank_cap(adapter):
     with pytest.raises(ExpertFormatError, match="exceeds the cap of 2"):
-        Expert.from_peft(adapter, name="big", max_rank=2)
-    assert Expert.from_peft(adapter, name="fine", max_rank=4).modules
+        load_peft_lora(adapter, name="big", max_rank=2)
+    assert load_peft_lora(adapter, name="fine", max_rank=4).modules
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".pt"])
@@ -141,7 +142,7 @@ def test_pickle_weights_are_never_loaded(adapter, suffix, monkeypatch):
     evil.write_bytes(b"\x80\x04cos\nsystem\n(Vtouch /tmp/pwned\ntR.")  # a pickle that would run a command
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on an expert file"))
     with pytest.raises(ExpertFormatError, match="never loads pickle") as e:
-        Expert.from_peft(adapter, name="evil")
+        load_peft_lora(adapter, name="evil")
     assert e.value.file == str(evil)
 
 
@@ -151,7 +152,7 @@ def test_a_pickle_beside_a_corrupt_safetensors_is_not_a_fallback(adapter, monkey
     f.write_bytes(f.read_bytes()[:100])
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("fell back to the pickle"))
     with pytest.raises(ExpertFormatError, match="malformed safetensors") as e:
-        Expert.from_peft(adapter, name="x")
+        load_peft_lora(adapter, name="x")
     assert e.value.file == str(f)
 
 

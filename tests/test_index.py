@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moerge.errors import LibraryError
-from moerge.index import ExpertIndex
+from moerge.library.index import ExpertIndex
 
 
 def _unit(rng, n, d):
@@ -141,7 +141,7 @@ def test_tampered_vectors_refused(tmp_path):
 
 
 def test_a_save_killed_midway_leaves_the_previous_index(tmp_path, monkeypatch):
-    import moerge.index as index_module
+    import moerge.library.index as index_module
 
     rng = np.random.default_rng(7)
     idx = ExpertIndex(8)

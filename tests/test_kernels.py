@@ -1,4 +1,4 @@
-"""The fused routed-LoRA kernel (moerge.kernels) against the torch path.
+"""The fused routed-LoRA kernel (moerge.runtime.kernels) against the torch path.
 
 Without a GPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors): the same kernel code,
 executed by numpy. The ``gpu`` tests run it compiled on CUDA and skip cleanly without one.
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from moerge import MoErgeModel
-from moerge.routing import LinearGate, build_router, select_weights
+from moerge.routers import build_router
+from moerge.routing import LinearGate, select_weights
 
 from conftest import VOCAB, rand_expert, tiny_llama
 
@@ -21,8 +22,8 @@ triton = pytest.importorskip("triton")
 
 @pytest.fixture
 def interpreted(monkeypatch):
-    """moerge.kernels with the kernel run on CPU tensors, under Triton's interpreter (conftest chose it)."""
-    import moerge.kernels as K
+    """moerge.runtime.kernels with the kernel run on CPU tensors, under Triton's interpreter (conftest chose it)."""
+    import moerge.runtime.kernels as K
 
     if not K.INTERPRET:
         pytest.skip("triton's interpreter is not on (a GPU machine: the gpu tests run the kernel)")
@@ -143,7 +144,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 70])
 def test_kernel_on_cuda(dtype, T):
-    from moerge import kernels as K
+    from moerge.runtime import kernels as K
 
     x, y, Vt, A, Bt, bias, slots = _case(B=32, T=T, IN=576, OUT=1536, K=4, r=8, dtype=dtype, device="cuda")
     ref, w_ref = _reference(x.float(), y.float(), Vt.float(), A.float(), Bt.float(), bias, slots, "abs", 2)

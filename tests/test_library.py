@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from moerge import DeltaWeights, Expert, ExpertLibrary, ExpertMetadata, LoRAWeights
+from moerge.adapters.peft_loader import load_peft_lora
+from moerge.core.fingerprint import fingerprint
+from moerge.core.safe_io import TMP_PREFIX
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
-from moerge.fingerprint import fingerprint
-from moerge.safe_io import TMP_PREFIX
 
 from conftest import save_peft_lora, tiny_llama
 
@@ -88,7 +89,7 @@ def test_failed_add_leaves_the_library_as_it_was(tmp_path, base, monkeypatch):
     lib.add(_expert("alpha"))
     before = {p: p.read_bytes() for p in (tmp_path / "lib").rglob("*") if p.is_file()}
 
-    import moerge.library as library_mod
+    import moerge.library.store as library_mod
 
     calls = {"n": 0}
     real = library_mod.atomic_write_json
@@ -172,7 +173,7 @@ def test_expert_for_another_base_is_refused(tmp_path, base):
         lib.add(absent)
     other = tiny_llama(0, vocab_size=128)
     folder = save_peft_lora(other, tmp_path / "other", seed=1)
-    diff_expert = Expert.from_peft(folder, name="p")
+    diff_expert = load_peft_lora(folder, name="p")
     diff_expert.metadata.base_fingerprint = fingerprint(other)
     with pytest.raises(BaseMismatchError, match="vocab_size"):
         lib.add(diff_expert)
@@ -220,7 +221,7 @@ def test_symlinked_expert_folder_is_refused(tmp_path, base):
 def test_failed_overwrite_swap_keeps_the_old_expert(tmp_path, base, monkeypatch):
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
     lib.add(_expert("alpha", 1))
-    import moerge.library as library_mod
+    import moerge.library.store as library_mod
 
     real_replace = library_mod.os.replace
     calls = {"n": 0}
@@ -292,7 +293,7 @@ def test_routing_data_round_trip_replace_and_checks(tmp_path, base, monkeypatch)
     assert lib.get_routing("alpha", "phatgoose")[1]["digest"] == "d2"
 
     # a crash while writing the manifest keeps the old data valid and listed
-    import moerge.library as libmod
+    import moerge.library.store as libmod
 
     def boom(*a, **k):
         raise OSError("disk full")

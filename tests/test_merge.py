@@ -17,6 +17,7 @@ from moerge.adapters.merge import (
     merge_module,
     tall_masks,
 )
+from moerge.adapters.peft_loader import load_peft_lora
 
 from conftest import save_peft_lora
 
@@ -35,7 +36,7 @@ def peft_setup(tmp_path, base):
     pm = PeftModel.from_pretrained(copy.deepcopy(base), str(folders["a"]), adapter_name="a")
     for n in ("b", "c"):
         pm.load_adapter(str(folders[n]), adapter_name=n)
-    experts = [Expert.from_peft(str(folders[n]), name=n) for n in ALPHAS]
+    experts = [load_peft_lora(str(folders[n]), name=n) for n in ALPHAS]
     return pm, experts, [n for n, _ in base.named_modules()]
 
 

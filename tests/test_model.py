@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from moerge import Expert, ExpertLibrary, LoRAWeights, MoErgeModel
+from moerge.adapters.peft_loader import load_peft_lora
 from moerge.errors import BaseMismatchError, LibraryError, RoutingError
-from moerge.layer import ExpertLinear
 from moerge.routing import Router
+from moerge.runtime.layer import ExpertLinear
 
 from conftest import VOCAB, peft_logits, save_peft_lora, tiny_gpt2, tiny_llama
 
@@ -475,13 +476,13 @@ def test_failed_add_expert_changes_neither_model_nor_library(tmp_path, base, lib
     router = _FlakyRouter()
     model = MoErgeModel.from_library(base, lib2, router=router)
     before = _logits(model, input_ids, experts={"a": 1.0})
-    new_a = Expert.from_peft(save_peft_lora(pristine, tmp_path / "a2", seed=77, r=2), name="a")
+    new_a = load_peft_lora(save_peft_lora(pristine, tmp_path / "a2", seed=77, r=2), name="a")
     router.fail = True
     for expert, kw in ((new_a, {"overwrite": True}), (new_a.renamed("c"), {})):
         with pytest.raises(RuntimeError, match="injected"):
             model.add_expert(expert, **kw)
     router.fail = False
-    import moerge.library as library_mod
+    import moerge.library.store as library_mod
 
     monkeypatch.setattr(library_mod, "atomic_write_json", lambda *a: (_ for _ in ()).throw(OSError("disk (injected)")))
     for expert, kw in ((new_a, {"overwrite": True}), (new_a.renamed("c"), {})):
@@ -495,7 +496,7 @@ def test_failed_add_expert_changes_neither_model_nor_library(tmp_path, base, lib
 
 def test_set_router_sees_experts_that_were_not_persisted(tmp_path, base, lib2):
     model = MoErgeModel.from_library(base, lib2)
-    extra = Expert.from_peft(save_peft_lora(tiny_llama(0), tmp_path / "x", seed=5), name="live")
+    extra = load_peft_lora(save_peft_lora(tiny_llama(0), tmp_path / "x", seed=5), name="live")
     model.add_expert(extra, persist=False)
     assert "live" not in lib2
     router = _FlakyRouter()
@@ -593,8 +594,8 @@ def test_a_requests_gathered_factors_are_freed_after_generate(lib2, base, input_
 
 @pytest.mark.parametrize("seq_weights", [True, False])
 def test_vectorised_gather_equals_the_row_by_row_one(seq_weights, monkeypatch):
-    from moerge.layer import LayerBank
     from moerge.routing import Candidates
+    from moerge.runtime.layer import LayerBank
 
     g = torch.Generator().manual_seed(0)
     bank = LayerBank.empty(12, 10, torch.device("cpu"), torch.float32)
@@ -605,7 +606,7 @@ def test_vectorised_gather_equals_the_row_by_row_one(seq_weights, monkeypatch):
     ids = torch.tensor([[0, 1, 3], [2, 4, -1], [3, -1, -1], [1, 0, 4]])
     weights = torch.tensor([[0.5, 0.0, 0.5], [0.2, 0.8, 0.0], [1.0, 0.0, 0.0], [0.3, 0.3, 0.4]])
     cands = Candidates(ids, weights.clone(), names, weights if seq_weights else None)
-    monkeypatch.setattr("moerge.layer._VECTOR_GATHER_MIN", 1)  # the vectorised path even for this small batch
+    monkeypatch.setattr("moerge.runtime.layer._VECTOR_GATHER_MIN", 1)  # the vectorised path even for this small batch
     fast, slow = bank.gather(cands), bank.gather(cands, loop=True)
     for field_ in ("W", "Bt", "E"):
         a, b = getattr(fast.lora, field_), getattr(slow.lora, field_)
@@ -647,7 +648,7 @@ def test_a_library_in_host_memory_serves_a_gpu_base(lib2, base, input_ids):
 
 
 def test_adding_experts_appends_in_place_and_never_changes_an_older_bank():
-    from moerge.layer import LayerBank
+    from moerge.runtime.layer import LayerBank
 
     g = torch.Generator().manual_seed(0)
     lora = lambda r: LoRAWeights(torch.randn(r, 6, generator=g), torch.randn(5, r, generator=g), 1.0)  # noqa: E731

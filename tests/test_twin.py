@@ -7,8 +7,9 @@ import torch
 
 from moerge import ExpertLibrary, MoErgeModel
 from moerge.adapters.delta import truncate_factors
-from moerge.adapters.twin import SHARED_NAME, make_twin_library, twin_split
+from moerge.adapters.twin_split import SHARED_NAME, twin_split
 from moerge.errors import RoutingError
+from moerge.library.derive import make_twin_library
 from moerge.routers import build_router
 from tests.conftest import rand_expert, tiny_chat_llama, tiny_tokenizer
 

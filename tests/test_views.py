@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moerge import MoErgeModel
-from moerge.routing import RowRouting, build_router
+from moerge.routers import build_router
+from moerge.routing import RowRouting
 from moerge.views import save_usage_heatmap, token_usage, usage_matrix
 
 from conftest import VOCAB, rand_expert, tiny_llama

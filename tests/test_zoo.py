@@ -6,20 +6,20 @@ import pytest
 import torch
 
 from moerge import ExpertLibrary, MoErgeModel
-from moerge.zoo import DEFAULT_ZOO, ZooConfig, build_zoo, encode_example
+from moerge.lab.zoo import DEFAULT_ZOO, ZooConfig, build_zoo, encode_example
 
 from conftest import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from moerge.models import default_tokenizer
+    from moerge.lab.defaults import default_tokenizer
 
     return default_tokenizer()
 
 
 def test_labels_score_only_the_answer(tok):
-    from moerge.tasks import get_task
+    from moerge.lab.tasks import get_task
 
     ex = get_task("uppercase").examples(1, "train")[0]
     ids, labels = encode_example(tok, ex)
@@ -55,7 +55,7 @@ def test_zoo_config_validation(kwargs, match):
 
 @pytest.mark.slow
 def test_committed_zoo_is_complete_and_small():
-    from moerge.tasks import HELD_IN
+    from moerge.lab.tasks import HELD_IN
 
     lib = ExpertLibrary.open(DEFAULT_ZOO)
     assert lib.names() == HELD_IN and lib.verify() == []
@@ -65,8 +65,8 @@ def test_committed_zoo_is_complete_and_small():
 
 @pytest.mark.slow
 def test_zoo_experts_beat_the_base_on_their_task(tok):
-    from moerge.eval import evaluate
-    from moerge.models import default_base
+    from moerge.lab.defaults import default_base
+    from moerge.lab.eval import evaluate
 
     base, _ = default_base()
     model = MoErgeModel.from_library(base, DEFAULT_ZOO, tokenizer=tok)

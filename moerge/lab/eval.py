@@ -1,6 +1,6 @@
 """Evaluation harness: run ways of using the experts over the task suite and tabulate exact match.
 
-``python -m moerge.eval [--limit N] [--methods base,oracle,uniform] [--out results/]`` prints a table (per task,
+``python -m moerge.lab.eval [--limit N] [--methods base,oracle,uniform] [--out results/]`` prints a table (per task,
 held-in and held-out averages) and saves it as JSON and Markdown.
 
 A *method* decides the experts of every prompt:
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from moerge.tasks import HELD_IN, HELD_OUT, Example, exact_match, get_task
+from moerge.lab.tasks import HELD_IN, HELD_OUT, Example, exact_match, get_task
 
 __all__ = ["Method", "register_method", "list_methods", "evaluate", "EvalResult", "generate_answers",
            "to_markdown", "retrieval_accuracy", "split_methods"]
@@ -62,7 +62,7 @@ register_method(Method("uniform", lambda exs, m: [{n: 1.0 / len(m.experts) for n
 
 def _router_factory(name: str, **config: Any) -> Callable[[], Any]:
     def make() -> Any:
-        from moerge.routing import build_router
+        from moerge.routers import build_router
 
         return build_router(name, **config)
 
@@ -71,10 +71,10 @@ def _router_factory(name: str, **config: Any) -> Callable[[], Any]:
 
 def _twin_model(model: Any, rank: int = 8) -> Any:
     """A model over the Twin-Merging split of ``model``'s library (built once, cached next to the library)."""
-    from moerge.adapters.twin import make_twin_library
+    from moerge.lab.defaults import cache_root
     from moerge.library import ExpertLibrary
-    from moerge.model import MoErgeModel
-    from moerge.models import cache_root
+    from moerge.library.derive import make_twin_library
+    from moerge.runtime.model import MoErgeModel
 
     lib = model.library
     root = cache_root() / "twin" / f"{Path(lib.root).name}-{_library_digest(lib)}-r{rank}"
@@ -125,9 +125,9 @@ def _compress_method(name: str) -> Method:
         import uuid
 
         from moerge.adapters.compress import COMPRESSION_FORMAT, compress_expert, storage_bytes
+        from moerge.lab.defaults import cache_root
         from moerge.library import ExpertLibrary
-        from moerge.model import MoErgeModel
-        from moerge.models import cache_root
+        from moerge.runtime.model import MoErgeModel
 
         src = model.library
         tag = "-".join([method] + [f"{k}{v}" for k, v in sorted(config.items())] + [f"f{COMPRESSION_FORMAT}"])
@@ -157,7 +157,7 @@ register_method(Method("glider_global", lambda exs, m: None, router=_router_fact
 
 
 def list_methods() -> list[str]:
-    from moerge.routing import list_routers
+    from moerge.routers import list_routers
 
     return sorted(_METHODS) + [f"router:{r}" for r in list_routers() if r not in ("explicit",)]
 
@@ -209,7 +209,7 @@ def _method(name: str) -> Method:
 def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], experts: list[dict] | None,
                      max_new_tokens: int) -> list[str]:
     """Greedy answers for ``examples`` (one batch), prompts formatted with the chat template, left padded."""
-    from moerge.training import chat_prompt, greedy_generate
+    from moerge.routing.training import chat_prompt, greedy_generate
 
     kw: dict[str, Any] = {"experts": experts} if experts is not None else {}
     return greedy_generate(model, tokenizer, [chat_prompt(tokenizer, e.prompt) for e in examples], max_new_tokens,
@@ -307,7 +307,7 @@ def retrieval_accuracy(router: Any, tasks: Sequence[str] | None = None, limit: i
                        unseen: bool = False) -> dict[str, float]:
     """Top-1 and top-K accuracy of a global router's retrieval (``router.retrieve``) against each prompt's true
     task, over ``limit`` test prompts per held-in task; ``unseen`` asks in phrasings no expert saw."""
-    from moerge.tasks import unseen_examples
+    from moerge.lab.tasks import unseen_examples
 
     tasks = list(tasks or HELD_IN)
     k = k or router.config.candidates
@@ -371,7 +371,7 @@ def to_markdown(result: EvalResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m moerge.eval", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m moerge.lab.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--library", default=None, help="expert library (default: the committed zoo)")
     ap.add_argument("--methods", default="base,oracle,uniform", help=f"comma-separated; known: {list_methods()}")
@@ -386,9 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--update", action="store_true",
                     help="add these methods to the table already in --out (same limit and split), keeping the rest")
     args = ap.parse_args(argv)
-    from moerge.model import MoErgeModel
-    from moerge.models import default_base
-    from moerge.zoo import DEFAULT_ZOO
+    from moerge.lab.defaults import default_base
+    from moerge.lab.zoo import DEFAULT_ZOO
+    from moerge.runtime.model import MoErgeModel
 
     torch.manual_seed(0)
     t0 = time.time()
@@ -398,14 +398,14 @@ def main(argv: list[str] | None = None) -> None:
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     result = evaluate(model, tok, methods, tasks, limit=args.limit, batch_size=args.batch_size, split=args.split)
     if args.retrieval:
-        from moerge.routing import build_router
+        from moerge.routers import build_router
 
         glider = build_router("glider", local="none")
         model.set_router(glider)
         result.retrieval["seen phrasings"] = retrieval_accuracy(glider, limit=args.limit)
         result.retrieval["unseen phrasings"] = retrieval_accuracy(glider, limit=args.limit, unseen=True)
     result.config["seconds"] = round(time.time() - t0, 1)
-    result.config["command"] = "python -m moerge.eval " + " ".join(argv if argv is not None else __import__(
+    result.config["command"] = "python -m moerge.lab.eval " + " ".join(argv if argv is not None else __import__(
         "sys").argv[1:])
     out = Path(args.out)
     if args.update and (out / "eval.json").is_file():

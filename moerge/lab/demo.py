@@ -6,7 +6,7 @@ then answers one batch of prompts from different tasks, asked in phrasings no ex
 them) — and shows, per row, the candidates, the experts used with their weights, the answer, the expected
 answer and the base model's answer.
 
-Run with ``python -m moerge.demo [--library DIR] [--tasks a,b,c] [--router NAME] [--explicit]``.
+Run with ``python -m moerge.lab.demo [--library DIR] [--tasks a,b,c] [--router NAME] [--explicit]``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moerge.tasks import HELD_IN, get_task
+from moerge.lab.tasks import HELD_IN, get_task
 
 DEFAULT_TASKS = ["reverse_words", "sort_numbers", "date_format", "kv_to_json", "number_to_words", "extract_email",
                  "reverse_then_uppercase"]
@@ -34,7 +34,7 @@ def routing_for(task: str, experts: list[str]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m moerge.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m moerge.lab.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--library", default=None, help="expert library (default: the committed zoo)")
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="one prompt from each of these tasks")
@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="route by hand instead: each task's own expert (held-out: its related experts)")
     args = ap.parse_args(argv)
     from moerge import ExpertLibrary, MoErgeModel
-    from moerge.eval import generate_answers
-    from moerge.models import default_base
-    from moerge.tasks import exact_match
-    from moerge.zoo import DEFAULT_ZOO
+    from moerge.lab.defaults import default_base
+    from moerge.lab.eval import generate_answers
+    from moerge.lab.tasks import exact_match
+    from moerge.lab.zoo import DEFAULT_ZOO
 
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     model = MoErgeModel.from_library(base, lib, router=args.router, tokenizer=tok)
     print(f"router: {model.router!r} (ready in {time.time() - t1:.1f} s)")
 
-    from moerge.tasks import UNSEEN_PHRASINGS, unseen_examples
+    from moerge.lab.tasks import UNSEEN_PHRASINGS, unseen_examples
 
     tasks = [t for t in args.tasks.split(",") if t]
     examples = [unseen_examples(t, 1, "test", args.seed)[0] if t in UNSEEN_PHRASINGS

@@ -9,7 +9,7 @@ Everything is trained here, on CPU, in under a minute, so nothing is downloaded:
    one batch uses another expert (or a mix), with the routing trace per row;
 4. a fourth expert (``rotate``) is added to the live model post hoc, and a merge folds one expert into a plain model.
 
-Run with ``python -m moerge.demo_tiny [--out DIR] [--steps N]``.
+Run with ``python -m moerge.lab.demo_tiny [--out DIR] [--steps N]``.
 """
 
 from __future__ import annotations

@@ -36,10 +36,16 @@ try:  # POSIX file locks; on other platforms only threads of one process are ser
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
+from moerge.adapters.delta import expert_from_diff
 from moerge.adapters.expert import Expert, ExpertMetadata, LoRAWeights, validate_name
-from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
-from moerge.fingerprint import check_expert_shapes, compact_fingerprint, compare_fingerprints, fingerprint
-from moerge.safe_io import (
+from moerge.adapters.peft_loader import load_peft_lora
+from moerge.core.fingerprint import (
+    check_expert_shapes,
+    compact_fingerprint,
+    compare_fingerprints,
+    fingerprint,
+)
+from moerge.core.safe_io import (
     TMP_PREFIX,
     atomic_write_json,
     fsync_dir,
@@ -47,6 +53,7 @@ from moerge.safe_io import (
     save_safetensors,
     sha256_file,
 )
+from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
 
 __all__ = ["ExpertLibrary", "FORMAT_VERSION"]
 
@@ -338,7 +345,7 @@ class ExpertLibrary:
         """Check the library as it is on disk now: every listed file's sha256, that every expert loads, every
         expert's routing data against its sha256, and that the routing index loads; returns the problems found
         (empty: ok)."""
-        from moerge.index import ExpertIndex
+        from moerge.library.index import ExpertIndex
 
         problems = []
         with self._lock:
@@ -492,7 +499,7 @@ class ExpertLibrary:
     ) -> Expert:
         """Add the PEFT LoRA adapter in folder ``path`` as expert ``name`` (see
         :func:`moerge.adapters.peft_loader.load_peft_lora`)."""
-        expert = Expert.from_peft(str(path), name=name, description=description, examples=list(examples), **kwargs)
+        expert = load_peft_lora(str(path), name=name, description=description, examples=list(examples), **kwargs)
         try:
             return self.add(expert, overwrite=overwrite, allow_other_base=allow_other_base)
         except (ExpertFormatError, BaseMismatchError) as e:
@@ -504,7 +511,7 @@ class ExpertLibrary:
     ) -> Expert:
         """Add the full fine-tune ``finetuned − base`` as expert ``name``, dense or (``rank=r``) low rank (see
         :func:`moerge.adapters.delta.expert_from_diff`)."""
-        expert = Expert.from_diff(finetuned, base, name=name, rank=rank, description=description,
+        expert = expert_from_diff(finetuned, base, name=name, rank=rank, description=description,
                                   examples=list(examples), **kwargs)
         return self.add(expert, overwrite=overwrite)
 

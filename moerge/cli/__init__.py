@@ -81,7 +81,7 @@ def _open_library(path: Path):
 
 def _load_base(spec: str | None, lib) -> Any:
     """The base model: ``spec`` (a folder), or the default base when the library was made on it."""
-    from moerge.models import DEFAULT_BASE_ID, default_base
+    from moerge.lab.defaults import DEFAULT_BASE_ID, default_base
 
     if spec:
         from transformers import AutoModelForCausalLM
@@ -101,7 +101,7 @@ def _load_tokenizer(spec: str | None) -> Any:
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(spec)
-        from moerge.models import default_tokenizer
+        from moerge.lab.defaults import default_tokenizer
 
         return default_tokenizer()
     except (OSError, ValueError):
@@ -249,14 +249,14 @@ def transfer(
     as_json: JsonOpt = False,
 ) -> None:
     """Apply an expert made on one version of a base to another version (PortLLM-style patch transfer)."""
-    from moerge.adapters.expert import Expert
+    from moerge.adapters.peft_loader import load_peft_lora
     from moerge.adapters.transfer import transfer_expert
     from moerge.library import ExpertLibrary
 
     def work() -> dict[str, Any]:
         src, tgt = _load_base(source, None), _load_base(target, None)
         if Path(expert).is_dir():
-            e = Expert.from_peft(expert, name=name or Path(expert).name)
+            e = load_peft_lora(expert, name=name or Path(expert).name)
         else:
             e = _open_library(library).get(expert)
         moved, dist = transfer_expert(e, src, tgt, name=name, strict_source=strict_source)
@@ -404,8 +404,8 @@ RouterOpt = Annotated[str, typer.Option("--router", "-r", help="glider, arrow, p
 
 
 def _routed_model(library: Path, router: str, base: str | None, **router_config: Any) -> Any:
-    from moerge.model import MoErgeModel
-    from moerge.routing import build_router
+    from moerge.routers import build_router
+    from moerge.runtime.model import MoErgeModel
 
     lib = _open_library(library)
     tok = _load_tokenizer(base)
@@ -417,7 +417,7 @@ def _routed_model(library: Path, router: str, base: str | None, **router_config:
 
 def _encode(model: Any, prompt: str) -> dict[str, Any]:
     """The prompt as the user turn of the tokenizer's chat template (the way the experts were trained)."""
-    from moerge.training import chat_prompt
+    from moerge.routing.training import chat_prompt
 
     return model.tokenizer(chat_prompt(model.tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
 
@@ -517,8 +517,8 @@ def serve(
 ) -> None:
     """An OpenAI-compatible HTTP API over the routed model: /v1/chat/completions, /v1/completions (streaming with
     SSE), /v1/models (the routed model and each expert), /v1/experts (upload a PEFT adapter)."""
-    from moerge.server import ServerConfig
-    from moerge.server import serve as run_server
+    from moerge.serving import ServerConfig
+    from moerge.serving import serve as run_server
 
     model = _run(lambda: _routed_model(library, router, base), False)
     run_server(model, model.tokenizer, host=host, port=port,
@@ -527,9 +527,9 @@ def serve(
 
 @app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def eval_(ctx: typer.Context) -> None:
-    """Exact-match accuracy of ways to use a library on the task suite (options: see ``python -m moerge.eval
+    """Exact-match accuracy of ways to use a library on the task suite (options: see ``python -m moerge.lab.eval
     --help``: --methods base,oracle,router:glider --tasks ... --limit 30 --out DIR)."""
-    from moerge.eval import main as eval_main
+    from moerge.lab.eval import main as eval_main
 
     eval_main(list(ctx.args))
 
@@ -537,8 +537,8 @@ def eval_(ctx: typer.Context) -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """Prefill/decode speed and memory of routed inference vs the base model and PEFT (options: see
-    ``python -m moerge.bench --help``: --experts 16,256,1000 --batch 1,8 --prompt 64 --new 32 --skip-peft --out DIR)."""
-    from moerge.bench import main as bench_main
+    ``python -m moerge.lab.bench --help``: --experts 16,256,1000 --batch 1,8 --prompt 64 --new 32 --skip-peft --out DIR)."""
+    from moerge.lab.bench import main as bench_main
 
     bench_main(list(ctx.args))
 

@@ -16,19 +16,21 @@ from torch import nn
 
 from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
 from moerge.adapters.merge import add_update, lines_scales, merge_module
+from moerge.adapters.peft_loader import load_peft_lora
+from moerge.core.fingerprint import is_linear_like, linear_modules, linear_shape
 from moerge.errors import BaseMismatchError, LibraryError, MoErgeError, RoutingError
-from moerge.fingerprint import is_linear_like, linear_shape
-from moerge.layer import ExpertLinear, LayerBank
 from moerge.library import ExpertLibrary
+from moerge.routers import build_router
 from moerge.routing import (
     Candidates,
     Router,
+    RouterContext,
     RoutingContext,
     RoutingRequest,
     RoutingState,
     RowRouting,
-    build_router,
 )
+from moerge.runtime.layer import ExpertLinear, LayerBank
 
 __all__ = ["MoErgeModel"]
 
@@ -39,7 +41,7 @@ class MoErgeModel(nn.Module):
     """A Hugging Face causal LM plus a library of experts, routed at inference time.
 
     Build one with :meth:`from_library`. Target ``nn.Linear`` (and GPT-2 ``Conv1D``) modules are replaced by
-    :class:`~moerge.layer.ExpertLinear`, which keeps the original as ``base_layer``. Each call routes once at
+    :class:`~moerge.runtime.layer.ExpertLinear`, which keeps the original as ``base_layer``. Each call routes once at
     prefill (the router's global stage, or ``experts=`` given explicitly) and holds that routing for the row's
     decode steps; a router with a local gate then mixes the row's candidates per token inside every module.
 
@@ -75,7 +77,7 @@ class MoErgeModel(nn.Module):
         self._active = True
         self._last = threading.local()  # last_routing, per thread
         self.router = router
-        router.attach(self)
+        router.attach(self.router_context())
 
     @property
     def last_routing(self) -> list[RowRouting] | None:
@@ -154,6 +156,14 @@ class MoErgeModel(nn.Module):
         except OSError as e:
             warnings.warn(f"router {self.router.name!r} could not store its routing data in {self.library.root}: {e}",
                           stacklevel=3)
+
+    def router_context(self) -> RouterContext:
+        """What this model's router may know of it: module shapes, hidden size, tokenizer, the library's routing
+        data, the base to generate with, and private copies of the base to train routing data on."""
+        hidden = getattr(getattr(self.base, "config", None), "hidden_size", None)
+        return RouterContext(modules=linear_modules(self.base), hidden_size=hidden if isinstance(hidden, int) else None,
+                             tokenizer=self.tokenizer, store=self.library, language_model=self.base,
+                             training_base=self.copy_base)
 
     # --- attribute delegation ---------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -315,7 +325,7 @@ class MoErgeModel(nn.Module):
         if not isinstance(expert, Expert):
             if name is None:
                 raise ValueError("name= is required when adding a PEFT folder")
-            expert = Expert.from_peft(str(expert), name=name)
+            expert = load_peft_lora(str(expert), name=name)
         elif name is not None and name != expert.name:
             expert = expert.renamed(name)
         if description is not None or examples is not None:
@@ -364,7 +374,7 @@ class MoErgeModel(nn.Module):
         if isinstance(router, str):
             router = build_router(router)
         with self._lock:
-            router.attach(self)
+            router.attach(self.router_context())
             for n in self._experts:
                 router.on_add_expert(self.get_expert(n))
             self.router = router
@@ -441,7 +451,7 @@ class MoErgeModel(nn.Module):
                 from moerge.routers.explicit import ExplicitRouter
 
                 router = ExplicitRouter()
-                router.attach(self)
+                router.attach(self.router_context())
             if input_ids is not None:
                 batch = int(input_ids.shape[0])
             elif inputs_embeds is not None:

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from moerge.core.safe_io import TMP_PREFIX, atomic_write_bytes, atomic_write_json, load_safetensors
 from moerge.errors import LibraryError
-from moerge.safe_io import TMP_PREFIX, atomic_write_bytes, atomic_write_json, load_safetensors
 
 __all__ = ["ExpertIndex", "IndexMismatchError"]
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from moerge.adapters.delta import low_rank_factors, truncate_factors
 from moerge.adapters.expert import DeltaWeights, Expert, ExpertMetadata, LoRAWeights, ModuleWeights
 
-__all__ = ["SHARED_NAME", "twin_split", "make_twin_library"]
+__all__ = ["SHARED_NAME", "twin_split"]
 
 SHARED_NAME = "twin_shared"
 
@@ -71,15 +70,3 @@ def twin_split(experts: Sequence[Expert], rank: int = 8, dtype: torch.dtype = to
                                  extra={"twin": "shared"})
     return Expert(shared_name, shared_mods, shared_meta), exclusive
 
-
-def make_twin_library(source, root: str | Path, rank: int = 8, dtype: torch.dtype = torch.bfloat16):
-    """A new library at ``root`` holding the Twin-Merging split of every expert of library ``source``."""
-    from moerge.library import ExpertLibrary
-
-    src = source if isinstance(source, ExpertLibrary) else ExpertLibrary.open(source)
-    shared, exclusive = twin_split([src.get(n) for n in src.names()], rank=rank, dtype=dtype)
-    lib = ExpertLibrary.create(root, base_model=src.base_model, base_fingerprint=src.base_fingerprint)
-    lib.add(shared)
-    for e in exclusive:
-        lib.add(e)
-    return lib

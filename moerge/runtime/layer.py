@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
-from moerge import kernels
 from moerge.adapters.expert import DeltaWeights, LoRAWeights, ModuleWeights
-from moerge.fingerprint import linear_shape
+from moerge.core.fingerprint import linear_shape
 from moerge.routing import Candidates, LayerInfo, LinearGate, RoutingContext, SelectionConfig
+from moerge.runtime import kernels
 
 __all__ = ["ExpertLinear", "LayerBank", "GatheredLayer"]
 
@@ -476,7 +476,7 @@ class GatheredLayer:
         fused gate they are computed here (``selection`` turns its logits into weights); ``None`` when sequence
         weights were folded in at gather time. Returns ``(y, token_weights)``.
 
-        On CUDA (with triton) the LoRA part runs as one fused kernel (:mod:`moerge.kernels`) when it can: no dense
+        On CUDA (with triton) the LoRA part runs as one fused kernel (:mod:`moerge.runtime.kernels`) when it can: no dense
         experts, and the gate fused here with a plain top-k selection, or sequence weights."""
         xg = x if x.dtype == self.dtype else x.to(self.dtype)
         if (token_weights is None and not y.requires_grad and y.dtype == self.dtype
@@ -526,6 +526,8 @@ class ExpertLinear(nn.Module):
     The layer reads the current call's routing from the model's :class:`RoutingContext`; outside a routed call
     (no state active) it is exactly ``base_layer``.
     """
+
+    wraps_linear = True  # lower layers find the original module as base_layer (moerge.core.fingerprint)
 
     def __init__(self, base_layer: nn.Module, name: str, index: int, context: RoutingContext,
                  bank_device: torch.device | None = None) -> None:

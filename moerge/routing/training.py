@@ -1,7 +1,7 @@
 """Training of routing parameters (gates) on a frozen base with frozen experts.
 
 The experts are applied to the base through forward hooks on its linear modules (patched or not: a patched
-:class:`~moerge.layer.ExpertLinear` outside a routed call is the base module), so gates can be trained for an expert
+:class:`~moerge.runtime.layer.ExpertLinear` outside a routed call is the base module), so gates can be trained for an expert
 before it is installed in the model, and the model's own routing is never touched.
 
 * :class:`GatedExperts`: a context manager that adds ``Σ_e g_e(x)·ΔW_e x`` to each hooked module's output, ``g``

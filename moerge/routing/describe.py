@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moerge.safe_io import atomic_write_json
+from moerge.core.safe_io import atomic_write_json
 
 __all__ = ["TaskDescriber", "DescriptionCache", "DESCRIBE_INSTRUCTION"]
 
@@ -116,7 +116,7 @@ class TaskDescriber:
         return text + "\nTask:"
 
     def _generate(self, prompts: list[str]) -> list[str]:
-        from moerge.training import greedy_generate
+        from moerge.routing.training import greedy_generate
 
         texts = greedy_generate(self.model, self.tokenizer, [self._request(p) for p in prompts], self.max_new_tokens)
         return [" ".join(t.split()) for t in texts]

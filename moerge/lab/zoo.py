@@ -1,6 +1,6 @@
 """The expert zoo: one LoRA expert per held-in task, trained with PEFT on the default base.
 
-``python -m moerge.zoo build`` trains the experts that the library does not hold yet (so an interrupted build
+``python -m moerge.lab.zoo build`` trains the experts that the library does not hold yet (so an interrupted build
 resumes where it stopped) and stores each with its description and example prompts. Training is reproducible
 from ``--seed``. The committed zoo lives in ``zoo/library`` at the repository root.
 """
@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from moerge.lab.tasks import HELD_IN, Example, get_task
 from moerge.library import ExpertLibrary
-from moerge.tasks import HELD_IN, Example, get_task
-from moerge.training import chat_prompt, encode_pair
+from moerge.routing.training import chat_prompt, encode_pair
 
 __all__ = ["ZooConfig", "build_zoo", "build_gates", "build_xlora", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
 
@@ -98,7 +98,7 @@ def build_zoo(library: str | Path = DEFAULT_ZOO, tasks: list[str] | None = None,
               *, base: Any = None, tokenizer: Any = None, progress: bool = True, log=print) -> ExpertLibrary:
     """Train (with PEFT) and store one LoRA expert per task that ``library`` does not hold yet."""
     from moerge.adapters.peft_loader import load_peft_lora
-    from moerge.models import default_base
+    from moerge.lab.defaults import default_base
 
     cfg = cfg or ZooConfig()
     tasks = list(tasks or HELD_IN)
@@ -134,7 +134,7 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_siz
                 log=print) -> ExpertLibrary:
     """Train and store the PHATGOOSE gate vectors of every zoo expert that has none for its current weights (each
     on its own task's training examples only: post hoc, one expert at a time)."""
-    from moerge.models import default_base
+    from moerge.lab.defaults import default_base
     from moerge.routers.phatgoose import ROUTING_KIND, train_phatgoose_gates
 
     if base is None:
@@ -162,7 +162,7 @@ def build_xlora(library: str | Path = DEFAULT_ZOO, *, steps: int = 60, batch_siz
                 log=print) -> ExpertLibrary:
     """Train the X-LoRA-style head jointly for every zoo expert, on a mix of their tasks' training examples, and
     store each expert's rows in the library."""
-    from moerge.models import default_base
+    from moerge.lab.defaults import default_base
     from moerge.routers.xlora import ROUTING_KIND, rows_to_tensors, train_xlora_head
 
     if base is None:
@@ -186,7 +186,7 @@ def build_xlora(library: str | Path = DEFAULT_ZOO, *, steps: int = 60, batch_siz
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m moerge.zoo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m moerge.lab.zoo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="train the experts the zoo library does not hold yet")

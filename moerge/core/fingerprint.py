@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["linear_modules", "fingerprint", "compact_fingerprint", "compare_fingerprints", "is_linear_like",
-           "check_expert_shapes"]
+           "check_expert_shapes", "unwrap_linear"]
 
 _SAMPLE = 16  # values taken from each sampled tensor
 
@@ -37,16 +37,24 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return int(w.shape[1]), int(w.shape[0])
 
 
+def unwrap_linear(name: str, module: nn.Module) -> nn.Module | None:
+    """The linear-like module at ``name`` as the base has it: a patched module's original (a wrapper class sets
+    ``wraps_linear = True`` and keeps the original as ``base_layer``), the module itself if it is linear-like, or
+    ``None`` (not linear, or the ``base_layer`` inside a wrapper, which is found through its wrapper)."""
+    if getattr(type(module), "wraps_linear", False):
+        return module.base_layer
+    if is_linear_like(module) and not name.endswith(".base_layer"):
+        return module
+    return None
+
+
 def linear_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Every linear-like module of ``model`` (patched ones included, by their original name) → ``(out, in)``."""
-    from moerge.layer import ExpertLinear  # local import: layer imports this module
-
     out: dict[str, tuple[int, int]] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, ExpertLinear):
-            out[name] = (mod.out_features, mod.in_features)
-        elif is_linear_like(mod) and not name.endswith(".base_layer"):
-            out[name] = linear_shape(mod)
+        lin = unwrap_linear(name, mod)
+        if lin is not None:
+            out[name] = linear_shape(lin)
     return out
 
 

@@ -1,0 +1,219 @@
+"""Local gates: linear gates over a request's candidates and the one way gate logits become weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from moerge.routing.types import Candidates
+
+__all__ = ["select_weights", "SelectionConfig", "standardize", "ExpertVectors", "LinearGate", "no_candidate_logits"]
+
+
+def select_weights(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
+                   null_logit: float | None = None) -> torch.Tensor:
+    """Mixing weights from gate logits ``(..., K)`` (``-inf`` marks candidates that cannot be chosen).
+
+    * ``top_k``: at most this many experts per token (``None``: all);
+    * ``top_p``: dynamic k ("harder inputs use more experts", Huang et al. 2024): per token, the fewest experts
+      whose softmax probability sums to at least ``top_p`` (still at most ``top_k``);
+    * ``null_logit``: a null expert (AdaMoE, Zeng et al. 2024) competes with this fixed logit; when it is chosen
+      its share of the weight goes to no expert (the base model), so a token may use fewer experts or none.
+
+    The chosen experts' weights are their softmax renormalised over the chosen set (including the null expert, if
+    chosen); the others get 0. Rows with no possible candidate get all zeros. Returns ``(..., K)``.
+    """
+    k_all = logits.shape[-1]
+    if top_p is None and null_logit is None and logits.dtype == torch.float32:
+        # the common cases, in as few ops as a decode step allows: softmax over the top k or over all (−inf
+        # entries get 0, a token with no finite logit gets all zeros)
+        if top_k is None or top_k >= k_all:
+            return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        if top_k > 0:
+            top_v, top_i = logits.topk(top_k, dim=-1)  # (..., k)
+            return torch.zeros_like(logits).scatter_(-1, top_i, torch.softmax(top_v, dim=-1).nan_to_num_(0.0))
+    if k_all == 0:
+        return logits.clone()
+    z = logits.float()
+    if null_logit is not None:
+        z = torch.cat([z, torch.full_like(z[..., :1], float(null_logit))], dim=-1)  # (..., K+1)
+    k = z.shape[-1] if top_k is None else min(int(top_k) + (null_logit is not None), z.shape[-1])
+    top_v, top_i = z.topk(k, dim=-1)  # (..., k), best first
+    keep = torch.isfinite(top_v)
+    if top_k is not None and null_logit is not None:  # the null expert does not count against top_k
+        real_rank = (top_i < k_all).long().cumsum(-1)
+        keep &= (real_rank <= top_k) | (top_i == k_all)
+    if top_p is not None:
+        p = torch.softmax(top_v.masked_fill(~keep, float("-inf")), dim=-1)
+        p = torch.nan_to_num(p, nan=0.0)
+        before = p.cumsum(-1) - p  # probability mass of the better experts
+        keep &= before < top_p
+    w = torch.softmax(top_v.masked_fill(~keep, float("-inf")), dim=-1)
+    w = torch.nan_to_num(w, nan=0.0)  # (..., k); rows with nothing kept are all -inf → 0
+    out = torch.zeros_like(z).scatter(-1, top_i, w)
+    return out[..., :k_all].to(logits.dtype if logits.is_floating_point() else torch.float32)
+
+
+@dataclass
+class SelectionConfig:
+    """How a local gate turns its logits into weights (see :func:`select_weights`); mixed into routers' configs."""
+
+    top_k: int | None = field(default=2, metadata={"help": "experts mixed per token and module (None: all)"})
+    top_p: float | None = field(default=None, metadata={
+        "help": "dynamic k: the fewest experts whose probability reaches top_p (None: always top_k)"})
+    null_logit: float | None = field(default=None, metadata={
+        "help": "logit of a null expert (AdaMoE): when chosen, its weight goes to the base (None: no null expert)"})
+
+    def _check_selection(self) -> None:
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                       or self.top_k <= 0):
+            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if self.null_logit is not None and not (isinstance(self.null_logit, (int, float))
+                                                and math.isfinite(self.null_logit)):
+            raise ValueError(f"null_logit must be a finite number or None, got {self.null_logit!r}")
+
+    def __post_init__(self) -> None:
+        self._check_selection()
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        return select_weights(logits, self.top_k, self.top_p, self.null_logit)
+
+
+def standardize(v: torch.Tensor) -> torch.Tensor:
+    """Zero mean and unit variance over the last dimension (layer norm without affine), in float32."""
+    return torch.nn.functional.layer_norm(v.float(), v.shape[-1:])
+
+
+class ExpertVectors(Mapping):
+    """Per module, one vector per expert (Arrow prototypes, PHATGOOSE gates, X-LoRA head rows); read-only it is a
+    mapping module → {expert: vector}.
+
+    The vectors of one module are stacked in the model's expert order once per ``(module, names, device)`` and form
+    (finished as :meth:`gate_operands` asks) and then gathered for each row's candidates, so a request's gate costs
+    two index operations per module and every step one batched matmul.
+    """
+
+    def __init__(self) -> None:
+        self._by_module: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> (d,)
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getitem__(self, module: str) -> dict[str, torch.Tensor]:
+        return self._by_module[module]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_module)
+
+    def __len__(self) -> int:
+        return len(self._by_module)
+
+    def set(self, name: str, vectors: Mapping[str, torch.Tensor]) -> None:
+        """Use ``vectors`` (module → (d,)) for expert ``name``, replacing what it had."""
+        self.remove(name)
+        for m, v in vectors.items():
+            self._by_module.setdefault(m, {})[name] = v
+        self._tables.clear()
+
+    def remove(self, name: str) -> None:
+        for d in self._by_module.values():
+            d.pop(name, None)
+        self._tables.clear()
+
+    def _table(self, module: str, names: tuple[str, ...], device: torch.device, scale: float, with_bias: bool,
+               center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Vt (d, N + 1), bias (N + 1,))`` over the model's experts ``names`` and a last, empty column (the
+        target of empty slots): the vectors as :meth:`gate_operands` describes them, and the bias (``-inf`` where
+        an expert has no vector)."""
+        key = (module, names, str(device), scale, with_bias, center)
+        got = self._tables.get(key)
+        if got is None:
+            have = self._by_module[module]
+            dim = next(iter(have.values())).numel()
+            V = torch.stack([have.get(n, torch.zeros(dim)).float() for n in names] + [torch.zeros(dim)])  # (N+1, dim)
+            ok = torch.tensor([n in have for n in names] + [False])
+            b = V[:, -1] if with_bias else torch.zeros(len(V))
+            w = V[:, :-1] if with_bias else V
+            if center:
+                w = w - w.mean(-1, keepdim=True)
+            got = ((w * scale).t().contiguous().to(device), b.masked_fill(~ok, float("-inf")).to(device))
+            self._tables[key] = got
+        return got
+
+    def gate_operands(self, module: str, candidates: Candidates, device: torch.device, scale: float = 1.0,
+                      with_bias: bool = False, center: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(Vt (B, d, K), bias (B, 1, K))`` for a gate ``x @ Vt + bias``: the candidates' vectors times ``scale``
+        (``center``: less their mean, so ``x @ Vt`` is ``(x - mean(x)) @ V``), transposed for the batched matmul,
+        and ``-inf`` in ``bias`` for empty slots and candidates without a vector (else ``0``, or with
+        ``with_bias`` the vector's last element, which is then not part of ``Vt``). ``None`` when no expert has a
+        vector for ``module``."""
+        if not self._by_module.get(module):
+            return None
+        Vt_all, bias_all = self._table(module, candidates.names, device, scale, with_bias, center)
+        ids = candidates.ids.to(device)  # (B, K)
+        safe = torch.where(ids >= 0, ids, len(candidates.names)).reshape(-1)  # empty slots → the empty column
+        B, K = ids.shape
+        Vt = Vt_all.index_select(1, safe).view(-1, B, K).transpose(0, 1)  # (B, d, K), strided
+        return Vt, bias_all.index_select(0, safe).view(B, 1, K)
+
+
+@dataclass(frozen=True)
+class LinearGate:
+    """A local gate whose logits are linear in the module input ``x (B, T, d)`` up to a per-token finish::
+
+        logits = finish(x @ Vt) + bias
+
+    with ``finish`` one of ``"none"``, ``"abs"`` (Arrow's ``|⟨p, x⟩|``) and ``"standardized"`` (``x @ Vt / σ(x)``
+    with ``σ(x)² = var(x) + 1e-5``; with centred vectors that is ``layer_norm(x) @ V``, PHATGOOSE's and X-LoRA's
+    logits). Made once per request and module (:meth:`Router.linear_gate`); because ``x @ Vt`` is a matmul of the
+    same ``x`` the experts' A factors multiply, a patched layer computes both in one matmul.
+
+    Attributes:
+        Vt: ``(B, d, K)`` float32, the candidates' vectors (times any temperature), transposed.
+        bias: ``(B, 1, K)`` float32: ``-inf`` for candidates without a vector, plus any per-request term (a
+            router's own bias, GLIDER's global score).
+        finish: how ``x @ Vt`` becomes a logit.
+    """
+
+    Vt: torch.Tensor
+    bias: torch.Tensor
+    finish: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.finish not in ("none", "abs", "standardized"):
+            raise ValueError(f"LinearGate: unknown finish {self.finish!r}")
+
+    @property
+    def k(self) -> int:
+        return int(self.Vt.shape[-1])
+
+    def logits(self, x: torch.Tensor, xv: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+        """``(B, T, K)`` float32 logits from ``x`` and ``xv = x @ Vt`` (computed alone or as part of a larger
+        matmul); ``inplace``: ``xv`` may be written over (a step's own matmul output)."""
+        if xv.dtype != torch.float32:
+            xv, inplace = xv.float(), True
+        if self.finish == "abs":
+            xv, inplace = (xv.abs_() if inplace else xv.abs()), True
+        elif self.finish == "standardized":
+            xf = x if x.dtype == torch.float32 else x.float()
+            s = torch.rsqrt(xf.var(-1, correction=0, keepdim=True).add_(1e-5))  # 1 / σ(x), (B, T, 1)
+            xv, inplace = (xv.mul_(s) if inplace else xv * s), True
+        return xv.add_(self.bias) if inplace else xv + self.bias
+
+    def with_bias(self, extra: torch.Tensor) -> LinearGate:
+        """This gate with ``extra`` ``(B, 1, K)`` added to its bias."""
+        return dataclasses.replace(self, bias=self.bias + extra)
+
+    def repeat_rows(self, n: int) -> LinearGate:
+        return self if n == 1 else dataclasses.replace(
+            self, Vt=self.Vt.repeat_interleave(n, dim=0), bias=self.bias.repeat_interleave(n, dim=0))
+
+
+def no_candidate_logits(x: torch.Tensor, candidates: Candidates) -> torch.Tensor:
+    """``(B, T, K)`` of ``-inf``: the logits of a module that none of the candidates targets."""
+    return torch.full((*x.shape[:2], candidates.k), float("-inf"), device=x.device)
+
