@@ -91,7 +91,7 @@ def _model():
     experts = [rand_expert(base, f"e{i}", seed=i, rank=(2, 4, 3)[i % 3],
                            modules=("q_proj", "v_proj", "down_proj") if i % 2 else ("q_proj", "o_proj", "up_proj"))
                for i in range(5)]
-    model._install(experts)
+    model.expert_set.install(experts, model.router)
     return model
 
 

@@ -595,10 +595,10 @@ def test_a_requests_gathered_factors_are_freed_after_generate(lib2, base, input_
 @pytest.mark.parametrize("seq_weights", [True, False])
 def test_vectorised_gather_equals_the_row_by_row_one(seq_weights, monkeypatch):
     from moerge.routing import Candidates
-    from moerge.runtime.layer import LayerBank
+    from moerge.runtime.bank import ModuleBank
 
     g = torch.Generator().manual_seed(0)
-    bank = LayerBank.empty(12, 10, torch.device("cpu"), torch.float32)
+    bank = ModuleBank.empty(12, 10, torch.device("cpu"), torch.float32)
     ranks = {"a": 2, "b": 4, "c": 8, "d": 3}
     bank = bank.with_experts({n: LoRAWeights(torch.randn(r, 12, generator=g), torch.randn(10, r, generator=g),
                                              0.5 + i) for i, (n, r) in enumerate(ranks.items())})
@@ -606,7 +606,7 @@ def test_vectorised_gather_equals_the_row_by_row_one(seq_weights, monkeypatch):
     ids = torch.tensor([[0, 1, 3], [2, 4, -1], [3, -1, -1], [1, 0, 4]])
     weights = torch.tensor([[0.5, 0.0, 0.5], [0.2, 0.8, 0.0], [1.0, 0.0, 0.0], [0.3, 0.3, 0.4]])
     cands = Candidates(ids, weights.clone(), names, weights if seq_weights else None)
-    monkeypatch.setattr("moerge.runtime.layer._VECTOR_GATHER_MIN", 1)  # the vectorised path even for this small batch
+    monkeypatch.setattr("moerge.runtime.bank._VECTOR_GATHER_MIN", 1)  # the vectorised path even for this small batch
     fast, slow = bank.gather(cands), bank.gather(cands, loop=True)
     for field_ in ("W", "Bt", "E"):
         a, b = getattr(fast.lora, field_), getattr(slow.lora, field_)
@@ -648,11 +648,11 @@ def test_a_library_in_host_memory_serves_a_gpu_base(lib2, base, input_ids):
 
 
 def test_adding_experts_appends_in_place_and_never_changes_an_older_bank():
-    from moerge.runtime.layer import LayerBank
+    from moerge.runtime.bank import ModuleBank
 
     g = torch.Generator().manual_seed(0)
     lora = lambda r: LoRAWeights(torch.randn(r, 6, generator=g), torch.randn(5, r, generator=g), 1.0)  # noqa: E731
-    b0 = LayerBank.empty(6, 5, torch.device("cpu"), torch.float32).with_experts({"a": lora(2)})
+    b0 = ModuleBank.empty(6, 5, torch.device("cpu"), torch.float32).with_experts({"a": lora(2)})
     b1 = b0.with_experts({"b": lora(3)})  # grows with spare room
     c = lora(1)
     b2 = b1.with_experts({"c": c})  # fits in the room: no copy of a or b

@@ -106,7 +106,7 @@ def test_selected_weights_are_a_distribution_over_at_most_top_k(z, top_k):
 
 
 MODEL = MoErgeModel(copy.deepcopy(BASE), build_router("arrow", top_k=2))
-MODEL._install([rand_expert(BASE, f"e{i}", seed=i, rank=2 + i % 3) for i in range(5)])
+MODEL.expert_set.install([rand_expert(BASE, f"e{i}", seed=i, rank=2 + i % 3) for i in range(5)], MODEL.router)
 
 
 @SETTINGS

@@ -39,7 +39,7 @@ def test_heatmap_of_a_routed_batch_is_written(tmp_path):
 
     base = tiny_llama()
     model = MoErgeModel(copy.deepcopy(base), build_router("arrow", top_k=2))
-    model._install([rand_expert(base, f"e{i}", seed=i) for i in range(3)])
+    model.expert_set.install([rand_expert(base, f"e{i}", seed=i) for i in range(3)], model.router)
     with torch.no_grad():
         model(input_ids=torch.randint(3, VOCAB, (2, 6)))
     path = save_usage_heatmap(model.last_routing, tmp_path / "views" / "usage.png", titles=["first", "second"])
@@ -54,7 +54,7 @@ def test_heatmap_of_a_routed_batch_is_written(tmp_path):
 def test_token_usage_gives_each_tokens_gate_weights_per_layer():
     base = tiny_llama()
     model = MoErgeModel(copy.deepcopy(base), build_router("arrow", top_k=2))
-    model._install([rand_expert(base, f"e{i}", seed=i) for i in range(3)])
+    model.expert_set.install([rand_expert(base, f"e{i}", seed=i) for i in range(3)], model.router)
     ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
     layers, tokens, experts, W = token_usage(model, ids, row=1)
     assert layers == ["layer 0", "layer 1"] and len(tokens) == 7 and experts == ["e0", "e1", "e2"]

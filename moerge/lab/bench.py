@@ -220,8 +220,8 @@ def run_bench(base: nn.Module, tokenizer: Any, *, experts: list[int], batches: l
                             expert_device=expert_device)
         dt = expert_dtype or next(base.parameters()).dtype
         for i in range(0, n, 64):  # made and installed a chunk at a time, so the pool is never held twice
-            model._install(random_lora_experts(base, min(64, n - i), rank, seed=n * 1000 + i, name=f"e{i}-",
-                                               dtype=dt))
+            chunk = random_lora_experts(base, min(64, n - i), rank, seed=n * 1000 + i, name=f"e{i}-", dtype=dt)
+            model.expert_set.install(chunk, model.router)
             gc.collect()
         setup = time.perf_counter() - t0
         mb = _bank_mb(model)

@@ -22,10 +22,11 @@ from moerge.routing.types import (
     RowRouting,
     all_candidates,
     candidates_from_mixes,
+    explain_routing,
 )
 
 __all__ = [
     "Candidates", "RoutingRequest", "LayerInfo", "RowRouting", "RoutingState", "RoutingContext", "Router",
     "RouterContext", "register_router", "candidates_from_mixes", "select_weights", "SelectionConfig",
-    "all_candidates", "standardize", "ExpertVectors", "no_candidate_logits", "LinearGate",
+    "all_candidates", "explain_routing", "standardize", "ExpertVectors", "no_candidate_logits", "LinearGate",
 ]

@@ -16,7 +16,8 @@ import torch
 
 from moerge.errors import RoutingError
 
-__all__ = ["Candidates", "candidates_from_mixes", "all_candidates", "RoutingRequest", "LayerInfo", "RowRouting"]
+__all__ = ["Candidates", "candidates_from_mixes", "all_candidates", "RoutingRequest", "LayerInfo", "RowRouting",
+           "explain_routing"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,21 @@ class Candidates:
 
     def row_names(self, b: int) -> list[str]:
         return [self.names[i] for i in self.ids[b].tolist() if i >= 0]
+
+    def without(self, names: set[str]) -> Candidates:
+        """These candidates with ``names`` dropped from every row (``-1`` slots); sequence weights renormalised."""
+        unknown = sorted(names - set(self.names))
+        if unknown:
+            raise RoutingError(f"cannot exclude unknown experts {unknown[:5]}", expert=unknown[0])
+        drop = torch.tensor([[i >= 0 and self.names[i] in names for i in row] for row in self.ids.tolist()],
+                            dtype=torch.bool).reshape(self.ids.shape)
+        weights = None
+        if self.weights is not None:
+            weights = self.weights.masked_fill(drop, 0.0)
+            total = weights.sum(-1, keepdim=True)
+            weights = torch.where(total > 0, weights / total.clamp_min(1e-12), weights)
+        return Candidates(ids=self.ids.masked_fill(drop, -1), scores=self.scores.masked_fill(drop, 0.0),
+                          names=self.names, weights=weights)
 
     def repeat_rows(self, n: int) -> Candidates:
         """Each row repeated ``n`` times in place (``repeat_interleave``), as generate does for beams/samples."""
@@ -183,3 +199,21 @@ class RowRouting:
     def top(self) -> str | None:
         return max(self.experts, key=lambda e: self.experts[e]) if self.experts else None
 
+
+
+def explain_routing(routing: Sequence[RowRouting] | None) -> str:
+    """A readable account of a call's routing: per row, the experts and their weights, the candidates' scores when
+    they differ from the weights, and the three most used experts of each module."""
+    if not routing:
+        return "no routed call yet"
+    lines = []
+    for b, row in enumerate(routing):
+        mix = ", ".join(f"{n} {w:.3f}" for n, w in sorted(row.experts.items(), key=lambda t: -t[1]))
+        lines.append(f"row {b}: {mix or '(no expert: base model)'}")
+        if row.scores and any(s != row.experts.get(n) for n, s in zip(row.candidates, row.scores)):
+            cand = ", ".join(f"{n} {s:.3f}" for n, s in zip(row.candidates, row.scores))
+            lines.append(f"  candidates (score): {cand}")
+        for mod, usage in row.layer_usage.items():
+            top = ", ".join(f"{n} {w:.2f}" for n, w in sorted(usage.items(), key=lambda t: -t[1])[:3])
+            lines.append(f"  {mod}: {top}")
+    return "\n".join(lines)

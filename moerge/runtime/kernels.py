@@ -1,7 +1,7 @@
 """A fused Triton kernel for routed LoRA mixing on CUDA (the ``gpu`` extra).
 
 One launch per patched module and step does what the torch path does in about ten operations
-(:meth:`moerge.runtime.layer.GatheredLayer.add_delta`): for each row ``b`` and token ``t``
+(:meth:`moerge.runtime.gathered.GatheredModule.mix`): for each row ``b`` and token ``t``
 
 1. **shrink and gate** in one pass over the input: ``z = x[b, t] @ W[b]``, where ``W[b]`` holds the row's
    candidates' gate vectors (``Kg`` columns) in front of their A factors (``R`` columns);

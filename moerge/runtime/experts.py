@@ -1,0 +1,265 @@
+"""The set of experts a model routes over, held in its patched modules, changed all-or-nothing.
+
+:class:`ExpertSet` owns the patched modules (:class:`~moerge.runtime.layer.ExpertLinear`, created lazily for the
+modules experts target), the experts' metadata, and the lock that makes a change of experts and the routing of a
+call see one version of the set. A change builds new immutable banks, gives the router the new experts' routing
+data, writes the library, and only then swaps the banks in; a failure at any step leaves all of it as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
+from moerge.core.fingerprint import is_linear_like, linear_shape
+from moerge.errors import BaseMismatchError, LibraryError, MoErgeError
+from moerge.routing import Candidates, Router, RoutingContext
+from moerge.runtime.bank import ModuleBank
+from moerge.runtime.layer import ExpertLinear
+
+__all__ = ["ExpertSet"]
+
+
+class ExpertSet:
+    """The experts of one model and the patched modules that hold their factors.
+
+    Args:
+        base: the model whose linear modules are patched (in place).
+        context: the routing context the patched modules read each call's routing from.
+        expert_dtype: the dtype the banks store factors in (``None``: each base module's dtype).
+        expert_device: where the banks stay (``None``: with each base module).
+    """
+
+    def __init__(self, base: nn.Module, context: RoutingContext, *, expert_dtype: torch.dtype | None = None,
+                 expert_device: torch.device | None = None) -> None:
+        if any(isinstance(m, ExpertLinear) for m in base.modules()):
+            raise ValueError("this base is already patched by another MoErgeModel; pass that model's copy_base() "
+                             "(a plain copy) or unpatch() it first")
+        self.base = base
+        self.context = context
+        self.expert_dtype = expert_dtype
+        self.expert_device = expert_device
+        self.lock = threading.RLock()
+        self.metadata: dict[str, ExpertMetadata] = {}  # expert -> metadata, in id order
+        self.modules_of: dict[str, list[str]] = {}  # expert -> the modules it targets
+        self.layers: dict[str, ExpertLinear] = {}  # module name -> patched module, in patch order
+        self.active = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("lock")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict) -> ExpertSet:
+        new = ExpertSet.__new__(ExpertSet)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.metadata)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.metadata
+
+    def require_active(self) -> None:
+        if not self.active:
+            raise RuntimeError("this MoErgeModel was unpatched; build a new one with MoErgeModel.from_library")
+
+    # --- checks and banks -----------------------------------------------------------------------------------------
+    def check_fits(self, expert: Expert, *, replacing: bool = False) -> None:
+        """Raise (changing nothing) unless every module ``expert`` targets is a linear module of the base with the
+        expert's shapes."""
+        validate_name(expert.name)
+        if expert.name in self.metadata and not replacing:
+            raise LibraryError("the model already has an expert with this name", expert=expert.name)
+        for m, w in expert.modules.items():
+            layer = self.layers.get(m)
+            if layer is not None:
+                shape = (layer.out_features, layer.in_features)
+            else:
+                try:
+                    mod = self.base.get_submodule(m)
+                except AttributeError:
+                    raise BaseMismatchError(f"targets module {m!r}, which the base model does not have",
+                                            expert=expert.name) from None
+                if not is_linear_like(mod):
+                    raise BaseMismatchError(f"targets module {m!r}, a {type(mod).__name__}, not a linear module",
+                                            expert=expert.name)
+                shape = linear_shape(mod)
+            if (w.out_features, w.in_features) != shape:
+                raise BaseMismatchError(
+                    f"module {m!r}: the expert maps {w.in_features}→{w.out_features} but the base maps "
+                    f"{shape[1]}→{shape[0]}", expert=expert.name,
+                )
+
+    def _patch(self, module_name: str) -> ExpertLinear:
+        layer = self.layers.get(module_name)
+        if layer is not None:
+            return layer
+        parent_name, _, attr = module_name.rpartition(".")
+        parent = self.base.get_submodule(parent_name) if parent_name else self.base
+        layer = ExpertLinear(getattr(parent, attr), module_name, len(self.layers), self.context,
+                             bank_device=self.expert_device)
+        setattr(parent, attr, layer)
+        self.layers[module_name] = layer
+        return layer
+
+    def _empty_bank(self, module_name: str) -> ModuleBank:
+        mod = self.base.get_submodule(module_name)
+        out_f, in_f = linear_shape(mod)
+        w = mod.weight
+        dtype = self.expert_dtype or (w.dtype if w.is_floating_point() else torch.float32)
+        return ModuleBank.empty(in_f, out_f, self.expert_device or w.device, dtype)
+
+    def _new_banks(self, add: Sequence[Expert], drop: set[str]) -> dict[str, ModuleBank]:
+        """The banks of every affected module after dropping ``drop`` and adding ``add`` (nothing is changed)."""
+        banks: dict[str, ModuleBank] = {}
+
+        def current(m: str) -> ModuleBank:
+            if m not in banks:
+                banks[m] = self.layers[m].bank if m in self.layers else self._empty_bank(m)
+            return banks[m]
+
+        for name in drop:
+            for m in self.modules_of.get(name, []):
+                banks[m] = current(m).without({name})
+        by_module: dict[str, dict[str, Any]] = {}
+        for e in add:
+            for m, w in e.modules.items():
+                by_module.setdefault(m, {})[e.name] = w
+        for m, group in by_module.items():
+            banks[m] = current(m).with_experts(group)
+        return banks
+
+    def _commit(self, banks: dict[str, ModuleBank], add: Sequence[Expert], drop: set[str]) -> None:
+        for m, bank in banks.items():
+            if len(bank) or m in self.layers:
+                self._patch(m).bank = bank
+        for name in drop:
+            self.metadata.pop(name, None)
+            self.modules_of.pop(name, None)
+        for e in add:
+            self.metadata[e.name] = e.metadata
+            self.modules_of[e.name] = sorted(e.modules)
+
+    # --- changes ----------------------------------------------------------------------------------------------------
+    def get(self, name: str) -> Expert:
+        """Expert ``name`` as the set holds it (rebuilt from the banks, so also for experts never persisted)."""
+        with self.lock:
+            if name not in self.metadata:
+                raise LibraryError(f"the model has no expert {name!r}", expert=name)
+            mods = {m: self.layers[m].bank.weights_of(name) for m in self.modules_of[name]}
+            return Expert(name, mods, self.metadata[name])
+
+    def router_add(self, router: Router, experts: Sequence[Expert]) -> Callable[[], None]:
+        """Give ``experts`` to ``router`` (replacing the routing data of names it has); returns an undo."""
+        previous = {e.name: self.get(e.name) for e in experts if e.name in self.metadata}
+        done: list[str] = []
+
+        def undo() -> None:
+            for n in reversed(done):
+                if n in previous:
+                    router.on_add_expert(previous[n])
+                else:
+                    router.on_remove_expert(n)
+
+        try:
+            for e in experts:
+                router.on_add_expert(e)
+                done.append(e.name)
+        except BaseException:
+            undo()
+            raise
+        return undo
+
+    def install(self, experts: Sequence[Expert], router: Router) -> None:
+        """Add ``experts`` (none of which the set has) to ``router`` and to every module they target; all or
+        nothing, nothing persisted."""
+        with self.lock:
+            names = [e.name for e in experts]
+            if len(set(names)) != len(names):
+                raise LibraryError("the same expert name appears twice", expert=names[0])
+            for e in experts:
+                self.check_fits(e)
+            banks = self._new_banks(experts, set())
+            self.router_add(router, experts)
+            self._commit(banks, experts, set())
+
+    def add(self, expert: Expert, router: Router, *, library: Any = None, overwrite: bool = False) -> Expert:
+        """Add (or, with ``overwrite``, replace) ``expert``: banks, routing data, then the library (when given), then
+        the swap. Returns the expert as stored."""
+        with self.lock:
+            self.require_active()
+            replacing = overwrite and expert.name in self.metadata
+            try:
+                self.check_fits(expert, replacing=replacing)
+            except MoErgeError as e:  # name the file the weights came from, when known
+                src = expert.metadata.source or {}
+                raise e.at(str(Path(src["path"]) / "adapter_model.safetensors") if src.get("type") == "peft"
+                           and src.get("path") else None) from None
+            drop = {expert.name} if replacing else set()
+            banks = self._new_banks([expert], drop)
+            undo_router = self.router_add(router, [expert])
+            if library is not None:
+                try:
+                    expert = library.add(expert, overwrite=overwrite)  # atomic: all or nothing on disk
+                except BaseException:
+                    undo_router()
+                    raise
+            self._commit(banks, [expert], drop)
+        return expert
+
+    def remove(self, name: str, router: Router, *, library: Any = None) -> None:
+        """Remove expert ``name`` from the banks, the library (when given and it has it) and ``router``."""
+        with self.lock:
+            if name not in self.metadata:
+                raise LibraryError(f"the model has no expert {name!r}", expert=name)
+            banks = self._new_banks([], {name})
+            if library is not None and name in library:
+                library.remove(name)
+            self._commit(banks, [], {name})
+            router.on_remove_expert(name)
+
+    # --- a request's factors ----------------------------------------------------------------------------------------
+    def gather(self, candidates: Candidates, router: Router, fuse_gate: bool) -> dict[int, Any]:
+        """Each patched module's factors for ``candidates`` (and, with ``fuse_gate``, the router's linear gate),
+        keyed by the module's patch index; call under :attr:`lock` with the names the candidates were made over."""
+        return {layer.patch_index: layer.bank.gather(
+            candidates, layer.compute_dtype,
+            router.linear_gate(candidates, layer.info, layer.compute_device) if fuse_gate else None,
+            layer.compute_device) for layer in self.layers.values()}
+
+    # --- the plain base -----------------------------------------------------------------------------------------------
+    def copy_base(self) -> nn.Module:
+        """A plain deep copy of the base (each patched module copied as its original), the live model untouched."""
+        self.require_active()
+        with self.lock:
+            memo: dict[int, Any] = {}
+            for layer in self.layers.values():
+                memo[id(layer)] = copy.deepcopy(layer.base_layer, memo)
+            return copy.deepcopy(self.base, memo)
+
+    def unpatch(self) -> nn.Module:
+        """Put the original modules back; the set is unusable afterwards. Returns the plain base."""
+        with self.lock:
+            self.require_active()
+            for name, layer in self.layers.items():
+                parent_name, _, attr = name.rpartition(".")
+                parent = self.base.get_submodule(parent_name) if parent_name else self.base
+                setattr(parent, attr, layer.base_layer)
+            self.layers.clear()
+            self.active = False
+        return self.base

@@ -1,0 +1,191 @@
+"""One request's factors for one module, and the step that mixes them into the module's output.
+
+With sequence-level weights the weights and scales are folded into ``Bt`` at gather time; with a local gate they
+are applied per token between the two matmuls ("gate and shrink"). :meth:`GatheredModule.mix` is the one
+dispatcher over the ways a step can run: the per-request CPU closure, the fused Triton kernel
+(:mod:`moerge.runtime.kernels`), and the general torch path (dense experts, top-p, autograd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from moerge.routing import LinearGate, SelectionConfig
+from moerge.runtime import kernels
+
+__all__ = ["GatheredModule", "GatheredLoRA", "GatheredDense", "Mixed"]
+
+
+class Mixed(NamedTuple):
+    """What :meth:`GatheredModule.mix` returns."""
+
+    y: torch.Tensor  # (B, T, out): the module's output with the experts' contribution added
+    weights: torch.Tensor | None  # (B, T, K): the per-token weights used, None with sequence-level weights
+
+
+@dataclass
+class GatheredLoRA:
+    W: torch.Tensor  # (B, in, Kg + R): a fused gate's vectors (Kg of them, else none), then the factors A^T
+    Bt: torch.Tensor  # (B, R, out): LoRA scales folded in, and the sequence weights when there is no local gate
+    E: torch.Tensor | None  # (B, K, R): 1 where column r belongs to candidate slot k (local gating), else None
+    gate: LinearGate | None  # the fused local gate, whose Vt is W[..., :Kg]
+    _slots: torch.Tensor | None = None
+
+    def repeat_rows(self, n: int) -> GatheredLoRA:
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+        return GatheredLoRA(rep(self.W), rep(self.Bt), rep(self.E),
+                             None if self.gate is None else self.gate.repeat_rows(n))
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """``(B, R)`` int32: each column's candidate slot, ``-1`` at padding (the kernel's form of ``E``)."""
+        if self._slots is None:
+            self._slots = torch.where(self.E.sum(1) > 0, self.E.argmax(1), -1).to(torch.int32)
+        return self._slots
+
+
+@dataclass
+class GatheredDense:
+    delta: torch.Tensor  # (out, in)
+    bias: torch.Tensor | None  # (out,)
+    rows: torch.Tensor  # (n,) rows that use this expert
+    ks: torch.Tensor  # (n,) its candidate slot in each of those rows
+    weight: torch.Tensor | None  # (n,) sequence-level weight per row, or None (local gating)
+
+    def repeat_rows(self, n: int) -> GatheredDense:
+        rows = (self.rows.unsqueeze(1) * n + torch.arange(n, device=self.rows.device)).reshape(-1)
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+        return GatheredDense(self.delta, self.bias, rows, rep(self.ks), rep(self.weight))
+
+
+@dataclass
+class GatheredModule:
+    """One module's factors for one request's rows (see :meth:`ModuleBank.gather`)."""
+
+    rows: int
+    lora: GatheredLoRA | None
+    dense: list[GatheredDense]
+    dtype: torch.dtype = torch.float32  # the dtype the factors were gathered in (the forward computes in it)
+    _expanded: dict[int, GatheredModule] = field(default_factory=dict)
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gate_fused(self) -> bool:
+        """Whether the local gate is computed here, in the same matmul as the experts' shrink."""
+        return self.lora is not None and self.lora.gate is not None
+
+    def for_batch(self, batch: int) -> GatheredModule:
+        """This layer for a batch of ``batch`` rows: generate repeats each prompt's row for beams and samples."""
+        if batch == self.rows:
+            return self
+        if batch % self.rows:
+            raise RuntimeError(f"routing was decided for {self.rows} rows but the forward has {batch}")
+        n = batch // self.rows
+        if n not in self._expanded:
+            self._expanded[n] = GatheredModule(
+                batch, None if self.lora is None else self.lora.repeat_rows(n), [d.repeat_rows(n) for d in self.dense],
+                self.dtype,
+            )
+        return self._expanded[n]
+
+    def fast_step(self, selection: SelectionConfig | None) -> Callable | None:
+        """For the common case (LoRA experts only; sequence weights, or the fused gate with a plain top-k) a closure
+        ``step(x, y) -> (y, weights)`` with everything it needs bound, built once per request: the fewest torch
+        calls and the least Python a step can cost on CPU (CUDA runs the fused kernel instead). ``None`` for the
+        other cases, which take the general path of :meth:`mix`."""
+        if "step" not in self._cache:
+            self._cache["step"] = self._make_step(selection)
+        return self._cache["step"]
+
+    def _make_step(self, selection: SelectionConfig | None) -> Callable | None:
+        g = self.lora
+        if g is None or self.dense:
+            return None
+        bmm, W, Bt, E, dt = torch.bmm, g.W, g.Bt, g.E, self.dtype
+        if g.gate is None and E is None:  # sequence weights folded into Bt
+            def seq_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+                return y.baddbmm_(bmm(x, W), Bt), None
+
+            return seq_step
+        if g.gate is None or selection is None or selection.top_p is not None or selection.null_logit is not None:
+            return None
+        kg, logits, select, cast = g.gate.k, g.gate.logits, selection.select, dt != torch.float32
+
+        def gate_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            z = bmm(x, W)  # (B, T, Kg + R): the gate's x @ Vt, then the shrink
+            w = select(logits(x, z[:, :, :kg], inplace=True))  # (B, T, K); z's gate part is not reused
+            h = z[:, :, kg:] * bmm(w.to(dt) if cast else w, E)  # each column times its candidate's weight
+            return y.baddbmm_(h, Bt), w
+
+        return gate_step
+
+    def _kernel_top_k(self, x: torch.Tensor, y: torch.Tensor, token_weights: torch.Tensor | None,
+                      selection: SelectionConfig | None) -> int | None | bool:
+        """The top-k the fused kernel should use for this call, or ``False`` when the torch path must run it."""
+        g = self.lora
+        if not (x.is_cuda or kernels.CPU) or g is None or self.dense or y.requires_grad:
+            return False
+        if g.E is None:  # sequence weights folded into Bt
+            top_k = None
+        elif g.gate is None or token_weights is not None or selection is None:
+            return False
+        elif selection.top_p is not None or selection.null_logit is not None:
+            return False
+        else:
+            top_k = selection.top_k
+        return top_k if kernels.supports(x, top_k, g.Bt.shape[1], 0 if g.gate is None else g.gate.k) else False
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, token_weights: torch.Tensor | None,
+            selection: SelectionConfig | None = None) -> Mixed:
+        """``y + `` the experts' contribution for input ``x (B, T, in)`` and base output ``y (B, T, out)`` (added in
+        place when autograd allows). ``token_weights (B, T, K)`` come from a local gate computed outside; with a
+        fused gate they are computed here (``selection`` turns its logits into weights); ``None`` when sequence
+        weights were folded in at gather time. Returns the output and the per-token weights used (:class:`Mixed`).
+
+        On CUDA (with triton) the LoRA part runs as one fused kernel (:mod:`moerge.runtime.kernels`) when it can: no dense
+        experts, and the gate fused here with a plain top-k selection, or sequence weights."""
+        xg = x if x.dtype == self.dtype else x.to(self.dtype)
+        if (token_weights is None and not y.requires_grad and y.dtype == self.dtype
+                and not (xg.is_cuda or kernels.CPU)):
+            step = self.fast_step(selection)
+            if step is not None:
+                return Mixed(*step(xg, y))
+        top_k = self._kernel_top_k(xg, y, token_weights, selection)
+        if top_k is not False:
+            g = self.lora
+            gate = g.gate
+            w = kernels.routed_lora_(xg, y, g.W, g.Bt, gate_k=0 if gate is None else gate.k,
+                                     bias=None if gate is None else gate.bias,
+                                     slots=None if gate is None else g.slots,
+                                     finish="none" if gate is None else gate.finish, top_k=top_k)
+            return Mixed(y, token_weights if w is None else w)
+        if self.lora is not None:
+            g = self.lora
+            z = torch.bmm(xg, g.W)  # (B, T, Kg + R)
+            h = z
+            if g.gate is not None:
+                kg = g.gate.k
+                token_weights = selection.select(g.gate.logits(x, z[..., :kg], inplace=True))  # (B, T, K)
+                h = z[..., kg:]
+            if g.E is not None:
+                tw = token_weights if token_weights.dtype == h.dtype else token_weights.to(h.dtype)
+                h = h * torch.bmm(tw, g.E)  # (B, T, R): each column times its slot's weight
+            if y.dtype == h.dtype and not y.requires_grad:
+                y = y.baddbmm_(h, g.Bt)  # (B, T, out)
+            else:
+                y = y + torch.bmm(h, g.Bt).to(y.dtype)
+        for d in self.dense:
+            xr = xg.index_select(0, d.rows)  # (n, T, in)
+            yr = F.linear(xr, d.delta, d.bias)  # (n, T, out)
+            if token_weights is not None:
+                w = token_weights.index_select(0, d.rows)  # (n, T, K)
+                w = w.gather(2, d.ks.view(-1, 1, 1).expand(-1, x.shape[1], 1))  # (n, T, 1)
+            else:
+                w = d.weight.view(-1, 1, 1)  # (n, 1, 1)
+            y = y.index_add(0, d.rows, (yr * w.to(yr.dtype)).to(y.dtype))
+        return Mixed(y, token_weights)
