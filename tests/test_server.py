@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import re
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +19,7 @@ import torch
 from moerge import ExpertLibrary, MoErgeModel
 from moerge.routers import build_router
 from moerge.serving import ServerConfig, create_app
+from moerge.serving.protocol import OpenAIError, parse_completion
 
 from conftest import save_peft_lora, tiny_chat_llama, tiny_tokenizer
 
@@ -182,3 +186,61 @@ def test_a_stop_sequence_ends_a_stream_early(server):
                                             stream=True, stop=[stop]))
     text = "".join(c.choices[0].text for c in chunks)
     assert text == full[: full.index(stop)] and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_the_server_needs_its_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    for name in [n for n in sys.modules if n == "moerge.serving" or n.startswith("moerge.serving.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ImportError, match=re.escape('pip install "moerge[server]"')):
+        importlib.import_module("moerge.serving")
+
+
+def _parse(body, chat=False, tokenizer=None):
+    return parse_completion(body, chat=chat, experts=["sort", "french"], tokenizer=tokenizer, default_max_tokens=16)
+
+
+@pytest.mark.parametrize("body, status, param, match", [
+    ([], 400, None, "JSON object"),
+    ({"prompt": ""}, 400, "prompt", "non-empty string"),
+    ({"prompt": "a", "model": "other"}, 404, "model", "does not exist"),
+    ({"prompt": "a", "moerge": [1]}, 400, "moerge", "must be an object"),
+    ({"prompt": "a", "moerge": {"experts": {}}}, 400, "moerge.experts", "map expert names"),
+    ({"prompt": "a", "moerge": {"experts": {"sort": True}}}, 400, "moerge.experts", "not a number"),
+    ({"prompt": "a", "moerge": {"exclude": "sort"}}, 400, "moerge.exclude", "list of expert names"),
+    ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400, "stop", "at most 4"),
+    ({"prompt": "a", "seed": True}, 400, "seed", "integer"),
+    ({"prompt": "a", "temperature": "hot"}, 400, None, "must be numbers"),
+    ({"prompt": "a", "temperature": -1}, 400, None, "temperature ≥ 0"),
+    ({"prompt": "a", "top_p": 0}, 400, None, "top_p in (0, 1]"),
+])
+def test_a_completion_request_is_refused_with_the_field_at_fault(body, status, param, match):
+    with pytest.raises(OpenAIError, match=re.escape(match)) as err:
+        _parse(body)
+    assert (err.value.status, err.value.param) == (status, param)
+
+
+def test_a_chat_request_needs_messages_and_a_chat_template():
+    with pytest.raises(OpenAIError, match="messages must be") as err:
+        _parse({"messages": ["hi"]}, chat=True, tokenizer=tiny_tokenizer())
+    assert err.value.param == "messages"
+    no_template = type("Tok", (), {"chat_template": None})()
+    with pytest.raises(OpenAIError, match="no chat template"):
+        _parse({"messages": [{"role": "user", "content": "hi"}]}, chat=True, tokenizer=no_template)
+    parts = [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]
+    req = _parse({"messages": [{"role": "user", "content": parts}]}, chat=True, tokenizer=tiny_tokenizer())
+    assert req.chat and "hi there" in req.text
+
+
+def test_a_parsed_request_gives_the_engines_job():
+    req = _parse({"prompt": ["abc"], "model": "moerge/sort", "moerge": {"experts": {"french": 1.0},
+                                                                         "exclude": ["sort", "french"]},
+                  "stop": "x", "temperature": 0, "seed": 3})
+    assert (req.model, req.experts, req.exclude, req.stop) == ("moerge/sort", {"sort": 1.0}, ("french", "sort"), ["x"])
+    job = req.job(prompt_tokens=3, context_length=None)
+    assert (job.text, job.max_tokens, job.temperature, job.top_p, job.seed) == ("abc", 16, 0.0, 1.0, 3)
+    assert req.job(prompt_tokens=10, context_length=12).max_tokens == 2  # the default fits the context
+    with pytest.raises(OpenAIError, match="context of 12 tokens"):
+        _parse({"prompt": "abc", "max_tokens": 3}).job(prompt_tokens=10, context_length=12)
+    with pytest.raises(OpenAIError, match="the prompt is empty"):
+        req.job(prompt_tokens=0, context_length=None)

@@ -1,0 +1,229 @@
+"""The server's OpenAI wire format: request bodies checked into :class:`CompletionRequest` (which gives the engine's
+:class:`~moerge.serving.engine.Job`), and the response, stream-event and error shapes.
+
+A ``moerge`` field in a request may force a mix (``"experts": {"sql": 0.7, "math": 0.3}``), exclude experts
+(``"exclude": ["code"]``) and ask for the routing trace (``"trace": true``); asking for the model id
+``moerge/<expert>`` forces that expert.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from moerge.serving.engine import Job
+
+__all__ = ["MODEL_ID", "CompletionRequest", "OpenAIError", "StreamHeader", "completion_body", "done_event",
+           "error_event", "model_ids", "moerge_field", "parse_completion", "stream_event"]
+
+MODEL_ID = "moerge"
+
+
+class OpenAIError(Exception):
+    """A refused request, answered with HTTP ``status`` and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict[str, Any]:
+        """The response body: OpenAI's ``{"error": {...}}``."""
+        return {"error": {"message": self.message, "type": "invalid_request_error", "param": self.param,
+                          "code": self.code}}
+
+
+def model_ids(experts: Collection[str]) -> list[str]:
+    """The model ids served: the routed model, then ``moerge/<name>`` for each expert."""
+    return [MODEL_ID] + [f"{MODEL_ID}/{n}" for n in experts]
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A chat or text completion request, checked."""
+
+    chat: bool  # /v1/chat/completions; else /v1/completions
+    model: str  # the model id asked for
+    text: str  # the prompt, chat template applied
+    max_tokens: int
+    max_tokens_given: bool  # False: the server's default, which never asks for more than the context holds
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    experts: dict[str, float] | None  # a forced mix: the moerge field's, or the expert the model id names
+    exclude: tuple[str, ...]
+    trace: bool  # answer with each choice's routing
+    stream: bool
+
+    def job(self, prompt_tokens: int, context_length: int | None) -> Job:
+        """The engine's job for this request, given the prompt's token count and the model's context (``None``:
+        unbounded); refused if the prompt is empty or the completion would not fit."""
+        if prompt_tokens == 0:
+            raise OpenAIError(400, "the prompt is empty", param="prompt")
+        max_tokens = self.max_tokens
+        if not self.max_tokens_given and context_length is not None:
+            max_tokens = max(1, min(max_tokens, context_length - prompt_tokens))
+        if context_length is not None and prompt_tokens + max_tokens > context_length:
+            raise OpenAIError(400, f"the prompt has {prompt_tokens} tokens and {max_tokens} are asked for: longer "
+                                   f"than the model's context of {context_length} tokens", param="max_tokens")
+        return Job(self.text, max_tokens, self.temperature, self.top_p, self.stop, self.experts, self.exclude,
+                   self.seed)
+
+
+def parse_completion(body: Any, *, chat: bool, experts: Collection[str], tokenizer: Any,
+                     default_max_tokens: int) -> CompletionRequest:
+    """Check a ``/v1/chat/completions`` (``chat``) or ``/v1/completions`` request body against the served
+    ``experts``; a chat's messages go through ``tokenizer``'s chat template. Raises :class:`OpenAIError`."""
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
+    text = _chat_text(body, tokenizer) if chat else _prompt_text(body)
+    model_id, mix, exclude = _routing(body, experts)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) for x in stop)):
+        raise OpenAIError(400, "stop must be a string or a list of at most 4 strings", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise OpenAIError(400, "seed must be an integer", param="seed")
+    asked = body.get("max_completion_tokens", body.get("max_tokens"))
+    try:
+        max_tokens = int(asked if asked is not None else default_max_tokens)
+        temperature = float(body["temperature"] if body.get("temperature") is not None else 1.0)
+        top_p = float(body["top_p"] if body.get("top_p") is not None else 1.0)
+    except (TypeError, ValueError):
+        raise OpenAIError(400, "max_tokens, temperature and top_p must be numbers") from None
+    if max_tokens <= 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise OpenAIError(400, "max_tokens must be positive, temperature ≥ 0 and top_p in (0, 1]")
+    if body.get("n") not in (None, 1):
+        raise OpenAIError(400, "n > 1 is not supported; send several requests (they are batched)", param="n")
+    return CompletionRequest(chat=chat, model=model_id, text=text, max_tokens=max_tokens,
+                             max_tokens_given=asked is not None, temperature=temperature, top_p=top_p, stop=stop,
+                             seed=seed, experts=mix, exclude=exclude,
+                             trace=bool((body.get("moerge") or {}).get("trace")), stream=bool(body.get("stream")))
+
+
+def _chat_text(body: dict[str, Any], tokenizer: Any) -> str:
+    """The chat's messages (text content parts joined) through the chat template, ready for the answer."""
+    messages = body.get("messages")
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        raise OpenAIError(400, "messages must be a non-empty list of {role, content}", param="messages")
+    msgs = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        msgs.append({"role": str(m.get("role", "user")), "content": str(content or "")})
+    if not getattr(tokenizer, "chat_template", None):
+        raise OpenAIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def _prompt_text(body: dict[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise OpenAIError(400, "prompt must be a non-empty string", param="prompt")
+    return prompt
+
+
+def _routing(body: dict[str, Any], experts: Collection[str]) -> tuple[str, dict[str, float] | None, tuple[str, ...]]:
+    """The model id asked for, the forced mix (``None``: routed) and the excluded experts, sorted."""
+    model_id = body.get("model") or MODEL_ID
+    if model_id not in model_ids(experts):
+        raise OpenAIError(404, f"the model {model_id!r} does not exist; see GET /v1/models", "model_not_found",
+                          "model")
+    ext = body.get("moerge") or {}
+    if not isinstance(ext, dict):
+        raise OpenAIError(400, "moerge must be an object", param="moerge")
+    mix = ext.get("experts")
+    if model_id != MODEL_ID:
+        mix = {model_id.split("/", 1)[1]: 1.0}
+    if mix is not None and not (isinstance(mix, dict) and mix):
+        raise OpenAIError(400, "moerge.experts must map expert names to weights", param="moerge.experts")
+    exclude = ext.get("exclude") or []
+    if not (isinstance(exclude, list) and all(isinstance(n, str) for n in exclude)):
+        raise OpenAIError(400, "moerge.exclude must be a list of expert names", param="moerge.exclude")
+    known = set(experts)
+    if mix is not None:
+        bad = [n for n, w in mix.items() if n not in known or isinstance(w, bool) or not isinstance(w, (int, float))]
+        if bad:
+            raise OpenAIError(400, f"moerge.experts: unknown expert or weight not a number: {bad[:5]}",
+                              param="moerge.experts")
+    if any(n not in known for n in exclude):
+        raise OpenAIError(400, f"moerge.exclude: unknown experts {[n for n in exclude if n not in known][:5]}",
+                          param="moerge.exclude")
+    return model_id, mix, tuple(sorted(exclude))
+
+
+def moerge_field(result: dict[str, Any], trace: bool) -> dict[str, Any]:
+    """A response's ``moerge`` field: the size of the batch the completion ran in and, with ``trace``, its routing."""
+    out: dict[str, Any] = {"batch_size": result.get("batch_size", 1)}
+    if trace:
+        out["routing"] = [result["routing"].to_json()]
+    return out
+
+
+def _completion_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(request: CompletionRequest, result: dict[str, Any]) -> dict[str, Any]:
+    """The whole response to ``request`` in OpenAI's shape (chat or text), from the engine's ``result``."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": None}
+    if request.chat:
+        choice["message"] = {"role": "assistant", "content": result["text"]}
+    else:
+        choice["text"] = result["text"]
+    prompt_tokens = result.get("prompt_tokens", 0)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": result["completion_tokens"],
+             "total_tokens": prompt_tokens + result["completion_tokens"]}
+    return {"id": _completion_id(request.chat), "object": "chat.completion" if request.chat else "text_completion",
+            "created": int(time.time()), "model": request.model, "choices": [choice], "usage": usage,
+            "moerge": moerge_field(result, request.trace)}
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    """What every event of one streamed response shares."""
+
+    request: CompletionRequest
+    id: str
+    created: int
+
+    @classmethod
+    def start(cls, request: CompletionRequest) -> StreamHeader:
+        """The header of a new streamed response to ``request``."""
+        return cls(request, _completion_id(request.chat), int(time.time()))
+
+
+def stream_event(header: StreamHeader, text: str | None, finish: str | None, first: bool = False,
+                 extra: dict[str, Any] | None = None) -> str:
+    """One server-sent event of a streamed response: a piece of ``text`` (the first one carries the chat's role),
+    or the end with its ``finish`` reason and the ``moerge`` field ``extra``."""
+    if header.request.chat:
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+    data = {"id": header.id, "object": "chat.completion.chunk" if header.request.chat else "text_completion",
+            "created": header.created, "model": header.request.model, "choices": [choice]}
+    if extra:
+        data["moerge"] = extra
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def error_event(message: str, kind: str) -> str:
+    """A server-sent event reporting an error met once the stream has started."""
+    return f"data: {json.dumps({'error': {'message': message, 'type': kind}})}\n\n"
+
+
+def done_event() -> str:
+    """The server-sent event that ends every stream."""
+    return "data: [DONE]\n\n"
