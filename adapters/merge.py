@@ -6,9 +6,10 @@ Two levels:
   ``ΔW_e (out, in)`` (its "task vector" for that module) and its weight ``w_e``, and returns one update. Methods
   register by name with :func:`register_merge`; :func:`merge_module` runs one. :func:`merge_experts` applies a
   method to every module and returns a new :class:`~moerge.adapters.expert.Expert` — dense, or low rank through a
-  truncated SVD of the merged update (``rank=``); :meth:`moerge.MoErgeModel.merge` folds the result into a copy of
-  the base. The methods follow PEFT's ``merge_utils`` formulas where PEFT has them (weights multiply the pruned task
-  tensors after the sign election), so results match PEFT's ``add_weighted_adapter`` for the same seed.
+  truncated SVD of the merged update (``rank=``); :func:`fold_into` adds an expert's update to a model's weights, and
+  :func:`merge_into` does both (what :meth:`moerge.MoErgeModel.merge` runs on a copy of its base). The methods
+  follow PEFT's ``merge_utils`` formulas where PEFT has them (weights multiply the pruned task tensors after the
+  sign election), so results match PEFT's ``add_weighted_adapter`` for the same seed.
 * **Factor level** (LoRA experts that stay LoRA without an SVD): ``"cat"`` stacks the factors, exact
   (``rank = Σ r_e``); ``factorwise=True`` applies a method to the ``A`` and the ``B`` matrices separately with
   weights ``±√(w_e·scale_e)``, as PEFT's ``add_weighted_adapter`` does for ``linear``, ``ties``, ``dare_*`` and
@@ -20,24 +21,26 @@ then expert order (PEFT's order), so ``torch.manual_seed(s)`` before either give
 
 LiNeS layer scaling (``layer_scaling=(α, β)`` of :func:`merge_experts` and :meth:`~moerge.MoErgeModel.merge`)
 multiplies the merged update of a module in layer ``ℓ`` of ``L`` by ``α + β·ℓ/(L−1)``: shallow layers keep less of
-the merge, deep layers more.
+the merge, deep layers more. ``L`` is the base's number of layers (:func:`base_num_layers`), never counted from the
+modules the experts happen to target, so a merge scales each layer the same whichever experts it takes.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from moerge.adapters.expert import DeltaWeights, Expert, ExpertMetadata, LoRAWeights, ModuleWeights
+from moerge.errors import BaseMismatchError
 
 __all__ = [
     "register_merge", "merge_module", "list_merge_methods", "merge_experts", "merge_lora", "prune_magnitude",
-    "prune_random", "majority_sign_mask", "disjoint_merge", "tall_masks", "lines_scales", "layer_index",
-    "add_update", "fold_into",
+    "prune_random", "majority_sign_mask", "disjoint_merge", "tall_masks", "lines_scales", "block_index",
+    "base_num_layers", "add_update", "fold_into", "merge_into",
 ]
 
 MergeFn = Callable[..., torch.Tensor]
@@ -281,23 +284,53 @@ def consensus(deltas: Mapping[str, torch.Tensor], weights: Mapping[str, float], 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)(?:\.|$)")
 
 
-def layer_index(module: str) -> int | None:
+def block_index(module: str) -> int | None:
     """The transformer block a module belongs to (``model.layers.3.mlp.up_proj`` → 3), or ``None``."""
     m = _LAYER_RE.search(module)
     return int(m.group(1)) if m else None
 
 
+def _count_blocks(modules: Iterable[str]) -> int:
+    """One more than the deepest block index among ``modules`` (1 when none is in a block)."""
+    known = [i for i in map(block_index, modules) if i is not None]
+    return max(known) + 1 if known else 1
+
+
+def base_num_layers(base: nn.Module) -> int:
+    """The number of transformer blocks of ``base``: its config's ``num_hidden_layers`` (``n_layer`` for GPT-2
+    style configs), else counted from the names of its modules."""
+    config = getattr(base, "config", None)
+    for key in ("num_hidden_layers", "n_layer"):
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return _count_blocks(name for name, _ in base.named_modules())
+
+
 def lines_scales(modules: Sequence[str], alpha: float, beta: float, num_layers: int | None = None) -> dict[str, float]:
-    """LiNeS: the scale ``α + β·ℓ/(L−1)`` of each module's merged update (``ℓ``: its block, ``L``: the number of
-    blocks). Modules outside the blocks (e.g. ``lm_head``) count as the deepest layer.
+    """LiNeS: the scale ``α + β·ℓ/(L−1)`` of each module's merged update (``ℓ``: its block, ``L = num_layers``: the
+    base's number of blocks, see :func:`base_num_layers`; without it ``L`` is counted from ``modules``, which is
+    right only when they are all the base's modules). Modules outside the blocks (e.g. ``lm_head``) count as the
+    deepest layer.
 
     Paper: Wang et al., "LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging", 2024.
     """
-    idx = {m: layer_index(m) for m in modules}
-    known = [i for i in idx.values() if i is not None]
-    n = num_layers or (max(known) + 1 if known else 1)
+    if num_layers is not None and (not isinstance(num_layers, int) or num_layers < 1):
+        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+    n = num_layers or _count_blocks(modules)
     last = max(n - 1, 1)
+    idx = {m: block_index(m) for m in modules}
     return {m: alpha + beta * ((n - 1 if i is None else i) / last) for m, i in idx.items()}
+
+
+def _recorded_num_layers(experts: Sequence[Expert]) -> int | None:
+    """The number of blocks of the base the experts' metadata records (its fingerprint's ``num_layers``), or
+    ``None``; refused when two experts record different numbers."""
+    found = {e.name: fp.get("num_layers") for e in experts if (fp := e.metadata.base_fingerprint)}
+    counts = {n for n in found.values() if n is not None}
+    if len(counts) > 1:
+        raise BaseMismatchError(f"the experts record bases with different numbers of layers: {found}")
+    return counts.pop() if counts else None
 
 
 # --- factor level ---------------------------------------------------------------------------------------------------
@@ -347,6 +380,7 @@ def merge_experts(
     rank: int | None = None,
     factorwise: bool = False,
     layer_scaling: tuple[float, float] | None = None,
+    num_layers: int | None = None,
     dtype: torch.dtype | None = None,
     description: str | None = None,
     module_order: Sequence[str] | None = None,
@@ -363,6 +397,10 @@ def merge_experts(
         rank: low-rank result: the merged update's truncated SVD at this rank (PEFT's ``svd`` / ``<method>_svd``).
         factorwise: LoRA experts of equal rank: run ``method`` on the factors (see :func:`merge_lora`).
         layer_scaling: LiNeS ``(α, β)`` applied to each module's merged update (see :func:`lines_scales`).
+        num_layers: the base's number of blocks, for ``layer_scaling`` (:func:`base_num_layers` of the base);
+            default: the ``num_layers`` the experts' metadata records for their base (``base_fingerprint``, set
+            when an expert is added to a library that knows its base). A LiNeS merge with neither is refused:
+            counting the blocks the experts target would scale a layer differently depending on the experts.
         dtype: dtype of the result's tensors (default: the first expert's first module's: a dense delta's own
             dtype, or at least float32 for LoRA factors).
         description: the merged expert's description (default: names the method and the experts).
@@ -403,7 +441,14 @@ def merge_experts(
     if module_order is not None:
         rank_of = {m: i for i, m in enumerate(module_order)}
         modules.sort(key=lambda m: (rank_of.get(m, len(rank_of)), m))
-    scales = lines_scales(modules, *layer_scaling) if layer_scaling is not None else {}
+    scales: dict[str, float] = {}
+    if layer_scaling is not None:
+        if num_layers is None:
+            num_layers = _recorded_num_layers(experts)
+        if num_layers is None:
+            raise ValueError("LiNeS (layer_scaling=) needs the base's number of layers: pass num_layers= "
+                             "(base_num_layers(base)); the experts' metadata does not record their base")
+        scales = lines_scales(modules, *layer_scaling, num_layers=num_layers)
     first = next(iter(experts[0].modules.values()))
     out_dtype = dtype or (torch.promote_types(first.A.dtype, torch.float32) if isinstance(first, LoRAWeights)
                           else first.delta.dtype)
@@ -436,7 +481,8 @@ def merge_experts(
         examples=[x for e in experts for x in e.metadata.examples[:2]],
         base_model=first.base_model, base_fingerprint=first.base_fingerprint,
         source={"type": "merge", "method": method, "experts": names, "weights": w, "options": record,
-                "rank": rank, "factorwise": factorwise, "layer_scaling": list(layer_scaling or []) or None},
+                "rank": rank, "factorwise": factorwise, "layer_scaling": list(layer_scaling or []) or None,
+                "num_layers": num_layers if layer_scaling is not None else None},
     )
     return Expert(name, merged, meta)
 
@@ -470,8 +516,6 @@ def add_update(model: nn.Module, module: str, delta: torch.Tensor, bias: torch.T
 def fold_into(model: nn.Module, expert: Expert, weight: float = 1.0) -> nn.Module:
     """Add ``weight ×`` ``expert``'s update to ``model``'s weights, in place (e.g. a merged expert into a copy of
     the base, to save as a full model). Returns ``model``."""
-    from moerge.errors import BaseMismatchError
-
     missing = [m for m in expert.modules if m not in dict(model.named_modules())]
     if missing:
         raise BaseMismatchError(f"targets modules the model does not have: {missing[:3]}", expert=expert.name)
@@ -479,3 +523,29 @@ def fold_into(model: nn.Module, expert: Expert, weight: float = 1.0) -> nn.Modul
         bias = w.bias if isinstance(w, DeltaWeights) else None
         add_update(model, m, w.delta_weight(torch.float32) * weight, None if bias is None else bias * weight)
     return model
+
+
+def merge_into(
+    model: nn.Module,
+    experts: Sequence[Expert],
+    weights: Mapping[str, float] | Sequence[float] | None = None,
+    method: str = "linear",
+    *,
+    layer_scaling: tuple[float, float] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Merge ``experts`` with ``weights`` by ``method`` (:func:`merge_experts`) and fold the result into ``model``'s
+    weights (:func:`fold_into`), in place. Returns ``model``; with no experts it is returned unchanged.
+
+    ``model`` is the base to merge into (e.g. a copy of it; :meth:`moerge.MoErgeModel.merge` runs this on
+    :meth:`~moerge.MoErgeModel.copy_base`): LiNeS counts its blocks (:func:`base_num_layers`), modules are merged in
+    its module order (the order of DARE's draws), and the merged update stays float32 until it is added to the
+    weights. ``options``: the other options of :func:`merge_experts` (``rank=``, ``factorwise=``) and the method's
+    parameters (``density=``, ``scale=``, ``generator=``, ...).
+    """
+    if not experts:
+        return model
+    merged = merge_experts(experts, weights, method, layer_scaling=layer_scaling,
+                           num_layers=base_num_layers(model) if layer_scaling is not None else None,
+                           module_order=[n for n, _ in model.named_modules()], dtype=torch.float32, **options)
+    return fold_into(model, merged)

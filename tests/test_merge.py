@@ -10,7 +10,7 @@ import torch
 
 from moerge import Expert, ExpertLibrary, MoErgeModel
 from moerge.adapters.merge import (
-    layer_index,
+    block_index,
     lines_scales,
     list_merge_methods,
     merge_experts,
@@ -196,7 +196,7 @@ def test_lines_scales_grow_with_depth():
             "lm_head"]
     s = lines_scales(mods, alpha=0.2, beta=0.8)
     assert s == pytest.approx({mods[0]: 0.2, mods[1]: 0.2 + 0.8 / 3, mods[2]: 1.0, "lm_head": 1.0})
-    assert layer_index("transformer.h.11.attn.c_attn") == 11 and layer_index("lm_head") is None
+    assert block_index("transformer.h.11.attn.c_attn") == 11 and block_index("lm_head") is None
 
 
 def test_merged_model_equals_routed_mix_and_lines_scales_layers(tmp_path, base, input_ids):

@@ -99,17 +99,12 @@ def _merge_method(name: str) -> Method:
     layer_scaling = tuple(lines) if lines is not None else None
 
     def make(model: Any) -> Any:
-        from moerge.adapters.merge import fold_into, merge_experts
-
         opts = dict(config)
         if method.startswith("dare"):
             opts["generator"] = torch.Generator().manual_seed(0)
-        names = list(model.experts)
-        if rank is None:
-            return model.merge({n: weight for n in names}, method, layer_scaling=layer_scaling, **opts)
-        merged = merge_experts([model.library.get(n) for n in names], {n: weight for n in names}, method,
-                               rank=int(rank), layer_scaling=layer_scaling, **opts)
-        return fold_into(model.copy_base(), merged)
+        if rank is not None:
+            opts["rank"] = int(rank)
+        return model.merge({n: weight for n in model.experts}, method, layer_scaling=layer_scaling, **opts)
 
     return Method(name, lambda exs, m: None, make_model=make, description=f"static {method} merge of every expert")
 

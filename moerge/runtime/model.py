@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moerge.adapters.expert import Expert, ExpertMetadata
-from moerge.adapters.merge import add_update, lines_scales, merge_module
+from moerge.adapters.merge import merge_into
 from moerge.adapters.peft_loader import load_peft_lora
 from moerge.core.fingerprint import linear_modules
 from moerge.errors import RoutingError
@@ -399,28 +399,18 @@ class MoErgeModel(nn.Module):
         The result has no routing overhead and no moerge modules; this model is left unchanged.
         ``method`` names a merge method of :mod:`moerge.adapters.merge` (``linear``, ``task_arithmetic``, ``ties``,
         ``dare_linear``, ``dare_ties``, ``magnitude_prune``, ``breadcrumbs``, ``breadcrumbs_ties``, ``consensus``)
-        and ``method_kwargs`` its options (``density=``, ``scale=``, ...); ``layer_scaling=(α, β)`` applies LiNeS.
+        and ``method_kwargs`` its options (``density=``, ``scale=``, ``rank=``...); ``layer_scaling=(α, β)``
+        applies LiNeS with the base's number of layers. It is :func:`~moerge.adapters.merge.merge_into` on
+        :meth:`copy_base`.
         """
         self.expert_set.require_active()
         with self.expert_set.lock:
             for n in weights:
                 if n not in self.expert_set:
                     raise RoutingError(f"unknown expert {n!r}", expert=n)
+            experts = [self.get_expert(n) for n in weights]
             plain = self.copy_base()
-            n_layers = getattr(getattr(plain, "config", None), "num_hidden_layers", None)
-            scales = lines_scales(list(self.expert_set.layers), *layer_scaling, num_layers=n_layers) if layer_scaling else {}
-            with torch.no_grad():
-                for name, layer in self.expert_set.layers.items():
-                    used = {n: w for n, w in weights.items() if n in layer.bank}
-                    if not used:
-                        continue
-                    s = scales.get(name, 1.0)
-                    dw = merge_module({n: layer.bank.delta_weight(n) for n in used}, used, method, **method_kwargs)
-                    biases = [(wt, layer.bank.delta_bias(n)) for n, wt in used.items()]
-                    biases = [(wt, b) for wt, b in biases if b is not None]
-                    db = sum(wt * b.float() for wt, b in biases) * s if biases else None
-                    add_update(plain, name, dw * s, db)
-        return plain
+        return merge_into(plain, experts, weights, method, layer_scaling=layer_scaling, **method_kwargs)
 
     def unpatch(self) -> nn.Module:
         """Put the original modules back and return the plain base model; this MoErgeModel is then unusable."""
