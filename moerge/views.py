@@ -87,7 +87,10 @@ def save_usage_heatmap(routing: RowRouting | Sequence[RowRouting], path: str | P
                        titles: Sequence[str] | None = None, dpi: int = 120) -> Path:
     """Write a heatmap PNG of :func:`usage_matrix` for one row or each row of a batch (one panel per row), layers
     down, experts across, the mean gate weight in each cell. Returns the path."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError('routing plots need matplotlib: pip install "moerge[viz]"', name="matplotlib") from e
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
