@@ -2,10 +2,11 @@
 
 Use it on a library made by :func:`moerge.library.derive.make_twin_library` (a shared expert named
 ``twin_shared`` plus one exclusive expert per original expert, under the original names). Per request, the
-exclusive experts are scored against the prompt by the same retrieval as GLIDER's global stage (embedding of the
-prompt against each expert's description and examples, FAISS top-``candidates``) and mixed by
-``softmax(score / temperature)``; the shared expert gets weight 1 in every row. The paper trains a small router on
-the prompt's representation instead; retrieval needs no training and adapts to experts added later.
+exclusive experts are scored against the prompt by GLIDER's retriever
+(:class:`~moerge.routing.retrieval.ExpertRetriever`: embedding of the prompt against each expert's description
+and examples, FAISS top-``candidates``) and mixed by ``softmax(score / temperature)``; the shared expert is never
+retrieved and gets weight 1 in every row. The paper trains a small router on the prompt's representation
+instead; retrieval needs no training and adapts to experts added later.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class TwinConfig(GliderConfig):
 
 @register_router("twin")
 class TwinRouter(GliderRouter):
-    """Shared expert always on + retrieval-weighted exclusive experts, per sequence.
+    """Shared expert always on + retrieval-weighted exclusive experts, per sequence: GLIDER's global stage with no
+    local gate (``local="none"``), the shared expert added to every row.
 
     Paper: Lu et al., "Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging" (NeurIPS 2024),
     arXiv:2406.15479.
@@ -47,7 +49,7 @@ class TwinRouter(GliderRouter):
 
     def on_add_expert(self, expert: Expert) -> None:
         if expert.name != self.config.shared:  # the shared expert is not retrieved: it is always on
-            super().on_add_expert(expert)
+            self.retriever.add(expert)
 
     def select(self, request: RoutingRequest) -> Candidates:
         if self.config.shared not in request.names:

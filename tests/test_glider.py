@@ -12,8 +12,9 @@ import torch
 from moerge import ExpertLibrary, MoErgeModel
 from moerge.errors import LibraryError, RoutingError
 from moerge.routers import build_router
-from moerge.routing import Candidates, select_weights
+from moerge.routing import Candidates, RouterContext, select_weights
 from moerge.routing.embed import CallableEmbedder, default_sentence_embedder
+from moerge.routing.retrieval import ExpertRetriever, RetrievalConfig, expert_texts
 from tests.conftest import rand_expert, tiny_chat_llama, tiny_tokenizer
 
 EXPERTS = {
@@ -60,6 +61,46 @@ def _batch(model, prompts):
     return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
+def test_the_retriever_alone_keeps_its_index_in_step_with_the_experts(tmp_path, embedder):
+    base = tiny_chat_llama()
+    lib = _lib(tmp_path, base)
+    retriever = ExpertRetriever(RetrievalConfig(embedder=embedder))
+    retriever.attach(RouterContext(store=lib))
+    for name in lib.names():
+        retriever.add(lib.get(name))
+    names, scores = retriever.retrieve(list(PROMPTS.values()), 2)
+    assert [row[0] for row in names] == list(PROMPTS) and scores.shape == (3, 2)
+    q = retriever.query_vectors([PROMPTS["sql"]])
+    np.testing.assert_allclose(scores[2, 0], float(q[0] @ retriever.index.vectors("sql")[0]), atol=1e-5)
+    retriever.persist(lib)
+    assert lib.embedder == {"id": embedder.id, "dim": embedder.dim}
+    # an expert without a description is retrieved by its name; fewer experts than k: rows padded with "" and -inf
+    retriever.remove("sql")
+    retriever.remove("french")
+    retriever.add(rand_expert(base, "translate_to_french", seed=7))
+    names, scores = retriever.retrieve([PROMPTS["french"]], 3)
+    assert names == [["translate_to_french", "sort", ""]] and scores[0, 2] == -np.inf
+    retriever.persist(lib)
+    from moerge.library.index import ExpertIndex
+
+    assert sorted(ExpertIndex.load(lib.routing_dir / "index").names) == ["sort", "translate_to_french"]
+    assert expert_texts("translate_to_french", " ", ["", "Say hi in French"]) == ["translate to french",
+                                                                                   "Say hi in French"]
+
+
+def test_the_retriever_names_its_router_when_it_cannot_describe(embedder):
+    def query(**config):
+        retriever = ExpertRetriever(RetrievalConfig(embedder=embedder, query="description", **config), owner="twin")
+        return retriever.query_vectors(["Sort 3, 1, 2"])
+
+    with pytest.raises(RoutingError, match="router 'twin' describes tasks with the base model.*tokenizer"):
+        query()
+    with pytest.raises(RoutingError, match="router 'twin': describer must be callable"):
+        query(describer="not callable")
+    with pytest.raises(ValueError, match="expert_vectors"):
+        RetrievalConfig(expert_vectors="mean")
+
+
 def test_default_router_is_glider(tmp_path):
     base = tiny_chat_llama()
     model = MoErgeModel.from_library(base, _lib(tmp_path, base), tokenizer=tiny_tokenizer())
@@ -104,7 +145,7 @@ def test_local_logits_plus_global_score_then_top_k(tmp_path, local):
     router = build_router("glider", local=local, candidates=3, top_k=2, global_weight=3.0,
                           local_config={"train_steps": 2} if local == "phatgoose" else {})
     model = _model(tmp_path, router=router)
-    layer = next(iter(model._layers.values()))
+    layer = next(iter(model.expert_set.layers.values()))
     x = torch.randn(2, 4, layer.in_features)
     cands = Candidates(torch.tensor([[0, 2, 1], [1, -1, -1]]), torch.tensor([[0.9, 0.5, 0.1], [0.7, 0, 0]]),
                        tuple(model.experts))
@@ -177,9 +218,10 @@ def test_an_index_from_another_embedder_is_refused(tmp_path, embedder):
                                  router=build_router("glider", local="none", embedder=other),
                                  tokenizer=tiny_tokenizer())
     assert ExpertLibrary.open(model.library.root).embedder["id"] == embedder.id  # nothing changed
-    rebuilt = MoErgeModel.from_library(tiny_chat_llama(), model.library, tokenizer=tiny_tokenizer(),
-                                       router=build_router("glider", local="none", embedder=other,
-                                                           rebuild_index=True))
+    with pytest.warns(UserWarning, match="re-embedding every expert"):
+        rebuilt = MoErgeModel.from_library(tiny_chat_llama(), model.library, tokenizer=tiny_tokenizer(),
+                                           router=build_router("glider", local="none", embedder=other,
+                                                               rebuild_index=True))
     assert rebuilt.router.index.dim == 8
     assert ExpertLibrary.open(model.library.root).embedder == {"id": "other-emb", "dim": 8}
 

