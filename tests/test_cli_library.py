@@ -131,6 +131,16 @@ def test_eval_command_runs_the_harness(tmp_path):
     assert set(result["scores"]) >= {"base", "oracle"}
 
 
+@pytest.mark.parametrize("module", ["fastapi", "uvicorn"])
+def test_serve_without_the_server_extra_says_what_to_install(lib, monkeypatch, module):
+    import sys
+
+    base_dir, lib_dir = lib
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it fails, find_spec is None
+    code, out = _run("serve", "-l", lib_dir, "--base", base_dir)
+    assert code == 1 and module in out and 'pip install "moerge[server]"' in " ".join(out.split())
+
+
 def test_serve_command_answers_over_http(lib, tmp_path):
     import os
     import socket

@@ -49,17 +49,23 @@ def test_merge_cat_writes_a_peft_adapter_that_peft_runs(setup, tmp_path):
     torch.testing.assert_close(reference, ours, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_ties_writes_a_full_model_equal_to_the_api_merge(setup, tmp_path):
+@pytest.mark.parametrize("method, flags, kwargs", [
+    ("ties", [], {}),
+    ("dare_ties", ["--seed", "3", "--lines", "0.5,0.5"], {"layer_scaling": (0.5, 0.5)}),
+])
+def test_merge_writes_a_full_model_equal_to_the_api_merge(setup, tmp_path, method, flags, kwargs):
     from transformers import AutoModelForCausalLM
 
     base, base_dir, lib = setup
-    code, out = _run("merge", "-l", lib.root, "--method", "ties", "--experts", "a,b,c", "--density", "0.5",
-                     "--base", base_dir, "-o", tmp_path / "full")
+    code, out = _run("merge", "-l", lib.root, "--method", method, "--experts", "a,b,c", "--density", "0.5",
+                     *flags, "--base", base_dir, "-o", tmp_path / "full")
     assert code == 0, out
     assert "full model" in out
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
     model = MoErgeModel.from_library(copy.deepcopy(base), lib)
-    expected = model.merge({"a": 1.0, "b": 1.0, "c": 1.0}, "ties", density=0.5)
+    if method.startswith("dare"):
+        kwargs = {**kwargs, "generator": torch.Generator().manual_seed(3)}
+    expected = model.merge({"a": 1.0, "b": 1.0, "c": 1.0}, method, density=0.5, **kwargs)
     for (n, p), q in zip(expected.state_dict().items(), saved.state_dict().values()):
         torch.testing.assert_close(q, p, msg=n)
 

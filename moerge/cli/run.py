@@ -1,0 +1,170 @@
+"""``moerge route|generate|serve``: run the routed model over a library, once or as an HTTP server."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from moerge.cli.common import (
+    BaseOpt,
+    JsonOpt,
+    LibraryOpt,
+    Refused,
+    RouterOpt,
+    attempt,
+    console,
+    emit,
+    fail,
+    load_base,
+    load_tokenizer,
+    open_library,
+    split_commas,
+    with_option_groups,
+)
+
+app = typer.Typer()
+
+SERVER_MODULES = ("fastapi", "uvicorn")  # what the `server` extra installs
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The options of every command that runs the routed model: which library, which router, which base."""
+
+    library: LibraryOpt = Path(".")
+    router: RouterOpt = "glider"
+    base: BaseOpt = None
+
+    def load(self, **router_config: Any) -> Any:
+        """The :class:`~moerge.runtime.model.MoErgeModel` over the library, routed by ``router`` (built with
+        ``router_config``), with the base's tokenizer."""
+        from moerge.routers import build_router
+        from moerge.runtime.model import MoErgeModel
+
+        lib = open_library(self.library)
+        tok = load_tokenizer(self.base)
+        if tok is None:
+            raise Refused(f"{self.base}: the base folder has no tokenizer; routing reads the prompt")
+        return MoErgeModel.from_library(load_base(self.base, lib), lib,
+                                        router=build_router(self.router, **router_config), tokenizer=tok)
+
+
+def _encode(model: Any, prompt: str) -> dict[str, Any]:
+    """The prompt as the user turn of the tokenizer's chat template (the way the experts were trained)."""
+    from moerge.routing.training import chat_prompt
+
+    return model.tokenizer(chat_prompt(model.tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
+
+
+def _forced_mix(experts: str) -> dict[str, float]:
+    """``name=weight,name=weight`` as a mix (a name alone weighs 1)."""
+    mix = {}
+    for part in split_commas(experts):
+        n, _, w = part.partition("=")
+        try:
+            mix[n.strip()] = float(w) if w else 1.0
+        except ValueError:
+            raise Refused(f"--experts: {part!r} is not name=weight") from None
+    return mix
+
+
+@app.command()
+@with_option_groups
+def route(
+    prompt: Annotated[str, typer.Argument(help="the request, as a user would write it")],
+    model_options: ModelOptions,
+    explain: Annotated[bool, typer.Option("--explain", help="also the per-layer gate usage")] = False,
+    query: Annotated[str | None, typer.Option(help="glider: retrieve by the 'prompt', the task 'description' an LLM "
+                                              "(the base) writes for it, or 'both'")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which experts a prompt is routed to: the global stage's candidates with their scores, the mixing weights, and
+    (with --explain) each patched module's gate usage over the prompt's tokens; with --query description, the task
+    description the LLM wrote."""
+    import torch
+
+    def work() -> dict[str, Any]:
+        if query is not None and model_options.router != "glider":
+            raise Refused("--query applies to the glider router")
+        model = model_options.load(**({"query": query} if query else {}))
+        batch = _encode(model, prompt)
+        with torch.no_grad():
+            model(**batch)
+        data = {"prompt": prompt, "router": model.router.name, **model.last_routing[0].to_json()}
+        if query in ("description", "both"):  # what the LLM wrote (cached: the routing above made it)
+            data["description"] = model.router.describer([model.prompts.texts(batch["input_ids"], None)[0]])[0]
+        if not explain:
+            data.pop("layer_usage")
+        data["explain"] = model.explain()
+        return data
+
+    data = attempt(work, as_json)
+    if as_json:
+        data.pop("explain")
+        emit(data, True)
+        return
+    table = Table("candidate", "score", "weight")
+    for n, sc in data["candidates"].items():
+        table.add_row(n, f"{sc:.3f}", f"{data['experts'].get(n, 0.0):.3f}")
+    if "description" in data:
+        console.print(f"task description: {escape(data['description'])}", highlight=False)
+    emit(data, False, table, message=data["explain"] if explain else None)
+
+
+@app.command()
+@with_option_groups
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the request")],
+    model_options: ModelOptions,
+    experts: Annotated[str | None, typer.Option("--experts", "-e", help="force a mix instead of routing: "
+                                                "name=weight,name=weight")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer a prompt with the routed model (greedy), and say which experts answered."""
+    import torch
+
+    def work() -> dict[str, Any]:
+        mix = _forced_mix(experts) if experts else None
+        model = model_options.load()
+        batch = _encode(model, prompt)
+        tok = model.tokenizer
+        with torch.no_grad():
+            out = model.generate(**batch, experts=mix, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        text = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return {"prompt": prompt, "answer": text, **model.last_routing[0].to_json()}
+
+    data = attempt(work, as_json)
+    mix = ", ".join(f"{n} {w:.2f}" for n, w in sorted(data["experts"].items(), key=lambda t: -t[1]))
+    emit({k: v for k, v in data.items() if k != "layer_usage"}, as_json,
+         message=f"{escape(data['answer'])}\n[dim]experts: {escape(mix) or 'none (base model)'}[/]")
+
+
+@app.command()
+@with_option_groups
+def serve(
+    model_options: ModelOptions,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="requests run together in one generate call")] = 8,
+    batch_window: Annotated[float, typer.Option(help="seconds to wait for more requests to batch")] = 0.02,
+) -> None:
+    """An OpenAI-compatible HTTP API over the routed model: /v1/chat/completions, /v1/completions (streaming with
+    SSE), /v1/models (the routed model and each expert), /v1/experts (upload a PEFT adapter)."""
+    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:  # checked before the model loads: that takes a while, and the server could not start anyway
+        fail(f"moerge serve needs {' and '.join(missing)}, which the server extra installs: "
+             f'pip install "moerge[server]"', False)
+    from moerge.serving import ServerConfig
+    from moerge.serving import serve as run_server
+
+    model = attempt(model_options.load, False)
+    run_server(model, model.tokenizer, host=host, port=port,
+               config=ServerConfig(max_batch=max_batch, batch_window=batch_window))
