@@ -14,17 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from moerge.adapters.expert import Expert, LoRAWeights, ModuleWeights
-from moerge.routing import (
-    Candidates,
-    ExpertVectors,
-    LayerInfo,
-    LinearGate,
-    Router,
-    RoutingRequest,
-    SelectionConfig,
-    all_candidates,
-    register_router,
-)
+from moerge.routing import LayerInfo, SelectionConfig, register_router
+from moerge.routing.vector_gate import VectorGateRouter
 
 __all__ = ["ArrowConfig", "ArrowRouter", "prototype"]
 
@@ -35,7 +26,7 @@ class ArrowConfig(SelectionConfig):
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the prototype scores"})
 
     def __post_init__(self) -> None:
-        self._check_selection()
+        super().__post_init__()
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
 
@@ -55,31 +46,19 @@ def prototype(w: ModuleWeights) -> torch.Tensor:
 
 
 @register_router("arrow")
-class ArrowRouter(Router):
-    """Per-token top-k routing by |⟨prototype, x⟩|, training-free.
+class ArrowRouter(VectorGateRouter):
+    """Per-token top-k routing by |⟨prototype, x⟩|, training-free: the logits are ``|⟨prototype, x⟩| / temperature``,
+    ``-inf`` for candidates without the module.
 
     Paper: Ostapenko et al., "Towards Modular LLMs by Building and Reusing a Library of LoRAs" (ICML 2024),
     arXiv:2405.11157.
     """
 
     config_class = ArrowConfig
-    has_local_gate = True
-
-    def __init__(self, config: ArrowConfig | None = None) -> None:
-        super().__init__(config)
-        self._protos = ExpertVectors()  # module -> expert -> prototype (in,)
+    finish = "abs"
 
     def on_add_expert(self, expert: Expert) -> None:
-        self._protos.set(expert.name, {m: prototype(w) for m, w in expert.modules.items()})
+        self.vectors.set(expert.name, {m: prototype(w) for m, w in expert.modules.items()})  # module -> (in,)
 
-    def on_remove_expert(self, name: str) -> None:
-        self._protos.remove(name)
-
-    def select(self, request: RoutingRequest) -> Candidates:
-        """Every expert is a candidate of every row; the local gate decides per token."""
-        return all_candidates(request)
-
-    def make_linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
-        """Logits ``|⟨prototype, x⟩| / temperature``; ``-inf`` for candidates without the module."""
-        got = self._protos.gate_operands(layer.name, candidates, device, 1.0 / self.config.temperature)
-        return None if got is None else LinearGate(*got, finish="abs")  # (B, in, K), (B, 1, K)
+    def gate_scale(self, layer: LayerInfo) -> float:
+        return 1.0 / self.config.temperature

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,34 +24,25 @@ import torch
 
 from moerge.adapters.expert import Expert
 from moerge.errors import RoutingError
-from moerge.routing import (
-    Candidates,
-    ExpertVectors,
-    LayerInfo,
-    LinearGate,
-    Router,
-    RoutingRequest,
-    SelectionConfig,
-    all_candidates,
-    register_router,
-    standardize,
-)
-from moerge.routing.training import GateTrainingConfig
+from moerge.routing import LayerInfo, register_router, standardize
+from moerge.routing.training import GatedExperts, answers_from_expert, fit, make_batches
+from moerge.routing.vector_gate import TrainedGateConfig, TrainedGateRouter
 
 __all__ = ["XLoRAConfig", "XLoRARouter", "train_xlora_head", "ROUTING_KIND"]
 
 ROUTING_KIND = "xlora"
 
+Rows = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (w (in,), b ()): one expert's rows of the head
+
 
 @dataclass
-class XLoRAConfig(SelectionConfig, GateTrainingConfig):
+class XLoRAConfig(TrainedGateConfig):
     top_k: int | None = field(default=None, metadata={"help": "experts mixed per token (None: dense softmax)"})
     peers: int = field(default=8, metadata={
         "help": "when training a new expert's rows: how many other experts' examples to mix in"})
 
     def __post_init__(self) -> None:
-        self._check_selection()
-        self._check_training()
+        super().__post_init__()
         if not isinstance(self.peers, int) or self.peers < 0:
             raise ValueError(f"peers must be a non-negative integer, got {self.peers!r}")
 
@@ -68,23 +58,20 @@ def train_xlora_head(
     experts: Sequence[Expert],
     pairs: Sequence[tuple[str, str]],
     *,
-    init: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    init: dict[str, Rows] | None = None,
     trainable: set[str] | None = None,
     steps: int = 40,
     lr: float = 1e-2,
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], list[float]]:
+) -> tuple[dict[str, Rows], list[float]]:
     """Train the head's rows on ``pairs`` (a mix of the experts' ``(prompt, answer)`` examples).
 
     Returns ``(expert → module → (w (in,), b ()), losses)``. ``init`` gives starting rows (default zeros: uniform
-    scalings); only the experts in ``trainable`` (default: all) are updated.
+    scalings); only the experts in ``trainable`` (default: all) are updated, with Adam and the LM loss on the
+    answers (:func:`~moerge.routing.training.fit`).
     """
-    from tqdm.auto import tqdm
-
-    from moerge.routing.training import GatedExperts, frozen, make_batches
-
     experts = list(experts)
     if not experts or not pairs:
         raise RoutingError("training the X-LoRA head needs experts and examples")
@@ -92,7 +79,7 @@ def train_xlora_head(
     trainable = set(names) if trainable is None else set(trainable)
     init = init or {}
     device = next(base.parameters()).device
-    rows: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    rows: dict[str, Rows] = {}
     params = []
     for e in experts:
         rows[e.name] = {}
@@ -114,71 +101,70 @@ def train_xlora_head(
         out = x.new_zeros(*x.shape[:2], len(experts))
         return out.index_copy(-1, torch.tensor(present, device=x.device), p)  # (B, T, E)
 
-    rng_state = torch.random.get_rng_state()  # the caller's random state is given back afterwards
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(params, lr=lr)
-    losses: list[float] = []
-    was_training = base.training
-    base.eval()
-    bar = tqdm(make_batches(tokenizer, list(pairs), batch_size, steps, seed), total=steps,
-               desc=f"x-lora head ({len(trainable)} of {len(names)} experts)", disable=not progress, leave=False)
-    try:
-        with frozen(base), torch.enable_grad(), GatedExperts(base, experts, gate):
-            for batch in bar:
-                loss = base(**{k: v.to(device) for k, v in batch.items()}).loss
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    finally:
-        base.train(was_training)
-        torch.random.set_rng_state(rng_state)
+    with GatedExperts(base, experts, gate):
+        losses = fit(base, params, make_batches(tokenizer, list(pairs), batch_size, steps, seed), steps=steps, lr=lr,
+                     seed=seed, progress=progress, desc=f"x-lora head ({len(trainable)} of {len(names)} experts)")
     return {n: {m: (w.detach().cpu(), b.detach().cpu()) for m, (w, b) in r.items()} for n, r in rows.items()}, losses
 
 
-def rows_to_tensors(rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def rows_to_tensors(rows: Rows) -> dict[str, torch.Tensor]:
+    """One expert's rows as the tensors stored in the library (``<module>.weight``, ``<module>.bias``)."""
     out = {}
     for m, (w, b) in rows.items():
         out[f"{m}.weight"], out[f"{m}.bias"] = w, b.reshape(1)
     return out
 
 
-def rows_from_tensors(t: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def rows_from_tensors(t: dict[str, torch.Tensor]) -> Rows:
+    """The inverse of :func:`rows_to_tensors`, in float32."""
     mods = {k.rsplit(".", 1)[0] for k in t}
     return {m: (t[f"{m}.weight"].float(), t[f"{m}.bias"].float().reshape(())) for m in mods}
 
 
 @register_router("xlora")
-class XLoRARouter(Router):
-    """Learned per-module softmax head over the experts, one forward pass, KV cache kept.
+class XLoRARouter(TrainedGateRouter):
+    """Learned per-module softmax head over the experts, one forward pass, KV cache kept: the logits are
+    ``layer_norm(x) @ w / √in + b``, ``-inf`` for candidates without a row.
 
     Paper: Buehler & Buehler, "X-LoRA: Mixture of Low-Rank Adapter Experts" (2024), arXiv:2402.07148.
     """
 
     config_class = XLoRAConfig
-    has_local_gate = True
+    finish = "standardized"
+    with_bias = True
+    routing_kind = ROUTING_KIND
+    data_label = "X-LoRA head rows"
 
     def __init__(self, config: XLoRAConfig | None = None) -> None:
         super().__init__(config)
-        self._rows: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # expert -> module -> (w, b)
-        self._digest: dict[str, str] = {}
-        self._unsaved: set[str] = set()
         self._experts: dict[str, Expert] = {}
         self._answers: dict[str, list[tuple[str, str]]] = {}
-        self._head = ExpertVectors()  # module -> expert -> [w (in,), b] (in + 1,)
-        self.losses: dict[str, list[float]] = {}
         self._copy: torch.nn.Module | None = None  # the private base of the expert being added
 
-    def set_rows(self, name: str, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], digest: str | None = None,
-                 saved: bool = False) -> None:
+    def set_rows(self, name: str, rows: Rows, digest: str | None = None, saved: bool = False) -> None:
         """Use ``rows`` (module → (w (in,), b ())) as expert ``name``'s part of the head."""
-        self._rows[name] = {m: (w.detach().float().cpu().reshape(-1), b.detach().float().cpu().reshape(()))
-                            for m, (w, b) in rows.items()}
-        self._head.set(name, {m: torch.cat([w, b.reshape(1)]) for m, (w, b) in self._rows[name].items()})
-        if digest is not None:
-            self._digest[name] = digest
-        (self._unsaved.discard if saved else self._unsaved.add)(name)
+        self._set_data(name, rows, digest, saved)
+
+    def rows_of(self, name: str) -> Rows:
+        """Expert ``name``'s rows of the head (module → (w (in,), b ()))."""
+        return self._data_of(name)
+
+    def gate_scale(self, layer: LayerInfo) -> float:
+        return 1.0 / math.sqrt(layer.in_features)
+
+    def _prepare(self, data: Rows) -> tuple[Rows, dict[str, torch.Tensor]]:
+        rows = {m: (w.detach().float().cpu().reshape(-1), b.detach().float().cpu().reshape(()))
+                for m, (w, b) in data.items()}
+        return rows, {m: torch.cat([w, b.reshape(1)]) for m, (w, b) in rows.items()}  # (in + 1,)
+
+    def _zeros(self, expert: Expert) -> Rows:
+        return {m: (torch.zeros(w.in_features), torch.zeros(())) for m, w in expert.modules.items()}
+
+    def _to_tensors(self, data: Rows) -> dict[str, torch.Tensor]:
+        return rows_to_tensors(data)
+
+    def _from_tensors(self, tensors: dict[str, torch.Tensor]) -> Rows:
+        return rows_from_tensors(tensors)
 
     def _training_base(self) -> torch.nn.Module:
         """One private copy of the base per expert added (its examples are answered and its rows trained on it)."""
@@ -188,76 +174,32 @@ class XLoRARouter(Router):
 
     def _examples(self, expert: Expert) -> list[tuple[str, str]]:
         if expert.name not in self._answers:
-            from moerge.routing.training import answers_from_expert
-
             self._answers[expert.name] = answers_from_expert(self._training_base(), self.context.tokenizer, expert,
                                                              list(expert.metadata.examples))
         return self._answers[expert.name]
 
+    def _train(self, expert: Expert) -> tuple[Rows, list[float]]:
+        """Only the new expert's rows are trained, on its examples mixed with up to ``peers`` other experts'
+        (whose rows stay as they are)."""
+        peers = [self._experts[n] for n in self._experts if n != expert.name and self._experts[n].metadata.examples]
+        peers = random.Random(expert.name).sample(peers, min(self.config.peers, len(peers)))
+        pairs = list(self._examples(expert))
+        for p in peers:
+            pairs += self._examples(p)
+        rows, losses = train_xlora_head(
+            self._training_base(), self.context.tokenizer, [expert, *peers], pairs, init=dict(self._data),
+            trainable={expert.name}, steps=self.config.train_steps, lr=self.config.train_lr,
+            batch_size=self.config.train_batch_size, progress=True)
+        return rows[expert.name], losses
+
     def on_add_expert(self, expert: Expert) -> None:
         try:
-            self._add(expert)
+            super().on_add_expert(expert)
+            self._experts[expert.name] = expert
         finally:
             self._copy = None  # the private base is dropped once the expert's rows are made
 
-    def _add(self, expert: Expert) -> None:
-        digest = expert.digest()
-        if self._digest.get(expert.name) == digest and expert.name in self._rows:
-            self._experts[expert.name] = expert
-            return
-        store = self.context.store
-        stored = None if store is None else store.routing_for(expert.name, ROUTING_KIND, digest)
-        if stored is not None:
-            self._experts[expert.name] = expert
-            self.set_rows(expert.name, rows_from_tensors(stored), digest, saved=True)
-            return
-        tok = self.context.tokenizer
-        if self.config.train_missing and expert.metadata.examples and tok is not None \
-                and self.context.training_base is not None:
-            peers = [self._experts[n] for n in self._experts if n != expert.name and self._experts[n].metadata.examples]
-            peers = random.Random(expert.name).sample(peers, min(self.config.peers, len(peers)))
-            pairs = list(self._examples(expert))
-            for p in peers:
-                pairs += self._examples(p)
-            group = [expert, *peers]
-            rows, losses = train_xlora_head(
-                self._training_base(), tok, group, pairs, init={n: self._rows[n] for n in self._rows},
-                trainable={expert.name}, steps=self.config.train_steps, lr=self.config.train_lr,
-                batch_size=self.config.train_batch_size, progress=True)
-            self.losses[expert.name] = losses
-            self._experts[expert.name] = expert
-            self.set_rows(expert.name, rows[expert.name], digest)
-            return
-        warnings.warn(f"expert {expert.name!r} has no X-LoRA head rows (none stored, and no example prompts or "
-                      "tokenizer to train them): it gets logit 0 everywhere", stacklevel=3)
-        self._experts[expert.name] = expert
-        self.set_rows(expert.name, {m: (torch.zeros(w.in_features), torch.zeros(()))
-                                    for m, w in expert.modules.items()}, digest, saved=True)
-
     def on_remove_expert(self, name: str) -> None:
-        for d in (self._rows, self._digest, self._experts, self._answers):
-            d.pop(name, None)
-        self._head.remove(name)
-        self._unsaved.discard(name)
-
-    def persist(self, library: Any) -> None:
-        for name in sorted(self._unsaved):
-            if name in library and name in self._digest:
-                library.put_routing(name, ROUTING_KIND, rows_to_tensors(self._rows[name]),
-                                    {"digest": self._digest[name]})
-                self._unsaved.discard(name)
-
-    def rows_of(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        if name not in self._rows:
-            raise RoutingError("no X-LoRA head rows for this expert", expert=name)
-        return dict(self._rows[name])
-
-    def select(self, request: RoutingRequest) -> Candidates:
-        """Every expert is a candidate of every row; the head decides per token."""
-        return all_candidates(request)
-
-    def make_linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
-        """The head's logits ``layer_norm(x) @ w / √in + b`` (``-inf`` for candidates without a row)."""
-        got = self._head.gate_operands(layer.name, candidates, device, 1.0 / math.sqrt(layer.in_features),
-                                       with_bias=True, center=True)
-        return None if got is None else LinearGate(*got, finish="standardized")
+        super().on_remove_expert(name)
+        self._experts.pop(name, None)
+        self._answers.pop(name, None)

@@ -99,14 +99,14 @@ def test_arrow_gate_contract(tmp_path, adapters):
 def test_adding_an_expert_leaves_other_prototypes_alone(tmp_path, adapters):
     base, paths = adapters
     model = MoErgeModel.from_library(base, _arrow_library(tmp_path, base, paths[:3]), router="arrow")
-    before = {m: {n: p.clone() for n, p in d.items()} for m, d in model.router._protos.items()}
+    before = {m: {n: p.clone() for n, p in d.items()} for m, d in model.router.vectors.items()}
     model.add_expert(paths[3], name="t3")
     for m, d in before.items():
         for n, p in d.items():
-            assert torch.equal(model.router._protos[m][n], p)
-    assert set(model.router._protos["model.layers.0.self_attn.q_proj"]) == {"t0", "t1", "t2", "t3"}
+            assert torch.equal(model.router.vectors[m][n], p)
+    assert set(model.router.vectors["model.layers.0.self_attn.q_proj"]) == {"t0", "t1", "t2", "t3"}
     model.remove_expert("t1")
-    assert "t1" not in model.router._protos["model.layers.0.self_attn.q_proj"]
+    assert "t1" not in model.router.vectors["model.layers.0.self_attn.q_proj"]
 
 
 @pytest.mark.parametrize("kwargs,match", [({"top_k": 0}, "positive integer"), ({"temperature": 0}, "> 0")])

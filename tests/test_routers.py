@@ -93,14 +93,14 @@ def test_candidates_validate_their_shapes():
 
 @pytest.mark.parametrize("router", ["arrow", "phatgoose", "xlora", "arrow-all", "arrow-bf16"])
 def test_the_fast_decode_step_equals_the_general_path(router, monkeypatch):
-    """The per-request closure a CPU step runs (GatheredLayer.fast_step) against the general add_delta path, for
+    """The per-request closure a CPU step runs (GatheredModule.fast_step) against the general path of GatheredModule.mix, for
     each kind of linear gate, top-k and all-candidates selection, float32 and bfloat16."""
     import copy
     import warnings
 
     from moerge import MoErgeModel
     from moerge.routers import build_router
-    from moerge.runtime.layer import GatheredLayer
+    from moerge.runtime.gathered import GatheredModule
 
     from conftest import VOCAB, rand_expert, tiny_llama
 
@@ -113,7 +113,7 @@ def test_the_fast_decode_step_equals_the_general_path(router, monkeypatch):
     experts = [rand_expert(base, f"e{i}", seed=i, rank=2 + i % 3) for i in range(4)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model._install(experts)
+        model.expert_set.install(experts, model.router)
     g = torch.Generator().manual_seed(5)
     for e in experts:  # gates and head rows with some spread, so the top-k is not a tie
         if kind == "phatgoose":
@@ -123,12 +123,12 @@ def test_the_fast_decode_step_equals_the_general_path(router, monkeypatch):
                                 for m, w in e.modules.items()})
     ids = torch.randint(3, VOCAB, (3, 8), generator=g)
     calls = []
-    real = GatheredLayer.fast_step
-    monkeypatch.setattr(GatheredLayer, "fast_step", lambda self, sel: calls.append(1) or real(self, sel))
+    real = GatheredModule.fast_step
+    monkeypatch.setattr(GatheredModule, "fast_step", lambda self, sel: calls.append(1) or real(self, sel))
     with torch.no_grad():
         fast = model(input_ids=ids).logits
         fast_usage = model.last_routing
-        monkeypatch.setattr(GatheredLayer, "fast_step", lambda self, sel: None)
+        monkeypatch.setattr(GatheredModule, "fast_step", lambda self, sel: None)
         general = model(input_ids=ids).logits
     assert calls
     tol = dict(atol=1e-5, rtol=1e-5) if router != "arrow-bf16" else dict(atol=2e-2, rtol=2e-2)
@@ -148,7 +148,7 @@ def test_excluded_experts_are_never_used():
 
     base = tiny_llama()
     model = MoErgeModel(copy.deepcopy(base), build_router("arrow", top_k=2))
-    model._install([rand_expert(base, f"e{i}", seed=i) for i in range(4)])
+    model.expert_set.install([rand_expert(base, f"e{i}", seed=i) for i in range(4)], model.router)
     ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0,
@@ -157,7 +157,7 @@ def test_excluded_experts_are_never_used():
         assert set(row.candidates) == {"e1", "e3"} and set(row.experts) == {"e1", "e3"}
         assert sum(row.experts.values()) == pytest.approx(1.0, abs=1e-5)
     fixed = MoErgeModel(copy.deepcopy(base), build_router("explicit"))
-    fixed._install([rand_expert(base, f"e{i}", seed=i) for i in range(2)])
+    fixed.expert_set.install([rand_expert(base, f"e{i}", seed=i) for i in range(2)], fixed.router)
     state = fixed.route(ids, experts={"e0": 0.5, "e1": 0.5}, exclude=["e0"])
     assert state.candidates.weights.tolist() == [[0.0, 1.0], [0.0, 1.0]]  # renormalised over the rest
     with pytest.raises(RoutingError, match="unknown experts"):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from moerge import ExpertLibrary, MoErgeModel
-from moerge.lab.zoo import DEFAULT_ZOO, ZooConfig, build_zoo, encode_example
+from moerge.lab.zoo import DEFAULT_ZOO, ZooConfig, build_zoo, encode_example, train_expert
+from moerge.routing.training import fit
 
 from conftest import tiny_llama
 
@@ -45,6 +48,43 @@ def test_build_trains_stores_and_resumes(tmp_path, tok):
     build_zoo(tmp_path / "zoo", ["uppercase", "plural", "acronym"], cfg, base=base, tokenizer=tok, progress=False,
               log=logs.append)
     assert "training 1: ['acronym']" in logs[0]
+
+
+def test_expert_training_is_reproducible_and_gives_back_the_random_state(tok):
+    base = tiny_llama(0, vocab_size=len(tok))
+    cfg = ZooConfig(rank=2, alpha=4, steps=3, batch_size=2, lr=1e-2, target_modules=["q_proj"])
+    before = [p.clone() for p in base.parameters()]
+    rng = torch.random.get_rng_state()
+    (m1, l1), (m2, l2) = (train_expert(base, tok, "plural", cfg, progress=False) for _ in range(2))
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert len(l1) == 3 and l1 == l2
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    assert any(p.abs().sum() > 0 for n, p in m1.named_parameters() if "lora_B" in n)  # B starts at 0: trained
+    assert all(torch.equal(p, q) for p, q in zip(base.parameters(), before))
+
+
+class _Quadratic(torch.nn.Module):
+    """``loss = (w·c − x)²``: ``w`` is trained, ``c`` is a parameter ``fit`` must leave frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.c = torch.nn.Parameter(torch.zeros(())), torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(loss=((self.w * self.c - x) ** 2).mean())
+
+
+@pytest.mark.parametrize("warmup,first_lr", [(None, 0.3), (3, 0.1)])
+def test_fit_trains_only_the_given_tensors_on_its_schedule(warmup, first_lr):
+    model = _Quadratic().train()
+    # one batch: Adam's first step moves w by the learning rate of step 0 (warm-up: a third of lr, cosine at 1)
+    losses = fit(model, [model.w], [{"x": torch.ones(1)}], steps=10, lr=0.3, warmup=warmup, progress=False)
+    assert losses == [1.0]
+    assert float(model.w) == pytest.approx(first_lr, rel=1e-4)
+    assert float(model.c) == 1.0 and model.c.requires_grad and model.training  # frozen, flags and mode restored
+    losses = fit(model, [model.w], ({"x": torch.ones(1)} for _ in range(100)), steps=60, lr=0.05, warmup=warmup,
+                 progress=False)
+    assert len(losses) == 60 and losses[-1] < losses[0] / 100 and float(model.c) == 1.0
 
 
 @pytest.mark.parametrize("kwargs,match", [({"rank": 0}, "positive"), ({"dtype": "int8"}, "dtype")])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import random
 import time
 from pathlib import Path
@@ -19,11 +18,11 @@ import torch
 
 from moerge.lab.tasks import HELD_IN, Example, get_task
 from moerge.library import ExpertLibrary
-from moerge.routing.training import chat_prompt, encode_pair
+from moerge.routing.training import chat_prompt, collate, encode_pair, fit, seeded
 
 __all__ = ["ZooConfig", "build_zoo", "build_gates", "build_xlora", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
 
-DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "zoo" / "library"
+DEFAULT_ZOO = Path(__file__).resolve().parents[2] / "zoo" / "library"
 EXAMPLES_PER_EXPERT = 5  # example prompts stored with each expert (the global router retrieves by them)
 
 
@@ -50,47 +49,22 @@ def encode_example(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
     return encode_pair(tokenizer, ex.prompt, ex.target)
 
 
-def _batch(tokenizer: Any, examples: list[Example]) -> dict[str, torch.Tensor]:
-    rows = [encode_example(tokenizer, e) for e in examples]
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):  # right padding for training
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 def train_expert(base: torch.nn.Module, tokenizer: Any, task: str, cfg: ZooConfig, progress: bool = True):
-    """Train one LoRA expert for ``task``; returns ``(peft_model, losses)``."""
+    """Train one LoRA expert for ``task`` on a copy of ``base`` (PEFT's LoRA, the one training loop
+    :func:`~moerge.routing.training.fit`: Adam with warm-up and cosine decay, gradients clipped
+    at norm 1); returns ``(peft_model, losses)``."""
     from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
 
-    torch.manual_seed(cfg.seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                                           target_modules=cfg.target_modules))
+    with seeded(cfg.seed):  # the LoRA factors' initial values are drawn from the seed
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                                                               target_modules=cfg.target_modules))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)) * 0.5 * (
-        1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     examples = get_task(task).examples(cfg.steps * cfg.batch_size, "train", cfg.seed)
-    model.train()
-    losses = []
-    bar = tqdm(range(cfg.steps), desc=f"train {task}", disable=not progress, leave=False)
-    for step in bar:
-        batch = _batch(tokenizer, examples[step * cfg.batch_size : (step + 1) * cfg.batch_size])
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
+    size = cfg.batch_size
+    batches = (collate(tokenizer, [(e.prompt, e.target) for e in examples[s * size : (s + 1) * size]])
+               for s in range(cfg.steps))
+    losses = fit(model, params, batches, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, clip_norm=1.0, seed=cfg.seed,
+                 progress=progress, desc=f"train {task}")
     return model, losses
 
 

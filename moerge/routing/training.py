@@ -1,30 +1,35 @@
-"""Training of routing parameters (gates) on a frozen base with frozen experts.
+"""Training on a frozen base: routing parameters (gates, heads) in front of frozen experts, and adapters.
 
 The experts are applied to the base through forward hooks on its linear modules (patched or not: a patched
 :class:`~moerge.runtime.layer.ExpertLinear` outside a routed call is the base module), so gates can be trained for an expert
 before it is installed in the model, and the model's own routing is never touched.
 
+* :func:`fit`: the one training loop (PHATGOOSE gates, X-LoRA heads, the zoo's LoRA experts): the given tensors
+  are trained by Adam on the model's LM loss, every other parameter of the model frozen.
 * :class:`GatedExperts`: a context manager that adds ``Σ_e g_e(x)·ΔW_e x`` to each hooked module's output, ``g``
   given by a gate function of the module's input (the gates being trained).
-* :func:`make_batches` / :func:`answers_from_expert`: training data from ``(prompt, answer)`` pairs, or from
-  prompts alone, answered by the expert itself.
+* :func:`make_batches` / :func:`collate` / :func:`answers_from_expert`: training data from ``(prompt, answer)``
+  pairs, or from prompts alone, answered by the expert itself.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from moerge.adapters.expert import Expert, LoRAWeights
 
-__all__ = ["GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "make_batches", "answers_from_expert",
-           "frozen", "greedy_generate"]
+__all__ = ["fit", "seeded", "GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "collate",
+           "make_batches", "answers_from_expert", "frozen", "greedy_generate"]
 
 
 @dataclass
@@ -44,6 +49,64 @@ class GateTrainingConfig:
                 raise ValueError(f"{f} must be a positive integer, got {v!r}")
         if not (isinstance(self.train_lr, (int, float)) and self.train_lr > 0):
             raise ValueError(f"train_lr must be > 0, got {self.train_lr!r}")
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the block with torch's random generators seeded with ``seed``; the caller's random state (of the CPU,
+    and of ``device`` when it is a CUDA device) is given back afterwards."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
+    """Learning-rate factor of step ``s``: linear warm-up over ``warmup`` steps, times a cosine decay to 0 at
+    ``steps``."""
+    return lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+
+def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict[str, torch.Tensor]], *,
+        steps: int, lr: float, warmup: int | None = None, clip_norm: float | None = None, seed: int = 0,
+        progress: bool = True, desc: str = "train") -> list[float]:
+    """Train ``params`` for ``steps`` steps on the LM loss of ``model`` over ``batches``; returns the losses.
+
+    The one training loop of the package. ``model`` runs in eval mode (no dropout) with every parameter frozen
+    except those among ``params`` (``params`` may also be tensors outside the model that its forward reads, such as
+    gates in hooks; they must require gradients); its mode and gradient flags are restored afterwards. Each batch
+    (``input_ids``, ``labels``, ``attention_mask``: :func:`make_batches`) is moved to the model's device. The
+    optimizer is Adam at ``lr``: constant, or with ``warmup`` given, a linear warm-up over that many steps and a
+    cosine decay to 0 at ``steps``; ``clip_norm`` clips the gradients' global norm. Torch's random generators are
+    seeded with ``seed`` for the loop and the caller's random state is given back. ``progress`` shows a bar
+    (``desc``) with the last loss.
+    """
+    params = list(params)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = None if warmup is None else torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(warmup, steps))
+    losses: list[float] = []
+    bar = tqdm(itertools.islice(batches, steps), total=steps, desc=desc, disable=not progress, leave=False)
+    try:
+        with seeded(seed, device), frozen(model, keep=params), torch.enable_grad():
+            for batch in bar:
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                opt.zero_grad()
+                loss.backward()
+                if clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip_norm)
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    return losses
+
 
 GateFn = Callable[[str, torch.Tensor], torch.Tensor]  # (module, x (B, T, in)) -> (B, T, E) weights
 
@@ -115,11 +178,13 @@ class GatedExperts:
 
 
 @contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Turn off gradients of every parameter of ``model`` (restored afterwards); gradients still flow through."""
+def frozen(model: nn.Module, keep: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+    """Turn off gradients of every parameter of ``model`` but those in ``keep`` (which get them on); the flags are
+    restored afterwards. Gradients still flow through the frozen parameters to what is trained."""
+    trained = {id(p) for p in keep}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
-        p.requires_grad_(False)
+        p.requires_grad_(id(p) in trained)
     try:
         yield
     finally:
@@ -149,28 +214,35 @@ def encode_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], li
     return p + a, [-100] * len(p) + a
 
 
+def collate(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """One right-padded training batch of ``(prompt, answer)`` pairs (:func:`encode_pair`): ``input_ids``,
+    ``labels`` (-100 on the prompt and the padding) and ``attention_mask``, each ``(B, T)``."""
+    rows = [encode_pair(tokenizer, p, a) for p, a in pairs]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    width = max(len(i) for i, _ in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (x, y) in enumerate(rows):
+        ids[r, : len(x)], labels[r, : len(y)], mask[r, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
 def make_batches(tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int, steps: int,
                  seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """``steps`` right-padded training batches drawn from ``pairs`` (reshuffled every epoch)."""
+    """``steps`` right-padded training batches (:func:`collate`) drawn from ``pairs`` (reshuffled every epoch)."""
     if not pairs:
         raise ValueError("no training examples")
     rng = random.Random(seed)
     order: list[int] = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     for _ in range(steps):
-        rows = []
-        while len(rows) < min(batch_size, len(pairs)):
+        chosen = []
+        while len(chosen) < min(batch_size, len(pairs)):
             if not order:
                 order = list(range(len(pairs)))
                 rng.shuffle(order)
-            rows.append(encode_pair(tokenizer, *pairs[order.pop()]))
-        width = max(len(i) for i, _ in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (x, y) in enumerate(rows):
-            ids[r, : len(x)], labels[r, : len(y)], mask[r, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+            chosen.append(pairs[order.pop()])
+        yield collate(tokenizer, chosen)
 
 
 @torch.no_grad()

@@ -1,0 +1,167 @@
+"""Bases of the per-token routers whose local gate is one vector per expert and module, linear in the module's
+input (Arrow's prototypes, PHATGOOSE's gates, X-LoRA's head rows).
+
+* :class:`VectorGateRouter`: every expert is a candidate of every row; inside each module the logits are the
+  candidates' vectors against the token (:class:`~moerge.routing.selection.ExpertVectors` made into a
+  :class:`~moerge.routing.selection.LinearGate`), turned into weights by the config's selection.
+* :class:`TrainedGateRouter`: the vectors come from routing data trained for each expert on a frozen base. The
+  data is kept per expert, tagged with the digest of the weights it was made for: reused from the library when the
+  digest matches, trained when missing (on a private copy of the base), zeros with a warning when it can be
+  neither, and stored in the library by :meth:`~TrainedGateRouter.persist` while not yet saved there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from moerge.errors import RoutingError
+from moerge.routing.router import Router
+from moerge.routing.selection import ExpertVectors, LinearGate, SelectionConfig
+from moerge.routing.training import GateTrainingConfig
+from moerge.routing.types import Candidates, LayerInfo, RoutingRequest, all_candidates
+
+if TYPE_CHECKING:  # pragma: no cover
+    from moerge.adapters.expert import Expert
+
+__all__ = ["VectorGateRouter", "TrainedGateRouter", "TrainedGateConfig"]
+
+
+class VectorGateRouter(Router):
+    """A router whose local gate is ``finish(x @ v_e) · scale`` per module, one vector ``v_e`` per expert.
+
+    Subclasses fill :attr:`vectors` as experts are added, choose :attr:`finish` (see
+    :class:`~moerge.routing.selection.LinearGate`; ``"standardized"`` logits are ``⟨layer_norm(x), v⟩``, so their
+    vectors are centred) and :attr:`with_bias` (each vector's last element is a bias, not part of the dot
+    product), and give the scale of a module's logits by :meth:`gate_scale`.
+    """
+
+    has_local_gate = True
+    finish: ClassVar[str] = "none"
+    with_bias: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self.vectors = ExpertVectors()  # module -> expert -> gate vector (in,), or (in + 1,) with its bias
+
+    def gate_scale(self, layer: LayerInfo) -> float:
+        """The factor of the logits in module ``layer`` (one over a temperature)."""
+        return 1.0
+
+    def on_remove_expert(self, name: str) -> None:
+        self.vectors.remove(name)
+
+    def select(self, request: RoutingRequest) -> Candidates:
+        """Every expert is a candidate of every row; the local gate decides per token."""
+        return all_candidates(request)
+
+    def make_linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
+        """The candidates' vectors for ``layer`` as a linear gate; ``-inf`` logits for candidates without one."""
+        got = self.vectors.gate_operands(layer.name, candidates, device, self.gate_scale(layer),
+                                         with_bias=self.with_bias, center=self.finish == "standardized")
+        return None if got is None else LinearGate(*got, finish=self.finish)  # (B, in, K), (B, 1, K)
+
+
+@dataclass
+class TrainedGateConfig(SelectionConfig, GateTrainingConfig):
+    """Config of a :class:`TrainedGateRouter`: how its gate selects, and how it trains missing routing data."""
+
+    def __post_init__(self) -> None:
+        self._check_selection()
+        self._check_training()
+
+
+class TrainedGateRouter(VectorGateRouter):
+    """A :class:`VectorGateRouter` whose vectors come from routing data trained per expert, kept in the library
+    under :attr:`routing_kind` and tagged with the digest of the expert's weights.
+
+    Subclasses give :attr:`routing_kind`, :attr:`data_label` (what the data is called in messages),
+    :meth:`_prepare` (the data as kept, and its gate vectors), :meth:`_zeros` (the data of an expert that gets
+    none), :meth:`_train` and, when the data is not already ``module → tensor``, :meth:`_to_tensors` and
+    :meth:`_from_tensors` (its form in the library). Their config is a :class:`TrainedGateConfig`.
+    """
+
+    routing_kind: ClassVar[str] = ""
+    data_label: ClassVar[str] = "routing data"
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._data: dict[str, Any] = {}  # expert -> its routing data
+        self._digest: dict[str, str] = {}  # expert -> digest of the weights its data was made for
+        self._unsaved: set[str] = set()  # experts whose data the library does not hold yet
+        self.losses: dict[str, list[float]] = {}  # expert -> training losses of the data trained here
+
+    # --- what a subclass gives -------------------------------------------------------------------------------------
+    def _prepare(self, data: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        """``(data as kept (detached, float32, on the CPU), module → gate vector)``."""
+        raise NotImplementedError
+
+    def _zeros(self, expert: Expert) -> Any:
+        """The data of an expert that has none stored and none can be trained for: logit 0 everywhere."""
+        raise NotImplementedError
+
+    def _train(self, expert: Expert) -> tuple[Any, list[float]]:
+        """Train ``expert``'s data (from its example prompts, on ``self.context.training_base()``);
+        returns ``(data, losses)``."""
+        raise NotImplementedError
+
+    def _to_tensors(self, data: Any) -> dict[str, torch.Tensor]:
+        return data
+
+    def _from_tensors(self, tensors: dict[str, torch.Tensor]) -> Any:
+        return tensors
+
+    # --- the data of each expert -----------------------------------------------------------------------------------
+    def _set_data(self, name: str, data: Any, digest: str | None = None, saved: bool = False) -> None:
+        """Use ``data`` as expert ``name``'s routing data, made for the weights of ``digest``; ``saved``: the
+        library holds it already (else :meth:`persist` stores it)."""
+        self._data[name], vectors = self._prepare(data)
+        self.vectors.set(name, vectors)
+        if digest is not None:
+            self._digest[name] = digest
+        (self._unsaved.discard if saved else self._unsaved.add)(name)
+
+    def _data_of(self, name: str) -> Any:
+        if name not in self._data:
+            raise RoutingError(f"no {self.data_label} for this expert", expert=name)
+        return dict(self._data[name])
+
+    def _can_train(self, expert: Expert) -> bool:
+        ctx = self.context
+        return bool(self.config.train_missing and expert.metadata.examples and ctx.tokenizer is not None
+                    and ctx.training_base is not None)
+
+    def on_add_expert(self, expert: Expert) -> None:
+        """Reuse the library's data for the expert's weights, else train it, else zeros (with a warning)."""
+        digest = expert.digest()
+        if self._digest.get(expert.name) == digest and expert.name in self._data:
+            return  # same weights, data already known (e.g. set before adding)
+        store = self.context.store
+        stored = None if store is None else store.routing_for(expert.name, self.routing_kind, digest)
+        if stored is not None:
+            self._set_data(expert.name, self._from_tensors(stored), digest, saved=True)
+        elif self._can_train(expert):
+            data, losses = self._train(expert)
+            self._set_data(expert.name, data, digest)
+            self.losses[expert.name] = losses
+        else:
+            warnings.warn(f"expert {expert.name!r} has no {self.data_label} (none stored, and no example prompts or "
+                          "tokenizer to train them): its local logit is 0 everywhere", stacklevel=3)
+            self._set_data(expert.name, self._zeros(expert), digest, saved=True)
+
+    def on_remove_expert(self, name: str) -> None:
+        super().on_remove_expert(name)
+        self._data.pop(name, None)
+        self._digest.pop(name, None)
+        self._unsaved.discard(name)
+
+    def persist(self, library: Any) -> None:
+        """Store the data of the experts ``library`` holds that it does not hold yet, tagged with their digest."""
+        for name in sorted(self._unsaved):
+            if name in library and name in self._digest:
+                library.put_routing(name, self.routing_kind, self._to_tensors(self._data[name]),
+                                    {"digest": self._digest[name]})
+                self._unsaved.discard(name)
