@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,10 +91,10 @@ def test_failed_add_leaves_the_library_as_it_was(tmp_path, base, monkeypatch):
     lib.add(_expert("alpha"))
     before = {p: p.read_bytes() for p in (tmp_path / "lib").rglob("*") if p.is_file()}
 
-    import moerge.library.store as library_mod
+    import moerge.library.manifest as manifest_mod
 
     calls = {"n": 0}
-    real = library_mod.atomic_write_json
+    real = manifest_mod.atomic_write_json
 
     def failing_manifest_write(path, obj):
         if str(path).endswith("library.json"):
@@ -100,7 +102,7 @@ def test_failed_add_leaves_the_library_as_it_was(tmp_path, base, monkeypatch):
             raise OSError("disk full (injected)")
         return real(path, obj)
 
-    monkeypatch.setattr(library_mod, "atomic_write_json", failing_manifest_write)
+    monkeypatch.setattr(manifest_mod, "atomic_write_json", failing_manifest_write)
     with pytest.raises(OSError, match="injected"):
         lib.add(_expert("beta"))
     with pytest.raises(OSError, match="injected"):
@@ -221,21 +223,24 @@ def test_symlinked_expert_folder_is_refused(tmp_path, base):
 def test_failed_overwrite_swap_keeps_the_old_expert(tmp_path, base, monkeypatch):
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
     lib.add(_expert("alpha", 1))
-    import moerge.library.store as library_mod
+    experts = tmp_path / "lib" / "experts"
+    real_replace = os.replace
+    moves = []
 
-    real_replace = library_mod.os.replace
-    calls = {"n": 0}
-
-    def second_rename_fails(src, dst):
-        calls["n"] += 1
-        if calls["n"] == 2:  # old folder moved aside, then moving the new one into place fails
+    def moving_the_new_folder_in_fails(src, dst):
+        moves.append((Path(src).name, Path(dst).name))
+        if Path(src).name.startswith(TMP_PREFIX + "alpha-") and Path(dst) == experts / "alpha":
             raise OSError("rename failed (injected)")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(library_mod.os, "replace", second_rename_fails)
+    monkeypatch.setattr(os, "replace", moving_the_new_folder_in_fails)
     with pytest.raises(OSError, match="injected"):
         lib.add(_expert("alpha", 2), overwrite=True)
     monkeypatch.undo()
+    # the old folder was moved aside, the new one failed to take its place, and the old one went back
+    aside = [d for s, d in moves if s == "alpha"]
+    assert len(aside) == 1 and aside[0].startswith(TMP_PREFIX + "old-alpha-") and (aside[0], "alpha") in moves
+    assert sorted(p.name for p in experts.iterdir()) == ["alpha"]
     assert torch.equal(lib["alpha"].modules["model.layers.0.self_attn.q_proj"].A,
                        _expert("alpha", 1).modules["model.layers.0.self_attn.q_proj"].A)
     assert ExpertLibrary.open(tmp_path / "lib").verify() == []
@@ -293,12 +298,12 @@ def test_routing_data_round_trip_replace_and_checks(tmp_path, base, monkeypatch)
     assert lib.get_routing("alpha", "phatgoose")[1]["digest"] == "d2"
 
     # a crash while writing the manifest keeps the old data valid and listed
-    import moerge.library.store as libmod
+    import moerge.library.manifest as manifest_mod
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(libmod, "atomic_write_json", boom)
+    monkeypatch.setattr(manifest_mod, "atomic_write_json", boom)
     with pytest.raises(OSError):
         lib.put_routing("alpha", "phatgoose", {"m.q": torch.ones(32)}, {"digest": "d3"})
     monkeypatch.undo()
@@ -320,6 +325,43 @@ def test_routing_data_round_trip_replace_and_checks(tmp_path, base, monkeypatch)
     # replacing the expert's weights drops its routing data (made for the old weights)
     lib.add(_expert("alpha", 9), overwrite=True)
     assert lib.routing_kinds("alpha") == []
+
+
+def test_open_removes_routing_leftovers_and_keeps_the_listed_data(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha"))
+    lib.put_routing("alpha", "phatgoose", {"m.q": torch.ones(4)}, {"digest": "d"})
+    listed = lib.info("alpha")["routing"]["phatgoose"]["file"]
+    folder = lib.root / "experts" / "alpha"
+    index = lib.routing_dir / "index"
+    index.mkdir(parents=True)
+    # what crashes leave: routing data written but never listed, temp files of writes in the expert's folder and
+    # in the index folder
+    (folder / "routing-phatgoose-0badf00d.safetensors").write_bytes(b"never listed")
+    (folder / f"{TMP_PREFIX}half").write_bytes(b"half a file")
+    (index / f"{TMP_PREFIX}half").write_bytes(b"half an index")
+    (index / "notes.txt").write_text("not a leftover")
+    reopened = ExpertLibrary.open(lib.root)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["expert.json", "weights.safetensors", listed])
+    assert [p.name for p in index.iterdir()] == ["notes.txt"]
+    assert reopened.verify() == []
+    assert torch.equal(reopened.routing_for("alpha", "phatgoose", "d")["m.q"], torch.ones(4))
+    assert reopened.routing_for("alpha", "phatgoose", "other weights") is None
+    assert reopened.routing_for("alpha", "xlora", "d") is None and reopened.routing_for("nope", "phatgoose", "d") is None
+
+
+def test_a_pickled_library_is_a_working_copy_of_the_same_folder(tmp_path, base):
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(_expert("alpha", 1))
+    copy = pickle.loads(pickle.dumps(lib))
+    copy.add(_expert("beta", 2))
+    copy.put_routing("beta", "phatgoose", {"m.q": torch.zeros(4)}, {"digest": "b"})
+    copy.set_embedder("emb", 8)
+    assert copy.routing_kinds("beta") == ["phatgoose"] and copy.embedder == {"id": "emb", "dim": 8}
+    assert lib.names() == ["alpha"]  # the original's view is as it last read it
+    lib.refresh()
+    assert lib.names() == ["alpha", "beta"] and lib.routing_kinds("beta") == ["phatgoose"]
+    assert lib.embedder == {"id": "emb", "dim": 8} and lib.verify() == []
 
 
 def _umask() -> int:

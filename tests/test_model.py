@@ -482,7 +482,7 @@ def test_failed_add_expert_changes_neither_model_nor_library(tmp_path, base, lib
         with pytest.raises(RuntimeError, match="injected"):
             model.add_expert(expert, **kw)
     router.fail = False
-    import moerge.library.store as library_mod
+    import moerge.library.manifest as library_mod
 
     monkeypatch.setattr(library_mod, "atomic_write_json", lambda *a: (_ for _ in ()).throw(OSError("disk (injected)")))
     for expert, kw in ((new_a, {"overwrite": True}), (new_a.renamed("c"), {})):

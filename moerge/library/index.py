@@ -260,7 +260,7 @@ class ExpertIndex:
         if embedder is not None and meta.get("embedder") not in (None, embedder):
             raise IndexMismatchError(f"the index was built with embedder {meta.get('embedder')!r}, not {embedder!r}",
                                file=str(folder / META_FILE))
-        files = meta.get("files") or {"vectors": VECTORS_FILE, "faiss": INDEX_FILE}  # (format of 0.1: fixed names)
+        files = meta.get("files") or {"vectors": VECTORS_FILE, "faiss": INDEX_FILE}  # without a "files" entry: the fixed default names
         vec_path = folder / str(files.get("vectors"))
         try:
             if hashlib.sha256(vec_path.read_bytes()).hexdigest() != meta["sha256"].get(vec_path.name):
