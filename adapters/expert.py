@@ -50,8 +50,22 @@ def _check_tensor(t: torch.Tensor, what: str, expert: str | None, module: str) -
         raise ExpertFormatError(f"{what} of module {module!r} contains NaN or Inf values", expert=expert)
 
 
+class _ModuleUpdate:
+    """What every kind of module update tells of its shape: ``(out, in)`` and a rank."""
+
+    shape: tuple[int, int]  # (out_features, in_features), set by each kind
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+
 @dataclass
-class LoRAWeights:
+class LoRAWeights(_ModuleUpdate):
     """LoRA factors of one module: the update is ``scale · B @ A``.
 
     Shapes: ``A (r, in)``, ``B (out, r)``.
@@ -68,12 +82,8 @@ class LoRAWeights:
         return int(self.A.shape[0])
 
     @property
-    def in_features(self) -> int:
-        return int(self.A.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.B.shape[0])
+    def shape(self) -> tuple[int, int]:
+        return int(self.B.shape[0]), int(self.A.shape[1])
 
     def validate(self, expert: str | None, module: str) -> None:
         _check_tensor(self.A, "lora_A", expert, module)
@@ -106,7 +116,7 @@ class LoRAWeights:
 
 
 @dataclass
-class DeltaWeights:
+class DeltaWeights(_ModuleUpdate):
     """A dense update ``ΔW (out, in)`` of one module, with an optional bias update ``Δb (out,)``."""
 
     delta: torch.Tensor
@@ -119,12 +129,8 @@ class DeltaWeights:
         return int(min(self.delta.shape))
 
     @property
-    def in_features(self) -> int:
-        return int(self.delta.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.delta.shape[0])
+    def shape(self) -> tuple[int, int]:
+        return int(self.delta.shape[0]), int(self.delta.shape[1])
 
     def validate(self, expert: str | None, module: str) -> None:
         _check_tensor(self.delta, "delta", expert, module)

@@ -310,16 +310,11 @@ class MoErgeModel(nn.Module):
         return cands
 
     @contextmanager
-    def routing(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        experts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> Iterator[RoutingState]:
-        """Route once and keep that routing for every forward inside the block (for hand-written decode loops)."""
-        state = self.route(input_ids, attention_mask, experts=experts, inputs_embeds=inputs_embeds)
+    def routing(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                **route: Any) -> Iterator[RoutingState]:
+        """Route once (with :meth:`route`'s arguments) and keep that routing for every forward inside the block
+        (for hand-written decode loops)."""
+        state = self.route(input_ids, attention_mask, **route)
         with self.context.activate(state):
             yield state
         self.last_routing = state.trace()
