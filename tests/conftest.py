@@ -1,10 +1,9 @@
-"""Shared fixtures: tiny random models built in memory, PEFT adapters saved to temp folders. Fully offline."""
+"""The suite's environment (offline, Triton's interpreter without a GPU, two threads) and shared fixtures; the helpers
+they use are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import copy
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,115 +18,18 @@ import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-VOCAB = 96
-
-
-def tiny_llama(seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-               tie_word_embeddings=False)
-    cfg.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
-    model.config._name_or_path = f"tiny-llama-{seed}"
-    return model.eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                       bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    model.config._name_or_path = f"tiny-gpt2-{seed}"
-    return model.eval()
-
-
-def save_peft_lora(base, folder: Path, seed: int = 0, **lora_kwargs) -> Path:
-    """Save a PEFT LoRA adapter with random (non-zero) A and B for ``base`` into ``folder``."""
-    from peft import LoraConfig, get_peft_model
-
-    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                  init_lora_weights=False)
-    kwargs.update(lora_kwargs)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**kwargs))
-    with torch.no_grad():  # make the update large enough that a wrong scale or layout shows in the logits
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.mul_(3.0)
-    peft_model.save_pretrained(str(folder))
-    return folder
-
-
-def peft_logits(base, folder: Path, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of PEFT's own LoRA forward for the adapter in ``folder``."""
-    from peft import PeftModel
-
-    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
-    with torch.no_grad():
-        return pm(input_ids=input_ids).logits
+from helpers import VOCAB, tiny_llama, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture
 def base():
     return tiny_llama(0)
 
-
 @pytest.fixture
 def input_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, VOCAB, (3, 10), generator=g)
 
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def tiny_tokenizer():
-    """A character-level fast tokenizer with a ChatML chat template, built in memory (vocab < 128)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = CHATML
-    fast.padding_side = "left"
-    return fast
-
-
-TOK_VOCAB = 128
-
-
-def tiny_chat_llama(seed: int = 0):
-    """A tiny Llama whose vocabulary covers :func:`tiny_tokenizer`."""
-    return tiny_llama(seed, vocab_size=TOK_VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
 @pytest.fixture
 def tok():
     return tiny_tokenizer()
-
-
-def rand_expert(base, name: str, *, seed: int = 0, rank: int = 4, modules=("q_proj", "v_proj", "down_proj"),
-                scale: float = 2.0, description: str = "", examples=()):
-    """A random (non-zero) LoRA expert for ``base`` on the modules whose names end with ``modules``."""
-    from moerge import Expert, ExpertMetadata, LoRAWeights
-    from moerge.core.fingerprint import linear_shape
-
-    g = torch.Generator().manual_seed(seed)
-    mods = {}
-    for mname, mod in base.named_modules():
-        if isinstance(mod, torch.nn.Linear) and mname.rsplit(".", 1)[-1] in modules:
-            out_f, in_f = linear_shape(mod)
-            mods[mname] = LoRAWeights(torch.randn(rank, in_f, generator=g) / in_f ** 0.5,
-                                      torch.randn(out_f, rank, generator=g) / rank ** 0.5, scale)
-    return Expert(name, mods, ExpertMetadata(description=description, examples=list(examples)))

@@ -26,7 +26,7 @@ from moerge import ExpertLibrary, MoErgeModel
 from moerge.routers import build_router
 from moerge.serving import create_app
 
-from conftest import rand_expert, save_peft_lora, tiny_chat_llama, tiny_tokenizer
+from helpers import rand_expert, save_peft_lora, tiny_chat_llama, tiny_tokenizer
 
 README = Path(__file__).parents[1] / "README.md"
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\b")

@@ -13,7 +13,7 @@ from moerge.routers import build_router
 from moerge.routing import RowRouting
 from moerge.views import save_usage_heatmap, token_usage, usage_matrix
 
-from conftest import VOCAB, rand_expert, tiny_llama
+from helpers import VOCAB, rand_expert, tiny_llama
 
 
 def test_usage_matrix_averages_each_layers_modules():

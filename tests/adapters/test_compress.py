@@ -13,7 +13,7 @@ from moerge import DeltaWeights, ExpertLibrary, MoErgeModel
 from moerge.adapters.compress import compress_expert, compress_tensor, storage_bytes
 from moerge.errors import ExpertFormatError, LibraryError
 
-from conftest import rand_expert
+from helpers import rand_expert
 
 
 def test_compeft_keeps_the_top_magnitudes_with_one_scale():

@@ -13,7 +13,7 @@ from moerge import ExpertLibrary, MoErgeModel
 from moerge.adapters.merge import merge_experts
 from moerge.cli import app
 
-from conftest import peft_logits, rand_expert, tiny_llama
+from helpers import peft_logits, rand_expert, tiny_llama
 
 runner = CliRunner()
 

@@ -11,7 +11,8 @@ from moerge.adapters.twin_split import SHARED_NAME, twin_split
 from moerge.errors import RoutingError
 from moerge.library.derive import make_twin_library
 from moerge.routers import build_router
-from tests.conftest import rand_expert, tiny_chat_llama, tiny_tokenizer
+
+from helpers import rand_expert, tiny_chat_llama, tiny_tokenizer
 
 DESC = {"sort": "Sort a list of numbers in ascending order.", "french": "Translate English text into French.",
         "sql": "Write an SQL query that answers a question about a database table."}

@@ -21,7 +21,7 @@ from moerge.routers import build_router
 from moerge.serving import ServerConfig, create_app
 from moerge.serving.protocol import OpenAIError, parse_completion
 
-from conftest import save_peft_lora, tiny_chat_llama, tiny_tokenizer
+from helpers import save_peft_lora, tiny_chat_llama, tiny_tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

@@ -21,7 +21,7 @@ from moerge.core.fingerprint import linear_modules
 from moerge.core.safe_io import TMP_PREFIX
 from moerge.routers import build_router
 
-from conftest import VOCAB, rand_expert, tiny_chat_llama, tiny_llama, tiny_tokenizer
+from helpers import VOCAB, rand_expert, tiny_chat_llama, tiny_llama, tiny_tokenizer
 
 WORKER = Path(__file__).with_name("crash_worker.py")
 # Runs the crash worker with os.replace wrapped: at the PAUSE-th replace (every write's commit point: a temp file or
@@ -57,7 +57,7 @@ def _shapes(base) -> dict:
 
 def _worker(root: Path, seed: int, shapes: dict, *extra: str, pause: int = 0) -> subprocess.Popen:
     """Start tests/crash_worker.py on library ``root``; with ``pause``, it stops at its ``pause``-th os.replace."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.Popen([sys.executable, "-c", PAUSING, str(pause), str(WORKER), str(root), str(seed),
                           json.dumps(shapes), *extra],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -15,7 +15,8 @@ from moerge.routers import build_router
 from moerge.routing import Candidates, RouterContext, select_weights
 from moerge.routing.embed import CallableEmbedder, default_sentence_embedder
 from moerge.routing.retrieval import ExpertRetriever, RetrievalConfig, expert_texts
-from tests.conftest import rand_expert, tiny_chat_llama, tiny_tokenizer
+
+from helpers import rand_expert, tiny_chat_llama, tiny_tokenizer
 
 EXPERTS = {
     "sort": ("Sort a list of numbers in ascending order.", ["Sort these numbers: 4, 1, 3", "Order 9, 2, 7 ascending"]),

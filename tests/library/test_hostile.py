@@ -17,7 +17,7 @@ from moerge.adapters.peft_loader import load_peft_lora
 from moerge.core.safe_io import check_safetensors_header, load_safetensors
 from moerge.errors import ExpertFormatError, MoErgeError, RoutingError
 
-from conftest import VOCAB, save_peft_lora, tiny_llama
+from helpers import VOCAB, save_peft_lora, tiny_llama
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_empty_and_overlong_prompts_are_refused(tmp_path, base):
 
 
 def _lib_with(tmp_path, base, name="alpha"):
-    from conftest import rand_expert
+    from helpers import rand_expert
 
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
     lib.add(rand_expert(base, name, seed=0))
@@ -254,7 +254,7 @@ def test_links_out_of_the_library_are_refused(tmp_path, base):
 
 
 def test_library_rank_cap_and_base_name(tmp_path, base):
-    from conftest import rand_expert
+    from helpers import rand_expert
 
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base, max_rank=4)
     assert ExpertLibrary.open(lib.root).max_rank == 4

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from moerge import ExpertLibrary
 from moerge.cli import app
 
-from conftest import save_peft_lora, tiny_chat_llama, tiny_tokenizer
+from helpers import save_peft_lora, tiny_chat_llama, tiny_tokenizer
 
 runner = CliRunner()
 

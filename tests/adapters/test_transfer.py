@@ -13,7 +13,7 @@ from moerge.adapters.delta import expert_from_diff
 from moerge.adapters.transfer import base_distance, transfer_expert
 from moerge.errors import BaseMismatchError
 
-from conftest import rand_expert, tiny_llama
+from helpers import rand_expert, tiny_llama
 
 NOISE = 0.01
 

@@ -16,7 +16,7 @@ from moerge.core.fingerprint import fingerprint
 from moerge.core.safe_io import TMP_PREFIX
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
 
-from conftest import save_peft_lora, tiny_llama
+from helpers import save_peft_lora, tiny_llama
 
 
 def _expert(name: str, seed: int = 0, dtype=torch.float32) -> Expert:

@@ -102,7 +102,7 @@ def test_the_fast_decode_step_equals_the_general_path(router, monkeypatch):
     from moerge.routers import build_router
     from moerge.runtime.gathered import GatheredModule
 
-    from conftest import VOCAB, rand_expert, tiny_llama
+    from helpers import VOCAB, rand_expert, tiny_llama
 
     base = tiny_llama()
     kind = router.split("-")[0]
@@ -144,7 +144,7 @@ def test_excluded_experts_are_never_used():
     from moerge.errors import RoutingError
     from moerge.routers import build_router
 
-    from conftest import VOCAB, rand_expert, tiny_llama
+    from helpers import VOCAB, rand_expert, tiny_llama
 
     base = tiny_llama()
     model = MoErgeModel(copy.deepcopy(base), build_router("arrow", top_k=2))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from moerge.routing.describe import DescriptionCache, TaskDescriber
-from tests.conftest import tiny_chat_llama, tiny_tokenizer
+
+from helpers import tiny_chat_llama, tiny_tokenizer
 
 
 def test_callable_describer_is_cached_by_prompt():

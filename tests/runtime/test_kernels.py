@@ -15,7 +15,7 @@ from moerge import MoErgeModel
 from moerge.routers import build_router
 from moerge.routing import LinearGate, select_weights
 
-from conftest import VOCAB, rand_expert, tiny_llama
+from helpers import VOCAB, rand_expert, tiny_llama
 
 triton = pytest.importorskip("triton")
 

@@ -10,7 +10,8 @@ import moerge.routers.xlora as xl
 from moerge import ExpertLibrary, MoErgeModel
 from moerge.routers import build_router
 from moerge.routing import Candidates, LayerInfo
-from tests.conftest import rand_expert, tiny_chat_llama, tiny_tokenizer
+
+from helpers import rand_expert, tiny_chat_llama, tiny_tokenizer
 
 EX = ["say abc", "say hello", "say xyz"]
 

@@ -12,7 +12,8 @@ import moerge.routers.phatgoose as pg
 from moerge import ExpertLibrary, MoErgeModel
 from moerge.routers import build_router
 from moerge.routing import Candidates, LayerInfo
-from tests.conftest import rand_expert, tiny_chat_llama, tiny_tokenizer
+
+from helpers import rand_expert, tiny_chat_llama, tiny_tokenizer
 
 EXAMPLES = ["reverse: a b c", "reverse: x y", "reverse: one two three"]
 

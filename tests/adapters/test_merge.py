@@ -19,7 +19,7 @@ from moerge.adapters.merge import (
 )
 from moerge.adapters.peft_loader import load_peft_lora
 
-from conftest import save_peft_lora
+from helpers import save_peft_lora
 
 ALPHAS = {"a": 8, "b": 16, "c": 4}
 WEIGHTS = {"a": 0.6, "b": -0.3, "c": 0.9}
@@ -200,7 +200,7 @@ def test_lines_scales_grow_with_depth():
 
 
 def test_merged_model_equals_routed_mix_and_lines_scales_layers(tmp_path, base, input_ids):
-    from conftest import rand_expert
+    from helpers import rand_expert
 
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
     for i, n in enumerate("xyz"):
@@ -246,7 +246,7 @@ def test_merge_experts_refuses_what_it_cannot_do(peft_setup, base):
 def test_low_rank_merge_saved_as_a_peft_adapter_runs_in_peft(tmp_path, base, input_ids):
     from moerge.adapters.peft_loader import load_peft_lora, save_peft_lora
 
-    from conftest import peft_logits, rand_expert
+    from helpers import peft_logits, rand_expert
 
     experts = [rand_expert(base, "x", seed=1, rank=4), rand_expert(base, "y", seed=2, rank=2, modules=("q_proj",))]
     merged = merge_experts(experts, {"x": 0.7, "y": 0.5}, "cat", name="xy")  # ranks 6 on q_proj, 4 elsewhere

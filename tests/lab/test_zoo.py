@@ -11,7 +11,7 @@ from moerge import ExpertLibrary, MoErgeModel
 from moerge.lab.zoo import DEFAULT_ZOO, ZooConfig, build_zoo, encode_example, train_expert
 from moerge.routing.training import fit
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from moerge.errors import BaseMismatchError, LibraryError, RoutingError
 from moerge.routing import Router
 from moerge.runtime.layer import ExpertLinear
 
-from conftest import VOCAB, peft_logits, save_peft_lora, tiny_gpt2, tiny_llama
+from helpers import VOCAB, peft_logits, save_peft_lora, tiny_gpt2, tiny_llama
 
 
 def _library(tmp_path, base, adapters: dict[str, dict]) -> ExpertLibrary:
@@ -548,7 +548,7 @@ def test_model_copies_saving_and_double_patching(tmp_path, base, lib2, input_ids
 
 
 def test_experts_stored_in_bfloat16_under_a_float32_base(tmp_path, base, input_ids):
-    from conftest import rand_expert
+    from helpers import rand_expert
 
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
     for i, n in enumerate("xy"):

@@ -15,7 +15,7 @@ from moerge.adapters import expert_from_diff, low_rank_factors
 from moerge.adapters.peft_loader import load_peft_lora, peft_pattern_key
 from moerge.errors import BaseMismatchError, ExpertFormatError
 
-from conftest import save_peft_lora, tiny_llama
+from helpers import save_peft_lora, tiny_llama
 
 
 def test_peft_settings_are_honoured(tmp_path, base):

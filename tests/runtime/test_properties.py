@@ -18,7 +18,7 @@ from moerge.core.fingerprint import linear_modules
 from moerge.routers import build_router
 from moerge.routing import select_weights
 
-from conftest import VOCAB, rand_expert, tiny_llama
+from helpers import VOCAB, rand_expert, tiny_llama
 
 BASE = tiny_llama()
 SHAPES = {m: s for m, s in linear_modules(BASE).items() if not m.endswith("lm_head")}

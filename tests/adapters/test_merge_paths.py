@@ -13,7 +13,7 @@ from moerge import DeltaWeights, Expert, ExpertLibrary, LoRAWeights, MoErgeModel
 from moerge.adapters.merge import base_num_layers, fold_into, list_merge_methods, merge_experts, merge_into
 from moerge.core.fingerprint import linear_modules
 
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 
 WEIGHTS = {"x": 0.7, "y": -0.4, "z": 0.5}
 LINES = (0.2, 0.8)

@@ -11,7 +11,7 @@ from moerge import ExpertLibrary, MoErgeModel
 from moerge.routers import build_router
 from moerge.routers.arrow import prototype
 
-from conftest import VOCAB, save_peft_lora, tiny_llama
+from helpers import VOCAB, save_peft_lora, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

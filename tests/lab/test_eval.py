@@ -10,7 +10,7 @@ from moerge import ExpertLibrary, MoErgeModel
 from moerge.lab.eval import EvalResult, evaluate, list_methods, retrieval_accuracy, to_markdown
 from moerge.lab.tasks import get_task
 
-from conftest import save_peft_lora
+from helpers import save_peft_lora
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def tok():
 
 @pytest.fixture
 def tiny_routed(tmp_path, tok):
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     base = tiny_llama(0, vocab_size=len(tok))
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
