@@ -27,7 +27,13 @@ from moerge.adapters.expert import (
     ModuleWeights,
     validate_name,
 )
-from moerge.core.fingerprint import compact_fingerprint, fingerprint, is_linear_like, unwrap_linear
+from moerge.core.fingerprint import (
+    base_parameters,
+    compact_fingerprint,
+    fingerprint,
+    is_linear_like,
+    unwrap_linear,
+)
 from moerge.errors import BaseMismatchError, ExpertFormatError
 
 __all__ = ["truncate_factors", "expert_from_diff", "low_rank_factors"]
@@ -129,7 +135,7 @@ def expert_from_diff(
             else:
                 modules[mname] = DeltaWeights(dw.to(out_dtype), None if db is None else db.to(out_dtype))
 
-        base_params = {n.replace(".base_layer", ""): p for n, p in base.named_parameters()}
+        base_params = base_parameters(base)  # a patched base's parameters under the plain base's names
         other: list[str] = []
         for pname, fp in finetuned.named_parameters():
             if pname in covered:

@@ -21,6 +21,7 @@ from torch import nn
 
 from moerge.adapters.expert import Expert
 from moerge.core.fingerprint import (
+    base_parameters,
     check_expert_shapes,
     compact_fingerprint,
     compare_fingerprints,
@@ -75,7 +76,7 @@ def base_distance(source: nn.Module, target: nn.Module) -> BaseDistance:
 
 def _distance(source: nn.Module, target: nn.Module) -> BaseDistance:
     """:func:`base_distance` for bases whose architectures were already checked."""
-    sp, tp = dict(source.named_parameters()), dict(target.named_parameters())
+    sp, tp = base_parameters(source), base_parameters(target)  # a patched base reads as the plain one
     if set(sp) != set(tp):
         missing = sorted(set(sp) ^ set(tp))[:3]
         raise BaseMismatchError(f"the bases' parameters differ by name: {missing}")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["linear_modules", "fingerprint", "compact_fingerprint", "compare_fingerprints", "is_linear_like",
-           "check_expert_shapes", "unwrap_linear"]
+           "check_expert_shapes", "unwrap_linear", "base_parameters"]
 
 _SAMPLE = 16  # values taken from each sampled tensor
 
@@ -58,6 +58,32 @@ def linear_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
     return out
 
 
+def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s parameters named as in the plain base, in ``named_parameters()`` order: a patched module's
+    original (its ``base_layer``, see :func:`unwrap_linear`) stands at the patched module's name, and the wrapper's
+    own parameters, if any, are left out. A parameter shared by several modules appears once, under its first name.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen_params: set[int] = set()
+    seen_modules: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        while getattr(type(module), "wraps_linear", False):
+            module = module.base_layer  # the original, under the wrapper's name
+        if id(module) in seen_modules:
+            return
+        seen_modules.add(id(module))
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) not in seen_params:
+                seen_params.add(id(p))
+                out[prefix + pname] = p
+        for cname, child in module.named_children():
+            walk(child, f"{prefix}{cname}.")
+
+    walk(model, "")
+    return out
+
+
 def _config_value(config: Any, *names: str) -> Any:
     for n in names:
         v = getattr(config, n, None)
@@ -71,13 +97,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     shapes = linear_modules(model)
     shapes_digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()[:16]
-    named = [(n, p) for n, p in model.named_parameters() if p.numel() >= _SAMPLE and ".base_layer" not in n]
-    named += [
-        (n.replace(".base_layer", ""), p)
-        for n, p in model.named_parameters()
-        if ".base_layer." in n and p.numel() >= _SAMPLE
-    ]
-    named.sort(key=lambda t: t[0])
+    named = sorted(((n, p) for n, p in base_parameters(model).items() if p.numel() >= _SAMPLE), key=lambda t: t[0])
     picks = [named[0], named[len(named) // 2], named[-1]] if named else []
     sample: dict[str, list[float]] = {}
     for n, p in picks:

@@ -11,6 +11,7 @@ import torch
 from moerge import ExpertLibrary, MoErgeModel
 from moerge.adapters.delta import expert_from_diff
 from moerge.adapters.transfer import base_distance, transfer_expert
+from moerge.core.fingerprint import base_parameters
 from moerge.errors import BaseMismatchError
 
 from helpers import rand_expert, tiny_llama
@@ -38,6 +39,13 @@ def _finetune(source, seed=3):
     return ft
 
 
+def _versions():
+    """A source base, a fine-tune of it, an updated version of it and the fine-tune's diff expert ``ft``."""
+    source = tiny_llama(0)
+    finetuned = _finetune(source)
+    return source, finetuned, _perturbed(source), expert_from_diff(finetuned, source, "ft")
+
+
 def test_distance_between_two_versions():
     source = tiny_llama(0)
     target = _perturbed(source)
@@ -53,10 +61,7 @@ def test_distance_between_two_versions():
 
 
 def test_transferred_diff_lands_on_the_target_and_carries_the_finetune(tmp_path):
-    source = tiny_llama(0)
-    finetuned = _finetune(source)
-    target = _perturbed(source)
-    expert = expert_from_diff(finetuned, source, "ft")
+    source, finetuned, target, expert = _versions()
     moved, dist = transfer_expert(expert, source, target)
     assert moved.metadata.base_model == "tiny-llama-0-v2"
     assert moved.metadata.source["transfer"]["distance"]["relative"] == pytest.approx(dist.relative)
@@ -99,3 +104,34 @@ def test_lora_expert_transfers_unchanged_weights():
     assert moved.name == "lora-v2" and math.isfinite(dist.relative)
     for m, w in e.modules.items():
         assert torch.equal(moved.modules[m].A, w.A) and torch.equal(moved.modules[m].B, w.B)
+
+
+def test_transfer_reads_a_base_patched_by_a_live_model_as_the_plain_base(tmp_path):
+    source, _, target, expert = _versions()
+    plain_moved, plain_dist = transfer_expert(expert, source, target)
+    plain_names = [n for n, _ in source.named_parameters()]
+    # a live model patches the source in place: every linear module the diff changes becomes a wrapper
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=source)
+    lib.add(expert)
+    lib.add(rand_expert(source, "lora", seed=2))
+    live = MoErgeModel.from_library(source, lib, router="explicit")
+    assert "model.layers.0.mlp.down_proj.base_layer.weight" in dict(source.named_parameters())
+    assert list(base_parameters(source)) == plain_names
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        routed_before = live(input_ids=ids, experts={"ft": 0.5, "lora": 0.5}).logits
+        base_logits = source(input_ids=ids).logits
+
+    moved, dist = transfer_expert(expert, source, target)
+    assert moved.name == plain_moved.name and moved.metadata == plain_moved.metadata
+    assert dist == plain_dist  # relative, cosine, per-module distances, counts
+    assert moved.modules.keys() == plain_moved.modules.keys()
+    for m, w in plain_moved.modules.items():
+        assert torch.equal(moved.modules[m].delta, w.delta), m
+    assert base_distance(source, target) == plain_dist
+    # the live model is untouched: it still routes, to the same output as before the transfer
+    with torch.no_grad():
+        routed_after = live(input_ids=ids, experts={"ft": 0.5, "lora": 0.5}).logits
+    assert torch.equal(routed_after, routed_before)
+    assert not torch.allclose(routed_after, base_logits)
+    assert live.last_routing is not None and live.patched_modules
