@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -133,42 +138,41 @@ def test_eval_command_runs_the_harness(tmp_path):
 
 @pytest.mark.parametrize("module", ["fastapi", "uvicorn"])
 def test_serve_without_the_server_extra_says_what_to_install(lib, monkeypatch, module):
-    import sys
-
     base_dir, lib_dir = lib
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it fails, find_spec is None
     code, out = _run("serve", "-l", lib_dir, "--base", base_dir)
     assert code == 1 and module in out and 'pip install "moerge[server]"' in " ".join(out.split())
 
 
-def test_serve_command_answers_over_http(lib, tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
+HANG_GUARD = 300  # seconds: only a server that never starts or never answers takes this long
 
+
+def _listening_port(proc: subprocess.Popen) -> int:
+    """The port ``moerge serve --port 0`` listens on, from uvicorn's startup line (logged once it accepts)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if m := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
+            return int(m.group(1))
+    raise AssertionError("moerge serve ended before listening:\n" + "".join(seen))
+
+
+def test_serve_command_answers_over_http(lib):
     import httpx
 
     base_dir, lib_dir = lib
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moerge.cli", "serve", "-l", str(lib_dir), "--base", str(base_dir),
-                             "--router", "arrow", "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        for _ in range(600):
-            try:
-                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()
-                break
-            except httpx.HTTPError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.1)
-        assert [m["id"] for m in models["data"]] == ["moerge", "moerge/sort", "moerge/french"]
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "abc", "max_tokens": 3,
-                                                                         "temperature": 0}, timeout=60).json()
-        assert r["object"] == "text_completion" and isinstance(r["choices"][0]["text"], str)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with subprocess.Popen([sys.executable, "-m", "moerge.cli", "serve", "-l", str(lib_dir), "--base", str(base_dir),
+                           "--router", "arrow", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}) as proc:
+        guard = threading.Timer(HANG_GUARD, proc.kill)  # a hung server ends, and so does the read of its output
+        guard.start()
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{_listening_port(proc)}", timeout=HANG_GUARD) as http:
+                models = http.get("/v1/models").json()
+                assert [m["id"] for m in models["data"]] == ["moerge", "moerge/sort", "moerge/french"]
+                r = http.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3, "temperature": 0}).json()
+                assert r["object"] == "text_completion" and isinstance(r["choices"][0]["text"], str)
+        finally:
+            proc.terminate()
+            proc.wait()
+            guard.cancel()

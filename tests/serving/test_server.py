@@ -9,8 +9,9 @@ import re
 import socket
 import sys
 import threading
-import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -27,6 +28,39 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 
+HANG_GUARD = 300  # seconds: only a request that never gets an answer takes this long
+
+
+@contextmanager
+def live(app) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 in a thread; yields its URL. The socket is bound and listening before uvicorn
+    starts, so requests queue until it accepts them: no wait for startup, and no other process can take the port.
+    If the server fails, the socket is closed and every queued or later request fails at once."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+
+    def run() -> None:
+        try:
+            srv.run(sockets=[sock])
+        finally:
+            sock.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=HANG_GUARD)
+
+
+def client_for(url: str):
+    """The official openai client on the server at ``url``."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
@@ -37,21 +71,9 @@ def server(tmp_path_factory):
                      description=d)
     tok = tiny_tokenizer()
     model = MoErgeModel.from_library(copy.deepcopy(base), lib, router=build_router("arrow", top_k=1), tokenizer=tok)
-    app = create_app(model, tok, ServerConfig(max_batch=8, batch_window=0.3))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    yield url, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), model, tok, base, tmp, app
-    srv.should_exit = True
-    thread.join(timeout=10)
+    app = create_app(model, tok, ServerConfig(batch_window=0.0))  # its tests send one request at a time
+    with live(app) as url, httpx.Client(base_url=url, timeout=HANG_GUARD) as http, client_for(url) as client:
+        yield http, client, model, tok, base, tmp
 
 
 def _reference(model, tok, messages, max_tokens, experts=None):
@@ -124,27 +146,30 @@ def test_streaming_gives_the_same_text_as_one_response(server):
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
-    _, client, model, tok, *_ = server
+    _, _, model, tok, *_ = server
     prompts = [f"item {i}: sort b a" for i in range(4)]
+    # the worker closes a batch as soon as it holds max_batch jobs; the window only bounds a wait that never ends
+    app = create_app(model, tok, ServerConfig(max_batch=4, batch_window=HANG_GUARD))
+    with live(app) as url, client_for(url) as client:
 
-    def ask(p):
-        return client.chat.completions.create(model="moerge", messages=[{"role": "user", "content": p}],
-                                              max_tokens=4, temperature=0)
+        def ask(p):
+            return client.chat.completions.create(model="moerge", messages=[{"role": "user", "content": p}],
+                                                  max_tokens=4, temperature=0)
 
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(ask, prompts))
-    assert max(r.model_extra["moerge"]["batch_size"] for r in results) > 1  # ran together
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(ask, prompts))
+    assert [r.model_extra["moerge"]["batch_size"] for r in results] == [4] * 4  # all four ran in one batch
     for p, r in zip(prompts, results):  # and each row is its prompt's answer, routed on its own
         assert r.choices[0].message.content == _reference(model, tok, [{"role": "user", "content": p}], 4)
 
 
 def test_an_expert_uploaded_over_http_is_checked_then_served(server):
-    url, client, model, tok, base, tmp, _ = server
+    http, client, model, tok, base, tmp = server
     folder = save_peft_lora(base, tmp / "upload", seed=7, r=2, target_modules=["q_proj"])
     files = {"adapter_config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
              "adapter_model": ("adapter_model.safetensors", (folder / "adapter_model.safetensors").read_bytes())}
-    r = httpx.post(f"{url}/v1/experts", files=files, data={"name": "json", "description": "Write JSON.",
-                                                           "examples": json.dumps(["make json"])})
+    r = http.post("/v1/experts", files=files, data={"name": "json", "description": "Write JSON.",
+                                                    "examples": json.dumps(["make json"])})
     assert r.status_code == 200 and r.json()["id"] == "moerge/json"
     assert "moerge/json" in [m.id for m in client.models.list().data]
     assert "json" in ExpertLibrary.open(model.library.root).names()  # persisted, with the library's checks
@@ -152,23 +177,22 @@ def test_an_expert_uploaded_over_http_is_checked_then_served(server):
                                          max_tokens=2, temperature=0, extra_body={"moerge": {"trace": True}})
     assert out.model_extra["moerge"]["routing"][0]["experts"] == {"json": 1.0}
     broken = dict(files, adapter_model=("adapter_model.safetensors", files["adapter_model"][1][:-10]))
-    r = httpx.post(f"{url}/v1/experts", files=broken, data={"name": "broken"})
+    r = http.post("/v1/experts", files=broken, data={"name": "broken"})
     assert r.status_code == 400 and "malformed safetensors" in r.json()["error"]["message"]
     assert "broken" in r.json()["error"]["message"] and "moerge/broken" not in [m.id for m in client.models.list().data]
-    assert httpx.delete(f"{url}/v1/experts/json").json()["deleted"] is True
+    assert http.delete("/v1/experts/json").json()["deleted"] is True
     assert "moerge/json" not in [m.id for m in client.models.list().data]
-    assert httpx.delete(f"{url}/v1/experts/json").status_code == 404
+    assert http.delete("/v1/experts/json").status_code == 404
 
 
 def test_bad_requests_are_refused_and_the_server_keeps_serving(server):
-    url, client, *_ = server
+    http, client, *_ = server
     messages = [{"role": "user", "content": "hi"}]
     for body, match in [({"seed": [1]}, "seed"), ({"stop": [1]}, "stop"), ({"n": 2}, "n > 1"),
                         ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10_000}, "context"),
                         ({"moerge": {"exclude": ["nope"]}}, "unknown experts"),
                         ({"moerge": {"experts": {"sort": "x"}}}, "not a number")]:
-        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "moerge", "messages": messages, **body},
-                       timeout=60)
+        r = http.post("/v1/chat/completions", json={"model": "moerge", "messages": messages, **body})
         assert r.status_code == 400 and match in r.json()["error"]["message"], (body, r.text)
     ok = client.chat.completions.create(model="moerge", messages=messages, max_tokens=2, temperature=0)
     assert ok.choices[0].finish_reason in ("stop", "length")
