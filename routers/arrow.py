@@ -57,8 +57,11 @@ class ArrowRouter(VectorGateRouter):
     config_class = ArrowConfig
     finish = "abs"
 
-    def on_add_expert(self, expert: Expert) -> None:
-        self.vectors.set(expert.name, {m: prototype(w) for m, w in expert.modules.items()})  # module -> (in,)
+    def prepare_expert(self, expert: Expert) -> dict[str, torch.Tensor]:
+        return {m: prototype(w) for m, w in expert.modules.items()}  # module -> (in,)
+
+    def on_add_expert(self, expert: Expert, prepared: dict[str, torch.Tensor] | None = None) -> None:
+        self.vectors.set(expert.name, self.prepare_expert(expert) if prepared is None else prepared)
 
     def gate_scale(self, layer: LayerInfo) -> float:
         return 1.0 / self.config.temperature

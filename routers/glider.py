@@ -109,9 +109,12 @@ class GliderRouter(Router):
             self.local.attach(context)
 
     # --- experts ------------------------------------------------------------------------------------------------
-    def on_add_expert(self, expert: Expert) -> None:
+    def prepare_expert(self, expert: Expert) -> Any:
+        return None if self.local is None else self.local.prepare_expert(expert)
+
+    def on_add_expert(self, expert: Expert, prepared: Any = None) -> None:
         if self.local is not None:
-            self.local.on_add_expert(expert)
+            self.local.on_add_expert(expert, prepared)
         self.retriever.add(expert)
 
     def on_remove_expert(self, name: str) -> None:

@@ -77,7 +77,7 @@ def train_phatgoose_gates(
 
     with GatedExperts(base, [expert], gate):
         losses = fit(base, gates.values(), make_batches(tokenizer, pairs, batch_size, steps, seed), steps=steps,
-                     lr=lr, seed=seed, progress=progress, desc=f"phatgoose gates {expert.name}")
+                     lr=lr, progress=progress, desc=f"phatgoose gates {expert.name}")
     return {m: g.detach().cpu() for m, g in gates.items()}, losses
 
 

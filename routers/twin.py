@@ -12,6 +12,7 @@ instead; retrieval needs no training and adapts to experts added later.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ class TwinRouter(GliderRouter):
     config_class = TwinConfig
     has_local_gate = False
 
-    def on_add_expert(self, expert: Expert) -> None:
+    def on_add_expert(self, expert: Expert, prepared: Any = None) -> None:
         if expert.name != self.config.shared:  # the shared expert is not retrieved: it is always on
             self.retriever.add(expert)
 

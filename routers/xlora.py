@@ -103,7 +103,7 @@ def train_xlora_head(
 
     with GatedExperts(base, experts, gate):
         losses = fit(base, params, make_batches(tokenizer, list(pairs), batch_size, steps, seed), steps=steps, lr=lr,
-                     seed=seed, progress=progress, desc=f"x-lora head ({len(trainable)} of {len(names)} experts)")
+                     progress=progress, desc=f"x-lora head ({len(trainable)} of {len(names)} experts)")
     return {n: {m: (w.detach().cpu(), b.detach().cpu()) for m, (w, b) in r.items()} for n, r in rows.items()}, losses
 
 
@@ -139,7 +139,6 @@ class XLoRARouter(TrainedGateRouter):
         super().__init__(config)
         self._experts: dict[str, Expert] = {}
         self._answers: dict[str, list[tuple[str, str]]] = {}
-        self._copy: torch.nn.Module | None = None  # the private base of the expert being added
 
     def set_rows(self, name: str, rows: Rows, digest: str | None = None, saved: bool = False) -> None:
         """Use ``rows`` (module → (w (in,), b ())) as expert ``name``'s part of the head."""
@@ -166,38 +165,32 @@ class XLoRARouter(TrainedGateRouter):
     def _from_tensors(self, tensors: dict[str, torch.Tensor]) -> Rows:
         return rows_from_tensors(tensors)
 
-    def _training_base(self) -> torch.nn.Module:
-        """One private copy of the base per expert added (its examples are answered and its rows trained on it)."""
-        if self._copy is None:
-            self._copy = self.context.training_base()
-        return self._copy
-
-    def _examples(self, expert: Expert) -> list[tuple[str, str]]:
+    def _examples(self, expert: Expert, base: torch.nn.Module) -> list[tuple[str, str]]:
+        """``expert``'s example prompts with the answers it gives on ``base`` (kept: they do not change)."""
         if expert.name not in self._answers:
-            self._answers[expert.name] = answers_from_expert(self._training_base(), self.context.tokenizer, expert,
+            self._answers[expert.name] = answers_from_expert(base, self.context.tokenizer, expert,
                                                              list(expert.metadata.examples))
         return self._answers[expert.name]
 
     def _train(self, expert: Expert) -> tuple[Rows, list[float]]:
         """Only the new expert's rows are trained, on its examples mixed with up to ``peers`` other experts'
         (whose rows stay as they are)."""
-        peers = [self._experts[n] for n in self._experts if n != expert.name and self._experts[n].metadata.examples]
+        known = dict(self._experts)  # a snapshot: other threads may add experts meanwhile
+        peers = [e for n, e in known.items() if n != expert.name and e.metadata.examples]
         peers = random.Random(expert.name).sample(peers, min(self.config.peers, len(peers)))
-        pairs = list(self._examples(expert))
+        base = self.context.training_base()  # a private base: answers and training never touch the serving one
+        pairs = list(self._examples(expert, base))
         for p in peers:
-            pairs += self._examples(p)
+            pairs += self._examples(p, base)
         rows, losses = train_xlora_head(
-            self._training_base(), self.context.tokenizer, [expert, *peers], pairs, init=dict(self._data),
+            base, self.context.tokenizer, [expert, *peers], pairs, init=dict(self._data),
             trainable={expert.name}, steps=self.config.train_steps, lr=self.config.train_lr,
             batch_size=self.config.train_batch_size, progress=True)
         return rows[expert.name], losses
 
-    def on_add_expert(self, expert: Expert) -> None:
-        try:
-            super().on_add_expert(expert)
-            self._experts[expert.name] = expert
-        finally:
-            self._copy = None  # the private base is dropped once the expert's rows are made
+    def on_add_expert(self, expert: Expert, prepared: Any = None) -> None:
+        super().on_add_expert(expert, prepared)
+        self._experts[expert.name] = expert
 
     def on_remove_expert(self, name: str) -> None:
         super().on_remove_expert(name)

@@ -67,8 +67,16 @@ class Router:
         """Bind to the model described by ``context``; called by the model before any routing."""
         self.context = context
 
-    def on_add_expert(self, expert: Expert) -> None:
-        """Compute and store the routing data ``expert`` needs. Called again for a name it already has (an expert
+    def prepare_expert(self, expert: Expert) -> Any:
+        """Compute the routing data ``expert`` needs, without changing this router, and return it for
+        :meth:`on_add_expert`. This is where slow work goes (routing data trained on ``context.training_base()``, a
+        private base): the model calls it outside its lock while calls go on, so it must not read state that
+        another thread changes, nor change any. ``None`` (the default) when there is nothing to prepare."""
+        return None
+
+    def on_add_expert(self, expert: Expert, prepared: Any = None) -> None:
+        """Take ``expert`` in, with what :meth:`prepare_expert` returned for it (``None``: prepare it now). The
+        model calls it under its lock, so it should be quick. Called again for a name it already has (an expert
         being replaced), it replaces that name's data. Must not change other experts' routing data; on error it
         must leave its state as it was."""
 

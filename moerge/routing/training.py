@@ -14,6 +14,7 @@ before it is installed in the model, and the model's own routing is never touche
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
@@ -68,7 +69,7 @@ def _warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
 
 
 def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict[str, torch.Tensor]], *,
-        steps: int, lr: float, warmup: int | None = None, clip_norm: float | None = None, seed: int = 0,
+        steps: int, lr: float, warmup: int | None = None, clip_norm: float | None = None, seed: int | None = None,
         progress: bool = True, desc: str = "train") -> list[float]:
     """Train ``params`` for ``steps`` steps on the LM loss of ``model`` over ``batches``; returns the losses.
 
@@ -77,8 +78,10 @@ def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict
     gates in hooks; they must require gradients); its mode and gradient flags are restored afterwards. Each batch
     (``input_ids``, ``labels``, ``attention_mask``: :func:`make_batches`) is moved to the model's device. The
     optimizer is Adam at ``lr``: constant, or with ``warmup`` given, a linear warm-up over that many steps and a
-    cosine decay to 0 at ``steps``; ``clip_norm`` clips the gradients' global norm. Torch's random generators are
-    seeded with ``seed`` for the loop and the caller's random state is given back. ``progress`` shows a bar
+    cosine decay to 0 at ``steps``; ``clip_norm`` clips the gradients' global norm. With ``seed``, torch's random
+    generators are seeded for the loop and the caller's random state is given back; without it (routing data, whose
+    training draws nothing at random) the process-wide generators are not touched at all, so seeded sampling in
+    other threads is never disturbed. ``progress`` shows a bar
     (``desc``) with the last loss.
     """
     params = list(params)
@@ -90,7 +93,8 @@ def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict
     losses: list[float] = []
     bar = tqdm(itertools.islice(batches, steps), total=steps, desc=desc, disable=not progress, leave=False)
     try:
-        with seeded(seed, device), frozen(model, keep=params), torch.enable_grad():
+        with (seeded(seed, device) if seed is not None else contextlib.nullcontext()), frozen(model, keep=params), \
+                torch.enable_grad():
             for batch in bar:
                 loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
                 opt.zero_grad()

@@ -74,6 +74,17 @@ class TrainedGateConfig(SelectionConfig, GateTrainingConfig):
         self._check_training()
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """An expert's routing data made by :meth:`TrainedGateRouter.prepare_expert` (``data`` ``None``: the router
+    holds it already)."""
+
+    digest: str
+    data: Any
+    saved: bool  # the library holds it (nothing for persist to store)
+    losses: list[float] | None = None
+
+
 class TrainedGateRouter(VectorGateRouter):
     """A :class:`VectorGateRouter` whose vectors come from routing data trained per expert, kept in the library
     under :attr:`routing_kind` and tagged with the digest of the expert's weights.
@@ -134,23 +145,29 @@ class TrainedGateRouter(VectorGateRouter):
         return bool(self.config.train_missing and expert.metadata.examples and ctx.tokenizer is not None
                     and ctx.training_base is not None)
 
-    def on_add_expert(self, expert: Expert) -> None:
-        """Reuse the library's data for the expert's weights, else train it, else zeros (with a warning)."""
+    def prepare_expert(self, expert: Expert) -> _Prepared:
+        """The library's data for the expert's weights, else data trained now, else zeros (with a warning)."""
         digest = expert.digest()
         if self._digest.get(expert.name) == digest and expert.name in self._data:
-            return  # same weights, data already known (e.g. set before adding)
+            return _Prepared(digest, None, saved=True)  # same weights, data already known (e.g. set before adding)
         store = self.context.store
         stored = None if store is None else store.routing_for(expert.name, self.routing_kind, digest)
         if stored is not None:
-            self._set_data(expert.name, self._from_tensors(stored), digest, saved=True)
-        elif self._can_train(expert):
+            return _Prepared(digest, self._from_tensors(stored), saved=True)
+        if self._can_train(expert):
             data, losses = self._train(expert)
-            self._set_data(expert.name, data, digest)
-            self.losses[expert.name] = losses
-        else:
-            warnings.warn(f"expert {expert.name!r} has no {self.data_label} (none stored, and no example prompts or "
-                          "tokenizer to train them): its local logit is 0 everywhere", stacklevel=3)
-            self._set_data(expert.name, self._zeros(expert), digest, saved=True)
+            return _Prepared(digest, data, saved=False, losses=losses)
+        warnings.warn(f"expert {expert.name!r} has no {self.data_label} (none stored, and no example prompts or "
+                      "tokenizer to train them): its local logit is 0 everywhere", stacklevel=4)
+        return _Prepared(digest, self._zeros(expert), saved=True)
+
+    def on_add_expert(self, expert: Expert, prepared: _Prepared | None = None) -> None:
+        p = self.prepare_expert(expert) if prepared is None else prepared
+        if p.data is None:
+            return
+        self._set_data(expert.name, p.data, p.digest, saved=p.saved)
+        if p.losses is not None:
+            self.losses[expert.name] = p.losses
 
     def on_remove_expert(self, name: str) -> None:
         super().on_remove_expert(name)

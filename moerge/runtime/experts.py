@@ -164,9 +164,12 @@ class ExpertSet:
             mods = {m: self.layers[m].bank.weights_of(name) for m in self.modules_of[name]}
             return Expert(name, mods, self.metadata[name])
 
-    def router_add(self, router: Router, experts: Sequence[Expert]) -> Callable[[], None]:
-        """Give ``experts`` to ``router`` (replacing the routing data of names it has); returns an undo."""
+    def router_add(self, router: Router, experts: Sequence[Expert],
+                   prepared: dict[str, Any] | None = None) -> Callable[[], None]:
+        """Give ``experts`` to ``router`` (replacing the routing data of names it has), with what its
+        ``prepare_expert`` made for them when given; returns an undo."""
         previous = {e.name: self.get(e.name) for e in experts if e.name in self.metadata}
+        prepared = prepared or {}
         done: list[str] = []
 
         def undo() -> None:
@@ -178,7 +181,10 @@ class ExpertSet:
 
         try:
             for e in experts:
-                router.on_add_expert(e)
+                if e.name in prepared:
+                    router.on_add_expert(e, prepared[e.name])
+                else:  # also routers written for 0.1, whose on_add_expert takes the expert alone
+                    router.on_add_expert(e)
                 done.append(e.name)
         except BaseException:
             undo()
@@ -199,28 +205,49 @@ class ExpertSet:
             self._commit(banks, experts, set())
 
     def add(self, expert: Expert, router: Router, *, library: Any = None, overwrite: bool = False) -> Expert:
-        """Add (or, with ``overwrite``, replace) ``expert``: banks, routing data, then the library (when given), then
-        the swap. Returns the expert as stored."""
+        """Add (or, with ``overwrite``, replace) ``expert``; returns it as stored, once calls can use it.
+
+        In three steps, so that calls under way or starting meanwhile are neither changed nor held up: (1) the
+        router prepares the expert's routing data (it may train it on a private base) without the lock; (2) the
+        library, when given, stores the expert (atomic on disk, also without the lock: a name already taken there
+        is refused before anything is visible); (3) under the lock, the new banks and the router's data are swapped
+        in at once. Until (3) calls see the set as it was. A failure at any step leaves the set, the router and
+        the library as they were."""
         with self.lock:
             self.require_active()
-            replacing = overwrite and expert.name in self.metadata
-            try:
-                self.check_fits(expert, replacing=replacing)
-            except MoErgeError as e:  # name the file the weights came from, when known
-                src = expert.metadata.source or {}
-                raise e.at(str(Path(src["path"]) / "adapter_model.safetensors") if src.get("type") == "peft"
-                           and src.get("path") else None) from None
-            drop = {expert.name} if replacing else set()
-            banks = self._new_banks([expert], drop)
-            undo_router = self.router_add(router, [expert])
-            if library is not None:
-                try:
-                    expert = library.add(expert, overwrite=overwrite)  # atomic: all or nothing on disk
-                except BaseException:
-                    undo_router()
-                    raise
-            self._commit(banks, [expert], drop)
-        return expert
+            self._check_addable(expert, overwrite)
+        prepared = router.prepare_expert(expert)
+        previous = None
+        if library is not None:
+            previous = library.get(expert.name) if overwrite and expert.name in library else None
+            stored = library.add(expert, overwrite=overwrite)  # atomic: all or nothing on disk
+        else:
+            stored = expert
+        try:
+            with self.lock:
+                self.require_active()
+                self._check_addable(expert, overwrite)  # again: the set may have changed meanwhile
+                drop = {expert.name} if expert.name in self.metadata else set()
+                banks = self._new_banks([stored], drop)
+                self.router_add(router, [stored], None if prepared is None else {stored.name: prepared})
+                self._commit(banks, [stored], drop)
+        except BaseException:
+            if library is not None:  # the library back as it was
+                if previous is not None:
+                    library.add(previous, overwrite=True)
+                elif expert.name in library:
+                    library.remove(expert.name)
+            raise
+        return stored
+
+    def _check_addable(self, expert: Expert, overwrite: bool) -> None:
+        """:meth:`check_fits`, naming the file the weights came from when it is known."""
+        try:
+            self.check_fits(expert, replacing=overwrite and expert.name in self.metadata)
+        except MoErgeError as e:
+            src = expert.metadata.source or {}
+            raise e.at(str(Path(src["path"]) / "adapter_model.safetensors") if src.get("type") == "peft"
+                       and src.get("path") else None) from None
 
     def remove(self, name: str, router: Router, *, library: Any = None) -> None:
         """Remove expert ``name`` from the banks, the library (when given and it has it) and ``router``."""
@@ -248,6 +275,18 @@ class ExpertSet:
         self.require_active()
         with self.lock:
             memo: dict[int, Any] = {}
+            for layer in self.layers.values():
+                memo[id(layer)] = copy.deepcopy(layer.base_layer, memo)
+            return copy.deepcopy(self.base, memo)
+
+    def private_base(self) -> nn.Module:
+        """A plain copy of the base whose parameters are detached aliases of the base's: no weight is copied and
+        none requires grad, so hooks, modes and training of other tensors on it never touch the base that serves
+        calls. Its weights are the base's memory: read them, never change them."""
+        self.require_active()
+        with self.lock:
+            memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=False)
+                                    for p in self.base.parameters()}
             for layer in self.layers.values():
                 memo[id(layer)] = copy.deepcopy(layer.base_layer, memo)
             return copy.deepcopy(self.base, memo)

@@ -169,11 +169,12 @@ class MoErgeModel(nn.Module):
 
     def router_context(self) -> RouterContext:
         """What this model's router may know of it: module shapes, hidden size, tokenizer, the library's routing
-        data, the base to generate with, and private copies of the base to train routing data on."""
+        data, the base to generate with, and private copies of the base (sharing its weights) to train routing data
+        on."""
         hidden = getattr(getattr(self.base, "config", None), "hidden_size", None)
         return RouterContext(modules=linear_modules(self.base), hidden_size=hidden if isinstance(hidden, int) else None,
                              tokenizer=self.tokenizer, store=self.library, language_model=self.base,
-                             training_base=self.copy_base)
+                             training_base=self.expert_set.private_base)
 
     def __getattr__(self, name: str) -> Any:
         try:
