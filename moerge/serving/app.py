@@ -10,8 +10,14 @@ Endpoints:
   (``"exclude": ["code"]``) and ask for the routing trace (``"trace": true``); the response then carries a
   ``moerge`` field with each choice's routing and the size of the batch it ran in.
 * ``POST /v1/experts`` — add an expert post hoc: a multipart upload of a PEFT adapter (``adapter_config`` and
-  ``adapter_model`` files, ``name``, optional ``description`` and ``examples``), with every check of the library;
-  ``DELETE /v1/experts/{name}`` removes one.
+  ``adapter_model`` files, ``name``, optional ``description``, ``examples`` and ``overwrite``). Its fields are
+  checked at once (400 naming the field; 409 for a name already there or being uploaded; 429 when the queue of
+  uploads is full); it is then answered with ``202`` and the upload's status, and added in the background with every
+  check of the library (:mod:`moerge.serving.uploads`) while requests go on being served. ``GET
+  /v1/experts/pending/{id}`` tells how it stands (``pending``, ``running``, ``done`` with the expert, ``failed``
+  with the error) and ``GET /v1/experts/pending`` lists the recent uploads. With ``?wait=true`` the upload is
+  answered once it is added (200 with the expert) or refused (400). ``DELETE /v1/experts/{name}`` removes an
+  expert (404 when the model does not have it).
 * ``GET /v1/moerge/stats`` — the sizes of the batches run and the experts served.
 
 Requests are checked in :mod:`moerge.serving.protocol` and run by :mod:`moerge.serving.engine`, which batches
@@ -23,17 +29,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Annotated, Any
 
 import uvicorn
 from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from moerge.errors import MoErgeError
+from moerge.errors import LibraryError, MoErgeError
 from moerge.serving.engine import Engine, Job, ServerConfig
 from moerge.serving.protocol import (
     MODEL_ID,
@@ -43,11 +48,13 @@ from moerge.serving.protocol import (
     completion_body,
     done_event,
     error_event,
+    field_error,
     model_ids,
     moerge_field,
     parse_completion,
     stream_event,
 )
+from moerge.serving.uploads import Uploads
 
 __all__ = ["create_app", "serve", "ServerConfig"]
 
@@ -55,8 +62,8 @@ __all__ = ["create_app", "serve", "ServerConfig"]
 class _Endpoints:
     """The handlers of the API's routes over one model, its tokenizer and the engine that runs its jobs."""
 
-    def __init__(self, model: Any, tokenizer: Any, engine: Engine, config: ServerConfig) -> None:
-        self.model, self.tok, self.engine, self.config = model, tokenizer, engine, config
+    def __init__(self, model: Any, tokenizer: Any, engine: Engine, uploads: Uploads, config: ServerConfig) -> None:
+        self.model, self.tok, self.engine, self.uploads, self.config = model, tokenizer, engine, uploads, config
 
     async def list_models(self) -> dict[str, Any]:
         now = int(time.time())
@@ -99,56 +106,87 @@ class _Endpoints:
 
     async def add_expert(self, name: Annotated[str, Form()], adapter_config: Annotated[UploadFile, File()],
                          adapter_model: Annotated[UploadFile, File()], description: Annotated[str, Form()] = "",
-                         examples: Annotated[str, Form()] = "[]") -> dict[str, Any]:
+                         examples: Annotated[str, Form()] = "[]", overwrite: Annotated[bool, Form()] = False,
+                         wait: bool = False) -> JSONResponse:
+        """Queue an upload (202 with its status) or, with ``?wait=true``, answer once it is added (200 with the
+        expert) or refused (400)."""
         try:
             example_list = json.loads(examples)
             if not (isinstance(example_list, list) and all(isinstance(e, str) for e in example_list)):
                 raise ValueError
         except ValueError:
             raise OpenAIError(400, "examples must be a JSON list of strings", param="examples") from None
-        with tempfile.TemporaryDirectory(prefix="moerge-upload-") as d:
-            folder = Path(d)
-            (folder / "adapter_config.json").write_bytes(await adapter_config.read())
-            (folder / "adapter_model.safetensors").write_bytes(await adapter_model.read())
-            try:
-                expert = await asyncio.to_thread(self.model.add_expert, folder, name=name, description=description,
-                                                 examples=example_list)
-            except (MoErgeError, ValueError) as e:
-                raise OpenAIError(400, str(e).replace(str(folder), "upload")) from None
-        return {"object": "expert", "id": f"{MODEL_ID}/{expert.name}", "name": expert.name,
-                "modules": len(expert.modules), "kind": expert.kind}
+        upload = self.uploads.submit(name, await adapter_config.read(), await adapter_model.read(),
+                                     description=description, examples=example_list, overwrite=overwrite)
+        if not wait:
+            return JSONResponse(status_code=202, content=upload.to_json())
+        await asyncio.wrap_future(upload.finished)
+        if upload.error is not None:
+            raise upload.error
+        return JSONResponse(content=upload.expert)
+
+    async def upload_status(self, upload_id: str) -> dict[str, Any]:
+        return self.uploads.get(upload_id)
+
+    async def pending_uploads(self) -> dict[str, Any]:
+        return {"object": "list", "data": self.uploads.recent()}
 
     async def remove_expert(self, name: str) -> dict[str, Any]:
-        if name not in self.model.experts:
+        if not await asyncio.to_thread(self._remove, name):
             raise OpenAIError(404, f"no expert {name!r}", "expert_not_found")
-        await asyncio.to_thread(self.model.remove_expert, name)
         return {"object": "expert", "id": f"{MODEL_ID}/{name}", "deleted": True}
+
+    def _remove(self, name: str) -> bool:
+        """Remove expert ``name`` from the model and its library; ``False`` when the model does not have it. An
+        expert another process removed from the library is dropped from the model too, and is not found."""
+        try:
+            self.model.remove_expert(name)
+            return True
+        except LibraryError as e:
+            library = self.model.library
+            if e.expert == name and library is not None and name in self.model.experts:
+                library.refresh()
+                if name not in library:  # removed by another process: the model no longer serves it either
+                    with contextlib.suppress(LibraryError):
+                        self.model.remove_expert(name, persist=False)
+            if name in self.model.experts:
+                raise
+            return False
 
 
 async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
     return JSONResponse(status_code=e.status, content=e.body())
 
 
+async def _field_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    return await _openai_error(request, field_error(e.errors()))
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     app.state.engine.close()
+    app.state.uploads.close()
 
 
 def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -> Any:
     """The FastAPI app serving ``model`` (a :class:`~moerge.MoErgeModel` with its library, if any)."""
     config = config or ServerConfig()
     engine = Engine(model, tokenizer, config)
+    uploads = Uploads(model, config.max_pending_uploads, config.upload_history)
     app = FastAPI(title="moerge", description="OpenAI-compatible API over a routed mixture of experts",
                   lifespan=_lifespan)
-    app.state.engine = engine
+    app.state.engine, app.state.uploads = engine, uploads
     app.add_exception_handler(OpenAIError, _openai_error)
-    api = _Endpoints(model, tokenizer, engine, config)
+    app.add_exception_handler(RequestValidationError, _field_error)
+    api = _Endpoints(model, tokenizer, engine, uploads, config)
     app.add_api_route("/v1/models", api.list_models, methods=["GET"])
     app.add_api_route("/v1/moerge/stats", api.stats, methods=["GET"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/experts", api.add_expert, methods=["POST"])
+    app.add_api_route("/v1/experts/pending", api.pending_uploads, methods=["GET"])
+    app.add_api_route("/v1/experts/pending/{upload_id}", api.upload_status, methods=["GET"])
     app.add_api_route("/v1/experts/{name}", api.remove_expert, methods=["DELETE"])
     return app
 

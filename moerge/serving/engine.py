@@ -14,20 +14,25 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Engine", "Job", "ServerConfig"]
+__all__ = ["Engine", "Job", "ServerConfig", "queued"]
+
+T = TypeVar("T")
 
 
 @dataclass
 class ServerConfig:
-    """How the server batches requests, and how many tokens a request gets when it does not say."""
+    """How the server batches requests, how many tokens a request gets when it does not say, and how many expert
+    uploads may wait to be added (more are refused) and how many finished ones it remembers."""
 
     max_batch: int = 8
     batch_window: float = 0.02  # seconds the worker waits for more requests after the first
     default_max_tokens: int = 128
+    max_pending_uploads: int = 8
+    upload_history: int = 100
 
 
 @dataclass
@@ -47,6 +52,16 @@ class Job:
     def key(self) -> tuple:
         """Requests with the same key can run in one generate call."""
         return (self.temperature, self.top_p, self.experts is not None, self.exclude, self.seed)
+
+
+def queued(items: queue.Queue[T], stop: threading.Event) -> Iterator[T]:
+    """The items put in ``items``, as they come, until ``stop`` is set (looked at every 0.1 s while none comes):
+    the loop of a worker thread."""
+    while not stop.is_set():
+        try:
+            yield items.get(timeout=0.1)
+        except queue.Empty:
+            continue
 
 
 def _fail(job: Job, e: BaseException) -> None:
@@ -93,11 +108,7 @@ class Engine:
         return kw
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                first = self.queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
+        for first in queued(self.queue, self._stop):
             jobs = [first]
             deadline = time.monotonic() + self.config.batch_window
             while len(jobs) < self.config.max_batch:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from moerge.adapters.expert import Expert
 from moerge.serving.engine import Job
 
 __all__ = ["MODEL_ID", "CompletionRequest", "OpenAIError", "StreamHeader", "completion_body", "done_event",
-           "error_event", "model_ids", "moerge_field", "parse_completion", "stream_event"]
+           "error_event", "expert_body", "field_error", "model_ids", "moerge_field", "parse_completion", "stream_event"]
 
 MODEL_ID = "moerge"
 
@@ -31,14 +32,30 @@ class OpenAIError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def body(self) -> dict[str, Any]:
-        """The response body: OpenAI's ``{"error": {...}}``."""
-        return {"error": {"message": self.message, "type": "invalid_request_error", "param": self.param,
-                          "code": self.code}}
+        """The response body: OpenAI's ``{"error": {...}}`` (of type ``server_error`` for a 5xx status)."""
+        return {"error": {"message": self.message,
+                          "type": "server_error" if self.status >= 500 else "invalid_request_error",
+                          "param": self.param, "code": self.code}}
+
+
+def field_error(errors: Sequence[Mapping[str, Any]]) -> OpenAIError:
+    """The 400 refusing a request whose fields failed FastAPI's checks (``errors`` as its validation error lists
+    them), naming the first field at fault."""
+    first = errors[0] if errors else {}
+    param = str(first.get("loc", ("", "request"))[-1])
+    problem = "is missing" if first.get("type") == "missing" else f"is invalid: {first.get('msg', 'bad value')}"
+    return OpenAIError(400, f"the field {param!r} {problem}", param=param)
 
 
 def model_ids(experts: Collection[str]) -> list[str]:
     """The model ids served: the routed model, then ``moerge/<name>`` for each expert."""
     return [MODEL_ID] + [f"{MODEL_ID}/{n}" for n in experts]
+
+
+def expert_body(expert: Expert) -> dict[str, Any]:
+    """An expert as the API shows it: its model id, name, number of modules and kind."""
+    return {"object": "expert", "id": f"{MODEL_ID}/{expert.name}", "name": expert.name,
+            "modules": len(expert.modules), "kind": expert.kind}
 
 
 @dataclass(frozen=True)

