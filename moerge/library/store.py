@@ -71,7 +71,15 @@ class ExpertLibrary:
 
     def refresh(self) -> None:
         """Re-read the manifest from disk (changes made by other processes or library objects)."""
-        self._manifest.refresh()
+        with self._manifest.held():  # a writer of this process never sees its own commit replaced by an older read
+            self._manifest.refresh()
+
+    def listing(self) -> dict[str, dict[str, str]]:
+        """Re-read the manifest and return each expert's files as it lists them now (name → {file: sha256}, in the
+        order experts were added): an expert replaced on disk lists other hashes. A model that follows the
+        library compares this with what it loaded."""
+        self.refresh()
+        return {name: dict(entry.get("files") or {}) for name, entry in self._manifest.experts.items()}
 
     # --- creating and opening -------------------------------------------------------------------------------------
     @classmethod

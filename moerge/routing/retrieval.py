@@ -6,6 +6,8 @@ description, or its name without one, and its example prompts) and a FAISS
 after a change, incrementally: only an expert whose texts (or the embedder, or ``expert_vectors``) changed is
 embedded again. With a library, the index is loaded from and saved to its routing folder (``routing/index``) and
 the embedder's id and dimension are recorded in the library, so an index is never queried with another embedder.
+Saving merges with the index on disk, which other models and processes on the same library write too: experts
+this retriever does not know stay, experts the library no longer lists go.
 
 A query is the prompt's embedding, the embedding of a short task description written by an LLM
 (:class:`~moerge.routing.describe.TaskDescriber`, by default the base model itself), or a weighted mix of both
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +108,15 @@ class ExpertRetriever:
         self._texts: dict[str, tuple[list[str], str]] = {}  # expert -> (texts, key of the vectors made from them)
         self._dirty = False  # experts changed since the index was last brought up to date
         self._unsaved = False  # the index changed since it was last written to the store
+        self._fresh: set[str] = set()  # experts embedded since the index was last written
+        self._version = 0  # counts the changes to write, so a write under way does not hide a later one
+        self._lock = threading.RLock()  # the index is brought up to date by routing and by persist, in any thread
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles get a lock of their own
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.RLock())
 
     def attach(self, context: RouterContext) -> None:
         """Use ``context``'s store for the index and its language model and tokenizer for the default describer."""
@@ -143,16 +155,19 @@ class ExpertRetriever:
         """Retrieve ``expert`` by its description and examples from now on (it replaces an expert of that name);
         embedded when the index is next used."""
         texts = expert_texts(expert.name, expert.metadata.description, list(expert.metadata.examples))
-        self._texts[expert.name] = (texts, "")  # keyed when the index is synced (the key needs the embedder id)
-        self._dirty = True
+        with self._lock:
+            self._texts[expert.name] = (texts, "")  # keyed when the index is synced (the key needs the embedder id)
+            self._dirty = True
 
     def remove(self, name: str) -> None:
         """Stop retrieving ``name`` (nothing happens for a name it does not hold)."""
-        self._texts.pop(name, None)
-        if self.index is not None and name in self.index:
-            self.index.remove(name)
-            self._unsaved = True
-        self._dirty = True
+        with self._lock:
+            self._texts.pop(name, None)
+            self._fresh.discard(name)
+            if self.index is not None and name in self.index:
+                self.index.remove(name)
+            self._dirty = self._unsaved = True  # when the library no longer lists it, the stored index drops it
+            self._version += 1
 
     def _key(self, texts: list[str]) -> str:
         return hashlib.sha256(json.dumps([self.embedder.id, self.config.expert_vectors, texts]).encode()).hexdigest()
@@ -190,13 +205,16 @@ class ExpertRetriever:
     def sync(self) -> ExpertIndex:
         """The index, brought up to date with the experts: loaded from the store on first use, then only the
         experts whose texts changed are embedded."""
-        if self.index is not None and not self._dirty:
-            return self.index
+        with self._lock:
+            if self.index is not None and not self._dirty:
+                return self.index
+            return self._sync()
+
+    def _sync(self) -> ExpertIndex:
         emb = self.embedder
         if self.index is None:
             self.index = self._load(emb)
-        stale = [n for n in self.index.names if n not in self._texts]
-        for name in stale:
+        for name in [n for n in self.index.names if n not in self._texts]:  # on disk, unknown here
             self.index.remove(name)
         todo = []
         for name, (texts, _) in self._texts.items():
@@ -216,21 +234,54 @@ class ExpertRetriever:
                 self.index.add(n, v, key=key)
                 i += len(texts)
         self._dirty = False
-        self._unsaved = self._unsaved or bool(stale or todo)
+        if todo:
+            self._fresh.update(todo)
+            self._unsaved = True
+            self._version += 1
         return self.index
 
     def persist(self, store: Any) -> None:
         """Write the index to ``store``'s routing folder (when it changed since it was last written) and record
-        the embedder there."""
+        the embedder there. The index on disk is merged, never overwritten from this retriever's view: see
+        :meth:`_merged`."""
         if not self._texts and self.index is None:
             return
-        index = self.sync()
-        if self._unsaved:
-            with store.locked():
-                index.save(store.routing_dir / INDEX_SUBDIR)
-            if store.embedder != {"id": self.embedder.id, "dim": self.embedder.dim}:
-                store.set_embedder(self.embedder.id, self.embedder.dim)
-            self._unsaved = False
+        with self._lock:
+            self.sync()
+            if not self._unsaved:
+                return
+            version = self._version
+        with store.locked():  # no other writer meanwhile; the manifest re-read: the experts the library lists now
+            self._merged(store).save(store.routing_dir / INDEX_SUBDIR)
+        if store.embedder != {"id": self.embedder.id, "dim": self.embedder.dim}:
+            store.set_embedder(self.embedder.id, self.embedder.dim)
+        with self._lock:
+            if self._version == version:  # nothing changed while it was written
+                self._unsaved = False
+                self._fresh.clear()
+
+    def _merged(self, store: Any) -> ExpertIndex:
+        """The index to write to ``store`` (under its lock): the one on disk, which other models and processes on
+        the library write too, so experts this retriever does not know yet stay; the experts it embedded since it
+        last wrote, and those it knows that the disk lacks, put in; experts the library no longer lists taken out.
+        An index on disk made with another embedder, or damaged, is replaced by this retriever's."""
+        emb, folder = self.embedder, store.routing_dir / INDEX_SUBDIR
+        merged = None
+        if (folder / "index.json").is_file():
+            try:
+                merged = ExpertIndex.load(folder, dim=emb.dim, embedder=emb.id)
+            except (LibraryError, ExpertFormatError):
+                merged = None
+        with self._lock:
+            index = self.index
+            if merged is None:
+                merged = ExpertIndex(emb.dim, emb.id, approx_threshold=self.config.approx_threshold)
+            for name in index.names:
+                if name in self._fresh or name not in merged:
+                    merged.add(name, index.vectors(name), key=index.key(name))
+        for name in [n for n in merged.names if n not in store]:
+            merged.remove(name)
+        return merged
 
     # --- queries --------------------------------------------------------------------------------------------------
     def query_vectors(self, prompts: list[str]) -> np.ndarray:
@@ -247,5 +298,6 @@ class ExpertRetriever:
     def retrieve(self, prompts: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
         """The ``k`` best experts per prompt and their cosine scores ``(B, k)`` (rows padded with ``""`` and
         ``-inf`` when there are fewer than ``k`` experts)."""
-        index = self.sync()
-        return index.search(self.query_vectors(prompts), k)
+        q = self.query_vectors(prompts)
+        with self._lock:  # not searched while persist brings it up to date in another thread
+            return self.sync().search(q, k)

@@ -30,7 +30,8 @@ class RouterContext:
         tokenizer: the base's tokenizer (``None`` when the model has none): routers that read prompts as text or
             train on examples need it.
         store: the library's routing-data store (``put_routing``/``get_routing``/``routing_for``, ``routing_dir``,
-            ``locked``, ``embedder``, ``set_embedder``), or ``None`` for a model without a library.
+            ``locked``, ``embedder``, ``set_embedder``; ``name in store`` for the experts it lists), or ``None``
+            for a model without a library.
         language_model: the base model, to generate text with (GLIDER's task describer); inside a router's calls
             no routing is active on it, so it acts as the plain base.
         training_base: returns a plain private copy of the base to train routing data on (gates, heads), so

@@ -2,8 +2,9 @@
 
 :class:`ExpertSet` owns the patched modules (:class:`~moerge.runtime.layer.ExpertLinear`, created lazily for the
 modules experts target), the experts' metadata, and the lock that makes a change of experts and the routing of a
-call see one version of the set. A change builds new immutable banks, gives the router the new experts' routing
-data, writes the library, and only then swaps the banks in; a failure at any step leaves all of it as it was.
+call see one version of the set. A change prepares the new experts' routing data and writes the library outside
+the lock, then swaps new immutable banks and the router's data in at once; a failure at any step leaves all of it
+as it was.
 """
 
 from __future__ import annotations
@@ -148,10 +149,11 @@ class ExpertSet:
         for m, bank in banks.items():
             if len(bank) or m in self.layers:
                 self._patch(m).bank = bank
-        for name in drop:
+        replaced = {e.name for e in add}
+        for name in drop - replaced:
             self.metadata.pop(name, None)
             self.modules_of.pop(name, None)
-        for e in add:
+        for e in add:  # a replaced expert keeps its place in the id order, as in the library's manifest
             self.metadata[e.name] = e.metadata
             self.modules_of[e.name] = sorted(e.modules)
 
@@ -250,14 +252,19 @@ class ExpertSet:
                        and src.get("path") else None) from None
 
     def remove(self, name: str, router: Router, *, library: Any = None) -> None:
-        """Remove expert ``name`` from the banks, the library (when given and it has it) and ``router``."""
+        """Remove expert ``name``: from ``library`` first when given (it must list the expert; atomic on disk,
+        outside the lock), then, under the lock, from the banks and ``router`` at once."""
         with self.lock:
+            self.require_active()
             if name not in self.metadata:
                 raise LibraryError(f"the model has no expert {name!r}", expert=name)
-            banks = self._new_banks([], {name})
-            if library is not None and name in library:
-                library.remove(name)
-            self._commit(banks, [], {name})
+        if library is not None:
+            library.remove(name)
+        with self.lock:
+            self.require_active()
+            if name not in self.metadata:  # another thread removed it meanwhile
+                return
+            self._commit(self._new_banks([], {name}), [], {name})
             router.on_remove_expert(name)
 
     # --- a request's factors ----------------------------------------------------------------------------------------

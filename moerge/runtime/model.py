@@ -23,7 +23,7 @@ from moerge.adapters.expert import Expert, ExpertMetadata
 from moerge.adapters.merge import merge_into
 from moerge.adapters.peft_loader import load_peft_lora
 from moerge.core.fingerprint import linear_modules
-from moerge.errors import RoutingError
+from moerge.errors import LibraryError, RoutingError
 from moerge.library import ExpertLibrary
 from moerge.routers import build_router
 from moerge.routers.explicit import ExplicitRouter
@@ -38,11 +38,29 @@ from moerge.routing import (
     explain_routing,
 )
 from moerge.runtime.experts import ExpertSet
+from moerge.runtime.follow import LibraryFollower, LibrarySync, SyncReport
 from moerge.runtime.prompts import PromptReader
 
 __all__ = ["MoErgeModel"]
 
 _INSTALL_CHUNK = 64  # experts stacked into the layers per step when loading a library
+
+
+def _as_expert(expert: Expert | str | Path, name: str | None, description: str | None,
+               examples: Iterable[str] | None) -> Expert:
+    """:meth:`MoErgeModel.add_expert`'s expert: loaded from a PEFT folder, renamed, its metadata set."""
+    if not isinstance(expert, Expert):
+        if name is None:
+            raise ValueError("name= is required when adding a PEFT folder")
+        expert = load_peft_lora(str(expert), name=name)
+    elif name is not None and name != expert.name:
+        expert = expert.renamed(name)
+    if description is not None or examples is not None:
+        expert = dataclasses.replace(expert, metadata=dataclasses.replace(
+            expert.metadata,
+            description=expert.metadata.description if description is None else description,
+            examples=expert.metadata.examples if examples is None else [str(e) for e in examples]))
+    return expert
 
 
 class MoErgeModel(nn.Module):
@@ -74,6 +92,8 @@ class MoErgeModel(nn.Module):
                                     expert_device=None if expert_device is None else torch.device(expert_device))
         self.base = base
         self.library = library
+        self._library_sync = LibrarySync(library, self.expert_set) if library is not None else None
+        self.follower: LibraryFollower | None = None
         n = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions", None)
         self.prompts = PromptReader(tokenizer, int(n) if isinstance(n, int) and n > 0 else None)
         self._last = threading.local()  # last_routing, per thread
@@ -111,6 +131,7 @@ class MoErgeModel(nn.Module):
         experts: Iterable[str] | None = None,
         expert_dtype: torch.dtype | None = None,
         expert_device: str | torch.device | None = None,
+        follow: bool = True,
         **load_kwargs: Any,
     ) -> MoErgeModel:
         """Patch ``base`` with the experts of ``library``.
@@ -130,6 +151,8 @@ class MoErgeModel(nn.Module):
             expert_device: where the layers keep the experts' factors (default: with the base). ``"cpu"`` under a
                 CUDA base keeps a library larger than the GPU's memory in host memory: each request copies only its
                 candidates' factors to the GPU, once, when they are gathered; ``model.to(...)`` leaves them there.
+            follow: follow the library folder: experts added, replaced or removed there by any process are taken
+                in by the running model (see :meth:`sync_library` and :meth:`follow_library`).
         """
         if isinstance(base, (str, Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -151,10 +174,14 @@ class MoErgeModel(nn.Module):
             router = build_router(router)
         model = cls(base, router, library, tokenizer=tokenizer, expert_dtype=expert_dtype,
                     expert_device=expert_device)
-        names = list(experts) if experts is not None else library.names()
+        listing = library.listing()
+        names = list(experts) if experts is not None else list(listing)
         for i in range(0, len(names), _INSTALL_CHUNK):
             model.expert_set.install([library.get(n) for n in names[i : i + _INSTALL_CHUNK]], router)
+        model._library_sync.start(listing)
         model._persist_routing()
+        if follow:
+            model.follow_library()
         return model
 
     def _persist_routing(self) -> None:
@@ -162,7 +189,8 @@ class MoErgeModel(nn.Module):
         if self.library is None:
             return
         try:
-            self.router.persist(self.library)
+            with self._library_sync.persisting:
+                self.router.persist(self.library)
         except OSError as e:
             warnings.warn(f"router {self.router.name!r} could not store its routing data in {self.library.root}: {e}",
                           stacklevel=3)
@@ -219,28 +247,52 @@ class MoErgeModel(nn.Module):
         error the model and the library are as they were; calls already under way keep the experts they started
         with.
         """
-        if not isinstance(expert, Expert):
-            if name is None:
-                raise ValueError("name= is required when adding a PEFT folder")
-            expert = load_peft_lora(str(expert), name=name)
-        elif name is not None and name != expert.name:
-            expert = expert.renamed(name)
-        if description is not None or examples is not None:
-            expert = dataclasses.replace(expert, metadata=dataclasses.replace(
-                expert.metadata,
-                description=expert.metadata.description if description is None else description,
-                examples=expert.metadata.examples if examples is None else [str(e) for e in examples]))
-        expert = self.expert_set.add(expert, self.router, library=self.library if persist else None,
-                                     overwrite=overwrite)
-        if persist:
-            self._persist_routing()
-        return expert
+        expert = _as_expert(expert, name, description, examples)
+        if not persist or self._library_sync is None:
+            return self.expert_set.add(expert, self.router, overwrite=overwrite)
+        stored = self._library_sync.add(expert, self.router, overwrite=overwrite)
+        self._persist_routing()
+        return stored
 
     def remove_expert(self, name: str, *, persist: bool = True) -> None:
-        """Remove an expert from the live model (and, with ``persist``, from the library)."""
-        self.expert_set.remove(name, self.router, library=self.library if persist else None)
-        if persist:
+        """Remove an expert from the live model (and, with ``persist``, from the library; one another process
+        removed from the library is a :class:`~moerge.errors.LibraryError`, and the next sync drops it)."""
+        if not persist or self._library_sync is None:
+            return self.expert_set.remove(name, self.router)
+        self._library_sync.remove(name, self.router)
+        self._persist_routing()
+
+    # --- following the library ----------------------------------------------------------------------------------
+    def sync_library(self) -> SyncReport:
+        """Take in what any process changed in the library folder since the model last looked, one expert at a time,
+        all or nothing (see :meth:`LibrarySync.sync <moerge.runtime.follow.LibrarySync.sync>`); an expert that
+        cannot be taken in stays invisible, why is in :attr:`library_errors`. Returns what changed."""
+        self.expert_set.require_active()
+        if self._library_sync is None:
+            raise LibraryError("this model has no library to sync with")
+        report = self._library_sync.sync(self.router)
+        if report.changed:
             self._persist_routing()
+        return report
+
+    @property
+    def library_errors(self) -> dict[str, str]:
+        """Experts of the library the model could not take in, and why (files, routing data, a name clash)."""
+        return {} if self._library_sync is None else dict(self._library_sync.errors)
+
+    def follow_library(self, interval: float = 0.2) -> LibraryFollower:
+        """Follow the library folder from now on: a daemon thread calls :meth:`sync_library` when the manifest
+        changes (see :class:`~moerge.runtime.follow.LibraryFollower`); :meth:`close` stops it."""
+        self.expert_set.require_active()
+        self.close()
+        self.follower = LibraryFollower(self, interval)
+        return self.follower
+
+    def close(self) -> None:
+        """Stop following the library (waits for a sync under way); the model keeps serving what it holds."""
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower = None
 
     def set_router(self, router: str | Router) -> None:
         """Route with another router from now on; it is given every current expert."""
@@ -281,12 +333,7 @@ class MoErgeModel(nn.Module):
             if experts is not None:
                 router = ExplicitRouter()
                 router.attach(self.router_context())
-            if input_ids is not None:
-                batch = int(input_ids.shape[0])
-            elif inputs_embeds is not None:
-                batch = int(inputs_embeds.shape[0])
-            else:
-                batch = len(experts or [])
+            batch = next((int(t.shape[0]) for t in (input_ids, inputs_embeds) if t is not None), len(experts or []))
             if experts is not None and len(experts) == 1 and batch > 1:
                 experts = list(experts) * batch
             request = RoutingRequest(
@@ -382,6 +429,7 @@ class MoErgeModel(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_last", None)
+        state["follower"] = None  # a copy does not follow the library (follow_library starts it)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -410,4 +458,5 @@ class MoErgeModel(nn.Module):
 
     def unpatch(self) -> nn.Module:
         """Put the original modules back and return the plain base model; this MoErgeModel is then unusable."""
+        self.close()
         return self.expert_set.unpatch()

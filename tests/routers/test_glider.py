@@ -76,9 +76,12 @@ def test_the_retriever_alone_keeps_its_index_in_step_with_the_experts(tmp_path, 
     retriever.persist(lib)
     assert lib.embedder == {"id": embedder.id, "dim": embedder.dim}
     # an expert without a description is retrieved by its name; fewer experts than k: rows padded with "" and -inf
-    retriever.remove("sql")
-    retriever.remove("french")
-    retriever.add(rand_expert(base, "translate_to_french", seed=7))
+    new = rand_expert(base, "translate_to_french", seed=7)
+    for name in ("sql", "french"):
+        lib.remove(name)
+        retriever.remove(name)
+    lib.add(new)
+    retriever.add(new)
     names, scores = retriever.retrieve([PROMPTS["french"]], 3)
     assert names == [["translate_to_french", "sort", ""]] and scores[0, 2] == -np.inf
     retriever.persist(lib)

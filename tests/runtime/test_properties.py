@@ -23,7 +23,8 @@ from helpers import VOCAB, rand_expert, tiny_llama
 BASE = tiny_llama()
 SHAPES = {m: s for m, s in linear_modules(BASE).items() if not m.endswith("lm_head")}
 MODULES = sorted(SHAPES)
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,  # the same examples on every run: no flaky CI
+                    suppress_health_check=[HealthCheck.too_slow])
 names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,20}", fullmatch=True).filter(lambda n: ".." not in n)
 
 
@@ -61,8 +62,10 @@ def _same(a: Expert, b: Expert) -> None:
             assert w.scale == v.scale
 
 
+# names unique regardless of case: a library refuses names that differ only in case (they would share a folder on
+# case-insensitive file systems)
 @SETTINGS
-@given(st.lists(experts(), min_size=1, max_size=4, unique_by=lambda e: e.name))
+@given(st.lists(experts(), min_size=1, max_size=4, unique_by=lambda e: e.name.lower()))
 def test_library_round_trip(batch):
     with tempfile.TemporaryDirectory() as d:
         lib = ExpertLibrary.create(Path(d) / "lib", base_model=BASE)
