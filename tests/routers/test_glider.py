@@ -199,6 +199,7 @@ def test_index_lives_in_the_library_and_is_updated_incrementally(tmp_path, embed
                                      router=build_router("glider", local="none", embedder=emb),
                                      tokenizer=tiny_tokenizer())
     assert texts_embedded == [] and sorted(again.router.index.names) == ["french", "sort", "sql"]
+    again.close()  # it would follow the library and embed the addition below too
 
     # adding embeds only the new expert; removing drops it from the stored index
     d, ex = EXPERTS["haiku"]

@@ -89,9 +89,10 @@ def test_gates_trained_on_add_stored_and_reused(tmp_path, monkeypatch):
     # a second model on the same library trains nothing
     calls.clear()
     other = build_router("phatgoose", train_steps=2, train_batch_size=2)
-    MoErgeModel.from_library(tiny_chat_llama(), lib2, router=other, tokenizer=tok)
+    second = MoErgeModel.from_library(tiny_chat_llama(), lib2, router=other, tokenizer=tok)
     assert calls == []
     assert all(torch.equal(other.gates_of("e1")[m], g) for m, g in router.gates_of("e1").items())
+    second.close()  # it would follow the library and train the additions below too
 
     # adding an expert post hoc trains only that one; replacing an expert's weights retrains only it
     model.add_expert(rand_expert(tiny_chat_llama(), "e2", seed=7, examples=EXAMPLES))
