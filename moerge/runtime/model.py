@@ -198,11 +198,14 @@ class MoErgeModel(nn.Module):
     def router_context(self) -> RouterContext:
         """What this model's router may know of it: module shapes, hidden size, tokenizer, the library's routing
         data, the base to generate with, and private copies of the base (sharing its weights) to train routing data
-        on."""
-        hidden = getattr(getattr(self.base, "config", None), "hidden_size", None)
-        return RouterContext(modules=linear_modules(self.base), hidden_size=hidden if isinstance(hidden, int) else None,
-                             tokenizer=self.tokenizer, store=self.library, language_model=self.base,
-                             training_base=self.expert_set.private_base)
+        on. Made once (a walk over the base's modules), not per call that forces a mix."""
+        if "_router_context" not in self.__dict__:
+            hidden = getattr(getattr(self.base, "config", None), "hidden_size", None)
+            self.__dict__["_router_context"] = RouterContext(
+                modules=linear_modules(self.base), hidden_size=hidden if isinstance(hidden, int) else None,
+                tokenizer=self.tokenizer, store=self.library, language_model=self.base,
+                training_base=self.expert_set.private_base)
+        return self.__dict__["_router_context"]
 
     def __getattr__(self, name: str) -> Any:
         try:
