@@ -112,6 +112,15 @@ class GliderRouter(Router):
     def prepare_expert(self, expert: Expert) -> Any:
         return None if self.local is None else self.local.prepare_expert(expert)
 
+    def needs_training(self, expert: Expert) -> bool:
+        return self.local is not None and self.local.needs_training(expert)
+
+    def defer_expert(self, expert: Expert) -> None:
+        """The global stage retrieves ``expert`` at once; until its local gate data is trained, a row that has it
+        as a candidate gives it a local logit of 0, so it is weighed by its global score alone."""
+        self.local.defer_expert(expert, placeholder=True)
+        self.retriever.add(expert)
+
     def on_add_expert(self, expert: Expert, prepared: Any = None) -> None:
         if self.local is not None:
             self.local.on_add_expert(expert, prepared)

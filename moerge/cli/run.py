@@ -41,9 +41,9 @@ class ModelOptions:
     router: RouterOpt = "glider"
     base: BaseOpt = None
 
-    def load(self, **router_config: Any) -> Any:
+    def load(self, train_routing: str = "now", **router_config: Any) -> Any:
         """The :class:`~moerge.runtime.model.MoErgeModel` over the library, routed by ``router`` (built with
-        ``router_config``), with the base's tokenizer."""
+        ``router_config``), with the base's tokenizer; ``train_routing`` as in ``from_library``."""
         from moerge.routers import build_router
         from moerge.runtime.model import MoErgeModel
 
@@ -52,7 +52,8 @@ class ModelOptions:
         if tok is None:
             raise Refused(f"{self.base}: the base folder has no tokenizer; routing reads the prompt")
         return MoErgeModel.from_library(load_base(self.base, lib), lib,
-                                        router=build_router(self.router, **router_config), tokenizer=tok)
+                                        router=build_router(self.router, **router_config), tokenizer=tok,
+                                        train_routing=train_routing)
 
 
 def _encode(model: Any, prompt: str) -> dict[str, Any]:
@@ -155,6 +156,10 @@ def serve(
     port: Annotated[int, typer.Option(help="port")] = 8000,
     max_batch: Annotated[int, typer.Option(help="requests run together in one generate call")] = 8,
     batch_window: Annotated[float, typer.Option(help="seconds to wait for more requests to batch")] = 0.02,
+    train_routing: Annotated[str, typer.Option(
+        help="routing data the library lacks (PHATGOOSE gates, X-LoRA heads): 'background' serves at once and "
+             "trains it meanwhile (GET /v1/experts tells how it stands); 'now' trains it before serving")]
+    = "background",
 ) -> None:
     """An OpenAI-compatible HTTP API over the routed model: /v1/chat/completions, /v1/completions (streaming with
     SSE), /v1/models (the routed model and each expert), /v1/experts (upload a PEFT adapter)."""
@@ -165,6 +170,8 @@ def serve(
     from moerge.serving import ServerConfig
     from moerge.serving import serve as run_server
 
-    model = attempt(model_options.load, False)
+    if train_routing not in ("now", "background"):
+        fail(f"--train-routing must be 'now' or 'background', got {train_routing!r}", False)
+    model = attempt(lambda: model_options.load(train_routing), False)
     run_server(model, model.tokenizer, host=host, port=port,
                config=ServerConfig(max_batch=max_batch, batch_window=batch_window))

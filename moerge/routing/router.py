@@ -81,6 +81,21 @@ class Router:
         being replaced), it replaces that name's data. Must not change other experts' routing data; on error it
         must leave its state as it was."""
 
+    def needs_training(self, expert: Expert) -> bool:
+        """Whether :meth:`prepare_expert` would train routing data for ``expert`` (slow: none is stored for its
+        weights). A model that defers training (``train_routing="background"``) then takes the expert in with
+        :meth:`defer_expert` at once and gives it its trained data later. Must not change the router; ``False``
+        (the default) for routers whose data is stored or cheap to compute."""
+        return False
+
+    def defer_expert(self, expert: Expert) -> None:
+        """Take ``expert`` in (replacing the routing data of a name it has) without the routing data
+        :meth:`needs_training` said must be trained: until :meth:`on_add_expert` gives it that data, the router
+        routes without it (a router with a global stage may still choose the expert there; a local gate alone
+        never chooses it). Called under the model's lock, so it must be quick; only called when
+        :meth:`needs_training` is true."""
+        raise NotImplementedError(f"router {self.name!r} cannot defer its routing data")
+
     def on_remove_expert(self, name: str) -> None:
         """Forget ``name``'s routing data."""
 
@@ -140,8 +155,6 @@ def register_router(name: str):
         return cls
 
     return wrap
-
-
 
 
 def router_class(name: str) -> type[Router]:

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import math
 import random
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from moerge.adapters.expert import Expert, LoRAWeights
 
-__all__ = ["fit", "seeded", "GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "collate",
+__all__ = ["fit", "seeded", "cancellable", "TrainingCancelled", "GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "collate",
            "make_batches", "answers_from_expert", "frozen", "greedy_generate"]
 
 
@@ -60,6 +61,25 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+class TrainingCancelled(Exception):
+    """Training stopped because the event of the :func:`cancellable` block around it was set."""
+
+
+_cancel = threading.local()
+
+
+@contextmanager
+def cancellable(event: threading.Event) -> Iterator[None]:
+    """Training loops (:func:`fit`) run in this block in this thread stop with :class:`TrainingCancelled` at the
+    next step once ``event`` is set (e.g. a model closed while its routing data trains in the background)."""
+    previous = getattr(_cancel, "event", None)
+    _cancel.event = event
+    try:
+        yield
+    finally:
+        _cancel.event = previous
 
 
 def _warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
@@ -96,6 +116,8 @@ def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict
         with (seeded(seed, device) if seed is not None else contextlib.nullcontext()), frozen(model, keep=params), \
                 torch.enable_grad():
             for batch in bar:
+                if (cancel := getattr(_cancel, "event", None)) is not None and cancel.is_set():
+                    raise TrainingCancelled(f"{desc}: cancelled after {len(losses)} of {steps} steps")
                 loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
                 opt.zero_grad()
                 loss.backward()

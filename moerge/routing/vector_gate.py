@@ -104,6 +104,7 @@ class TrainedGateRouter(VectorGateRouter):
         self._digest: dict[str, str] = {}  # expert -> digest of the weights its data was made for
         self._unsaved: set[str] = set()  # experts whose data the library does not hold yet
         self.losses: dict[str, list[float]] = {}  # expert -> training losses of the data trained here
+        self.deferred: set[str] = set()  # experts taken in by defer_expert whose data is not trained yet
 
     # --- what a subclass gives -------------------------------------------------------------------------------------
     def _prepare(self, data: Any) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -161,8 +162,30 @@ class TrainedGateRouter(VectorGateRouter):
                       "tokenizer to train them): its local logit is 0 everywhere", stacklevel=4)
         return _Prepared(digest, self._zeros(expert), saved=True)
 
+    def needs_training(self, expert: Expert) -> bool:
+        """True when no data is known or stored for the expert's weights and it can be trained."""
+        digest = expert.digest()
+        if self._digest.get(expert.name) == digest and expert.name in self._data:
+            return False
+        store = self.context.store
+        if store is not None and store.routing_for(expert.name, self.routing_kind, digest) is not None:
+            return False
+        return self._can_train(expert)
+
+    def defer_expert(self, expert: Expert, *, placeholder: bool = False) -> None:
+        """Take ``expert`` in without data until it is trained: no gate vectors, so the local gate never chooses
+        it (``placeholder``: zero vectors, a logit of 0 everywhere, never stored — what a global stage that chose
+        the expert mixes it with meanwhile). Listed in :attr:`deferred` until :meth:`on_add_expert` gives its
+        data."""
+        self.on_remove_expert(expert.name)
+        if placeholder:
+            self._data[expert.name], vectors = self._prepare(self._zeros(expert))
+            self.vectors.set(expert.name, vectors)
+        self.deferred.add(expert.name)
+
     def on_add_expert(self, expert: Expert, prepared: _Prepared | None = None) -> None:
         p = self.prepare_expert(expert) if prepared is None else prepared
+        self.deferred.discard(expert.name)
         if p.data is None:
             return
         self._set_data(expert.name, p.data, p.digest, saved=p.saved)
@@ -174,6 +197,7 @@ class TrainedGateRouter(VectorGateRouter):
         self._data.pop(name, None)
         self._digest.pop(name, None)
         self._unsaved.discard(name)
+        self.deferred.discard(name)
 
     def persist(self, library: Any) -> None:
         """Store the data of the experts ``library`` holds that it does not hold yet, tagged with their digest."""

@@ -193,9 +193,23 @@ class ExpertSet:
             raise
         return undo
 
-    def install(self, experts: Sequence[Expert], router: Router) -> None:
+    def router_defer(self, router: Router, expert: Expert) -> Callable[[], None]:
+        """``router.defer_expert(expert)`` (its routing data to be trained later); returns an undo."""
+        previous = self.get(expert.name) if expert.name in self.metadata else None
+        router.defer_expert(expert)
+
+        def undo() -> None:
+            if previous is not None:
+                router.on_add_expert(previous)
+            else:
+                router.on_remove_expert(expert.name)
+
+        return undo
+
+    def install(self, experts: Sequence[Expert], router: Router, *, defer: bool = False) -> list[Expert]:
         """Add ``experts`` (none of which the set has) to ``router`` and to every module they target; all or
-        nothing, nothing persisted."""
+        nothing, nothing persisted. With ``defer``, experts whose routing data must be trained are taken in
+        without it (:meth:`Router.defer_expert`) and returned, for training in the background."""
         with self.lock:
             names = [e.name for e in experts]
             if len(set(names)) != len(names):
@@ -203,22 +217,34 @@ class ExpertSet:
             for e in experts:
                 self.check_fits(e)
             banks = self._new_banks(experts, set())
-            self.router_add(router, experts)
+            deferred = [e for e in experts if defer and router.needs_training(e)]
+            undo = [self.router_defer(router, e) for e in deferred]
+            try:
+                self.router_add(router, [e for e in experts if e not in deferred])
+            except BaseException:
+                for u in reversed(undo):
+                    u()
+                raise
             self._commit(banks, experts, set())
+            return deferred
 
-    def add(self, expert: Expert, router: Router, *, library: Any = None, overwrite: bool = False) -> Expert:
-        """Add (or, with ``overwrite``, replace) ``expert``; returns it as stored, once calls can use it.
+    def add(self, expert: Expert, router: Router, *, library: Any = None, overwrite: bool = False,
+            defer: bool = False) -> tuple[Expert, bool]:
+        """Add (or, with ``overwrite``, replace) ``expert``; returns it as stored, once calls can use it, and
+        whether its routing data was deferred.
 
         In three steps, so that calls under way or starting meanwhile are neither changed nor held up: (1) the
         router prepares the expert's routing data (it may train it on a private base) without the lock; (2) the
         library, when given, stores the expert (atomic on disk, also without the lock: a name already taken there
         is refused before anything is visible); (3) under the lock, the new banks and the router's data are swapped
         in at once. Until (3) calls see the set as it was. A failure at any step leaves the set, the router and
-        the library as they were."""
+        the library as they were. With ``defer``, routing data that must be trained is not: (1) is skipped and the
+        router takes the expert in without it (:meth:`Router.defer_expert`); the caller trains it later."""
         with self.lock:
             self.require_active()
             self._check_addable(expert, overwrite)
-        prepared = router.prepare_expert(expert)
+        deferred = defer and router.needs_training(expert)
+        prepared = None if deferred else router.prepare_expert(expert)
         previous = None
         if library is not None:
             previous = library.get(expert.name) if overwrite and expert.name in library else None
@@ -231,7 +257,10 @@ class ExpertSet:
                 self._check_addable(expert, overwrite)  # again: the set may have changed meanwhile
                 drop = {expert.name} if expert.name in self.metadata else set()
                 banks = self._new_banks([stored], drop)
-                self.router_add(router, [stored], None if prepared is None else {stored.name: prepared})
+                if deferred:
+                    self.router_defer(router, stored)
+                else:
+                    self.router_add(router, [stored], None if prepared is None else {stored.name: prepared})
                 self._commit(banks, [stored], drop)
         except BaseException:
             if library is not None:  # the library back as it was
@@ -240,7 +269,7 @@ class ExpertSet:
                 elif expert.name in library:
                     library.remove(expert.name)
             raise
-        return stored
+        return stored, deferred
 
     def _check_addable(self, expert: Expert, overwrite: bool) -> None:
         """:meth:`check_fits`, naming the file the weights came from when it is known."""

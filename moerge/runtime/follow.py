@@ -28,8 +28,9 @@ from moerge.library import ExpertLibrary
 from moerge.library.manifest import MANIFEST
 from moerge.routing import Router
 from moerge.runtime.experts import ExpertSet
+from moerge.runtime.fill import RoutingFill
 
-__all__ = ["LibrarySync", "LibraryFollower", "SyncReport"]
+__all__ = ["LibrarySync", "LibraryFollower", "SyncReport", "LivingLibrary"]
 
 
 @dataclass
@@ -54,15 +55,19 @@ class LibrarySync:
     Args:
         library: the model's library.
         experts: the model's expert set.
+        fill: when given, experts taken in by a sync whose routing data must be trained are taken in at once
+            without it, and ``fill`` trains it in the background (see :mod:`moerge.runtime.fill`); else a sync
+            trains it before the expert becomes visible.
 
     The model's own changes of the library (:meth:`add`, :meth:`remove`) go through here too, so that a sync never
     applies them a second time: while the model changes an expert, a sync leaves that name alone (and reports it
     as deferred), and once the change is done the name is recorded as taken in.
     """
 
-    def __init__(self, library: ExpertLibrary, experts: ExpertSet) -> None:
+    def __init__(self, library: ExpertLibrary, experts: ExpertSet, fill: RoutingFill | None = None) -> None:
         self.library = library
         self.experts = experts
+        self.fill = fill
         self.seen: dict[str, dict[str, str]] = {}  # expert -> its files ({file: sha256}) when the model last looked
         self.errors: dict[str, str] = {}  # expert of the library the model does not hold -> why
         self._init_locks()
@@ -109,7 +114,7 @@ class LibrarySync:
         it as stored."""
         self._claim(expert.name, wait=True)
         try:
-            stored = self.experts.add(expert, router, library=self.library, overwrite=overwrite)
+            stored, _ = self.experts.add(expert, router, library=self.library, overwrite=overwrite)
             self.seen[stored.name] = dict(self.library.info(stored.name)["files"])
             self.errors.pop(stored.name, None)
             return stored
@@ -194,9 +199,12 @@ class LibrarySync:
         """Load expert ``name`` from the library and add it (``held``: replace the model's); ``None`` when done,
         else why it could not be."""
         try:
-            self.experts.add(self.library.get(name), router, overwrite=held)
+            stored, deferred = self.experts.add(self.library.get(name), router, overwrite=held,
+                                                defer=self.fill is not None)
         except Exception as e:  # noqa: BLE001 - any failure leaves the set as it was; the reason is reported
             return f"{type(e).__name__}: {e}"
+        if deferred:
+            self.fill.submit([stored], router)
         (report.replaced if held else report.added).append(name)
         return None
 
@@ -273,3 +281,69 @@ class LibraryFollower:
             with self._synced:
                 self.syncs += 1
                 self._synced.notify_all()
+
+
+class LivingLibrary:
+    """The part of :class:`~moerge.MoErgeModel` that keeps a running model in step with its library: syncing with
+    the folder, following it, and the routing data trained in the background (a mixin: the model gives
+    ``expert_set``, ``router``, ``follower``, ``_library_sync``, ``_fill`` and ``_persist_routing``)."""
+
+    expert_set: ExpertSet
+    router: Router
+    follower: LibraryFollower | None
+    _library_sync: LibrarySync | None
+    _fill: RoutingFill
+
+    def _persist_routing(self) -> None:  # pragma: no cover - given by the model
+        raise NotImplementedError
+
+    def sync_library(self) -> SyncReport:
+        """Take in what any process changed in the library folder since the model last looked, one expert at a time,
+        all or nothing (see :meth:`LibrarySync.sync <moerge.runtime.follow.LibrarySync.sync>`); an expert that
+        cannot be taken in stays invisible, why is in :attr:`library_errors`. Returns what changed."""
+        self.expert_set.require_active()
+        if self._library_sync is None:
+            raise LibraryError("this model has no library to sync with")
+        report = self._library_sync.sync(self.router)
+        if report.changed:
+            self._persist_routing()
+        return report
+
+    @property
+    def library_errors(self) -> dict[str, str]:
+        """Experts of the library the model could not take in, and why (files, routing data, a name clash)."""
+        return {} if self._library_sync is None else dict(self._library_sync.errors)
+
+    def follow_library(self, interval: float = 0.2) -> LibraryFollower:
+        """Follow the library folder from now on: a daemon thread calls :meth:`sync_library` when the manifest
+        changes (see :class:`~moerge.runtime.follow.LibraryFollower`); :meth:`close` stops it."""
+        self.expert_set.require_active()
+        if self.follower is not None:
+            self.follower.stop()
+        self.follower = LibraryFollower(self, interval)
+        return self.follower
+
+    # --- routing data trained in the background (train_routing="background") -------------------------------------
+    @property
+    def pending_routing(self) -> list[str]:
+        """Experts the model holds whose routing data is being trained in the background: usable by name (and by a
+        global stage), not yet chosen by a local gate."""
+        return self._fill.pending
+
+    @property
+    def routing_errors(self) -> dict[str, str]:
+        """Experts whose routing data could not be trained in the background, and why (they stay usable by name)."""
+        return dict(self._fill.errors)
+
+    def wait_routing(self, timeout: float | None = None) -> bool:
+        """Block until the routing data trained in the background is in, or ``timeout`` seconds pass; returns
+        whether it is."""
+        return self._fill.wait(timeout)
+
+    def close(self) -> None:
+        """Stop following the library (waits for a sync under way) and training routing data in the background;
+        the model keeps serving what it holds."""
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower = None
+        self._fill.close()

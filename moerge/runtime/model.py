@@ -23,7 +23,7 @@ from moerge.adapters.expert import Expert, ExpertMetadata
 from moerge.adapters.merge import merge_into
 from moerge.adapters.peft_loader import load_peft_lora
 from moerge.core.fingerprint import linear_modules
-from moerge.errors import LibraryError, RoutingError
+from moerge.errors import RoutingError
 from moerge.library import ExpertLibrary
 from moerge.routers import build_router
 from moerge.routers.explicit import ExplicitRouter
@@ -38,12 +38,14 @@ from moerge.routing import (
     explain_routing,
 )
 from moerge.runtime.experts import ExpertSet
-from moerge.runtime.follow import LibraryFollower, LibrarySync, SyncReport
+from moerge.runtime.fill import RoutingFill
+from moerge.runtime.follow import LibraryFollower, LibrarySync, LivingLibrary
 from moerge.runtime.prompts import PromptReader
 
 __all__ = ["MoErgeModel"]
 
 _INSTALL_CHUNK = 64  # experts stacked into the layers per step when loading a library
+_TRAIN_ROUTING = ("now", "background")
 
 
 def _as_expert(expert: Expert | str | Path, name: str | None, description: str | None,
@@ -63,7 +65,7 @@ def _as_expert(expert: Expert | str | Path, name: str | None, description: str |
     return expert
 
 
-class MoErgeModel(nn.Module):
+class MoErgeModel(LivingLibrary, nn.Module):
     """A Hugging Face causal LM plus a library of experts, routed at inference time.
 
     Build one with :meth:`from_library`. Target ``nn.Linear`` (and GPT-2 ``Conv1D``) modules are replaced by
@@ -83,8 +85,11 @@ class MoErgeModel(nn.Module):
         tokenizer: Any = None,
         expert_dtype: torch.dtype | None = None,
         expert_device: str | torch.device | None = None,
+        train_routing: str = "now",
     ) -> None:
         super().__init__()
+        if train_routing not in _TRAIN_ROUTING:
+            raise ValueError(f"train_routing must be one of {_TRAIN_ROUTING}, got {train_routing!r}")
         if expert_dtype is not None and not (isinstance(expert_dtype, torch.dtype) and expert_dtype.is_floating_point):
             raise ValueError(f"expert_dtype must be a floating torch dtype, got {expert_dtype!r}")
         self.context = RoutingContext()
@@ -92,7 +97,10 @@ class MoErgeModel(nn.Module):
                                     expert_device=None if expert_device is None else torch.device(expert_device))
         self.base = base
         self.library = library
-        self._library_sync = LibrarySync(library, self.expert_set) if library is not None else None
+        self.train_routing = train_routing
+        self._fill = RoutingFill(self.expert_set, self._persist_routing)
+        self._library_sync = None if library is None else LibrarySync(
+            library, self.expert_set, self._fill if train_routing == "background" else None)
         self.follower: LibraryFollower | None = None
         n = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions", None)
         self.prompts = PromptReader(tokenizer, int(n) if isinstance(n, int) and n > 0 else None)
@@ -132,6 +140,7 @@ class MoErgeModel(nn.Module):
         expert_dtype: torch.dtype | None = None,
         expert_device: str | torch.device | None = None,
         follow: bool = True,
+        train_routing: str = "now",
         **load_kwargs: Any,
     ) -> MoErgeModel:
         """Patch ``base`` with the experts of ``library``.
@@ -153,6 +162,11 @@ class MoErgeModel(nn.Module):
                 candidates' factors to the GPU, once, when they are gathered; ``model.to(...)`` leaves them there.
             follow: follow the library folder: experts added, replaced or removed there by any process are taken
                 in by the running model (see :meth:`sync_library` and :meth:`follow_library`).
+            train_routing: ``"now"``: routing data the library lacks (PHATGOOSE gates, X-LoRA head rows) is trained
+                before the model is returned, and before an expert another process adds becomes visible.
+                ``"background"``: such experts are taken in at once, usable by name and by a global stage
+                (GLIDER's index) but not chosen by a local gate until their data, trained in a background thread,
+                is swapped in (:attr:`pending_routing`, :meth:`wait_routing`, :attr:`routing_errors`).
         """
         if isinstance(base, (str, Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -173,13 +187,16 @@ class MoErgeModel(nn.Module):
         if isinstance(router, str):
             router = build_router(router)
         model = cls(base, router, library, tokenizer=tokenizer, expert_dtype=expert_dtype,
-                    expert_device=expert_device)
+                    expert_device=expert_device, train_routing=train_routing)
         listing = library.listing()
         names = list(experts) if experts is not None else list(listing)
+        deferred = []
         for i in range(0, len(names), _INSTALL_CHUNK):
-            model.expert_set.install([library.get(n) for n in names[i : i + _INSTALL_CHUNK]], router)
+            deferred += model.expert_set.install([library.get(n) for n in names[i : i + _INSTALL_CHUNK]], router,
+                                                 defer=train_routing == "background")
         model._library_sync.start(listing)
         model._persist_routing()
+        model._fill.submit(deferred, router)
         if follow:
             model.follow_library()
         return model
@@ -252,7 +269,7 @@ class MoErgeModel(nn.Module):
         """
         expert = _as_expert(expert, name, description, examples)
         if not persist or self._library_sync is None:
-            return self.expert_set.add(expert, self.router, overwrite=overwrite)
+            return self.expert_set.add(expert, self.router, overwrite=overwrite)[0]
         stored = self._library_sync.add(expert, self.router, overwrite=overwrite)
         self._persist_routing()
         return stored
@@ -264,38 +281,6 @@ class MoErgeModel(nn.Module):
             return self.expert_set.remove(name, self.router)
         self._library_sync.remove(name, self.router)
         self._persist_routing()
-
-    # --- following the library ----------------------------------------------------------------------------------
-    def sync_library(self) -> SyncReport:
-        """Take in what any process changed in the library folder since the model last looked, one expert at a time,
-        all or nothing (see :meth:`LibrarySync.sync <moerge.runtime.follow.LibrarySync.sync>`); an expert that
-        cannot be taken in stays invisible, why is in :attr:`library_errors`. Returns what changed."""
-        self.expert_set.require_active()
-        if self._library_sync is None:
-            raise LibraryError("this model has no library to sync with")
-        report = self._library_sync.sync(self.router)
-        if report.changed:
-            self._persist_routing()
-        return report
-
-    @property
-    def library_errors(self) -> dict[str, str]:
-        """Experts of the library the model could not take in, and why (files, routing data, a name clash)."""
-        return {} if self._library_sync is None else dict(self._library_sync.errors)
-
-    def follow_library(self, interval: float = 0.2) -> LibraryFollower:
-        """Follow the library folder from now on: a daemon thread calls :meth:`sync_library` when the manifest
-        changes (see :class:`~moerge.runtime.follow.LibraryFollower`); :meth:`close` stops it."""
-        self.expert_set.require_active()
-        self.close()
-        self.follower = LibraryFollower(self, interval)
-        return self.follower
-
-    def close(self) -> None:
-        """Stop following the library (waits for a sync under way); the model keeps serving what it holds."""
-        if self.follower is not None:
-            self.follower.stop()
-            self.follower = None
 
     def set_router(self, router: str | Router) -> None:
         """Route with another router from now on; it is given every current expert."""

@@ -18,6 +18,9 @@ Endpoints:
   with the error) and ``GET /v1/experts/pending`` lists the recent uploads. With ``?wait=true`` the upload is
   answered once it is added (200 with the expert) or refused (400). ``DELETE /v1/experts/{name}`` removes an
   expert (404 when the model does not have it).
+* ``GET /v1/experts`` — each expert with how its routing data stands (``ready``; ``training`` in the background
+  when the server started on a library that lacks it, ``moerge serve --train-routing background``, the default;
+  ``failed`` with the error), and the experts of the library the model could not take in.
 * ``GET /v1/moerge/stats`` — the sizes of the batches run and the experts served.
 
 Requests are checked in :mod:`moerge.serving.protocol` and run by :mod:`moerge.serving.engine`, which batches
@@ -125,6 +128,19 @@ class _Endpoints:
             raise upload.error
         return JSONResponse(content=upload.expert)
 
+    async def list_experts(self) -> dict[str, Any]:
+        """Each expert the model serves, with how its routing data stands: ``ready``, ``training`` (in the
+        background: usable by name, not yet chosen by a local gate) or ``failed`` (with the error); and the experts
+        of the library the model could not take in."""
+        pending, errors = set(self.model.pending_routing), self.model.routing_errors
+        data = []
+        for n in self.model.experts:
+            state = "training" if n in pending else "failed" if n in errors else "ready"
+            data.append({"id": f"{MODEL_ID}/{n}", "object": "expert", "name": n,
+                         "description": self.model.expert_metadata(n).description, "routing": state,
+                         **({"error": errors[n]} if state == "failed" else {})})
+        return {"object": "list", "data": data, "not_loaded": self.model.library_errors}
+
     async def upload_status(self, upload_id: str) -> dict[str, Any]:
         return self.uploads.get(upload_id)
 
@@ -185,6 +201,7 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/experts", api.add_expert, methods=["POST"])
+    app.add_api_route("/v1/experts", api.list_experts, methods=["GET"])
     app.add_api_route("/v1/experts/pending", api.pending_uploads, methods=["GET"])
     app.add_api_route("/v1/experts/pending/{upload_id}", api.upload_status, methods=["GET"])
     app.add_api_route("/v1/experts/{name}", api.remove_expert, methods=["DELETE"])

@@ -310,6 +310,44 @@ def test_requests_are_served_while_an_upload_prepares_its_routing_data(server, m
             assert http.delete(f"/v1/experts/{name}").status_code == 200
 
 
+def test_a_server_on_a_library_without_gates_serves_at_once_and_trains_them_meanwhile(tmp_path, monkeypatch):
+    import moerge.routers.phatgoose as pg
+
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    for i, n in enumerate(("sort", "french")):
+        lib.add_peft(save_peft_lora(base, tmp_path / n, seed=i, r=4, target_modules=["q_proj", "v_proj"]), n,
+                     description=f"{n} words", examples=[f"{n}: b a", f"{n}: c d e"])
+    release, real = threading.Event(), pg.train_phatgoose_gates
+
+    def held(*a, **kw):  # training held until the test lets it go
+        assert release.wait(HANG_GUARD)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pg, "train_phatgoose_gates", held)
+    tok = tiny_tokenizer()
+    router = build_router("phatgoose", top_k=1, train_steps=2, train_batch_size=2)
+    model = MoErgeModel.from_library(copy.deepcopy(base), lib, router=router, tokenizer=tok, follow=False,
+                                     train_routing="background")
+    messages = [{"role": "user", "content": "sort: b a"}]
+    with live(create_app(model, tok, ServerConfig(batch_window=0.0))) as url, \
+            httpx.Client(base_url=url, timeout=HANG_GUARD) as http, client_for(url) as client:
+        try:
+            listed = http.get("/v1/experts").json()
+            assert [(e["name"], e["routing"]) for e in listed["data"]] == [("sort", "training"), ("french", "training")]
+            answer = client.chat.completions.create(model="moerge/sort", messages=messages, max_tokens=6,
+                                                    temperature=0)  # an expert by name: served at once
+            assert answer.choices[0].message.content == _reference(model, tok, messages, 6, {"sort": 1.0})
+            routed = client.chat.completions.create(model="moerge", messages=messages, max_tokens=6, temperature=0)
+            assert routed.choices[0].message.content == _reference(model, tok, messages, 6)
+        finally:
+            release.set()
+        assert model.wait_routing(HANG_GUARD)
+        assert [e["routing"] for e in http.get("/v1/experts").json()["data"]] == ["ready", "ready"]
+        assert ExpertLibrary.open(lib.root).routing_kinds("sort") == ["phatgoose"]
+    model.close()
+
+
 def test_bad_requests_are_refused_and_the_server_keeps_serving(server):
     http, client, *_ = server
     messages = [{"role": "user", "content": "hi"}]
