@@ -247,7 +247,9 @@ class ExpertSet:
         prepared = None if deferred else router.prepare_expert(expert)
         previous = None
         if library is not None:
-            previous = library.get(expert.name) if overwrite and expert.name in library else None
+            if overwrite and expert.name in library:  # to put back, with its routing data, if the swap fails
+                previous = (library.get(expert.name),
+                            {k: library.get_routing(expert.name, k) for k in library.routing_kinds(expert.name)})
             stored = library.add(expert, overwrite=overwrite)  # atomic: all or nothing on disk
         else:
             stored = expert
@@ -265,7 +267,11 @@ class ExpertSet:
         except BaseException:
             if library is not None:  # the library back as it was
                 if previous is not None:
-                    library.add(previous, overwrite=True)
+                    old, routing = previous
+                    library.add(old, overwrite=True)
+                    for kind, got in routing.items():
+                        if got is not None:
+                            library.put_routing(old.name, kind, *got)
                 elif expert.name in library:
                     library.remove(expert.name)
             raise

@@ -112,6 +112,33 @@ def test_an_expert_whose_routing_data_fails_is_never_visible(tmp_path, monkeypat
     assert ExpertLibrary.open(lib.root).verify() == []
 
 
+def test_a_replacement_that_fails_at_the_swap_puts_the_previous_expert_back_with_its_routing_data(tmp_path,
+                                                                                                   monkeypatch):
+    model, tok = _model(tmp_path)
+    lib = model.library
+    enc = tok(["reverse: p q"], return_tensors="pt")
+    before = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    old_digest = lib.get("e0").digest()
+    stored_gates = lib.get_routing("e0", "phatgoose")
+    assert stored_gates is not None
+    new = rand_expert(tiny_chat_llama(), "e0", seed=9, description="new e0", examples=EXAMPLES)
+    real = model.expert_set.router_add
+
+    def broken(router, experts, prepared=None):  # the swap fails after the library took the new version
+        assert ExpertLibrary.open(lib.root).get("e0").digest() == new.digest()
+        raise RuntimeError("swap failed (injected)")
+
+    monkeypatch.setattr(model.expert_set, "router_add", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        model.add_expert(new, overwrite=True)
+    monkeypatch.setattr(model.expert_set, "router_add", real)
+    again = ExpertLibrary.open(lib.root)
+    assert again.get("e0").digest() == old_digest and again.verify() == []
+    got = again.routing_for("e0", "phatgoose", old_digest)  # its gates are still stored: nothing to retrain
+    assert got is not None and all(torch.equal(got[m], stored_gates[0][m]) for m in got)
+    assert torch.equal(model.generate(**enc, max_new_tokens=3, do_sample=False), before)
+
+
 def test_routing_data_is_trained_on_a_private_base_that_shares_the_weights(tmp_path):
     model, tok = _model(tmp_path)
     private = model.expert_set.private_base()
