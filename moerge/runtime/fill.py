@@ -127,6 +127,9 @@ class RoutingFill:
     def _run(self) -> None:
         while (item := self._next()) is not None:
             expert, router = item
+            with self.experts.lock:
+                if not self._current(expert):  # replaced or removed while it waited: nothing to train
+                    continue
             try:
                 with cancellable(self._cancel):
                     prepared = router.prepare_expert(expert)  # slow: trains on a private base, outside the lock

@@ -74,12 +74,14 @@ class Held:
 
     def __init__(self, monkeypatch):
         self.release = threading.Event()
+        self.reached = threading.Event()  # some training started
         self.started: list[str] = []
         self.fail: set[str] = set()
         real = pg.train_phatgoose_gates
 
         def held(base, tok, expert, *a, **kw):
             self.started.append(expert.name)
+            self.reached.set()
             assert self.release.wait(HANG_GUARD), "training was never released"
             if expert.name in self.fail:
                 raise RuntimeError(f"no gates for {expert.name}")
@@ -181,6 +183,21 @@ def test_an_expert_whose_training_fails_stays_usable_by_name_and_says_why(tmp_pa
         assert all("e1" not in u for u in _used(model.last_routing))  # the local gate never chooses it
         assert ExpertLibrary.open(lib.root).routing_kinds("e1") == []
     finally:
+        model.close()
+
+
+def test_an_expert_removed_while_it_waits_is_never_trained(tmp_path, monkeypatch):
+    lib = _library(tmp_path / "lib")
+    held = Held(monkeypatch)
+    model = _model(lib, "phatgoose", "background")
+    try:
+        assert held.reached.wait(HANG_GUARD) and held.started == ["e0"]  # e0 trains, e1 waits its turn
+        model.remove_expert("e1", persist=False)
+        held.release.set()
+        assert model.wait_routing(HANG_GUARD)
+        assert held.started == ["e0"] and model.pending_routing == [] and model.routing_errors == {}
+    finally:
+        held.release.set()
         model.close()
 
 
