@@ -36,6 +36,9 @@ class RouterContext:
             no routing is active on it, so it acts as the plain base.
         training_base: returns a plain private copy of the base to train routing data on (gates, heads), so
             training never runs through the base that serves calls.
+        run_training: runs a training function (``fn() -> result``) where it least disturbs the calls being
+            served — in a forked child process when the model can (see :mod:`moerge.core.forked`) — and returns
+            its result; ``None``: call it here.
     """
 
     modules: Mapping[str, tuple[int, int]] = field(default_factory=dict)
@@ -44,6 +47,7 @@ class RouterContext:
     store: Any = None
     language_model: nn.Module | None = None
     training_base: Callable[[], nn.Module] | None = None
+    run_training: Callable[[Callable[[], Any]], Any] | None = None
 
 
 class Router:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from moerge.adapters.expert import Expert, LoRAWeights
 
-__all__ = ["fit", "seeded", "cancellable", "TrainingCancelled", "GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "collate",
+__all__ = ["fit", "seeded", "cancellable", "current_cancel", "TrainingCancelled", "GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "collate",
            "make_batches", "answers_from_expert", "frozen", "greedy_generate"]
 
 
@@ -80,6 +80,11 @@ def cancellable(event: threading.Event) -> Iterator[None]:
         yield
     finally:
         _cancel.event = previous
+
+
+def current_cancel() -> threading.Event | None:
+    """The event of the innermost :func:`cancellable` block of this thread (``None`` outside one)."""
+    return getattr(_cancel, "event", None)
 
 
 def _warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:

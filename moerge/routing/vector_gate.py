@@ -156,7 +156,8 @@ class TrainedGateRouter(VectorGateRouter):
         if stored is not None:
             return _Prepared(digest, self._from_tensors(stored), saved=True)
         if self._can_train(expert):
-            data, losses = self._train(expert)
+            run = self.context.run_training
+            data, losses = run(lambda: self._train(expert)) if run is not None else self._train(expert)
             return _Prepared(digest, data, saved=False, losses=losses)
         warnings.warn(f"expert {expert.name!r} has no {self.data_label} (none stored, and no example prompts or "
                       "tokenizer to train them): its local logit is 0 everywhere", stacklevel=4)

@@ -140,6 +140,8 @@ class RoutingFill:
             except TrainingCancelled:
                 continue
             except Exception as e:  # noqa: BLE001 - the thread goes on; the expert stays usable by name
+                if self._stop:  # cancelled by close (a training process is killed)
+                    continue
                 self.errors[expert.name] = f"{type(e).__name__}: {e}"
                 warnings.warn(f"the routing data of expert {expert.name!r} could not be trained: {e}; it is used "
                               "only when asked for by name", RuntimeWarning, stacklevel=1)

@@ -23,6 +23,7 @@ from moerge.adapters.expert import Expert, ExpertMetadata
 from moerge.adapters.merge import merge_into
 from moerge.adapters.peft_loader import load_peft_lora
 from moerge.core.fingerprint import linear_modules
+from moerge.core.forked import can_fork, run_forked
 from moerge.errors import RoutingError
 from moerge.library import ExpertLibrary
 from moerge.routers import build_router
@@ -37,6 +38,7 @@ from moerge.routing import (
     RowRouting,
     explain_routing,
 )
+from moerge.routing.training import current_cancel
 from moerge.runtime.experts import ExpertSet
 from moerge.runtime.fill import RoutingFill
 from moerge.runtime.follow import LibraryFollower, LibrarySync, LivingLibrary
@@ -46,6 +48,7 @@ __all__ = ["MoErgeModel"]
 
 _INSTALL_CHUNK = 64  # experts stacked into the layers per step when loading a library
 _TRAIN_ROUTING = ("now", "background")
+_TRAIN_IN = ("auto", "process", "thread")
 
 
 def _as_expert(expert: Expert | str | Path, name: str | None, description: str | None,
@@ -86,10 +89,13 @@ class MoErgeModel(LivingLibrary, nn.Module):
         expert_dtype: torch.dtype | None = None,
         expert_device: str | torch.device | None = None,
         train_routing: str = "now",
+        train_in: str = "auto",
     ) -> None:
         super().__init__()
         if train_routing not in _TRAIN_ROUTING:
             raise ValueError(f"train_routing must be one of {_TRAIN_ROUTING}, got {train_routing!r}")
+        if train_in not in _TRAIN_IN:
+            raise ValueError(f"train_in must be one of {_TRAIN_IN}, got {train_in!r}")
         if expert_dtype is not None and not (isinstance(expert_dtype, torch.dtype) and expert_dtype.is_floating_point):
             raise ValueError(f"expert_dtype must be a floating torch dtype, got {expert_dtype!r}")
         self.context = RoutingContext()
@@ -98,6 +104,8 @@ class MoErgeModel(LivingLibrary, nn.Module):
         self.base = base
         self.library = library
         self.train_routing = train_routing
+        on_cuda = any(p.is_cuda for p in base.parameters())
+        self.train_in = ("process" if can_fork() and not on_cuda else "thread") if train_in == "auto" else train_in
         self._fill = RoutingFill(self.expert_set, self._persist_routing)
         self._library_sync = None if library is None else LibrarySync(
             library, self.expert_set, self._fill if train_routing == "background" else None)
@@ -141,6 +149,7 @@ class MoErgeModel(LivingLibrary, nn.Module):
         expert_device: str | torch.device | None = None,
         follow: bool = True,
         train_routing: str = "now",
+        train_in: str = "auto",
         **load_kwargs: Any,
     ) -> MoErgeModel:
         """Patch ``base`` with the experts of ``library``.
@@ -167,6 +176,9 @@ class MoErgeModel(LivingLibrary, nn.Module):
                 ``"background"``: such experts are taken in at once, usable by name and by a global stage
                 (GLIDER's index) but not chosen by a local gate until their data, trained in a background thread,
                 is swapped in (:attr:`pending_routing`, :meth:`wait_routing`, :attr:`routing_errors`).
+            train_in: where routing data is trained while the model serves: ``"process"`` (a child forked from
+                this one, with its own GIL and a lower CPU priority: calls are not slowed by it), ``"thread"``
+                (here), or ``"auto"``: a process where ``fork`` exists and the base is not on CUDA.
         """
         if isinstance(base, (str, Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -187,7 +199,7 @@ class MoErgeModel(LivingLibrary, nn.Module):
         if isinstance(router, str):
             router = build_router(router)
         model = cls(base, router, library, tokenizer=tokenizer, expert_dtype=expert_dtype,
-                    expert_device=expert_device, train_routing=train_routing)
+                    expert_device=expert_device, train_routing=train_routing, train_in=train_in)
         listing = library.listing()
         names = list(experts) if experts is not None else list(listing)
         deferred = []
@@ -221,8 +233,13 @@ class MoErgeModel(LivingLibrary, nn.Module):
             self.__dict__["_router_context"] = RouterContext(
                 modules=linear_modules(self.base), hidden_size=hidden if isinstance(hidden, int) else None,
                 tokenizer=self.tokenizer, store=self.library, language_model=self.base,
-                training_base=self.expert_set.private_base)
+                training_base=self.expert_set.private_base,
+                run_training=self._run_forked if self.train_in == "process" else None)
         return self.__dict__["_router_context"]
+
+    def _run_forked(self, fn: Any) -> Any:
+        """``fn`` (a router's training) in a forked child, the model's lock held while forking."""
+        return run_forked(fn, hold=self.expert_set.lock, cancel=current_cancel())
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -78,7 +78,8 @@ def test_gates_trained_on_add_stored_and_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pg, "train_phatgoose_gates", counting)
     router = build_router("phatgoose", train_steps=2, train_batch_size=2)
-    model = MoErgeModel.from_library(base, lib, router=router, tokenizer=tok)
+    # in this process, so the spy sees the calls (tests/runtime/test_training_process.py covers the child)
+    model = MoErgeModel.from_library(base, lib, router=router, tokenizer=tok, train_in="thread")
     assert sorted(calls) == ["e0", "e1"]
     lib2 = ExpertLibrary.open(lib.root)
     assert lib2.routing_kinds("e0") == ["phatgoose"]
@@ -89,7 +90,7 @@ def test_gates_trained_on_add_stored_and_reused(tmp_path, monkeypatch):
     # a second model on the same library trains nothing
     calls.clear()
     other = build_router("phatgoose", train_steps=2, train_batch_size=2)
-    second = MoErgeModel.from_library(tiny_chat_llama(), lib2, router=other, tokenizer=tok)
+    second = MoErgeModel.from_library(tiny_chat_llama(), lib2, router=other, tokenizer=tok, train_in="thread")
     assert calls == []
     assert all(torch.equal(other.gates_of("e1")[m], g) for m, g in router.gates_of("e1").items())
     second.close()  # it would follow the library and train the additions below too

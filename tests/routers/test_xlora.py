@@ -61,7 +61,8 @@ def test_rows_stored_reused_and_new_expert_trains_only_itself(tmp_path, monkeypa
         return real(*a, **{**kw, "progress": False})
 
     monkeypatch.setattr(xl, "train_xlora_head", spy)
-    model = MoErgeModel.from_library(base, lib, router=build_router("xlora", train_steps=2), tokenizer=tok)
+    model = MoErgeModel.from_library(base, lib, router=build_router("xlora", train_steps=2), tokenizer=tok,
+                                     train_in="thread")  # in this process, so the spy sees the calls
     assert calls == [["e0"], ["e1"]]
     before = {n: model.router.rows_of(n) for n in ("e0", "e1")}
     assert lib.routing_kinds("e1") == ["xlora"]
@@ -72,7 +73,7 @@ def test_rows_stored_reused_and_new_expert_trains_only_itself(tmp_path, monkeypa
         assert all(torch.equal(model.router.rows_of(n)[m][0], before[n][m][0]) for m in before[n])
     calls.clear()
     again = MoErgeModel.from_library(tiny_chat_llama(), ExpertLibrary.open(lib.root),
-                                     router=build_router("xlora"), tokenizer=tok)
+                                     router=build_router("xlora"), tokenizer=tok, train_in="thread")
     assert calls == []
     for n in ("e0", "e1", "e2"):  # every expert's rows read back from the library as they were trained
         assert all(torch.equal(again.router.rows_of(n)[m][0], w) for m, (w, _) in model.router.rows_of(n).items())

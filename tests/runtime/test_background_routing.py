@@ -53,7 +53,7 @@ def _router(kind):
 
 def _model(lib, kind, train_routing):
     return MoErgeModel.from_library(tiny_chat_llama(), lib, router=_router(kind), tokenizer=tiny_tokenizer(),
-                                    follow=False, train_routing=train_routing)
+                                    follow=False, train_routing=train_routing, train_in="thread")  # held here
 
 
 def _enc(model):

@@ -32,7 +32,8 @@ def _model(tmp_path):
     for i, n in enumerate(("e0", "e1")):
         lib.add(rand_expert(base, n, seed=i, description=f"expert {n}", examples=EXAMPLES))
     router = build_router("phatgoose", top_k=2, train_steps=STEPS, train_batch_size=2)
-    return MoErgeModel.from_library(base, lib, router=router, tokenizer=tok), tok
+    # trained in this process: the lockstep barrier below runs training steps next to calls in threads
+    return MoErgeModel.from_library(base, lib, router=router, tokenizer=tok, train_in="thread"), tok
 
 
 def test_an_add_that_trains_changes_no_concurrent_call_and_holds_none_up(tmp_path, monkeypatch):

@@ -328,7 +328,7 @@ def test_a_server_on_a_library_without_gates_serves_at_once_and_trains_them_mean
     tok = tiny_tokenizer()
     router = build_router("phatgoose", top_k=1, train_steps=2, train_batch_size=2)
     model = MoErgeModel.from_library(copy.deepcopy(base), lib, router=router, tokenizer=tok, follow=False,
-                                     train_routing="background")
+                                     train_routing="background", train_in="thread")  # held in this process
     messages = [{"role": "user", "content": "sort: b a"}]
     with live(create_app(model, tok, ServerConfig(batch_window=0.0))) as url, \
             httpx.Client(base_url=url, timeout=HANG_GUARD) as http, client_for(url) as client:
