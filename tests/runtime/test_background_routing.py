@@ -7,8 +7,8 @@ waits' timeouts only guard against a hang)."""
 
 from __future__ import annotations
 
-import shutil
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -90,14 +90,23 @@ class Held:
         monkeypatch.setattr(pg, "train_phatgoose_gates", held)
 
 
-@pytest.mark.parametrize("kind", ["phatgoose", "glider"])
-def test_a_model_serves_at_once_and_ends_where_training_first_would(tmp_path, monkeypatch, kind):
+@contextmanager
+def held_model(tmp_path, monkeypatch, kind="phatgoose"):
+    """A background-training model over a new library whose training is held; released and closed at the end."""
     lib = _library(tmp_path / "lib")
-    shutil.copytree(lib.root, tmp_path / "copy")
-    reference = _model(ExpertLibrary.open(tmp_path / "copy"), kind, "now")  # trains before it is returned
     held = Held(monkeypatch)
     model = _model(lib, kind, "background")  # returned while its training is held
     try:
+        yield lib, held, model
+    finally:
+        held.release.set()
+        model.close()
+
+
+@pytest.mark.parametrize("kind", ["phatgoose", "glider"])
+def test_a_model_serves_at_once_and_ends_where_training_first_would(tmp_path, monkeypatch, kind):
+    reference = _model(_library(tmp_path / "ref"), kind, "now")  # the same library; trains before it is returned
+    with held_model(tmp_path, monkeypatch, kind) as (lib, held, model):  # returned while training is held
         assert model.pending_routing == ["e0", "e1"] and model.experts == ["e0", "e1"]
         assert lib.routing_kinds("e0") == []  # nothing trained or stored yet
         for mix in ({"e0": 1.0}, {"e0": 0.5, "e1": 0.5}):  # by name: exact at once
@@ -114,16 +123,10 @@ def test_a_model_serves_at_once_and_ends_where_training_first_would(tmp_path, mo
         assert torch.equal(_out(model), _out(reference))  # bitwise where the model that trained first is
         assert model.last_routing[0].to_json() == reference.last_routing[0].to_json()
         assert ExpertLibrary.open(lib.root).routing_kinds("e0") == ["phatgoose"]  # stored for the next load
-    finally:
-        held.release.set()
-        model.close()
 
 
 def test_a_swap_of_trained_gates_never_changes_a_call_under_way(tmp_path, monkeypatch):
-    lib = _library(tmp_path / "lib")
-    held = Held(monkeypatch)
-    model = _model(lib, "phatgoose", "background")
-    try:
+    with held_model(tmp_path, monkeypatch) as (_, held, model):
         enc = _enc(model)
         with model.routing(enc["input_ids"], enc["attention_mask"]) as state:  # routed before the gates are in
             before = model(**enc).logits
@@ -133,9 +136,6 @@ def test_a_swap_of_trained_gates_never_changes_a_call_under_way(tmp_path, monkey
         assert torch.equal(before, during)
         assert _used(state.trace()) == [set(), set()]
         assert not torch.equal(model(**enc).logits, before)  # a new call routes with the trained gates
-    finally:
-        held.release.set()
-        model.close()
 
 
 def test_an_expert_another_process_adds_is_usable_at_once_and_routed_once_trained(tmp_path, monkeypatch):
@@ -187,18 +187,12 @@ def test_an_expert_whose_training_fails_stays_usable_by_name_and_says_why(tmp_pa
 
 
 def test_an_expert_removed_while_it_waits_is_never_trained(tmp_path, monkeypatch):
-    lib = _library(tmp_path / "lib")
-    held = Held(monkeypatch)
-    model = _model(lib, "phatgoose", "background")
-    try:
+    with held_model(tmp_path, monkeypatch) as (_, held, model):
         assert held.reached.wait(HANG_GUARD) and held.started == ["e0"]  # e0 trains, e1 waits its turn
         model.remove_expert("e1", persist=False)
         held.release.set()
         assert model.wait_routing(HANG_GUARD)
         assert held.started == ["e0"] and model.pending_routing == [] and model.routing_errors == {}
-    finally:
-        held.release.set()
-        model.close()
 
 
 def test_closing_the_model_drops_what_is_queued(tmp_path, monkeypatch):
