@@ -9,7 +9,9 @@ exits. The parent's thread waits on the pipe without holding the GIL.
 
 Forking a process with threads is safe here because the child only runs ``fn`` and leaves with ``os._exit``:
 ``hold`` (the model's lock) is held while forking, so no other thread holds it in the child's copy; torch's
-OpenMP pool of the parent cannot be used after a fork, so the child runs torch with one thread. Where there is no
+OpenMP pool of the parent cannot be used after a fork, so the child runs torch with one thread; tqdm's lock, which
+its monitor thread may hold at the moment of the fork, is replaced in the child (logging, the import lock and
+malloc reset theirs themselves). Where there is no
 ``fork`` (Windows), or for a CUDA model (CUDA cannot be used in a forked child), callers run ``fn`` in-process.
 """
 
@@ -42,6 +44,19 @@ def can_fork() -> bool:
     return hasattr(os, "fork") and sys.platform != "win32"
 
 
+def _fresh_locks() -> None:  # pragma: no cover - runs in the forked child
+    """Give the child new locks where a thread the fork did not copy may have held the parent's: tqdm's (its
+    monitor thread takes it every few seconds; a progress bar would wait for it forever)."""
+    try:
+        from tqdm.auto import tqdm as auto
+        from tqdm.std import tqdm as std
+    except ImportError:
+        return
+    for cls in {std, auto}:
+        cls.set_lock(threading.RLock())
+        cls.monitor_interval = 0  # no monitor thread in the child
+
+
 def _child(fn: Callable[[], Any], w: int) -> None:  # pragma: no cover - runs in the forked child
     try:
         with contextlib.suppress(OSError):
@@ -49,6 +64,7 @@ def _child(fn: Callable[[], Any], w: int) -> None:  # pragma: no cover - runs in
         import torch
 
         torch.set_num_threads(1)  # the parent's OpenMP pool is unusable after a fork
+        _fresh_locks()
         try:
             result: tuple[str, Any] = ("ok", fn())
         except BaseException as e:  # noqa: BLE001 - given back to the parent

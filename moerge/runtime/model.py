@@ -107,6 +107,7 @@ class MoErgeModel(LivingLibrary, nn.Module):
         on_cuda = any(p.is_cuda for p in base.parameters())
         self.train_in = ("process" if can_fork() and not on_cuda else "thread") if train_in == "auto" else train_in
         self._fill = RoutingFill(self.expert_set, self._persist_routing)
+        self._loading = False  # from_library taking the library in: nothing is served yet
         self._library_sync = None if library is None else LibrarySync(
             library, self.expert_set, self._fill if train_routing == "background" else None)
         self.follower: LibraryFollower | None = None
@@ -176,9 +177,9 @@ class MoErgeModel(LivingLibrary, nn.Module):
                 ``"background"``: such experts are taken in at once, usable by name and by a global stage
                 (GLIDER's index) but not chosen by a local gate until their data, trained in a background thread,
                 is swapped in (:attr:`pending_routing`, :meth:`wait_routing`, :attr:`routing_errors`).
-            train_in: where routing data is trained while the model serves: ``"process"`` (a child forked from
-                this one, with its own GIL and a lower CPU priority: calls are not slowed by it), ``"thread"``
-                (here), or ``"auto"``: a process where ``fork`` exists and the base is not on CUDA.
+            train_in: where routing data is trained while the model serves: ``"process"`` (a forked child, with
+                its own GIL and a lower CPU priority), ``"thread"`` or ``"auto"`` (a process where ``fork`` exists
+                and the base is not on CUDA).
         """
         if isinstance(base, (str, Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,10 +203,11 @@ class MoErgeModel(LivingLibrary, nn.Module):
                     expert_device=expert_device, train_routing=train_routing, train_in=train_in)
         listing = library.listing()
         names = list(experts) if experts is not None else list(listing)
-        deferred = []
+        deferred, model._loading = [], True  # data trained at load uses every thread, in this process
         for i in range(0, len(names), _INSTALL_CHUNK):
             deferred += model.expert_set.install([library.get(n) for n in names[i : i + _INSTALL_CHUNK]], router,
                                                  defer=train_routing == "background")
+        model._loading = False
         model._library_sync.start(listing)
         model._persist_routing()
         model._fill.submit(deferred, router)
@@ -238,8 +240,8 @@ class MoErgeModel(LivingLibrary, nn.Module):
         return self.__dict__["_router_context"]
 
     def _run_forked(self, fn: Any) -> Any:
-        """``fn`` (a router's training) in a forked child, the model's lock held while forking."""
-        return run_forked(fn, hold=self.expert_set.lock, cancel=current_cancel())
+        """``fn`` (a router's training) in a forked child (lock held while forking); at load, here (all threads)."""
+        return fn() if self._loading else run_forked(fn, hold=self.expert_set.lock, cancel=current_cancel())
 
     def __getattr__(self, name: str) -> Any:
         try:

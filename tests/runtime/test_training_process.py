@@ -51,7 +51,8 @@ def _held_training(monkeypatch, folder, fail=False):
     real = pg.train_phatgoose_gates
 
     def held(*a, **kw):
-        (folder / "started").write_text(str(os.getpid()))
+        (folder / "started.tmp").write_text(str(os.getpid()))
+        (folder / "started.tmp").rename(folder / "started")  # whole when it appears
         _wait_for(folder / "release")
         if fail:
             raise ValueError("no gates today (injected)")
