@@ -87,10 +87,18 @@ class RoutingStore:
                                    file=str(path))
             return load_safetensors(path, expert=name), dict(entry.get("info") or {})
 
+    def made_for(self, name: str, kind: str, digest: str) -> bool:
+        """Whether the manifest lists data ``kind`` of expert ``name`` made for the weights with ``digest`` (only
+        the manifest is read)."""
+        with self._manifest.held():
+            entry = self._manifest.experts.get(name, {}).get("routing", {}).get(kind)
+        return entry is not None and (entry.get("info") or {}).get("digest") == digest
+
     def matching(self, name: str, kind: str, digest: str) -> dict[str, torch.Tensor] | None:
         """The tensors of data ``kind`` of expert ``name`` if they were made for the weights with ``digest``;
-        ``None`` when the library lacks the expert, the data, or holds data made for other weights."""
-        if name not in self._manifest.experts:
+        ``None`` when the library lacks the expert, the data, or holds data made for other weights (then no file
+        is read)."""
+        if not self.made_for(name, kind, digest):
             return None
         got = self.get(name, kind)
         return got[0] if got is not None and got[1].get("digest") == digest else None

@@ -313,6 +313,10 @@ class ExpertLibrary:
         other weights."""
         return self._routing.matching(name, kind, digest)
 
+    def has_routing_for(self, name: str, kind: str, digest: str) -> bool:
+        """Whether :meth:`routing_for` would find data (read from the manifest alone: no file is loaded)."""
+        return self._routing.made_for(name, kind, digest)
+
     def routing_kinds(self, name: str) -> list[str]:
         """The kinds of routing data stored for expert ``name``."""
         return self._routing.kinds(name)

@@ -29,7 +29,8 @@ class RouterContext:
         hidden_size: the base's hidden size, when its config gives one.
         tokenizer: the base's tokenizer (``None`` when the model has none): routers that read prompts as text or
             train on examples need it.
-        store: the library's routing-data store (``put_routing``/``get_routing``/``routing_for``, ``routing_dir``,
+        store: the library's routing-data store (``put_routing``/``get_routing``/``routing_for``/``has_routing_for``,
+            ``routing_dir``,
             ``locked``, ``embedder``, ``set_embedder``; ``name in store`` for the experts it lists), or ``None``
             for a model without a library.
         language_model: the base model, to generate text with (GLIDER's task describer); inside a router's calls

@@ -146,11 +146,15 @@ class TrainedGateRouter(VectorGateRouter):
         return bool(self.config.train_missing and expert.metadata.examples and ctx.tokenizer is not None
                     and ctx.training_base is not None)
 
+    def _holds(self, expert: Expert, digest: str) -> bool:
+        """Whether the router holds data made for these weights of ``expert`` (e.g. set before it was added)."""
+        return self._digest.get(expert.name) == digest and expert.name in self._data
+
     def prepare_expert(self, expert: Expert) -> _Prepared:
         """The library's data for the expert's weights, else data trained now, else zeros (with a warning)."""
         digest = expert.digest()
-        if self._digest.get(expert.name) == digest and expert.name in self._data:
-            return _Prepared(digest, None, saved=True)  # same weights, data already known (e.g. set before adding)
+        if self._holds(expert, digest):
+            return _Prepared(digest, None, saved=True)
         store = self.context.store
         stored = None if store is None else store.routing_for(expert.name, self.routing_kind, digest)
         if stored is not None:
@@ -164,14 +168,12 @@ class TrainedGateRouter(VectorGateRouter):
         return _Prepared(digest, self._zeros(expert), saved=True)
 
     def needs_training(self, expert: Expert) -> bool:
-        """True when no data is known or stored for the expert's weights and it can be trained."""
+        """True when no data is held or stored for the expert's weights (the library's manifest is read, no data
+        file: :meth:`prepare_expert` loads it) and it can be trained."""
         digest = expert.digest()
-        if self._digest.get(expert.name) == digest and expert.name in self._data:
-            return False
         store = self.context.store
-        if store is not None and store.routing_for(expert.name, self.routing_kind, digest) is not None:
-            return False
-        return self._can_train(expert)
+        stored = store is not None and store.has_routing_for(expert.name, self.routing_kind, digest)
+        return not (self._holds(expert, digest) or stored) and self._can_train(expert)
 
     def defer_expert(self, expert: Expert, *, placeholder: bool = False) -> None:
         """Take ``expert`` in without data until it is trained: no gate vectors, so the local gate never chooses
