@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from moerge.adapters.packed import PackedSigns
 from moerge.errors import ExpertFormatError
 
-__all__ = ["Expert", "ExpertMetadata", "LoRAWeights", "DeltaWeights", "ModuleWeights", "validate_name"]
+__all__ = ["Expert", "StoredExpert", "ExpertMetadata", "LoRAWeights", "DeltaWeights", "ModuleWeights", "validate_name"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -239,6 +239,10 @@ class Expert:
     def target_modules(self) -> list[str]:
         return sorted(self.modules)
 
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """``(out_features, in_features)`` per module."""
+        return {m: (w.out_features, w.in_features) for m, w in self.modules.items()}
+
     @property
     def ranks(self) -> dict[str, int]:
         """Rank per LoRA module (dense modules are left out)."""
@@ -368,3 +372,80 @@ class Expert:
             return cls(name=name, modules=mods, metadata=metadata or ExpertMetadata(), compressed=compressed)
         except ExpertFormatError as e:
             raise e.at(file) from None
+
+
+class StoredExpert(Expert):
+    """An expert whose weights stay where they are stored until they are read.
+
+    It holds the name, the metadata and the layout of the weights (:meth:`spec`: kind, rank, scale and shapes per
+    module), which is what routing an expert and checking it against a base need. :attr:`modules` reads the weights
+    through ``load`` (a library checks them against their sha256 there) every time it is used, and keeps nothing,
+    so holding one costs no weight memory: a model loads an expert's factors when a call first needs them
+    (:meth:`load` gives the whole :class:`Expert`, to read once and use several times).
+
+    Args:
+        name: the expert's name.
+        metadata: its metadata.
+        layout: its :meth:`spec` (module → ``{"kind", "rank", "scale", "in_features", "out_features", ...}``).
+        load: reads the expert; raises when it cannot (a file gone, a sha256 that disagrees).
+        digest: :meth:`Expert.digest` of its weights when known (a library records it); else computed on first use.
+    """
+
+    def __init__(self, name: str, metadata: ExpertMetadata, layout: Mapping[str, Mapping[str, Any]],
+                 load: Callable[[], Expert], digest: str | None = None) -> None:
+        validate_name(name)
+        if not layout:
+            raise ExpertFormatError("the expert has no module weights", expert=name)
+        for m, spec in layout.items():
+            if spec.get("kind") not in ("lora", "delta") or not all(
+                    isinstance(spec.get(k), int) and spec[k] > 0 for k in ("in_features", "out_features")):
+                raise ExpertFormatError(f"module {m!r}: a layout without kind and shapes: {dict(spec)!r}", expert=name)
+        self.name, self.metadata, self.layout = name, metadata, {m: dict(s) for m, s in layout.items()}
+        self._load, self._digest = load, digest
+
+    def load(self) -> Expert:
+        """The whole expert, read now."""
+        expert = self._load()
+        if expert.name != self.name or expert.spec() != self.spec():
+            raise ExpertFormatError("the stored weights no longer match the layout read before", expert=self.name)
+        return expert
+
+    @property  # type: ignore[override]
+    def modules(self) -> dict[str, ModuleWeights]:
+        return self.load().modules
+
+    @property  # type: ignore[override]
+    def compressed(self) -> dict[str, Any]:
+        return self.load().compressed
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted(self.layout)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m: int(s["rank"]) for m, s in sorted(self.layout.items()) if s["kind"] == "lora"}
+
+    @property
+    def kind(self) -> str:
+        kinds = {s["kind"] for s in self.layout.values()}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def spec(self) -> dict[str, Any]:
+        return {m: dict(self.layout[m]) for m in sorted(self.layout)}
+
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = self.load().digest()
+        return self._digest
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {m: (int(s["out_features"]), int(s["in_features"])) for m, s in self.layout.items()}
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"StoredExpert({self.name!r}, modules={len(self.layout)}, kind={self.kind!r})"

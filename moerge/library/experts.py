@@ -66,16 +66,34 @@ class ExpertFiles:
         folder = self.folder(name)
         return _inside(folder / fname, folder, name, "the file is a link that leads out of the expert's folder")
 
+    def _checked(self, name: str, fname: str, digest: str) -> Path:
+        path = self.file(name, fname)
+        if not path.is_file():
+            raise LibraryError("file listed in the manifest is missing", expert=name, file=str(path))
+        if sha256_file(path) != digest:
+            raise LibraryError("sha256 does not match the manifest (file changed or corrupt)", expert=name,
+                               file=str(path))
+        return path
+
+    def header(self, name: str, files: Mapping[str, str]) -> dict[str, Any]:
+        """Expert ``name``'s ``expert.json`` (metadata and the weights' layout), checked against its sha256 in
+        ``files``; the weights are not read."""
+        if EXPERT_FILE not in files:
+            raise LibraryError(f"the manifest lists no {EXPERT_FILE}", expert=name)
+        meta_path = self._checked(name, EXPERT_FILE, files[EXPERT_FILE])
+        try:
+            data = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(data.get("modules"), dict) or not isinstance(data.get("metadata"), dict):
+                raise ValueError("'modules' and 'metadata' must be objects")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise LibraryError(f"cannot parse: {e}", expert=name, file=str(meta_path)) from None
+        return data
+
     def load(self, name: str, files: Mapping[str, str]) -> Expert:
         """Load expert ``name`` after checking each of ``files`` (name → sha256) against its sha256."""
         folder = self.folder(name)
         for fname, digest in files.items():
-            path = self.file(name, fname)
-            if not path.is_file():
-                raise LibraryError("file listed in the manifest is missing", expert=name, file=str(path))
-            if sha256_file(path) != digest:
-                raise LibraryError("sha256 does not match the manifest (file changed or corrupt)", expert=name,
-                                   file=str(path))
+            self._checked(name, fname, digest)
         meta_path = folder / EXPERT_FILE
         try:
             data = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from moerge.adapters.delta import expert_from_diff
-from moerge.adapters.expert import Expert, validate_name
+from moerge.adapters.expert import Expert, ExpertMetadata, StoredExpert, validate_name
 from moerge.adapters.peft_loader import load_peft_lora
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
 from moerge.library.base_record import DEFAULT_MAX_RANK, BaseRecord
@@ -48,6 +48,7 @@ def _entry(expert: Expert, files: dict[str, str]) -> dict[str, Any]:
         "modules": len(expert.modules),
         "ranks": sorted(set(expert.ranks.values())),
         "parameters": expert.num_parameters(),
+        "digest": expert.digest(),  # what routing data made for these weights records (read without the weights)
         "source": expert.metadata.source.get("type"),
         "added_at": time.time(),
         "files": files,
@@ -181,6 +182,24 @@ class ExpertLibrary:
                     return self._load(name)
             except OSError:  # no lock to take (a read-only folder): the first answer stands
                 raise first from None
+
+    def stored(self, name: str) -> StoredExpert:
+        """Expert ``name`` with its weights left on disk: its metadata and layout are read now (``expert.json``,
+        checked against its sha256), its weights each time they are used, checked against the sha256 the manifest
+        lists now (an expert replaced on disk meanwhile is refused, never mixed with this one's layout)."""
+        with self._manifest.held():
+            entry = self._manifest.require(name)
+            files = dict(entry["files"])
+            data = self._experts.header(name, files)
+        try:
+            meta = ExpertMetadata.from_json(data["metadata"])
+            return StoredExpert(name, meta, data["modules"], lambda: self._experts.load(name, files),
+                                entry.get("digest"))
+        except ExpertFormatError as e:
+            raise e.at(str(self._experts.file(name, "expert.json"))) from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise LibraryError(f"cannot parse: {e}", expert=name,
+                               file=str(self._experts.file(name, "expert.json"))) from None
 
     def _load(self, name: str) -> Expert:
         with self._manifest.held():

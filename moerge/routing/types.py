@@ -65,6 +65,13 @@ class Candidates:
     def row_names(self, b: int) -> list[str]:
         return [self.names[i] for i in self.ids[b].tolist() if i >= 0]
 
+    def used_names(self) -> list[str]:
+        """The experts some row uses, in id order: every filled slot, except those with a sequence weight of 0."""
+        used = self.ids >= 0
+        if self.weights is not None:
+            used = used & (self.weights != 0)
+        return [self.names[i] for i in sorted(set(self.ids[used].tolist()))]
+
     def without(self, names: set[str]) -> Candidates:
         """These candidates with ``names`` dropped from every row (``-1`` slots); sequence weights renormalised."""
         unknown = sorted(names - set(self.names))

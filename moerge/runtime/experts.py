@@ -5,12 +5,17 @@ modules experts target), the experts' metadata, and the lock that makes a change
 call see one version of the set. A change prepares the new experts' routing data and writes the library outside
 the lock, then swaps new immutable banks and the router's data in at once; a failure at any step leaves all of it
 as it was.
+
+Experts of a library arrive as :class:`~moerge.adapters.expert.StoredExpert`: their factors enter the banks when a
+call first has them among its candidates (:meth:`ExpertSet.gather` reads them), and leave them, least recently used
+first, when the :class:`~moerge.runtime.cache.ExpertCache`'s byte budget is passed.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,11 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from moerge.adapters.expert import Expert, ExpertMetadata, validate_name
+from moerge.adapters.expert import Expert, ExpertMetadata, StoredExpert, validate_name
 from moerge.core.fingerprint import is_linear_like, linear_shape
 from moerge.errors import BaseMismatchError, LibraryError, MoErgeError
 from moerge.routing import Candidates, Router, RoutingContext
 from moerge.runtime.bank import ModuleBank
+from moerge.runtime.cache import ExpertCache
 from moerge.runtime.layer import ExpertLinear
 
 __all__ = ["ExpertSet"]
@@ -36,10 +42,13 @@ class ExpertSet:
         context: the routing context the patched modules read each call's routing from.
         expert_dtype: the dtype the banks store factors in (``None``: each base module's dtype).
         expert_device: where the banks stay (``None``: with each base module).
+        cache_bytes: the byte budget of the experts' factors held in the banks (``None``: no limit).
+        pin: experts read as soon as they are known and never evicted.
     """
 
     def __init__(self, base: nn.Module, context: RoutingContext, *, expert_dtype: torch.dtype | None = None,
-                 expert_device: torch.device | None = None) -> None:
+                 expert_device: torch.device | None = None, cache_bytes: int | None = None,
+                 pin: Sequence[str] = ()) -> None:
         if any(isinstance(m, ExpertLinear) for m in base.modules()):
             raise ValueError("this base is already patched by another MoErgeModel; pass that model's copy_base() "
                              "(a plain copy) or unpatch() it first")
@@ -51,6 +60,7 @@ class ExpertSet:
         self.metadata: dict[str, ExpertMetadata] = {}  # expert -> metadata, in id order
         self.modules_of: dict[str, list[str]] = {}  # expert -> the modules it targets
         self.layers: dict[str, ExpertLinear] = {}  # module name -> patched module, in patch order
+        self.cache = ExpertCache(cache_bytes, pin)
         self.active = True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -86,7 +96,7 @@ class ExpertSet:
         validate_name(expert.name)
         if expert.name in self.metadata and not replacing:
             raise LibraryError("the model already has an expert with this name", expert=expert.name)
-        for m, w in expert.modules.items():
+        for m, (out_f, in_f) in expert.shapes().items():
             layer = self.layers.get(m)
             if layer is not None:
                 shape = (layer.out_features, layer.in_features)
@@ -100,9 +110,9 @@ class ExpertSet:
                     raise BaseMismatchError(f"targets module {m!r}, a {type(mod).__name__}, not a linear module",
                                             expert=expert.name)
                 shape = linear_shape(mod)
-            if (w.out_features, w.in_features) != shape:
+            if (out_f, in_f) != shape:
                 raise BaseMismatchError(
-                    f"module {m!r}: the expert maps {w.in_features}→{w.out_features} but the base maps "
+                    f"module {m!r}: the expert maps {in_f}→{out_f} but the base maps "
                     f"{shape[1]}→{shape[0]}", expert=expert.name,
                 )
 
@@ -112,8 +122,10 @@ class ExpertSet:
             return layer
         parent_name, _, attr = module_name.rpartition(".")
         parent = self.base.get_submodule(parent_name) if parent_name else self.base
+        empty = self._empty_bank(module_name)
         layer = ExpertLinear(getattr(parent, attr), module_name, len(self.layers), self.context,
                              bank_device=self.expert_device)
+        layer.bank = empty  # in the experts' dtype
         setattr(parent, attr, layer)
         self.layers[module_name] = layer
         return layer
@@ -145,7 +157,10 @@ class ExpertSet:
             banks[m] = current(m).with_experts(group)
         return banks
 
-    def _commit(self, banks: dict[str, ModuleBank], add: Sequence[Expert], drop: set[str]) -> None:
+    def _commit(self, banks: dict[str, ModuleBank], add: Sequence[Expert], drop: set[str],
+                sources: dict[str, StoredExpert | None] | None = None) -> None:
+        """Swap ``banks`` in and record the experts of ``add`` (those whose factors ``banks`` hold are resident;
+        ``sources``: how to read each again, default the expert itself when it is a :class:`StoredExpert`)."""
         for m, bank in banks.items():
             if len(bank) or m in self.layers:
                 self._patch(m).bank = bank
@@ -153,9 +168,83 @@ class ExpertSet:
         for name in drop - replaced:
             self.metadata.pop(name, None)
             self.modules_of.pop(name, None)
+            self.cache.forget(name)
+        sources = sources or {}
         for e in add:  # a replaced expert keeps its place in the id order, as in the library's manifest
             self.metadata[e.name] = e.metadata
-            self.modules_of[e.name] = sorted(e.modules)
+            self.modules_of[e.name] = e.target_modules
+            for m in self.modules_of[e.name]:
+                self._patch(m)
+            source = sources.get(e.name, e if isinstance(e, StoredExpert) else None)
+            resident = not isinstance(e, StoredExpert) or self.cache.must_load(e.name)
+            self.cache.know(e.name, source, self._size(e), resident=resident)
+
+    def _size(self, expert: Expert) -> int:
+        """Bytes of ``expert``'s factors as the banks hold them (from its layout: nothing is read)."""
+        total = 0
+        for m, spec in expert.spec().items():
+            bank = self.layers[m].bank if m in self.layers else self._empty_bank(m)
+            n = (spec["rank"] * (spec["in_features"] + spec["out_features"]) if spec["kind"] == "lora"
+                 else spec["in_features"] * spec["out_features"] + (spec["out_features"] if spec.get("bias") else 0))
+            total += n * bank.A_all.element_size()
+        return total
+
+    def _arriving(self, experts: Sequence[Expert]) -> list[Expert]:
+        """Of ``experts``, the ones whose factors go into the banks now, read: every expert held in memory, and
+        stored ones that are pinned."""
+        return [e.load() if isinstance(e, StoredExpert) else e for e in experts
+                if not isinstance(e, StoredExpert) or self.cache.must_load(e.name)]
+
+    def _drop_banks(self, names: set[str]) -> set[str]:
+        return {n for n in names if self.cache.is_resident(n)}
+
+    # --- residency ----------------------------------------------------------------------------------------------
+    def ensure_resident(self, names: Sequence[str]) -> None:
+        """Read the factors of the experts of ``names`` that are not in the banks, evicting others (least recently
+        used first) past the budget; call under :attr:`lock`. Raises (the banks unchanged) when an expert cannot be
+        read."""
+        need = [n for n in dict.fromkeys(names) if not self.cache.is_resident(n)]
+        self.cache.hits += len(names) - len(need)
+        if need:
+            t = time.perf_counter()
+            loaded = [self._read(n) for n in need]
+            self.cache.misses += len(need)
+            victims = self.cache.victims(sum(self.cache.sizes[n] for n in need), keep=names)
+            self._swap_resident(loaded, set(victims))
+            self.cache.load_seconds += time.perf_counter() - t
+        self.cache.touch(names)
+
+    def _read(self, name: str) -> Expert:
+        source = self.cache.sources.get(name)
+        if source is None:  # never evicted, so never missing: a broken book
+            raise LibraryError("the expert's factors are neither in memory nor stored", expert=name)
+        return source.load()
+
+    def _swap_resident(self, loaded: Sequence[Expert], evict: set[str]) -> None:
+        """Take ``loaded`` into the banks and drop ``evict`` from them, module by module (under the lock no call
+        reads a bank meanwhile, and each module's old bank is freed before the next is built)."""
+        by_module: dict[str, dict[str, Any]] = {}
+        for e in loaded:
+            for m, w in e.modules.items():
+                by_module.setdefault(m, {})[e.name] = w
+        for m in sorted({m for n in evict for m in self.modules_of.get(n, [])} | set(by_module)):
+            layer = self._patch(m)
+            bank = layer.bank
+            gone = {n for n in evict if n in bank}
+            if gone:
+                bank = bank.without(gone)
+            layer.bank = bank.with_experts(by_module[m]) if m in by_module else bank
+        for n in evict:
+            self.cache.know(n, self.cache.sources[n], self.cache.sizes[n], resident=False)
+            self.cache.evictions += 1
+        for e in loaded:
+            self.cache.know(e.name, self.cache.sources[e.name], self.cache.sizes[e.name], resident=True)
+
+    def evict_over_budget(self, keep: Sequence[str] = ()) -> None:
+        """Evict past the budget (after experts held in memory, or pinned ones, came in); under :attr:`lock`."""
+        victims = self.cache.victims(0, keep=keep)
+        if victims:
+            self._swap_resident([], set(victims))
 
     # --- changes ----------------------------------------------------------------------------------------------------
     def get(self, name: str) -> Expert:
@@ -163,14 +252,22 @@ class ExpertSet:
         with self.lock:
             if name not in self.metadata:
                 raise LibraryError(f"the model has no expert {name!r}", expert=name)
+            if not self.cache.is_resident(name):
+                return self._read(name)
             mods = {m: self.layers[m].bank.weights_of(name) for m in self.modules_of[name]}
             return Expert(name, mods, self.metadata[name])
 
-    def router_add(self, router: Router, experts: Sequence[Expert],
-                   prepared: dict[str, Any] | None = None) -> Callable[[], None]:
+    def _prior(self, name: str) -> Expert:
+        """The set's expert ``name`` as it is now, without reading what is not in memory (for undoing a change)."""
+        source = self.cache.sources.get(name)
+        return source if source is not None and not self.cache.is_resident(name) else self.get(name)
+
+    def router_add(self, router: Router, experts: Sequence[Expert], prepared: dict[str, Any] | None = None,
+                   previous: dict[str, Expert] | None = None) -> Callable[[], None]:
         """Give ``experts`` to ``router`` (replacing the routing data of names it has), with what its
-        ``prepare_expert`` made for them when given; returns an undo."""
-        previous = {e.name: self.get(e.name) for e in experts if e.name in self.metadata}
+        ``prepare_expert`` made for them when given; returns an undo (``previous``: the replaced experts as they
+        were, when the caller has them)."""
+        previous = {**{e.name: self._prior(e.name) for e in experts if e.name in self.metadata}, **(previous or {})}
         prepared = prepared or {}
         done: list[str] = []
 
@@ -195,7 +292,7 @@ class ExpertSet:
 
     def router_defer(self, router: Router, expert: Expert) -> Callable[[], None]:
         """``router.defer_expert(expert)`` (its routing data to be trained later); returns an undo."""
-        previous = self.get(expert.name) if expert.name in self.metadata else None
+        previous = self._prior(expert.name) if expert.name in self.metadata else None
         router.defer_expert(expert)
 
         def undo() -> None:
@@ -216,7 +313,7 @@ class ExpertSet:
                 raise LibraryError("the same expert name appears twice", expert=names[0])
             for e in experts:
                 self.check_fits(e)
-            banks = self._new_banks(experts, set())
+            banks = self._new_banks(self._arriving(experts), set())
             deferred = [e for e in experts if defer and router.needs_training(e)]
             undo = [self.router_defer(router, e) for e in deferred]
             try:
@@ -226,6 +323,7 @@ class ExpertSet:
                     u()
                 raise
             self._commit(banks, experts, set())
+            self.evict_over_budget(keep=names)
             return deferred
 
     def add(self, expert: Expert, router: Router, *, library: Any = None, overwrite: bool = False,
@@ -251,19 +349,23 @@ class ExpertSet:
                 previous = (library.get(expert.name),
                             {k: library.get_routing(expert.name, k) for k in library.routing_kinds(expert.name)})
             stored = library.add(expert, overwrite=overwrite)  # atomic: all or nothing on disk
+            source = library.stored(expert.name)  # to read it again once evicted
         else:
             stored = expert
+            source = expert if isinstance(expert, StoredExpert) else None
         try:
             with self.lock:
                 self.require_active()
                 self._check_addable(expert, overwrite)  # again: the set may have changed meanwhile
                 drop = {expert.name} if expert.name in self.metadata else set()
-                banks = self._new_banks([stored], drop)
+                banks = self._new_banks(self._arriving([stored]), self._drop_banks(drop))
                 if deferred:
                     self.router_defer(router, stored)
                 else:
-                    self.router_add(router, [stored], None if prepared is None else {stored.name: prepared})
-                self._commit(banks, [stored], drop)
+                    self.router_add(router, [stored], None if prepared is None else {stored.name: prepared},
+                                    None if previous is None else {stored.name: previous[0]})
+                self._commit(banks, [stored], drop, {stored.name: source})
+                self.evict_over_budget(keep=[stored.name])
         except BaseException:
             if library is not None:  # the library back as it was
                 if previous is not None:
@@ -299,13 +401,15 @@ class ExpertSet:
             self.require_active()
             if name not in self.metadata:  # another thread removed it meanwhile
                 return
-            self._commit(self._new_banks([], {name}), [], {name})
+            self._commit(self._new_banks([], self._drop_banks({name})), [], {name})
             router.on_remove_expert(name)
 
     # --- a request's factors ----------------------------------------------------------------------------------------
     def gather(self, candidates: Candidates, router: Router, fuse_gate: bool) -> dict[int, Any]:
         """Each patched module's factors for ``candidates`` (and, with ``fuse_gate``, the router's linear gate),
-        keyed by the module's patch index; call under :attr:`lock` with the names the candidates were made over."""
+        keyed by the module's patch index; call under :attr:`lock` with the names the candidates were made over.
+        The candidates' experts not in the banks are read first (see :meth:`ensure_resident`)."""
+        self.ensure_resident(candidates.used_names())
         return {layer.patch_index: layer.bank.gather(
             candidates, layer.compute_dtype,
             router.linear_gate(candidates, layer.info, layer.compute_device) if fuse_gate else None,

@@ -137,11 +137,15 @@ class RoutingFill:
                     if self._stop or not self._current(expert):
                         continue  # replaced or removed meanwhile: data for nothing
                     router.on_add_expert(expert, prepared)
+                    self.errors.pop(expert.name, None)
             except TrainingCancelled:
                 continue
             except Exception as e:  # noqa: BLE001 - the thread goes on; the expert stays usable by name
                 if self._stop:  # cancelled by close (a training process is killed)
                     continue
+                with self.experts.lock:
+                    if not self._current(expert):  # replaced or removed meanwhile (its files may be gone)
+                        continue
                 self.errors[expert.name] = f"{type(e).__name__}: {e}"
                 warnings.warn(f"the routing data of expert {expert.name!r} could not be trained: {e}; it is used "
                               "only when asked for by name", RuntimeWarning, stacklevel=1)

@@ -27,6 +27,7 @@ from moerge.errors import LibraryError
 from moerge.library import ExpertLibrary
 from moerge.library.manifest import MANIFEST
 from moerge.routing import Router
+from moerge.runtime.cache import CacheStats
 from moerge.runtime.experts import ExpertSet
 from moerge.runtime.fill import RoutingFill
 
@@ -199,7 +200,7 @@ class LibrarySync:
         """Load expert ``name`` from the library and add it (``held``: replace the model's); ``None`` when done,
         else why it could not be."""
         try:
-            stored, deferred = self.experts.add(self.library.get(name), router, overwrite=held,
+            stored, deferred = self.experts.add(self.library.stored(name), router, overwrite=held,
                                                 defer=self.fill is not None)
         except Exception as e:  # noqa: BLE001 - any failure leaves the set as it was; the reason is reported
             return f"{type(e).__name__}: {e}"
@@ -286,16 +287,31 @@ class LibraryFollower:
 class LivingLibrary:
     """The part of :class:`~moerge.MoErgeModel` that keeps a running model in step with its library: syncing with
     the folder, following it, and the routing data trained in the background (a mixin: the model gives
-    ``expert_set``, ``router``, ``follower``, ``_library_sync``, ``_fill`` and ``_persist_routing``)."""
+    ``expert_set``, ``router``, ``library``, ``follower``, ``_library_sync`` and ``_fill``)."""
 
     expert_set: ExpertSet
     router: Router
     follower: LibraryFollower | None
     _library_sync: LibrarySync | None
     _fill: RoutingFill
+    library: ExpertLibrary | None
 
-    def _persist_routing(self) -> None:  # pragma: no cover - given by the model
-        raise NotImplementedError
+    def _persist_routing(self) -> None:
+        """Let the router store the routing data it computed (a cache: a failure is a warning, not an error)."""
+        if self.library is None:
+            return
+        try:
+            with self._library_sync.persisting:
+                self.router.persist(self.library)
+        except OSError as e:
+            warnings.warn(f"router {self.router.name!r} could not store its routing data in {self.library.root}: {e}",
+                          stacklevel=3)
+
+    def cache_stats(self) -> CacheStats:
+        """Which experts' factors are in memory, against the budget (``cache_bytes``), and the hits, misses and
+        evictions so far."""
+        with self.expert_set.lock:
+            return self.expert_set.cache.stats()
 
     def sync_library(self) -> SyncReport:
         """Take in what any process changed in the library folder since the model last looked, one expert at a time,

@@ -90,6 +90,8 @@ class MoErgeModel(LivingLibrary, nn.Module):
         expert_device: str | torch.device | None = None,
         train_routing: str = "now",
         train_in: str = "auto",
+        cache_bytes: int | None = None,
+        pin: Iterable[str] = (),
     ) -> None:
         super().__init__()
         if train_routing not in _TRAIN_ROUTING:
@@ -100,7 +102,8 @@ class MoErgeModel(LivingLibrary, nn.Module):
             raise ValueError(f"expert_dtype must be a floating torch dtype, got {expert_dtype!r}")
         self.context = RoutingContext()
         self.expert_set = ExpertSet(base, self.context, expert_dtype=expert_dtype,
-                                    expert_device=None if expert_device is None else torch.device(expert_device))
+                                    expert_device=None if expert_device is None else torch.device(expert_device),
+                                    cache_bytes=cache_bytes, pin=list(pin))
         self.base = base
         self.library = library
         self.train_routing = train_routing
@@ -151,6 +154,8 @@ class MoErgeModel(LivingLibrary, nn.Module):
         follow: bool = True,
         train_routing: str = "now",
         train_in: str = "auto",
+        cache_bytes: int | None = None,
+        pin: Iterable[str] = (),
         **load_kwargs: Any,
     ) -> MoErgeModel:
         """Patch ``base`` with the experts of ``library``.
@@ -180,6 +185,12 @@ class MoErgeModel(LivingLibrary, nn.Module):
             train_in: where routing data is trained while the model serves: ``"process"`` (a forked child, with
                 its own GIL and a lower CPU priority), ``"thread"`` or ``"auto"`` (a process where ``fork`` exists
                 and the base is not on CUDA).
+            cache_bytes: the memory the experts' factors may take where the layers keep them (see
+                ``expert_device``). The model reads only the library's manifest and each expert's ``expert.json``
+                when it is built; an expert's factors are read (checked against their sha256) when a call first
+                has it among its candidates, before the call's prefill, and the least recently used are dropped
+                past this budget (``None``: no budget, nothing dropped). See :meth:`cache_stats`.
+            pin: experts read at once and never dropped.
         """
         if isinstance(base, (str, Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -199,13 +210,14 @@ class MoErgeModel(LivingLibrary, nn.Module):
                           "experts to it anyway (strict_base=False)", stacklevel=2)
         if isinstance(router, str):
             router = build_router(router)
-        model = cls(base, router, library, tokenizer=tokenizer, expert_dtype=expert_dtype,
-                    expert_device=expert_device, train_routing=train_routing, train_in=train_in)
+        model = cls(base, router, library, tokenizer=tokenizer, expert_dtype=expert_dtype, pin=pin,
+                    expert_device=expert_device, train_routing=train_routing, train_in=train_in,
+                    cache_bytes=cache_bytes)
         listing = library.listing()
         names = list(experts) if experts is not None else list(listing)
         deferred, model._loading = [], True  # data trained at load uses every thread, in this process
         for i in range(0, len(names), _INSTALL_CHUNK):
-            deferred += model.expert_set.install([library.get(n) for n in names[i : i + _INSTALL_CHUNK]], router,
+            deferred += model.expert_set.install([library.stored(n) for n in names[i : i + _INSTALL_CHUNK]], router,
                                                  defer=train_routing == "background")
         model._loading = False
         model._library_sync.start(listing)
@@ -214,17 +226,6 @@ class MoErgeModel(LivingLibrary, nn.Module):
         if follow:
             model.follow_library()
         return model
-
-    def _persist_routing(self) -> None:
-        """Let the router store the routing data it computed (a cache: a failure is a warning, not an error)."""
-        if self.library is None:
-            return
-        try:
-            with self._library_sync.persisting:
-                self.router.persist(self.library)
-        except OSError as e:
-            warnings.warn(f"router {self.router.name!r} could not store its routing data in {self.library.root}: {e}",
-                          stacklevel=3)
 
     def router_context(self) -> RouterContext:
         """What this model's router may know of it: module shapes, hidden size, tokenizer, the library's routing

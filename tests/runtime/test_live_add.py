@@ -125,7 +125,7 @@ def test_a_replacement_that_fails_at_the_swap_puts_the_previous_expert_back_with
     new = rand_expert(tiny_chat_llama(), "e0", seed=9, description="new e0", examples=EXAMPLES)
     real = model.expert_set.router_add
 
-    def broken(router, experts, prepared=None):  # the swap fails after the library took the new version
+    def broken(router, experts, prepared=None, previous=None):  # the swap fails after the library took the new version
         assert ExpertLibrary.open(lib.root).get("e0").digest() == new.digest()
         raise RuntimeError("swap failed (injected)")
 

@@ -1,0 +1,131 @@
+"""Which experts' factors a model holds in memory: read when a call first needs them, evicted least recently used
+past a byte budget.
+
+A model built from a library takes its experts in as :class:`~moerge.adapters.expert.StoredExpert` (name, metadata
+and layout; the weights stay on disk). :class:`ExpertCache` is the book of which of them are *resident* (their
+factors in the layers' banks), in least-recently-used order, with their sizes, the budget, the pinned names and the
+counters :meth:`ExpertCache.stats` reports. The :class:`~moerge.runtime.experts.ExpertSet` does the loading and the
+bank changes under its lock; this module only decides and counts.
+
+Experts given to a model in memory and never stored in a library (``add_expert(..., persist=False)``, or a model
+without a library) cannot be read back, so they are never evicted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from moerge.adapters.expert import StoredExpert
+
+__all__ = ["ExpertCache", "CacheStats", "LOW_WATER"]
+
+LOW_WATER = 0.8  # past the budget, experts are evicted until this share of it is used (fewer, larger evictions)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What :meth:`MoErgeModel.cache_stats` reports.
+
+    Attributes:
+        hits: experts a call needed that were resident.
+        misses: experts a call needed that had to be read (each read once per call).
+        evictions: experts whose factors were dropped to stay within the budget.
+        load_seconds: time spent reading and taking in missed experts.
+        resident: experts whose factors are in memory now; ``resident_bytes`` their size.
+        experts: experts the model routes over (resident or not).
+        budget_bytes: the budget (``None``: none, nothing is evicted).
+        pinned: experts never evicted (pinned, or held only in memory).
+    """
+
+    hits: int
+    misses: int
+    evictions: int
+    load_seconds: float
+    resident: int
+    resident_bytes: int
+    experts: int
+    budget_bytes: int | None
+    pinned: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ExpertCache:
+    """The residency book of one model's experts (the caller holds the model's lock).
+
+    Args:
+        budget: bytes the resident experts' factors may take (``None``: no limit; experts are still read only when
+            first needed).
+        pin: names that, once known, are read at once and never evicted.
+    """
+
+    def __init__(self, budget: int | None = None, pin: Iterable[str] = ()) -> None:
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+            raise ValueError(f"cache_bytes must be a non-negative int of bytes or None, got {budget!r}")
+        self.budget = budget
+        self.pin = set(pin)
+        self.resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        self.sources: dict[str, StoredExpert | None] = {}  # every known expert: how to read it (None: memory only)
+        self.sizes: dict[str, int] = {}  # every known expert: its factors' bytes as the banks hold them
+        self.hits = self.misses = self.evictions = 0
+        self.load_seconds = 0.0
+
+    # --- the book -------------------------------------------------------------------------------------------------
+    def know(self, name: str, source: StoredExpert | None, size: int, *, resident: bool) -> None:
+        """Record expert ``name`` (replacing what was known of that name)."""
+        self.sources[name], self.sizes[name] = source, size
+        if resident:
+            self.resident[name] = size
+            self.resident.move_to_end(name)
+        else:
+            self.resident.pop(name, None)
+
+    def forget(self, name: str) -> None:
+        self.sources.pop(name, None)
+        self.sizes.pop(name, None)
+        self.resident.pop(name, None)
+
+    def is_resident(self, name: str) -> bool:
+        return name in self.resident
+
+    def must_load(self, name: str) -> bool:
+        """Whether ``name`` is to be read when it becomes known (pinned)."""
+        return name in self.pin
+
+    def evictable(self, name: str) -> bool:
+        return name not in self.pin and self.sources.get(name) is not None
+
+    @property
+    def used(self) -> int:
+        return sum(self.resident.values())
+
+    def touch(self, names: Iterable[str]) -> None:
+        for n in names:
+            if n in self.resident:
+                self.resident.move_to_end(n)
+
+    def victims(self, incoming: int, keep: Iterable[str] = ()) -> list[str]:
+        """Resident experts to evict before ``incoming`` more bytes come in, least recently used first: none while
+        everything fits the budget; past it, enough to bring the total down to :data:`LOW_WATER` of the budget
+        (or as far as the experts that may be evicted allow), never one in ``keep``."""
+        if self.budget is None or self.used + incoming <= self.budget:
+            return []
+        keep = set(keep)
+        target = min(self.budget, int(LOW_WATER * self.budget)) - incoming
+        out, used = [], self.used
+        for name, size in self.resident.items():
+            if used <= target:
+                break
+            if name not in keep and self.evictable(name):
+                out.append(name)
+                used -= size
+        return out
+
+    def stats(self) -> CacheStats:
+        return CacheStats(self.hits, self.misses, self.evictions, round(self.load_seconds, 6), len(self.resident),
+                          self.used, len(self.sources), self.budget,
+                          sum(1 for n in self.sources if not self.evictable(n)))
