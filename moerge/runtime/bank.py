@@ -155,7 +155,8 @@ class ModuleBank:
         return ModuleBank(st.a[:start], st.bt[:start], lora, dense, st)
 
     def without(self, names: set[str]) -> ModuleBank:
-        """A new bank without the experts in ``names`` (its rows compacted into new tensors)."""
+        """A new bank without the experts in ``names`` (its rows compacted into new tensors, with spare capacity
+        for experts to come: an expert cache evicts and reads in one change)."""
         keep = [(n, s) for n, s in self.lora.items() if n not in names]
         rows = [torch.arange(s.start, s.start + s.rank) for _, s in keep]
         idx = torch.cat([torch.zeros(1, dtype=torch.long), *rows]).to(self.A_all.device)
@@ -164,7 +165,12 @@ class ModuleBank:
             lora[n] = _LoRASlot(start, s.rank, s.scale)
             start += s.rank
         dense = {n: v for n, v in self.dense.items() if n not in names}
-        return ModuleBank(self.A_all.index_select(0, idx), self.Bt_all.index_select(0, idx), lora, dense)
+        cap = max(start, int(_GROWTH * start)) if keep else start
+        a = torch.empty(cap, self.A_all.shape[1], device=self.A_all.device, dtype=self.A_all.dtype)
+        bt = torch.empty(cap, self.Bt_all.shape[1], device=self.A_all.device, dtype=self.A_all.dtype)
+        torch.index_select(self.A_all, 0, idx, out=a[:start])
+        torch.index_select(self.Bt_all, 0, idx, out=bt[:start])
+        return ModuleBank(a[:start], bt[:start], lora, dense, _Storage(a, bt, start))
 
     def apply(self, fn) -> ModuleBank:
         """A new bank with ``fn`` applied to every tensor (how ``module.to(...)`` reaches the bank)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,13 @@ from moerge.core.fingerprint import is_linear_like, linear_shape
 from moerge.errors import BaseMismatchError, LibraryError, MoErgeError
 from moerge.routing import Candidates, Router, RoutingContext
 from moerge.runtime.bank import ModuleBank
-from moerge.runtime.cache import ExpertCache
+from moerge.runtime.cache import ExpertCache, Residency
 from moerge.runtime.layer import ExpertLinear
 
 __all__ = ["ExpertSet"]
 
 
-class ExpertSet:
+class ExpertSet(Residency):
     """The experts of one model and the patched modules that hold their factors.
 
     Args:
@@ -178,73 +177,6 @@ class ExpertSet:
             source = sources.get(e.name, e if isinstance(e, StoredExpert) else None)
             resident = not isinstance(e, StoredExpert) or self.cache.must_load(e.name)
             self.cache.know(e.name, source, self._size(e), resident=resident)
-
-    def _size(self, expert: Expert) -> int:
-        """Bytes of ``expert``'s factors as the banks hold them (from its layout: nothing is read)."""
-        total = 0
-        for m, spec in expert.spec().items():
-            bank = self.layers[m].bank if m in self.layers else self._empty_bank(m)
-            n = (spec["rank"] * (spec["in_features"] + spec["out_features"]) if spec["kind"] == "lora"
-                 else spec["in_features"] * spec["out_features"] + (spec["out_features"] if spec.get("bias") else 0))
-            total += n * bank.A_all.element_size()
-        return total
-
-    def _arriving(self, experts: Sequence[Expert]) -> list[Expert]:
-        """Of ``experts``, the ones whose factors go into the banks now, read: every expert held in memory, and
-        stored ones that are pinned."""
-        return [e.load() if isinstance(e, StoredExpert) else e for e in experts
-                if not isinstance(e, StoredExpert) or self.cache.must_load(e.name)]
-
-    def _drop_banks(self, names: set[str]) -> set[str]:
-        return {n for n in names if self.cache.is_resident(n)}
-
-    # --- residency ----------------------------------------------------------------------------------------------
-    def ensure_resident(self, names: Sequence[str]) -> None:
-        """Read the factors of the experts of ``names`` that are not in the banks, evicting others (least recently
-        used first) past the budget; call under :attr:`lock`. Raises (the banks unchanged) when an expert cannot be
-        read."""
-        need = [n for n in dict.fromkeys(names) if not self.cache.is_resident(n)]
-        self.cache.hits += len(names) - len(need)
-        if need:
-            t = time.perf_counter()
-            loaded = [self._read(n) for n in need]
-            self.cache.misses += len(need)
-            victims = self.cache.victims(sum(self.cache.sizes[n] for n in need), keep=names)
-            self._swap_resident(loaded, set(victims))
-            self.cache.load_seconds += time.perf_counter() - t
-        self.cache.touch(names)
-
-    def _read(self, name: str) -> Expert:
-        source = self.cache.sources.get(name)
-        if source is None:  # never evicted, so never missing: a broken book
-            raise LibraryError("the expert's factors are neither in memory nor stored", expert=name)
-        return source.load()
-
-    def _swap_resident(self, loaded: Sequence[Expert], evict: set[str]) -> None:
-        """Take ``loaded`` into the banks and drop ``evict`` from them, module by module (under the lock no call
-        reads a bank meanwhile, and each module's old bank is freed before the next is built)."""
-        by_module: dict[str, dict[str, Any]] = {}
-        for e in loaded:
-            for m, w in e.modules.items():
-                by_module.setdefault(m, {})[e.name] = w
-        for m in sorted({m for n in evict for m in self.modules_of.get(n, [])} | set(by_module)):
-            layer = self._patch(m)
-            bank = layer.bank
-            gone = {n for n in evict if n in bank}
-            if gone:
-                bank = bank.without(gone)
-            layer.bank = bank.with_experts(by_module[m]) if m in by_module else bank
-        for n in evict:
-            self.cache.know(n, self.cache.sources[n], self.cache.sizes[n], resident=False)
-            self.cache.evictions += 1
-        for e in loaded:
-            self.cache.know(e.name, self.cache.sources[e.name], self.cache.sizes[e.name], resident=True)
-
-    def evict_over_budget(self, keep: Sequence[str] = ()) -> None:
-        """Evict past the budget (after experts held in memory, or pinned ones, came in); under :attr:`lock`."""
-        victims = self.cache.victims(0, keep=keep)
-        if victims:
-            self._swap_resident([], set(victims))
 
     # --- changes ----------------------------------------------------------------------------------------------------
     def get(self, name: str) -> Expert:

@@ -1,0 +1,186 @@
+"""Experts read on demand: a model built from a library reads no expert's weights until a call needs them, holds
+its experts' factors within a byte budget (least recently used evicted, pinned ones kept), and answers exactly as a
+model that holds every expert. A weights file that disagrees with the manifest, or is gone, fails the call that
+needs it with the expert and file named, and changes nothing else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moerge import ExpertLibrary, MoErgeModel
+from moerge.errors import LibraryError
+from moerge.library.experts import ExpertFiles
+
+from helpers import rand_expert, tiny_chat_llama, tiny_tokenizer
+
+NAMES = [f"e{i}" for i in range(6)]
+
+
+@pytest.fixture
+def lib(tmp_path):
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    for i, n in enumerate(NAMES):  # different ranks and modules: the banks hold slots of several sizes
+        mods = ("q_proj", "v_proj", "down_proj") if i % 2 else ("q_proj", "o_proj", "up_proj", "gate_proj")
+        lib.add(rand_expert(base, n, seed=i, rank=2 + i, modules=mods, description=f"expert {n}"))
+    return lib
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Names of the experts whose weights were read (each read of a weights file)."""
+    got: list[str] = []
+    real = ExpertFiles.load
+
+    def load(self, name, files):
+        got.append(name)
+        return real(self, name, files)
+
+    monkeypatch.setattr(ExpertFiles, "load", load)
+    return got
+
+
+def _model(lib, **kw):
+    return MoErgeModel.from_library(tiny_chat_llama(), lib, router="fixed", tokenizer=tiny_tokenizer(),
+                                    follow=False, **kw)
+
+
+def _enc():
+    tok = tiny_tokenizer()
+    return tok(["reverse: p q r", "reverse: hello there"], return_tensors="pt", padding=True)
+
+
+MIXES = [[{"e0": 1.0}, {"e1": 0.5, "e2": 0.5}], [{"e3": 1.0}, {"e4": 0.7, "e5": 0.3}],
+         [{"e0": 0.2, "e5": 0.8}, {"e2": 1.0}], [{"e1": 1.0}, {"e3": 0.5, "e0": 0.5}]]
+
+
+def _run(model):
+    enc = _enc()
+    return [model(**enc, experts=mix).logits for mix in MIXES + MIXES[::-1]]
+
+
+def _size(model, name):
+    return model.expert_set.cache.sizes[name]
+
+
+def test_building_a_model_reads_no_weights_and_a_call_reads_only_its_experts(lib, reads):
+    model = _model(lib)
+    assert reads == [] and model.experts == NAMES
+    stats = model.cache_stats()
+    assert (stats.resident, stats.resident_bytes, stats.experts, stats.misses) == (0, 0, 6, 0)
+    model(**_enc(), experts=[{"e1": 1.0}, {"e4": 0.5, "e2": 0.0}])  # a weight of 0: e2 is not needed
+    assert sorted(reads) == ["e1", "e4"]
+    model(**_enc(), experts={"e4": 1.0})
+    stats = model.cache_stats()
+    assert (stats.misses, stats.hits, stats.resident) == (2, 1, 2)
+    assert stats.resident_bytes == _size(model, "e1") + _size(model, "e4")
+    assert sorted(reads) == ["e1", "e4"]  # read once each
+
+
+def test_answers_under_a_small_budget_equal_those_with_every_expert_in_memory(lib):
+    everything = _model(lib, pin=NAMES)  # every expert read at once, never evicted
+    assert everything.cache_stats().resident == 6
+    want = _run(everything)
+    small = max(_size(everything, n) for n in NAMES) * 3  # about three experts fit
+    model = _model(lib, cache_bytes=small)
+    got = _run(model)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    stats = model.cache_stats()
+    assert stats.evictions > 0 and stats.budget_bytes == small
+    assert stats.resident_bytes <= small
+    # what the banks hold is what the book says
+    held = {n for layer in model.expert_set.layers.values() for n in layer.bank.names}
+    assert held == set(model.expert_set.cache.resident)
+
+
+def test_least_recently_used_experts_are_evicted_first_and_pinned_ones_never(lib):
+    probe = _model(lib, pin=NAMES)
+    budget = sum(_size(probe, n) for n in ("e0", "e1", "e2"))
+    model = _model(lib, cache_bytes=budget, pin=["e0"])
+    assert model.cache_stats().resident == 1  # the pinned one, read at once
+    for n in ("e1", "e2"):
+        model(**_enc(), experts={n: 1.0})
+    model(**_enc(), experts={"e1": 1.0})  # e1 used again: e2 is now the least recently used
+    model(**_enc(), experts={"e3": 1.0})
+    resident = list(model.expert_set.cache.resident)
+    assert "e0" in resident and "e3" in resident and "e2" not in resident
+    assert model.cache_stats().resident_bytes <= budget
+    for n in ("e4", "e5", "e2", "e1"):
+        model(**_enc(), experts={n: 1.0})
+        assert "e0" in model.expert_set.cache.resident
+
+
+def test_a_budget_smaller_than_one_call_still_answers_it(lib):
+    model = _model(lib, cache_bytes=1)
+    want = _model(lib, pin=NAMES)
+    enc = _enc()
+    mix = [{"e0": 0.5, "e1": 0.5}, {"e2": 1.0}]
+    assert torch.equal(model(**enc, experts=mix).logits, want(**enc, experts=mix).logits)
+    model(**enc, experts={"e3": 1.0})  # the previous call's experts go
+    assert list(model.expert_set.cache.resident) == ["e3"]
+
+
+def test_experts_held_only_in_memory_are_never_evicted(lib):
+    model = _model(lib, cache_bytes=1)
+    extra = rand_expert(tiny_chat_llama(), "mem", seed=42)
+    model.add_expert(extra, persist=False)
+    for n in NAMES:
+        model(**_enc(), experts={n: 1.0})
+    assert "mem" in model.expert_set.cache.resident and model.cache_stats().pinned == 1
+    assert model.get_expert("mem").digest() == extra.digest()
+
+
+def test_an_expert_added_through_the_library_can_be_evicted_and_read_back(lib):
+    model = _model(lib, cache_bytes=1)
+    new = rand_expert(tiny_chat_llama(), "new", seed=77)
+    model.add_expert(new)
+    want = _model(lib, pin=[*NAMES, "new"])(**_enc(), experts={"new": 1.0}).logits
+    model(**_enc(), experts={"e0": 1.0})
+    assert "new" not in model.expert_set.cache.resident
+    assert torch.equal(model(**_enc(), experts={"new": 1.0}).logits, want)
+    assert model.get_expert("new").digest() == new.digest()
+
+
+@pytest.mark.parametrize("damage", ["changed", "gone"])
+def test_a_weights_file_damaged_after_the_model_was_built_fails_only_the_calls_that_need_it(lib, damage):
+    model = _model(lib)
+    before = model(**_enc(), experts={"e1": 1.0}).logits
+    path = lib.root / "experts" / "e3" / "weights.safetensors"
+    if damage == "changed":
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+    stats = model.cache_stats()
+    with pytest.raises(LibraryError) as err:
+        model(**_enc(), experts=[{"e1": 1.0}, {"e3": 1.0}])
+    assert err.value.expert == "e3" and err.value.file == str(path)
+    after = model.cache_stats()
+    assert (after.resident, after.resident_bytes, after.evictions) == (stats.resident, stats.resident_bytes, 0)
+    assert torch.equal(model(**_enc(), experts={"e1": 1.0}).logits, before)
+
+
+def test_merge_and_get_expert_read_an_expert_that_is_not_in_memory(lib, reads):
+    model = _model(lib)
+    assert model.get_expert("e2").digest() == lib.get("e2").digest()
+    plain = model.merge({"e2": 1.0, "e5": 0.5})
+    assert isinstance(plain, torch.nn.Module) and model.cache_stats().resident == 0  # nothing kept
+
+
+def test_a_routed_call_reads_the_candidates_its_router_chose(lib, reads):
+    from moerge.routers import build_router
+
+    model = MoErgeModel.from_library(tiny_chat_llama(), lib, router=build_router("arrow", top_k=2),
+                                     tokenizer=tiny_tokenizer(), follow=False, cache_bytes=10**9)
+    reads.clear()  # Arrow computes its prototypes from every expert's factors once, when it takes them in
+    model(**_enc())
+    assert sorted(reads) == NAMES  # Arrow's candidates are every expert: all of them are needed
+    assert model.cache_stats().resident == 6
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1GB", True])
+def test_a_bad_budget_is_refused(lib, bad):
+    with pytest.raises(ValueError, match="cache_bytes"):
+        _model(lib, cache_bytes=bad)
