@@ -12,6 +12,7 @@ Ranks and target modules may differ between experts.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -39,6 +40,9 @@ def validate_name(name: str) -> str:
     return name
 
 
+_VALUES_CHECKED = contextvars.ContextVar("moerge_values_checked", default=False)  # see Expert.from_state_dict
+
+
 def _check_tensor(t: torch.Tensor, what: str, expert: str | None, module: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise ExpertFormatError(f"{what} of module {module!r} is {type(t).__name__}, not a tensor", expert=expert)
@@ -46,7 +50,7 @@ def _check_tensor(t: torch.Tensor, what: str, expert: str | None, module: str) -
         raise ExpertFormatError(f"{what} of module {module!r} is empty (shape {tuple(t.shape)})", expert=expert)
     if not t.is_floating_point():
         raise ExpertFormatError(f"{what} of module {module!r} has dtype {t.dtype}, not a float type", expert=expert)
-    if not torch.isfinite(t).all():
+    if not _VALUES_CHECKED.get() and not torch.isfinite(t).all():
         raise ExpertFormatError(f"{what} of module {module!r} contains NaN or Inf values", expert=expert)
 
 
@@ -316,9 +320,11 @@ class Expert:
     @classmethod
     def from_state_dict(
         cls, name: str, spec: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor],
-        metadata: ExpertMetadata | None = None, *, file: str | None = None,
+        metadata: ExpertMetadata | None = None, *, file: str | None = None, values_checked: bool = False,
     ) -> Expert:
-        """Rebuild an expert from :meth:`spec` and :meth:`state_dict` output, checking that they agree."""
+        """Rebuild an expert from :meth:`spec` and :meth:`state_dict` output, checking that they agree.
+        ``values_checked``: the tensors' values were checked when they were stored (a library's file whose sha256
+        matches its manifest), so the scan for NaN and Inf is skipped; shapes and kinds are still checked."""
         mods: dict[str, ModuleWeights] = {}
         used: set[str] = set()
         compressed: dict[str, Any] = {}
@@ -368,10 +374,13 @@ class Expert:
         extra = sorted(set(tensors) - used - set(compressed))
         if extra:
             raise ExpertFormatError(f"tensors not described in expert.json: {extra[:5]}", expert=name, file=file)
+        token = _VALUES_CHECKED.set(values_checked)
         try:
             return cls(name=name, modules=mods, metadata=metadata or ExpertMetadata(), compressed=compressed)
         except ExpertFormatError as e:
             raise e.at(file) from None
+        finally:
+            _VALUES_CHECKED.reset(token)
 
 
 class StoredExpert(Expert):

@@ -13,8 +13,10 @@ from rich.table import Table
 
 from moerge.cli.common import (
     BaseOpt,
+    CacheOpt,
     JsonOpt,
     LibraryOpt,
+    PinOpt,
     Refused,
     RouterOpt,
     attempt,
@@ -40,6 +42,8 @@ class ModelOptions:
     library: LibraryOpt = Path(".")
     router: RouterOpt = "glider"
     base: BaseOpt = None
+    cache_mib: CacheOpt = None
+    pin: PinOpt = ""
 
     def load(self, train_routing: str = "now", **router_config: Any) -> Any:
         """The :class:`~moerge.runtime.model.MoErgeModel` over the library, routed by ``router`` (built with
@@ -53,7 +57,8 @@ class ModelOptions:
             raise Refused(f"{self.base}: the base folder has no tokenizer; routing reads the prompt")
         return MoErgeModel.from_library(load_base(self.base, lib), lib,
                                         router=build_router(self.router, **router_config), tokenizer=tok,
-                                        train_routing=train_routing)
+                                        train_routing=train_routing, pin=split_commas(self.pin),
+                                        cache_bytes=None if self.cache_mib is None else self.cache_mib << 20)
 
 
 def _encode(model: Any, prompt: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import torch
 
 from moerge.errors import ExpertFormatError
 
-__all__ = ["load_safetensors", "check_safetensors_header", "save_safetensors", "atomic_write_bytes", "atomic_write_json", "sha256_file",
+__all__ = ["load_safetensors", "load_safetensors_verified", "check_safetensors_header", "save_safetensors", "atomic_write_bytes", "atomic_write_json", "sha256_file",
            "fsync_dir", "TMP_PREFIX"]
 
 TMP_PREFIX = ".moerge-tmp-"
@@ -99,19 +99,23 @@ def check_safetensors_header(path: str | Path, *, expert: str | None = None) -> 
     appears twice (JSON parsers keep the last one silently), an unknown dtype, a shape whose size disagrees with
     its byte range, a byte range outside the data, overlapping ranges, and bytes after the last tensor."""
     path = Path(path)
+    with open(path, "rb") as f:
+        return _checked_header(f.read, path.stat().st_size, path, expert)
+
+
+def _checked_header(read: Any, size: int, path: Path, expert: str | None) -> dict[str, Any]:
+    """The checks of :func:`check_safetensors_header` on a file of ``size`` bytes read from its start by ``read``."""
 
     def bad(problem: str) -> ExpertFormatError:
         return ExpertFormatError(f"malformed safetensors file: {problem}", expert=expert, file=str(path))
 
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise bad(f"{size} bytes, shorter than the 8-byte header length")
-        n = int.from_bytes(head, "little")
-        if n > min(_MAX_HEADER, size - 8):
-            raise bad(f"the header says it is {n} bytes long, the file has {size - 8} after the length")
-        raw = f.read(n)
+    head = read(8)
+    if len(head) < 8:
+        raise bad(f"{size} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(head, "little")
+    if n > min(_MAX_HEADER, size - 8):
+        raise bad(f"the header says it is {n} bytes long, the file has {size - 8} after the length")
+    raw = read(n)
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: dict[str, Any] = {}
@@ -158,6 +162,45 @@ def check_safetensors_header(path: str | Path, *, expert: str | None = None) -> 
         raise bad(f"{data - end} bytes after the last tensor (truncated or padded file)" if end < data else
                   "tensors end past the data")
     return header
+
+
+_TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "I64": torch.int64,
+                 "F64": torch.float64}
+
+
+def load_safetensors_verified(path: str | Path, sha256: str, *, expert: str | None = None
+                              ) -> dict[str, torch.Tensor] | None:
+    """Every tensor of a safetensors file, read once: the bytes are hashed and, when their sha256 is ``sha256``,
+    checked (:func:`check_safetensors_header`) and viewed as tensors that share the one buffer (no copy). ``None``
+    when the sha256 differs. A dtype torch has no plain view for is read by :func:`load_safetensors`."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        buf = bytearray(os.fstat(f.fileno()).st_size)
+        got = f.readinto(buf)
+    if got != len(buf) or hashlib.sha256(buf).hexdigest() != sha256:
+        return None
+    view = memoryview(buf)
+    pos = [0]
+
+    def read(n: int) -> bytes:
+        out = bytes(view[pos[0]: pos[0] + n])
+        pos[0] += n
+        return out
+
+    header = _checked_header(read, len(buf), path, expert)
+    start = pos[0]
+    if any(e["dtype"] not in _TORCH_DTYPES for k, e in header.items() if k != "__metadata__"):
+        return load_safetensors(path, expert=expert)
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = e["data_offsets"]
+        t = torch.frombuffer(buf, dtype=_TORCH_DTYPES[e["dtype"]], count=(b - a) // _DTYPE_BYTES[e["dtype"]],
+                             offset=start + a) if b > a else torch.empty(0, dtype=_TORCH_DTYPES[e["dtype"]])
+        out[name] = t.reshape(e["shape"])
+    return out
 
 
 def load_safetensors(path: str | Path, *, expert: str | None = None) -> dict[str, torch.Tensor]:

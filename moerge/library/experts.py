@@ -22,7 +22,7 @@ from moerge.core.safe_io import (
     TMP_PREFIX,
     atomic_write_json,
     fsync_dir,
-    load_safetensors,
+    load_safetensors_verified,
     save_safetensors,
     sha256_file,
 )
@@ -93,15 +93,24 @@ class ExpertFiles:
         """Load expert ``name`` after checking each of ``files`` (name → sha256) against its sha256."""
         folder = self.folder(name)
         for fname, digest in files.items():
-            self._checked(name, fname, digest)
+            if fname != WEIGHTS_FILE:
+                self._checked(name, fname, digest)
+        weights = self.file(name, WEIGHTS_FILE)
+        if WEIGHTS_FILE not in files:
+            raise LibraryError(f"the manifest lists no {WEIGHTS_FILE}", expert=name)
+        if not weights.is_file():
+            raise LibraryError("file listed in the manifest is missing", expert=name, file=str(weights))
+        tensors = load_safetensors_verified(weights, files[WEIGHTS_FILE], expert=name)  # read once, hashed
+        if tensors is None:
+            raise LibraryError("sha256 does not match the manifest (file changed or corrupt)", expert=name,
+                               file=str(weights))
         meta_path = folder / EXPERT_FILE
         try:
             data = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise LibraryError(f"cannot parse: {e}", expert=name, file=str(meta_path)) from None
-        tensors = load_safetensors(folder / WEIGHTS_FILE, expert=name)
         return Expert.from_state_dict(name, data["modules"], tensors, ExpertMetadata.from_json(data["metadata"]),
-                                      file=str(folder / WEIGHTS_FILE))
+                                      file=str(weights), values_checked=True)  # checked when stored: same bytes
 
     @contextmanager
     def replacing(self, expert: Expert, *, listed: bool) -> Iterator[dict[str, str]]:

@@ -13,9 +13,12 @@ without a library) cannot be read back, so they are never evicted.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +30,26 @@ from moerge.runtime.layer import ExpertLinear
 __all__ = ["ExpertCache", "CacheStats", "Residency", "LOW_WATER"]
 
 LOW_WATER = 0.8  # past the budget, experts are evicted until this share of it is used (fewer, larger evictions)
+_READERS: ThreadPoolExecutor | None = None
+_READERS_LOCK = threading.Lock()
+
+
+def _readers() -> ThreadPoolExecutor:
+    """The threads that read a call's missing experts side by side (made on first use, shared by all models)."""
+    global _READERS
+    with _READERS_LOCK:
+        if _READERS is None:
+            _READERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="moerge-read")
+        return _READERS
+
+
+def _forget_readers() -> None:  # pragma: no cover - runs in a forked child, whose copy of the pool has no threads
+    global _READERS, _READERS_LOCK
+    _READERS, _READERS_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_readers)
 
 
 @dataclass(frozen=True)
@@ -177,7 +200,10 @@ class Residency:
         self.cache.hits += len(names) - len(need)
         if need:
             t = time.perf_counter()
-            loaded = [self._read(n) for n in need]
+            if len(need) > 1:  # reading and hashing release the GIL: the candidates' files are read side by side
+                loaded = list(_readers().map(self._read, need))
+            else:
+                loaded = [self._read(need[0])]
             self.cache.misses += len(need)
             victims = self.cache.victims(sum(self.cache.sizes[n] for n in need), keep=names)
             self._swap_resident(loaded, set(victims))

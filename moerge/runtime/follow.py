@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from moerge.adapters.expert import Expert
+from moerge.core.forked import run_forked
 from moerge.errors import LibraryError
 from moerge.library import ExpertLibrary
 from moerge.library.manifest import MANIFEST
 from moerge.routing import Router
+from moerge.routing.training import current_cancel
 from moerge.runtime.cache import CacheStats
 from moerge.runtime.experts import ExpertSet
 from moerge.runtime.fill import RoutingFill
@@ -295,6 +297,7 @@ class LivingLibrary:
     _library_sync: LibrarySync | None
     _fill: RoutingFill
     library: ExpertLibrary | None
+    _loading: bool
 
     def _persist_routing(self) -> None:
         """Let the router store the routing data it computed (a cache: a failure is a warning, not an error)."""
@@ -306,6 +309,10 @@ class LivingLibrary:
         except OSError as e:
             warnings.warn(f"router {self.router.name!r} could not store its routing data in {self.library.root}: {e}",
                           stacklevel=3)
+
+    def _run_forked(self, fn: Any) -> Any:
+        """``fn`` (a router's training) in a forked child (lock held while forking); at load, here (all threads)."""
+        return fn() if self._loading else run_forked(fn, hold=self.expert_set.lock, cancel=current_cancel())
 
     def cache_stats(self) -> CacheStats:
         """Which experts' factors are in memory, against the budget (``cache_bytes``), and the hits, misses and

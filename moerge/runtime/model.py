@@ -23,8 +23,8 @@ from moerge.adapters.expert import Expert, ExpertMetadata
 from moerge.adapters.merge import merge_into
 from moerge.adapters.peft_loader import load_peft_lora
 from moerge.core.fingerprint import linear_modules
-from moerge.core.forked import can_fork, run_forked
-from moerge.errors import RoutingError
+from moerge.core.forked import can_fork
+from moerge.errors import LibraryError, RoutingError
 from moerge.library import ExpertLibrary
 from moerge.routers import build_router
 from moerge.routers.explicit import ExplicitRouter
@@ -38,7 +38,6 @@ from moerge.routing import (
     RowRouting,
     explain_routing,
 )
-from moerge.routing.training import current_cancel
 from moerge.runtime.experts import ExpertSet
 from moerge.runtime.fill import RoutingFill
 from moerge.runtime.follow import LibraryFollower, LibrarySync, LivingLibrary
@@ -208,6 +207,7 @@ class MoErgeModel(LivingLibrary, nn.Module):
         if differences:
             warnings.warn(f"the base differs from the library's base ({'; '.join(differences)}); applying the "
                           "experts to it anyway (strict_base=False)", stacklevel=2)
+        pin = list(pin)
         if isinstance(router, str):
             router = build_router(router)
         model = cls(base, router, library, tokenizer=tokenizer, expert_dtype=expert_dtype, pin=pin,
@@ -215,6 +215,9 @@ class MoErgeModel(LivingLibrary, nn.Module):
                     cache_bytes=cache_bytes)
         listing = library.listing()
         names = list(experts) if experts is not None else list(listing)
+        if set(pin) - set(names):
+            raise LibraryError(f"pin names experts the model does not load: {sorted(set(pin) - set(names))}",
+                               expert=sorted(set(pin) - set(names))[0])
         deferred, model._loading = [], True  # data trained at load uses every thread, in this process
         for i in range(0, len(names), _INSTALL_CHUNK):
             deferred += model.expert_set.install([library.stored(n) for n in names[i : i + _INSTALL_CHUNK]], router,
@@ -239,10 +242,6 @@ class MoErgeModel(LivingLibrary, nn.Module):
                 training_base=self.expert_set.private_base,
                 run_training=self._run_forked if self.train_in == "process" else None)
         return self.__dict__["_router_context"]
-
-    def _run_forked(self, fn: Any) -> Any:
-        """``fn`` (a router's training) in a forked child (lock held while forking); at load, here (all threads)."""
-        return fn() if self._loading else run_forked(fn, hold=self.expert_set.lock, cancel=current_cancel())
 
     def __getattr__(self, name: str) -> Any:
         try:
