@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import math
 import re
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -383,6 +384,16 @@ class Expert:
             _VALUES_CHECKED.reset(token)
 
 
+class _Layout(dict):
+    """A layout shared by the stored experts that have it (weakly interned; never changed)."""
+
+    key: tuple
+
+
+_LAYOUTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_PLAIN_SPEC = {"kind", "rank", "scale", "in_features", "out_features", "bias"}  # a spec told apart by its scale
+
+
 class StoredExpert(Expert):
     """An expert whose weights stay where they are stored until they are read.
 
@@ -405,11 +416,22 @@ class StoredExpert(Expert):
         validate_name(name)
         if not layout:
             raise ExpertFormatError("the expert has no module weights", expert=name)
+        shape, rest = [], []
         for m, spec in layout.items():
-            if spec.get("kind") not in ("lora", "delta") or not all(
-                    isinstance(spec.get(k), int) and spec[k] > 0 for k in ("in_features", "out_features")):
+            kind, rank, fin, fout = spec.get("kind"), spec.get("rank", 0), spec.get("in_features"), spec.get("out_features")
+            if kind not in ("lora", "delta") or type(fin) is not int or type(fout) is not int or fin <= 0 or fout <= 0:
                 raise ExpertFormatError(f"module {m!r}: a layout without kind and shapes: {dict(spec)!r}", expert=name)
-        self.name, self.metadata, self.layout = name, metadata, {m: dict(s) for m, s in layout.items()}
+            shape.append((m, kind, rank, fin, fout, bool(spec.get("bias"))))
+            rest.append(spec.get("scale") if spec.keys() <= _PLAIN_SPEC else repr(sorted(spec.items())))
+        key = tuple(shape)
+        full = (key, tuple(rest))
+        shared = _LAYOUTS.get(full)
+        if shared is None:  # experts of one layout share one copy of it (a library's experts mostly do)
+            shared = _LAYOUTS.setdefault(full, _Layout({m: dict(s) for m, s in layout.items()}))
+            shared.key = key
+        self.name, self.metadata, self.layout = name, metadata, shared
+        self.layout_key = shared.key
+        """What the expert's shapes are, hashable: experts of one key fit a base alike and take as many bytes."""
         self._load, self._digest = load, digest
 
     def load(self) -> Expert:

@@ -8,6 +8,7 @@ files are read, each after its sha256 matches the manifest's; a link that leads 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -80,9 +81,16 @@ class ExpertFiles:
         ``files``; the weights are not read."""
         if EXPERT_FILE not in files:
             raise LibraryError(f"the manifest lists no {EXPERT_FILE}", expert=name)
-        meta_path = self._checked(name, EXPERT_FILE, files[EXPERT_FILE])
+        meta_path = self.file(name, EXPERT_FILE)
         try:
-            data = json.loads(meta_path.read_text(encoding="utf-8"))
+            raw = meta_path.read_bytes()
+        except FileNotFoundError:
+            raise LibraryError("file listed in the manifest is missing", expert=name, file=str(meta_path)) from None
+        if hashlib.sha256(raw).hexdigest() != files[EXPERT_FILE]:
+            raise LibraryError("sha256 does not match the manifest (file changed or corrupt)", expert=name,
+                               file=str(meta_path))
+        try:
+            data = json.loads(raw.decode("utf-8"))
             if not isinstance(data.get("modules"), dict) or not isinstance(data.get("metadata"), dict):
                 raise ValueError("'modules' and 'metadata' must be objects")
         except (OSError, UnicodeDecodeError, ValueError) as e:

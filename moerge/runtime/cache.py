@@ -13,7 +13,10 @@ without a library) cannot be read back, so they are never evicted.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -50,6 +53,24 @@ def _forget_readers() -> None:  # pragma: no cover - runs in a forked child, who
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_readers)
+
+
+def _libc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _libc_trim() if sys.platform.startswith("linux") else None
+
+
+def give_back_memory() -> None:
+    """Return freed heap memory to the system (glibc's ``malloc_trim``): evicted experts' banks and the buffers
+    experts were read into are freed in pieces of a few MiB, which glibc keeps in its heap (their size is under
+    its adaptive mmap threshold); without this the process's RSS would keep what the budget let go."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 @dataclass(frozen=True)
@@ -175,12 +196,18 @@ class Residency:
 
     def _size(self, expert: Expert) -> int:
         """Bytes of ``expert``'s factors as the banks hold them (from its layout: nothing is read)."""
+        key = getattr(expert, "layout_key", None)
+        sizes = self.__dict__.setdefault("_sizes", {})
+        if key is not None and key in sizes:
+            return sizes[key]
         total = 0
         for m, spec in expert.spec().items():
             bank = self.layers[m].bank if m in self.layers else self._empty_bank(m)
             n = (spec["rank"] * (spec["in_features"] + spec["out_features"]) if spec["kind"] == "lora"
                  else spec["in_features"] * spec["out_features"] + (spec["out_features"] if spec.get("bias") else 0))
             total += n * bank.A_all.element_size()
+        if key is not None:
+            sizes[key] = total
         return total
 
     def _arriving(self, experts: Sequence[Expert]) -> list[Expert]:
@@ -207,6 +234,8 @@ class Residency:
             self.cache.misses += len(need)
             victims = self.cache.victims(sum(self.cache.sizes[n] for n in need), keep=names)
             self._swap_resident(loaded, set(victims))
+            del loaded  # the buffers the experts were read into
+            give_back_memory()
             self.cache.load_seconds += time.perf_counter() - t
         self.cache.touch(names)
 
@@ -233,6 +262,7 @@ class Residency:
         for n in evict:
             self.cache.know(n, self.cache.sources[n], self.cache.sizes[n], resident=False)
             self.cache.evictions += 1
+
         for e in loaded:
             self.cache.know(e.name, self.cache.sources[e.name], self.cache.sizes[e.name], resident=True)
 
@@ -241,4 +271,5 @@ class Residency:
         victims = self.cache.victims(0, keep=keep)
         if victims:
             self._swap_resident([], set(victims))
+            give_back_memory()
 

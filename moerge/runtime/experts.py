@@ -60,6 +60,7 @@ class ExpertSet(Residency):
         self.modules_of: dict[str, list[str]] = {}  # expert -> the modules it targets
         self.layers: dict[str, ExpertLinear] = {}  # module name -> patched module, in patch order
         self.cache = ExpertCache(cache_bytes, pin)
+        self._fits: set[tuple] = set()  # layout keys of stored experts that fit the base (see check_fits)
         self.active = True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -95,6 +96,9 @@ class ExpertSet(Residency):
         validate_name(expert.name)
         if expert.name in self.metadata and not replacing:
             raise LibraryError("the model already has an expert with this name", expert=expert.name)
+        key = getattr(expert, "layout_key", None)
+        if key is not None and key in self._fits:  # a layout already checked against this base
+            return
         for m, (out_f, in_f) in expert.shapes().items():
             layer = self.layers.get(m)
             if layer is not None:
@@ -114,6 +118,8 @@ class ExpertSet(Residency):
                     f"module {m!r}: the expert maps {in_f}→{out_f} but the base maps "
                     f"{shape[1]}→{shape[0]}", expert=expert.name,
                 )
+        if key is not None:
+            self._fits.add(key)
 
     def _patch(self, module_name: str) -> ExpertLinear:
         layer = self.layers.get(module_name)

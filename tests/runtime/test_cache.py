@@ -184,3 +184,39 @@ def test_a_routed_call_reads_the_candidates_its_router_chose(lib, reads):
 def test_a_bad_budget_is_refused(lib, bad):
     with pytest.raises(ValueError, match="cache_bytes"):
         _model(lib, cache_bytes=bad)
+
+
+def test_pinning_an_expert_the_model_does_not_load_is_refused(lib):
+    with pytest.raises(LibraryError, match="pin") as err:
+        _model(lib, pin=["e0", "nope"])
+    assert err.value.expert == "nope"
+
+
+def test_a_forked_child_reads_experts_with_its_own_reader_threads(lib):
+    from moerge.core.forked import can_fork, run_forked
+
+    if not can_fork():
+        pytest.skip("no fork on this platform")
+    model = _model(lib)
+    model(**_enc(), experts=[{"e0": 1.0}, {"e1": 1.0}])  # two missing experts: the reader threads exist now
+    es = model.expert_set
+
+    def in_child():
+        with es.lock:
+            es.ensure_resident(["e2", "e3", "e4"])  # the parent's reader threads do not exist in the child
+            return sorted(es.cache.resident)
+
+    assert run_forked(in_child, hold=es.lock) == ["e0", "e1", "e2", "e3", "e4"]
+    assert sorted(es.cache.resident) == ["e0", "e1"]  # the parent is unchanged
+
+
+def test_stored_experts_of_one_layout_share_it(tmp_path):
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(rand_expert(base, "a", seed=1))
+    lib.add(rand_expert(base, "b", seed=2))  # the same modules, ranks and scale
+    lib.add(rand_expert(base, "c", seed=3, scale=3.0))
+    a, b, c = (lib.stored(n) for n in "abc")
+    assert a.layout is b.layout and a.layout_key is b.layout_key
+    assert c.layout is not a.layout and c.layout_key == a.layout_key  # same shapes, another scale
+    assert a.spec() == lib.get("a").spec() and c.spec() == lib.get("c").spec()
