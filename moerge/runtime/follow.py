@@ -314,6 +314,12 @@ class LivingLibrary:
         """``fn`` (a router's training) in a forked child (lock held while forking); at load, here (all threads)."""
         return fn() if self._loading else run_forked(fn, hold=self.expert_set.lock, cancel=current_cancel())
 
+    @property
+    def resident_experts(self) -> list[str]:
+        """The experts whose factors are in memory now, least recently used first."""
+        with self.expert_set.lock:
+            return list(self.expert_set.cache.resident)
+
     def cache_stats(self) -> CacheStats:
         """Which experts' factors are in memory, against the budget (``cache_bytes``), and the hits, misses and
         evictions so far."""

@@ -130,16 +130,19 @@ class _Endpoints:
 
     async def list_experts(self) -> dict[str, Any]:
         """Each expert the model serves, with how its routing data stands: ``ready``, ``training`` (in the
-        background: usable by name, not yet chosen by a local gate) or ``failed`` (with the error); and the experts
-        of the library the model could not take in."""
+        background: usable by name, not yet chosen by a local gate) or ``failed`` (with the error) and whether its
+        factors are in memory (``resident``); the experts of the library the model could not take in; and the
+        expert cache's counters (``cache``: see ``MoErgeModel.cache_stats``)."""
         pending, errors = set(self.model.pending_routing), self.model.routing_errors
+        resident = set(self.model.resident_experts)
         data = []
         for n in self.model.experts:
             state = "training" if n in pending else "failed" if n in errors else "ready"
             data.append({"id": f"{MODEL_ID}/{n}", "object": "expert", "name": n,
                          "description": self.model.expert_metadata(n).description, "routing": state,
-                         **({"error": errors[n]} if state == "failed" else {})})
-        return {"object": "list", "data": data, "not_loaded": self.model.library_errors}
+                         "resident": n in resident, **({"error": errors[n]} if state == "failed" else {})})
+        return {"object": "list", "data": data, "not_loaded": self.model.library_errors,
+                "cache": self.model.cache_stats().as_dict()}
 
     async def upload_status(self, upload_id: str) -> dict[str, Any]:
         return self.uploads.get(upload_id)

@@ -119,6 +119,16 @@ def test_generate_with_routing_or_a_forced_mix(lib):
     assert code == 1 and "name=weight" in data["error"]
 
 
+def test_generate_under_an_expert_cache_budget_and_pins(lib):
+    base_dir, lib_dir = lib
+    code, full = _json(["generate", "anything", "-l", lib_dir, "--base", base_dir, "-n", "3", "--experts", "french=1"])
+    code2, small = _json(["generate", "anything", "-l", lib_dir, "--base", base_dir, "-n", "3", "--experts",
+                          "french=1", "--cache-mib", "0", "--pin", "sort"])
+    assert code == code2 == 0 and small["answer"] == full["answer"]
+    code, data = _json(["generate", "anything", "-l", lib_dir, "--base", base_dir, "--pin", "nope"])
+    assert code == 1 and "pin" in data["error"] and "nope" in data["error"]
+
+
 def test_route_shows_the_task_description_the_llm_wrote(lib):
     base_dir, lib_dir = lib
     code, data = _json(["route", "Sort these words: kiwi banana", "-l", lib_dir, "--base", base_dir,

@@ -431,3 +431,29 @@ def test_a_parsed_request_gives_the_engines_job():
         _parse({"prompt": "abc", "max_tokens": 3}).job(prompt_tokens=10, context_length=12)
     with pytest.raises(OpenAIError, match="the prompt is empty"):
         req.job(prompt_tokens=0, context_length=None)
+
+
+def test_the_server_reads_experts_when_requests_need_them_and_lists_which_are_resident(tmp_path):
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    for i, n in enumerate(("sort", "french", "upper")):
+        lib.add_peft(save_peft_lora(base, tmp_path / n, seed=i, r=4, target_modules=["q_proj", "v_proj"]), n)
+    tok = tiny_tokenizer()
+    model = MoErgeModel.from_library(copy.deepcopy(base), lib, router="fixed", tokenizer=tok, follow=False,
+                                     cache_bytes=1)  # room for no expert beyond the one a request needs
+    app = create_app(model, tok, ServerConfig(batch_window=0.0))
+    with live(app) as url, httpx.Client(base_url=url, timeout=HANG_GUARD) as http:
+        listed = http.get("/v1/experts").json()
+        assert [e["resident"] for e in listed["data"]] == [False, False, False]
+        assert listed["cache"]["resident"] == 0 and listed["cache"]["budget_bytes"] == 1
+        messages = [{"role": "user", "content": "hello there"}]
+        for name in ("french", "upper"):
+            r = http.post("/v1/chat/completions", json={"model": f"moerge/{name}", "messages": messages,
+                                                        "max_tokens": 3, "temperature": 0})
+            assert r.status_code == 200
+            assert r.json()["choices"][0]["message"]["content"] == _reference(model, tok, messages, 3,
+                                                                              experts={name: 1.0})
+        listed = http.get("/v1/experts").json()
+        assert {e["name"]: e["resident"] for e in listed["data"]} == {"sort": False, "french": False, "upper": True}
+        assert listed["cache"]["evictions"] >= 1 and listed["cache"]["misses"] >= 2
+    model.close()
