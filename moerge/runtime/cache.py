@@ -179,6 +179,13 @@ class ExpertCache:
                           sum(1 for n in self.sources if not self.evictable(n)))
 
 
+def _read_all(sources: list[StoredExpert]) -> list[Expert]:
+    """Each source's expert, read side by side when there are several (reading and hashing release the GIL)."""
+    if len(sources) > 1:
+        return list(_readers().map(StoredExpert.load, sources))
+    return [s.load() for s in sources]
+
+
 class Residency:
     """The part of :class:`~moerge.runtime.experts.ExpertSet` that moves experts' factors in and out of the banks as
     its :class:`ExpertCache` decides (a mixin: the set gives ``cache``, ``layers``, ``modules_of``, ``_patch`` and
@@ -187,6 +194,7 @@ class Residency:
     cache: ExpertCache
     layers: dict[str, ExpertLinear]
     modules_of: dict[str, list[str]]
+    lock: Any
 
     def _patch(self, module_name: str) -> ExpertLinear:  # pragma: no cover - given by the set
         raise NotImplementedError
@@ -219,18 +227,40 @@ class Residency:
     def _drop_banks(self, names: set[str]) -> set[str]:
         return {n for n in names if self.cache.is_resident(n)}
 
-    def ensure_resident(self, names: Sequence[str]) -> None:
-        """Read the factors of the experts of ``names`` that are not in the banks, evicting others (least recently
-        used first) past the budget; call under :attr:`lock`. Raises (the banks unchanged) when an expert cannot be
-        read."""
+    def missing(self, candidates: Any, staged: dict[str, Any] | None = None) -> list[str]:
+        """The experts ``candidates`` use whose factors are neither in the banks nor in ``staged`` (read for this
+        call by :meth:`read_experts`, from the expert's current source); under the lock."""
+        staged = staged or {}
+        return [n for n in candidates.used_names() if not self.cache.is_resident(n)
+                and not (n in staged and staged[n][0] is self.cache.sources.get(n))]
+
+    def read_experts(self, names: Sequence[str]) -> dict[str, tuple[StoredExpert, Expert]]:
+        """Read experts ``names`` (side by side) without holding the lock: ``name → (source, expert)``, for
+        :meth:`ensure_resident` to take in if the source is still the expert's then."""
+        with self.lock:
+            sources = {n: self.cache.sources.get(n) for n in names}
+        missing = [n for n, src in sources.items() if src is None]
+        if missing:  # removed meanwhile, or held in memory: the next routing sees it
+            sources = {n: s for n, s in sources.items() if s is not None}
+        t = time.perf_counter()
+        got = _read_all(list(sources.values()))
+        with self.lock:
+            self.cache.load_seconds += time.perf_counter() - t
+        return {s.name: (s, e) for s, e in zip(sources.values(), got)}
+
+    def ensure_resident(self, names: Sequence[str], staged: dict[str, Any] | None = None) -> None:
+        """Take the factors of the experts of ``names`` that are not in the banks in (from ``staged`` when it holds
+        them read from their current source, else read now), evicting others (least recently used first) past the
+        budget; call under :attr:`lock`. Raises (the banks unchanged) when an expert cannot be read."""
         need = [n for n in dict.fromkeys(names) if not self.cache.is_resident(n)]
         self.cache.hits += len(names) - len(need)
         if need:
             t = time.perf_counter()
-            if len(need) > 1:  # reading and hashing release the GIL: the candidates' files are read side by side
-                loaded = list(_readers().map(self._read, need))
-            else:
-                loaded = [self._read(need[0])]
+            staged = staged or {}
+            ready = {n: staged[n][1] for n in need if n in staged and staged[n][0] is self.cache.sources.get(n)}
+            rest = [n for n in need if n not in ready]
+            ready.update(zip(rest, _read_all([self._source(n) for n in rest])))
+            loaded = [ready[n] for n in need]
             self.cache.misses += len(need)
             victims = self.cache.victims(sum(self.cache.sizes[n] for n in need), keep=names)
             self._swap_resident(loaded, set(victims))
@@ -239,11 +269,14 @@ class Residency:
             self.cache.load_seconds += time.perf_counter() - t
         self.cache.touch(names)
 
-    def _read(self, name: str) -> Expert:
+    def _source(self, name: str) -> StoredExpert:
         source = self.cache.sources.get(name)
         if source is None:  # never evicted, so never missing: a broken book
             raise LibraryError("the expert's factors are neither in memory nor stored", expert=name)
-        return source.load()
+        return source
+
+    def _read(self, name: str) -> Expert:
+        return self._source(name).load()
 
     def _swap_resident(self, loaded: Sequence[Expert], evict: set[str]) -> None:
         """Take ``loaded`` into the banks and drop ``evict`` from them, module by module (under the lock no call

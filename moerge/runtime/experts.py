@@ -343,11 +343,13 @@ class ExpertSet(Residency):
             router.on_remove_expert(name)
 
     # --- a request's factors ----------------------------------------------------------------------------------------
-    def gather(self, candidates: Candidates, router: Router, fuse_gate: bool) -> dict[int, Any]:
+    def gather(self, candidates: Candidates, router: Router, fuse_gate: bool,
+               staged: dict[str, Any] | None = None) -> dict[int, Any]:
         """Each patched module's factors for ``candidates`` (and, with ``fuse_gate``, the router's linear gate),
         keyed by the module's patch index; call under :attr:`lock` with the names the candidates were made over.
-        The candidates' experts not in the banks are read first (see :meth:`ensure_resident`)."""
-        self.ensure_resident(candidates.used_names())
+        The candidates' experts not in the banks are taken in first, from ``staged`` (read by
+        :meth:`read_experts` without the lock) or read now (see :meth:`ensure_resident`)."""
+        self.ensure_resident(candidates.used_names(), staged)
         return {layer.patch_index: layer.bank.gather(
             candidates, layer.compute_dtype,
             router.linear_gate(candidates, layer.info, layer.compute_device) if fuse_gate else None,

@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,14 @@ from moerge.core.forked import can_fork
 from moerge.errors import LibraryError, RoutingError
 from moerge.library import ExpertLibrary
 from moerge.routers import build_router
-from moerge.routers.explicit import ExplicitRouter
 from moerge.routing import (
-    Candidates,
     Router,
     RouterContext,
     RoutingContext,
-    RoutingRequest,
-    RoutingState,
     RowRouting,
     explain_routing,
 )
+from moerge.runtime.calls import RoutedCalls
 from moerge.runtime.experts import ExpertSet
 from moerge.runtime.fill import RoutingFill
 from moerge.runtime.follow import LibraryFollower, LibrarySync, LivingLibrary
@@ -67,7 +63,7 @@ def _as_expert(expert: Expert | str | Path, name: str | None, description: str |
     return expert
 
 
-class MoErgeModel(LivingLibrary, nn.Module):
+class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
     """A Hugging Face causal LM plus a library of experts, routed at inference time.
 
     Build one with :meth:`from_library`. Target ``nn.Linear`` (and GPT-2 ``Conv1D``) modules are replaced by
@@ -311,68 +307,6 @@ class MoErgeModel(LivingLibrary, nn.Module):
                 router.on_add_expert(self.expert_set.get(n))
             self.router = router
             self._persist_routing()
-
-    # --- routing ------------------------------------------------------------------------------------------------
-    def route(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        experts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        exclude: Iterable[str] | None = None,
-        new_tokens: int = 0,
-    ) -> RoutingState:
-        """Decide the routing of a batch (the global stage) and gather every module's candidate factors.
-
-        ``experts`` forces a mix per row (``[{"sql": 1.0}, {"math": .5, "sql": .5}]``) or one mix for all rows.
-        ``exclude`` names experts no row may use: they are dropped from the router's candidates (sequence weights
-        are renormalised over the rest). An empty prompt, or one that with ``new_tokens`` to generate exceeds the
-        base's context, is refused.
-        """
-        self.expert_set.require_active()
-        self.prompts.check(input_ids, attention_mask, new_tokens)
-        if experts is not None and isinstance(experts, Mapping):
-            experts = [experts]
-        with self.expert_set.lock:
-            names = tuple(self.expert_set.names)
-            router = self.router
-            if experts is not None:
-                router = ExplicitRouter()
-                router.attach(self.router_context())
-            batch = next((int(t.shape[0]) for t in (input_ids, inputs_embeds) if t is not None), len(experts or []))
-            if experts is not None and len(experts) == 1 and batch > 1:
-                experts = list(experts) * batch
-            request = RoutingRequest(
-                input_ids=input_ids, attention_mask=attention_mask, names=names, experts=experts,
-                prompts=None if experts is not None else self.prompts.texts(input_ids, attention_mask),
-            )
-            cands = self._checked(router, router.select(request), names, batch)
-            if exclude:
-                cands = cands.without(set(exclude))
-            fuse = cands.weights is None and router.has_local_gate and router.has_linear_gate
-            gathered = self.expert_set.gather(cands, router, fuse)
-        return RoutingState(cands, router, gathered, record_usage=True)
-
-    @staticmethod
-    def _checked(router: Router, cands: Candidates, names: tuple[str, ...], batch: int) -> Candidates:
-        if not isinstance(cands, Candidates) or cands.names != names:
-            raise RoutingError(f"router {router.name!r} returned candidates over other expert names")
-        if cands.weights is None and not router.has_local_gate:
-            raise RoutingError(f"router {router.name!r} gave no mixing weights and has no local gate")
-        if cands.batch_size != batch:
-            raise RoutingError(f"router {router.name!r} routed {cands.batch_size} rows for a batch of {batch}")
-        return cands
-
-    @contextmanager
-    def routing(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                **route: Any) -> Iterator[RoutingState]:
-        """Route once (with :meth:`route`'s arguments) and keep that routing for every forward inside the block
-        (for hand-written decode loops)."""
-        state = self.route(input_ids, attention_mask, **route)
-        with self.context.activate(state):
-            yield state
-        self.last_routing = state.trace()
 
     def forward(
         self,

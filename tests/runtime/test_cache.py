@@ -220,3 +220,55 @@ def test_stored_experts_of_one_layout_share_it(tmp_path):
     assert a.layout is b.layout and a.layout_key is b.layout_key
     assert c.layout is not a.layout and c.layout_key == a.layout_key  # same shapes, another scale
     assert a.spec() == lib.get("a").spec() and c.spec() == lib.get("c").spec()
+
+
+def test_a_call_reads_its_missing_experts_without_holding_up_other_calls(lib, monkeypatch):
+    import threading
+
+    model = _model(lib)
+    enc = _enc()
+    want = _model(lib, pin=NAMES)
+    warm = model(**enc, experts={"e0": 1.0}).logits  # e0 is in memory now
+    inside, release = threading.Event(), threading.Event()
+    real = ExpertFiles.load
+
+    def held_load(self, name, files):  # the read of e5 waits until the other call is done
+        if name == "e5":
+            inside.set()
+            assert release.wait(300), "never released"
+        return real(self, name, files)
+
+    monkeypatch.setattr(ExpertFiles, "load", held_load)
+    out: list = []
+    cold = threading.Thread(target=lambda: out.append(model(**enc, experts={"e5": 1.0}).logits))
+    cold.start()
+    assert inside.wait(300)
+    # the cold call is reading e5: a call on an expert in memory routes and runs meanwhile (with the lock held
+    # by the read, it would wait for the release that only comes after it)
+    assert torch.equal(model(**enc, experts={"e0": 1.0}).logits, warm)
+    release.set()
+    cold.join(300)
+    assert torch.equal(out[0], want(**enc, experts={"e5": 1.0}).logits)
+    assert model.cache_stats().misses == 2
+
+
+def test_an_expert_replaced_while_it_was_read_is_taken_in_as_its_new_version(lib, monkeypatch):
+    import threading
+
+    model = _model(lib)
+    enc = _enc()
+    real = ExpertFiles.load
+    replaced = threading.Event()
+
+    def load_then_replace(self, name, files):  # the old version is read, then the model takes in the new one
+        got = real(self, name, files)
+        if name == "e2" and not replaced.is_set():
+            replaced.set()
+            lib.add(rand_expert(tiny_chat_llama(), "e2", seed=99, rank=3), overwrite=True)
+            model.sync_library()
+        return got
+
+    monkeypatch.setattr(ExpertFiles, "load", load_then_replace)
+    got = model(**enc, experts={"e2": 1.0}).logits
+    fresh = _model(ExpertLibrary.open(lib.root), pin=["e2"])
+    assert torch.equal(got, fresh(**enc, experts={"e2": 1.0}).logits)  # the new version, not the one read first
