@@ -19,6 +19,7 @@ safetensors files are ever read, and every file is checked against its sha256 wh
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -193,7 +194,7 @@ class ExpertLibrary:
             data = self._experts.header(name, files)
         try:
             meta = ExpertMetadata.from_json(data["metadata"])
-            return StoredExpert(name, meta, data["modules"], lambda: self._experts.load(name, files),
+            return StoredExpert(name, meta, data["modules"], functools.partial(self._experts.load, name, files),
                                 entry.get("digest"))
         except ExpertFormatError as e:
             raise e.at(str(self._experts.file(name, "expert.json"))) from None
