@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,9 @@ def load_safetensors_verified(path: str | Path, sha256: str, *, expert: str | No
 
     header = _checked_header(read, len(buf), path, expert)
     start = pos[0]
-    if any(e["dtype"] not in _TORCH_DTYPES for k, e in header.items() if k != "__metadata__"):
-        return load_safetensors(path, expert=expert)
+    if sys.byteorder != "little" or any(e["dtype"] not in _TORCH_DTYPES for k, e in header.items()
+                                        if k != "__metadata__"):
+        return load_safetensors(path, expert=expert)  # safetensors is little-endian; views would be native
     out = {}
     for name, e in header.items():
         if name == "__metadata__":
