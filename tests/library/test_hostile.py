@@ -4,6 +4,7 @@ nothing changed in the library or the live model."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors.torch import save
 
 from moerge import ExpertLibrary, MoErgeModel
 from moerge.adapters.peft_loader import load_peft_lora
-from moerge.core.safe_io import check_safetensors_header, load_safetensors
+from moerge.core.safe_io import check_safetensors_header, load_safetensors, load_safetensors_verified
 from moerge.errors import ExpertFormatError, MoErgeError, RoutingError
 
 from helpers import VOCAB, save_peft_lora, tiny_llama
@@ -67,13 +68,29 @@ def _dup_header() -> str:
     (lambda h, d: _raw({"a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24], "extra": 1}}, d[:24]),
      "exactly dtype"),
 ])
-def test_malformed_safetensors_are_refused_naming_the_file(tmp_path, make, match):
+@pytest.mark.parametrize("verified", [False, True])
+def test_malformed_safetensors_are_refused_naming_the_file(tmp_path, make, match, verified):
     header, data = _two_tensors()
     f = tmp_path / "bad.safetensors"
     f.write_bytes(make(header, data))
     with pytest.raises(ExpertFormatError, match=match) as e:
-        load_safetensors(f, expert="x")
+        if verified:  # a library's read: the sha256 matches (the manifest lists this very file), the checks still run
+            load_safetensors_verified(f, hashlib.sha256(f.read_bytes()).hexdigest(), expert="x")
+        else:
+            load_safetensors(f, expert="x")
     assert e.value.file == str(f) and e.value.expert == "x"
+
+
+def test_a_verified_read_checks_the_sha256_and_gives_what_safetensors_gives(tmp_path):
+    tensors = {"x": torch.randn(3, 5), "y": torch.zeros(0, 2), "z": torch.ones(2, dtype=torch.int64),
+               "w": torch.randn(4, 2).to(torch.bfloat16)}
+    f = tmp_path / "real.safetensors"
+    f.write_bytes(save(tensors))
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    got = load_safetensors_verified(f, digest)
+    assert set(got) == set(tensors)
+    assert all(got[k].dtype == t.dtype and torch.equal(got[k], t) for k, t in tensors.items())
+    assert load_safetensors_verified(f, "0" * 64) is None  # another sha256: nothing is parsed or returned
 
 
 # ---------------------------------------------------------------------------------------------------------------
