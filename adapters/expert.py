@@ -244,6 +244,11 @@ class Expert:
     def target_modules(self) -> list[str]:
         return sorted(self.modules)
 
+    def load(self) -> Expert:
+        """The expert with its weights in memory: itself (a :class:`StoredExpert` reads them). Code that reads an
+        expert's weights several times calls this once."""
+        return self
+
     def shapes(self) -> dict[str, tuple[int, int]]:
         """``(out_features, in_features)`` per module."""
         return {m: (w.out_features, w.in_features) for m, w in self.modules.items()}

@@ -65,6 +65,7 @@ def train_phatgoose_gates(
     examples = list(examples)
     if not examples:
         raise RoutingError("no examples to train its PHATGOOSE gates on", expert=expert.name)
+    expert = expert.load()  # a stored expert's weights, read once
     if isinstance(examples[0], str):
         pairs = answers_from_expert(base, tokenizer, expert, examples)
     else:
@@ -112,7 +113,7 @@ class PhatgooseRouter(TrainedGateRouter):
         return gates, {m: standardize(g) for m, g in gates.items()}
 
     def _zeros(self, expert: Expert) -> dict[str, torch.Tensor]:
-        return {m: torch.zeros(w.in_features) for m, w in expert.modules.items()}
+        return {m: torch.zeros(in_f) for m, (_, in_f) in expert.shapes().items()}
 
     def _train(self, expert: Expert) -> tuple[dict[str, torch.Tensor], list[float]]:
         cfg, ctx = self.config, self.context

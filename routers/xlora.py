@@ -72,7 +72,7 @@ def train_xlora_head(
     scalings); only the experts in ``trainable`` (default: all) are updated, with Adam and the LM loss on the
     answers (:func:`~moerge.routing.training.fit`).
     """
-    experts = list(experts)
+    experts = [e.load() for e in experts]  # a stored expert's weights, read once
     if not experts or not pairs:
         raise RoutingError("training the X-LoRA head needs experts and examples")
     names = [e.name for e in experts]
@@ -157,7 +157,7 @@ class XLoRARouter(TrainedGateRouter):
         return rows, {m: torch.cat([w, b.reshape(1)]) for m, (w, b) in rows.items()}  # (in + 1,)
 
     def _zeros(self, expert: Expert) -> Rows:
-        return {m: (torch.zeros(w.in_features), torch.zeros(())) for m, w in expert.modules.items()}
+        return {m: (torch.zeros(in_f), torch.zeros(())) for m, (_, in_f) in expert.shapes().items()}
 
     def _to_tensors(self, data: Rows) -> dict[str, torch.Tensor]:
         return rows_to_tensors(data)

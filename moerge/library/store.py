@@ -19,10 +19,10 @@ safetensors files are ever read, and every file is checked against its sha256 wh
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,18 @@ def _entry(expert: Expert, files: dict[str, str]) -> dict[str, Any]:
         "added_at": time.time(),
         "files": files,
     }
+
+
+@dataclass(frozen=True)
+class _Read:
+    """How a :class:`StoredExpert` reads its weights: these files, checked against these sha256 (picklable)."""
+
+    experts: ExpertFiles
+    name: str
+    files: dict[str, str]
+
+    def __call__(self) -> Expert:
+        return self.experts.load(self.name, self.files)
 
 
 class ExpertLibrary:
@@ -194,7 +206,7 @@ class ExpertLibrary:
             data = self._experts.header(name, files)
         try:
             meta = ExpertMetadata.from_json(data["metadata"])
-            return StoredExpert(name, meta, data["modules"], functools.partial(self._experts.load, name, files),
+            return StoredExpert(name, meta, data["modules"], _Read(self._experts, name, files),
                                 entry.get("digest"))
         except ExpertFormatError as e:
             raise e.at(str(self._experts.file(name, "expert.json"))) from None

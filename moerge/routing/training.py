@@ -182,7 +182,7 @@ class GatedExperts:
     """
 
     def __init__(self, base: nn.Module, experts: Sequence[Expert], gate: GateFn) -> None:
-        self.base, self.experts, self.gate = base, list(experts), gate
+        self.base, self.experts, self.gate = base, [e.load() for e in experts], gate  # weights read once
         self.modules = sorted({m for e in self.experts for m in e.modules})
         self._handles: list[Any] = []
 

@@ -165,7 +165,8 @@ class ModuleBank:
             lora[n] = _LoRASlot(start, s.rank, s.scale)
             start += s.rank
         dense = {n: v for n, v in self.dense.items() if n not in names}
-        cap = max(start, int(_GROWTH * start)) if keep else start
+        cap = max(start, int(_GROWTH * start)) if keep and self.A_all.device.type == "cpu" else start  # CPU: free
+        # until written (untouched pages); an accelerator would reserve it
         a = torch.empty(cap, self.A_all.shape[1], device=self.A_all.device, dtype=self.A_all.dtype)
         bt = torch.empty(cap, self.Bt_all.shape[1], device=self.A_all.device, dtype=self.A_all.dtype)
         torch.index_select(self.A_all, 0, idx, out=a[:start])
@@ -199,6 +200,15 @@ class ModuleBank:
             d, b = self.dense[name]
             return DeltaWeights(d.clone(), None if b is None else b.clone())
         return None
+
+    def size_of(self, name: str) -> int:
+        """Bytes expert ``name``'s weights take in this bank (0 when it is not here)."""
+        if name in self.lora:
+            return self.lora[name].rank * (self.A_all.shape[1] + self.Bt_all.shape[1]) * self.A_all.element_size()
+        if name in self.dense:
+            d, b = self.dense[name]
+            return d.nbytes + (0 if b is None else b.nbytes)
+        return 0
 
     def delta_bias(self, name: str) -> torch.Tensor | None:
         return self.dense[name][1] if name in self.dense else None

@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -119,6 +120,7 @@ class ExpertCache:
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self.sources: dict[str, StoredExpert | None] = {}  # every known expert: how to read it (None: memory only)
         self.sizes: dict[str, int] = {}  # every known expert: its factors' bytes as the banks hold them
+        self.held: set[str] = set()  # not evicted while the model replaces or removes them (see ExpertSet)
         self.hits = self.misses = self.evictions = 0
         self.load_seconds = 0.0
 
@@ -145,7 +147,7 @@ class ExpertCache:
         return name in self.pin
 
     def evictable(self, name: str) -> bool:
-        return name not in self.pin and self.sources.get(name) is not None
+        return name not in self.pin and name not in self.held and self.sources.get(name) is not None
 
     @property
     def used(self) -> int:
@@ -285,13 +287,23 @@ class Residency:
         for e in loaded:
             for m, w in e.modules.items():
                 by_module.setdefault(m, {})[e.name] = w
-        for m in sorted({m for n in evict for m in self.modules_of.get(n, [])} | set(by_module)):
-            layer = self._patch(m)
-            bank = layer.bank
-            gone = {n for n in evict if n in bank}
-            if gone:
-                bank = bank.without(gone)
-            layer.bank = bank.with_experts(by_module[m]) if m in by_module else bank
+        try:
+            for m in sorted({m for n in evict for m in self.modules_of.get(n, [])} | set(by_module)):
+                layer = self._patch(m)
+                bank = layer.bank
+                gone = {n for n in evict if n in bank}
+                if gone:
+                    bank = bank.without(gone)
+                layer.bank = bank.with_experts(by_module[m]) if m in by_module else bank
+        except BaseException:  # out of memory midway: every expert touched leaves every bank, the book agrees
+            touched = set(evict) | {e.name for e in loaded}
+            for layer in self.layers.values():
+                gone = {n for n in touched if n in layer.bank}
+                if gone:
+                    layer.bank = layer.bank.without(gone)
+            for n in touched:
+                self.cache.know(n, self.cache.sources[n], self.cache.sizes[n], resident=False)
+            raise
         for n in evict:
             self.cache.know(n, self.cache.sources[n], self.cache.sizes[n], resident=False)
             self.cache.evictions += 1
@@ -299,10 +311,24 @@ class Residency:
         for e in loaded:
             self.cache.know(e.name, self.cache.sources[e.name], self.cache.sizes[e.name], resident=True)
 
+    def resize(self) -> None:
+        """Recount every expert's bytes (after ``model.to(dtype)`` changed the banks' dtype); under the lock."""
+        self.__dict__.pop("_sizes", None)
+        for n, source in self.cache.sources.items():
+            if source is not None:
+                size = self._size(source)
+            else:  # held in memory only, hence resident: its rows in the banks
+                size = sum(layer.bank.size_of(n) for layer in self.layers.values())
+            self.cache.know(n, source, size, resident=self.cache.is_resident(n))
+
     def evict_over_budget(self, keep: Sequence[str] = ()) -> None:
         """Evict past the budget (after experts held in memory, or pinned ones, came in); under :attr:`lock`."""
         victims = self.cache.victims(0, keep=keep)
-        if victims:
+        if not victims:
+            return
+        try:
             self._swap_resident([], set(victims))
-            give_back_memory()
+        except Exception as e:  # noqa: BLE001 - the change itself is done; memory stays over the budget meanwhile
+            warnings.warn(f"experts could not be evicted to stay within cache_bytes: {e}", RuntimeWarning, stacklevel=3)
+        give_back_memory()
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from moerge.errors import RoutingError
+from moerge.errors import LibraryError, RoutingError
 from moerge.routers.explicit import ExplicitRouter
 from moerge.routing import Candidates, Router, RouterContext, RoutingContext, RoutingRequest, RoutingState
 from moerge.runtime.experts import ExpertSet
@@ -36,6 +36,11 @@ class RoutedCalls:
 
     def router_context(self) -> RouterContext:  # pragma: no cover - given by the model
         raise NotImplementedError
+
+    def _resync(self) -> bool:
+        """After an expert's files could not be read: take in what changed in the library (another process may
+        have replaced or removed the expert since the model last looked); whether anything did."""
+        return getattr(self, "_library_sync", None) is not None and bool(self.sync_library().changed)
 
     def route(
         self,
@@ -64,7 +69,11 @@ class RoutedCalls:
                                     last=attempt == _READ_ROUNDS - 1)
             if isinstance(done, RoutingState):
                 return done
-            staged.update(self.expert_set.read_experts(done))  # the lock is free meanwhile
+            try:
+                staged.update(self.expert_set.read_experts(done))  # the lock is free meanwhile
+            except LibraryError:
+                if not self._resync():
+                    raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _route_once(self, input_ids: Any, attention_mask: Any, experts: Any, inputs_embeds: Any, exclude: Any,

@@ -195,7 +195,7 @@ class ExpertSet(Residency):
             mods = {m: self.layers[m].bank.weights_of(name) for m in self.modules_of[name]}
             return Expert(name, mods, self.metadata[name])
 
-    def _prior(self, name: str) -> Expert:
+    def prior(self, name: str) -> Expert:
         """The set's expert ``name`` as it is now, without reading what is not in memory (for undoing a change)."""
         source = self.cache.sources.get(name)
         return source if source is not None and not self.cache.is_resident(name) else self.get(name)
@@ -205,7 +205,7 @@ class ExpertSet(Residency):
         """Give ``experts`` to ``router`` (replacing the routing data of names it has), with what its
         ``prepare_expert`` made for them when given; returns an undo (``previous``: the replaced experts as they
         were, when the caller has them)."""
-        previous = {**{e.name: self._prior(e.name) for e in experts if e.name in self.metadata}, **(previous or {})}
+        previous = {**{e.name: self.prior(e.name) for e in experts if e.name in self.metadata}, **(previous or {})}
         prepared = prepared or {}
         done: list[str] = []
 
@@ -230,7 +230,7 @@ class ExpertSet(Residency):
 
     def router_defer(self, router: Router, expert: Expert) -> Callable[[], None]:
         """``router.defer_expert(expert)`` (its routing data to be trained later); returns an undo."""
-        previous = self._prior(expert.name) if expert.name in self.metadata else None
+        previous = self.prior(expert.name) if expert.name in self.metadata else None
         router.defer_expert(expert)
 
         def undo() -> None:
@@ -279,6 +279,26 @@ class ExpertSet(Residency):
         with self.lock:
             self.require_active()
             self._check_addable(expert, overwrite)
+            if library is not None and overwrite:
+                self._hold(expert.name)  # calls meanwhile need the old version while its files are replaced
+        try:
+            return self._add(expert, router, library, overwrite, defer)
+        finally:
+            with self.lock:
+                self.cache.held.discard(expert.name)
+
+    def _hold(self, name: str) -> None:
+        """Keep expert ``name``'s factors in memory (read now if they are not) until ``cache.held`` lets it go: its
+        files are about to be replaced or removed, and calls until the swap still use it."""
+        if name in self.metadata and self.cache.sources.get(name) is not None:
+            self.cache.held.add(name)
+            try:
+                self.ensure_resident([name])
+            except MoErgeError:  # its files are damaged already: nothing to keep, the change goes on
+                self.cache.held.discard(name)
+
+    def _add(self, expert: Expert, router: Router, library: Any, overwrite: bool,
+             defer: bool) -> tuple[Expert, bool]:
         deferred = defer and router.needs_training(expert)
         prepared = None if deferred else router.prepare_expert(expert)
         previous = None
@@ -298,12 +318,16 @@ class ExpertSet(Residency):
                 drop = {expert.name} if expert.name in self.metadata else set()
                 banks = self._new_banks(self._arriving([stored]), self._drop_banks(drop))
                 if deferred:
-                    self.router_defer(router, stored)
+                    undo = self.router_defer(router, stored)
                 else:
-                    self.router_add(router, [stored], None if prepared is None else {stored.name: prepared},
-                                    None if previous is None else {stored.name: previous[0]})
-                self._commit(banks, [stored], drop, {stored.name: source})
-                self.evict_over_budget(keep=[stored.name])
+                    undo = self.router_add(router, [stored], None if prepared is None else {stored.name: prepared},
+                                           None if previous is None else {stored.name: previous[0]})
+                try:
+                    self._commit(banks, [stored], drop, {stored.name: source})
+                except BaseException:
+                    undo()
+                    raise
+                self.evict_over_budget(keep=[stored.name])  # warns, never raises: the change is done
         except BaseException:
             if library is not None:  # the library back as it was
                 if previous is not None:
@@ -333,6 +357,15 @@ class ExpertSet(Residency):
             self.require_active()
             if name not in self.metadata:
                 raise LibraryError(f"the model has no expert {name!r}", expert=name)
+            if library is not None:
+                self._hold(name)
+        try:
+            self._remove(name, router, library)
+        finally:
+            with self.lock:
+                self.cache.held.discard(name)
+
+    def _remove(self, name: str, router: Router, library: Any) -> None:
         if library is not None:
             library.remove(name)
         with self.lock:

@@ -304,7 +304,7 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
         with self.expert_set.lock:
             router.attach(self.router_context())
             for n in self.expert_set.names:
-                router.on_add_expert(self.expert_set.get(n))
+                router.on_add_expert(self.expert_set.prior(n))  # a stored expert is not read for this
             self.router = router
             self._persist_routing()
 
@@ -366,6 +366,12 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
             f"{f' at {self.library.root}' if self.library is not None else ''}. Save the base with "
             "model.copy_base().save_pretrained(...), or a fixed mix with model.merge({...}).save_pretrained(...)"
         )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MoErgeModel:
+        super()._apply(fn, recurse)  # .to(dtype) also casts the banks: the experts' sizes change
+        with self.expert_set.lock:
+            self.expert_set.resize()
+        return self
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

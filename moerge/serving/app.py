@@ -134,7 +134,8 @@ class _Endpoints:
         factors are in memory (``resident``); the experts of the library the model could not take in; and the
         expert cache's counters (``cache``: see ``MoErgeModel.cache_stats``)."""
         pending, errors = set(self.model.pending_routing), self.model.routing_errors
-        resident = set(self.model.resident_experts)
+        resident = set(await asyncio.to_thread(lambda: self.model.resident_experts))  # takes the model's lock
+        cache = await asyncio.to_thread(self.model.cache_stats)
         data = []
         for n in self.model.experts:
             state = "training" if n in pending else "failed" if n in errors else "ready"
@@ -142,7 +143,7 @@ class _Endpoints:
                          "description": self.model.expert_metadata(n).description, "routing": state,
                          "resident": n in resident, **({"error": errors[n]} if state == "failed" else {})})
         return {"object": "list", "data": data, "not_loaded": self.model.library_errors,
-                "cache": self.model.cache_stats().as_dict()}
+                "cache": cache.as_dict()}
 
     async def upload_status(self, upload_id: str) -> dict[str, Any]:
         return self.uploads.get(upload_id)

@@ -272,3 +272,60 @@ def test_an_expert_replaced_while_it_was_read_is_taken_in_as_its_new_version(lib
     got = model(**enc, experts={"e2": 1.0}).logits
     fresh = _model(ExpertLibrary.open(lib.root), pin=["e2"])
     assert torch.equal(got, fresh(**enc, experts={"e2": 1.0}).logits)  # the new version, not the one read first
+
+
+def test_a_read_that_fails_midway_through_the_banks_leaves_them_and_the_book_in_agreement(lib, monkeypatch):
+    from moerge.runtime.bank import ModuleBank
+
+    want = _model(lib, pin=NAMES)
+    model = _model(lib, cache_bytes=_size(want, "e2"))  # e2 alone fits: e0 must go when it comes
+    enc = _enc()
+    model(**enc, experts={"e0": 1.0})
+    real, calls = ModuleBank.with_experts, []
+
+    def failing(self, weights):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("injected")
+        return real(self, weights)
+
+    monkeypatch.setattr(ModuleBank, "with_experts", failing)
+    with pytest.raises(MemoryError):
+        model(**enc, experts={"e2": 1.0})  # e0 evicted and e2 read, both half done when it fails
+    monkeypatch.setattr(ModuleBank, "with_experts", real)
+    held = {n for layer in model.expert_set.layers.values() for n in layer.bank.names}
+    assert held == set(model.expert_set.cache.resident) == set()
+    for n in ("e0", "e2"):
+        assert torch.equal(model(**enc, experts={n: 1.0}).logits, want(**enc, experts={n: 1.0}).logits)
+
+
+def test_a_call_during_the_removal_of_an_expert_not_in_memory_still_gets_it(lib, monkeypatch):
+    model = _model(lib)
+    enc = _enc()
+    want = _model(lib, pin=NAMES)(**enc, experts={"e3": 1.0}).logits
+    real = type(lib).remove
+    during: list = []
+
+    def remove(self, name):  # the files are gone, the model has not dropped the expert yet
+        real(self, name)
+        during.append(model(**enc, experts={"e3": 1.0}).logits)
+
+    monkeypatch.setattr(type(lib), "remove", remove)
+    model.remove_expert("e3")
+    assert torch.equal(during[0], want) and "e3" not in model.experts
+    assert "e3" not in model.expert_set.cache.resident and not model.expert_set.cache.held
+
+
+def test_setting_another_router_reads_no_weights(lib, reads):
+    model = _model(lib, cache_bytes=1)
+    model.set_router("fixed")
+    assert reads == []
+
+
+def test_sizes_follow_the_banks_dtype(lib):
+    model = _model(lib, pin=["e0"])
+    before = model.cache_stats().resident_bytes
+    model.to(torch.bfloat16)
+    stats = model.cache_stats()
+    assert stats.resident_bytes * 2 == before
+    assert stats.resident_bytes == sum(layer.bank.size_of("e0") for layer in model.expert_set.layers.values())
