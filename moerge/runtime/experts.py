@@ -307,11 +307,12 @@ class ExpertSet(Residency):
                 previous = (library.get(expert.name),
                             {k: library.get_routing(expert.name, k) for k in library.routing_kinds(expert.name)})
             stored = library.add(expert, overwrite=overwrite)  # atomic: all or nothing on disk
-            source = library.stored(expert.name)  # to read it again once evicted
         else:
             stored = expert
-            source = expert if isinstance(expert, StoredExpert) else None
+        source = expert if library is None and isinstance(expert, StoredExpert) else None
         try:
+            if library is not None:
+                source = library.stored(expert.name)  # to read it again once evicted
             with self.lock:
                 self.require_active()
                 self._check_addable(expert, overwrite)  # again: the set may have changed meanwhile
