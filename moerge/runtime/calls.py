@@ -17,6 +17,7 @@ import torch
 from moerge.errors import LibraryError, RoutingError
 from moerge.routers.explicit import ExplicitRouter
 from moerge.routing import Candidates, Router, RouterContext, RoutingContext, RoutingRequest, RoutingState
+from moerge.runtime.cache import give_back_memory
 from moerge.runtime.experts import ExpertSet
 from moerge.runtime.prompts import PromptReader
 
@@ -68,6 +69,9 @@ class RoutedCalls:
             done = self._route_once(input_ids, attention_mask, experts, inputs_embeds, exclude, staged,
                                     last=attempt == _READ_ROUNDS - 1)
             if isinstance(done, RoutingState):
+                if staged:  # the buffers the experts were read into (their factors are in the banks now)
+                    staged.clear()
+                    give_back_memory()
                 return done
             try:
                 staged.update(self.expert_set.read_experts(done))  # the lock is free meanwhile
