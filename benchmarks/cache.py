@@ -15,6 +15,7 @@ runtime's reading and mixing of experts, not a router's choice.
 
     python benchmarks/cache.py --experts 1000 --resident       # ~9.3 GB of experts, ~10 GB of RAM with --resident
     python benchmarks/cache.py --experts 10000 --rank 8 --modules q_proj,v_proj   # open time at 10,000 experts
+                                  # (making that library takes long: each add rewrites the manifest, O(n) per add)
 """
 
 from __future__ import annotations
