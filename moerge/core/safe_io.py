@@ -193,11 +193,10 @@ def load_safetensors_verified(path: str | Path, sha256: str, *, expert: str | No
     start = pos[0]
     if sys.byteorder != "little" or any(e["dtype"] not in _TORCH_DTYPES for k, e in header.items()
                                         if k != "__metadata__"):
-        from safetensors.torch import (
-            load,  # safetensors is little-endian (views would be native), or a dtype torch
-        )
-                                            # views no plain way: parsed from the bytes that were hashed
+        from safetensors.torch import load
 
+        # safetensors is little-endian (views would be native), or a dtype torch has no plain view for: parsed
+        # from the bytes that were hashed
         return load(bytes(buf))
     out = {}
     for name, e in header.items():

@@ -50,6 +50,14 @@ def _matches(folder: Path, files: Mapping[str, str]) -> bool:
     return bool(files) and all((folder / f).is_file() and sha256_file(folder / f) == h for f, h in files.items())
 
 
+def _missing(name: str, path: Path) -> LibraryError:
+    return LibraryError("file listed in the manifest is missing", expert=name, file=str(path))
+
+
+def _mismatch(name: str, path: Path) -> LibraryError:
+    return LibraryError("sha256 does not match the manifest (file changed or corrupt)", expert=name, file=str(path))
+
+
 class ExpertFiles:
     """The folders of a library's experts, under ``<root>/experts``. It knows files, not the manifest: callers
     pass the sha256 the manifest lists and commit the manifest inside :meth:`replacing`."""
@@ -67,56 +75,48 @@ class ExpertFiles:
         folder = self.folder(name)
         return _inside(folder / fname, folder, name, "the file is a link that leads out of the expert's folder")
 
-    def _checked(self, name: str, fname: str, digest: str) -> Path:
+    def _read_checked(self, name: str, fname: str, files: Mapping[str, str]) -> bytes:
+        """File ``fname`` of expert ``name``, read once and checked against its sha256 in ``files``."""
+        if fname not in files:
+            raise LibraryError(f"the manifest lists no {fname}", expert=name)
         path = self.file(name, fname)
-        if not path.is_file():
-            raise LibraryError("file listed in the manifest is missing", expert=name, file=str(path))
-        if sha256_file(path) != digest:
-            raise LibraryError("sha256 does not match the manifest (file changed or corrupt)", expert=name,
-                               file=str(path))
-        return path
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise _missing(name, path) from None
+        if hashlib.sha256(raw).hexdigest() != files[fname]:
+            raise _mismatch(name, path)
+        return raw
 
     def header(self, name: str, files: Mapping[str, str]) -> dict[str, Any]:
         """Expert ``name``'s ``expert.json`` (metadata and the weights' layout), checked against its sha256 in
         ``files``; the weights are not read."""
-        if EXPERT_FILE not in files:
-            raise LibraryError(f"the manifest lists no {EXPERT_FILE}", expert=name)
+        raw = self._read_checked(name, EXPERT_FILE, files)
         meta_path = self.file(name, EXPERT_FILE)
-        try:
-            raw = meta_path.read_bytes()
-        except FileNotFoundError:
-            raise LibraryError("file listed in the manifest is missing", expert=name, file=str(meta_path)) from None
-        if hashlib.sha256(raw).hexdigest() != files[EXPERT_FILE]:
-            raise LibraryError("sha256 does not match the manifest (file changed or corrupt)", expert=name,
-                               file=str(meta_path))
         try:
             data = json.loads(raw.decode("utf-8"))
             if not isinstance(data.get("modules"), dict) or not isinstance(data.get("metadata"), dict):
                 raise ValueError("'modules' and 'metadata' must be objects")
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, AttributeError) as e:
             raise LibraryError(f"cannot parse: {e}", expert=name, file=str(meta_path)) from None
         return data
 
     def load(self, name: str, files: Mapping[str, str]) -> Expert:
-        """Load expert ``name`` after checking each of ``files`` (name → sha256) against its sha256."""
-        folder = self.folder(name)
-        for fname, digest in files.items():
-            if fname != WEIGHTS_FILE:
-                self._checked(name, fname, digest)
-        weights = self.file(name, WEIGHTS_FILE)
+        """Load expert ``name`` after checking each of ``files`` (name → sha256) against its sha256; each file is
+        read once (the weights into one buffer their tensors view)."""
+        for fname in files:
+            if fname not in (WEIGHTS_FILE, EXPERT_FILE):
+                self._read_checked(name, fname, files)
+        data = self.header(name, files)
         if WEIGHTS_FILE not in files:
             raise LibraryError(f"the manifest lists no {WEIGHTS_FILE}", expert=name)
-        if not weights.is_file():
-            raise LibraryError("file listed in the manifest is missing", expert=name, file=str(weights))
-        tensors = load_safetensors_verified(weights, files[WEIGHTS_FILE], expert=name)  # read once, hashed
-        if tensors is None:
-            raise LibraryError("sha256 does not match the manifest (file changed or corrupt)", expert=name,
-                               file=str(weights))
-        meta_path = folder / EXPERT_FILE
+        weights = self.file(name, WEIGHTS_FILE)
         try:
-            data = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LibraryError(f"cannot parse: {e}", expert=name, file=str(meta_path)) from None
+            tensors = load_safetensors_verified(weights, files[WEIGHTS_FILE], expert=name)
+        except FileNotFoundError:
+            raise _missing(name, weights) from None
+        if tensors is None:
+            raise _mismatch(name, weights)
         return Expert.from_state_dict(name, data["modules"], tensors, ExpertMetadata.from_json(data["metadata"]),
                                       file=str(weights), values_checked=True)  # checked when stored: same bytes
 
