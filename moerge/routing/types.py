@@ -66,11 +66,15 @@ class Candidates:
         return [self.names[i] for i in self.ids[b].tolist() if i >= 0]
 
     def used_names(self) -> list[str]:
-        """The experts some row uses, in id order: every filled slot, except those with a sequence weight of 0."""
+        """The experts some row uses, in id order: every filled slot, except those with a sequence weight of 0
+        (found once per request: kept in :attr:`memo`)."""
+        if "used_names" in self.memo:
+            return list(self.memo["used_names"])
         used = self.ids >= 0
         if self.weights is not None:
             used = used & (self.weights != 0)
-        return [self.names[i] for i in sorted(set(self.ids[used].tolist()))]
+        self.memo["used_names"] = tuple(self.names[i] for i in sorted(set(self.ids[used].tolist())))
+        return list(self.memo["used_names"])
 
     def without(self, names: set[str]) -> Candidates:
         """These candidates with ``names`` dropped from every row (``-1`` slots); sequence weights renormalised."""

@@ -197,6 +197,7 @@ class Residency:
     layers: dict[str, ExpertLinear]
     modules_of: dict[str, list[str]]
     lock: Any
+    _sizes: dict[tuple, int]  # layout key -> bytes, for stored experts (see _size)
 
     def _patch(self, module_name: str) -> ExpertLinear:  # pragma: no cover - given by the set
         raise NotImplementedError
@@ -207,9 +208,8 @@ class Residency:
     def _size(self, expert: Expert) -> int:
         """Bytes of ``expert``'s factors as the banks hold them (from its layout: nothing is read)."""
         key = getattr(expert, "layout_key", None)
-        sizes = self.__dict__.setdefault("_sizes", {})
-        if key is not None and key in sizes:
-            return sizes[key]
+        if key is not None and key in self._sizes:
+            return self._sizes[key]
         total = 0
         for m, spec in expert.spec().items():
             bank = self.layers[m].bank if m in self.layers else self._empty_bank(m)
@@ -217,7 +217,7 @@ class Residency:
                  else spec["in_features"] * spec["out_features"] + (spec["out_features"] if spec.get("bias") else 0))
             total += n * bank.A_all.element_size()
         if key is not None:
-            sizes[key] = total
+            self._sizes[key] = total
         return total
 
     def _arriving(self, experts: Sequence[Expert]) -> list[Expert]:
@@ -232,23 +232,24 @@ class Residency:
     def missing(self, candidates: Any, staged: dict[str, Any] | None = None) -> list[str]:
         """The experts ``candidates`` use whose factors are neither in the banks nor in ``staged`` (read for this
         call by :meth:`read_experts`, from the expert's current source); under the lock."""
-        staged = staged or {}
         return [n for n in candidates.used_names() if not self.cache.is_resident(n)
-                and not (n in staged and staged[n][0] is self.cache.sources.get(n))]
+                and self._staged(n, staged) is None]
+
+    def _staged(self, name: str, staged: dict[str, Any] | None) -> Expert | None:
+        """Expert ``name`` as ``staged`` holds it, if it was read from the expert's current source."""
+        got = (staged or {}).get(name)
+        return got[1] if got is not None and got[0] is self.cache.sources.get(name) else None
 
     def read_experts(self, names: Sequence[str]) -> dict[str, tuple[StoredExpert, Expert]]:
         """Read experts ``names`` (side by side) without holding the lock: ``name → (source, expert)``, for
         :meth:`ensure_resident` to take in if the source is still the expert's then."""
-        with self.lock:
-            sources = {n: self.cache.sources.get(n) for n in names}
-        missing = [n for n, src in sources.items() if src is None]
-        if missing:  # removed meanwhile, or held in memory: the next routing sees it
-            sources = {n: s for n, s in sources.items() if s is not None}
+        with self.lock:  # an expert removed meanwhile, or held in memory, has none: the next routing sees it
+            sources = [s for n in names if (s := self.cache.sources.get(n)) is not None]
         t = time.perf_counter()
-        got = _read_all(list(sources.values()))
+        got = _read_all(sources)
         with self.lock:
             self.cache.load_seconds += time.perf_counter() - t
-        return {s.name: (s, e) for s, e in zip(sources.values(), got)}
+        return {s.name: (s, e) for s, e in zip(sources, got)}
 
     def ensure_resident(self, names: Sequence[str], staged: dict[str, Any] | None = None) -> None:
         """Take the factors of the experts of ``names`` that are not in the banks in (from ``staged`` when it holds
@@ -258,8 +259,7 @@ class Residency:
         self.cache.hits += len(names) - len(need)
         if need:
             t = time.perf_counter()
-            staged = staged or {}
-            ready = {n: staged[n][1] for n in need if n in staged and staged[n][0] is self.cache.sources.get(n)}
+            ready = {n: e for n in need if (e := self._staged(n, staged)) is not None}
             rest = [n for n in need if n not in ready]
             ready.update(zip(rest, _read_all([self._source(n) for n in rest])))
             loaded = [ready[n] for n in need]
@@ -313,7 +313,7 @@ class Residency:
 
     def resize(self) -> None:
         """Recount every expert's bytes (after ``model.to(dtype)`` changed the banks' dtype); under the lock."""
-        self.__dict__.pop("_sizes", None)
+        self._sizes.clear()
         for n, source in self.cache.sources.items():
             if source is not None:
                 size = self._size(source)

@@ -61,6 +61,7 @@ class ExpertSet(Residency):
         self.layers: dict[str, ExpertLinear] = {}  # module name -> patched module, in patch order
         self.cache = ExpertCache(cache_bytes, pin)
         self._fits: set[tuple] = set()  # layout keys of stored experts that fit the base (see check_fits)
+        self._sizes: dict[tuple, int] = {}  # layout key -> bytes of such an expert in the banks (see _size)
         self.active = True
 
     def __getstate__(self) -> dict[str, Any]:
