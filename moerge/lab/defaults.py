@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from moerge.core.paths import cache_root
 from moerge.routing.embed import DEFAULT_EMBEDDER_ID, default_embedder, embedder_folder, package_dir
 
 __all__ = ["default_base", "attention_implementation", "default_tokenizer", "base_folder", "default_embedder", "gguf_file", "embedder_folder", "cache_root", "DEFAULT_BASE_ID",
@@ -38,11 +39,6 @@ def gguf_file() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall {_GGUF_PACKAGE!r}")
     return path
-
-
-def cache_root() -> Path:
-    """Where converted models are cached: ``$MOERGE_CACHE``, else ``~/.cache/moerge``."""
-    return Path(os.environ.get("MOERGE_CACHE") or Path.home() / ".cache" / "moerge")
 
 
 def _convert(gguf: Path, target: Path) -> None:

@@ -13,10 +13,10 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from moerge.adapters.expert import Expert, ExpertMetadata
 from moerge.core.safe_io import (
@@ -29,6 +29,11 @@ from moerge.core.safe_io import (
 )
 from moerge.errors import LibraryError
 from moerge.library.manifest import FORMAT_VERSION, discard
+
+if TYPE_CHECKING:
+    from moerge.library.remote import RemoteStore
+
+T = TypeVar("T")
 
 __all__ = ["ExpertFiles", "EXPERTS_DIR", "WEIGHTS_FILE", "EXPERT_FILE"]
 
@@ -62,8 +67,9 @@ class ExpertFiles:
     """The folders of a library's experts, under ``<root>/experts``. It knows files, not the manifest: callers
     pass the sha256 the manifest lists and commit the manifest inside :meth:`replacing`."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, remote: RemoteStore | None = None) -> None:
         self.dir = Path(root) / EXPERTS_DIR
+        self.remote = remote  # a library on a store: ``root`` is its mirror, filled on demand
 
     def folder(self, name: str) -> Path:
         """The folder of expert ``name``, refused when it or the experts folder is a link out of the library."""
@@ -75,18 +81,36 @@ class ExpertFiles:
         folder = self.folder(name)
         return _inside(folder / fname, folder, name, "the file is a link that leads out of the expert's folder")
 
+    def read(self, name: str, fname: str, sha: str, reader: Callable[[Path], T | None]) -> T:
+        """``reader(path)`` of file ``fname`` of expert ``name``, whose sha256 must be ``sha``: ``reader`` returns
+        ``None`` when the file's sha256 differs and raises ``FileNotFoundError`` when it is missing. For a library
+        on a store a missing or differing file is fetched (checked against ``sha``) and read once more."""
+        path = self.file(name, fname)
+        for fetched in (False, True):
+            if fetched:
+                self.remote.fetch(self.remote.expert_key(name, fname), sha, path, expert=name)  # type: ignore[union-attr]
+            try:
+                got = reader(path)
+            except FileNotFoundError:
+                if self.remote is None or fetched:
+                    raise _missing(name, path) from None
+                continue
+            if got is not None:
+                return got
+            if self.remote is None or fetched:
+                break
+        raise _mismatch(name, path)
+
     def _read_checked(self, name: str, fname: str, files: Mapping[str, str]) -> bytes:
         """File ``fname`` of expert ``name``, read once and checked against its sha256 in ``files``."""
         if fname not in files:
             raise LibraryError(f"the manifest lists no {fname}", expert=name)
-        path = self.file(name, fname)
-        try:
+
+        def checked(path: Path) -> bytes | None:
             raw = path.read_bytes()
-        except FileNotFoundError:
-            raise _missing(name, path) from None
-        if hashlib.sha256(raw).hexdigest() != files[fname]:
-            raise _mismatch(name, path)
-        return raw
+            return raw if hashlib.sha256(raw).hexdigest() == files[fname] else None
+
+        return self.read(name, fname, files[fname], checked)
 
     def header(self, name: str, files: Mapping[str, str]) -> dict[str, Any]:
         """Expert ``name``'s ``expert.json`` (metadata and the weights' layout), checked against its sha256 in
@@ -111,12 +135,8 @@ class ExpertFiles:
         if WEIGHTS_FILE not in files:
             raise LibraryError(f"the manifest lists no {WEIGHTS_FILE}", expert=name)
         weights = self.file(name, WEIGHTS_FILE)
-        try:
-            tensors = load_safetensors_verified(weights, files[WEIGHTS_FILE], expert=name)
-        except FileNotFoundError:
-            raise _missing(name, weights) from None
-        if tensors is None:
-            raise _mismatch(name, weights)
+        tensors = self.read(name, WEIGHTS_FILE, files[WEIGHTS_FILE],
+                            lambda path: load_safetensors_verified(path, files[WEIGHTS_FILE], expert=name))
         return Expert.from_state_dict(name, data["modules"], tensors, ExpertMetadata.from_json(data["metadata"]),
                                       file=str(weights), values_checked=True)  # checked when stored: same bytes
 

@@ -5,6 +5,10 @@ that is fsynced and renamed over it, so a reader sees the old manifest or the ne
 :meth:`Manifest.locked` (which re-reads the manifest), puts the files the change needs in place, then writes a
 changed copy (:meth:`Manifest.draft`, :meth:`Manifest.commit`) last: a write that fails or is interrupted before
 the commit leaves the manifest as it was.
+
+A library on a store (:class:`~moerge.library.remote.RemoteStore`) has its manifest here in the store's local
+mirror: reading it downloads the store's, the lock is also the store's writer lock, and a commit uploads the files
+the new manifest names before the manifest itself.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:  # POSIX file locks; on other platforms only threads of one process are serialised
     import fcntl
@@ -25,8 +29,11 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 from moerge.adapters.expert import validate_name
-from moerge.core.safe_io import TMP_PREFIX, atomic_write_json
+from moerge.core.safe_io import TMP_PREFIX, atomic_write_bytes, atomic_write_json
 from moerge.errors import ExpertFormatError, LibraryError
+
+if TYPE_CHECKING:
+    from moerge.library.remote import RemoteStore
 
 __all__ = ["Manifest", "FORMAT_VERSION", "MANIFEST", "LOCK_FILE", "discard"]
 
@@ -53,11 +60,17 @@ class Manifest:
     writers take :meth:`locked` and end with :meth:`commit`.
     """
 
-    def __init__(self, root: str | Path, data: dict[str, Any]) -> None:
+    def __init__(self, root: str | Path, data: dict[str, Any], remote: RemoteStore | None = None) -> None:
         self.root = Path(root)
         self.path = self.root / MANIFEST
+        self.remote = remote
         self._data = data
         self._lock = threading.RLock()
+
+    @property
+    def where(self) -> str:
+        """The manifest's location for messages: its URL on a store, else its path."""
+        return self.remote.where(MANIFEST) if self.remote is not None else str(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -94,32 +107,59 @@ class Manifest:
         root = Path(root)
         return cls(root, cls._read(root / MANIFEST))
 
-    @staticmethod
-    def _read(path: Path) -> dict[str, Any]:
+    @classmethod
+    def open_remote(cls, remote: RemoteStore) -> Manifest:
+        """Read the manifest of the library on a store into its mirror (made when missing)."""
+        manifest = cls(remote.mirror, {}, remote)
+        manifest.root.mkdir(parents=True, exist_ok=True)
+        manifest.refresh()
+        return manifest
+
+    @classmethod
+    def _read(cls, path: Path) -> dict[str, Any]:
         if not path.is_file():
             raise LibraryError("no library here (library.json is missing)", file=str(path))
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LibraryError(f"cannot parse the manifest: {e}", file=str(path)) from None
+            raw = path.read_bytes()
+        except OSError as e:
+            raise LibraryError(f"cannot read the manifest: {e}", file=str(path)) from None
+        return cls._parse(raw, str(path))
+
+    @staticmethod
+    def _parse(raw: bytes, where: str) -> dict[str, Any]:
+        """The manifest in ``raw`` (read from ``where``), checked."""
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LibraryError(f"cannot parse the manifest: {e}", file=where) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise LibraryError("not a moerge library manifest", file=str(path))
+            raise LibraryError("not a moerge library manifest", file=where)
         version = data.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise LibraryError(f"format_version {version!r} is not supported by this moerge (≤ {FORMAT_VERSION})",
-                               file=str(path))
+                               file=where)
         if not isinstance(data.get("experts"), dict):
-            raise LibraryError("the manifest's 'experts' is not an object", file=str(path))
+            raise LibraryError("the manifest's 'experts' is not an object", file=where)
         for name in data["experts"]:
             try:
                 validate_name(name)
             except ExpertFormatError as e:
-                raise LibraryError(e.problem, expert=name, file=str(path)) from None
+                raise LibraryError(e.problem, expert=name, file=where) from None
         return data
 
     def refresh(self) -> None:
-        """Re-read the manifest from disk (changes made by other processes or objects)."""
-        self._data = self._read(self.path)
+        """Re-read the manifest from disk, or from the store (changes made by other processes or objects)."""
+        if self.remote is None:
+            self._data = self._read(self.path)
+            return
+        try:
+            raw = self.remote.read_manifest()
+        except FileNotFoundError:
+            raise LibraryError("no library here (library.json is missing)", file=self.where) from None
+        data = self._parse(raw, self.where)
+        atomic_write_bytes(self.path, raw)
+        self.remote.note(data)
+        self._data = data
 
     @property
     def data(self) -> dict[str, Any]:
@@ -136,7 +176,7 @@ class Manifest:
         entry = self.experts.get(name)
         if entry is None:
             raise LibraryError(f"no expert named {name!r}; the library holds {list(self.experts)[:10]}",
-                               expert=name, file=str(self.path))
+                               expert=name, file=self.where)
         return entry
 
     # --- locking and writing ----------------------------------------------------------------------------------------
@@ -148,14 +188,27 @@ class Manifest:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the write lock (the thread lock and the folder's ``flock``) and re-read the manifest under it, so a
-        change made through another object or process is never overwritten."""
+        """Hold the write lock (the thread lock, the folder's ``flock`` and, for a library on a store, the store's
+        writer lock) and re-read the manifest under it, so a change made through another object or process is
+        never overwritten."""
+        with self.locked_here():
+            if self.remote is None:
+                self.refresh()
+                yield
+                return
+            with self.remote.lock():
+                self.refresh()
+                self.remote.pull_index()
+                yield
+
+    @contextmanager
+    def locked_here(self) -> Iterator[None]:
+        """Hold the thread lock and the folder's ``flock`` only (for a store's mirror: the local copy)."""
         with self._lock:
             fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX)
-                self.refresh()
                 yield
             finally:
                 os.close(fd)  # closing releases the flock
@@ -165,7 +218,11 @@ class Manifest:
         return json.loads(json.dumps(self._data))
 
     def commit(self, draft: dict[str, Any]) -> None:
-        """Write ``draft`` over the manifest atomically and adopt it; on failure the manifest is as it was."""
+        """Write ``draft`` over the manifest atomically and adopt it; on failure the manifest is as it was. For a
+        library on a store the files ``draft`` names are uploaded first, then the manifest (see
+        :meth:`RemoteStore.commit <moerge.library.remote.RemoteStore.commit>`)."""
+        if self.remote is not None:
+            self.remote.commit(self._data, draft, self.root)
         atomic_write_json(self.path, draft)
         self._data = draft
 

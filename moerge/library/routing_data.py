@@ -57,6 +57,7 @@ class RoutingStore:
         with self._manifest.locked():
             self._manifest.require(name)
             folder = self._experts.folder(name)
+            folder.mkdir(parents=True, exist_ok=True)  # in a store's mirror, an expert not read yet has none
             # a new file name each time: the manifest names the old file until it is replaced, so a crash leaves
             # the old data valid (and at worst an unlisted file)
             fname = f"{_PREFIX}{kind}-{uuid.uuid4().hex[:8]}.safetensors"
@@ -81,11 +82,13 @@ class RoutingStore:
             entry = self._manifest.require(name).get("routing", {}).get(kind)
             if entry is None:
                 return None
-            path = self._experts.file(name, entry["file"])
-            if not path.is_file() or sha256_file(path) != entry["sha256"]:
-                raise LibraryError(f"routing data {kind!r} is missing or does not match its sha256", expert=name,
-                                   file=str(path))
-            return load_safetensors(path, expert=name), dict(entry.get("info") or {})
+            try:
+                tensors = self._experts.read(
+                    name, entry["file"], entry["sha256"],
+                    lambda p: load_safetensors(p, expert=name) if sha256_file(p) == entry["sha256"] else None)
+            except LibraryError as e:
+                raise LibraryError(f"routing data {kind!r}: {e.problem}", expert=name, file=e.file) from None
+            return tensors, dict(entry.get("info") or {})
 
     def made_for(self, name: str, kind: str, digest: str) -> bool:
         """Whether the manifest lists data ``kind`` of expert ``name`` made for the weights with ``digest`` (only

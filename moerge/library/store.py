@@ -15,10 +15,15 @@ the routing data (:class:`~moerge.library.routing_data.RoutingStore`) and the re
 (:class:`~moerge.library.base_record.BaseRecord`). The manifest is the truth and is written last, so a failed or
 interrupted write leaves the library as it was (at worst unlisted leftovers, removed on the next open). Only
 safetensors files are ever read, and every file is checked against its sha256 when it is loaded.
+
+A library can also live on a store: ``ExpertLibrary.open("s3://bucket/lib")`` (any fsspec URL). Its files are
+then read into a local mirror on demand and writes are uploaded, files first and the manifest last
+(:class:`~moerge.library.remote.RemoteStore`).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -35,8 +40,10 @@ from moerge.adapters.peft_loader import load_peft_lora
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
 from moerge.library.base_record import DEFAULT_MAX_RANK, BaseRecord
 from moerge.library.experts import ExpertFiles
+from moerge.library.index import ExpertIndex
 from moerge.library.manifest import FORMAT_VERSION, MANIFEST, Manifest
-from moerge.library.routing_data import RoutingStore
+from moerge.library.remote import RemoteStore, is_url
+from moerge.library.routing_data import INDEX_DIR, RoutingStore
 
 __all__ = ["ExpertLibrary", "FORMAT_VERSION", "DEFAULT_MAX_RANK"]
 
@@ -77,11 +84,35 @@ class ExpertLibrary:
     data routers store for its experts (:meth:`put_routing`, :meth:`routing_for`, :attr:`routing_dir`).
     """
 
-    def __init__(self, root: str | Path, manifest: dict[str, Any]) -> None:
-        self.root = Path(root)
-        self._manifest = Manifest(self.root, manifest)
-        self._experts = ExpertFiles(self.root)
+    def __init__(self, root: str | Path, manifest: dict[str, Any], remote: RemoteStore | None = None) -> None:
+        self.root = Path(root)  # for a library on a store: its local mirror
+        self.remote = remote
+        self._manifest = Manifest(self.root, manifest, remote)
+        self._experts = ExpertFiles(self.root, remote)
         self._routing = RoutingStore(self._manifest, self._experts)
+
+    @property
+    def url(self) -> str:
+        """Where the library is: its URL on a store, else its folder."""
+        return self.remote.url if self.remote is not None else str(self.root)
+
+    def location(self, rel: str = MANIFEST) -> str:
+        """Where ``rel`` (a path in the library, by default its manifest) is, for messages: a URL or a path."""
+        return self.remote.where(rel) if self.remote is not None else str(self.root / rel)
+
+    def stamp(self) -> Any:
+        """A value that changes when the library's manifest is replaced (the file's stat, or the store's ETag);
+        ``None`` while it cannot be read. A model following the library polls it."""
+        if self.remote is not None:
+            try:
+                return self.remote.stamp()
+            except LibraryError:
+                return None
+        try:
+            st = self._manifest.path.stat()
+        except OSError:  # the folder is gone or unreadable: nothing to follow until it is back
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def refresh(self) -> None:
         """Re-read the manifest from disk (changes made by other processes or library objects)."""
@@ -105,6 +136,7 @@ class ExpertLibrary:
         base_fingerprint: dict[str, Any] | None = None,
         exist_ok: bool = False,
         max_rank: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> ExpertLibrary:
         """Make a new, empty library folder at ``root``.
 
@@ -115,8 +147,12 @@ class ExpertLibrary:
             exist_ok: open the library if ``root`` already holds one (its base must match).
             max_rank: refuse LoRA experts of a higher rank (default :data:`DEFAULT_MAX_RANK`); recorded in the
                 manifest.
+            storage_options: for a URL (``s3://bucket/lib``): options of the store (see :meth:`open`).
         """
-        root = Path(root)
+        if is_url(root):
+            return cls._create_remote(RemoteStore(str(root), storage_options=storage_options), base_model,
+                                      base_fingerprint, exist_ok, max_rank)
+        root = Path(str(root)[len("file://"):] if str(root).startswith("file://") else root)
         if (root / MANIFEST).exists():
             if not exist_ok:
                 raise LibraryError("a library already exists here (pass exist_ok=True to open it)",
@@ -134,14 +170,56 @@ class ExpertLibrary:
         return cls(root, manifest.data)
 
     @classmethod
-    def open(cls, root: str | Path) -> ExpertLibrary:
-        """Open the library at ``root``, repairing what interrupted writes left behind."""
+    def _create_remote(cls, remote: RemoteStore, base_model: nn.Module | str | None,
+                       base_fingerprint: dict[str, Any] | None, exist_ok: bool,
+                       max_rank: int | None) -> ExpertLibrary:
+        if remote.stamp() is not None:
+            if not exist_ok:
+                raise LibraryError("a library already exists here (pass exist_ok=True to open it)",
+                                   file=remote.where(MANIFEST))
+            lib = cls._open_remote(remote)
+            if isinstance(base_model, nn.Module):
+                lib.check_base(base_model)
+            return lib
+        base = BaseRecord.of(base_model, base_fingerprint, max_rank)
+        if remote.mirror.exists():  # a mirror of a library that was removed from the store
+            shutil.rmtree(remote.mirror)
+        ExpertFiles(remote.mirror).dir.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest.create(remote.mirror, base_model=base.model, base_fingerprint=base.fingerprint,
+                                   max_rank=base.max_rank)
+        remote.write_manifest(manifest.path.read_bytes())  # only where the store has none
+        return cls(remote.mirror, manifest.data, remote)
+
+    @classmethod
+    def open(cls, root: str | Path, *, storage_options: dict[str, Any] | None = None,
+             lock_timeout: float = 60.0) -> ExpertLibrary:
+        """Open the library at ``root``, repairing what interrupted writes left behind.
+
+        ``root`` is a folder or the URL of a library on a store (``s3://bucket/lib``, through fsspec; S3 needs
+        ``s3fs``). ``storage_options`` go to ``fsspec.filesystem`` (credentials, ``client_kwargs``); a writer
+        waits ``lock_timeout`` seconds for another writer's lock on the store before it is refused."""
+        if is_url(root):
+            return cls._open_remote(RemoteStore(str(root), storage_options=storage_options,
+                                                lock_timeout=lock_timeout))
+        root = str(root)[len("file://"):] if str(root).startswith("file://") else root
         lib = cls(root, Manifest.open(root).data)
         with lib._manifest.locked():
-            lib._manifest.recover()
-            lib._experts.recover(lib._manifest.experts)
-            lib._routing.recover()
+            lib._repair()
         return lib
+
+    @classmethod
+    def _open_remote(cls, remote: RemoteStore) -> ExpertLibrary:
+        manifest = Manifest.open_remote(remote)
+        lib = cls(remote.mirror, manifest.data, remote)
+        with lib._manifest.locked_here():  # the mirror only: opening does not take the store's writer lock
+            lib._repair()
+            remote.pull_index()
+        return lib
+
+    def _repair(self) -> None:
+        self._manifest.recover()
+        self._experts.recover(self._manifest.experts)
+        self._routing.recover()
 
     # --- reading ----------------------------------------------------------------------------------------------------
     @property
@@ -177,7 +255,7 @@ class ExpertLibrary:
         return self.get(name)
 
     def __repr__(self) -> str:
-        return f"ExpertLibrary({str(self.root)!r}, experts={len(self)}, base={self.base_model!r})"
+        return f"ExpertLibrary({self.url!r}, experts={len(self)}, base={self.base_model!r})"
 
     def info(self, name: str) -> dict[str, Any]:
         """The manifest entry of ``name`` (kind, modules, ranks, description, file hashes, routing data)."""
@@ -190,6 +268,9 @@ class ExpertLibrary:
         try:
             return self._load(name)
         except LibraryError as first:
+            if self.remote is not None:  # its lock is the store's writers': re-read the manifest and try again
+                self.refresh()
+                return self._load(name)
             try:
                 with self._manifest.locked():  # re-reads the manifest; no writer can change the files meanwhile
                     return self._load(name)
@@ -318,6 +399,13 @@ class ExpertLibrary:
     def locked(self) -> AbstractContextManager[None]:
         """Hold the library's write lock (for writers of library-wide routing data such as the index)."""
         return self._manifest.locked()
+
+    def save_index(self, index: ExpertIndex) -> None:
+        """Write the routing index (under :meth:`locked`) into ``routing/index``, and to the store for a library
+        on one."""
+        index.save(self.routing_dir / INDEX_DIR)
+        if self.remote is not None:
+            self.remote.push_index()
 
     @property
     def embedder(self) -> dict[str, Any] | None:

@@ -252,7 +252,7 @@ class ExpertRetriever:
                 return
             version = self._version
         with store.locked():  # no other writer meanwhile; the manifest re-read: the experts the library lists now
-            self._merged(store).save(store.routing_dir / INDEX_SUBDIR)
+            store.save_index(self._merged(store))
         if store.embedder != {"id": self.embedder.id, "dim": self.embedder.dim}:
             store.set_embedder(self.embedder.id, self.embedder.dim)
         with self._lock:

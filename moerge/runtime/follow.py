@@ -19,14 +19,12 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from moerge.adapters.expert import Expert
 from moerge.core.forked import run_forked
 from moerge.errors import LibraryError
 from moerge.library import ExpertLibrary
-from moerge.library.manifest import MANIFEST
 from moerge.routing import Router
 from moerge.routing.training import current_cancel
 from moerge.runtime.cache import CacheStats
@@ -134,7 +132,7 @@ class LibrarySync:
             if not listed and name in self.seen and name in self.experts:
                 raise LibraryError("the library no longer holds this expert: another process removed it (the model "
                                    "drops it when it next syncs with the library)", expert=name,
-                                   file=str(self.library.root / MANIFEST))
+                                   file=self.library.location())
             if listed and name in self.errors and name not in self.experts:  # listed, but never taken in
                 self.library.remove(name)
             else:
@@ -215,26 +213,29 @@ class LibrarySync:
 class LibraryFollower:
     """A daemon thread that keeps ``model`` in step with its library folder (see :meth:`MoErgeModel.sync_library`).
 
-    Every ``interval`` seconds it reads the stat of the library's ``library.json``; when it changed (or when the
+    Every ``interval`` seconds it reads the stat of the library's ``library.json`` (the ETag of a library on a
+    store: :meth:`ExpertLibrary.stamp`); when it changed (or when the
     last sync left names to a later one) it has the model sync. It ends when :meth:`stop` is called (by
     ``model.close()`` or ``model.unpatch()``) or when the model is garbage collected. A sync that fails as a whole
     (e.g. an unreadable manifest) is warned about once and kept in :attr:`error`.
     """
 
-    def __init__(self, model: Any, interval: float = 0.2) -> None:
-        if not isinstance(interval, (int, float)) or not interval > 0:
-            raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
+    def __init__(self, model: Any, interval: float | None = None) -> None:
         if model.library is None:
             raise LibraryError("this model has no library to follow")
+        if interval is None:  # a store is asked over the network: once a second
+            interval = 0.2 if model.library.remote is None else 1.0
+        if not isinstance(interval, (int, float)) or not interval > 0:
+            raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
         self.interval = float(interval)
-        self.path = Path(model.library.root) / MANIFEST
+        self.library = model.library
         self.syncs = 0  # syncs done
         self.error: str | None = None
         self._model = weakref.ref(model)
         self._stop = threading.Event()
         self._synced = threading.Condition()
         weakref.finalize(model, self._stop.set)
-        self._thread = threading.Thread(target=self._run, name=f"moerge-follow:{self.path.parent}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"moerge-follow:{self.library.url}", daemon=True)
         self._thread.start()
 
     @property
@@ -253,17 +254,10 @@ class LibraryFollower:
         with self._synced:
             return self._synced.wait_for(predicate, timeout)
 
-    def _stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:  # the folder is gone or unreadable: nothing to follow until it is back
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
-
     def _run(self) -> None:
         seen, again = None, True  # the first look syncs: the library may have changed since the model was loaded
         while not self._stop.wait(self.interval):
-            stamp = self._stamp()
+            stamp = self.library.stamp()
             if stamp is None or (stamp == seen and not again):
                 continue
             model = self._model()
@@ -275,7 +269,7 @@ class LibraryFollower:
             except Exception as e:  # noqa: BLE001 - the thread must go on; the error is reported, once
                 problem = f"{type(e).__name__}: {e}"
                 if problem != self.error:
-                    warnings.warn(f"following the library {self.path.parent}: {problem}", RuntimeWarning,
+                    warnings.warn(f"following the library {self.library.url}: {problem}", RuntimeWarning,
                                   stacklevel=1)
                 self.error, again = problem, False
             finally:
@@ -343,9 +337,10 @@ class LivingLibrary:
         """Experts of the library the model could not take in, and why (files, routing data, a name clash)."""
         return {} if self._library_sync is None else dict(self._library_sync.errors)
 
-    def follow_library(self, interval: float = 0.2) -> LibraryFollower:
-        """Follow the library folder from now on: a daemon thread calls :meth:`sync_library` when the manifest
-        changes (see :class:`~moerge.runtime.follow.LibraryFollower`); :meth:`close` stops it."""
+    def follow_library(self, interval: float | None = None) -> LibraryFollower:
+        """Follow the library from now on: a daemon thread calls :meth:`sync_library` when the manifest changes
+        (see :class:`~moerge.runtime.follow.LibraryFollower`; it looks every ``interval`` seconds, by default 0.2
+        for a folder and 1 for a library on a store); :meth:`close` stops it."""
         self.expert_set.require_active()
         if self.follower is not None:
             self.follower.stop()

@@ -1,0 +1,382 @@
+"""``RemoteStore``: a library on object storage (an fsspec URL such as ``s3://bucket/lib``), used through a local
+mirror.
+
+The store holds a library's usual layout (``library.json``, ``experts/<name>/…``, ``routing/index/…``). moerge
+works on a mirror of it, a local folder with the same layout (``$MOERGE_CACHE/remote/<name>-<hash of the URL>``):
+
+* Reading. The manifest is downloaded when the library is opened or refreshed, the routing index when it is opened
+  and under a writer's lock. An expert's files are downloaded only when the expert is first read, into a cache
+  named by content (``$MOERGE_CACHE/blobs/<sha256>``, shared by every library) after their sha256 matched the
+  manifest's, and linked into the mirror. A download that does not match is dropped: nothing unverified is kept.
+* Writing. A change is made in the mirror as in a local library; then, at the manifest's commit, the files the new
+  manifest names and the store lacks are uploaded (files first) and the manifest last. On S3 the manifest is put
+  with ``If-Match`` on the ETag read under the lock (``If-None-Match: *`` for a new library), so a commit over a
+  manifest someone else changed is refused, never lost. A file is never uploaded over an object the store's
+  manifest lists: a replaced expert's new files go to ``experts/<name>/v-<sha256[:16]>/`` and its manifest entry
+  maps them there (``"objects"``), so a reader of the old manifest still reads the old bytes.
+* Writers are serialised by a lock object, ``.moerge.lock``, put only where none exists; a writer waits for it
+  (``lock_timeout``), then is refused with the holder's name. A lock older than ``lock_ttl`` is taken as left by a
+  writer that died.
+
+fsspec and the store's backend (``s3fs`` for ``s3://``) are imported only when a URL is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from moerge.core.paths import cache_root
+from moerge.core.safe_io import TMP_PREFIX, atomic_write_bytes, sha256_file
+from moerge.errors import LibraryError
+
+__all__ = ["RemoteStore", "is_url", "REMOTE_LOCK"]
+
+REMOTE_LOCK = ".moerge.lock"
+_MANIFEST = "library.json"
+_INDEX = "routing/index"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_CHUNK = 4 << 20
+
+
+def is_url(root: object) -> bool:
+    """Whether ``root`` names a library on a store (``s3://…``) rather than a local folder (``file://`` is local)."""
+    return isinstance(root, str) and bool(_URL.match(root)) and not root.startswith("file://")
+
+
+def _precondition(e: BaseException) -> bool:
+    """Whether ``e`` is a store's refusal of a conditional write (412 Precondition Failed)."""
+    return isinstance(e, FileExistsError) or "pre-condition" in str(e).lower() or "412" in str(e)
+
+
+def entry_files(entry: Mapping[str, Any]) -> dict[str, str]:
+    """Every file of a manifest entry (its weights, metadata and routing data): name → sha256."""
+    files = dict(entry.get("files") or {})
+    for data in (entry.get("routing") or {}).values():
+        files[data["file"]] = data["sha256"]
+    return files
+
+
+class RemoteStore:
+    """The library at ``url`` on a store, and the local mirror moerge works on (see the module's docstring).
+
+    Args:
+        url: the library's URL, e.g. ``s3://bucket/libs/demo``.
+        storage_options: passed to ``fsspec.filesystem`` (credentials, ``client_kwargs={"endpoint_url": …}``);
+            S3's usual environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, …) work too.
+        lock_timeout: seconds a writer waits for another writer's lock before it is refused.
+        lock_ttl: seconds after which a lock is taken as left by a writer that died.
+    """
+
+    def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None, lock_timeout: float = 60.0,
+                 lock_ttl: float = 900.0) -> None:
+        try:
+            import fsspec
+        except ImportError:
+            raise LibraryError("a library on a store needs fsspec and its backend: pip install 'moerge[remote]'",
+                               file=url) from None
+        self.url = url.rstrip("/")
+        self.protocol, self._root = fsspec.core.split_protocol(self.url)
+        self._options = dict(storage_options or {})
+        self.lock_timeout, self.lock_ttl = float(lock_timeout), float(lock_ttl)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self._root.rsplit("/", 1)[-1])[:40] or "library"
+        self.mirror = cache_root() / "remote" / f"{slug}-{hashlib.sha256(self.url.encode()).hexdigest()[:16]}"
+        self.blobs = cache_root() / "blobs"
+        self.etag: str | None = None  # the store's manifest version that this object last read or wrote
+        self.objects: dict[str, dict[str, str]] = {}  # expert → file → key, where not the usual place
+        self._index_seen: str | None = None
+        self._fs: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fs"] = None  # the filesystem object holds an event loop and connections
+        return state
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            import fsspec
+
+            options = dict(self._options)
+            if self.protocol in ("s3", "s3a"):
+                options.setdefault("use_listings_cache", False)
+            try:
+                self._fs = fsspec.filesystem(self.protocol, skip_instance_cache=True, **options)
+            except (ImportError, ValueError) as e:
+                raise LibraryError(f"cannot use a store of protocol {self.protocol!r}: {e}", file=self.url) from None
+        return self._fs
+
+    def where(self, rel: str = "") -> str:
+        """The URL of ``rel`` (a path in the library), for messages."""
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def _key(self, rel: str) -> str:
+        return f"{self._root}/{rel}"
+
+    def _call(self, what: str, rel: str, fn: Any, *args: Any, expert: str | None = None, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, its failures (but a missing object) turned into a :class:`LibraryError` that
+        names ``rel``'s URL and ``expert``."""
+        try:
+            return fn(*args, **kwargs)
+        except (FileNotFoundError, LibraryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the backend's errors are many (botocore, aiohttp, OSError)
+            raise LibraryError(f"{what} failed: {type(e).__name__}: {e}", expert=expert, file=self.where(rel)) \
+                from None
+
+    # --- the manifest -----------------------------------------------------------------------------------------------
+    def stamp(self, rel: str = _MANIFEST) -> str | None:
+        """A version of object ``rel`` on the store (its ETag where the store gives one), ``None`` when absent."""
+        key = self._key(rel)
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(key)
+        try:
+            info = self._call("reading the object's details", rel, self.fs.info, key)
+        except FileNotFoundError:
+            return None
+        tag = info.get("ETag") or info.get("etag")
+        return str(tag) if tag else json.dumps([info.get("size"), str(info.get("LastModified") or info.get("mtime"))])
+
+    def read_manifest(self) -> bytes:
+        """The store's manifest (``FileNotFoundError`` when it has none); its version is kept for the next commit."""
+        for _ in range(5):
+            before = self.stamp()
+            if before is None:
+                raise FileNotFoundError(self.where(_MANIFEST))
+            data = self._call("reading the manifest", _MANIFEST, self.fs.cat_file, self._key(_MANIFEST))
+            if self.stamp() == before:  # not replaced while it was read
+                self.etag = before
+                return data
+        raise LibraryError("the manifest kept changing while it was read", file=self.where(_MANIFEST))
+
+    def note(self, manifest: Mapping[str, Any]) -> None:
+        """Learn where the files of ``manifest``'s experts are on the store."""
+        self.objects = {name: dict(entry["objects"]) for name, entry in manifest.get("experts", {}).items()
+                        if entry.get("objects")}
+
+    def write_manifest(self, data: bytes) -> None:
+        """Put the manifest, only over the version last read (a new library: only where there is none)."""
+        key = self._key(_MANIFEST)
+        conditional = self.protocol in ("s3", "s3a")
+        if not conditional and self.stamp() != self.etag:
+            raise self._changed()
+        kwargs: dict[str, Any] = {"IfMatch": self.etag} if conditional and self.etag else {}
+        mode = "create" if self.etag is None else "overwrite"
+        try:
+            self._call("writing the manifest", _MANIFEST, self.fs.pipe_file, key, data, mode=mode, **kwargs)
+        except (FileExistsError, LibraryError) as e:
+            if _precondition(e):
+                raise self._changed() from None
+            raise
+        self.etag = self.stamp()
+
+    def _changed(self) -> LibraryError:
+        return LibraryError("another writer changed the manifest on the store since it was read under the lock; "
+                            "nothing was committed (try again)", file=self.where(_MANIFEST))
+
+    # --- files ------------------------------------------------------------------------------------------------------
+    def expert_key(self, name: str, fname: str) -> str:
+        """Where file ``fname`` of expert ``name`` is on the store (relative to the library)."""
+        return self.objects.get(name, {}).get(fname) or f"experts/{name}/{fname}"
+
+    def fetch(self, rel: str, sha: str, dest: Path, *, expert: str | None = None) -> None:
+        """Put the file ``rel`` with sha256 ``sha`` at ``dest`` in the mirror: from the content cache, or
+        downloaded into it first. A download whose sha256 differs is dropped and refused, naming its URL."""
+        blob = self.blobs / sha
+        if not blob.is_file() or sha256_file(blob) != sha:
+            self._download(rel, sha, blob, expert)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f"{TMP_PREFIX}link-{uuid.uuid4().hex[:8]}"
+        try:
+            try:
+                os.link(blob, tmp)  # the mirror's file is the cached one, not a copy
+            except OSError:
+                shutil.copyfile(blob, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _download(self, rel: str, sha: str, blob: Path, expert: str | None) -> None:
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        tmp = self.blobs / f"{TMP_PREFIX}{sha[:16]}-{uuid.uuid4().hex[:8]}"
+        h = hashlib.sha256()
+
+        def copy() -> None:
+            with self.fs.open(self._key(rel), "rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+
+        try:
+            try:
+                self._call("downloading", rel, copy, expert=expert)
+            except FileNotFoundError:
+                raise LibraryError("file listed in the manifest is missing on the store", expert=expert,
+                                   file=self.where(rel)) from None
+            if h.hexdigest() != sha:
+                raise LibraryError("the downloaded file does not match the manifest's sha256 (changed on the store "
+                                   "or corrupt); nothing was kept", expert=expert, file=self.where(rel))
+            os.replace(tmp, blob)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _upload(self, local: Path, rel: str, expert: str | None = None) -> None:
+        self._call("uploading", rel, self.fs.put_file, str(local), self._key(rel), expert=expert)
+
+    def _delete(self, rels: list[str]) -> None:
+        """Remove objects no manifest names any more; a failure only leaves them (warned)."""
+        if not rels:
+            return
+        try:
+            self.fs.rm([self._key(r) for r in rels])
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001 - leftovers are harmless: nothing lists them
+            warnings.warn(f"{self.url}: could not remove {len(rels)} unlisted object(s): {e}", RuntimeWarning,
+                          stacklevel=3)
+
+    # --- pushing a commit -------------------------------------------------------------------------------------------
+    def push(self, old: Mapping[str, Any], new: dict[str, Any], mirror: Path) -> list[str]:
+        """Upload from ``mirror`` the files that manifest ``new`` names and ``old`` (the store's, read under the
+        lock) does not, never over an object ``old`` lists; record in ``new`` where they went. Returns the objects
+        only ``old`` lists, to remove once ``new`` is committed."""
+        gone: list[str] = []
+        old_experts = old.get("experts", {})
+        for name, entry in new["experts"].items():
+            prev = old_experts.get(name)
+            prev_files = entry_files(prev) if prev else {}
+            prev_keys = self._keys(name, prev) if prev else {}
+            objects: dict[str, str] = {}
+            for fname, sha in entry_files(entry).items():
+                key = prev_keys.get(fname) if prev_files.get(fname) == sha else None
+                if key is None:
+                    key = f"experts/{name}/{fname}"
+                    if key in prev_keys.values():  # listed by the old manifest: a reader may be reading it
+                        key = f"experts/{name}/v-{sha[:16]}/{fname}"
+                    self._upload(mirror / "experts" / name / fname, key, expert=name)
+                if key != f"experts/{name}/{fname}":
+                    objects[fname] = key
+            entry.pop("objects", None)
+            if objects:
+                entry["objects"] = objects
+            gone += sorted(set(prev_keys.values()) - set(self._keys(name, entry).values()))
+        for name in set(old_experts) - set(new["experts"]):
+            gone += sorted(self._keys(name, old_experts[name]).values())
+        return gone
+
+    def _keys(self, name: str, entry: Mapping[str, Any]) -> dict[str, str]:
+        objects = entry.get("objects") or {}
+        return {f: objects.get(f) or f"experts/{name}/{f}" for f in entry_files(entry)}
+
+    def commit(self, old: Mapping[str, Any], new: dict[str, Any], mirror: Path) -> None:
+        """Files first, the manifest last (see :meth:`push`, :meth:`write_manifest`), then the objects no longer
+        listed removed."""
+        gone = self.push(old, new, mirror)
+        self.write_manifest((json.dumps(new, indent=2) + "\n").encode("utf-8"))
+        self.note(new)
+        self._delete(gone)
+
+    # --- the routing index ------------------------------------------------------------------------------------------
+    def push_index(self) -> None:
+        """Upload the mirror's index folder: the files its ``index.json`` names that the store lacks, then
+        ``index.json``; then remove the store's index files it no longer names."""
+        folder = self.mirror / _INDEX
+        meta = json.loads((folder / "index.json").read_text())
+        named = set(meta.get("sha256") or {})
+        for fname in sorted(named):
+            rel = f"{_INDEX}/{fname}"
+            if self.stamp(rel) is None:  # named by content: one that exists holds these bytes
+                self._upload(folder / fname, rel)
+        self._upload(folder / "index.json", f"{_INDEX}/index.json")
+        self._index_seen = self.stamp(f"{_INDEX}/index.json")
+        try:
+            present = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self._key(_INDEX), detail=False)]
+        except Exception:  # noqa: BLE001 - cleaning up is optional
+            return
+        self._delete([f"{_INDEX}/{f}" for f in present if f != "index.json" and f not in named])
+
+    def pull_index(self) -> None:
+        """Bring the store's routing index into the mirror when it changed (files first, ``index.json`` last); a
+        store without one leaves the mirror without one. The index is derived data: a failure is warned about and
+        the index is made again by the router."""
+        rel, folder = f"{_INDEX}/index.json", self.mirror / _INDEX
+        try:
+            seen = self.stamp(rel)
+            if seen == self._index_seen and (seen is None or (folder / "index.json").is_file()):
+                return
+            if seen is None:
+                (folder / "index.json").unlink(missing_ok=True)
+            else:
+                raw = self._call("reading the routing index", rel, self.fs.cat_file, self._key(rel))
+                meta = json.loads(raw)
+                for fname, sha in dict(meta.get("sha256") or {}).items():
+                    if not re.fullmatch(r"[A-Za-z0-9._-]+", fname):
+                        raise LibraryError(f"the index names a file {fname!r}", file=self.where(rel))
+                    if not (folder / fname).is_file() or sha256_file(folder / fname) != sha:
+                        self.fetch(f"{_INDEX}/{fname}", sha, folder / fname)
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(folder / "index.json", raw)
+            self._index_seen = seen
+        except (LibraryError, ValueError, FileNotFoundError) as e:
+            warnings.warn(f"the routing index of {self.url} was not brought in ({e}); it is made again", RuntimeWarning,
+                          stacklevel=3)
+
+    # --- the writers' lock ------------------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the store's writer lock (see the module's docstring)."""
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        body = json.dumps({"owner": owner, "since": time.time()}).encode()
+        key, deadline, pause = self._key(REMOTE_LOCK), time.monotonic() + self.lock_timeout, 0.1
+        while True:
+            try:
+                self._call("taking the writer lock", REMOTE_LOCK, self.fs.pipe_file, key, body, mode="create")
+                break
+            except (FileExistsError, LibraryError) as e:
+                if not _precondition(e):
+                    raise
+            holder = self._holder()
+            if holder is not None and time.time() - float(holder.get("since") or 0) > self.lock_ttl:
+                warnings.warn(f"{self.where(REMOTE_LOCK)}: breaking a lock held by {holder.get('owner')} since "
+                              f"{time.time() - float(holder.get('since') or 0):.0f} s (over lock_ttl)",
+                              RuntimeWarning, stacklevel=3)
+                self._delete([REMOTE_LOCK])
+                continue
+            if time.monotonic() > deadline:
+                who = "an unknown writer" if holder is None else (
+                    f"{holder.get('owner')} (for {time.time() - float(holder.get('since') or 0):.0f} s)")
+                raise LibraryError(f"another writer holds the library's lock: {who}; try again later, or remove "
+                                   "the lock object if that writer is gone", file=self.where(REMOTE_LOCK))
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+        try:
+            yield
+        finally:
+            holder = self._holder()
+            if holder is not None and holder.get("owner") == owner:
+                self._delete([REMOTE_LOCK])
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.fs.cat_file(self._key(REMOTE_LOCK)))
+            if isinstance(data, dict):
+                return data
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - an unreadable lock is still a lock, and not one to break
+            pass
+        return {"owner": "an unknown writer", "since": time.time()}
