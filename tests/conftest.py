@@ -18,7 +18,7 @@ import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from helpers import VOCAB, tiny_llama, tiny_tokenizer  # noqa: E402
+from helpers import VOCAB, s3_server, tiny_llama, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture
@@ -33,3 +33,31 @@ def input_ids():
 @pytest.fixture
 def tok():
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on 127.0.0.1 (moto's server mode, a child process) for the whole session."""
+    with s3_server() as url:
+        yield url
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch, tmp_path):
+    """A fresh bucket on the S3 server, the S3 environment pointing at it, and a moerge cache of this test's own;
+    a boto3 client with ``.bucket``, ``.url`` (``s3://<bucket>/lib``) and ``.env``."""
+    import uuid
+
+    import boto3
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3_endpoint, "MOERGE_CACHE": str(tmp_path / "cache")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    client.bucket = f"b{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=client.bucket)
+    client.url = f"s3://{client.bucket}/lib"
+    client.env = env
+    return client

@@ -3,6 +3,7 @@ temp folders, PEFT's own logits for comparison, random LoRA experts. Fully offli
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -104,3 +105,42 @@ def rand_expert(base, name: str, *, seed: int = 0, rank: int = 4, modules=("q_pr
             mods[mname] = LoRAWeights(torch.randn(rank, in_f, generator=g) / in_f ** 0.5,
                                       torch.randn(out_f, rank, generator=g) / rank ** 0.5, scale)
     return Expert(name, mods, ExpertMetadata(description=description, examples=list(examples)))
+
+
+@contextlib.contextmanager
+def s3_server():
+    """A real S3 API on 127.0.0.1: moto's server mode in a child process (not an in-process mock); yields its
+    endpoint URL and stops it on exit."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("moto's server did not start") from None
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("moto's server did not answer within 30 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def s3_keys(s3) -> list[str]:
+    """The keys under ``lib/`` in the ``s3`` fixture's bucket, relative to the library."""
+    out = s3.list_objects_v2(Bucket=s3.bucket).get("Contents", [])
+    return sorted(o["Key"][len("lib/"):] for o in out if o["Key"].startswith("lib/"))

@@ -21,8 +21,9 @@ from rich.table import Table
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
-LibraryOpt = Annotated[Path, typer.Option("--library", "-l", envvar="MOERGE_LIBRARY",
-                                          help="the expert library folder (default: $MOERGE_LIBRARY)")]
+LibraryOpt = Annotated[str, typer.Option("--library", "-l", envvar="MOERGE_LIBRARY",
+                                         help="the expert library: a folder, or a URL such as s3://bucket/lib "
+                                              "(default: $MOERGE_LIBRARY)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
 BaseOpt = Annotated[str | None, typer.Option(
     "--base", help="the base model: a transformers folder (default: the library's base when it is the packaged "
@@ -72,13 +73,15 @@ def emit(data: dict[str, Any], as_json: bool, table: Table | None = None, messag
         console.print(message, highlight=False)
 
 
-def open_library(path: Path) -> Any:
-    """The :class:`~moerge.library.ExpertLibrary` at ``path``; refused when the folder holds none."""
+def open_library(spec: str | Path) -> Any:
+    """The :class:`~moerge.library.ExpertLibrary` at ``spec`` (a folder or a store's URL); refused when the folder
+    holds none."""
     from moerge.library import ExpertLibrary
+    from moerge.library.remote import is_url
 
-    if not (path / "library.json").is_file():
-        raise Refused(f"{path}: not an expert library (no library.json); create one with ExpertLibrary.create")
-    return ExpertLibrary.open(path)
+    if not is_url(spec) and not (Path(spec) / "library.json").is_file():
+        raise Refused(f"{spec}: not an expert library (no library.json); create one with ExpertLibrary.create")
+    return ExpertLibrary.open(spec)
 
 
 def load_base(spec: str | None, lib: Any) -> Any:
@@ -92,7 +95,7 @@ def load_base(spec: str | None, lib: Any) -> Any:
             raise Refused(f"{spec}: no such model folder (give --base a transformers model folder)")
         return AutoModelForCausalLM.from_pretrained(spec).eval()
     if lib is not None and lib.base_model not in (None, DEFAULT_BASE_ID):
-        raise Refused(f"{lib.root}: the library's base is {lib.base_model!r}; give its folder with --base")
+        raise Refused(f"{lib.url}: the library's base is {lib.base_model!r}; give its folder with --base")
     return default_base()[0]
 
 

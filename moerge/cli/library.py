@@ -27,7 +27,7 @@ app = typer.Typer(help="Inspect and check an expert library.", no_args_is_help=T
 
 
 @app.command("verify")
-def library_verify(library: LibraryOpt = Path("."), as_json: JsonOpt = False) -> None:
+def library_verify(library: LibraryOpt = ".", as_json: JsonOpt = False) -> None:
     """Re-hash every file the manifest lists, load every expert and its routing data, load the routing index.
     Exit code 0: all good; 1: problems (each named with its file and expert)."""
     lib = attempt(lambda: open_library(library), as_json)
@@ -44,7 +44,7 @@ def library_verify(library: LibraryOpt = Path("."), as_json: JsonOpt = False) ->
 
 
 @app.command("list")
-def library_list(library: LibraryOpt = Path("."), as_json: JsonOpt = False) -> None:
+def library_list(library: LibraryOpt = ".", as_json: JsonOpt = False) -> None:
     """The library's experts with their kind, modules, parameters and description."""
     lib = attempt(lambda: open_library(library), as_json)
     rows = [{"name": n, **{k: v for k, v in lib.info(n).items() if k not in ("files", "source")}}
@@ -58,7 +58,7 @@ def library_list(library: LibraryOpt = Path("."), as_json: JsonOpt = False) -> N
 
 @app.command("init")
 def library_init(
-    path: Annotated[Path, typer.Argument(help="the folder to create (empty or absent)")],
+    path: Annotated[str, typer.Argument(help="the folder to create (empty or absent), or a URL (s3://bucket/lib)")],
     base: BaseOpt = None,
     max_rank: Annotated[int | None, typer.Option(help="refuse LoRA experts of a higher rank (default 1024)")] = None,
     as_json: JsonOpt = False,
@@ -80,7 +80,7 @@ def library_add(
     source: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter folder, or with --finetune a full fine-tune's "
                                                 "transformers folder")],
     name: Annotated[str, typer.Option("--name", "-n", help="the expert's name")],
-    library: LibraryOpt = Path("."),
+    library: LibraryOpt = ".",
     description: Annotated[str, typer.Option("--description", "-d", help="what the expert does (for routing)")] = "",
     example: Annotated[list[str] | None, typer.Option("--example", help="an example prompt (repeatable)")] = None,
     finetune: Annotated[bool, typer.Option("--finetune", help="SOURCE is a full fine-tune: store its difference "
@@ -117,7 +117,7 @@ def library_add(
 
 
 @app.command("show")
-def library_show(name: Annotated[str, typer.Argument(help="the expert")], library: LibraryOpt = Path("."),
+def library_show(name: Annotated[str, typer.Argument(help="the expert")], library: LibraryOpt = ".",
                  as_json: JsonOpt = False) -> None:
     """One expert: kind, modules, ranks, parameters, description, examples, source, files and routing data."""
 
@@ -125,8 +125,7 @@ def library_show(name: Annotated[str, typer.Argument(help="the expert")], librar
         lib = open_library(library)
         if name not in lib:
             raise Refused(f"{library}: no expert {name!r}; experts: {lib.names()[:10]}")
-        meta = json.loads((lib.root / "experts" / name / "expert.json").read_text())["metadata"]
-        return {"expert": name, **lib.info(name), "examples": meta.get("examples", []),
+        return {"expert": name, **lib.info(name), "examples": lib.stored(name).metadata.examples,
                 "routing": lib.routing_kinds(name)}
 
     data = attempt(work, as_json)
@@ -137,7 +136,7 @@ def library_show(name: Annotated[str, typer.Argument(help="the expert")], librar
 
 
 @app.command("rm")
-def library_rm(name: Annotated[str, typer.Argument(help="the expert")], library: LibraryOpt = Path("."),
+def library_rm(name: Annotated[str, typer.Argument(help="the expert")], library: LibraryOpt = ".",
                as_json: JsonOpt = False) -> None:
     """Remove an expert (the manifest first: an interruption leaves at worst an unlisted folder, removed on open)."""
 

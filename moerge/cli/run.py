@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -39,7 +38,7 @@ SERVER_MODULES = ("fastapi", "uvicorn")  # what the `server` extra installs
 class ModelOptions:
     """The options of every command that runs the routed model: which library, which router, which base."""
 
-    library: LibraryOpt = Path(".")
+    library: LibraryOpt = "."
     router: RouterOpt = "glider"
     base: BaseOpt = None
     cache_mib: CacheOpt = None

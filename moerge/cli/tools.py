@@ -88,7 +88,7 @@ def merge(
             "parameters": merged.num_parameters()}
         if into is not None:
             lib.add(merged)
-            result.update(added=into, library=str(lib.root))
+            result.update(added=into, library=lib.url)
             return result
         assert output is not None
         if low_rank:
@@ -163,7 +163,8 @@ def transfer(
     expert: Annotated[str, typer.Argument(help="an expert of --library, or a PEFT adapter folder")],
     source: Annotated[str, typer.Option(help="the base the expert was made on (transformers folder)")],
     target: Annotated[str, typer.Option(help="the new version of the base (transformers folder)")],
-    into: Annotated[Path, typer.Option(help="library for the target base (created when missing)")],
+    into: Annotated[str, typer.Option(help="library for the target base, a folder or a URL (created when "
+                                          "missing)")],
     name: Annotated[str | None, typer.Option(help="name in the target library (default: the same)")] = None,
     strict_source: Annotated[bool, typer.Option(help="refuse an expert that records another source base")] = True,
     as_json: JsonOpt = False,
@@ -180,11 +181,10 @@ def transfer(
         else:
             e = open_library(library).get(expert)
         moved, dist = transfer_expert(e, src, tgt, name=name, strict_source=strict_source)
-        dst = ExpertLibrary.open(into) if (into / "library.json").is_file() else \
-            ExpertLibrary.create(into, base_model=tgt)
+        dst = ExpertLibrary.create(into, base_model=tgt, exist_ok=True)
         dst.check_base(tgt)
         dst.add(moved)
-        return {"expert": moved.name, "library": str(dst.root), "distance": dist.to_json(),
+        return {"expert": moved.name, "library": dst.url, "distance": dist.to_json(),
                 "summary": dist.summary()}
 
     data = attempt(work, as_json)

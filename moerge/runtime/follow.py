@@ -192,7 +192,7 @@ class LibrarySync:
 
     def _failed(self, name: str, problem: str, report: SyncReport) -> None:
         if self.errors.get(name) != problem:  # warned once per problem, not at every sync
-            warnings.warn(f"expert {name!r} of the library {self.library.root} was not taken in: {problem}",
+            warnings.warn(f"expert {name!r} of the library {self.library.url} was not taken in: {problem}",
                           RuntimeWarning, stacklevel=5)
         self.errors[name] = report.failed[name] = problem
 
@@ -301,7 +301,7 @@ class LivingLibrary:
             with self._library_sync.persisting:
                 self.router.persist(self.library)
         except OSError as e:
-            warnings.warn(f"router {self.router.name!r} could not store its routing data in {self.library.root}: {e}",
+            warnings.warn(f"router {self.router.name!r} could not store its routing data in {self.library.url}: {e}",
                           stacklevel=3)
 
     def _run_forked(self, fn: Any) -> Any:

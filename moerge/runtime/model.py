@@ -363,7 +363,7 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
         """Refused: a MoErgeModel is a base plus a library, and the library is already on disk."""
         raise TypeError(
             "a MoErgeModel is not saved as one checkpoint: its experts live in the library"
-            f"{f' at {self.library.root}' if self.library is not None else ''}. Save the base with "
+            f"{f' at {self.library.url}' if self.library is not None else ''}. Save the base with "
             "model.copy_base().save_pretrained(...), or a fixed mix with model.merge({...}).save_pretrained(...)"
         )
 

@@ -186,3 +186,27 @@ def test_serve_command_answers_over_http(lib):
             proc.terminate()
             proc.wait()
             guard.cancel()
+
+
+def test_library_commands_on_a_library_in_s3(setup, s3, monkeypatch, tmp_path):
+    """The same commands with ``-l s3://…``: the library lives on a real S3 API (moto's server on 127.0.0.1)."""
+    from helpers import s3_keys
+
+    base, base_dir, adapters, _ = setup
+    code, data = _json(["library", "init", s3.url, "--base", base_dir])
+    assert code == 0 and data["library"] == s3.url and s3_keys(s3) == ["library.json"]
+    code, data = _json(["library", "add", adapters["sort"], "-n", "sort", "-l", s3.url, "-d", "Sort words.",
+                        "--example", "sort: pear fig"])
+    assert code == 0 and data["expert"] == "sort" and "experts/sort/weights.safetensors" in s3_keys(s3)
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "elsewhere"))  # another machine
+    code, data = _json(["library", "show", "sort", "-l", s3.url])
+    assert code == 0 and data["examples"] == ["sort: pear fig"]
+    code, data = _json(["library", "verify", "-l", s3.url])
+    assert code == 0 and data["ok"] and data["experts"] == 1
+    code, data = _json(["generate", "anything", "-l", s3.url, "--base", base_dir, "-n", "2", "--experts", "sort=1"])
+    assert code == 0 and data["experts"] == {"sort": 1.0}
+    assert "routing/index/index.json" in s3_keys(s3)  # the default router's index, stored for every machine
+    code, data = _json(["library", "rm", "sort", "-l", s3.url])
+    assert code == 0 and not [k for k in s3_keys(s3) if k.startswith("experts/")]
+    code, data = _json(["library", "list", "-l", f"s3://{s3.bucket}/nothing"])
+    assert code == 1 and f"s3://{s3.bucket}/nothing/library.json" in data["error"] and "no library" in data["error"]

@@ -457,3 +457,33 @@ def test_the_server_reads_experts_when_requests_need_them_and_lists_which_are_re
         assert {e["name"]: e["resident"] for e in listed["data"]} == {"sort": False, "french": False, "upper": True}
         assert listed["cache"]["evictions"] >= 1 and listed["cache"]["misses"] >= 2
     model.close()
+
+
+def test_a_server_over_a_library_in_s3_stores_uploads_there(s3, tmp_path, monkeypatch):
+    from helpers import s3_keys
+
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(s3.url, base_model=base)
+    lib.add_peft(save_peft_lora(base, tmp_path / "sort", seed=1, r=4, target_modules=["q_proj"]), "sort",
+                 description="Sort words.")
+    tok = tiny_tokenizer()
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "server"))
+    model = MoErgeModel.from_library(copy.deepcopy(base), ExpertLibrary.open(s3.url),
+                                     router=build_router("arrow", top_k=1), tokenizer=tok)
+    app = create_app(model, tok, ServerConfig(batch_window=0.0))
+    try:
+        with live(app) as url, httpx.Client(base_url=url, timeout=HANG_GUARD) as http, client_for(url) as client:
+            folder = save_peft_lora(base, tmp_path / "json", seed=2, r=2, target_modules=["v_proj"])
+            r = http.post("/v1/experts?wait=true", files=_adapter_files(folder), data={"name": "json"})
+            assert r.status_code == 200, r.text
+            assert "experts/json/weights.safetensors" in s3_keys(s3)
+            monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "elsewhere"))
+            assert ExpertLibrary.open(s3.url).names() == ["sort", "json"]  # another machine sees it
+            out = client.chat.completions.create(model="moerge/json", messages=[{"role": "user", "content": "x"}],
+                                                 max_tokens=2, temperature=0,
+                                                 extra_body={"moerge": {"trace": True}})
+            assert out.model_extra["moerge"]["routing"][0]["experts"] == {"json": 1.0}
+            assert http.delete("/v1/experts/json").status_code == 200
+            assert "experts/json/weights.safetensors" not in s3_keys(s3)
+    finally:
+        model.close()
