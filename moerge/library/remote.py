@@ -18,7 +18,8 @@ works on a mirror of it, a local folder with the same layout (``$MOERGE_CACHE/re
   (``lock_timeout``), then is refused with the holder's name. A lock older than ``lock_ttl`` is taken as left by a
   writer that died.
 
-fsspec and the store's backend (``s3fs`` for ``s3://``) are imported only when a URL is opened.
+fsspec and the store's backend (``s3fs`` for ``s3://``) are imported only when a URL is opened. ``hf://`` URLs are
+read through ``huggingface_hub`` instead (:class:`HubStore`: its cache and offline mode; read-only).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from moerge.core.paths import cache_root
 from moerge.core.safe_io import TMP_PREFIX, atomic_write_bytes, sha256_file
 from moerge.errors import LibraryError
 
-__all__ = ["RemoteStore", "is_url", "REMOTE_LOCK"]
+__all__ = ["RemoteStore", "HubStore", "open_store", "is_url", "REMOTE_LOCK"]
 
 REMOTE_LOCK = ".moerge.lock"
 _MANIFEST = "library.json"
@@ -99,6 +100,8 @@ class RemoteStore:
         self._index_seen: str | None = None
         self._fs: Any = None
 
+    poll_interval = 1.0  # seconds between a following model's looks at the manifest (each is a request)
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_fs"] = None  # the filesystem object holds an event loop and connections
@@ -124,6 +127,14 @@ class RemoteStore:
 
     def _key(self, rel: str) -> str:
         return f"{self._root}/{rel}"
+
+    def _cat(self, rel: str) -> bytes:
+        """The bytes of object ``rel`` (``FileNotFoundError`` when absent)."""
+        return self.fs.cat_file(self._key(rel))
+
+    def _open(self, rel: str) -> Any:
+        """Object ``rel`` opened for reading (``FileNotFoundError`` when absent)."""
+        return self.fs.open(self._key(rel), "rb")
 
     def _call(self, what: str, rel: str, fn: Any, *args: Any, expert: str | None = None, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, its failures (but a missing object) turned into a :class:`LibraryError` that
@@ -155,7 +166,7 @@ class RemoteStore:
             before = self.stamp()
             if before is None:
                 raise FileNotFoundError(self.where(_MANIFEST))
-            data = self._call("reading the manifest", _MANIFEST, self.fs.cat_file, self._key(_MANIFEST))
+            data = self._call("reading the manifest", _MANIFEST, self._cat, _MANIFEST)
             if self.stamp() == before:  # not replaced while it was read
                 self.etag = before
                 return data
@@ -214,7 +225,7 @@ class RemoteStore:
         h = hashlib.sha256()
 
         def copy() -> None:
-            with self.fs.open(self._key(rel), "rb") as src, open(tmp, "wb") as out:
+            with self._open(rel) as src, open(tmp, "wb") as out:
                 while chunk := src.read(_CHUNK):
                     h.update(chunk)
                     out.write(chunk)
@@ -321,7 +332,7 @@ class RemoteStore:
             if seen is None:
                 (folder / "index.json").unlink(missing_ok=True)
             else:
-                raw = self._call("reading the routing index", rel, self.fs.cat_file, self._key(rel))
+                raw = self._call("reading the routing index", rel, self._cat, rel)
                 meta = json.loads(raw)
                 for fname, sha in dict(meta.get("sha256") or {}).items():
                     if not re.fullmatch(r"[A-Za-z0-9._-]+", fname):
@@ -372,7 +383,7 @@ class RemoteStore:
 
     def _holder(self) -> dict[str, Any] | None:
         try:
-            data = json.loads(self.fs.cat_file(self._key(REMOTE_LOCK)))
+            data = json.loads(self._cat(REMOTE_LOCK))
             if isinstance(data, dict):
                 return data
         except FileNotFoundError:
@@ -380,3 +391,72 @@ class RemoteStore:
         except Exception:  # noqa: BLE001 - an unreadable lock is still a lock, and not one to break
             pass
         return {"owner": "an unknown writer", "since": time.time()}
+
+
+class HubStore(RemoteStore):
+    """A library in a Hugging Face Hub repository, read through ``huggingface_hub`` (its cache, its token, offline
+    mode with ``HF_HUB_OFFLINE=1``): ``hf://org/name`` (a model repository), ``hf://datasets/org/name``, with
+    ``@revision`` (a branch, tag or commit) after the name and an optional folder after that
+    (``hf://datasets/org/name@v1/libs/demo``). Read-only: a write is refused (push the folder with
+    ``huggingface-cli upload`` or ``HfApi.upload_folder``)."""
+
+    _KINDS = {"datasets": "dataset", "spaces": "space", "models": "model"}
+    poll_interval = 60.0  # each look asks the Hub (when online)
+
+    def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None, lock_timeout: float = 60.0,
+                 lock_ttl: float = 900.0) -> None:
+        try:
+            import huggingface_hub  # noqa: F401
+        except ImportError:
+            raise LibraryError("a library on the Hugging Face Hub needs huggingface_hub: pip install huggingface_hub",
+                               file=url) from None
+        super().__init__(url, storage_options=storage_options, lock_timeout=lock_timeout, lock_ttl=lock_ttl)
+        parts = self._root.split("/")
+        self.repo_type = self._KINDS.get(parts[0]) if parts and parts[0] in self._KINDS else None
+        parts = parts[1:] if self.repo_type else parts
+        if len(parts) < 2 or not parts[0] or not parts[1]:
+            raise LibraryError("a Hub library is named hf://[datasets/]org/name[@revision][/folder]", file=url)
+        name, _, self.revision = parts[1].partition("@")
+        self.repo_id = f"{parts[0]}/{name}"
+        self.revision = self.revision or None
+        self.subfolder = "/".join(parts[2:]) or None
+
+    def _local(self, rel: str) -> Path:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            return Path(hf_hub_download(self.repo_id, rel, subfolder=self.subfolder, repo_type=self.repo_type,
+                                        revision=self.revision, **self._options))
+        except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError) as e:
+            raise FileNotFoundError(self.where(rel)) from e
+
+    def _cat(self, rel: str) -> bytes:
+        return self._local(rel).read_bytes()
+
+    def _open(self, rel: str) -> Any:
+        return open(self._local(rel), "rb")
+
+    def stamp(self, rel: str = _MANIFEST) -> str | None:
+        """The file's blob in the Hub's cache, named by its ETag (``None`` when the repository lacks it)."""
+        try:
+            return self._call("reading from the Hub", rel, lambda: self._local(rel).resolve().name)
+        except FileNotFoundError:
+            return None
+
+    def _read_only(self) -> LibraryError:
+        return LibraryError("a library on the Hugging Face Hub is read-only here; change a local copy and upload it "
+                            "(huggingface-cli upload)", file=self.url)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        raise self._read_only()
+        yield  # pragma: no cover
+
+    def write_manifest(self, data: bytes) -> None:
+        raise self._read_only()
+
+
+def open_store(url: str, **options: Any) -> RemoteStore:
+    """The store of the library at ``url``: the Hugging Face Hub for ``hf://``, else fsspec's filesystem."""
+    return (HubStore if url.startswith("hf://") else RemoteStore)(url, **options)

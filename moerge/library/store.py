@@ -42,7 +42,7 @@ from moerge.library.base_record import DEFAULT_MAX_RANK, BaseRecord
 from moerge.library.experts import ExpertFiles
 from moerge.library.index import ExpertIndex
 from moerge.library.manifest import FORMAT_VERSION, MANIFEST, Manifest
-from moerge.library.remote import RemoteStore, is_url
+from moerge.library.remote import RemoteStore, is_url, open_store
 from moerge.library.routing_data import INDEX_DIR, RoutingStore
 
 __all__ = ["ExpertLibrary", "FORMAT_VERSION", "DEFAULT_MAX_RANK"]
@@ -150,7 +150,7 @@ class ExpertLibrary:
             storage_options: for a URL (``s3://bucket/lib``): options of the store (see :meth:`open`).
         """
         if is_url(root):
-            return cls._create_remote(RemoteStore(str(root), storage_options=storage_options), base_model,
+            return cls._create_remote(open_store(str(root), storage_options=storage_options), base_model,
                                       base_fingerprint, exist_ok, max_rank)
         root = Path(str(root)[len("file://"):] if str(root).startswith("file://") else root)
         if (root / MANIFEST).exists():
@@ -199,7 +199,7 @@ class ExpertLibrary:
         ``s3fs``). ``storage_options`` go to ``fsspec.filesystem`` (credentials, ``client_kwargs``); a writer
         waits ``lock_timeout`` seconds for another writer's lock on the store before it is refused."""
         if is_url(root):
-            return cls._open_remote(RemoteStore(str(root), storage_options=storage_options,
+            return cls._open_remote(open_store(str(root), storage_options=storage_options,
                                                 lock_timeout=lock_timeout))
         root = str(root)[len("file://"):] if str(root).startswith("file://") else root
         lib = cls(root, Manifest.open(root).data)

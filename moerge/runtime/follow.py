@@ -223,8 +223,8 @@ class LibraryFollower:
     def __init__(self, model: Any, interval: float | None = None) -> None:
         if model.library is None:
             raise LibraryError("this model has no library to follow")
-        if interval is None:  # a store is asked over the network: once a second
-            interval = 0.2 if model.library.remote is None else 1.0
+        if interval is None:  # a store is asked over the network: once a second, the Hub once a minute
+            interval = 0.2 if model.library.remote is None else model.library.remote.poll_interval
         if not isinstance(interval, (int, float)) or not interval > 0:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
         self.interval = float(interval)
@@ -340,7 +340,7 @@ class LivingLibrary:
     def follow_library(self, interval: float | None = None) -> LibraryFollower:
         """Follow the library from now on: a daemon thread calls :meth:`sync_library` when the manifest changes
         (see :class:`~moerge.runtime.follow.LibraryFollower`; it looks every ``interval`` seconds, by default 0.2
-        for a folder and 1 for a library on a store); :meth:`close` stops it."""
+        for a folder, 1 for a library on a store and 60 on the Hub); :meth:`close` stops it."""
         self.expert_set.require_active()
         if self.follower is not None:
             self.follower.stop()

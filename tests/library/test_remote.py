@@ -297,3 +297,56 @@ def test_the_routing_index_travels_through_the_store(s3, monkeypatch, tmp_path):
     second = model_on("two")  # another machine: the index comes from the store, nothing is embedded again
     assert embedded == [] and sorted(second.router.retriever.index.names) == ["poem", "sql"]
     second.close()
+
+
+def _hub_cache(cache: Path, repo: str, files: dict[str, bytes], commit: str = "a" * 40) -> None:
+    """A Hugging Face Hub cache holding ``files`` of dataset ``repo`` at ``main``, laid out as huggingface_hub
+    lays it out (blobs named by ETag, snapshot links, refs/main)."""
+    import hashlib
+
+    folder = cache / f"datasets--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    for rel, data in files.items():
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = folder / "snapshots" / commit / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+def test_a_library_on_the_hub_is_read_offline_from_its_cache(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    base = tiny_llama(0)
+    local = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    local.add(rand_expert(base, "a", seed=1))
+    local.add(rand_expert(base, "b", seed=2))
+    files = {str(p.relative_to(local.root)): p.read_bytes() for p in local.root.rglob("*")
+             if p.is_file() and not p.name.startswith(".")}
+    hub = tmp_path / "hub"
+    _hub_cache(hub, "org/experts", files)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    lib = ExpertLibrary.open("hf://datasets/org/experts")
+    assert lib.names() == ["a", "b"] and lib.url == "hf://datasets/org/experts"
+    assert same(lib["b"], rand_expert(base, "b", seed=2)) and lib.verify() == []
+    with pytest.raises(LibraryError, match="read-only"):
+        lib.add(rand_expert(base, "c", seed=3))
+    assert ExpertLibrary.open("hf://datasets/org/experts").names() == ["a", "b"]
+    # a file the cache holds with other bytes than the manifest says: refused, naming the expert and the URL
+    bad = dict(files)
+    bad["experts/a/weights.safetensors"] = files["experts/a/weights.safetensors"][:-4] + b"\0\0\0\0"
+    _hub_cache(hub, "org/experts", bad, commit="b" * 40)
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(LibraryError, match="does not match the manifest's sha256") as e:
+        ExpertLibrary.open("hf://datasets/org/experts").get("a")
+    assert e.value.expert == "a" and e.value.file == "hf://datasets/org/experts/experts/a/weights.safetensors"
+    with pytest.raises(LibraryError, match="no library here"):
+        ExpertLibrary.open("hf://datasets/org/nothing")
