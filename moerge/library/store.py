@@ -26,7 +26,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -340,22 +340,40 @@ class ExpertLibrary:
         expert whose own record names another base (``base_model``, e.g. a PEFT adapter's
         ``base_model_name_or_path``, compared by model name when both are ids, not folder paths) unless
         ``allow_other_base``."""
-        validate_name(expert.name)
+        return self.add_many([expert], overwrite=overwrite, allow_other_base=allow_other_base)[0]
+
+    def add_many(self, experts: Iterable[Expert], *, overwrite: bool = False,
+                 allow_other_base: bool = False) -> list[Expert]:
+        """Add several experts in one commit, all or none (each refused as by :meth:`add`; on any error the
+        library is as it was). The manifest is written once: the way to make a large library, where :meth:`add`
+        would rewrite it per expert."""
+        experts = list(experts)
+        seen: dict[str, str] = {}
+        for e in experts:
+            validate_name(e.name)
+            if e.name.lower() in seen:
+                raise LibraryError(f"the name is given twice (as {seen[e.name.lower()]!r} and {e.name!r}) in one add",
+                                   expert=e.name)
+            seen[e.name.lower()] = e.name
         with self._manifest.locked():
-            listed = expert.name in self
-            if listed and not overwrite:
-                raise LibraryError("an expert with this name already exists (pass overwrite=True to replace it)",
-                                   expert=expert.name, file=str(self._experts.dir / expert.name))
-            clash = [n for n in self.names() if n.lower() == expert.name.lower() and n != expert.name]
-            if clash:
-                raise LibraryError(f"the name differs only in case from {clash[0]!r}, which would share its folder "
-                                   "on case-insensitive file systems", expert=expert.name)
-            expert = self._base().admit(expert, allow_other_base=allow_other_base)
-            with self._experts.replacing(expert, listed=listed) as files:
+            lower = {n.lower(): n for n in self._manifest.experts}
+            base, admitted = self._base(), []
+            for e in experts:
+                listed = e.name in self._manifest.experts
+                if listed and not overwrite:
+                    raise LibraryError("an expert with this name already exists (pass overwrite=True to replace it)",
+                                       expert=e.name, file=str(self._experts.dir / e.name))
+                if lower.get(e.name.lower(), e.name) != e.name:
+                    raise LibraryError(f"the name differs only in case from {lower[e.name.lower()]!r}, which would "
+                                       "share its folder on case-insensitive file systems", expert=e.name)
+                admitted.append((base.admit(e, allow_other_base=allow_other_base), listed))
+            with ExitStack() as stack:  # every folder put back or removed when any step fails
                 draft = self._manifest.draft()
-                draft["experts"][expert.name] = _entry(expert, files)  # a replaced expert keeps its place
+                for e, listed in admitted:
+                    files = stack.enter_context(self._experts.replacing(e, listed=listed))
+                    draft["experts"][e.name] = _entry(e, files)  # a replaced expert keeps its place
                 self._manifest.commit(draft)
-        return expert
+        return [e for e, _ in admitted]
 
     def add_peft(
         self, path: str | Path, name: str, *, description: str = "", examples: Iterable[str] = (),

@@ -16,7 +16,7 @@ from moerge.core.fingerprint import fingerprint
 from moerge.core.safe_io import TMP_PREFIX
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
 
-from helpers import save_peft_lora, tiny_llama
+from helpers import rand_expert, save_peft_lora, tiny_llama
 
 
 def _expert(name: str, seed: int = 0, dtype=torch.float32) -> Expert:
@@ -368,3 +368,26 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_add_many_is_one_commit_all_or_nothing(tmp_path, base, monkeypatch):
+    from moerge.library.manifest import Manifest
+
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(rand_expert(base, "kept", seed=9))
+    commits = []
+    real = Manifest.commit
+    monkeypatch.setattr(Manifest, "commit", lambda self, d: (commits.append(len(d["experts"])), real(self, d)))
+    added = lib.add_many([rand_expert(base, f"e{i}", seed=i) for i in range(5)])
+    assert [e.name for e in added] == [f"e{i}" for i in range(5)] and commits == [6]
+    assert lib.names() == ["kept"] + [f"e{i}" for i in range(5)] and lib.verify() == []
+    too_big = rand_expert(base, "big", rank=lib.max_rank + 1)
+    before = sorted(p.name for p in (tmp_path / "lib" / "experts").iterdir())
+    for batch, match in [([rand_expert(base, "n1", seed=1), too_big], "rank"),
+                         ([rand_expert(base, "n2", seed=2), rand_expert(base, "kept", seed=3)], "already exists"),
+                         ([rand_expert(base, "n3", seed=2), rand_expert(base, "N3", seed=3)], "given twice")]:
+        with pytest.raises((LibraryError, ExpertFormatError), match=match):
+            lib.add_many(batch)
+        assert len(ExpertLibrary.open(tmp_path / "lib")) == 6
+        assert sorted(p.name for p in (tmp_path / "lib" / "experts").iterdir()) == before
+    assert commits == [6]
