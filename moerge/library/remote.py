@@ -423,7 +423,11 @@ class HubStore(RemoteStore):
 
     def _local(self, rel: str) -> Path:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
 
         try:
             return Path(hf_hub_download(self.repo_id, rel, subfolder=self.subfolder, repo_type=self.repo_type,
