@@ -50,6 +50,7 @@ _MANIFEST = "library.json"
 _INDEX = "routing/index"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _CHUNK = 4 << 20
+_VERSIONED = re.compile(r"experts/[^/]+/v-[0-9a-f]{16}/[^/]+")
 
 
 def is_url(root: object) -> bool:
@@ -58,8 +59,16 @@ def is_url(root: object) -> bool:
 
 
 def _precondition(e: BaseException) -> bool:
-    """Whether ``e`` is a store's refusal of a conditional write (412 Precondition Failed)."""
-    return isinstance(e, FileExistsError) or "pre-condition" in str(e).lower() or "412" in str(e)
+    """Whether ``e`` (or the backend error behind a :class:`LibraryError`) is a store's refusal of a conditional
+    write: 412 Precondition Failed (s3fs raises ``FileExistsError`` for ``If-None-Match``, an ``OSError`` naming the
+    failed pre-condition for ``If-Match``), or S3's 409 ConditionalRequestConflict (another conditional write of the
+    same key under way)."""
+    cause = e.__cause__ if isinstance(e, LibraryError) and e.__cause__ is not None else e
+    if isinstance(cause, FileExistsError):
+        return True
+    text = f"{type(cause).__name__}: {cause}"
+    return any(s in text for s in ("pre-conditions you specified did not hold", "PreconditionFailed",
+                                   "ConditionalRequestConflict"))
 
 
 def entry_files(entry: Mapping[str, Any]) -> dict[str, str]:
@@ -99,6 +108,7 @@ class RemoteStore:
         self.objects: dict[str, dict[str, str]] = {}  # expert → file → key, where not the usual place
         self._index_seen: str | None = None
         self._fs: Any = None
+        self._pid = os.getpid()
 
     poll_interval = 1.0  # seconds between a following model's looks at the manifest (each is a request)
 
@@ -109,7 +119,8 @@ class RemoteStore:
 
     @property
     def fs(self) -> Any:
-        if self._fs is None:
+        if self._fs is None or self._pid != os.getpid():  # fsspec's async filesystems are not fork-safe
+            self._pid = os.getpid()
             import fsspec
 
             options = dict(self._options)
@@ -145,7 +156,7 @@ class RemoteStore:
             raise
         except Exception as e:  # noqa: BLE001 - the backend's errors are many (botocore, aiohttp, OSError)
             raise LibraryError(f"{what} failed: {type(e).__name__}: {e}", expert=expert, file=self.where(rel)) \
-                from None
+                from e
 
     # --- the manifest -----------------------------------------------------------------------------------------------
     def stamp(self, rel: str = _MANIFEST) -> str | None:
@@ -173,9 +184,22 @@ class RemoteStore:
         raise LibraryError("the manifest kept changing while it was read", file=self.where(_MANIFEST))
 
     def note(self, manifest: Mapping[str, Any]) -> None:
-        """Learn where the files of ``manifest``'s experts are on the store."""
-        self.objects = {name: dict(entry["objects"]) for name, entry in manifest.get("experts", {}).items()
-                        if entry.get("objects")}
+        """Learn where the files of ``manifest``'s experts are on the store. An ``"objects"`` map may only name a
+        file of the entry at ``experts/<name>/v-<16 hex>/<file>``: anything else is refused, so a damaged or
+        hostile manifest can neither send reads elsewhere nor have a commit delete other objects."""
+        objects = {}
+        for name, entry in manifest.get("experts", {}).items():
+            listed = entry.get("objects")
+            if not listed:
+                continue
+            files = entry_files(entry) if isinstance(entry, Mapping) else {}
+            if not isinstance(listed, Mapping) or any(
+                    f not in files or not isinstance(k, str) or not _VERSIONED.fullmatch(k)
+                    or k != f"experts/{name}/{k.split('/')[2]}/{f}" for f, k in listed.items()):
+                raise LibraryError("the manifest entry's 'objects' names a key outside the expert's versioned "
+                                   "folders", expert=name, file=self.where(_MANIFEST))
+            objects[name] = dict(listed)
+        self.objects = objects
 
     def write_manifest(self, data: bytes) -> None:
         """Put the manifest, only over the version last read (a new library: only where there is none)."""
@@ -188,10 +212,17 @@ class RemoteStore:
         try:
             self._call("writing the manifest", _MANIFEST, self.fs.pipe_file, key, data, mode=mode, **kwargs)
         except (FileExistsError, LibraryError) as e:
-            if _precondition(e):
-                raise self._changed() from None
-            raise
-        self.etag = self.stamp()
+            if not _precondition(e):
+                raise
+            with contextlib.suppress(LibraryError, FileNotFoundError):  # a retried put of these very bytes
+                if self._cat(_MANIFEST) == data:
+                    self.etag = self.stamp()
+                    return
+            raise self._changed() from None
+        try:
+            self.etag = self.stamp()
+        except LibraryError:  # written; the next read under the lock learns its version
+            self.etag = None
 
     def _changed(self) -> LibraryError:
         return LibraryError("another writer changed the manifest on the store since it was read under the lock; "
@@ -248,6 +279,27 @@ class RemoteStore:
     def _upload(self, local: Path, rel: str, expert: str | None = None) -> None:
         self._call("uploading", rel, self.fs.put_file, str(local), self._key(rel), expert=expert)
 
+    def _upload_new(self, local: Path, sha: str, name: str, fname: str, listed: set[str]) -> str:
+        """Upload the mirror's ``local`` (file ``fname`` of expert ``name``) and return its key. The bytes sent are
+        those whose sha256 was checked to be ``sha`` (a file another process of this machine replaced in the
+        mirror meanwhile is refused, never uploaded under this sha256); an object is never overwritten (put only
+        where none exists, S3's ``If-None-Match``): at ``experts/<name>/<fname>`` when that key is free and not
+        listed, else at ``experts/<name>/v-<sha[:16]>/<fname>`` (an object already there holds these bytes, or is
+        refused when read)."""
+        data = local.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise LibraryError("the file changed in the local mirror while it was committed; nothing was committed "
+                               "(try again)", expert=name, file=str(local))
+        usual, versioned = f"experts/{name}/{fname}", f"experts/{name}/v-{sha[:16]}/{fname}"
+        for key in ([usual] if usual not in listed else []) + [versioned]:
+            try:
+                self._call("uploading", key, self.fs.pipe_file, self._key(key), data, mode="create", expert=name)
+                return key
+            except (FileExistsError, LibraryError) as e:
+                if not _precondition(e):
+                    raise
+        return versioned
+
     def _delete(self, rels: list[str]) -> None:
         """Remove objects no manifest names any more; a failure only leaves them (warned)."""
         if not rels:
@@ -275,10 +327,8 @@ class RemoteStore:
             for fname, sha in entry_files(entry).items():
                 key = prev_keys.get(fname) if prev_files.get(fname) == sha else None
                 if key is None:
-                    key = f"experts/{name}/{fname}"
-                    if key in prev_keys.values():  # listed by the old manifest: a reader may be reading it
-                        key = f"experts/{name}/v-{sha[:16]}/{fname}"
-                    self._upload(mirror / "experts" / name / fname, key, expert=name)
+                    key = self._upload_new(mirror / "experts" / name / fname, sha, name, fname,
+                                           listed=set(prev_keys.values()))
                 if key != f"experts/{name}/{fname}":
                     objects[fname] = key
             entry.pop("objects", None)
@@ -290,6 +340,7 @@ class RemoteStore:
         return gone
 
     def _keys(self, name: str, entry: Mapping[str, Any]) -> dict[str, str]:
+        """Where the files of ``entry`` (of expert ``name``, checked by :meth:`note`) are on the store."""
         objects = entry.get("objects") or {}
         return {f: objects.get(f) or f"experts/{name}/{f}" for f in entry_files(entry)}
 
@@ -349,27 +400,27 @@ class RemoteStore:
     # --- the writers' lock ------------------------------------------------------------------------------------------
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the store's writer lock (see the module's docstring)."""
+        """Hold the store's writer lock (see the module's docstring). The lock object is put only where none
+        exists; a lock older than ``lock_ttl`` (by the store's clock: its LastModified) is taken over with a put
+        conditional on that lock's ETag, so of two writers that find it stale only one gets it."""
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         body = json.dumps({"owner": owner, "since": time.time()}).encode()
         key, deadline, pause = self._key(REMOTE_LOCK), time.monotonic() + self.lock_timeout, 0.1
-        while True:
-            try:
-                self._call("taking the writer lock", REMOTE_LOCK, self.fs.pipe_file, key, body, mode="create")
+        while not self._put_lock(key, body, mode="create"):
+            holder, etag, age = self._holder()
+            if holder.get("owner") == owner:  # our own put, answered 412 on a retry
                 break
-            except (FileExistsError, LibraryError) as e:
-                if not _precondition(e):
-                    raise
-            holder = self._holder()
-            if holder is not None and time.time() - float(holder.get("since") or 0) > self.lock_ttl:
-                warnings.warn(f"{self.where(REMOTE_LOCK)}: breaking a lock held by {holder.get('owner')} since "
-                              f"{time.time() - float(holder.get('since') or 0):.0f} s (over lock_ttl)",
-                              RuntimeWarning, stacklevel=3)
-                self._delete([REMOTE_LOCK])
+            if etag is not None and age > self.lock_ttl:
+                warnings.warn(f"{self.where(REMOTE_LOCK)}: taking over a lock held by {holder.get('owner')} for "
+                              f"{age:.0f} s (over lock_ttl)", RuntimeWarning, stacklevel=3)
+                if self.protocol in ("s3", "s3a"):
+                    if self._put_lock(key, body, mode="overwrite", IfMatch=etag):
+                        break
+                else:  # no conditional overwrite: remove it and race for a new one
+                    self._delete([REMOTE_LOCK])
                 continue
             if time.monotonic() > deadline:
-                who = "an unknown writer" if holder is None else (
-                    f"{holder.get('owner')} (for {time.time() - float(holder.get('since') or 0):.0f} s)")
+                who = "an unknown writer" if etag is None else f"{holder.get('owner')} (for {age:.0f} s)"
                 raise LibraryError(f"another writer holds the library's lock: {who}; try again later, or remove "
                                    "the lock object if that writer is gone", file=self.where(REMOTE_LOCK))
             time.sleep(pause)
@@ -377,20 +428,35 @@ class RemoteStore:
         try:
             yield
         finally:
-            holder = self._holder()
-            if holder is not None and holder.get("owner") == owner:
+            holder, _, _ = self._holder()
+            if holder.get("owner") == owner:
                 self._delete([REMOTE_LOCK])
 
-    def _holder(self) -> dict[str, Any] | None:
+    def _put_lock(self, key: str, body: bytes, **kwargs: Any) -> bool:
+        """Put the lock object conditionally; ``False`` when the condition failed."""
         try:
+            self._call("taking the writer lock", REMOTE_LOCK, self.fs.pipe_file, key, body, **kwargs)
+            return True
+        except (FileExistsError, LibraryError) as e:
+            if _precondition(e):
+                return False
+            raise
+
+    def _holder(self) -> tuple[dict[str, Any], str | None, float]:
+        """The lock object's body, ETag and age in seconds by the store's clock (``({}, None, 0)`` when there is
+        none or it cannot be read: a lock that cannot be read is never taken over)."""
+        try:
+            info = self.fs.info(self._key(REMOTE_LOCK))
             data = json.loads(self._cat(REMOTE_LOCK))
-            if isinstance(data, dict):
-                return data
-        except FileNotFoundError:
-            return None
-        except Exception:  # noqa: BLE001 - an unreadable lock is still a lock, and not one to break
-            pass
-        return {"owner": "an unknown writer", "since": time.time()}
+        except Exception:  # noqa: BLE001 - absent, or unreadable now
+            return {}, None, 0.0
+        modified = info.get("LastModified") or info.get("mtime") or info.get("created")
+        try:
+            stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+        except (TypeError, ValueError):
+            stamp = time.time()
+        etag = info.get("ETag") or json.dumps([info.get("size"), str(modified)])
+        return (data if isinstance(data, dict) else {}), str(etag), max(0.0, time.time() - stamp)
 
 
 class HubStore(RemoteStore):

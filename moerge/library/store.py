@@ -23,7 +23,6 @@ then read into a local mirror on demand and writes are uploaded, files first and
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack
@@ -102,12 +101,10 @@ class ExpertLibrary:
 
     def stamp(self) -> Any:
         """A value that changes when the library's manifest is replaced (the file's stat, or the store's ETag);
-        ``None`` while it cannot be read. A model following the library polls it."""
+        ``None`` while the folder cannot be read or the store has no manifest (:class:`LibraryError` when the store
+        cannot be reached). A model following the library polls it."""
         if self.remote is not None:
-            try:
-                return self.remote.stamp()
-            except LibraryError:
-                return None
+            return self.remote.stamp()
         try:
             st = self._manifest.path.stat()
         except OSError:  # the folder is gone or unreadable: nothing to follow until it is back
@@ -182,12 +179,17 @@ class ExpertLibrary:
                 lib.check_base(base_model)
             return lib
         base = BaseRecord.of(base_model, base_fingerprint, max_rank)
-        if remote.mirror.exists():  # a mirror of a library that was removed from the store
-            shutil.rmtree(remote.mirror)
+        # a mirror left by a library since removed from the store is repaired by the next open (nothing lists its
+        # experts any more)
         ExpertFiles(remote.mirror).dir.mkdir(parents=True, exist_ok=True)
         manifest = Manifest.create(remote.mirror, base_model=base.model, base_fingerprint=base.fingerprint,
                                    max_rank=base.max_rank)
-        remote.write_manifest(manifest.path.read_bytes())  # only where the store has none
+        try:
+            remote.write_manifest(manifest.path.read_bytes())  # only where the store has none
+        except LibraryError:
+            if not exist_ok or remote.stamp() is None:
+                raise
+            return cls._create_remote(remote, base_model, base_fingerprint, exist_ok, max_rank)  # created meanwhile
         return cls(remote.mirror, manifest.data, remote)
 
     @classmethod

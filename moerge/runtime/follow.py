@@ -254,10 +254,21 @@ class LibraryFollower:
         with self._synced:
             return self._synced.wait_for(predicate, timeout)
 
+    def _report(self, e: Exception) -> None:
+        """Keep ``e`` in :attr:`error`, warned about once (until another problem or a sync that succeeds)."""
+        problem = f"{type(e).__name__}: {e}"
+        if problem != self.error:
+            warnings.warn(f"following the library {self.library.url}: {problem}", RuntimeWarning, stacklevel=1)
+        self.error = problem
+
     def _run(self) -> None:
         seen, again = None, True  # the first look syncs: the library may have changed since the model was loaded
         while not self._stop.wait(self.interval):
-            stamp = self.library.stamp()
+            try:
+                stamp = self.library.stamp()
+            except LibraryError as e:  # a store that cannot be reached now: said once, looked at again later
+                self._report(e)
+                continue
             if stamp is None or (stamp == seen and not again):
                 continue
             model = self._model()
@@ -267,11 +278,8 @@ class LibraryFollower:
                 again = bool(model.sync_library().deferred)
                 self.error = None
             except Exception as e:  # noqa: BLE001 - the thread must go on; the error is reported, once
-                problem = f"{type(e).__name__}: {e}"
-                if problem != self.error:
-                    warnings.warn(f"following the library {self.library.url}: {problem}", RuntimeWarning,
-                                  stacklevel=1)
-                self.error, again = problem, False
+                self._report(e)
+                again = False
             finally:
                 del model
             seen = stamp
