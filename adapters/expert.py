@@ -396,6 +396,27 @@ class _Layout(dict):
 
 
 _LAYOUTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def intern_layout(layout: Mapping[str, Mapping[str, Any]], name: str | None = None) -> _Layout:
+    """The shared copy of ``layout`` (a :meth:`Expert.spec`), checked: experts of one layout share one copy of it
+    (a library's experts mostly do). A :class:`StoredExpert` given the returned object skips this work."""
+    if not layout:
+        raise ExpertFormatError("the expert has no module weights", expert=name)
+    shape, rest = [], []
+    for m, spec in layout.items():
+        kind, rank, fin, fout = spec.get("kind"), spec.get("rank", 0), spec.get("in_features"), spec.get("out_features")
+        if kind not in ("lora", "delta") or type(fin) is not int or type(fout) is not int or fin <= 0 or fout <= 0:
+            raise ExpertFormatError(f"module {m!r}: a layout without kind and shapes: {dict(spec)!r}", expert=name)
+        shape.append((m, kind, rank, fin, fout, bool(spec.get("bias"))))
+        rest.append(spec.get("scale") if spec.keys() <= _PLAIN_SPEC else repr(sorted(spec.items())))
+    key = tuple(shape)
+    full = (key, tuple(rest))
+    shared = _LAYOUTS.get(full)
+    if shared is None:
+        shared = _LAYOUTS.setdefault(full, _Layout({m: dict(s) for m, s in layout.items()}))
+        shared.key = key
+    return shared
 _PLAIN_SPEC = {"kind", "rank", "scale", "in_features", "out_features", "bias"}  # a spec told apart by its scale
 
 
@@ -419,21 +440,7 @@ class StoredExpert(Expert):
     def __init__(self, name: str, metadata: ExpertMetadata, layout: Mapping[str, Mapping[str, Any]],
                  load: Callable[[], Expert], digest: str | None = None) -> None:
         validate_name(name)
-        if not layout:
-            raise ExpertFormatError("the expert has no module weights", expert=name)
-        shape, rest = [], []
-        for m, spec in layout.items():
-            kind, rank, fin, fout = spec.get("kind"), spec.get("rank", 0), spec.get("in_features"), spec.get("out_features")
-            if kind not in ("lora", "delta") or type(fin) is not int or type(fout) is not int or fin <= 0 or fout <= 0:
-                raise ExpertFormatError(f"module {m!r}: a layout without kind and shapes: {dict(spec)!r}", expert=name)
-            shape.append((m, kind, rank, fin, fout, bool(spec.get("bias"))))
-            rest.append(spec.get("scale") if spec.keys() <= _PLAIN_SPEC else repr(sorted(spec.items())))
-        key = tuple(shape)
-        full = (key, tuple(rest))
-        shared = _LAYOUTS.get(full)
-        if shared is None:  # experts of one layout share one copy of it (a library's experts mostly do)
-            shared = _LAYOUTS.setdefault(full, _Layout({m: dict(s) for m, s in layout.items()}))
-            shared.key = key
+        shared = layout if isinstance(layout, _Layout) else intern_layout(layout, name)
         self.name, self.metadata, self.layout = name, metadata, shared
         self.layout_key = shared.key
         """What the expert's shapes are, hashable: experts of one key fit a base alike and take as many bytes."""

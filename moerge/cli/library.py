@@ -47,7 +47,8 @@ def library_verify(library: LibraryOpt = ".", as_json: JsonOpt = False) -> None:
 def library_list(library: LibraryOpt = ".", as_json: JsonOpt = False) -> None:
     """The library's experts with their kind, modules, parameters and description."""
     lib = attempt(lambda: open_library(library), as_json)
-    rows = [{"name": n, **{k: v for k, v in lib.info(n).items() if k not in ("files", "source")}}
+    rows = [{"name": n, **{k: v for k, v in lib.info(n).items()
+                           if k not in ("files", "source", "layout", "metadata", "objects")}}
             for n in lib.names()]
     table = Table("expert", "kind", "modules", "ranks", "parameters", "description")
     for r in rows:

@@ -44,8 +44,9 @@ _OLD = TMP_PREFIX + "old-"  # an expert's folder moved aside while its replaceme
 
 
 def _inside(path: Path, folder: Path, name: str, problem: str) -> Path:
-    """``path``, an entry of ``folder``: refused when it is a link (it could lead anywhere)."""
-    if path.is_symlink() or (path.exists() and path.resolve().parent != folder.resolve()):
+    """``path``, an entry of ``folder`` itself: refused when it is a link (it could lead anywhere) or its name
+    leads elsewhere (``..``, a ``/``). One ``lstat``, no resolving: it is on the path of every read."""
+    if path.parent != folder or path.name in ("", ".", "..") or path.is_symlink():
         raise LibraryError(problem, expert=name, file=str(path))
     return path
 

@@ -65,6 +65,7 @@ class Manifest:
         self.path = self.root / MANIFEST
         self.remote = remote
         self._data = data
+        self._seen: tuple[int, ...] | None = None  # the stat of the manifest file ``data`` was read from
         self._lock = threading.RLock()
 
     @property
@@ -105,7 +106,9 @@ class Manifest:
         """Read the manifest at ``root``; refused (:class:`LibraryError` naming the file) when it is missing,
         unreadable, not a moerge library's, of a newer format or names an invalid expert."""
         root = Path(root)
-        return cls(root, cls._read(root / MANIFEST))
+        manifest = cls(root, {})
+        manifest.refresh()
+        return manifest
 
     @classmethod
     def open_remote(cls, remote: RemoteStore) -> Manifest:
@@ -150,7 +153,10 @@ class Manifest:
     def refresh(self) -> None:
         """Re-read the manifest from disk, or from the store (changes made by other processes or objects)."""
         if self.remote is None:
-            self._data = self._read(self.path)
+            stamp = self._stamp()
+            if stamp is None or stamp != self._seen:  # a rename puts every new manifest in: a new stat
+                self._data = self._read(self.path)
+                self._seen = stamp
             return
         try:
             raw = self.remote.read_manifest()
@@ -160,6 +166,13 @@ class Manifest:
         atomic_write_bytes(self.path, raw)
         self.remote.note(data)
         self._data = data
+
+    def _stamp(self) -> tuple[int, ...] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     @property
     def data(self) -> dict[str, Any]:
@@ -224,7 +237,7 @@ class Manifest:
         if self.remote is not None:
             self.remote.commit(self._data, draft, self.root)
         atomic_write_json(self.path, draft)
-        self._data = draft
+        self._data, self._seen = draft, None  # the next refresh reads it: another writer may follow at once
 
     def recover(self) -> None:
         """Remove the temp files an interrupted manifest write left in the library's folder (under :meth:`locked`)."""

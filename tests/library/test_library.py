@@ -391,3 +391,41 @@ def test_add_many_is_one_commit_all_or_nothing(tmp_path, base, monkeypatch):
         assert len(ExpertLibrary.open(tmp_path / "lib")) == 6
         assert sorted(p.name for p in (tmp_path / "lib" / "experts").iterdir()) == before
     assert commits == [6]
+
+
+def test_opening_reads_the_manifest_alone_and_older_manifests_are_brought_up_to_date(tmp_path, base, monkeypatch):
+    from moerge.library.experts import ExpertFiles
+
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add_many([rand_expert(base, f"e{i}", seed=i, description=f"does {i}", examples=[f"ex {i}"])
+                  for i in range(3)])
+    data = json.loads((tmp_path / "lib" / "library.json").read_text())
+    assert len(data["layouts"]) == 1 and {e["layout"] for e in data["experts"].values()} == set(data["layouts"])
+    assert data["experts"]["e1"]["metadata"]["base_fingerprint"] == "library"  # not 10 KB per expert
+    full = {n: lib.get(n) for n in lib.names()}
+    real_header = ExpertFiles.header
+
+    def refused(self, name, files):
+        raise AssertionError(f"expert.json of {name} was read")
+
+    monkeypatch.setattr(ExpertFiles, "header", refused)
+    reopened = ExpertLibrary.open(tmp_path / "lib")
+    for n in reopened.names():
+        stored = reopened.stored(n)
+        assert stored.metadata == full[n].metadata and stored.spec() == full[n].spec()
+    monkeypatch.setattr(ExpertFiles, "header", real_header)
+    # a manifest written before the table: each expert.json read once, at the next open, and recorded
+    for e in data["experts"].values():
+        del e["layout"], e["metadata"]
+    del data["layouts"]
+    (tmp_path / "lib" / "library.json").write_text(json.dumps(data))
+    ExpertLibrary.open(tmp_path / "lib")
+    upgraded = json.loads((tmp_path / "lib" / "library.json").read_text())
+    assert upgraded["layouts"] and all("layout" in e and "metadata" in e for e in upgraded["experts"].values())
+    monkeypatch.setattr(ExpertFiles, "header", refused)
+    again = ExpertLibrary.open(tmp_path / "lib")
+    assert [again.stored(n).metadata for n in again.names()] == [full[n].metadata for n in again.names()]
+    lib.remove("e0")
+    lib.remove("e1")
+    lib.remove("e2")
+    assert json.loads((tmp_path / "lib" / "library.json").read_text())["layouts"] == {}  # unused layouts dropped
