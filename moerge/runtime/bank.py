@@ -93,6 +93,8 @@ class ModuleBank:
     lora: dict[str, _LoRASlot] = field(default_factory=dict)
     dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     storage: _Storage | None = field(default=None, repr=False, compare=False)
+    free: tuple[tuple[int, int], ...] = field(default=(), repr=False, compare=False)  # (start, rank) of rows no
+    # expert of this bank uses any more (left by :meth:`swapped`), for experts of the same rank to take
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", _Layout.of(self.lora))
@@ -131,12 +133,7 @@ class ModuleBank:
         dtype, device = self.A_all.dtype, self.A_all.device
         lora, dense = dict(self.lora), dict(self.dense)
         for name, w in weights.items():
-            if name in self:
-                raise ValueError(f"expert {name!r} is already in this layer")
-            if isinstance(w, LoRAWeights) and (tuple(w.A.shape) != (w.rank, self.A_all.shape[1])
-                                               or tuple(w.B.shape) != (self.Bt_all.shape[1], w.rank)):
-                raise ValueError(f"expert {name!r}: factors {tuple(w.A.shape)} and {tuple(w.B.shape)} do not fit "
-                                 f"this layer ({self.A_all.shape[1]} → {self.Bt_all.shape[1]})")
+            self._check_new(name, w)
         new = {n: w for n, w in weights.items() if isinstance(w, LoRAWeights)}
         start = self.A_all.shape[0]
         st = self._room_for(sum(w.rank for w in new.values())) if new else self.storage
@@ -150,9 +147,49 @@ class ModuleBank:
                 dense[name] = (w.delta.to(device=device, dtype=dtype),
                                None if w.bias is None else w.bias.to(device=device, dtype=dtype))
         if not new:
-            return ModuleBank(self.A_all, self.Bt_all, lora, dense, self.storage)
+            return ModuleBank(self.A_all, self.Bt_all, lora, dense, self.storage, self.free)
         st.used = start
-        return ModuleBank(st.a[:start], st.bt[:start], lora, dense, st)
+        return ModuleBank(st.a[:start], st.bt[:start], lora, dense, st, self.free)
+
+    def _check_new(self, name: str, w: ModuleWeights) -> None:
+        if name in self:
+            raise ValueError(f"expert {name!r} is already in this layer")
+        if isinstance(w, LoRAWeights) and (tuple(w.A.shape) != (w.rank, self.A_all.shape[1])
+                                           or tuple(w.B.shape) != (self.Bt_all.shape[1], w.rank)):
+            raise ValueError(f"expert {name!r}: factors {tuple(w.A.shape)} and {tuple(w.B.shape)} do not fit "
+                             f"this layer ({self.A_all.shape[1]} → {self.Bt_all.shape[1]})")
+
+    def swapped(self, evict: set[str], weights: dict[str, ModuleWeights]) -> ModuleBank:
+        """This bank without the experts ``evict`` and with ``weights`` (expert name → this module's weights)
+        added: an expert cache's swap. The rows of evicted LoRA experts are left in place as free rows, and new
+        experts of the same rank are written into them, so a swap copies only what it reads in — where
+        :meth:`without` would compact every row kept. Only for the model's current bank, under its lock, the
+        result made current at once: rows an older bank still names may be written. It compacts instead when the
+        free rows would outnumber the used ones, or when the bank is not the newest of its storage."""
+        gone = {n for n in evict if n in self}
+        st, n = self.storage, self.A_all.shape[0]
+        free = list(self.free) + [(self.lora[g].start, self.lora[g].rank) for g in gone if g in self.lora]
+        used = sum(slot.rank for name, slot in self.lora.items() if name not in gone)
+        if st is None or st.used != n or sum(r for _, r in free) > used + 1:
+            bank = self.without(gone) if gone else self
+            return bank.with_experts(weights) if weights else bank
+        lora = {k: v for k, v in self.lora.items() if k not in gone}
+        dense = {k: v for k, v in self.dense.items() if k not in gone}
+        rest: dict[str, ModuleWeights] = {}
+        for name, w in weights.items():
+            hole = None
+            if isinstance(w, LoRAWeights) and name not in lora and name not in dense:
+                hole = next((i for i, (_, r) in enumerate(free) if r == w.rank), None)
+            if hole is None:
+                rest[name] = w
+                continue
+            self._check_new(name, w)
+            start, rank = free.pop(hole)
+            st.a[start : start + rank].copy_(w.A)  # (r, in)
+            st.bt[start : start + rank].copy_(w.B.t())  # (r, out)
+            lora[name] = _LoRASlot(start, rank, float(w.scale))
+        bank = ModuleBank(self.A_all, self.Bt_all, lora, dense, st, tuple(free))
+        return bank.with_experts(rest) if rest else bank
 
     def without(self, names: set[str]) -> ModuleBank:
         """A new bank without the experts in ``names`` (its rows compacted into new tensors, with spare capacity

@@ -290,11 +290,7 @@ class Residency:
         try:
             for m in sorted({m for n in evict for m in self.modules_of.get(n, [])} | set(by_module)):
                 layer = self._patch(m)
-                bank = layer.bank
-                gone = {n for n in evict if n in bank}
-                if gone:
-                    bank = bank.without(gone)
-                layer.bank = bank.with_experts(by_module[m]) if m in by_module else bank
+                layer.bank = layer.bank.swapped(evict, by_module.get(m, {}))  # evicted rows reused in place
         except BaseException:  # out of memory midway: every expert touched leaves every bank, the book agrees
             touched = set(evict) | {e.name for e in loaded}
             for layer in self.layers.values():

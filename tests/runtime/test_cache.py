@@ -281,18 +281,18 @@ def test_a_read_that_fails_midway_through_the_banks_leaves_them_and_the_book_in_
     model = _model(lib, cache_bytes=_size(want, "e2"))  # e2 alone fits: e0 must go when it comes
     enc = _enc()
     model(**enc, experts={"e0": 1.0})
-    real, calls = ModuleBank.with_experts, []
+    real, calls = ModuleBank.swapped, []
 
-    def failing(self, weights):
+    def failing(self, evict, weights):
         calls.append(1)
         if len(calls) == 3:
             raise MemoryError("injected")
-        return real(self, weights)
+        return real(self, evict, weights)
 
-    monkeypatch.setattr(ModuleBank, "with_experts", failing)
+    monkeypatch.setattr(ModuleBank, "swapped", failing)
     with pytest.raises(MemoryError):
         model(**enc, experts={"e2": 1.0})  # e0 evicted and e2 read, both half done when it fails
-    monkeypatch.setattr(ModuleBank, "with_experts", real)
+    monkeypatch.setattr(ModuleBank, "swapped", real)
     held = {n for layer in model.expert_set.layers.values() for n in layer.bank.names}
     assert held == set(model.expert_set.cache.resident) == set()
     for n in ("e0", "e2"):
@@ -329,3 +329,24 @@ def test_sizes_follow_the_banks_dtype(lib):
     stats = model.cache_stats()
     assert stats.resident_bytes * 2 == before
     assert stats.resident_bytes == sum(layer.bank.size_of("e0") for layer in model.expert_set.layers.values())
+
+
+def test_a_swap_writes_the_new_expert_into_the_evicted_ones_rows(tmp_path):
+    """At the budget, a cold expert takes the rows of the one it evicts (same rank): nothing else is copied."""
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(tmp_path / "same", base_model=base)
+    lib.add_many([rand_expert(base, f"s{i}", seed=i, rank=4) for i in range(3)])
+    want = _model(lib, pin=lib.names())
+    model = _model(lib, cache_bytes=int(_size(want, "s1") * 2.6))  # two fit; a third evicts one (to 80 %)
+    enc = _enc()
+    for n in ("s0", "s1"):
+        model(**enc, experts={n: 1.0})
+    layers = list(model.expert_set.layers.values())
+    before = [(layer.bank.A_all.data_ptr(), layer.bank.A_all.shape) for layer in layers]
+    got = model(**enc, experts={"s2": 1.0}).logits  # evicts s0 (least recently used), reads s2 into its rows
+    assert set(model.expert_set.cache.resident) == {"s1", "s2"}
+    assert [(layer.bank.A_all.data_ptr(), layer.bank.A_all.shape) for layer in layers] == before
+    assert torch.equal(got, want(**enc, experts={"s2": 1.0}).logits)
+    for n in ("s1", "s0", "s2", "s1", "s0"):  # back and forth: still the answers of the model holding everything
+        assert torch.equal(model(**enc, experts={n: 1.0}).logits, want(**enc, experts={n: 1.0}).logits)
+    assert model.cache_stats().evictions >= 4
