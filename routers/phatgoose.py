@@ -96,6 +96,7 @@ class PhatgooseRouter(TrainedGateRouter):
     finish = "standardized"
     routing_kind = ROUTING_KIND
     data_label = "PHATGOOSE gates"
+    lazy_data = True  # under a global stage (GLIDER) only the candidates' gates are read
 
     def set_gates(self, name: str, gates: dict[str, torch.Tensor], digest: str | None = None) -> None:
         """Use ``gates`` (module → (in,)) for expert ``name`` (e.g. trained with :func:`train_phatgoose_gates`)."""

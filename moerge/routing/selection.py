@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -92,16 +95,32 @@ def standardize(v: torch.Tensor) -> torch.Tensor:
 
 class ExpertVectors(Mapping):
     """Per module, one vector per expert (Arrow prototypes, PHATGOOSE gates, X-LoRA head rows); read-only it is a
-    mapping module → {expert: vector}.
+    mapping module → {expert: vector} of the vectors in memory.
 
-    The vectors of one module are stacked in the model's expert order once per ``(module, names, device)`` and form
-    (finished as :meth:`gate_operands` asks) and then gathered for each row's candidates, so a request's gate costs
-    two index operations per module and every step one batched matmul.
+    An expert's vectors may be registered by a loader (:meth:`set_lazy`: read from the library when a request
+    first has the expert among its candidates), so a large library's routing data is read for the experts in use
+    only. The vectors of one module are stacked for the experts a request's rows name, in the model's expert
+    order, once per ``(module, those experts, device)`` and form (finished as :meth:`gate_operands` asks; the
+    last :data:`TABLES` of them kept) and then gathered for each row's candidates, so a request's gate costs two
+    index operations per module and every step one batched matmul.
     """
+
+    TABLES = 4096  # stacked tables kept (module × set of experts), least recently used dropped
 
     def __init__(self) -> None:
         self._by_module: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> (d,)
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lazy: dict[str, Callable[[], Mapping[str, torch.Tensor]]] = {}  # expert -> reads its vectors
+        self._reading = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_reading"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reading = threading.Lock()
 
     def __getitem__(self, module: str) -> dict[str, torch.Tensor]:
         return self._by_module[module]
@@ -117,18 +136,42 @@ class ExpertVectors(Mapping):
         self.remove(name)
         for m, v in vectors.items():
             self._by_module.setdefault(m, {})[name] = v
-        self._tables.clear()
+
+    def set_lazy(self, name: str, load: Callable[[], Mapping[str, torch.Tensor]]) -> None:
+        """Give expert ``name`` the vectors ``load()`` returns, read when a request first needs them."""
+        self.remove(name)
+        self._lazy[name] = load
+
+    def is_lazy(self, name: str) -> bool:
+        """Whether expert ``name``'s vectors are registered but not read yet."""
+        return name in self._lazy
+
+    def read(self, names: Iterable[str]) -> None:
+        """Read the vectors of the experts of ``names`` that are registered lazily (a failure names the expert)."""
+        todo = [n for n in names if n in self._lazy]
+        if not todo:
+            return
+        with self._reading:
+            for n in todo:
+                load = self._lazy.get(n)
+                if load is not None:
+                    vectors = load()
+                    if self._lazy.get(n) is load:  # not replaced or removed meanwhile
+                        del self._lazy[n]
+                        self.set(n, vectors)
 
     def remove(self, name: str) -> None:
+        self._lazy.pop(name, None)
         for d in self._by_module.values():
             d.pop(name, None)
-        self._tables.clear()
+        for key in [k for k in self._tables if name in k[1]]:
+            del self._tables[key]
 
     def _table(self, module: str, names: tuple[str, ...], device: torch.device, scale: float, with_bias: bool,
                center: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Vt (d, N + 1), bias (N + 1,))`` over the model's experts ``names`` and a last, empty column (the
-        target of empty slots): the vectors as :meth:`gate_operands` describes them, and the bias (``-inf`` where
-        an expert has no vector)."""
+        """``(Vt (d, N + 1), bias (N + 1,))`` over the experts ``names`` and a last, empty column (the target of
+        empty slots): the vectors as :meth:`gate_operands` describes them, and the bias (``-inf`` where an expert
+        has no vector)."""
         key = (module, names, str(device), scale, with_bias, center)
         got = self._tables.get(key)
         if got is None:
@@ -142,6 +185,10 @@ class ExpertVectors(Mapping):
                 w = w - w.mean(-1, keepdim=True)
             got = ((w * scale).t().contiguous().to(device), b.masked_fill(~ok, float("-inf")).to(device))
             self._tables[key] = got
+            while len(self._tables) > self.TABLES:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
         return got
 
     def gate_operands(self, module: str, candidates: Candidates, device: torch.device, scale: float = 1.0,
@@ -149,14 +196,23 @@ class ExpertVectors(Mapping):
         """``(Vt (B, d, K), bias (B, 1, K))`` for a gate ``x @ Vt + bias``: the candidates' vectors times ``scale``
         (``center``: less their mean, so ``x @ Vt`` is ``(x - mean(x)) @ V``), transposed for the batched matmul,
         and ``-inf`` in ``bias`` for empty slots and candidates without a vector (else ``0``, or with
-        ``with_bias`` the vector's last element, which is then not part of ``Vt``). ``None`` when no expert has a
-        vector for ``module``."""
+        ``with_bias`` the vector's last element, which is then not part of ``Vt``). ``None`` when no candidate
+        has a vector for ``module``. The vectors of candidates registered lazily are read first."""
+        named = candidates.memo.get("slot_names")
+        if named is None:  # the experts the rows name, and each slot's column among them (once per request)
+            filled = sorted(set(candidates.ids[candidates.ids >= 0].tolist()))
+            column = torch.full((len(candidates.names) + 1,), len(filled), dtype=torch.long)
+            column[filled] = torch.arange(len(filled))
+            ids = candidates.ids
+            named = candidates.memo["slot_names"] = (
+                tuple(candidates.names[i] for i in filled), column[torch.where(ids >= 0, ids, len(candidates.names))])
+        names, cols = named
+        self.read(names)
         if not self._by_module.get(module):
             return None
-        Vt_all, bias_all = self._table(module, candidates.names, device, scale, with_bias, center)
-        ids = candidates.ids.to(device)  # (B, K)
-        safe = torch.where(ids >= 0, ids, len(candidates.names)).reshape(-1)  # empty slots → the empty column
-        B, K = ids.shape
+        Vt_all, bias_all = self._table(module, names, device, scale, with_bias, center)
+        B, K = cols.shape
+        safe = cols.to(device).reshape(-1)  # empty slots → the empty column
         Vt = Vt_all.index_select(1, safe).view(-1, B, K).transpose(0, 1)  # (B, d, K), strided
         return Vt, bias_all.index_select(0, safe).view(B, 1, K)
 

@@ -12,6 +12,7 @@ input (Arrow's prototypes, PHATGOOSE's gates, X-LoRA's head rows).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -85,6 +86,9 @@ class _Prepared:
     losses: list[float] | None = None
 
 
+_LAZY = object()  # _Prepared.data of routing data the library holds, to be read on first use
+
+
 class TrainedGateRouter(VectorGateRouter):
     """A :class:`VectorGateRouter` whose vectors come from routing data trained per expert, kept in the library
     under :attr:`routing_kind` and tagged with the digest of the expert's weights.
@@ -97,6 +101,7 @@ class TrainedGateRouter(VectorGateRouter):
 
     routing_kind: ClassVar[str] = ""
     data_label: ClassVar[str] = "routing data"
+    lazy_data: ClassVar[bool] = False  # stored data read when a request first has the expert among its candidates
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -136,7 +141,25 @@ class TrainedGateRouter(VectorGateRouter):
             self._digest[name] = digest
         (self._unsaved.discard if saved else self._unsaved.add)(name)
 
+    def _set_lazy(self, name: str, digest: str) -> None:
+        """Take expert ``name``'s data, stored in the library for the weights of ``digest``, as read on first use
+        (:meth:`ExpertVectors.set_lazy`): the manifest says it is there; its file is read then, checked, and a
+        request that needs it fails naming the expert when it does not read."""
+        self._data.pop(name, None)
+        self.vectors.set_lazy(name, functools.partial(self._read_lazy, name, digest))  # a copy reads into itself
+        self._digest[name] = digest
+        self._unsaved.discard(name)
+
+    def _read_lazy(self, name: str, digest: str) -> dict[str, torch.Tensor]:
+        tensors = self.context.store.routing_for(name, self.routing_kind, digest)
+        if tensors is None:
+            raise RoutingError(f"the library no longer holds the {self.data_label} of this expert's weights",
+                               expert=name)
+        self._data[name], vectors = self._prepare(self._from_tensors(tensors))
+        return vectors
+
     def _data_of(self, name: str) -> Any:
+        self.vectors.read([name])
         if name not in self._data:
             raise RoutingError(f"no {self.data_label} for this expert", expert=name)
         return dict(self._data[name])
@@ -148,7 +171,8 @@ class TrainedGateRouter(VectorGateRouter):
 
     def _holds(self, expert: Expert, digest: str) -> bool:
         """Whether the router holds data made for these weights of ``expert`` (e.g. set before it was added)."""
-        return self._digest.get(expert.name) == digest and expert.name in self._data
+        return self._digest.get(expert.name) == digest and (expert.name in self._data
+                                                              or self.vectors.is_lazy(expert.name))
 
     def prepare_expert(self, expert: Expert) -> _Prepared:
         """The library's data for the expert's weights, else data trained now, else zeros (with a warning)."""
@@ -156,6 +180,8 @@ class TrainedGateRouter(VectorGateRouter):
         if self._holds(expert, digest):
             return _Prepared(digest, None, saved=True)
         store = self.context.store
+        if self.lazy_data and store is not None and store.has_routing_for(expert.name, self.routing_kind, digest):
+            return _Prepared(digest, _LAZY, saved=True)  # read when a request first needs it
         stored = None if store is None else store.routing_for(expert.name, self.routing_kind, digest)
         if stored is not None:
             return _Prepared(digest, self._from_tensors(stored), saved=True)
@@ -190,6 +216,9 @@ class TrainedGateRouter(VectorGateRouter):
         p = self.prepare_expert(expert) if prepared is None else prepared
         self.deferred.discard(expert.name)
         if p.data is None:
+            return
+        if p.data is _LAZY:
+            self._set_lazy(expert.name, p.digest)
             return
         self._set_data(expert.name, p.data, p.digest, saved=p.saved)
         if p.losses is not None:

@@ -338,3 +338,52 @@ def test_a_damaged_index_is_rebuilt_by_re_embedding(tmp_path, damage):
         again = MoErgeModel.from_library(tiny_chat_llama(), ExpertLibrary.open(model.library.root),
                                          router=build_router("glider", local="none"), tokenizer=tiny_tokenizer())
         assert again.router.retrieve(prompts)[0] == before  # never trusted: rebuilt, same answers
+
+
+def test_the_local_gates_of_a_large_library_are_read_for_the_candidates_only(tmp_path, embedder, monkeypatch):
+    """PHATGOOSE gates stored in the library are read when a request first has their expert among its GLIDER
+    candidates, not when the model is built; the answers are those of a router that read every gate at once."""
+    from moerge.library.routing_data import RoutingStore
+    from moerge.routers.phatgoose import PhatgooseRouter
+
+    def glider():
+        return build_router("glider", candidates=2, embedder=embedder, local_config={"train_steps": 2})
+
+    first = _model(tmp_path, router=glider(), names=("sort", "french", "sql", "haiku"))  # trains, stores gates
+    lib, tok = first.library, first.tokenizer
+    first.close()
+    assert all(lib.routing_kinds(n) == ["phatgoose"] for n in lib.names())
+    read: list[str] = []
+    real = RoutingStore.get
+
+    def counting(self, name, kind):
+        read.append(name)
+        return real(self, name, kind)
+
+    monkeypatch.setattr(RoutingStore, "get", counting)
+    model = MoErgeModel.from_library(tiny_chat_llama(), ExpertLibrary.open(lib.root), router=glider(),
+                                     tokenizer=tok, follow=False)
+    assert read == []  # nothing read to build the model
+    batch = _batch(model, [PROMPTS["sql"]])
+    got = model(**batch).logits
+    chosen = set(model.last_routing[0].candidates)
+    assert len(chosen) == 2 and sorted(read) == sorted(chosen)  # the candidates' gates, each read once
+    model(**batch)
+    assert len(read) == len(set(read))  # not read again
+    monkeypatch.setattr(PhatgooseRouter, "lazy_data", False)
+    eager = MoErgeModel.from_library(tiny_chat_llama(), ExpertLibrary.open(lib.root), router=glider(),
+                                     tokenizer=tok, follow=False)
+    assert set(read) == set(lib.names())  # the eager router reads every gate when it is built
+    assert torch.equal(got, eager(**batch).logits)
+    # a gate file gone: the requests that need it fail naming the expert; the others are served
+    monkeypatch.setattr(PhatgooseRouter, "lazy_data", True)
+    fresh = MoErgeModel.from_library(tiny_chat_llama(), ExpertLibrary.open(lib.root), router=glider(),
+                                     tokenizer=tok, follow=False)
+    for n in lib.names():
+        (lib.root / "experts" / n / lib.info(n)["routing"]["phatgoose"]["file"]).unlink()
+    with pytest.raises(LibraryError, match="routing data 'phatgoose'") as e:
+        fresh(**batch)
+    assert e.value.expert in chosen
+    assert torch.equal(model(**batch).logits, got)  # a model that read them before is unaffected
+    for m in (model, eager, fresh):
+        m.close()
