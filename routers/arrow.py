@@ -9,11 +9,14 @@ there. With no global stage the candidates are all experts (as in PEFT's Arrow).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from moerge.adapters.expert import Expert, LoRAWeights, ModuleWeights
+from moerge.adapters.expert import Expert, LoRAWeights, ModuleWeights, StoredExpert
 from moerge.routing import LayerInfo, SelectionConfig, register_router
 from moerge.routing.vector_gate import VectorGateRouter
 
@@ -45,6 +48,17 @@ def prototype(w: ModuleWeights) -> torch.Tensor:
     return Vh[0]
 
 
+def prototypes(expert: Expert) -> dict[str, torch.Tensor]:
+    """Arrow's prototype of each module of ``expert`` (module → (in,)); reads a stored expert's weights."""
+    return {m: prototype(w) for m, w in expert.modules.items()}
+
+
+def _stored_prototypes(stored: StoredExpert, loaded: Expert | None = None) -> dict[str, torch.Tensor]:
+    """The prototypes of a stored expert: from ``loaded`` (the model's copy just read from it) when given, else
+    read now."""
+    return prototypes(loaded if loaded is not None and loaded.name == stored.name else stored)
+
+
 @register_router("arrow")
 class ArrowRouter(VectorGateRouter):
     """Per-token top-k routing by |⟨prototype, x⟩|, training-free: the logits are ``|⟨prototype, x⟩| / temperature``,
@@ -57,11 +71,19 @@ class ArrowRouter(VectorGateRouter):
     config_class = ArrowConfig
     finish = "abs"
 
-    def prepare_expert(self, expert: Expert) -> dict[str, torch.Tensor]:
-        return {m: prototype(w) for m, w in expert.modules.items()}  # module -> (in,)
+    def prepare_expert(self, expert: Expert) -> dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]]:
+        """The expert's prototypes (module → (in,)); for an expert whose weights are on disk, how to make them:
+        they are made when a request first has it among its candidates (its weights are read then anyway)."""
+        if isinstance(expert, StoredExpert):
+            return functools.partial(_stored_prototypes, expert)
+        return prototypes(expert)
 
-    def on_add_expert(self, expert: Expert, prepared: dict[str, torch.Tensor] | None = None) -> None:
-        self.vectors.set(expert.name, self.prepare_expert(expert) if prepared is None else prepared)
+    def on_add_expert(self, expert: Expert, prepared: Any = None) -> None:
+        got = self.prepare_expert(expert) if prepared is None else prepared
+        if callable(got):
+            self.vectors.set_lazy(expert.name, got)
+        else:
+            self.vectors.set(expert.name, got)
 
     def gate_scale(self, layer: LayerInfo) -> float:
         return 1.0 / self.config.temperature

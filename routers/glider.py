@@ -14,7 +14,7 @@ top-k softmax (or dynamic top-p / null expert). With ``local="none"`` the candid
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +130,13 @@ class GliderRouter(Router):
         if self.local is not None:
             self.local.on_remove_expert(name)
         self.retriever.remove(name)
+
+    def unread_routing(self, candidates: Candidates) -> list[str]:
+        return [] if self.local is None else self.local.unread_routing(candidates)
+
+    def read_routing(self, names: Sequence[str], loaded: Mapping[str, Expert] | None = None) -> None:
+        if self.local is not None:
+            self.local.read_routing(names, loaded)
 
     def persist(self, store: Any) -> None:
         if self.local is not None:

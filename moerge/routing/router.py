@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -107,6 +107,15 @@ class Router:
     def persist(self, store: Any) -> None:
         """Store in ``store`` (the library) the routing data computed since the last call (for experts it holds),
         so the next load reuses it. Called by the model after experts are loaded, added or removed."""
+
+    def unread_routing(self, candidates: Candidates) -> list[str]:
+        """The experts among ``candidates`` whose routing data this router keeps on disk until used (see
+        :meth:`read_routing`); the model reads it before routing the call, without holding its lock."""
+        return []
+
+    def read_routing(self, names: Sequence[str], loaded: Mapping[str, Expert] | None = None) -> None:
+        """Read the routing data of ``names`` (from :meth:`unread_routing`) into memory; ``loaded``: experts of
+        ``names`` whose weights the model has just read (for routing data made from the weights)."""
 
     def select(self, request: RoutingRequest) -> Candidates:
         """Per-row candidates for a batch (the global stage). Runs once per request, at prefill."""

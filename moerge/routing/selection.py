@@ -110,7 +110,7 @@ class ExpertVectors(Mapping):
     def __init__(self) -> None:
         self._by_module: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> (d,)
         self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._lazy: dict[str, Callable[[], Mapping[str, torch.Tensor]]] = {}  # expert -> reads its vectors
+        self._lazy: dict[str, Callable[[Any], Mapping[str, torch.Tensor]]] = {}  # expert -> makes its vectors
         self._reading = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -137,8 +137,9 @@ class ExpertVectors(Mapping):
         for m, v in vectors.items():
             self._by_module.setdefault(m, {})[name] = v
 
-    def set_lazy(self, name: str, load: Callable[[], Mapping[str, torch.Tensor]]) -> None:
-        """Give expert ``name`` the vectors ``load()`` returns, read when a request first needs them."""
+    def set_lazy(self, name: str, load: Callable[[Any], Mapping[str, torch.Tensor]]) -> None:
+        """Give expert ``name`` the vectors ``load(expert)`` returns, made when a request first needs them
+        (``expert``: the expert with its weights when the model has just read them, else ``None``)."""
         self.remove(name)
         self._lazy[name] = load
 
@@ -146,8 +147,15 @@ class ExpertVectors(Mapping):
         """Whether expert ``name``'s vectors are registered but not read yet."""
         return name in self._lazy
 
-    def read(self, names: Iterable[str]) -> None:
-        """Read the vectors of the experts of ``names`` that are registered lazily (a failure names the expert)."""
+    def unread(self, candidates: Candidates) -> list[str]:
+        """The experts the rows of ``candidates`` name whose vectors are registered lazily and not read yet."""
+        if not self._lazy:
+            return []
+        return [n for n in self._slots(candidates)[0] if n in self._lazy]
+
+    def read(self, names: Iterable[str], loaded: Mapping[str, Any] | None = None) -> None:
+        """Read the vectors of the experts of ``names`` that are registered lazily (a failure names the expert);
+        ``loaded``: experts whose weights are at hand, given to their loaders."""
         todo = [n for n in names if n in self._lazy]
         if not todo:
             return
@@ -155,7 +163,7 @@ class ExpertVectors(Mapping):
             for n in todo:
                 load = self._lazy.get(n)
                 if load is not None:
-                    vectors = load()
+                    vectors = load((loaded or {}).get(n))
                     if self._lazy.get(n) is load:  # not replaced or removed meanwhile
                         del self._lazy[n]
                         self.set(n, vectors)
@@ -191,6 +199,20 @@ class ExpertVectors(Mapping):
             self._tables.move_to_end(key)
         return got
 
+    @staticmethod
+    def _slots(candidates: Candidates) -> tuple[tuple[str, ...], torch.Tensor]:
+        """The experts the rows of ``candidates`` name (in id order), and each slot's column among them ``(B, K)``
+        (empty slots: the column after them); found once per request."""
+        named = candidates.memo.get("slot_names")
+        if named is None:
+            filled = sorted(set(candidates.ids[candidates.ids >= 0].tolist()))
+            column = torch.full((len(candidates.names) + 1,), len(filled), dtype=torch.long)
+            column[filled] = torch.arange(len(filled))
+            ids = candidates.ids
+            named = candidates.memo["slot_names"] = (
+                tuple(candidates.names[i] for i in filled), column[torch.where(ids >= 0, ids, len(candidates.names))])
+        return named
+
     def gate_operands(self, module: str, candidates: Candidates, device: torch.device, scale: float = 1.0,
                       with_bias: bool = False, center: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(Vt (B, d, K), bias (B, 1, K))`` for a gate ``x @ Vt + bias``: the candidates' vectors times ``scale``
@@ -198,15 +220,7 @@ class ExpertVectors(Mapping):
         and ``-inf`` in ``bias`` for empty slots and candidates without a vector (else ``0``, or with
         ``with_bias`` the vector's last element, which is then not part of ``Vt``). ``None`` when no candidate
         has a vector for ``module``. The vectors of candidates registered lazily are read first."""
-        named = candidates.memo.get("slot_names")
-        if named is None:  # the experts the rows name, and each slot's column among them (once per request)
-            filled = sorted(set(candidates.ids[candidates.ids >= 0].tolist()))
-            column = torch.full((len(candidates.names) + 1,), len(filled), dtype=torch.long)
-            column[filled] = torch.arange(len(filled))
-            ids = candidates.ids
-            named = candidates.memo["slot_names"] = (
-                tuple(candidates.names[i] for i in filled), column[torch.where(ids >= 0, ids, len(candidates.names))])
-        names, cols = named
+        names, cols = self._slots(candidates)
         self.read(names)
         if not self._by_module.get(module):
             return None

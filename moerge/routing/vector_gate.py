@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -54,6 +55,12 @@ class VectorGateRouter(Router):
 
     def on_remove_expert(self, name: str) -> None:
         self.vectors.remove(name)
+
+    def unread_routing(self, candidates: Candidates) -> list[str]:
+        return self.vectors.unread(candidates)
+
+    def read_routing(self, names: Sequence[str], loaded: Mapping[str, Expert] | None = None) -> None:
+        self.vectors.read(names, loaded)
 
     def select(self, request: RoutingRequest) -> Candidates:
         """Every expert is a candidate of every row; the local gate decides per token."""
@@ -150,7 +157,7 @@ class TrainedGateRouter(VectorGateRouter):
         self._digest[name] = digest
         self._unsaved.discard(name)
 
-    def _read_lazy(self, name: str, digest: str) -> dict[str, torch.Tensor]:
+    def _read_lazy(self, name: str, digest: str, expert: Expert | None = None) -> dict[str, torch.Tensor]:
         tensors = self.context.store.routing_for(name, self.routing_kind, digest)
         if tensors is None:
             raise RoutingError(f"the library no longer holds the {self.data_label} of this expert's weights",

@@ -240,6 +240,10 @@ class Residency:
         got = (staged or {}).get(name)
         return got[1] if got is not None and got[0] is self.cache.sources.get(name) else None
 
+    def staged_experts(self, staged: dict[str, Any]) -> dict[str, Expert]:
+        """The experts of ``staged`` read from their current source (what a router may make routing data from)."""
+        return {n: e for n in staged if (e := self._staged(n, staged)) is not None}
+
     def read_experts(self, names: Sequence[str]) -> dict[str, tuple[StoredExpert, Expert]]:
         """Read experts ``names`` (side by side) without holding the lock: ``name → (source, expert)``, for
         :meth:`ensure_resident` to take in if the source is still the expert's then."""

@@ -3,7 +3,8 @@
 :class:`RoutedCalls` is the part of :class:`~moerge.MoErgeModel` that decides a call's routing (a mixin: the model
 gives ``expert_set``, ``prompts``, ``router``, ``router_context`` and ``context``). A call whose candidates include
 experts whose factors are not in memory releases the lock, reads them (side by side), and routes again under the
-lock with them at hand; calls meanwhile are not held up by the read.
+lock with them at hand; calls meanwhile are not held up by the read. Routing data a router keeps on disk until
+used (PHATGOOSE gates stored in the library) is read the same way.
 """
 
 from __future__ import annotations
@@ -73,17 +74,20 @@ class RoutedCalls:
                     staged.clear()
                     give_back_memory()
                 return done
-            try:
-                staged.update(self.expert_set.read_experts(done))  # the lock is free meanwhile
+            missing, unread = done
+            try:  # the lock is free meanwhile
+                staged.update(self.expert_set.read_experts(missing))
+                self.router.read_routing(unread, self.expert_set.staged_experts(staged))
             except LibraryError:
                 if not self._resync():
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _route_once(self, input_ids: Any, attention_mask: Any, experts: Any, inputs_embeds: Any, exclude: Any,
-                    staged: dict[str, Any], *, last: bool) -> RoutingState | list[str]:
-        """Route under the lock: the call's state, or (unless ``last``) the experts it needs that are neither in
-        memory nor in ``staged``, to be read without the lock before routing again."""
+                    staged: dict[str, Any], *, last: bool) -> RoutingState | tuple[list[str], list[str]]:
+        """Route under the lock: the call's state, or (unless ``last``) what it needs to be read without the lock
+        before routing again: the experts neither in memory nor in ``staged``, and the candidates whose routing
+        data the router keeps on disk until used."""
         with self.expert_set.lock:
             names = tuple(self.expert_set.names)
             router = self.router
@@ -101,8 +105,9 @@ class RoutedCalls:
             if exclude:
                 cands = cands.without(set(exclude))
             missing = self.expert_set.missing(cands, staged)
-            if missing and not last:
-                return missing
+            unread = router.unread_routing(cands) if router is self.router else []
+            if (missing or unread) and not last:
+                return missing, unread
             fuse = cands.weights is None and router.has_local_gate and router.has_linear_gate
             gathered = self.expert_set.gather(cands, router, fuse, staged)
         return RoutingState(cands, router, gathered, record_usage=True)

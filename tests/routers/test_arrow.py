@@ -99,8 +99,11 @@ def test_arrow_gate_contract(tmp_path, adapters):
 def test_adding_an_expert_leaves_other_prototypes_alone(tmp_path, adapters):
     base, paths = adapters
     model = MoErgeModel.from_library(base, _arrow_library(tmp_path, base, paths[:3]), router="arrow")
+    model.router.read_routing(model.expert_set.names)  # made on first use otherwise
     before = {m: {n: p.clone() for n, p in d.items()} for m, d in model.router.vectors.items()}
+    assert before and all(set(d) == {"t0", "t1", "t2"} for d in before.values())
     model.add_expert(paths[3], name="t3")
+    model.router.read_routing(["t3"])
     for m, d in before.items():
         for n, p in d.items():
             assert torch.equal(model.router.vectors[m][n], p)
@@ -113,3 +116,23 @@ def test_adding_an_expert_leaves_other_prototypes_alone(tmp_path, adapters):
 def test_arrow_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_router("arrow", **kwargs)
+
+
+def test_prototypes_are_made_when_a_call_first_needs_them(tmp_path, adapters, input_ids, monkeypatch):
+    """Building a model reads no weights for Arrow; the first call makes the prototypes of its candidates (every
+    expert, for Arrow alone), outside the model's lock, and answers as a router that made them up front."""
+    from moerge.library.experts import ExpertFiles
+
+    base, paths = adapters
+    lib = _arrow_library(tmp_path, base, paths[:3])
+    eager = MoErgeModel.from_library(copy.deepcopy(base), lib, router="arrow", follow=False, pin=lib.names())
+    eager.router.read_routing(lib.names())
+    want = eager(input_ids=input_ids).logits
+    reads, real = [], ExpertFiles.load
+    monkeypatch.setattr(ExpertFiles, "load", lambda self, name, files: (reads.append(name), real(self, name, files))[1])
+    model = MoErgeModel.from_library(copy.deepcopy(base), ExpertLibrary.open(lib.root), router="arrow", follow=False)
+    assert reads == [] and len(model.router.vectors) == 0
+    assert torch.equal(model(input_ids=input_ids).logits, want)
+    assert sorted(set(reads)) == ["t0", "t1", "t2"]
+    n = len(reads)
+    assert torch.equal(model(input_ids=input_ids).logits, want) and len(reads) == n  # nothing read again

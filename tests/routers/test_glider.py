@@ -354,20 +354,25 @@ def test_the_local_gates_of_a_large_library_are_read_for_the_candidates_only(tmp
     first.close()
     assert all(lib.routing_kinds(n) == ["phatgoose"] for n in lib.names())
     read: list[str] = []
+    locked: list[bool] = []  # whether the model's lock was held while a gate was read
     real = RoutingStore.get
+    models: list = []
 
     def counting(self, name, kind):
         read.append(name)
+        locked.extend(m.expert_set.lock._is_owned() for m in models)
         return real(self, name, kind)
 
     monkeypatch.setattr(RoutingStore, "get", counting)
     model = MoErgeModel.from_library(tiny_chat_llama(), ExpertLibrary.open(lib.root), router=glider(),
                                      tokenizer=tok, follow=False)
     assert read == []  # nothing read to build the model
+    models.append(model)
     batch = _batch(model, [PROMPTS["sql"]])
     got = model(**batch).logits
     chosen = set(model.last_routing[0].candidates)
     assert len(chosen) == 2 and sorted(read) == sorted(chosen)  # the candidates' gates, each read once
+    assert locked == [False, False]  # read before routing the call, other calls not held up
     model(**batch)
     assert len(read) == len(set(read))  # not read again
     monkeypatch.setattr(PhatgooseRouter, "lazy_data", False)
