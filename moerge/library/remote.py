@@ -208,6 +208,8 @@ class RemoteStore:
         if not conditional and self.stamp() != self.etag:
             raise self._changed()
         kwargs: dict[str, Any] = {"IfMatch": self.etag} if conditional and self.etag else {}
+        if conditional:  # one PUT up to S3's 5 GB limit: If-Match does not apply to a multipart upload's start
+            kwargs["chunksize"] = 4 << 30
         mode = "create" if self.etag is None else "overwrite"
         try:
             self._call("writing the manifest", _MANIFEST, self.fs.pipe_file, key, data, mode=mode, **kwargs)

@@ -350,3 +350,37 @@ def test_a_library_on_the_hub_is_read_offline_from_its_cache(tmp_path, monkeypat
     assert e.value.expert == "a" and e.value.file == "hf://datasets/org/experts/experts/a/weights.safetensors"
     with pytest.raises(LibraryError, match="no library here"):
         ExpertLibrary.open("hf://datasets/org/nothing")
+
+
+def test_a_manifest_pointing_files_elsewhere_is_refused(s3, monkeypatch, tmp_path):
+    base = tiny_llama(0)
+    lib = ExpertLibrary.create(s3.url, base_model=base)
+    lib.add_many([rand_expert(base, "a", seed=1), rand_expert(base, "b", seed=2)])
+    body = json.loads(s3.get_object(Bucket=s3.bucket, Key="lib/library.json")["Body"].read())
+    body["experts"]["a"]["objects"] = {"weights.safetensors": "experts/b/weights.safetensors"}  # b's object
+    s3.put_object(Bucket=s3.bucket, Key="lib/library.json", Body=json.dumps(body).encode())
+    other_machine(monkeypatch, tmp_path, "reader")
+    with pytest.raises(LibraryError, match="'objects' names a key outside") as e:
+        ExpertLibrary.open(s3.url)
+    assert e.value.expert == "a" and e.value.file == f"{s3.url}/library.json"
+    with pytest.raises(LibraryError, match="'objects'"):
+        lib.remove("a")  # a writer refuses it too: nothing of b's is deleted
+    assert "experts/b/weights.safetensors" in keys(s3)
+
+
+def test_a_forked_child_reads_from_the_store(s3, monkeypatch, tmp_path):
+    base = tiny_llama(0)
+    lib = ExpertLibrary.create(s3.url, base_model=base)
+    lib.add(rand_expert(base, "a", seed=1))
+    other_machine(monkeypatch, tmp_path, "reader")
+    reader = ExpertLibrary.open(s3.url)
+    assert reader.remote.stamp() is not None  # the parent has used its connection (fsspec: not fork-safe)
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh filesystem object, not the parent's event loop
+        code = 1
+        try:
+            code = 0 if same(reader.get("a"), rand_expert(base, "a", seed=1)) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
