@@ -32,6 +32,14 @@ def other_machine(monkeypatch, tmp_path: Path, name: str) -> None:
     monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / name))
 
 
+def library_with_a(s3):
+    """A library on the store holding expert 'a' (seed 1); returns its base and the writer's library."""
+    base = tiny_llama(0)
+    lib = ExpertLibrary.create(s3.url, base_model=base)
+    lib.add(rand_expert(base, "a", seed=1))
+    return base, lib
+
+
 def same(a, b) -> bool:
     return set(a.modules) == set(b.modules) and all(
         torch.equal(a.modules[m].A, b.modules[m].A) and torch.equal(a.modules[m].B, b.modules[m].B) for m in a.modules)
@@ -61,9 +69,7 @@ def test_round_trip_reads_only_what_is_used(s3, monkeypatch, tmp_path):
 
 
 def test_replace_never_overwrites_what_the_old_manifest_lists(s3, monkeypatch, tmp_path):
-    base = tiny_llama(0)
-    lib = ExpertLibrary.create(s3.url, base_model=base)
-    lib.add(rand_expert(base, "a", seed=1))
+    base, lib = library_with_a(s3)
     other_machine(monkeypatch, tmp_path, "reader")
     reader = ExpertLibrary.open(s3.url)  # holds the old manifest
     lib.add(rand_expert(base, "a", seed=2), overwrite=True)
@@ -79,9 +85,7 @@ def test_replace_never_overwrites_what_the_old_manifest_lists(s3, monkeypatch, t
 
 
 def test_a_commit_that_fails_changes_nothing_on_the_store(s3, monkeypatch, tmp_path):
-    base = tiny_llama(0)
-    lib = ExpertLibrary.create(s3.url, base_model=base)
-    lib.add(rand_expert(base, "a", seed=1))
+    base, lib = library_with_a(s3)
     before = s3.get_object(Bucket=s3.bucket, Key="lib/library.json")["Body"].read()
     from moerge.library import remote
 
@@ -106,9 +110,7 @@ def test_a_commit_that_fails_changes_nothing_on_the_store(s3, monkeypatch, tmp_p
 
 
 def test_a_manifest_changed_behind_the_lock_is_not_overwritten(s3):
-    base = tiny_llama(0)
-    lib = ExpertLibrary.create(s3.url, base_model=base)
-    lib.add(rand_expert(base, "a", seed=1))
+    base, lib = library_with_a(s3)
     real = lib.remote.push
 
     def meddle(old, new, mirror):  # a writer that ignores the lock commits between our read and our write
@@ -174,9 +176,7 @@ def test_concurrent_writers_in_other_processes_are_serialised(s3, tmp_path):
 
 @pytest.mark.parametrize("damage", ["other bytes", "truncated", "vanished"])
 def test_a_bad_object_is_refused_naming_expert_and_url_and_nothing_is_kept(s3, monkeypatch, tmp_path, damage):
-    base = tiny_llama(0)
-    lib = ExpertLibrary.create(s3.url, base_model=base)
-    lib.add(rand_expert(base, "a", seed=1))
+    base, lib = library_with_a(s3)
     key = "lib/experts/a/weights.safetensors"
     good = s3.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
     if damage == "vanished":
@@ -200,9 +200,7 @@ def test_a_bad_object_is_refused_naming_expert_and_url_and_nothing_is_kept(s3, m
 
 
 def test_a_corrupt_file_in_the_local_cache_is_fetched_again(s3, monkeypatch, tmp_path):
-    base = tiny_llama(0)
-    lib = ExpertLibrary.create(s3.url, base_model=base)
-    lib.add(rand_expert(base, "a", seed=1))
+    base, lib = library_with_a(s3)
     other_machine(monkeypatch, tmp_path, "reader")
     reader = ExpertLibrary.open(s3.url)
     reader.get("a")
@@ -237,9 +235,7 @@ def test_an_unreachable_store_is_a_clear_error(monkeypatch, tmp_path):
 def test_a_model_serves_and_follows_a_library_on_the_store(s3, monkeypatch, tmp_path):
     from moerge.routers import build_router
 
-    base = tiny_llama(0)
-    lib = ExpertLibrary.create(s3.url, base_model=base)
-    lib.add(rand_expert(base, "a", seed=1))
+    base, lib = library_with_a(s3)
     lib.add(rand_expert(base, "b", seed=2))
     other_machine(monkeypatch, tmp_path, "server")
     served = ExpertLibrary.open(s3.url)
@@ -369,9 +365,7 @@ def test_a_manifest_pointing_files_elsewhere_is_refused(s3, monkeypatch, tmp_pat
 
 
 def test_a_forked_child_reads_from_the_store(s3, monkeypatch, tmp_path):
-    base = tiny_llama(0)
-    lib = ExpertLibrary.create(s3.url, base_model=base)
-    lib.add(rand_expert(base, "a", seed=1))
+    base, lib = library_with_a(s3)
     other_machine(monkeypatch, tmp_path, "reader")
     reader = ExpertLibrary.open(s3.url)
     assert reader.remote.stamp() is not None  # the parent has used its connection (fsspec: not fork-safe)
