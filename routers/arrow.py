@@ -53,10 +53,10 @@ def prototypes(expert: Expert) -> dict[str, torch.Tensor]:
     return {m: prototype(w) for m, w in expert.modules.items()}
 
 
-def _stored_prototypes(stored: StoredExpert, loaded: Expert | None = None) -> dict[str, torch.Tensor]:
-    """The prototypes of a stored expert: from ``loaded`` (the model's copy just read from it) when given, else
-    read now."""
-    return prototypes(loaded if loaded is not None and loaded.name == stored.name else stored)
+def _stored_prototypes(stored: StoredExpert, loaded: tuple[Expert, Expert] | None = None) -> dict[str, torch.Tensor]:
+    """The prototypes of a stored expert: from the model's copy just read from it (``loaded``: (source, copy))
+    when it was read from this very stored expert, else read now."""
+    return prototypes(loaded[1] if loaded is not None and loaded[0] is stored else stored)
 
 
 @register_router("arrow")

@@ -134,7 +134,7 @@ class GliderRouter(Router):
     def unread_routing(self, candidates: Candidates) -> list[str]:
         return [] if self.local is None else self.local.unread_routing(candidates)
 
-    def read_routing(self, names: Sequence[str], loaded: Mapping[str, Expert] | None = None) -> None:
+    def read_routing(self, names: Sequence[str], loaded: Mapping[str, tuple[Expert, Expert]] | None = None) -> None:
         if self.local is not None:
             self.local.read_routing(names, loaded)
 

@@ -150,11 +150,14 @@ class Manifest:
                 raise LibraryError(e.problem, expert=name, file=where) from None
         return data
 
-    def refresh(self) -> None:
-        """Re-read the manifest from disk, or from the store (changes made by other processes or objects)."""
+    def refresh(self, *, force: bool = False) -> None:
+        """Re-read the manifest from disk, or from the store (changes made by other processes or objects). A
+        manifest file whose stat is the one last read is not parsed again, unless ``force`` (a writer, under the
+        lock: a stat can repeat — inode reuse, coarse timestamps, NFS's attribute cache — and a draft made from a
+        stale manifest would undo another writer's change)."""
         if self.remote is None:
             stamp = self._stamp()
-            if stamp is None or stamp != self._seen:  # a rename puts every new manifest in: a new stat
+            if force or stamp is None or stamp != self._seen:  # a rename puts every new manifest in: a new stat
                 self._data = self._read(self.path)
                 self._seen = stamp
             return
@@ -206,7 +209,7 @@ class Manifest:
         never overwritten."""
         with self.locked_here():
             if self.remote is None:
-                self.refresh()
+                self.refresh(force=True)
                 yield
                 return
             with self.remote.lock():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ def _entry(expert: Expert, files: dict[str, str], layout: str, base: dict[str, A
     """The manifest entry of ``expert``, whose folder holds ``files`` (name → sha256) and whose layout is
     ``layout`` in the manifest's table. Its metadata is there too when small (the library's base fingerprint,
     ``base``, written as ``"library"``), so opening the library reads the manifest alone."""
-    meta = _inline(expert.metadata.to_json(), base)
+    meta = json.loads(json.dumps(_inline(expert.metadata.to_json(), base)))  # as a reader of the manifest gets it
     inline = len(json.dumps(meta)) <= _INLINE_METADATA
     return {
         "kind": expert.kind,
@@ -267,18 +268,27 @@ class ExpertLibrary:
             return
         draft = self._manifest.draft()
         layouts = draft.setdefault("layouts", {})
+        changed = False
         for name in old:
             try:
                 data = self._experts.header(name, self._manifest.experts[name]["files"])
                 intern_layout(data["modules"], name)
-            except (LibraryError, ExpertFormatError):
-                continue
+                ExpertMetadata.from_json(data["metadata"])
+            except (LibraryError, ExpertFormatError, AttributeError, TypeError, ValueError, KeyError):
+                continue  # its reads report it
             layouts.setdefault(lid := layout_id(data["modules"]), data["modules"])
             draft["experts"][name]["layout"] = lid
             meta = _inline(data["metadata"], self._compact_base())
             if len(json.dumps(meta)) <= _INLINE_METADATA:
                 draft["experts"][name]["metadata"] = meta
-        self._manifest.commit(draft)
+            changed = True
+        if not changed:
+            return
+        try:
+            self._manifest.commit(draft)
+        except OSError as e:  # a folder this process may not write: the library still opens (slower)
+            warnings.warn(f"{self.url}: could not record the experts' layouts in the manifest ({e})", RuntimeWarning,
+                          stacklevel=3)
 
     def _repair(self) -> None:
         self._manifest.recover()
@@ -348,7 +358,11 @@ class ExpertLibrary:
         with self._manifest.held():
             entry = self._manifest.require(name)
             files = dict(entry["files"])
-            layout = self._layout(entry.get("layout"))
+            try:
+                layout = self._layout(entry.get("layout"))
+            except (ExpertFormatError, AttributeError, TypeError) as e:
+                raise LibraryError(f"the manifest's layout of this expert is malformed: {e}", expert=name,
+                                   file=self._manifest.where) from None
             if layout is None or not isinstance(entry.get("metadata"), dict):  # written before the table
                 data = self._experts.header(name, files)
                 layout, meta_json = data["modules"], data["metadata"]

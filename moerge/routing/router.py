@@ -113,9 +113,10 @@ class Router:
         :meth:`read_routing`); the model reads it before routing the call, without holding its lock."""
         return []
 
-    def read_routing(self, names: Sequence[str], loaded: Mapping[str, Expert] | None = None) -> None:
-        """Read the routing data of ``names`` (from :meth:`unread_routing`) into memory; ``loaded``: experts of
-        ``names`` whose weights the model has just read (for routing data made from the weights)."""
+    def read_routing(self, names: Sequence[str], loaded: Mapping[str, tuple[Expert, Expert]] | None = None) -> None:
+        """Read the routing data of ``names`` (from :meth:`unread_routing`) into memory; ``loaded``: for experts
+        whose weights the model has just read, ``(the stored expert it read, what it read)`` (routing data made
+        from the weights uses the copy only if it was read from the stored expert the router holds)."""
 
     def select(self, request: RoutingRequest) -> Candidates:
         """Per-row candidates for a batch (the global stage). Runs once per request, at prefill."""

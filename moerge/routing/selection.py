@@ -111,16 +111,16 @@ class ExpertVectors(Mapping):
         self._by_module: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> (d,)
         self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lazy: dict[str, Callable[[Any], Mapping[str, torch.Tensor]]] = {}  # expert -> makes its vectors
-        self._reading = threading.Lock()
+        self._lock = threading.RLock()  # every change of the three above, and table builds; loaders run outside it
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        del state["_reading"]
+        del state["_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._reading = threading.Lock()
+        self._lock = threading.RLock()
 
     def __getitem__(self, module: str) -> dict[str, torch.Tensor]:
         return self._by_module[module]
@@ -133,15 +133,27 @@ class ExpertVectors(Mapping):
 
     def set(self, name: str, vectors: Mapping[str, torch.Tensor]) -> None:
         """Use ``vectors`` (module → (d,)) for expert ``name``, replacing what it had."""
-        self.remove(name)
+        with self._lock:
+            self._lazy.pop(name, None)
+            self._put(name, vectors)
+
+    def _put(self, name: str, vectors: Mapping[str, torch.Tensor]) -> None:
+        for d in self._by_module.values():
+            d.pop(name, None)
         for m, v in vectors.items():
             self._by_module.setdefault(m, {})[name] = v
+        self._drop_tables(name)  # after the vectors are in: no table is built from the old ones meanwhile
+
+    def _drop_tables(self, name: str) -> None:
+        for key in [k for k in self._tables if name in k[1]]:
+            del self._tables[key]
 
     def set_lazy(self, name: str, load: Callable[[Any], Mapping[str, torch.Tensor]]) -> None:
-        """Give expert ``name`` the vectors ``load(expert)`` returns, made when a request first needs them
-        (``expert``: the expert with its weights when the model has just read them, else ``None``)."""
-        self.remove(name)
-        self._lazy[name] = load
+        """Give expert ``name`` the vectors ``load(loaded)`` returns, made when a request first needs them
+        (``loaded``: what :meth:`read` was given for the expert, e.g. its weights just read, else ``None``)."""
+        with self._lock:
+            self._put(name, {})
+            self._lazy[name] = load
 
     def is_lazy(self, name: str) -> bool:
         """Whether expert ``name``'s vectors are registered but not read yet."""
@@ -156,24 +168,20 @@ class ExpertVectors(Mapping):
     def read(self, names: Iterable[str], loaded: Mapping[str, Any] | None = None) -> None:
         """Read the vectors of the experts of ``names`` that are registered lazily (a failure names the expert);
         ``loaded``: experts whose weights are at hand, given to their loaders."""
-        todo = [n for n in names if n in self._lazy]
-        if not todo:
-            return
-        with self._reading:
-            for n in todo:
-                load = self._lazy.get(n)
-                if load is not None:
-                    vectors = load((loaded or {}).get(n))
-                    if self._lazy.get(n) is load:  # not replaced or removed meanwhile
-                        del self._lazy[n]
-                        self.set(n, vectors)
+        for n in names:
+            load = self._lazy.get(n)
+            if load is None:
+                continue
+            vectors = load((loaded or {}).get(n))  # outside the lock: a read may take a while
+            with self._lock:
+                if self._lazy.get(n) is load:  # not replaced, removed or read by another call meanwhile
+                    del self._lazy[n]
+                    self._put(n, vectors)
 
     def remove(self, name: str) -> None:
-        self._lazy.pop(name, None)
-        for d in self._by_module.values():
-            d.pop(name, None)
-        for key in [k for k in self._tables if name in k[1]]:
-            del self._tables[key]
+        with self._lock:
+            self._lazy.pop(name, None)
+            self._put(name, {})
 
     def _table(self, module: str, names: tuple[str, ...], device: torch.device, scale: float, with_bias: bool,
                center: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +189,11 @@ class ExpertVectors(Mapping):
         empty slots): the vectors as :meth:`gate_operands` describes them, and the bias (``-inf`` where an expert
         has no vector)."""
         key = (module, names, str(device), scale, with_bias, center)
+        with self._lock:
+            return self._tables_get(key, module, names, device, scale, with_bias, center)
+
+    def _tables_get(self, key: tuple, module: str, names: tuple[str, ...], device: torch.device, scale: float,
+                    with_bias: bool, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
         got = self._tables.get(key)
         if got is None:
             have = self._by_module[module]

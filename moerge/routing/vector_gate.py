@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from moerge.errors import RoutingError
+from moerge.errors import LibraryError, RoutingError
 from moerge.routing.router import Router
 from moerge.routing.selection import ExpertVectors, LinearGate, SelectionConfig
 from moerge.routing.training import GateTrainingConfig
@@ -59,7 +59,7 @@ class VectorGateRouter(Router):
     def unread_routing(self, candidates: Candidates) -> list[str]:
         return self.vectors.unread(candidates)
 
-    def read_routing(self, names: Sequence[str], loaded: Mapping[str, Expert] | None = None) -> None:
+    def read_routing(self, names: Sequence[str], loaded: Mapping[str, tuple[Expert, Expert]] | None = None) -> None:
         self.vectors.read(names, loaded)
 
     def select(self, request: RoutingRequest) -> Candidates:
@@ -157,16 +157,23 @@ class TrainedGateRouter(VectorGateRouter):
         self._digest[name] = digest
         self._unsaved.discard(name)
 
-    def _read_lazy(self, name: str, digest: str, expert: Expert | None = None) -> dict[str, torch.Tensor]:
+    def _stored_data(self, name: str, digest: str) -> Any:
+        """Expert ``name``'s data as the library holds it for the weights of ``digest``."""
         tensors = self.context.store.routing_for(name, self.routing_kind, digest)
         if tensors is None:
-            raise RoutingError(f"the library no longer holds the {self.data_label} of this expert's weights",
+            raise LibraryError(f"the library no longer holds the {self.data_label} of this expert's weights",
                                expert=name)
-        self._data[name], vectors = self._prepare(self._from_tensors(tensors))
-        return vectors
+        return self._from_tensors(tensors)
+
+    def _read_lazy(self, name: str, digest: str, loaded: Any = None) -> dict[str, torch.Tensor]:
+        """The vectors of the data stored for ``name``; the data itself is not kept (:meth:`_data_of` reads it
+        again when asked), so a read that a replacement overtook changes nothing."""
+        return self._prepare(self._stored_data(name, digest))[1]
 
     def _data_of(self, name: str) -> Any:
-        self.vectors.read([name])
+        if name not in self._data and name in self._digest and self.context.store is not None \
+                and self.context.store.has_routing_for(name, self.routing_kind, self._digest[name]):
+            return dict(self._prepare(self._stored_data(name, self._digest[name]))[0])  # stored, read on use
         if name not in self._data:
             raise RoutingError(f"no {self.data_label} for this expert", expert=name)
         return dict(self._data[name])

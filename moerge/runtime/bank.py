@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,11 @@ class ModuleBank:
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", _Layout.of(self.lora))
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)  # a pickled bank no longer shares its storage's memory: it never writes there
+        state.update(storage=None, free=())
+        return state
+
     @classmethod
     def empty(cls, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype) -> ModuleBank:
         return cls(torch.zeros(1, in_features, device=device, dtype=dtype),
@@ -170,26 +176,40 @@ class ModuleBank:
         st, n = self.storage, self.A_all.shape[0]
         free = list(self.free) + [(self.lora[g].start, self.lora[g].rank) for g in gone if g in self.lora]
         used = sum(slot.rank for name, slot in self.lora.items() if name not in gone)
-        if st is None or st.used != n or sum(r for _, r in free) > used + 1:
+        ours = st is not None and st.used == n and st.a.data_ptr() == self.A_all.data_ptr()
+        if not ours or sum(r for _, r in free) > used + 1:
             bank = self.without(gone) if gone else self
             return bank.with_experts(weights) if weights else bank
         lora = {k: v for k, v in self.lora.items() if k not in gone}
         dense = {k: v for k, v in self.dense.items() if k not in gone}
+        holes: dict[str, tuple[int, int]] = {}
         rest: dict[str, ModuleWeights] = {}
         for name, w in weights.items():
+            if name not in gone:
+                self._check_new(name, w)
             hole = None
             if isinstance(w, LoRAWeights) and name not in lora and name not in dense:
                 hole = next((i for i, (_, r) in enumerate(free) if r == w.rank), None)
             if hole is None:
                 rest[name] = w
-                continue
-            self._check_new(name, w)
-            start, rank = free.pop(hole)
+            else:
+                holes[name] = free.pop(hole)
+        # whatever must be allocated is allocated before any row is written: a failure leaves every row as it was
+        grow = sum(w.rank for w in rest.values() if isinstance(w, LoRAWeights))
+        st = self._room_for(grow) if grow else st
+        for name, (start, rank) in holes.items():
+            w = weights[name]
             st.a[start : start + rank].copy_(w.A)  # (r, in)
             st.bt[start : start + rank].copy_(w.B.t())  # (r, out)
             lora[name] = _LoRASlot(start, rank, float(w.scale))
-        bank = ModuleBank(self.A_all, self.Bt_all, lora, dense, st, tuple(free))
+        bank = ModuleBank(st.a[:n], st.bt[:n], lora, dense, st, tuple(free))
         return bank.with_experts(rest) if rest else bank
+
+    def dropped(self, names: set[str]) -> ModuleBank:
+        """This bank without the experts ``names``, allocating nothing (their rows stay, unused): how a failed
+        swap is undone when memory may be short. It shares no storage to write into: the next change compacts."""
+        return ModuleBank(self.A_all, self.Bt_all, {k: v for k, v in self.lora.items() if k not in names},
+                          {k: v for k, v in self.dense.items() if k not in names})
 
     def without(self, names: set[str]) -> ModuleBank:
         """A new bank without the experts in ``names`` (its rows compacted into new tensors, with spare capacity

@@ -240,10 +240,6 @@ class Residency:
         got = (staged or {}).get(name)
         return got[1] if got is not None and got[0] is self.cache.sources.get(name) else None
 
-    def staged_experts(self, staged: dict[str, Any]) -> dict[str, Expert]:
-        """The experts of ``staged`` read from their current source (what a router may make routing data from)."""
-        return {n: e for n in staged if (e := self._staged(n, staged)) is not None}
-
     def read_experts(self, names: Sequence[str]) -> dict[str, tuple[StoredExpert, Expert]]:
         """Read experts ``names`` (side by side) without holding the lock: ``name → (source, expert)``, for
         :meth:`ensure_resident` to take in if the source is still the expert's then."""
@@ -300,7 +296,7 @@ class Residency:
             for layer in self.layers.values():
                 gone = {n for n in touched if n in layer.bank}
                 if gone:
-                    layer.bank = layer.bank.without(gone)
+                    layer.bank = layer.bank.dropped(gone)  # allocates nothing: memory may be what failed
             for n in touched:
                 self.cache.know(n, self.cache.sources[n], self.cache.sizes[n], resident=False)
             raise

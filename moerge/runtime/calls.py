@@ -77,7 +77,7 @@ class RoutedCalls:
             missing, unread = done
             try:  # the lock is free meanwhile
                 staged.update(self.expert_set.read_experts(missing))
-                self.router.read_routing(unread, self.expert_set.staged_experts(staged))
+                self.router.read_routing(unread, staged)
             except LibraryError:
                 if not self._resync():
                     raise

@@ -81,3 +81,37 @@ def test_top_k_fast_path_equals_the_general_path():
         torch.testing.assert_close(fast, general)
         assert ((fast > 0).sum(-1) <= k).all() and torch.equal(fast[1, 2], torch.zeros(6))
     assert select_weights(z.to(torch.bfloat16), top_k=2).dtype == torch.bfloat16
+
+
+def test_a_lazy_read_overtaken_by_a_replacement_changes_nothing():
+    """An expert's vectors read lazily while the expert is replaced: the replacement's stand, the late read is
+    dropped, and no gate table is left built from a state in between."""
+    import threading
+
+    from moerge.routing import Candidates
+    from moerge.routing.selection import ExpertVectors
+
+    vectors = ExpertVectors()
+    started, release = threading.Event(), threading.Event()
+
+    def slow_old(loaded):
+        started.set()
+        release.wait(30)
+        return {"m": torch.ones(4)}
+
+    vectors.set("b", {"m": torch.full((4,), 3.0)})
+    vectors.set_lazy("a", slow_old)
+    reader = threading.Thread(target=vectors.read, args=(["a"],))
+    reader.start()
+    assert started.wait(30)
+    vectors.set_lazy("a", lambda loaded: {"m": torch.full((4,), 2.0)})  # the replacement, while the old is read
+    release.set()
+    reader.join(30)
+    assert vectors.is_lazy("a")  # the old read did not take the new loader's place
+    cands = Candidates(ids=torch.tensor([[0, 1]]), scores=torch.zeros(1, 2), names=("a", "b"))
+    Vt, bias = vectors.gate_operands("m", cands, torch.device("cpu"))
+    assert torch.equal(Vt[0, :, 0], torch.full((4,), 2.0)) and torch.equal(Vt[0, :, 1], torch.full((4,), 3.0))
+    assert torch.isfinite(bias).all()
+    vectors.remove("a")
+    Vt, bias = vectors.gate_operands("m", cands, torch.device("cpu"))
+    assert bias[0, 0, 0] == float("-inf") and torch.equal(Vt[0, :, 1], torch.full((4,), 3.0))  # no stale table

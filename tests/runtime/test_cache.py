@@ -350,3 +350,47 @@ def test_a_swap_writes_the_new_expert_into_the_evicted_ones_rows(tmp_path):
     for n in ("s1", "s0", "s2", "s1", "s0"):  # back and forth: still the answers of the model holding everything
         assert torch.equal(model(**enc, experts={n: 1.0}).logits, want(**enc, experts={n: 1.0}).logits)
     assert model.cache_stats().evictions >= 4
+
+
+def _bank_of_three():
+    from moerge import LoRAWeights
+    from moerge.runtime.bank import ModuleBank
+
+    g = torch.Generator().manual_seed(0)
+    w = {n: LoRAWeights(torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g), 2.0) for n in "abcd"}
+    bank = ModuleBank.empty(8, 6, torch.device("cpu"), torch.float32).with_experts({"a": w["a"], "b": w["b"]})
+    return bank.with_experts({"c": w["c"]}), w
+
+
+def _same_weights(bank, name, w):
+    got = bank.weights_of(name)
+    return torch.equal(got.A, w.A) and torch.equal(got.B, w.B)
+
+
+def test_a_swap_through_a_pickled_bank_never_writes_where_it_does_not_read():
+    import pickle
+
+    bank, w = _bank_of_three()
+    copy = pickle.loads(pickle.dumps(bank))  # no longer shares its storage's memory
+    swapped = copy.swapped({"a"}, {"d": w["d"]})
+    assert _same_weights(swapped, "d", w["d"]) and all(_same_weights(swapped, n, w[n]) for n in "bc")
+    assert all(_same_weights(bank, n, w[n]) for n in "abc")  # the original bank untouched
+
+
+def test_a_swap_that_cannot_allocate_writes_no_row(monkeypatch):
+    from moerge import LoRAWeights
+    from moerge.runtime.bank import ModuleBank
+
+    bank, w = _bank_of_three()
+    big = LoRAWeights(torch.randn(8, 8), torch.randn(6, 8), 1.0)  # rank 8: no free rows of that rank
+
+    def no_memory(self, rows):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(ModuleBank, "_room_for", no_memory)
+    with pytest.raises(MemoryError):
+        bank.swapped({"a"}, {"d": w["d"], "e": big})  # d would take a's rows; e needs new ones
+    assert all(_same_weights(bank, n, w[n]) for n in "abc")  # a's rows were not written
+    monkeypatch.undo()
+    dropped = bank.dropped({"a", "b"})
+    assert dropped.names == ["c"] and dropped.storage is None and _same_weights(dropped, "c", w["c"])
