@@ -108,9 +108,10 @@ def test_readme_snippets_find_every_python_block():
     assert readme_snippets(text) == [Snippet(3, "a = 1\n", False), Snippet(7, "b = 2\n", True)]
 
 
-def test_readme_python_snippets_run(tmp_path, monkeypatch, capsys, zoo_server):
+def test_readme_python_snippets_run(tmp_path, monkeypatch, capsys, zoo_server, s3):
     snippets = readme_snippets(README.read_text(encoding="utf-8"))
     assert len([s for s in snippets if not s.skip]) >= 4, "the README's Python snippets were not found"
+    s3.create_bucket(Bucket="team")  # the README's library on S3: on the suite's S3 server (moto, 127.0.0.1)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)

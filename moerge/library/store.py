@@ -23,9 +23,6 @@ then read into a local mirror on demand and writes are uploaded, files first and
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack
@@ -37,11 +34,11 @@ import torch
 from torch import nn
 
 from moerge.adapters.delta import expert_from_diff
-from moerge.adapters.expert import Expert, ExpertMetadata, StoredExpert, intern_layout, validate_name
+from moerge.adapters.expert import Expert, ExpertMetadata, StoredExpert, validate_name
 from moerge.adapters.peft_loader import load_peft_lora
-from moerge.core.fingerprint import compact_fingerprint
 from moerge.errors import BaseMismatchError, ExpertFormatError, LibraryError
 from moerge.library.base_record import DEFAULT_MAX_RANK, BaseRecord
+from moerge.library.entries import Entries
 from moerge.library.experts import ExpertFiles
 from moerge.library.index import ExpertIndex
 from moerge.library.manifest import FORMAT_VERSION, MANIFEST, Manifest
@@ -49,53 +46,6 @@ from moerge.library.remote import RemoteStore, is_url, open_store
 from moerge.library.routing_data import INDEX_DIR, RoutingStore
 
 __all__ = ["ExpertLibrary", "FORMAT_VERSION", "DEFAULT_MAX_RANK"]
-
-
-_INLINE_METADATA = 16 << 10  # metadata up to this size (as JSON) is kept in the manifest too
-
-
-def layout_id(spec: dict[str, Any]) -> str:
-    """The id of a layout (an :meth:`Expert.spec`) in the manifest's ``"layouts"`` table."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-_LIBRARY_BASE = "library"  # inline metadata's base_fingerprint when it is the library's own (compact) fingerprint
-
-
-def _entry(expert: Expert, files: dict[str, str], layout: str, base: dict[str, Any] | None) -> dict[str, Any]:
-    """The manifest entry of ``expert``, whose folder holds ``files`` (name → sha256) and whose layout is
-    ``layout`` in the manifest's table. Its metadata is there too when small (the library's base fingerprint,
-    ``base``, written as ``"library"``), so opening the library reads the manifest alone."""
-    meta = json.loads(json.dumps(_inline(expert.metadata.to_json(), base)))  # as a reader of the manifest gets it
-    inline = len(json.dumps(meta)) <= _INLINE_METADATA
-    return {
-        "kind": expert.kind,
-        "description": expert.metadata.description,
-        "modules": len(expert.modules),
-        "ranks": sorted(set(expert.ranks.values())),
-        "parameters": expert.num_parameters(),
-        "digest": expert.digest(),  # what routing data made for these weights records (read without the weights)
-        "source": expert.metadata.source.get("type"),
-        "added_at": time.time(),
-        "files": files,
-        "layout": layout,
-        **({"metadata": meta} if inline else {}),
-    }
-
-
-def _inline(meta: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
-    """``meta`` as the manifest keeps it: the library's own base fingerprint ``base`` (compact) as a mark."""
-    if base is not None and meta.get("base_fingerprint") == base:
-        meta = {**meta, "base_fingerprint": _LIBRARY_BASE}
-    return meta
-
-
-def _pruned(draft: dict[str, Any]) -> dict[str, Any]:
-    """``draft`` without the layouts no expert has any more."""
-    if "layouts" in draft:
-        used = {e.get("layout") for e in draft["experts"].values()}
-        draft["layouts"] = {k: v for k, v in draft["layouts"].items() if k in used}
-    return draft
 
 
 @dataclass(frozen=True)
@@ -126,8 +76,7 @@ class ExpertLibrary:
         self._manifest = manifest if isinstance(manifest, Manifest) else Manifest(self.root, manifest, remote)
         self._experts = ExpertFiles(self.root, remote)
         self._routing = RoutingStore(self._manifest, self._experts)
-        self._layouts: dict[str, tuple[dict[str, Any], Any]] = {}  # layout id → (manifest's spec, shared copy)
-        self._compact: tuple[Any, dict[str, Any] | None] = (None, None)  # (base fingerprint, its compact form)
+        self._entries = Entries(self._manifest, self._experts)
 
     @property
     def url(self) -> str:
@@ -258,34 +207,8 @@ class ExpertLibrary:
         return lib
 
     def _record_layouts(self) -> None:
-        """Give the entries written before the manifest kept layouts and metadata theirs, read from each expert's
-        checked ``expert.json`` (once: the next open reads the manifest alone). An expert whose file does not
-        read is left as it is (its reads report it)."""
-        old = [n for n, e in self._manifest.experts.items()
-               if "layout" not in e or ("metadata" not in e and e.get("layout") not in self._manifest.data.get(
-                   "layouts", {}))]
-        if not old:
-            return
-        draft = self._manifest.draft()
-        layouts = draft.setdefault("layouts", {})
-        changed = False
-        for name in old:
-            try:
-                data = self._experts.header(name, self._manifest.experts[name]["files"])
-                intern_layout(data["modules"], name)
-                ExpertMetadata.from_json(data["metadata"])
-            except (LibraryError, ExpertFormatError, AttributeError, TypeError, ValueError, KeyError):
-                continue  # its reads report it
-            layouts.setdefault(lid := layout_id(data["modules"]), data["modules"])
-            draft["experts"][name]["layout"] = lid
-            meta = _inline(data["metadata"], self._compact_base())
-            if len(json.dumps(meta)) <= _INLINE_METADATA:
-                draft["experts"][name]["metadata"] = meta
-            changed = True
-        if not changed:
-            return
         try:
-            self._manifest.commit(draft)
+            self._entries.record_old()
         except OSError as e:  # a folder this process may not write: the library still opens (slower)
             warnings.warn(f"{self.url}: could not record the experts' layouts in the manifest ({e})", RuntimeWarning,
                           stacklevel=3)
@@ -352,24 +275,14 @@ class ExpertLibrary:
                 raise first from None
 
     def stored(self, name: str) -> StoredExpert:
-        """Expert ``name`` with its weights left on disk: its metadata and layout are read now (``expert.json``,
-        checked against its sha256), its weights each time they are used, checked against the sha256 the manifest
+        """Expert ``name`` with its weights left on disk: its metadata and layout from the manifest (from
+        ``expert.json``, checked against its sha256, for an entry written before the manifest kept them), its
+        weights each time they are used, checked against the sha256 the manifest
         lists now (an expert replaced on disk meanwhile is refused, never mixed with this one's layout)."""
         with self._manifest.held():
             entry = self._manifest.require(name)
             files = dict(entry["files"])
-            try:
-                layout = self._layout(entry.get("layout"))
-            except (ExpertFormatError, AttributeError, TypeError) as e:
-                raise LibraryError(f"the manifest's layout of this expert is malformed: {e}", expert=name,
-                                   file=self._manifest.where) from None
-            if layout is None or not isinstance(entry.get("metadata"), dict):  # written before the table
-                data = self._experts.header(name, files)
-                layout, meta_json = data["modules"], data["metadata"]
-            else:
-                meta_json = entry["metadata"]
-                if meta_json.get("base_fingerprint") == _LIBRARY_BASE:
-                    meta_json = {**meta_json, "base_fingerprint": self._compact_base()}
+            layout, meta_json = self._entries.layout_and_metadata(name, entry)
         try:
             meta = ExpertMetadata.from_json(meta_json)
             return StoredExpert(name, meta, layout, _Read(self._experts, name, files), entry.get("digest"))
@@ -378,24 +291,6 @@ class ExpertLibrary:
         except (TypeError, ValueError, AttributeError) as e:
             raise LibraryError(f"cannot parse: {e}", expert=name,
                                file=str(self._experts.file(name, "expert.json"))) from None
-
-    def _compact_base(self) -> dict[str, Any] | None:
-        """The compact fingerprint of the library's base: what experts added here are stamped with."""
-        fp = self._manifest.data.get("base_fingerprint")
-        if self._compact[0] is not fp:
-            self._compact = (fp, compact_fingerprint(fp) if fp else None)
-        return self._compact[1]
-
-    def _layout(self, lid: Any) -> Any:
-        """The shared, checked copy of layout ``lid`` of the manifest's table (``None`` when it lacks it); made
-        once per layout, not per expert."""
-        spec = self._manifest.data.get("layouts", {}).get(lid) if isinstance(lid, str) else None
-        if not isinstance(spec, dict):
-            return None
-        memo = self._layouts
-        if memo.get(lid, (None,))[0] is not spec:  # the manifest was re-read: check its copy again
-            memo[lid] = (spec, intern_layout(spec))
-        return memo[lid][1]
 
     def _load(self, name: str) -> Expert:
         with self._manifest.held():
@@ -471,13 +366,9 @@ class ExpertLibrary:
                 admitted.append((base.admit(e, allow_other_base=allow_other_base), listed))
             with ExitStack() as stack:  # every folder put back or removed when any step fails
                 draft = self._manifest.draft()
-                layouts = draft.setdefault("layouts", {})
                 for e, listed in admitted:
-                    files = stack.enter_context(self._experts.replacing(e, listed=listed))
-                    spec = e.spec()
-                    layouts.setdefault(lid := layout_id(spec), spec)
-                    draft["experts"][e.name] = _entry(e, files, lid, self._compact_base())  # keeps its place
-                self._manifest.commit(_pruned(draft))
+                    self._entries.put(draft, e, stack.enter_context(self._experts.replacing(e, listed=listed)))
+                self._manifest.commit(self._entries.pruned(draft))
         return [e for e, _ in admitted]
 
     def add_peft(
@@ -510,7 +401,7 @@ class ExpertLibrary:
             folder = self._experts.folder(name)
             draft = self._manifest.draft()
             del draft["experts"][name]
-            self._manifest.commit(_pruned(draft))
+            self._manifest.commit(self._entries.pruned(draft))
             self._experts.delete(folder)
 
     # --- routing data -----------------------------------------------------------------------------------------------
