@@ -471,14 +471,15 @@ class HubStore(RemoteStore):
     _KINDS = {"datasets": "dataset", "spaces": "space", "models": "model"}
     poll_interval = 60.0  # each look asks the Hub (when online)
 
-    def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None, lock_timeout: float = 60.0,
-                 lock_ttl: float = 900.0) -> None:
+    def __init__(self, url: str, **options: Any) -> None:
+        """``options`` as :class:`RemoteStore`'s; ``storage_options`` go to ``hf_hub_download`` (``token``,
+        ``cache_dir``, …)."""
         try:
             import huggingface_hub  # noqa: F401
         except ImportError:
             raise LibraryError("a library on the Hugging Face Hub needs huggingface_hub: pip install huggingface_hub",
                                file=url) from None
-        super().__init__(url, storage_options=storage_options, lock_timeout=lock_timeout, lock_ttl=lock_ttl)
+        super().__init__(url, **options)
         parts = self._root.split("/")
         self.repo_type = self._KINDS.get(parts[0]) if parts and parts[0] in self._KINDS else None
         parts = parts[1:] if self.repo_type else parts
