@@ -32,7 +32,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 def validate_name(name: str) -> str:
     """Check that ``name`` can name an expert (and its folder): letters, digits, ``_ . -``; no path parts."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: no "name\n"
         raise ExpertFormatError(
             f"invalid expert name {name!r}: use 1-128 letters, digits, '_', '.', '-', starting with a letter "
             "or digit, with no path separators and no '..'",

@@ -21,6 +21,7 @@ from moerge.cli.common import (
     attempt,
     console,
     emit,
+    err_console,
     fail,
     load_base,
     load_tokenizer,
@@ -164,6 +165,10 @@ def serve(
         help="routing data the library lacks (PHATGOOSE gates, X-LoRA heads): 'background' serves at once and "
              "trains it meanwhile (GET /v1/experts tells how it stands); 'now' trains it before serving")]
     = "background",
+    api_key: Annotated[str | None, typer.Option(
+        envvar="MOERGE_API_KEY", help="the key (Authorization: Bearer …) that uploading and deleting experts "
+        "need; without one, a server listening beyond this machine refuses them")] = None,
+    api_key_for_all: Annotated[bool, typer.Option(help="ask the API key of every request")] = False,
 ) -> None:
     """An OpenAI-compatible HTTP API over the routed model: /v1/chat/completions, /v1/completions (streaming with
     SSE), /v1/models (the routed model and each expert), /v1/experts (upload a PEFT adapter)."""
@@ -176,6 +181,13 @@ def serve(
 
     if train_routing not in ("now", "background"):
         fail(f"--train-routing must be 'now' or 'background', got {train_routing!r}", False)
+    if api_key_for_all and not api_key:
+        fail("--api-key-for-all needs --api-key (or MOERGE_API_KEY)", False)
+    local = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    if not api_key and not local:
+        err_console.print(f"[yellow]listening on {escape(host)} without --api-key: uploading and deleting experts "
+                          "are refused (403)[/]", highlight=False)
     model = attempt(lambda: model_options.load(train_routing), False)
     run_server(model, model.tokenizer, host=host, port=port,
-               config=ServerConfig(max_batch=max_batch, batch_window=batch_window))
+               config=ServerConfig(max_batch=max_batch, batch_window=batch_window, api_key=api_key or None,
+                                   api_key_for_all=api_key_for_all, admin=bool(api_key) or local))

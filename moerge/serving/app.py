@@ -17,7 +17,8 @@ Endpoints:
   /v1/experts/pending/{id}`` tells how it stands (``pending``, ``running``, ``done`` with the expert, ``failed``
   with the error) and ``GET /v1/experts/pending`` lists the recent uploads. With ``?wait=true`` the upload is
   answered once it is added (200 with the expert) or refused (400). ``DELETE /v1/experts/{name}`` removes an
-  expert (404 when the model does not have it).
+  expert (404 when the model does not have it). With ``ServerConfig.api_key`` (``moerge serve --api-key``) both
+  need ``Authorization: Bearer <key>`` (401 without it); ``api_key_for_all`` asks it of every route.
 * ``GET /v1/experts`` — each expert with how its routing data stands (``ready``; ``training`` in the background
   when the server started on a library that lacks it, ``moerge serve --train-routing background``, the default;
   ``failed`` with the error), and the experts of the library the model could not take in.
@@ -31,13 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -174,6 +176,24 @@ class _Endpoints:
             return False
 
 
+def _key_check(key: str) -> Any:
+    """A FastAPI dependency refusing (401, OpenAI's ``invalid_api_key``) a request without ``Authorization: Bearer
+    <key>`` (compared in constant time)."""
+
+    async def check(request: Request) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise OpenAIError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'",
+                              "invalid_api_key")
+
+    return check
+
+
+async def _no_admin() -> None:
+    raise OpenAIError(403, "this server does not change its experts over the API (start it with --api-key to "
+                           "allow it)", "admin_disabled")
+
+
 async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
     return JSONResponse(status_code=e.status, content=e.body())
 
@@ -200,15 +220,17 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(RequestValidationError, _field_error)
     api = _Endpoints(model, tokenizer, engine, uploads, config)
-    app.add_api_route("/v1/models", api.list_models, methods=["GET"])
-    app.add_api_route("/v1/moerge/stats", api.stats, methods=["GET"])
-    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
-    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
-    app.add_api_route("/v1/experts", api.add_expert, methods=["POST"])
-    app.add_api_route("/v1/experts", api.list_experts, methods=["GET"])
-    app.add_api_route("/v1/experts/pending", api.pending_uploads, methods=["GET"])
-    app.add_api_route("/v1/experts/pending/{upload_id}", api.upload_status, methods=["GET"])
-    app.add_api_route("/v1/experts/{name}", api.remove_expert, methods=["DELETE"])
+    keyed = [Depends(_key_check(config.api_key))] if config.api_key else []
+    admin, rest = (keyed if config.admin else [Depends(_no_admin)]), (keyed if config.api_key_for_all else [])
+    app.add_api_route("/v1/models", api.list_models, methods=["GET"], dependencies=rest)
+    app.add_api_route("/v1/moerge/stats", api.stats, methods=["GET"], dependencies=rest)
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], dependencies=rest)
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"], dependencies=rest)
+    app.add_api_route("/v1/experts", api.add_expert, methods=["POST"], dependencies=admin)
+    app.add_api_route("/v1/experts", api.list_experts, methods=["GET"], dependencies=rest)
+    app.add_api_route("/v1/experts/pending", api.pending_uploads, methods=["GET"], dependencies=rest)
+    app.add_api_route("/v1/experts/pending/{upload_id}", api.upload_status, methods=["GET"], dependencies=rest)
+    app.add_api_route("/v1/experts/{name}", api.remove_expert, methods=["DELETE"], dependencies=admin)
     return app
 
 

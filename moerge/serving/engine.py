@@ -25,14 +25,19 @@ T = TypeVar("T")
 
 @dataclass
 class ServerConfig:
-    """How the server batches requests, how many tokens a request gets when it does not say, and how many expert
-    uploads may wait to be added (more are refused) and how many finished ones it remembers."""
+    """How the server batches requests, how many tokens a request gets when it does not say, how many expert
+    uploads may wait to be added (more are refused) and how many finished ones it remembers, and the API key that
+    changing the experts (or, with ``api_key_for_all``, any request) needs."""
 
     max_batch: int = 8
     batch_window: float = 0.02  # seconds the worker waits for more requests after the first
     default_max_tokens: int = 128
     max_pending_uploads: int = 8
     upload_history: int = 100
+    api_key: str | None = None  # required (Authorization: Bearer …) to upload or delete experts
+    api_key_for_all: bool = False  # and for every other route as well
+    admin: bool = True  # False: uploads and deletes are refused (403), e.g. when reachable from other machines
+    # without a key
 
 
 @dataclass

@@ -10,6 +10,7 @@ so is the history of finished uploads that ``GET /v1/experts/pending`` lists.
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moerge.adapters.expert import validate_name
+from moerge.core.paths import cache_root
 from moerge.errors import MoErgeError
 from moerge.serving.engine import queued
 from moerge.serving.protocol import MODEL_ID, OpenAIError, expert_body
@@ -61,6 +63,37 @@ class Upload:
                 "error": None if self.error is None else self.error.body()["error"], "expert": self.expert}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def _scratch(model: Any) -> Path:
+    """This server's folder for uploads being added: ``<library>/.moerge-uploads/<pid>-<random>`` (the library's own
+    area, on its file system; ``$MOERGE_CACHE/uploads/…`` without a library or when it cannot be written). What
+    servers whose process is gone left there (kill -9 midway through an upload) is removed first."""
+    library = getattr(model, "library", None)
+    roots = ([Path(library.root) / ".moerge-uploads"] if library is not None else []) + [cache_root() / "uploads"]
+    for root in roots:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for p in root.iterdir():
+                pid = p.name.split("-", 1)[0]
+                if not (pid.isdigit() and _alive(int(pid))):
+                    shutil.rmtree(p, ignore_errors=True)
+            mine = root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            mine.mkdir()
+            return mine
+        except OSError:
+            continue
+    return Path(tempfile.mkdtemp(prefix="moerge-uploads-"))
+
+
 class Uploads:
     """The queue of uploads, the worker that adds them to ``model`` one at a time, and the recent ones' records.
 
@@ -68,6 +101,7 @@ class Uploads:
 
     def __init__(self, model: Any, max_pending: int, history: int) -> None:
         self.model, self.history = model, history
+        self.scratch = _scratch(model)
         self._queue: queue.Queue[Upload] = queue.Queue(maxsize=max_pending)
         self._records: OrderedDict[str, Upload] = OrderedDict()  # by id, oldest first
         self._lock = threading.Lock()  # the records and each upload's status
@@ -89,7 +123,7 @@ class Uploads:
         if not overwrite and self._taken(name):
             raise OpenAIError(409, f"expert {name!r} already exists; send overwrite=true to replace it",
                               "expert_exists", "name")
-        folder = Path(tempfile.mkdtemp(prefix="moerge-upload-"))
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.scratch))
         (folder / CONFIG_FILE).write_bytes(config)
         (folder / WEIGHTS_FILE).write_bytes(weights)
         upload = Upload(f"upload-{uuid.uuid4().hex[:24]}", name, folder, description, list(examples or []), overwrite)
@@ -147,6 +181,8 @@ class Uploads:
                 break
             self._finish(upload, error=OpenAIError(503, "the server shut down before the upload was added",
                                                    "server_shutdown"))
+        if not self._worker.is_alive():
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def _loop(self) -> None:
         for upload in queued(self._queue, self._stop):

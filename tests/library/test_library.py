@@ -140,7 +140,7 @@ def test_tampered_file_is_detected(tmp_path, base):
     assert len(lib.verify()) == 1
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "..", "", ".hidden", "x" * 200, "a\\b", "sp ace"])
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", "", ".hidden", "x" * 200, "a\\b", "sp ace", "trailing\n", "two\nlines"])
 def test_bad_expert_names_are_refused(tmp_path, base, name):
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
     with pytest.raises(ExpertFormatError, match="invalid expert name"):

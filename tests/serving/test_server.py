@@ -487,3 +487,72 @@ def test_a_server_over_a_library_in_s3_stores_uploads_there(s3, tmp_path, monkey
             assert "experts/json/weights.safetensors" not in s3_keys(s3)
     finally:
         model.close()
+
+
+def test_an_api_key_guards_expert_changes_and_optionally_everything(tmp_path):
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add_peft(save_peft_lora(base, tmp_path / "sort", seed=1, r=4, target_modules=["q_proj"]), "sort")
+    tok = tiny_tokenizer()
+    folder = save_peft_lora(base, tmp_path / "json", seed=2, r=2, target_modules=["v_proj"])
+    msg = [{"role": "user", "content": "x"}]
+    for everything in (False, True):
+        model = MoErgeModel.from_library(copy.deepcopy(base), ExpertLibrary.open(lib.root),
+                                         router=build_router("arrow", top_k=1), tokenizer=tok, follow=False)
+        app = create_app(model, tok, ServerConfig(batch_window=0.0, api_key="s3cret", api_key_for_all=everything))
+        with live(app) as url, httpx.Client(base_url=url, timeout=HANG_GUARD) as http:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+                r = http.post("/v1/experts?wait=true", files=_adapter_files(folder), data={"name": "json"},
+                              headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+                assert http.delete("/v1/experts/sort", headers=headers).status_code == 401
+            assert "json" not in ExpertLibrary.open(lib.root) and "sort" in model.experts
+            key = {"Authorization": "Bearer s3cret"}
+            r = http.post("/v1/experts?wait=true", files=_adapter_files(folder), data={"name": "json"}, headers=key)
+            assert r.status_code == 200, r.text
+            assert http.delete("/v1/experts/json", headers=key).status_code == 200
+            body = {"model": "moerge", "messages": msg, "max_tokens": 2}
+            assert http.post("/v1/chat/completions", json=body).status_code == (401 if everything else 200)
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0) as client:
+                assert client.chat.completions.create(model="moerge", messages=msg, max_tokens=2).choices
+            if everything:
+                with openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0) as client:
+                    with pytest.raises(openai.AuthenticationError):
+                        client.models.list()
+        model.close()
+    locked = MoErgeModel.from_library(copy.deepcopy(base), ExpertLibrary.open(lib.root),
+                                      router=build_router("arrow", top_k=1), tokenizer=tok, follow=False)
+    with live(create_app(locked, tok, ServerConfig(batch_window=0.0, admin=False))) as url, \
+            httpx.Client(base_url=url, timeout=HANG_GUARD) as http:
+        r = http.post("/v1/experts", files=_adapter_files(folder), data={"name": "json"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+        assert http.delete("/v1/experts/sort").status_code == 403
+    locked.close()
+
+
+def test_uploads_are_staged_in_the_librarys_own_area_and_leftovers_of_dead_servers_removed(tmp_path):
+    import os
+
+    from moerge.serving.uploads import Uploads
+
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    area = lib.root / ".moerge-uploads"
+    area.mkdir()
+    dead = area / "999999999-deadbeef"  # no such process: a server killed midway through an upload
+    (dead / "upload-x").mkdir(parents=True)
+    alive = area / f"{os.getppid()}-cafecafe"  # a live process's
+    alive.mkdir()
+    model = MoErgeModel.from_library(base, lib, router="fixed", follow=False)
+    uploads = Uploads(model, 2, 10)
+    assert uploads.scratch.parent == area and uploads.scratch.name.startswith(f"{os.getpid()}-")
+    assert not dead.exists() and alive.exists()
+    folder = save_peft_lora(base, tmp_path / "a", seed=1, r=2, target_modules=["q_proj"])
+    up = uploads.submit("a", (folder / "adapter_config.json").read_bytes(),
+                        (folder / "adapter_model.safetensors").read_bytes())
+    assert up.folder.parent == uploads.scratch
+    up.finished.result(timeout=HANG_GUARD)
+    assert up.error is None and not up.folder.exists()
+    uploads.close()
+    assert not uploads.scratch.exists()
+    model.close()
