@@ -79,10 +79,10 @@ class _Endpoints:
         return {"batches": list(self.engine.batches), "experts": list(self.model.experts)}
 
     async def chat_completions(self, request: Request) -> Any:
-        return await self._complete(await request.json(), chat=True)
+        return await self._complete(await request.body(), chat=True)
 
     async def completions(self, request: Request) -> Any:
-        return await self._complete(await request.json(), chat=False)
+        return await self._complete(await request.body(), chat=False)
 
     async def _complete(self, body: Any, chat: bool) -> Any:
         """A streamed response, or the whole completion in OpenAI's shape (chat or text)."""

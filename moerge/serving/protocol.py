@@ -15,8 +15,11 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from moerge.adapters.expert import Expert
 from moerge.serving.engine import Job
+from moerge.serving.requests import ChatBody, CompletionBody, field_of, most_telling, unsupported
 
 __all__ = ["MODEL_ID", "CompletionRequest", "OpenAIError", "StreamHeader", "completion_body", "done_event",
            "error_event", "expert_body", "field_error", "model_ids", "moerge_field", "parse_completion", "stream_event"]
@@ -95,57 +98,56 @@ def parse_completion(body: Any, *, chat: bool, experts: Collection[str], tokeniz
                      default_max_tokens: int) -> CompletionRequest:
     """Check a ``/v1/chat/completions`` (``chat``) or ``/v1/completions`` request body against the served
     ``experts``; a chat's messages go through ``tokenizer``'s chat template. Raises :class:`OpenAIError`."""
+    checked, body = _checked(body, chat)
+    if isinstance(checked, ChatBody):
+        if not getattr(tokenizer, "chat_template", None):
+            raise OpenAIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+        msgs = [{"role": m.role, "content": m.text()} for m in checked.messages]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    else:
+        text = checked.prompt[0] if isinstance(checked.prompt, list) else checked.prompt
+        if not text:
+            raise OpenAIError(400, "prompt must be a non-empty string", param="prompt")
+    model_id, mix, exclude = _routing(body, experts)
+    stop = checked.stop or []
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    asked = checked.max_completion_tokens if checked.max_completion_tokens is not None else checked.max_tokens
+    return CompletionRequest(
+        chat=chat, model=model_id, text=text, max_tokens=asked if asked is not None else default_max_tokens,
+        max_tokens_given=asked is not None, temperature=1.0 if checked.temperature is None else checked.temperature,
+        top_p=1.0 if checked.top_p is None else checked.top_p, stop=stop, seed=checked.seed, experts=mix,
+        exclude=exclude, trace=bool(checked.moerge and checked.moerge.trace), stream=bool(checked.stream))
+
+
+def _checked(body: Any, chat: bool) -> tuple[ChatBody | CompletionBody, dict[str, Any]]:
+    """The request ``body`` (its bytes, or its JSON parsed) checked (:mod:`moerge.serving.requests`), and as a
+    dict; :class:`OpenAIError` 400 naming what is wrong: bytes that are not UTF-8 or not JSON, a body that is not
+    an object, a field missing, of the wrong type, out of range, unknown or unsupported."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise OpenAIError(400, f"the request body is not UTF-8: {e}") from None
+        if not text.strip():
+            raise OpenAIError(400, "the request body is empty: send a JSON object")
+        try:
+            body = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise OpenAIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
-    text = _chat_text(body, tokenizer) if chat else _prompt_text(body)
-    model_id, mix, exclude = _routing(body, experts)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) for x in stop)):
-        raise OpenAIError(400, "stop must be a string or a list of at most 4 strings", param="stop")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise OpenAIError(400, "seed must be an integer", param="seed")
-    asked = body.get("max_completion_tokens", body.get("max_tokens"))
+    model = ChatBody if chat else CompletionBody
+    refused = unsupported(body, model)
+    if refused is not None:
+        raise OpenAIError(400, refused[1], "unsupported_parameter", refused[0])
     try:
-        max_tokens = int(asked if asked is not None else default_max_tokens)
-        temperature = float(body["temperature"] if body.get("temperature") is not None else 1.0)
-        top_p = float(body["top_p"] if body.get("top_p") is not None else 1.0)
-    except (TypeError, ValueError):
-        raise OpenAIError(400, "max_tokens, temperature and top_p must be numbers") from None
-    if max_tokens <= 0 or temperature < 0 or not 0 < top_p <= 1:
-        raise OpenAIError(400, "max_tokens must be positive, temperature ≥ 0 and top_p in (0, 1]")
-    if body.get("n") not in (None, 1):
-        raise OpenAIError(400, "n > 1 is not supported; send several requests (they are batched)", param="n")
-    return CompletionRequest(chat=chat, model=model_id, text=text, max_tokens=max_tokens,
-                             max_tokens_given=asked is not None, temperature=temperature, top_p=top_p, stop=stop,
-                             seed=seed, experts=mix, exclude=exclude,
-                             trace=bool((body.get("moerge") or {}).get("trace")), stream=bool(body.get("stream")))
-
-
-def _chat_text(body: dict[str, Any], tokenizer: Any) -> str:
-    """The chat's messages (text content parts joined) through the chat template, ready for the answer."""
-    messages = body.get("messages")
-    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
-        raise OpenAIError(400, "messages must be a non-empty list of {role, content}", param="messages")
-    msgs = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        msgs.append({"role": str(m.get("role", "user")), "content": str(content or "")})
-    if not getattr(tokenizer, "chat_template", None):
-        raise OpenAIError(400, "this model's tokenizer has no chat template; use /v1/completions")
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-
-
-def _prompt_text(body: dict[str, Any]) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise OpenAIError(400, "prompt must be a non-empty string", param="prompt")
-    return prompt
+        return model.model_validate({k: v for k, v in body.items() if k in model.model_fields}), body
+    except ValidationError as e:
+        first = most_telling(e.errors())
+        param = field_of(first) or None
+        what = "is missing" if first.get("type") == "missing" else f"is invalid: {first.get('msg', 'bad value')}"
+        raise OpenAIError(400, f"the field {param!r} {what}" if param else f"the request {what}",
+                          "invalid_request", param) from None
 
 
 def _routing(body: dict[str, Any], experts: Collection[str]) -> tuple[str, dict[str, float] | None, tuple[str, ...]]:
