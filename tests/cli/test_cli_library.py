@@ -210,3 +210,8 @@ def test_library_commands_on_a_library_in_s3(setup, s3, monkeypatch, tmp_path):
     assert code == 0 and not [k for k in s3_keys(s3) if k.startswith("experts/")]
     code, data = _json(["library", "list", "-l", f"s3://{s3.bucket}/nothing"])
     assert code == 1 and f"s3://{s3.bucket}/nothing/library.json" in data["error"] and "no library" in data["error"]
+
+
+def test_serve_refuses_a_key_for_everything_without_a_key(tmp_path):
+    code, out = _run("serve", "-l", tmp_path, "--api-key-for-all")
+    assert code == 1 and "--api-key-for-all needs --api-key" in out
