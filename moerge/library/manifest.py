@@ -156,7 +156,7 @@ class Manifest:
         lock: a stat can repeat — inode reuse, coarse timestamps, NFS's attribute cache — and a draft made from a
         stale manifest would undo another writer's change)."""
         if self.remote is None:
-            stamp = self._stamp()
+            stamp = self.stamp()
             if force or stamp is None or stamp != self._seen:  # a rename puts every new manifest in: a new stat
                 self._data = self._read(self.path)
                 self._seen = stamp
@@ -170,7 +170,9 @@ class Manifest:
         self.remote.note(data)
         self._data = data
 
-    def _stamp(self) -> tuple[int, ...] | None:
+    def stamp(self) -> tuple[int, ...] | None:
+        """The stat of the manifest file (inode, size, times): a new manifest is renamed in, so it changes with
+        every commit; ``None`` when the file cannot be read."""
         try:
             st = self.path.stat()
         except OSError:

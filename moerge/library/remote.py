@@ -43,7 +43,7 @@ from moerge.core.paths import cache_root
 from moerge.core.safe_io import TMP_PREFIX, atomic_write_bytes, sha256_file
 from moerge.errors import LibraryError
 
-__all__ = ["RemoteStore", "HubStore", "open_store", "is_url", "REMOTE_LOCK"]
+__all__ = ["RemoteStore", "HubStore", "open_store", "is_url", "local_path", "REMOTE_LOCK"]
 
 REMOTE_LOCK = ".moerge.lock"
 _MANIFEST = "library.json"
@@ -56,6 +56,11 @@ _VERSIONED = re.compile(r"experts/[^/]+/v-[0-9a-f]{16}/[^/]+")
 def is_url(root: object) -> bool:
     """Whether ``root`` names a library on a store (``s3://…``) rather than a local folder (``file://`` is local)."""
     return isinstance(root, str) and bool(_URL.match(root)) and not root.startswith("file://")
+
+
+def local_path(root: str | Path) -> str | Path:
+    """``root`` as a local folder: a ``file://`` URL without its scheme, anything else as it is."""
+    return root[len("file://"):] if isinstance(root, str) and root.startswith("file://") else root
 
 
 def _precondition(e: BaseException) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from moerge.core.safe_io import TMP_PREFIX, load_safetensors, save_safetensors, sha256_file
+from moerge.core.safe_io import TMP_PREFIX, load_safetensors_verified, save_safetensors, sha256_file
 from moerge.errors import ExpertFormatError, LibraryError
 from moerge.library.experts import ExpertFiles
 from moerge.library.index import ExpertIndex
@@ -83,9 +83,8 @@ class RoutingStore:
             if entry is None:
                 return None
             try:
-                tensors = self._experts.read(
-                    name, entry["file"], entry["sha256"],
-                    lambda p: load_safetensors(p, expert=name) if sha256_file(p) == entry["sha256"] else None)
+                tensors = self._experts.read(name, entry["file"], entry["sha256"],
+                                             lambda p: load_safetensors_verified(p, entry["sha256"], expert=name))
             except LibraryError as e:
                 raise LibraryError(f"routing data {kind!r}: {e.problem}", expert=name, file=e.file) from None
             return tensors, dict(entry.get("info") or {})

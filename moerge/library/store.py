@@ -42,7 +42,7 @@ from moerge.library.entries import Entries
 from moerge.library.experts import ExpertFiles
 from moerge.library.index import ExpertIndex
 from moerge.library.manifest import FORMAT_VERSION, MANIFEST, Manifest
-from moerge.library.remote import RemoteStore, is_url, open_store
+from moerge.library.remote import RemoteStore, is_url, local_path, open_store
 from moerge.library.routing_data import INDEX_DIR, RoutingStore
 
 __all__ = ["ExpertLibrary", "FORMAT_VERSION", "DEFAULT_MAX_RANK"]
@@ -91,13 +91,7 @@ class ExpertLibrary:
         """A value that changes when the library's manifest is replaced (the file's stat, or the store's ETag);
         ``None`` while the folder cannot be read or the store has no manifest (:class:`LibraryError` when the store
         cannot be reached). A model following the library polls it."""
-        if self.remote is not None:
-            return self.remote.stamp()
-        try:
-            st = self._manifest.path.stat()
-        except OSError:  # the folder is gone or unreadable: nothing to follow until it is back
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
+        return self.remote.stamp() if self.remote is not None else self._manifest.stamp()
 
     def refresh(self) -> None:
         """Re-read the manifest from disk (changes made by other processes or library objects)."""
@@ -137,7 +131,7 @@ class ExpertLibrary:
         if is_url(root):
             return cls._create_remote(open_store(str(root), storage_options=storage_options), base_model,
                                       base_fingerprint, exist_ok, max_rank)
-        root = Path(str(root)[len("file://"):] if str(root).startswith("file://") else root)
+        root = Path(local_path(root))
         if (root / MANIFEST).exists():
             if not exist_ok:
                 raise LibraryError("a library already exists here (pass exist_ok=True to open it)",
@@ -191,7 +185,7 @@ class ExpertLibrary:
         if is_url(root):
             return cls._open_remote(open_store(str(root), storage_options=storage_options,
                                                 lock_timeout=lock_timeout))
-        root = str(root)[len("file://"):] if str(root).startswith("file://") else root
+        root = local_path(root)
         lib = cls(root, Manifest.open(root))
         with lib._manifest.locked():
             lib._repair()
