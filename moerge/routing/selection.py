@@ -168,6 +168,8 @@ class ExpertVectors(Mapping):
     def read(self, names: Iterable[str], loaded: Mapping[str, Any] | None = None) -> None:
         """Read the vectors of the experts of ``names`` that are registered lazily (a failure names the expert);
         ``loaded``: experts whose weights are at hand, given to their loaders."""
+        if not self._lazy:  # on every gate of every request: most routers register nothing lazily
+            return
         for n in names:
             load = self._lazy.get(n)
             if load is None:

@@ -171,9 +171,10 @@ class TrainedGateRouter(VectorGateRouter):
         return self._prepare(self._stored_data(name, digest))[1]
 
     def _data_of(self, name: str) -> Any:
-        if name not in self._data and name in self._digest and self.context.store is not None \
-                and self.context.store.has_routing_for(name, self.routing_kind, self._digest[name]):
-            return dict(self._prepare(self._stored_data(name, self._digest[name]))[0])  # stored, read on use
+        if name not in self._data and name in self._digest and self.context.store is not None:  # read on use
+            tensors = self.context.store.routing_for(name, self.routing_kind, self._digest[name])
+            if tensors is not None:
+                return dict(self._prepare(self._from_tensors(tensors))[0])
         if name not in self._data:
             raise RoutingError(f"no {self.data_label} for this expert", expert=name)
         return dict(self._data[name])
