@@ -40,9 +40,10 @@ class RoutingState:
         self._weights: dict[str, list[torch.Tensor]] = {}  # module name -> weights not yet summed
         self.keep_tokens = False  # keep every step's weights (token_weights) instead of summing them as they come
 
-    def record(self, module: str, weights: torch.Tensor) -> None:
-        """Keep a local gate's ``(B, T, K)`` weights for :attr:`RowRouting.layer_usage`. Kept as they are (no op
-        per step); summed when there are many, and by :meth:`trace`."""
+    def record(self, module: str, weights: torch.Tensor, index: int | None = None) -> None:
+        """Keep a local gate's ``(B, T, K)`` weights for :attr:`RowRouting.layer_usage` (``index``: the module's
+        patch index, unused here). Kept as they are (no op per step); summed when there are many, and by
+        :meth:`trace`."""
         kept = self._weights.setdefault(module, [])
         kept.append(weights)
         if len(kept) >= 64 and not self.keep_tokens:

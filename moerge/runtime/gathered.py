@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from moerge.routing import LinearGate, SelectionConfig
 from moerge.runtime import kernels
 
-__all__ = ["GatheredModule", "GatheredLoRA", "GatheredDense", "Mixed"]
+__all__ = ["GatheredModule", "GatheredLoRA", "GatheredDense", "Mixed", "join_gathered"]
 
 
 class Mixed(NamedTuple):
@@ -189,3 +189,67 @@ class GatheredModule:
                 w = d.weight.view(-1, 1, 1)  # (n, 1, 1)
             y = y.index_add(0, d.rows, (yr * w.to(yr.dtype)).to(y.dtype))
         return Mixed(y, token_weights)
+
+
+def _pad(t: torch.Tensor, dim: int, size: int, value: float = 0.0) -> torch.Tensor:
+    """``t`` padded with ``value`` at the end of ``dim`` to ``size``."""
+    extra = size - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+
+def join_gathered(parts: list[GatheredModule | None], rows: list[int]) -> GatheredModule | None | bool:
+    """One module's factors for the rows of several requests run as one batch (continuous batching): ``parts[i]``
+    (``None``: request ``i``'s candidates do not touch the module) for ``rows[i]`` rows, stacked along the batch.
+    Candidate slots and rank columns are padded to the widest part (a padded slot's gate bias is ``-inf``, so it is
+    never chosen; padded columns are zero), so each row's result is what its own request computes. ``None`` when no
+    part touches the module; ``False`` when the parts cannot share one step (dense experts, a gate computed outside
+    the layer, gated next to sequence-weighted parts, different gate finishes): the caller mixes them one by one."""
+    real = [g for g in parts if g is not None]
+    if not real:
+        return None
+    if any(g.lora is None or g.dense for g in real):
+        return False
+    gated = {g.lora.gate is not None for g in real}
+    if len(gated) > 1 or any(g.lora.gate is None and g.lora.E is not None for g in real):
+        return False
+    gated_all = gated.pop()
+    if gated_all and len({g.lora.gate.finish for g in real}) > 1:
+        return False
+    if len({g.dtype for g in real}) > 1:
+        return False
+    first = real[0]
+    d_in, d_out = first.lora.W.shape[1], first.lora.Bt.shape[2]
+    dtype, device = first.dtype, first.lora.W.device
+    k_max = max((g.lora.gate.k for g in real), default=0) if gated_all else 0
+    r_max = max(g.lora.Bt.shape[1] for g in real)
+    Ws, Bts, Es, Vts, biases = [], [], [], [], []
+    for g, n in zip(parts, rows):
+        g = None if g is None else g.for_batch(n)
+        if g is None:  # zero columns; with a gate, one slot of logit 0 (never -inf everywhere: no NaN weights)
+            Ws.append(torch.zeros(n, d_in, k_max + r_max, dtype=dtype, device=device))
+            Bts.append(torch.zeros(n, r_max, d_out, dtype=dtype, device=device))
+            if gated_all:
+                Es.append(torch.zeros(n, k_max, r_max, dtype=dtype, device=device))
+                Vts.append(torch.zeros(n, d_in, k_max, device=device))
+                bias = torch.full((n, 1, k_max), float("-inf"), device=device)
+                bias[:, :, 0] = 0.0
+                biases.append(bias)
+            continue
+        lo = g.lora
+        kg = lo.gate.k if gated_all else 0
+        vt, at = lo.W[:, :, :kg], lo.W[:, :, kg:]
+        Ws.append(torch.cat([_pad(vt, 2, k_max), _pad(at, 2, r_max)], dim=2) if gated_all else _pad(at, 2, r_max))
+        Bts.append(_pad(lo.Bt, 1, r_max))
+        if gated_all:
+            Es.append(_pad(_pad(lo.E, 1, k_max), 2, r_max))
+            Vts.append(_pad(lo.gate.Vt, 2, k_max))
+            biases.append(_pad(lo.gate.bias, 2, k_max, float("-inf")))
+    gate = None
+    if gated_all:
+        gate = LinearGate(torch.cat(Vts), torch.cat(biases), first.lora.gate.finish)
+    lora = GatheredLoRA(torch.cat(Ws), torch.cat(Bts), torch.cat(Es) if gated_all else None, gate)
+    return GatheredModule(sum(rows), lora, [], dtype)

@@ -18,8 +18,9 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
 from moerge.core.fingerprint import linear_shape
-from moerge.routing import LayerInfo, RoutingContext
+from moerge.routing import LayerInfo, RoutingContext, RoutingState
 from moerge.runtime.bank import ModuleBank
+from moerge.runtime.joined import JoinedState
 
 __all__ = ["ExpertLinear"]
 
@@ -80,25 +81,41 @@ class ExpertLinear(nn.Module):
         state = self._context.current
         if state is None:
             return y
-        g = state.gathered.get(self.patch_index)
-        if g is None:
+        if isinstance(state, JoinedState) and self.patch_index in state.split:
+            return self._mix_parts(state, x, y)
+        if state.gathered.get(self.patch_index) is None:
             return y
+        if self.base_layer._forward_hooks or _global_forward_hooks:
+            y = y.clone()  # a hook may keep the base output: the experts' delta is added in place below
+        return self._mix(state, x, y)
+
+    def _mix(self, state: RoutingState | JoinedState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base output for ``x``) plus the experts' contribution under ``state``'s routing."""
         b = x.shape[0]
         three = x.dim() == 3
         x3 = x if three else x.reshape(b, -1, x.shape[-1])  # (B, T, in)
-        g = g.for_batch(b)
+        g = state.gathered[self.patch_index].for_batch(b)
         weights = selection = None
         if state.local:
             selection = state.router.config
             if not g.gate_fused:
                 weights = state.router.gate(x3, state.candidates.repeat_rows(b // state.candidates.batch_size),
                                             self.info)  # (B, T, K)
-        if self.base_layer._forward_hooks or _global_forward_hooks:
-            y = y.clone()  # a hook may keep the base output: the experts' delta is added in place below
         y3, weights = g.mix(x3, y if three else y.reshape(b, -1, y.shape[-1]), weights, selection)
         if state.record_usage:
-            state.record(self.module_name, weights)
+            state.record(self.module_name, weights, self.patch_index)
         return y3 if three else y3.reshape(y.shape)
+
+    def _mix_parts(self, state: JoinedState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A joined batch whose parts cannot share this module's step: each part's rows mixed under its own
+        routing."""
+        y = y.clone()
+        for p in state.parts:
+            if p.state.gathered.get(self.patch_index) is None:
+                continue
+            rows = slice(p.start, p.start + p.rows)
+            y[rows] = self._mix(p.state, x[rows], y[rows].clone())
+        return y
 
     def extra_repr(self) -> str:
         return f"module={self.module_name!r}, experts={len(self.bank)}"

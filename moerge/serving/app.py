@@ -35,7 +35,7 @@ import contextlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import uvicorn
@@ -57,7 +57,7 @@ from moerge.serving.protocol import (
     model_ids,
     moerge_field,
     parse_completion,
-    stream_event,
+    usage,
 )
 from moerge.serving.uploads import Uploads
 
@@ -69,6 +69,8 @@ class _Endpoints:
 
     def __init__(self, model: Any, tokenizer: Any, engine: Engine, uploads: Uploads, config: ServerConfig) -> None:
         self.model, self.tok, self.engine, self.uploads, self.config = model, tokenizer, engine, uploads, config
+        self.vocab_size = _vocab_size(model, tokenizer)
+        self._token_texts: dict[int, str] = {}
 
     async def list_models(self) -> dict[str, Any]:
         now = int(time.time())
@@ -79,34 +81,84 @@ class _Endpoints:
         return {"batches": list(self.engine.batches), "experts": list(self.model.experts)}
 
     async def chat_completions(self, request: Request) -> Any:
-        return await self._complete(await request.body(), chat=True)
+        return await self._complete(request, chat=True)
 
     async def completions(self, request: Request) -> Any:
-        return await self._complete(await request.body(), chat=False)
+        return await self._complete(request, chat=False)
 
-    async def _complete(self, body: Any, chat: bool) -> Any:
-        """A streamed response, or the whole completion in OpenAI's shape (chat or text)."""
+    def _prepare(self, body: bytes, chat: bool) -> tuple[CompletionRequest, list[Job]]:
+        """The request checked and its jobs made (the chat template applied, the prompts tokenized): run in a worker
+        thread, never on the event loop."""
         req = parse_completion(body, chat=chat, experts=list(self.model.experts), tokenizer=self.tok,
                                default_max_tokens=self.config.default_max_tokens)
-        job = req.job(self.engine.count_tokens(req.text), self.model.context_length)
+        return req, req.jobs(self.engine.tokenize, self.vocab_size, self.model.context_length)
+
+    async def _complete(self, request: Request, chat: bool) -> Any:
+        """A streamed response, or the whole completion in OpenAI's shape (chat or text)."""
+        req, jobs = await asyncio.to_thread(self._prepare, await _body(request, self.config.max_body_bytes), chat)
         if req.stream:
-            return StreamingResponse(self._events(req, job), media_type="text/event-stream")
+            return StreamingResponse(self._events(req, jobs), media_type="text/event-stream")
+        for job in jobs:
+            self.engine.submit(job)
         try:
-            result = await asyncio.wrap_future(self.engine.submit(job))
+            results = await _results(jobs, request)
         except MoErgeError as e:
             raise OpenAIError(400, str(e)) from None
-        return completion_body(req, result)
+        texts = [self.token_text_of(j.ids) for j in jobs] if req.echo else []
+        return completion_body(req, results, self.token_text, texts)
 
-    def _events(self, req: CompletionRequest, job: Job) -> Iterator[str]:
-        """The server-sent events of a streamed completion, ended by ``[DONE]`` also after an error."""
-        header, first, info = StreamHeader.start(req), True, {}
+    def token_text(self, token: int) -> str:
+        """A token's text (cached: a vocabulary is finite)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.engine.decode_token(token)
+        return text
+
+    def token_text_of(self, ids: list[int]) -> str:
+        with self.engine.tok_lock:
+            return self.tok.decode(ids)
+
+    async def _events(self, req: CompletionRequest, jobs: list[Job]) -> AsyncIterator[str]:
+        """The server-sent events of a streamed completion, ended by ``[DONE]`` also after an error; the jobs are
+        cancelled if the client leaves (the response's task is cancelled, here at an ``await``)."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        header = StreamHeader.start(req)
+        for i, job in enumerate(jobs):
+            job.on_piece = lambda index, text, picks, finish, i=i: loop.call_soon_threadsafe(
+                events.put_nowait, (i * req.n + index, text, picks, finish))
+            job.future.add_done_callback(lambda _, i=i: loop.call_soon_threadsafe(events.put_nowait, i))
+            self.engine.submit(job)
+        started, offsets, left, held = set(), {}, len(jobs), None
         try:
-            for piece in self.engine.stream(job, info):
-                yield stream_event(header, piece, None, first)
-                first = False
-            yield stream_event(header, None, info["finish_reason"], first, moerge_field(info, req.trace))
+            while left:
+                item = await events.get()
+                if isinstance(item, int):
+                    left -= 1
+                    continue
+                index, text, picks, finish = item
+                if held is not None:
+                    yield header.piece(*held)
+                    held = None
+                piece = (index, text, picks, finish, index not in started, self.token_text, offsets.get(index, 0))
+                started.add(index)
+                offsets[index] = offsets.get(index, 0) + sum(len(self.token_text(p.token)) for p in picks)
+                if finish is None:
+                    yield header.piece(*piece)
+                else:
+                    held = piece  # the last choice to finish carries the moerge field
+            results = [j.future.result() for j in jobs]
+            if held is not None:
+                yield header.piece(*held, moerge=moerge_field(results, req.trace))
+            if req.include_usage:
+                yield header.event([], usage=usage(results))
+        except MoErgeError as e:
+            yield error_event(str(e), "invalid_request_error")
         except Exception as e:  # noqa: BLE001 - the stream has started: report in it, then end it properly
-            yield error_event(str(e), "invalid_request_error" if isinstance(e, MoErgeError) else "server_error")
+            yield error_event(str(e), "server_error")
+        finally:
+            for job in jobs:
+                if not job.future.done():
+                    job.cancel()
         yield done_event()
 
     async def add_expert(self, name: Annotated[str, Form()], adapter_config: Annotated[UploadFile, File()],
@@ -174,6 +226,49 @@ class _Endpoints:
             if name in self.model.experts:
                 raise
             return False
+
+
+def _vocab_size(model: Any, tokenizer: Any) -> int:
+    """The token ids a prompt may hold: those the model has logits for and the tokenizer can show."""
+    out = model.base.get_output_embeddings() if hasattr(model.base, "get_output_embeddings") else None
+    size = out.weight.shape[0] if out is not None else getattr(model.base.config, "vocab_size", None)
+    return min(int(size or len(tokenizer)), len(tokenizer))
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) past ``limit`` bytes, by its ``Content-Length`` or as it arrives."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise OpenAIError(413, f"the request body is {declared} bytes; this server takes at most {limit}",
+                          "request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise OpenAIError(413, f"the request body is over {limit} bytes, the most this server takes",
+                              "request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _results(jobs: list[Job], request: Request) -> list[dict[str, Any]]:
+    """The jobs' results, once all are done; if the client leaves first (looked at twice a second), the jobs are
+    cancelled and the wait ends."""
+    waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=0.5)
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                raise OpenAIError(499, "the client closed the connection", "client_closed")
+    finally:
+        if not waiting.done():
+            for job in jobs:
+                job.cancel()
+            waiting.cancel()
+            with contextlib.suppress(BaseException):
+                await waiting
 
 
 def _key_check(key: str) -> Any:

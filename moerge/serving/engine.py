@@ -1,37 +1,46 @@
-"""The server's engine: runs completion jobs on the model, batched by a worker thread or streamed one per thread.
+"""The server's engine: one worker thread runs every completion with continuous batching.
 
-Requests that arrive together are batched: the worker takes what is queued within ``batch_window`` seconds (up to
-``max_batch``), groups jobs that can share one ``generate`` call (same sampling settings, routed or forced, same
-exclusions) and runs each group as one batch, every row routed on its own. Streamed jobs run one per call, in their
-own thread.
+Requests join the running batch at its next decode step and leave it when they are done
+(:class:`~moerge.runtime.decode.DecodeBatch`): each is routed and prefilled when it joins (requests that arrive
+together share the prefill), every row keeps its own routing, sampling and seed, and a row finishes at its own end
+of text, stop string or ``max_tokens`` — a short request is never held up by a long one beyond the steps they share.
+A request whose client left is dropped at the next step. Streamed and whole requests run in the same batch; a
+streamed one gets its text as it is made (:class:`TextTail` never sends the start of a stop string), a whole one its
+result at the end. The rows in the batch, and their prompts plus ``max_tokens`` together, are bounded
+(``max_batch``, ``max_batch_tokens``); requests beyond wait in order.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
+from moerge.runtime.decode import DecodeBatch, Prefilled, Prompt, Row
+from moerge.runtime.sampling import Pick, Sampling
 
-__all__ = ["Engine", "Job", "ServerConfig", "queued"]
+__all__ = ["Engine", "Job", "ServerConfig", "TextTail", "queued"]
 
 T = TypeVar("T")
 
 
 @dataclass
 class ServerConfig:
-    """How the server batches requests, how many tokens a request gets when it does not say, how many expert
-    uploads may wait to be added (more are refused) and how many finished ones it remembers, and the API key that
-    changing the experts (or, with ``api_key_for_all``, any request) needs."""
+    """How the server batches requests (rows at once, their prompt and completion tokens at once, how long an idle
+    worker waits for more requests to prefill with the first), how many tokens a request gets when it does not say,
+    the largest request body, how many expert uploads may wait to be added (more are refused) and how many finished
+    ones it remembers, and the API key that changing the experts (or, with ``api_key_for_all``, any request) needs."""
 
     max_batch: int = 8
-    batch_window: float = 0.02  # seconds the worker waits for more requests after the first
+    batch_window: float = 0.02  # seconds an idle worker waits for more requests after the first
+    max_batch_tokens: int = 65536  # prompt + max_tokens over the rows of a batch (a request alone always runs)
     default_max_tokens: int = 128
+    max_body_bytes: int = 4 << 20  # larger request bodies are refused (413)
     max_pending_uploads: int = 8
     upload_history: int = 100
     api_key: str | None = None  # required (Authorization: Bearer …) to upload or delete experts
@@ -42,21 +51,32 @@ class ServerConfig:
 
 @dataclass
 class Job:
-    """One completion to generate; its result (or error) arrives in ``future``."""
+    """One prompt to complete (``n`` choices); the result (or error) arrives in ``future``. A streamed job also gets
+    each piece of text as it is made: ``on_piece(index, text, picks, finish)`` is called from the worker thread
+    (``picks``: the tokens the piece ends, with their log-probabilities when asked; ``finish``: the choice's finish
+    reason with its last piece, else ``None``)."""
 
-    text: str  # the prompt, chat template applied
+    ids: list[int]  # the prompt's token ids
     max_tokens: int
-    temperature: float
-    top_p: float
+    sampling: Sampling
     stop: list[str]
-    experts: dict[str, float] | None
-    exclude: tuple[str, ...]
-    seed: int | None
+    experts: dict[str, float] | None = None
+    exclude: tuple[str, ...] = ()
+    n: int = 1
+    echo: bool = False  # the prompt's log-probabilities too (scoring a text)
+    on_piece: Callable[[int, str, list[Pick], str | None], None] | None = None
     future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def key(self) -> tuple:
-        """Requests with the same key can run in one generate call."""
-        return (self.temperature, self.top_p, self.experts is not None, self.exclude, self.seed)
+    @property
+    def tokens(self) -> int:
+        """What the job may hold in a batch: its prompt and completion tokens, per choice."""
+        return (len(self.ids) + self.max_tokens) * self.n
+
+    def cancel(self) -> None:
+        """Give up the job (its client left): its rows leave the batch at the next step."""
+        self.cancelled.set()
+        self.future.cancel()
 
 
 def queued(items: queue.Queue[T], stop: threading.Event) -> Iterator[T]:
@@ -69,173 +89,280 @@ def queued(items: queue.Queue[T], stop: threading.Event) -> Iterator[T]:
             continue
 
 
-def _fail(job: Job, e: BaseException) -> None:
-    if not job.future.done():
-        job.future.set_exception(e)
+class TextTail:
+    """A row's text as its tokens come: what may be sent so far (never an incomplete character, nor an end of text
+    that could be the start of a stop string), and whether a stop string or end token finished it."""
+
+    def __init__(self, tokenizer: Any, stop: list[str], ends: set[int]) -> None:
+        self.tok, self.stop, self.ends = tokenizer, [s for s in stop if s], ends
+        self.ids: list[int] = []
+        self.text = ""  # the text so far (cut at a stop string once met)
+        self.sent = 0  # characters of it already given out
+        self.finish: str | None = None
+        self.counted = 0  # completion tokens: up to the one that ended the text
+        self.pending: list[Pick] = []  # picks not yet given out with a piece
+
+    def add(self, pick: Pick) -> str:
+        """Take the row's next token; the text that may now be given out (maybe empty)."""
+        if self.finish is not None:
+            return ""
+        if pick.token in self.ends:
+            self.finish = "stop"
+            return self._release(len(self.text))
+        self.ids.append(pick.token)
+        self.pending.append(pick)
+        self.counted = len(self.ids)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
+        cut = min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=None)
+        if cut is not None:
+            self.text, self.finish = text[:cut], "stop"
+            return self._release(cut)
+        self.text = text
+        safe = len(text.rstrip("\ufffd"))  # an incomplete character waits for its next bytes
+        for s in self.stop:  # hold back an end that may be the start of a stop string
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        return self._release(safe)
+
+    def close(self, finish: str) -> str:
+        """The row ended without an end token or stop string (``finish``: ``"length"``): all that is left."""
+        if self.finish is None:
+            self.finish = finish
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        piece = self.text[self.sent:upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece
+
+    def take_picks(self) -> list[Pick]:
+        picks, self.pending = self.pending, []
+        return picks
+
+
+@dataclass
+class _Choice:
+    tail: TextTail
+    picks: list[Pick] = field(default_factory=list)
+    batch: int = 1  # the most rows this choice ran with
 
 
 class Engine:
-    """Runs jobs on the model: batched (a worker thread) or streamed (one thread per request)."""
+    """Runs jobs on the model in one worker thread with continuous batching (see the module's docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, config: ServerConfig) -> None:
         self.model, self.tok, self.config = model, tokenizer, config
-        tokenizer.padding_side = "left"
         vocab = tokenizer.get_vocab()
         self.ends = {tokenizer.eos_token_id, self.pad_id} | ({vocab["<|im_end|>"]} if "<|im_end|>" in vocab else set())
+        self.ends.discard(None)
         self.tok_lock = threading.Lock()
         self.queue: queue.Queue[Job] = queue.Queue()
-        self.batches: list[int] = []  # sizes of the batches run (for tests and /v1/moerge/stats)
+        self.batches: collections.deque[int] = collections.deque(maxlen=10_000)  # rows of each step run
+        self.batch = DecodeBatch(model, self.pad_id)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._choices: dict[int, _Choice] = {}  # id(row) -> its text so far
+        self._jobs: dict[int, list[Row]] = {}  # id(job) -> its rows, while one of them is not done
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._loop, name="moerge-batcher", daemon=True)
         self._worker.start()
-
-    def close(self) -> None:
-        """Stop the batching worker."""
-        self._stop.set()
-        self._worker.join(timeout=5)
-
-    def submit(self, job: Job) -> Future:
-        """Queue ``job`` for the batching worker; its future gets the completion's result dict."""
-        self.queue.put(job)
-        return job.future
 
     @property
     def pad_id(self) -> int:
         tok = self.tok
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def _kwargs(self, job: Job, max_new: int) -> dict[str, Any]:
-        kw: dict[str, Any] = dict(max_new_tokens=max_new, pad_token_id=self.pad_id)
-        if job.temperature > 0:
-            kw.update(do_sample=True, temperature=job.temperature, top_p=job.top_p)
-        else:
-            kw.update(do_sample=False)
-        return kw
+    def close(self) -> None:
+        """Stop the worker (jobs not finished are failed)."""
+        self._stop.set()
+        self._worker.join(timeout=30)
 
+    def submit(self, job: Job) -> Future:
+        """Queue ``job``; its future gets the completion's result (see :meth:`_result`)."""
+        self.queue.put(job)
+        return job.future
+
+    def tokenize(self, text: str) -> list[int]:
+        """``text``'s token ids (no special tokens added; the tokenizer is called by one thread at a time)."""
+        with self.tok_lock:
+            return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def decode_token(self, token: int) -> str:
+        with self.tok_lock:
+            return self.tok.decode([token])
+
+    # --- the worker -------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        for first in queued(self.queue, self._stop):
-            jobs = [first]
+        try:
+            while not self._stop.is_set():
+                self._admit()
+                if len(self.batch):
+                    self._step()
+        finally:
+            for job in list(self._waiting) + [j for j in self._queued()]:
+                _fail(job, RuntimeError("the server is shutting down"))
+            for rows in self._jobs.values():
+                _fail(rows[0].prompt.owner, RuntimeError("the server is shutting down"))
+            for row in self.batch.rows:
+                row.done = True
+            self.batch.leave(self.batch.rows)
+
+    def _queued(self) -> list[Job]:
+        jobs = []
+        while True:
+            try:
+                jobs.append(self.queue.get_nowait())
+            except queue.Empty:
+                return jobs
+
+    def _admit(self) -> None:
+        """Take the jobs that fit into the batch (rows and tokens), in order, and prefill them together."""
+        if not len(self.batch) and not self._waiting:
+            try:  # idle: wait for a job, then briefly for more to prefill with it
+                self._waiting.append(self.queue.get(timeout=0.1))
+            except queue.Empty:
+                return
             deadline = time.monotonic() + self.config.batch_window
-            while len(jobs) < self.config.max_batch:
+            while sum(j.n for j in self._waiting) < self.config.max_batch:
                 try:
-                    jobs.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    self._waiting.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # drop requests given up on
-            groups: dict[tuple, list[Job]] = {}
-            for j in jobs:
-                groups.setdefault(j.key(), []).append(j)
-            for group in groups.values():
-                self._run_group(group)
-
-    def _run_group(self, group: list[Job]) -> None:
-        try:
-            self._run(group)
-        except BaseException as e:  # noqa: BLE001 - one batch's failure is its requests', not the worker's
-            if len(group) == 1:
-                _fail(group[0], e)
-                return
-            for job in group:  # run alone, so one bad request does not fail the others
-                try:
-                    self._run([job])
-                except BaseException as e1:  # noqa: BLE001
-                    _fail(job, e1)
-
-    def count_tokens(self, text: str) -> int:
-        """How many tokens ``text`` has (no special tokens added)."""
-        with self.tok_lock:
-            return len(self.tok(text, add_special_tokens=False)["input_ids"])
-
-    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Left-padded token ids of ``texts`` on the model's device (the fast tokenizer's padding settings are
-        shared state: one call at a time)."""
-        with self.tok_lock:
-            batch = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return {k: v.to(self.model.device) for k, v in batch.items()}
-
-    def _run(self, jobs: list[Job]) -> None:
-        batch = self.encode([j.text for j in jobs])
-        first = jobs[0]
-        if first.seed is not None:
-            torch.manual_seed(first.seed)
-        with torch.no_grad():
-            out = self.model.generate(**batch, experts=[j.experts for j in jobs] if first.experts is not None
-                                      else None, exclude=first.exclude or None,
-                                      **self._kwargs(first, max(j.max_tokens for j in jobs)))
-        routing = self.model.last_routing
-        self.batches.append(len(jobs))
-        width = batch["input_ids"].shape[1]
-        for b, job in enumerate(jobs):
-            ids = out[b, width:].tolist()
-            text, finish, n = self._finish(ids, job)
-            if not job.future.done():
-                job.future.set_result({"text": text, "finish_reason": finish, "completion_tokens": n,
-                                       "prompt_tokens": int(batch["attention_mask"][b].sum()),
-                                       "routing": routing[b], "batch_size": len(jobs)})
-
-    def _finish(self, ids: list[int], job: Job) -> tuple[str, str, int]:
-        """The completion's text, why it ended and its token count: cut at the end of turn / EOS, at the request's
-        own max_tokens (a batch generates up to its longest), and at the first stop sequence."""
-        finish = "length"
-        kept: list[int] = []
-        for t in ids[: job.max_tokens]:
-            if t in self.ends:  # end of sequence, padding, or the chat template's end of turn
-                finish = "stop"
+        self._waiting.extend(self._queued())
+        if not self.batch.open:
+            return
+        rows = len(self.batch)
+        tokens = sum((len(r.prompt.ids) + r.prompt.max_new) for r in self.batch.rows)
+        chosen: list[Job] = []
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled.is_set() or job.future.cancelled():
+                self._waiting.popleft()
+                continue
+            if (rows or chosen) and (rows + job.n > self.config.max_batch
+                                     or tokens + job.tokens > self.config.max_batch_tokens):
                 break
-            kept.append(t)
-        text = self.tok.decode(kept, skip_special_tokens=True)
-        for s in job.stop:
-            if s and s in text:
-                text, finish = text[: text.index(s)], "stop"
-        return text, finish, len(kept)
+            self._waiting.popleft()
+            if job.future.set_running_or_notify_cancel():
+                chosen.append(job)
+            rows, tokens = rows + job.n, tokens + job.tokens
+        if not chosen:
+            return
+        echo = [j for j in chosen if j.echo]
+        plain = [j for j in chosen if not j.echo]
+        for group in ([plain] if plain else []) + [[j] for j in echo]:  # prompt log-probabilities: all positions
+            self._prefill(group)
 
-    def stream(self, job: Job, info: dict[str, Any]) -> Iterator[str]:
-        """The completion's text in pieces, as generated (one request per generate call); when done, ``info``
-        holds the finish reason, the routing and the token count."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        batch = self.encode([job.text])
-        result: dict[str, Any] = {}
-        cancel = threading.Event()  # a stop sequence was met, or the client went away: stop generating
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        def run() -> None:
-            try:
-                with torch.no_grad():
-                    out = self.model.generate(**batch, streamer=streamer, experts=job.experts,
-                                              exclude=job.exclude or None,
-                                              stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                                              **self._kwargs(job, job.max_tokens))
-                result["routing"] = self.model.last_routing[0]
-                result["ids"] = out[0, batch["input_ids"].shape[1]:].tolist()
-            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
-                result["error"] = e
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        sent, stopped = "", False
+    def _prefill(self, jobs: list[Job]) -> None:
         try:
-            for piece in streamer:
-                if stopped:
-                    continue  # what the generation made before it saw the cancel
-                text = sent + piece
-                cut = min((text.index(s) for s in job.stop if s and s in text), default=None)
-                if cut is not None:
-                    text, stopped = text[:cut], True
-                    cancel.set()
-                if len(text) > len(sent):
-                    yield text[len(sent):]
-                sent = text
-        finally:  # also when the client disconnects (the generator is closed)
-            cancel.set()
-            thread.join()
-        if "error" in result:
-            raise result["error"]
-        _, finish, n = self._finish(result["ids"], job)
-        info.update(finish_reason="stop" if stopped else finish, routing=result["routing"], completion_tokens=n,
-                    prompt_tokens=int(batch["attention_mask"].sum()))
+            done = self.batch.prefill([self._prompt(j) for j in jobs])
+        except BaseException as e:  # noqa: BLE001 - one request's failure is its own, not the others'
+            if len(jobs) == 1:
+                _fail(jobs[0], e)
+                return
+            for job in jobs:
+                self._prefill([job])
+            return
+        for row in done.rows:
+            self._jobs.setdefault(id(row.prompt.owner), []).append(row)
+            choice = self._choices[id(row)] = _Choice(TextTail(self.tok, row.prompt.owner.stop, self.ends))
+            if row.picks:
+                self._take(row, choice, row.picks[-1])
+            else:
+                self._end(row, choice, "length")
+        self._join(done)
+
+    def _join(self, done: Prefilled) -> None:
+        self.batch.join(done)
+        self._settle([r for r in done.rows if r.done])
+
+    @staticmethod
+    def _prompt(job: Job) -> Prompt:
+        return Prompt(job.ids, job.sampling, job.max_tokens, job.n, job.experts, job.exclude, job.echo, owner=job)
+
+    def _step(self) -> None:
+        for row in self.batch.rows:
+            if row.prompt.owner.cancelled.is_set():
+                row.done = True
+        self._leave()
+        if not len(self.batch):
+            return
+        try:
+            rows = self.batch.step()
+        except BaseException as e:  # noqa: BLE001 - a step's failure fails the rows in it, not the worker
+            for row in self.batch.rows:
+                row.done = True
+                _fail(row.prompt.owner, e)
+            self._leave()
+            return
+        self.batches.append(len(rows))
+        for row in rows:
+            choice = self._choices[id(row)]
+            choice.batch = max(choice.batch, len(rows))
+            self._take(row, choice, row.picks[-1])
+        self._leave()
+
+    def _take(self, row: Row, choice: _Choice, pick: Pick) -> None:
+        """A row's new token: its text, and its end (an end token, a stop string, its max_tokens)."""
+        tail = choice.tail
+        piece = tail.add(pick)
+        if tail.finish is None and row.budget_left <= 0:
+            piece += tail.close("length")
+        if tail.finish is not None:
+            row.done = True
+        self._send(row, choice, piece)
+
+    def _send(self, row: Row, choice: _Choice, piece: str) -> None:
+        """Give out the row's new ``piece`` of text (to a streamed job's ``on_piece``), with the picks it ends; the
+        last one with the finish reason."""
+        job = row.prompt.owner
+        if piece or row.done:
+            picks = choice.tail.take_picks()
+            choice.picks.extend(picks)
+            if job.on_piece is not None and not job.cancelled.is_set():
+                job.on_piece(row.index, piece, picks, (choice.tail.finish or "length") if row.done else None)
+
+    def _end(self, row: Row, choice: _Choice, finish: str) -> None:
+        row.done = True
+        self._send(row, choice, choice.tail.close(finish))
+
+    def _leave(self) -> None:
+        done = [r for r in self.batch.rows if r.done]
+        self.batch.leave(done)
+        self._settle(done)
+
+    def _settle(self, done: list[Row]) -> None:
+        """Rows that are done: when all of a job's are, its result."""
+        for row in done:
+            job = row.prompt.owner
+            rows = self._jobs.get(id(job))
+            if rows is None or not all(r.done for r in rows):
+                continue
+            del self._jobs[id(job)]
+            if job.cancelled.is_set() or job.future.done():
+                for r in rows:
+                    self._choices.pop(id(r), None)
+                continue
+            job.future.set_result(self._result(job, rows))
+
+    def _result(self, job: Job, rows: list[Row]) -> dict[str, Any]:
+        """The job's result: per choice its text, finish reason, counted tokens and picks; the prompt's token count
+        (and log-probabilities with ``echo``), the routing and the most rows the job ran with."""
+        choices = []
+        for r in rows:
+            c = self._choices.pop(id(r))
+            choices.append({"index": r.index, "text": c.tail.text, "finish_reason": c.tail.finish or "length",
+                            "completion_tokens": c.tail.counted, "picks": c.picks, "batch": c.batch})
+        first = rows[0]
+        return {"choices": choices, "prompt_tokens": len(job.ids), "prompt_ids": job.ids,
+                "completion_tokens": sum(c["completion_tokens"] for c in choices),
+                "prompt_logprobs": first.prompt_logprobs, "routing": first.state.trace()[0],
+                "batch_size": max(c["batch"] for c in choices)}
+
+
+def _fail(job: Job, e: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(e)
+

@@ -29,12 +29,12 @@ Float = Annotated[float, Field(allow_inf_nan=False)]
 
 # fields OpenAI defines that the server does not support yet: accepted only with a value that asks for nothing
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-    "function_call": (None, "none"), "parallel_tool_calls": (None, False, True), "stream_options": (None,),
-    "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, False, True),
+    "response_format": (None, {"type": "text"}),
 }
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit for chat; vLLM's for both)
+MAX_N = 64  # choices per request
 
 
 class _Moerge(BaseModel):
@@ -43,6 +43,13 @@ class _Moerge(BaseModel):
     experts: dict[Text, Float] | None = None
     exclude: list[Text] | None = None
     trace: bool = False
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's: usage in every chunk
 
 
 class _Common(BaseModel):
@@ -57,8 +64,13 @@ class _Common(BaseModel):
     top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
-    n: Literal[1] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[Float, Field(ge=-100, le=100)]] \
+        | None = None
     user: Text | None = None
     moerge: _Moerge | None = None
 
@@ -88,12 +100,21 @@ class ChatBody(_Common):
     """A ``/v1/chat/completions`` request."""
 
     messages: Annotated[list[_Message], Field(min_length=1)]
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
 
 
 class CompletionBody(_Common):
-    """A ``/v1/completions`` request (one prompt)."""
+    """A ``/v1/completions`` request: one prompt or several, as text or token ids."""
 
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1, max_length=MAX_N)] \
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_N)]
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0 with echo: score the prompt
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool | None = None
 
 
 def unsupported(body: dict[str, Any], model: type[BaseModel]) -> tuple[str, str] | None:

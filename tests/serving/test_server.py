@@ -351,7 +351,7 @@ def test_a_server_on_a_library_without_gates_serves_at_once_and_trains_them_mean
 def test_bad_requests_are_refused_and_the_server_keeps_serving(server):
     http, client, *_ = server
     messages = [{"role": "user", "content": "hi"}]
-    for body, match in [({"seed": [1]}, "seed"), ({"stop": [1]}, "stop"), ({"n": 2}, "'n'"),
+    for body, match in [({"seed": [1]}, "seed"), ({"stop": [1]}, "stop"), ({"n": 0}, "'n'"),
                         ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10_000}, "context"),
                         ({"moerge": {"exclude": ["nope"]}}, "unknown experts"),
                         ({"moerge": {"experts": {"sort": "x"}}}, "moerge.experts.sort")]:
@@ -409,12 +409,23 @@ def _parse(body, chat=False, tokenizer=None):
     ({"prompt": "a", "temperature": float("nan")}, 400, "temperature", "finite number"),
     ({"prompt": "a", "seed": 2**70}, 400, "seed", "less than"),
     ({"prompt": "\ud800"}, 400, "prompt", "lone surrogate"),
-    ({"prompt": "a", "n": 2}, 400, "n", "Input should be 1"),
+    ({"prompt": "a", "n": 65}, 400, "n", "less than or equal to 64"),
+    ({"prompt": "a", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
+    ({"prompt": "a", "logprobs": True}, 400, "logprobs", "valid integer"),
+    ({"prompt": "a", "echo": 1}, 400, "echo", "valid boolean"),
+    ({"prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
+    ({"prompt": "a", "frequency_penalty": -3}, 400, "frequency_penalty", "greater than or equal to -2"),
+    ({"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias.x", "pattern"),
+    ({"prompt": "a", "logit_bias": {"5": 101}}, 400, "logit_bias.5", "less than or equal to 100"),
+    ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "streamed"),
+    ({"prompt": "a", "stream": True, "stream_options": {"include_usage": "yes"}}, 400,
+     "stream_options.include_usage", "valid boolean"),
+    ({"prompt": [[1, 2], [-1]]}, 400, "prompt.1.0", "greater than or equal to 0"),
+    ({"prompt": [[1, 2], "a"]}, 400, "prompt.0", "valid"),
     # fields OpenAI defines that this server does not support yet, and fields nobody defines: never ignored
     ({"prompt": "a", "tools": [{"type": "function"}]}, 400, "tools", "not supported by this server"),
     ({"prompt": "a", "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
-    ({"prompt": "a", "logprobs": 2}, 400, "logprobs", "not supported"),
-    ({"prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+    ({"prompt": "a", "suffix": "b"}, 400, "suffix", "not supported"),
     ({"prompt": "a", "wat": 1}, 400, "wat", "unknown field"),
 ])
 def test_a_completion_request_is_refused_with_the_field_at_fault(body, status, param, match):
@@ -437,21 +448,37 @@ def test_a_chat_request_needs_messages_and_a_chat_template():
         _parse({"messages": [{"role": "user", "content": "hi"}]}, chat=True, tokenizer=no_template)
     parts = [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]
     req = _parse({"messages": [{"role": "user", "content": parts}]}, chat=True, tokenizer=tiny_tokenizer())
-    assert req.chat and "hi there" in req.text
+    assert req.chat and "hi there" in req.prompts[0]
+    with pytest.raises(OpenAIError, match="top_logprobs needs logprobs") as err:
+        _parse({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, chat=True,
+               tokenizer=tiny_tokenizer())
 
 
-def test_a_parsed_request_gives_the_engines_job():
+def test_a_parsed_request_gives_the_engines_jobs():
     req = _parse({"prompt": ["abc"], "model": "moerge/sort", "moerge": {"experts": {"french": 1.0},
                                                                          "exclude": ["sort", "french"]},
-                  "stop": "x", "temperature": 0, "seed": 3})
+                  "stop": "x", "temperature": 0, "seed": 3, "logit_bias": {"7": -100}, "presence_penalty": 0.5})
     assert (req.model, req.experts, req.exclude, req.stop) == ("moerge/sort", {"sort": 1.0}, ("french", "sort"), ["x"])
-    job = req.job(prompt_tokens=3, context_length=None)
-    assert (job.text, job.max_tokens, job.temperature, job.top_p, job.seed) == ("abc", 16, 0.0, 1.0, 3)
-    assert req.job(prompt_tokens=10, context_length=12).max_tokens == 2  # the default fits the context
+    three = lambda text: [5, 6, 7][: len(text)]  # noqa: E731 - a tokenizer for the test
+    [job] = req.jobs(three, vocab_size=100, context_length=None)
+    s = job.sampling
+    assert (job.ids, job.max_tokens, s.temperature, s.top_p, s.seed) == ([5, 6, 7], 16, 0.0, 1.0, 3)
+    assert (s.logit_bias, s.presence_penalty, s.top_logprobs) == ({7: -100.0}, 0.5, None)
+    assert req.jobs(lambda t: [1] * 10, 100, context_length=12)[0].max_tokens == 2  # the default fits the context
     with pytest.raises(OpenAIError, match="context of 12 tokens"):
-        _parse({"prompt": "abc", "max_tokens": 3}).job(prompt_tokens=10, context_length=12)
-    with pytest.raises(OpenAIError, match="the prompt is empty"):
-        req.job(prompt_tokens=0, context_length=None)
+        _parse({"prompt": "abc", "max_tokens": 3}).jobs(lambda t: [1] * 10, 100, context_length=12)
+    with pytest.raises(OpenAIError, match="prompt is empty"):
+        req.jobs(lambda t: [], 100, context_length=None)
+    with pytest.raises(OpenAIError, match="logit_bias names token id 7"):
+        req.jobs(three, vocab_size=7, context_length=None)
+    # several prompts, as text or token ids; ids the model does not have are refused naming the prompt
+    many = _parse({"prompt": [[1, 2], [3]], "n": 2, "echo": True, "logprobs": 1, "max_tokens": 0})
+    jobs = many.jobs(three, vocab_size=4, context_length=None)
+    assert [j.ids for j in jobs] == [[1, 2], [3]] and all(j.n == 2 and j.echo for j in jobs)
+    with pytest.raises(OpenAIError, match=r"prompt\[1\] holds token id 3"):
+        many.jobs(three, vocab_size=3, context_length=None)
+    with pytest.raises(OpenAIError, match="max_tokens 0 asks for nothing"):
+        _parse({"prompt": "a", "max_tokens": 0}).jobs(three, 100, None)
 
 
 def test_the_server_reads_experts_when_requests_need_them_and_lists_which_are_resident(tmp_path):
