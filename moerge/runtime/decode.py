@@ -198,7 +198,13 @@ class DecodeBatch:
     def _rejoin(self) -> None:
         if self._joined is not None:
             self._joined.settle()
-        self._joined = JoinedState([(r.state, 1) for r in self.rows]) if self.rows else None
+        parts: list[list] = []  # a request's rows (its samples) are side by side: one part, its tokens counted once
+        for r in self.rows:
+            if parts and parts[-1][0] is r.state:
+                parts[-1][1] += 1
+            else:
+                parts.append([r.state, 1])
+        self._joined = JoinedState([(s, n) for s, n in parts]) if parts else None
 
     # --- stepping ---------------------------------------------------------------------------------------------------
     @staticmethod
