@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -144,3 +148,40 @@ def s3_keys(s3) -> list[str]:
     """The keys under ``lib/`` in the ``s3`` fixture's bucket, relative to the library."""
     out = s3.list_objects_v2(Bucket=s3.bucket).get("Contents", [])
     return sorted(o["Key"][len("lib/"):] for o in out if o["Key"].startswith("lib/"))
+
+
+HANG_GUARD = 300  # seconds: only a request that never gets an answer takes this long
+
+
+@contextmanager
+def live(app) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 in a thread; yields its URL. The socket is bound and listening before uvicorn
+    starts, so requests queue until it accepts them: no wait for startup, and no other process can take the port.
+    If the server fails, the socket is closed and every queued or later request fails at once."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+
+    def run() -> None:
+        try:
+            srv.run(sockets=[sock])
+        finally:
+            sock.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=HANG_GUARD)
+
+
+def client_for(url: str):
+    """The official openai client on the server at ``url``."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD)

@@ -93,10 +93,11 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class DecodeBatch:
-    """The rows being generated together (see the module's docstring) on ``model`` (a :class:`MoErgeModel`)."""
+    """The rows being generated together (see the module's docstring) on ``model`` (a :class:`MoErgeModel`);
+    ``pad_id`` fills the left of shorter prompts, ``vocab`` (the tokenizer's size) bounds the ids chosen."""
 
-    def __init__(self, model: Any, pad_id: int) -> None:
-        self.model, self.pad_id = model, pad_id
+    def __init__(self, model: Any, pad_id: int, vocab: int | None = None) -> None:
+        self.model, self.pad_id, self.vocab = model, pad_id, vocab
         self.rows: list[Row] = []
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # (B, L) 1 where the cache holds a token of the row
@@ -148,7 +149,7 @@ class DecodeBatch:
         for i, p in enumerate(prompts):
             echoed = self._prompt_logprobs(p, logits[i, width - len(p.ids):]) if p.echo else None
             for j in range(p.n):
-                row = Row(p, j, RowSampler(p.sampling, self.device, j), states[i], prompt_logprobs=echoed)
+                row = Row(p, j, RowSampler(p.sampling, self.device, j, self.vocab), states[i], prompt_logprobs=echoed)
                 if p.max_new > 0:
                     row.picks.append(row.sampler(logits[i, -1]))
                 else:

@@ -62,10 +62,12 @@ def top_of(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
 
 class RowSampler:
     """Chooses one row's tokens (see the module's docstring); ``index``: the sample's number within its request
-    (``n > 1``), which gives each sample its own seeded draws."""
+    (``n > 1``), which gives each sample its own seeded draws; ``vocab``: ids at or above it are never chosen (a
+    model's embedding is often padded past its tokenizer's vocabulary, and those ids have no text)."""
 
-    def __init__(self, sampling: Sampling, device: torch.device | str = "cpu", index: int = 0) -> None:
-        self.sampling = sampling
+    def __init__(self, sampling: Sampling, device: torch.device | str = "cpu", index: int = 0,
+                 vocab: int | None = None) -> None:
+        self.sampling, self.vocab = sampling, vocab
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(_seed(sampling.seed, index))
         self._counts: torch.Tensor | None = None  # (V,) how often the row generated each token (penalties)
@@ -89,6 +91,9 @@ class RowSampler:
         set of tokens a constraint admits."""
         s = self.sampling
         z = self._adjusted(logits)
+        if self.vocab is not None and self.vocab < z.shape[-1]:
+            z = z.clone() if z is logits else z
+            z[self.vocab:] = float("-inf")
         if allowed is not None:
             z = z.masked_fill(~allowed, float("-inf"))
         if s.greedy:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from moerge.runtime.decode import DecodeBatch, Prefilled, Prompt, Row
 from moerge.runtime.sampling import Pick, Sampling
 
-__all__ = ["Engine", "Job", "ServerConfig", "TextTail", "queued"]
+__all__ = ["Cancelled", "Engine", "Job", "ServerConfig", "TextTail", "queued"]
 
 T = TypeVar("T")
 
@@ -74,7 +74,8 @@ class Job:
         return (len(self.ids) + self.max_tokens) * self.n
 
     def cancel(self) -> None:
-        """Give up the job (its client left): its rows leave the batch at the next step."""
+        """Give up the job (its client left): its rows leave the batch at the next step, and its future ends with
+        :class:`Cancelled` (or is cancelled, if it had not started)."""
         self.cancelled.set()
         self.future.cancel()
 
@@ -87,6 +88,10 @@ def queued(items: queue.Queue[T], stop: threading.Event) -> Iterator[T]:
             yield items.get(timeout=0.1)
         except queue.Empty:
             continue
+
+
+class Cancelled(Exception):
+    """What a job given up by its client ends with, once its rows have left the batch."""
 
 
 class TextTail:
@@ -161,7 +166,7 @@ class Engine:
         self.tok_lock = threading.Lock()
         self.queue: queue.Queue[Job] = queue.Queue()
         self.batches: collections.deque[int] = collections.deque(maxlen=10_000)  # rows of each step run
-        self.batch = DecodeBatch(model, self.pad_id)
+        self.batch = DecodeBatch(model, self.pad_id, len(tokenizer))
         self._waiting: collections.deque[Job] = collections.deque()
         self._choices: dict[int, _Choice] = {}  # id(row) -> its text so far
         self._jobs: dict[int, list[Row]] = {}  # id(job) -> its rows, while one of them is not done
@@ -344,6 +349,7 @@ class Engine:
             if job.cancelled.is_set() or job.future.done():
                 for r in rows:
                     self._choices.pop(id(r), None)
+                _fail(job, Cancelled("the client left: the request was dropped"))
                 continue
             job.future.set_result(self._result(job, rows))
 

@@ -6,13 +6,10 @@ import copy
 import importlib
 import json
 import re
-import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -23,43 +20,10 @@ from moerge.routers import build_router
 from moerge.serving import ServerConfig, create_app
 from moerge.serving.protocol import OpenAIError, parse_completion
 
-from helpers import save_peft_lora, tiny_chat_llama, tiny_tokenizer
+from helpers import HANG_GUARD, client_for, live, save_peft_lora, tiny_chat_llama, tiny_tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-
-
-HANG_GUARD = 300  # seconds: only a request that never gets an answer takes this long
-
-
-@contextmanager
-def live(app) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 in a thread; yields its URL. The socket is bound and listening before uvicorn
-    starts, so requests queue until it accepts them: no wait for startup, and no other process can take the port.
-    If the server fails, the socket is closed and every queued or later request fails at once."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-
-    def run() -> None:
-        try:
-            srv.run(sockets=[sock])
-        finally:
-            sock.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=HANG_GUARD)
-
-
-def client_for(url: str):
-    """The official openai client on the server at ``url``."""
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD)
 
 
 @pytest.fixture(scope="module")
