@@ -32,7 +32,7 @@ from moerge.cli.common import (
 
 app = typer.Typer()
 
-SERVER_MODULES = ("fastapi", "uvicorn")  # what the `server` extra installs
+SERVER_MODULES = ("fastapi", "uvicorn", "prometheus_client")  # what the `server` extra installs
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,12 @@ def serve(
     model_options: ModelOptions,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
-    max_batch: Annotated[int, typer.Option(help="requests run together in one generate call")] = 8,
-    batch_window: Annotated[float, typer.Option(help="seconds to wait for more requests to batch")] = 0.02,
+    max_batch: Annotated[int, typer.Option(help="rows decoded together (requests join and leave the running batch "
+                                                "at every step)")] = 8,
+    max_batch_tokens: Annotated[int, typer.Option(help="prompt + max_tokens over the rows of the batch")] = 65536,
+    batch_window: Annotated[float, typer.Option(help="seconds an idle server waits for more requests to prefill "
+                                                     "with the first")] = 0.02,
+    max_body_mib: Annotated[float, typer.Option(help="the largest request body, in MiB (larger: 413)")] = 4.0,
     train_routing: Annotated[str, typer.Option(
         help="routing data the library lacks (PHATGOOSE gates, X-LoRA heads): 'background' serves at once and "
              "trains it meanwhile (GET /v1/experts tells how it stands); 'now' trains it before serving")]
@@ -189,5 +193,6 @@ def serve(
                           "are refused (403)[/]", highlight=False)
     model = attempt(lambda: model_options.load(train_routing), False)
     run_server(model, model.tokenizer, host=host, port=port,
-               config=ServerConfig(max_batch=max_batch, batch_window=batch_window, api_key=api_key or None,
+               config=ServerConfig(max_batch=max_batch, max_batch_tokens=max_batch_tokens, batch_window=batch_window,
+                                   max_body_bytes=int(max_body_mib * (1 << 20)), api_key=api_key or None,
                                    api_key_for_all=api_key_for_all, admin=bool(api_key) or local))

@@ -22,7 +22,8 @@ Endpoints:
 * ``GET /v1/experts`` — each expert with how its routing data stands (``ready``; ``training`` in the background
   when the server started on a library that lacks it, ``moerge serve --train-routing background``, the default;
   ``failed`` with the error), and the experts of the library the model could not take in.
-* ``GET /v1/moerge/stats`` — the sizes of the batches run and the experts served.
+* ``GET /v1/moerge/stats`` — the rows of the decode steps run and the experts served.
+* ``GET /metrics`` — the server's figures in Prometheus' format (:mod:`moerge.serving.metrics`).
 
 Requests are checked in :mod:`moerge.serving.protocol` and run by :mod:`moerge.serving.engine`, which batches
 requests that arrive together.
@@ -41,7 +42,7 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moerge.errors import LibraryError, MoErgeError
 from moerge.serving.engine import Engine, Job, ServerConfig
@@ -59,6 +60,7 @@ from moerge.serving.protocol import (
     parse_completion,
     usage,
 )
+from moerge.serving.metrics import CONTENT_TYPE_LATEST, Metrics
 from moerge.serving.uploads import Uploads
 
 __all__ = ["create_app", "serve", "ServerConfig"]
@@ -304,14 +306,40 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.uploads.close()
 
 
+class _Measured:
+    """ASGI middleware counting each request by route template and status, and timing it to the end of its body
+    (a stream's too)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                route = getattr(scope.get("route"), "path", "other")
+                self.metrics.requests.labels(route, str(status[0])).inc()
+                self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+        await self.app(scope, receive, sending)
+
+
 def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -> Any:
     """The FastAPI app serving ``model`` (a :class:`~moerge.MoErgeModel` with its library, if any)."""
     config = config or ServerConfig()
-    engine = Engine(model, tokenizer, config)
+    metrics = Metrics(getattr(model, "cache_stats", None))
+    engine = Engine(model, tokenizer, config, metrics)
     uploads = Uploads(model, config.max_pending_uploads, config.upload_history)
     app = FastAPI(title="moerge", description="OpenAI-compatible API over a routed mixture of experts",
                   lifespan=_lifespan)
-    app.state.engine, app.state.uploads = engine, uploads
+    app.state.engine, app.state.uploads, app.state.metrics = engine, uploads, metrics
+    app.add_middleware(_Measured, metrics=metrics)
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(RequestValidationError, _field_error)
     api = _Endpoints(model, tokenizer, engine, uploads, config)
@@ -319,6 +347,8 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
     admin, rest = (keyed if config.admin else [Depends(_no_admin)]), (keyed if config.api_key_for_all else [])
     app.add_api_route("/v1/models", api.list_models, methods=["GET"], dependencies=rest)
     app.add_api_route("/v1/moerge/stats", api.stats, methods=["GET"], dependencies=rest)
+    app.add_api_route("/metrics", lambda: Response(metrics.text(), media_type=CONTENT_TYPE_LATEST),
+                      methods=["GET"], dependencies=rest, include_in_schema=False)
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], dependencies=rest)
     app.add_api_route("/v1/completions", api.completions, methods=["POST"], dependencies=rest)
     app.add_api_route("/v1/experts", api.add_expert, methods=["POST"], dependencies=admin)

@@ -19,10 +19,13 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from moerge.runtime.decode import DecodeBatch, Prefilled, Prompt, Row
 from moerge.runtime.sampling import Pick, Sampling
+
+if TYPE_CHECKING:  # pragma: no cover
+    from moerge.serving.metrics import Metrics
 
 __all__ = ["Cancelled", "Engine", "Job", "ServerConfig", "TextTail", "queued"]
 
@@ -67,6 +70,7 @@ class Job:
     on_piece: Callable[[int, str, list[Pick], str | None], None] | None = None
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.monotonic)
 
     @property
     def tokens(self) -> int:
@@ -158,8 +162,8 @@ class _Choice:
 class Engine:
     """Runs jobs on the model in one worker thread with continuous batching (see the module's docstring)."""
 
-    def __init__(self, model: Any, tokenizer: Any, config: ServerConfig) -> None:
-        self.model, self.tok, self.config = model, tokenizer, config
+    def __init__(self, model: Any, tokenizer: Any, config: ServerConfig, metrics: Metrics | None = None) -> None:
+        self.model, self.tok, self.config, self.metrics = model, tokenizer, config, metrics
         vocab = tokenizer.get_vocab()
         self.ends = {tokenizer.eos_token_id, self.pad_id} | ({vocab["<|im_end|>"]} if "<|im_end|>" in vocab else set())
         self.ends.discard(None)
@@ -270,6 +274,10 @@ class Engine:
             for job in jobs:
                 self._prefill([job])
             return
+        if self.metrics is not None:
+            now = time.monotonic()
+            for job in jobs:
+                self.metrics.first_token.observe(now - job.arrived)
         for row in done.rows:
             self._jobs.setdefault(id(row.prompt.owner), []).append(row)
             choice = self._choices[id(row)] = _Choice(TextTail(self.tok, row.prompt.owner.stop, self.ends))
@@ -303,6 +311,10 @@ class Engine:
             self._leave()
             return
         self.batches.append(len(rows))
+        if self.metrics is not None:
+            self.metrics.rows.observe(len(rows))
+            self.metrics.running.set(len(rows))
+            self.metrics.waiting.set(len(self._waiting) + self.queue.qsize())
         for row in rows:
             choice = self._choices[id(row)]
             choice.batch = max(choice.batch, len(rows))
@@ -350,8 +362,13 @@ class Engine:
                 for r in rows:
                     self._choices.pop(id(r), None)
                 _fail(job, Cancelled("the client left: the request was dropped"))
+                if self.metrics is not None and job.cancelled.is_set():
+                    self.metrics.cancelled.inc()
                 continue
-            job.future.set_result(self._result(job, rows))
+            result = self._result(job, rows)
+            if self.metrics is not None:
+                self.metrics.finished(result)
+            job.future.set_result(result)
 
     def _result(self, job: Job, rows: list[Row]) -> dict[str, Any]:
         """The job's result: per choice its text, finish reason, counted tokens and picks; the prompt's token count

@@ -290,3 +290,33 @@ def test_stream_usage_and_chunks_follow_openais_shape(served):
     raw = http.post("/v1/completions", json={"model": "moerge", "prompt": "ab", "max_tokens": 2, "stream": True})
     events = [line[6:] for line in raw.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and all("usage" not in json.loads(e) for e in events[:-1])
+
+
+def test_metrics_in_prometheus_format(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    http, client, _, _, _ = served
+    before = _samples(http, text_string_to_metric_families)
+    r = client.completions.create(model="moerge/sort", prompt="abc", max_tokens=3, temperature=0, logit_bias=NO_END)
+    assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": "x"}).status_code == 400
+    after = _samples(http, text_string_to_metric_families)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("moerge_requests_total", route="/v1/completions", status="200") == 1
+    assert grew("moerge_requests_total", route="/v1/completions", status="400") == 1
+    assert grew("moerge_completion_tokens_total") == r.usage.completion_tokens == 3
+    assert grew("moerge_prompt_tokens_total") == 3
+    assert grew("moerge_expert_requests_total", expert="sort") == 1
+    assert grew("moerge_batch_rows_count") == 2  # the first token comes from the prefill, then two steps
+    assert grew("moerge_time_to_first_token_seconds_count") == 1
+    assert grew("moerge_request_seconds_count", route="/v1/completions") == 2
+    assert after[("moerge_expert_cache_experts", ())] == 2
+
+
+def _samples(http, parse) -> dict:
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in parse(r.text) for s in f.samples}
