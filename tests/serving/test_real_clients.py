@@ -89,6 +89,7 @@ dataset_kwargs:
     test: {data}
 test_split: test
 output_type: multiple_choice
+target_delimiter: ""
 doc_to_text: "{{{{question}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{answer}}}}"
@@ -123,7 +124,8 @@ def _reference_loglikelihood(model, tok, context: str, continuation: str) -> tup
     cont = tok(continuation, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([ctx + cont])
     with torch.no_grad():
-        lp = torch.log_softmax(model(ids, attention_mask=torch.ones_like(ids)).logits[0].float(), -1)
+        lp = torch.log_softmax(model(ids, attention_mask=torch.ones_like(ids), experts={"sort": 1.0}).logits[0]
+                               .float(), -1)
     rows = lp[len(ctx) - 1: len(ctx) + len(cont) - 1]
     picked = rows[torch.arange(len(cont)), torch.tensor(cont)]
     return float(picked.sum()), bool((rows.argmax(-1) == torch.tensor(cont)).all())
