@@ -55,6 +55,15 @@ class Row:
     picks: list[Pick] = field(default_factory=list)
     prompt_logprobs: list[Pick | None] | None = None  # echo: per prompt token (the first has none)
     done: bool = False
+    error: BaseException | None = None  # why its token could not be chosen (it is done; the others go on)
+
+    def pick(self, logits: torch.Tensor, pad_id: int) -> None:
+        """Choose the row's next token from its ``(V,)`` logits; a failure ends this row alone."""
+        try:
+            self.picks.append(self.sampler(logits))
+        except Exception as e:  # noqa: BLE001 - one row's sampling failure is its request's, not the batch's
+            self.error, self.done = e, True
+            self.picks.append(Pick(pad_id, None, None))
 
     @property
     def tokens(self) -> list[int]:
@@ -151,7 +160,7 @@ class DecodeBatch:
             for j in range(p.n):
                 row = Row(p, j, RowSampler(p.sampling, self.device, j, self.vocab), states[i], prompt_logprobs=echoed)
                 if p.max_new > 0:
-                    row.picks.append(row.sampler(logits[i, -1]))
+                    row.pick(logits[i, -1], self.pad_id)
                 else:
                     row.done = True
                 rows.append(row)
@@ -223,7 +232,7 @@ class DecodeBatch:
         self.mask = mask
         logits = out.logits[:, -1].float()
         for i, row in enumerate(self.rows):
-            row.picks.append(row.sampler(logits[i]))
+            row.pick(logits[i], self.pad_id)
         self.next_ids = torch.tensor([r.picks[-1].token for r in self.rows], device=self.device)
         return self.rows
 

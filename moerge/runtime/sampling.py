@@ -34,7 +34,8 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or so close to it (below 1e-5, as vLLM) that dividing by it would overflow."""
+        return self.temperature < 1e-5
 
 
 class Pick(NamedTuple):
@@ -103,6 +104,7 @@ class RowSampler:
             if s.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 drop = sorted_p.cumsum(0) - sorted_p >= s.top_p  # the fewest tokens reaching top_p stay
+                drop[0] = False  # the likeliest always (a top_p below float32's smallest number rounds to 0)
                 probs = probs.scatter(0, order[drop], 0.0)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         self._count(token, logits)

@@ -42,6 +42,7 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moerge.errors import LibraryError, MoErgeError
@@ -61,6 +62,7 @@ from moerge.serving.protocol import (
     usage,
 )
 from moerge.serving.metrics import CONTENT_TYPE_LATEST, Metrics
+from moerge.serving.requests import ChatBody, CompletionBody
 from moerge.serving.uploads import Uploads
 
 __all__ = ["create_app", "serve", "ServerConfig"]
@@ -295,6 +297,11 @@ async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
     return JSONResponse(status_code=e.status, content=e.body())
 
 
+async def _server_error(request: Request, e: Exception) -> JSONResponse:
+    """Whatever else went wrong: a 500 in OpenAI's shape (never a bare traceback)."""
+    return await _openai_error(request, OpenAIError(500, f"the server failed: {type(e).__name__}: {e}"))
+
+
 async def _field_error(request: Request, e: RequestValidationError) -> JSONResponse:
     return await _openai_error(request, field_error(e.errors()))
 
@@ -342,6 +349,7 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
     app.add_middleware(_Measured, metrics=metrics)
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(RequestValidationError, _field_error)
+    app.add_exception_handler(Exception, _server_error)
     api = _Endpoints(model, tokenizer, engine, uploads, config)
     keyed = [Depends(_key_check(config.api_key))] if config.api_key else []
     admin, rest = (keyed if config.admin else [Depends(_no_admin)]), (keyed if config.api_key_for_all else [])
@@ -356,7 +364,25 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -
     app.add_api_route("/v1/experts/pending", api.pending_uploads, methods=["GET"], dependencies=rest)
     app.add_api_route("/v1/experts/pending/{upload_id}", api.upload_status, methods=["GET"], dependencies=rest)
     app.add_api_route("/v1/experts/{name}", api.remove_expert, methods=["DELETE"], dependencies=admin)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI schema, with the completion routes' request bodies (read by hand, to refuse what FastAPI would
+    coerce) described by the pydantic models that check them."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        defs = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, body in (("/v1/chat/completions", ChatBody), ("/v1/completions", CompletionBody)):
+            js = body.model_json_schema(ref_template="#/components/schemas/{model}")
+            defs.update(js.pop("$defs", {}))
+            defs[body.__name__] = js
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,

@@ -323,6 +323,9 @@ class Engine:
 
     def _take(self, row: Row, choice: _Choice, pick: Pick) -> None:
         """A row's new token: its text, and its end (an end token, a stop string, its max_tokens)."""
+        if row.error is not None:
+            _fail(row.prompt.owner, row.error)
+            return
         tail = choice.tail
         piece = tail.add(pick)
         if tail.finish is None and row.budget_left <= 0:

@@ -164,5 +164,8 @@ def test_the_sampler_applies_penalties_bias_temperature_and_nucleus_as_defined()
     torch.manual_seed(1)
     seq_b = [b(logits).token for _ in range(20)]
     assert seq_a == seq_b and len(set(seq_a)) > 1
+    # a top_p or a temperature at the edge of float32 still gives a token (both were server errors)
+    assert RowSampler(Sampling(top_p=5e-324, seed=1))(logits).token == 0
+    assert RowSampler(Sampling(temperature=1e-300, seed=1))(logits).token == 0
     # samples of one request (n > 1) draw differently
     assert [RowSampler(Sampling(seed=7), index=1)(logits).token for _ in range(20)] != seq_a
