@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moerge.errors import LibraryError, MoErgeError
 from moerge.serving.engine import Engine, Job, ServerConfig
+from moerge.serving.metrics import CONTENT_TYPE_LATEST, Metrics
 from moerge.serving.protocol import (
     MODEL_ID,
     CompletionRequest,
@@ -61,7 +62,6 @@ from moerge.serving.protocol import (
     parse_completion,
     usage,
 )
-from moerge.serving.metrics import CONTENT_TYPE_LATEST, Metrics
 from moerge.serving.requests import ChatBody, CompletionBody
 from moerge.serving.uploads import Uploads
 

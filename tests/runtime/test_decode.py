@@ -11,10 +11,9 @@ import torch
 
 from moerge import ExpertLibrary, MoErgeModel
 from moerge.routers import build_router
+from moerge.routing.embed import CallableEmbedder
 from moerge.runtime.decode import DecodeBatch, Prompt
 from moerge.runtime.sampling import RowSampler, Sampling
-
-from moerge.routing.embed import CallableEmbedder
 
 from helpers import save_peft_lora, tiny_chat_llama, tiny_gpt2, tiny_llama, tiny_tokenizer
 

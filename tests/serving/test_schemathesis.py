@@ -68,7 +68,7 @@ def test_no_request_the_schema_allows_or_breaks_gets_a_server_error(app, mode):
         @given(case=op.as_strategy(generation_mode=mode))
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None,
                   phases=[Phase.generate])
-        def run(case):
+        def run(case, name=name):
             ran[name] = ran.get(name, 0) + 1
             case.call_and_validate(checks=[not_a_server_error])
 
