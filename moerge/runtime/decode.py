@@ -146,7 +146,7 @@ class DecodeBatch:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        joined = JoinedState([(s, 1) for s in states])
+        joined = JoinedState([(s, 1) for s in states], lengths=[len(p.ids) for p in prompts])
         echo = any(p.echo for p in prompts)
         with torch.no_grad(), self.model.context.activate(joined):
             out = self.model.base(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask),

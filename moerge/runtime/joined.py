@@ -45,7 +45,10 @@ class JoinedState:
     layer reads of a :class:`RoutingState` (``gathered``, ``local``, ``router``, ``record_usage``, ``record``), plus
     ``split``: the modules to mix part by part (:attr:`parts`)."""
 
-    def __init__(self, parts: Sequence[tuple[RoutingState, int]]) -> None:
+    def __init__(self, parts: Sequence[tuple[RoutingState, int]], lengths: Sequence[int] | None = None) -> None:
+        """``parts``: each call's state and its rows, in batch order. ``lengths`` (a left-padded prefill): each part's
+        tokens, the last ones of the batch's columns; the gate weights of the padding before them are not its."""
+        self.lengths = list(lengths) if lengths is not None else None
         self.parts: list[Part] = []
         start = 0
         for state, rows in parts:
@@ -92,8 +95,11 @@ class JoinedState:
             return
         w = torch.cat(kept, dim=1) if len(kept) > 1 else kept[0]
         index = self._touched.get(module)
-        for p in self.parts:
+        for i, p in enumerate(self.parts):
             s = p.state
             if not s.record_usage or (index is not None and index not in s.gathered):
                 continue
-            s.record(module, w[p.start:p.start + p.rows, :, :s.candidates.k])
+            mine = w[p.start:p.start + p.rows, :, :s.candidates.k]
+            if self.lengths is not None:
+                mine = mine[:, mine.shape[1] - self.lengths[i]:]
+            s.record(module, mine)

@@ -108,6 +108,10 @@ class _Endpoints:
             results = await _results(jobs, request)
         except MoErgeError as e:
             raise OpenAIError(400, str(e)) from None
+        except OpenAIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the engine's failure: a 500 in OpenAI's shape, the server goes on
+            raise OpenAIError(500, f"the server failed: {type(e).__name__}: {e}") from None
         texts = [self.token_text_of(j.ids) for j in jobs] if req.echo else []
         return completion_body(req, results, self.token_text, texts)
 
@@ -266,10 +270,11 @@ async def _results(jobs: list[Job], request: Request) -> list[dict[str, Any]]:
                 return waiting.result()
             if await request.is_disconnected():
                 raise OpenAIError(499, "the client closed the connection", "client_closed")
-    finally:
-        if not waiting.done():
-            for job in jobs:
+    finally:  # the client left, or one prompt failed: the others' work is dropped too
+        for job in jobs:
+            if not job.future.done():
                 job.cancel()
+        if not waiting.done():
             waiting.cancel()
             with contextlib.suppress(BaseException):
                 await waiting

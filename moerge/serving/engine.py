@@ -41,7 +41,8 @@ class ServerConfig:
 
     max_batch: int = 8
     batch_window: float = 0.02  # seconds an idle worker waits for more requests after the first
-    max_batch_tokens: int = 65536  # prompt + max_tokens over the rows of a batch (a request alone always runs)
+    max_batch_tokens: int = 65536  # rows × the longest prompt + max_tokens among them: the KV cache's most
+    # columns (a request alone always runs)
     default_max_tokens: int = 128
     max_body_bytes: int = 4 << 20  # larger request bodies are refused (413)
     max_pending_uploads: int = 8
@@ -72,11 +73,6 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
 
-    @property
-    def tokens(self) -> int:
-        """What the job may hold in a batch: its prompt and completion tokens, per choice."""
-        return (len(self.ids) + self.max_tokens) * self.n
-
     def cancel(self) -> None:
         """Give up the job (its client left): its rows leave the batch at the next step, and its future ends with
         :class:`Cancelled` (or is cancelled, if it had not started)."""
@@ -102,14 +98,31 @@ class TextTail:
     """A row's text as its tokens come: what may be sent so far (never an incomplete character, nor an end of text
     that could be the start of a stop string), and whether a stop string or end token finished it."""
 
-    def __init__(self, tokenizer: Any, stop: list[str], ends: set[int]) -> None:
+    def __init__(self, tokenizer: Any, stop: list[str], ends: set[int], lock: threading.Lock | None = None) -> None:
         self.tok, self.stop, self.ends = tokenizer, [s for s in stop if s], ends
+        self.lock = lock or threading.Lock()
         self.ids: list[int] = []
         self.text = ""  # the text so far (cut at a stop string once met)
         self.sent = 0  # characters of it already given out
         self.finish: str | None = None
         self.counted = 0  # completion tokens: up to the one that ended the text
         self.pending: list[Pick] = []  # picks not yet given out with a piece
+        self._prefix = self._read = 0  # incremental decoding: ids[_prefix:_read] were decoded into text already
+
+    def _decode(self, ids: list[int]) -> str:
+        with self.lock:
+            return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _new_text(self) -> str:
+        """The text the latest tokens add, once it is whole: the ids from the last settled point are decoded with
+        the ones before them as context (a token's text can depend on its neighbours'), so text once made is never
+        changed and each step decodes a few tokens, not all of them."""
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):  # nothing yet, or an incomplete character
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
 
     def add(self, pick: Pick) -> str:
         """Take the row's next token; the text that may now be given out (maybe empty)."""
@@ -121,18 +134,18 @@ class TextTail:
         self.ids.append(pick.token)
         self.pending.append(pick)
         self.counted = len(self.ids)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        text = self.text + self._new_text()
         cut = min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=None)
         if cut is not None:
             self.text, self.finish = text[:cut], "stop"
             return self._release(cut)
         self.text = text
-        safe = len(text.rstrip("\ufffd"))  # an incomplete character waits for its next bytes
+        safe = len(text)
         for s in self.stop:  # hold back an end that may be the start of a stop string
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe -= k
+            for k in range(min(len(s) - 1, safe - self.sent), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
                     break
         return self._release(safe)
 
@@ -166,6 +179,8 @@ class Engine:
         self.model, self.tok, self.config, self.metrics = model, tokenizer, config, metrics
         vocab = tokenizer.get_vocab()
         self.ends = {tokenizer.eos_token_id, self.pad_id} | ({vocab["<|im_end|>"]} if "<|im_end|>" in vocab else set())
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # e.g. Llama 3's <|eot_id|>
+        self.ends |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
         self.ends.discard(None)
         self.tok_lock = threading.Lock()
         self.queue: queue.Queue[Job] = queue.Queue()
@@ -190,6 +205,8 @@ class Engine:
 
     def submit(self, job: Job) -> Future:
         """Queue ``job``; its future gets the completion's result (see :meth:`_result`)."""
+        if not self._worker.is_alive():
+            raise RuntimeError("the server's engine has stopped")
         self.queue.put(job)
         return job.future
 
@@ -206,9 +223,12 @@ class Engine:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
-                self._admit()
-                if len(self.batch):
-                    self._step()
+                try:
+                    self._admit()
+                    if len(self.batch):
+                        self._step()
+                except Exception as e:  # noqa: BLE001 - what failed outside a row (joining, leaving, a result)
+                    self._reset(e)
         finally:
             for job in list(self._waiting) + [j for j in self._queued()]:
                 _fail(job, RuntimeError("the server is shutting down"))
@@ -217,6 +237,17 @@ class Engine:
             for row in self.batch.rows:
                 row.done = True
             self.batch.leave(self.batch.rows)
+
+    def _reset(self, error: BaseException) -> None:
+        """After a failure the batch cannot be trusted with: fail the jobs in it and start an empty one (the
+        requests waiting to join are kept)."""
+        for rows in list(self._jobs.values()):
+            _fail(rows[0].prompt.owner, error)
+        self._jobs.clear()
+        self._choices.clear()
+        self.batch = DecodeBatch(self.model, self.pad_id, self.batch.vocab)
+        if self.metrics is not None:
+            self.metrics.running.set(0)
 
     def _queued(self) -> list[Job]:
         jobs = []
@@ -243,20 +274,21 @@ class Engine:
         if not self.batch.open:
             return
         rows = len(self.batch)
-        tokens = sum((len(r.prompt.ids) + r.prompt.max_new) for r in self.batch.rows)
+        width = max((len(r.prompt.ids) + r.prompt.max_new for r in self.batch.rows), default=0)
         chosen: list[Job] = []
         while self._waiting:
             job = self._waiting[0]
             if job.cancelled.is_set() or job.future.cancelled():
                 self._waiting.popleft()
                 continue
+            wide = max(width, len(job.ids) + job.max_tokens)  # the cache is as wide as its longest row can get
             if (rows or chosen) and (rows + job.n > self.config.max_batch
-                                     or tokens + job.tokens > self.config.max_batch_tokens):
+                                     or (rows + job.n) * wide > self.config.max_batch_tokens):
                 break
             self._waiting.popleft()
             if job.future.set_running_or_notify_cancel():
                 chosen.append(job)
-            rows, tokens = rows + job.n, tokens + job.tokens
+                rows, width = rows + job.n, wide
         if not chosen:
             return
         echo = [j for j in chosen if j.echo]
@@ -280,7 +312,8 @@ class Engine:
                 self.metrics.first_token.observe(now - job.arrived)
         for row in done.rows:
             self._jobs.setdefault(id(row.prompt.owner), []).append(row)
-            choice = self._choices[id(row)] = _Choice(TextTail(self.tok, row.prompt.owner.stop, self.ends))
+            choice = self._choices[id(row)] = _Choice(TextTail(self.tok, row.prompt.owner.stop, self.ends,
+                                                               self.tok_lock))
             if row.picks:
                 self._take(row, choice, row.picks[-1])
             else:
@@ -297,7 +330,8 @@ class Engine:
 
     def _step(self) -> None:
         for row in self.batch.rows:
-            if row.prompt.owner.cancelled.is_set():
+            job = row.prompt.owner
+            if job.cancelled.is_set() or job.future.done():  # its client left, or another of its rows failed
                 row.done = True
         self._leave()
         if not len(self.batch):
@@ -352,6 +386,9 @@ class Engine:
         done = [r for r in self.batch.rows if r.done]
         self.batch.leave(done)
         self._settle(done)
+        if self.metrics is not None and done:
+            self.metrics.running.set(len(self.batch))
+            self.metrics.waiting.set(len(self._waiting) + self.queue.qsize())
 
     def _settle(self, done: list[Row]) -> None:
         """Rows that are done: when all of a job's are, its result."""

@@ -146,6 +146,8 @@ def parse_completion(body: Any, *, chat: bool, experts: Collection[str], tokeniz
         presence_penalty=checked.presence_penalty or 0.0, frequency_penalty=checked.frequency_penalty or 0.0,
         logit_bias={int(k): v for k, v in (checked.logit_bias or {}).items()},
         top_logprobs=(top or 0) if logprobs else None)
+    if echo and checked.stream:
+        raise OpenAIError(400, "echo is not supported with stream: true; ask for the whole completion", param="echo")
     options = checked.stream_options
     if options is not None and not checked.stream:
         raise OpenAIError(400, "stream_options is only for streamed requests (stream: true)", param="stream_options")
@@ -153,7 +155,7 @@ def parse_completion(body: Any, *, chat: bool, experts: Collection[str], tokeniz
         chat=chat, model=model_id, prompts=prompts,
         max_tokens=asked if asked is not None else default_max_tokens, max_tokens_given=asked is not None,
         sampling=sampling, stop=stop, n=checked.n or 1, echo=echo, logprobs=logprobs,
-        include_usage=bool(options and (options.include_usage or options.continuous_usage_stats)), experts=mix,
+        include_usage=bool(options and options.include_usage), experts=mix,
         exclude=exclude, trace=bool(checked.moerge and checked.moerge.trace), stream=bool(checked.stream))
 
 

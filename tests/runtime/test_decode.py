@@ -168,3 +168,16 @@ def test_the_sampler_applies_penalties_bias_temperature_and_nucleus_as_defined()
     assert RowSampler(Sampling(temperature=1e-300, seed=1))(logits).token == 0
     # samples of one request (n > 1) draw differently
     assert [RowSampler(Sampling(seed=7), index=1)(logits).token for _ in range(20)] != seq_a
+
+
+def test_prompts_prefilled_together_keep_their_own_routing_trace(tmp_path):
+    model = _model(tmp_path, tiny_llama(0), "arrow")
+    short, long = _prompts(2, seed=11)[0][:3], _prompts(2, seed=12)[1] + _prompts(2, seed=13)[1]
+    alone = DecodeBatch(model, pad_id=0).prefill([Prompt(short, Sampling(temperature=0), 1)]).rows[0]
+    together = DecodeBatch(model, pad_id=0).prefill([Prompt(long, Sampling(temperature=0), 1),
+                                                      Prompt(short, Sampling(temperature=0), 1)]).rows[1]
+    a, b = alone.state.trace()[0], together.state.trace()[0]  # the padding before the short prompt is not its
+    assert a.candidates == b.candidates
+    for name, w in a.experts.items():
+        assert b.experts[name] == pytest.approx(w, abs=1e-5)
+    assert together.picks[0].token == alone.picks[0].token

@@ -320,3 +320,37 @@ def _samples(http, parse) -> dict:
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in parse(r.text) for s in f.samples}
+
+
+def test_text_tail_never_sends_a_stop_string_or_text_it_takes_back():
+    from moerge.runtime.sampling import Pick
+    from moerge.serving.engine import TextTail
+
+    tok = tiny_tokenizer()
+    ids = tok("say: the END is near", add_special_tokens=False)["input_ids"]
+    tail = TextTail(tok, ["END", "near"], {EOS})
+    sent = "".join(tail.add(Pick(t, None, None)) for t in ids)
+    assert sent == tail.text == "say: the " and tail.finish == "stop"
+    assert tail.counted == len("say: the END")  # counted to the token that completed the stop string
+    # a partial match that turns out not to be a stop string is sent once it is known
+    tail = TextTail(tok, ["ENDS"], {EOS})
+    pieces = [tail.add(Pick(t, None, None)) for t in tok("an END.", add_special_tokens=False)["input_ids"]]
+    assert pieces[-2:] == ["", "END."] and "".join(pieces) == "an END." and tail.finish is None
+    assert tail.add(Pick(EOS, None, None)) == "" and tail.finish == "stop" and tail.counted == len("an END.")
+
+
+def test_a_failure_outside_a_row_fails_its_requests_and_the_server_goes_on(served):
+    _, client, _, _, engine = served
+    real = type(engine.batch).join
+
+    def broken(self, prefilled):
+        raise RuntimeError("no room to pad the cache")
+
+    type(engine.batch).join = broken
+    try:
+        with pytest.raises(openai.InternalServerError, match="no room to pad the cache"):
+            client.completions.create(model="moerge", prompt="abc", max_tokens=3)
+    finally:
+        type(engine.batch).join = real
+    assert client.completions.create(model="moerge", prompt="abc", max_tokens=3, temperature=0).choices[0].text
+    assert engine._worker.is_alive() and not engine._jobs and not engine._choices

@@ -382,6 +382,7 @@ def _parse(body, chat=False, tokenizer=None):
     ({"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias.x", "pattern"),
     ({"prompt": "a", "logit_bias": {"5": 101}}, 400, "logit_bias.5", "less than or equal to 100"),
     ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "streamed"),
+    ({"prompt": "a", "stream": True, "echo": True}, 400, "echo", "not supported with stream"),
     ({"prompt": "a", "stream": True, "stream_options": {"include_usage": "yes"}}, 400,
      "stream_options.include_usage", "valid boolean"),
     ({"prompt": [[1, 2], [-1]]}, 400, "prompt.1.0", "greater than or equal to 0"),
