@@ -34,7 +34,8 @@ PACKAGE_DIRS = {pkg: ROOT / folder
                 for pkg, folder in sorted(SETUPTOOLS["package-dir"].items(), key=lambda kv: kv[0].count("."))}
 MAX_CLASS_LINES = 400
 # the top-level modules of the server's and the plots' extras (python-multipart is `multipart` or `python_multipart`)
-EXTRAS_MODULES = ("fastapi", "uvicorn", "multipart", "python_multipart", "prometheus_client", "matplotlib")
+EXTRAS_MODULES = ("fastapi", "uvicorn", "multipart", "python_multipart", "prometheus_client", "xgrammar",
+                  "matplotlib")
 SUBPROCESS_TIMEOUT = 600  # a guard against a hung child, far above any run's duration
 
 

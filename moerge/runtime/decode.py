@@ -13,7 +13,7 @@ done (their cache rows freed, and columns no row needs any more cut off). Each r
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ class Prompt:
     exclude: tuple[str, ...] = ()
     echo: bool = False
     owner: Any = None
+    constraint: Callable[[], Any] | None = None  # makes each row's constraint (``mask(logits)``, ``accept(id)``)
 
 
 @dataclass
@@ -56,11 +57,15 @@ class Row:
     prompt_logprobs: list[Pick | None] | None = None  # echo: per prompt token (the first has none)
     done: bool = False
     error: BaseException | None = None  # why its token could not be chosen (it is done; the others go on)
+    constraint: Any = None  # what the row's text must follow (structured output), made by its prompt's factory
 
     def pick(self, logits: torch.Tensor, pad_id: int) -> None:
         """Choose the row's next token from its ``(V,)`` logits; a failure ends this row alone."""
         try:
-            self.picks.append(self.sampler(logits))
+            c = self.constraint
+            self.picks.append(self.sampler(logits, None if c is None else c.mask))
+            if c is not None:
+                c.accept(self.picks[-1].token)
         except Exception as e:  # noqa: BLE001 - one row's sampling failure is its request's, not the batch's
             self.error, self.done = e, True
             self.picks.append(Pick(pad_id, None, None))
@@ -158,7 +163,8 @@ class DecodeBatch:
         for i, p in enumerate(prompts):
             echoed = self._prompt_logprobs(p, logits[i, width - len(p.ids):]) if p.echo else None
             for j in range(p.n):
-                row = Row(p, j, RowSampler(p.sampling, self.device, j, self.vocab), states[i], prompt_logprobs=echoed)
+                row = Row(p, j, RowSampler(p.sampling, self.device, j, self.vocab), states[i], prompt_logprobs=echoed,
+                          constraint=None if p.constraint is None else p.constraint())
                 if p.max_new > 0:
                     row.pick(logits[i, -1], self.pad_id)
                 else:

@@ -10,7 +10,7 @@ code's use of torch's global generator changes it. Log-probabilities are those o
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -87,16 +87,17 @@ class RowSampler:
             logits = logits - s.frequency_penalty * self._counts - s.presence_penalty * (self._counts > 0)
         return logits
 
-    def __call__(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> Pick:
-        """The next token from the row's ``(V,)`` float32 logits; ``allowed`` (``(V,)`` bool), when given, is the
-        set of tokens a constraint admits."""
+    def __call__(self, logits: torch.Tensor, mask: Callable[[torch.Tensor], None] | None = None) -> Pick:
+        """The next token from the row's ``(V,)`` float32 logits; ``mask``, when given, sets the logits of the
+        tokens a constraint does not allow to ``-inf`` (in place, on a copy)."""
         s = self.sampling
         z = self._adjusted(logits)
-        if self.vocab is not None and self.vocab < z.shape[-1]:
+        if (self.vocab is not None and self.vocab < z.shape[-1]) or mask is not None:
             z = z.clone() if z is logits else z
+        if self.vocab is not None and self.vocab < z.shape[-1]:
             z[self.vocab:] = float("-inf")
-        if allowed is not None:
-            z = z.masked_fill(~allowed, float("-inf"))
+        if mask is not None:
+            mask(z)
         if s.greedy:
             token = int(z.argmax())
         else:

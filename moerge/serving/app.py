@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -75,6 +76,8 @@ class _Endpoints:
         self.model, self.tok, self.engine, self.uploads, self.config = model, tokenizer, engine, uploads, config
         self.vocab_size = _vocab_size(model, tokenizer)
         self._token_texts: dict[int, str] = {}
+        self._grammars: Any = None
+        self._grammar_lock = threading.Lock()
 
     async def list_models(self) -> dict[str, Any]:
         now = int(time.time())
@@ -95,7 +98,25 @@ class _Endpoints:
         thread, never on the event loop."""
         req = parse_completion(body, chat=chat, experts=list(self.model.experts), tokenizer=self.tok,
                                default_max_tokens=self.config.default_max_tokens)
-        return req, req.jobs(self.engine.tokenize, self.vocab_size, self.model.context_length)
+        constraint = self._constraint(req.response_format) if req.response_format else None
+        return req, req.jobs(self.engine.tokenize, self.vocab_size, self.model.context_length, constraint)
+
+    def _constraint(self, response_format: dict[str, Any]) -> Any:
+        """The rows' constraint for a ``response_format`` (xgrammar, compiled for this tokenizer once)."""
+        if response_format.get("type") == "text":
+            return None
+        with self._grammar_lock:
+            if self._grammars is None:
+                try:
+                    from moerge.serving.structured import Grammars
+                except ImportError as e:
+                    raise OpenAIError(400, f"response_format needs xgrammar ({e}): pip install 'moerge[server]'",
+                                      param="response_format") from None
+                self._grammars = Grammars(self.tok, _logits_size(self.model), self.engine.ends)
+        try:
+            return self._grammars.constraint(response_format)
+        except ValueError as e:
+            raise OpenAIError(400, f"response_format: {e}", param="response_format.json_schema.schema") from None
 
     async def _complete(self, request: Request, chat: bool) -> Any:
         """A streamed response, or the whole completion in OpenAI's shape (chat or text)."""
@@ -236,11 +257,15 @@ class _Endpoints:
             return False
 
 
+def _logits_size(model: Any) -> int:
+    """How many logits the model gives per token (often more than its tokenizer has ids: a padded embedding)."""
+    out = model.base.get_output_embeddings() if hasattr(model.base, "get_output_embeddings") else None
+    return int(out.weight.shape[0] if out is not None else model.base.config.vocab_size)
+
+
 def _vocab_size(model: Any, tokenizer: Any) -> int:
     """The token ids a prompt may hold: those the model has logits for and the tokenizer can show."""
-    out = model.base.get_output_embeddings() if hasattr(model.base, "get_output_embeddings") else None
-    size = out.weight.shape[0] if out is not None else getattr(model.base.config, "vocab_size", None)
-    return min(int(size or len(tokenizer)), len(tokenizer))
+    return min(_logits_size(model), len(tokenizer))
 
 
 async def _body(request: Request, limit: int) -> bytes:

@@ -69,6 +69,7 @@ class Job:
     n: int = 1
     echo: bool = False  # the prompt's log-probabilities too (scoring a text)
     on_piece: Callable[[int, str, list[Pick], str | None], None] | None = None
+    constraint: Callable[[], Any] | None = None  # structured output: makes each row's constraint
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
@@ -326,7 +327,8 @@ class Engine:
 
     @staticmethod
     def _prompt(job: Job) -> Prompt:
-        return Prompt(job.ids, job.sampling, job.max_tokens, job.n, job.experts, job.exclude, job.echo, owner=job)
+        return Prompt(job.ids, job.sampling, job.max_tokens, job.n, job.experts, job.exclude, job.echo, owner=job,
+                      constraint=job.constraint)
 
     def _step(self) -> None:
         for row in self.batch.rows:

@@ -78,15 +78,18 @@ class CompletionRequest:
     echo: bool  # completions: the prompt's text (and log-probabilities) before each choice's
     logprobs: bool  # each token's log-probability (and sampling.top_logprobs alternatives)
     include_usage: bool  # streamed: a last chunk with the usage
+    response_format: dict[str, Any] | None  # json_object / json_schema: constrained decoding
     experts: dict[str, float] | None  # a forced mix: the moerge field's, or the expert the model id names
     exclude: tuple[str, ...]
     trace: bool  # answer with each choice's routing
     stream: bool
 
-    def jobs(self, tokenize: Callable[[str], list[int]], vocab_size: int, context_length: int | None) -> list[Job]:
+    def jobs(self, tokenize: Callable[[str], list[int]], vocab_size: int, context_length: int | None,
+             constraint: Callable[[], Any] | None = None) -> list[Job]:
         """The engine's jobs for this request, one per prompt (``tokenize``: text to ids, called here, off the event
-        loop); refused if a prompt is empty, holds a token id the model does not have, or would not fit in the
-        context (``None``: unbounded) with its completion."""
+        loop; ``constraint``: makes each row's structured-output constraint); refused if a prompt is empty, holds a
+        token id the model does not have, or would not fit in the context (``None``: unbounded) with its
+        completion."""
         bad = next((t for t in self.sampling.logit_bias if t >= vocab_size), None)
         if bad is not None:
             raise OpenAIError(400, f"logit_bias names token id {bad}; this model's ids are below {vocab_size}",
@@ -111,7 +114,7 @@ class CompletionRequest:
                 raise OpenAIError(400, "max_tokens 0 asks for nothing: it is for scoring a prompt with echo",
                                   param="max_tokens")
             jobs.append(Job(ids, max_tokens, self.sampling, self.stop, self.experts, self.exclude, self.n,
-                            self.echo and self.logprobs))
+                            self.echo and self.logprobs, constraint=constraint))
         return jobs
 
 
@@ -146,6 +149,10 @@ def parse_completion(body: Any, *, chat: bool, experts: Collection[str], tokeniz
         presence_penalty=checked.presence_penalty or 0.0, frequency_penalty=checked.frequency_penalty or 0.0,
         logit_bias={int(k): v for k, v in (checked.logit_bias or {}).items()},
         top_logprobs=(top or 0) if logprobs else None)
+    fmt = checked.response_format
+    if fmt is not None and (fmt.type == "json_schema") != (fmt.json_schema is not None):
+        raise OpenAIError(400, "response_format: json_schema is required with type 'json_schema', and only then",
+                          param="response_format.json_schema")
     if echo and checked.stream:
         raise OpenAIError(400, "echo is not supported with stream: true; ask for the whole completion", param="echo")
     options = checked.stream_options
@@ -155,7 +162,8 @@ def parse_completion(body: Any, *, chat: bool, experts: Collection[str], tokeniz
         chat=chat, model=model_id, prompts=prompts,
         max_tokens=asked if asked is not None else default_max_tokens, max_tokens_given=asked is not None,
         sampling=sampling, stop=stop, n=checked.n or 1, echo=echo, logprobs=logprobs,
-        include_usage=bool(options and options.include_usage), experts=mix,
+        include_usage=bool(options and options.include_usage),
+        response_format=None if fmt is None else fmt.model_dump(by_alias=True, exclude_none=True), experts=mix,
         exclude=exclude, trace=bool(checked.moerge and checked.moerge.trace), stream=bool(checked.stream))
 
 

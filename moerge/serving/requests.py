@@ -31,7 +31,6 @@ Float = Annotated[float, Field(allow_inf_nan=False)]
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, False, True),
-    "response_format": (None, {"type": "text"}),
 }
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit for chat; vLLM's for both)
 MAX_N = 64  # choices per request
@@ -43,6 +42,22 @@ class _Moerge(BaseModel):
     experts: dict[Text, Float] | None = None
     exclude: list[Text] | None = None
     trace: bool = False
+
+
+class _JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: Annotated[Text, Field(min_length=1, max_length=64)]
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class _ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchema | None = None
 
 
 class _StreamOptions(BaseModel):
@@ -66,6 +81,7 @@ class _Common(BaseModel):
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
+    response_format: _ResponseFormat | None = None
     presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[Float, Field(ge=-100, le=100)]] \
