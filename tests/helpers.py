@@ -185,3 +185,18 @@ def client_for(url: str):
     import openai
 
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD)
+
+
+def two_expert_model(tmp: Path):
+    """A tiny chat Llama over a library of two PEFT experts, ``sort`` and ``french`` (Arrow, top-1), with the tiny
+    tokenizer: the model the server tests serve. Returns ``(model, tokenizer)``."""
+    from moerge import ExpertLibrary, MoErgeModel
+    from moerge.routers import build_router
+
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(tmp / "lib", base_model=base)
+    for i, name in enumerate(["sort", "french"]):
+        lib.add_peft(save_peft_lora(base, tmp / name, seed=i, target_modules=["q_proj", "v_proj"]), name,
+                     description=name)
+    tok = tiny_tokenizer()
+    return MoErgeModel.from_library(copy.deepcopy(base), lib, router=build_router("arrow", top_k=1), tokenizer=tok), tok

@@ -5,7 +5,6 @@ and tokenization off the event loop. The tiny tokenizer has one token per charac
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import threading
@@ -16,13 +15,17 @@ import httpx
 import pytest
 import torch
 
-from moerge import ExpertLibrary, MoErgeModel
-from moerge.routers import build_router
 from moerge.runtime.sampling import Sampling
 from moerge.serving import ServerConfig, create_app
 from moerge.serving.engine import Cancelled, Job
 
-from helpers import HANG_GUARD, client_for, live, save_peft_lora, tiny_chat_llama, tiny_tokenizer
+from helpers import (
+    HANG_GUARD,
+    client_for,
+    live,
+    tiny_tokenizer,
+    two_expert_model,
+)
 
 openai = pytest.importorskip("openai")
 
@@ -33,13 +36,7 @@ NO_END = {"0": -100, str(EOS): -100, "5": -100}  # logit_bias keeping a completi
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fields")
-    base = tiny_chat_llama()
-    lib = ExpertLibrary.create(tmp / "lib", base_model=base)
-    for i, name in enumerate(["sort", "french"]):
-        lib.add_peft(save_peft_lora(base, tmp / name, seed=i, target_modules=["q_proj", "v_proj"]), name,
-                     description=name)
-    tok = tiny_tokenizer()
-    model = MoErgeModel.from_library(copy.deepcopy(base), lib, router=build_router("arrow", top_k=1), tokenizer=tok)
+    model, tok = two_expert_model(tmp)
     app = create_app(model, tok, ServerConfig(batch_window=0.0, max_body_bytes=20_000))
     with live(app) as url, httpx.Client(base_url=url, timeout=HANG_GUARD) as http, client_for(url) as client:
         yield http, client, model, tok, app.state.engine

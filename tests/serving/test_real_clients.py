@@ -5,18 +5,20 @@ local JSON file and lm-eval's tokenizer is the tiny tokenizer saved to disk."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import httpx
 import pytest
 import torch
 
-from moerge import ExpertLibrary, MoErgeModel
-from moerge.routers import build_router
 from moerge.serving import ServerConfig, create_app
 
-from helpers import HANG_GUARD, client_for, live, save_peft_lora, tiny_chat_llama, tiny_tokenizer
+from helpers import (
+    HANG_GUARD,
+    client_for,
+    live,
+    two_expert_model,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -24,14 +26,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clients")
-    base = tiny_chat_llama()
-    lib = ExpertLibrary.create(tmp / "lib", base_model=base)
-    for i, name in enumerate(["sort", "french"]):
-        lib.add_peft(save_peft_lora(base, tmp / name, seed=i, target_modules=["q_proj", "v_proj"]), name,
-                     description=name)
-    tok = tiny_tokenizer()
+    model, tok = two_expert_model(tmp)
     tok.save_pretrained(tmp / "tokenizer")
-    model = MoErgeModel.from_library(copy.deepcopy(base), lib, router=build_router("arrow", top_k=1), tokenizer=tok)
     with live(create_app(model, tok, ServerConfig(batch_window=0.01))) as url, client_for(url) as client:
         yield url, client, model, tok, tmp
 

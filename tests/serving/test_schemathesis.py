@@ -4,15 +4,11 @@ that check them."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
-from moerge import ExpertLibrary, MoErgeModel
-from moerge.routers import build_router
 from moerge.serving import ServerConfig, create_app
 
-from helpers import live, save_peft_lora, tiny_chat_llama, tiny_tokenizer
+from helpers import live, two_expert_model
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -26,13 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("schema")
-    base = tiny_chat_llama()
-    lib = ExpertLibrary.create(tmp / "lib", base_model=base)
-    for i, name in enumerate(["sort", "french"]):
-        lib.add_peft(save_peft_lora(base, tmp / name, seed=i, target_modules=["q_proj", "v_proj"]), name,
-                     description=name)
-    tok = tiny_tokenizer()
-    model = MoErgeModel.from_library(copy.deepcopy(base), lib, router=build_router("arrow", top_k=1), tokenizer=tok)
+    model, tok = two_expert_model(tmp)
     app = create_app(model, tok, ServerConfig(batch_window=0.0, max_batch=16))
     with live(app) as url:
         app.state.url = url
