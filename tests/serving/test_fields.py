@@ -206,12 +206,16 @@ def test_a_client_that_leaves_has_its_work_cancelled(served, stream):
         body = {"model": "moerge", "prompt": "abc", "max_tokens": 100, "logit_bias": NO_END, "stream": stream}
         url = str(http.base_url.join("/v1/completions"))
 
+        first, leave = threading.Event(), threading.Event()
+
         def ask():
-            with httpx.Client(timeout=httpx.Timeout(HANG_GUARD, read=1.0)) as c:
+            with httpx.Client(timeout=httpx.Timeout(HANG_GUARD, read=5.0)) as c:
                 try:
                     with c.stream("POST", url, json=body) as r:
                         for line in r.iter_lines():
                             if line.startswith("data: {"):
+                                first.set()
+                                leave.wait(HANG_GUARD)
                                 return "first piece"  # leave after the first piece: the connection closes
                 except httpx.ReadTimeout:
                     return "gave up"  # a whole completion that takes too long: the client leaves
@@ -219,10 +223,11 @@ def test_a_client_that_leaves_has_its_work_cancelled(served, stream):
 
         with ThreadPoolExecutor(1) as pool:
             asked = pool.submit(ask)
-            _wait_for(lambda: len(engine.batch) == 1, "the request runs")
-            gate.release(3)
+            # the row is in the batch (its steps are held) until the client leaves
+            _wait_for(lambda: len(engine.batch) == 1 or first.is_set(), "the request runs")
+            job = engine.batch.rows[0].prompt.owner
+            leave.set()
             assert asked.result(timeout=HANG_GUARD) == ("first piece" if stream else "gave up")
-        job = engine.batch.rows[0].prompt.owner
         _wait_for(job.cancelled.is_set, "the server sees the client leave")
         steps = len(engine.batches)
         gate.release(1000)
