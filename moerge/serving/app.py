@@ -133,19 +133,15 @@ class _Endpoints:
             raise
         except Exception as e:  # noqa: BLE001 - the engine's failure: a 500 in OpenAI's shape, the server goes on
             raise OpenAIError(500, f"the server failed: {type(e).__name__}: {e}") from None
-        texts = [self.token_text_of(j.ids) for j in jobs] if req.echo else []
+        texts = [self.engine.decode(j.ids, skip_special=False) for j in jobs] if req.echo else []
         return completion_body(req, results, self.token_text, texts)
 
     def token_text(self, token: int) -> str:
         """A token's text (cached: a vocabulary is finite)."""
         text = self._token_texts.get(token)
         if text is None:
-            text = self._token_texts[token] = self.engine.decode_token(token)
+            text = self._token_texts[token] = self.engine.decode([token], skip_special=False)
         return text
-
-    def token_text_of(self, ids: list[int]) -> str:
-        with self.engine.tok_lock:
-            return self.tok.decode(ids)
 
     async def _events(self, req: CompletionRequest, jobs: list[Job]) -> AsyncIterator[str]:
         """The server-sent events of a streamed completion, ended by ``[DONE]`` also after an error; the jobs are

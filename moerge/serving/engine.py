@@ -99,9 +99,9 @@ class TextTail:
     """A row's text as its tokens come: what may be sent so far (never an incomplete character, nor an end of text
     that could be the start of a stop string), and whether a stop string or end token finished it."""
 
-    def __init__(self, tokenizer: Any, stop: list[str], ends: set[int], lock: threading.Lock | None = None) -> None:
-        self.tok, self.stop, self.ends = tokenizer, [s for s in stop if s], ends
-        self.lock = lock or threading.Lock()
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str], ends: set[int]) -> None:
+        """``decode``: token ids to text, special tokens left out (:meth:`Engine.decode`)."""
+        self._decode, self.stop, self.ends = decode, [s for s in stop if s], ends
         self.ids: list[int] = []
         self.text = ""  # the text so far (cut at a stop string once met)
         self.sent = 0  # characters of it already given out
@@ -109,10 +109,6 @@ class TextTail:
         self.counted = 0  # completion tokens: up to the one that ended the text
         self.pending: list[Pick] = []  # picks not yet given out with a piece
         self._prefix = self._read = 0  # incremental decoding: ids[_prefix:_read] were decoded into text already
-
-    def _decode(self, ids: list[int]) -> str:
-        with self.lock:
-            return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _new_text(self) -> str:
         """The text the latest tokens add, once it is whole: the ids from the last settled point are decoded with
@@ -216,9 +212,11 @@ class Engine:
         with self.tok_lock:
             return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def decode_token(self, token: int) -> str:
+    def decode(self, ids: list[int], *, skip_special: bool = True) -> str:
+        """``ids``' text, as written (no clean-up of spaces), special tokens left out unless ``skip_special`` is
+        false (the tokenizer is called by one thread at a time)."""
         with self.tok_lock:
-            return self.tok.decode([token])
+            return self.tok.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
     # --- the worker -------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -313,8 +311,7 @@ class Engine:
                 self.metrics.first_token.observe(now - job.arrived)
         for row in done.rows:
             self._jobs.setdefault(id(row.prompt.owner), []).append(row)
-            choice = self._choices[id(row)] = _Choice(TextTail(self.tok, row.prompt.owner.stop, self.ends,
-                                                               self.tok_lock))
+            choice = self._choices[id(row)] = _Choice(TextTail(self.decode, row.prompt.owner.stop, self.ends))
             if row.picks:
                 self._take(row, choice, row.picks[-1])
             else:

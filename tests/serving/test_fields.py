@@ -330,13 +330,14 @@ def test_text_tail_never_sends_a_stop_string_or_text_it_takes_back():
     from moerge.serving.engine import TextTail
 
     tok = tiny_tokenizer()
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731 - as Engine.decode gives it
     ids = tok("say: the END is near", add_special_tokens=False)["input_ids"]
-    tail = TextTail(tok, ["END", "near"], {EOS})
+    tail = TextTail(decode, ["END", "near"], {EOS})
     sent = "".join(tail.add(Pick(t, None, None)) for t in ids)
     assert sent == tail.text == "say: the " and tail.finish == "stop"
     assert tail.counted == len("say: the END")  # counted to the token that completed the stop string
     # a partial match that turns out not to be a stop string is sent once it is known
-    tail = TextTail(tok, ["ENDS"], {EOS})
+    tail = TextTail(decode, ["ENDS"], {EOS})
     pieces = [tail.add(Pick(t, None, None)) for t in tok("an END.", add_special_tokens=False)["input_ids"]]
     assert pieces[-2:] == ["", "END."] and "".join(pieces) == "an END." and tail.finish is None
     assert tail.add(Pick(EOS, None, None)) == "" and tail.finish == "stop" and tail.counted == len("an END.")
