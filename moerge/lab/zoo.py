@@ -23,7 +23,8 @@ from moerge.routing.training import chat_prompt, collate, encode_pair, fit, seed
 __all__ = ["ZooConfig", "build_zoo", "build_gates", "build_xlora", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
 
 DEFAULT_ZOO = Path(__file__).resolve().parents[2] / "zoo" / "library"
-EXAMPLES_PER_EXPERT = 5  # example prompts stored with each expert (the global router retrieves by them)
+EXAMPLES_PER_EXPERT = 12  # example prompts stored with each expert, in the training phrasings and styles (the
+# global router retrieves by them; local gates compute their routing data from them)
 
 
 class ZooConfig:
@@ -31,7 +32,7 @@ class ZooConfig:
 
     def __init__(self, rank: int = 4, alpha: float = 16.0, steps: int = 60, batch_size: int = 16, lr: float = 5e-3,
                  target_modules: str | list[str] = "all-linear", seed: int = 0, dtype: str = "bfloat16",
-                 warmup: int = 5) -> None:
+                 warmup: int = 5, bf16: bool = True) -> None:
         if rank <= 0 or steps <= 0 or batch_size <= 0 or not lr > 0:
             raise ValueError(f"rank, steps, batch_size and lr must be positive: got rank={rank!r}, steps={steps!r}, "
                              f"batch_size={batch_size!r}, lr={lr!r}")
@@ -39,6 +40,7 @@ class ZooConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         self.rank, self.alpha, self.steps, self.batch_size, self.lr = rank, alpha, steps, batch_size, lr
         self.target_modules, self.seed, self.dtype, self.warmup = target_modules, seed, dtype, warmup
+        self.bf16 = bf16  # the forward under bfloat16 autocast (the LoRA factors train in float32)
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -55,8 +57,10 @@ def train_expert(base: torch.nn.Module, tokenizer: Any, task: str, cfg: ZooConfi
     at norm 1); returns ``(peft_model, losses)``."""
     from peft import LoraConfig, get_peft_model
 
+    copied = copy.deepcopy(base)
+    copied.config._attn_implementation = "eager"  # the same attention; its backward is the faster one on CPU
     with seeded(cfg.seed):  # the LoRA factors' initial values are drawn from the seed
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+        model = get_peft_model(copied, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
                                                                target_modules=cfg.target_modules))
     params = [p for p in model.parameters() if p.requires_grad]
     examples = get_task(task).examples(cfg.steps * cfg.batch_size, "train", cfg.seed)
@@ -64,7 +68,7 @@ def train_expert(base: torch.nn.Module, tokenizer: Any, task: str, cfg: ZooConfi
     batches = (collate(tokenizer, [(e.prompt, e.target) for e in examples[s * size : (s + 1) * size]])
                for s in range(cfg.steps))
     losses = fit(model, params, batches, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, clip_norm=1.0, seed=cfg.seed,
-                 progress=progress, desc=f"train {task}")
+                 progress=progress, desc=f"train {task}", bf16=cfg.bf16)
     return model, losses
 
 

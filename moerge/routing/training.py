@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from moerge.adapters.expert import Expert, LoRAWeights
 
-__all__ = ["fit", "seeded", "cancellable", "current_cancel", "TrainingCancelled", "GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "collate",
+__all__ = ["fit", "lm_loss", "seeded", "cancellable", "current_cancel", "TrainingCancelled", "GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "collate",
            "make_batches", "answers_from_expert", "frozen", "greedy_generate"]
 
 
@@ -93,9 +93,31 @@ def _warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
     return lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
 
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's LM loss on ``batch`` (mean cross-entropy of the tokens whose ``labels`` are not -100), with the
+    output layer applied to those tokens alone: a causal LM's vocabulary projection of every prompt token is most
+    of a small model's training cost and none of its loss. Batches without ``labels``, or models without an
+    output embedding, give ``model(**batch).loss``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if "labels" not in batch or not isinstance(head, nn.Module):
+        return model(**batch).loss
+    target = batch["labels"][:, 1:]
+    keep = target != -100  # (B, T-1): the positions whose next token is scored
+
+    def scored(module: nn.Module, args: tuple) -> tuple:
+        return (args[0][:, :-1][keep].unsqueeze(0), *args[1:])  # (1, N, d)
+
+    handle = head.register_forward_pre_hook(scored)
+    try:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (1, N, V)
+    finally:
+        handle.remove()
+    return nn.functional.cross_entropy(logits[0].float(), target[keep])
+
+
 def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict[str, torch.Tensor]], *,
         steps: int, lr: float, warmup: int | None = None, clip_norm: float | None = None, seed: int | None = None,
-        progress: bool = True, desc: str = "train") -> list[float]:
+        progress: bool = True, desc: str = "train", bf16: bool = False) -> list[float]:
     """Train ``params`` for ``steps`` steps on the LM loss of ``model`` over ``batches``; returns the losses.
 
     The one training loop of the package. ``model`` runs in eval mode (no dropout) with every parameter frozen
@@ -107,7 +129,9 @@ def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict
     generators are seeded for the loop and the caller's random state is given back; without it (routing data, whose
     training draws nothing at random) the process-wide generators are not touched at all, so seeded sampling in
     other threads is never disturbed. ``progress`` shows a bar
-    (``desc``) with the last loss.
+    (``desc``) with the last loss. The loss is :func:`lm_loss` (the output layer on the scored tokens only);
+    ``bf16``: the forward runs under bfloat16 autocast (the trained tensors and the optimizer stay float32), which
+    CPUs with AMX run about 3× faster.
     """
     params = list(params)
     device = next(model.parameters()).device
@@ -123,7 +147,8 @@ def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict
             for batch in bar:
                 if (cancel := getattr(_cancel, "event", None)) is not None and cancel.is_set():
                     raise TrainingCancelled(f"{desc}: cancelled after {len(losses)} of {steps} steps")
-                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()})
                 opt.zero_grad()
                 loss.backward()
                 if clip_norm is not None:

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pytest
 
-from moerge.lab.tasks import HELD_IN, HELD_OUT, TASKS, exact_match, get_task, make_examples, number_words
+from moerge.lab.tasks import (
+    HELD_IN,
+    HELD_OUT,
+    LAYOUTS,
+    POLITE,
+    TASKS,
+    _typos,
+    exact_match,
+    get_task,
+    make_examples,
+    number_words,
+    phrasings,
+    unseen_examples,
+)
 
 
 def test_suite_size():
@@ -24,11 +38,49 @@ def test_task_metadata_and_determinism(name):
     assert a == b  # seeded
     test = t.examples(20, "test")
     assert [e.input for e in test] != [e.input for e in a]  # splits use other seeds
-    assert len({e.instruction for e in t.examples(200, "train")}) == len(set(t.instructions))
+    assert {e.phrasing for e in t.examples(300, "train")} == set(t.instructions)
     for e in a:
-        assert e.prompt == f"{e.instruction}\n\n{e.input}" and e.target and e.task == name
+        assert e.target and e.task == name and e.input in e.prompt
+    plain = t.examples(20, "train", styles=False)
+    assert all(e.prompt == f"{e.instruction}\n\n{e.input}" and e.instruction == e.phrasing for e in plain)
     if t.held_out:
         assert t.related and all(r in HELD_IN for r in t.related)
+
+
+@pytest.mark.parametrize("name", HELD_IN)
+def test_phrasing_sets_are_disjoint_and_dev_and_test_share_no_input(name):
+    sets = {w: set(phrasings(name, w)) for w in ("train", "dev", "unseen")}
+    assert all(len(v) >= 4 for v in sets.values())
+    assert not (sets["train"] & sets["dev"]) and not (sets["train"] & sets["unseen"]) and not (sets["dev"] & sets["unseen"])
+    t = TASKS[name]
+    dev, test = t.examples(200, "dev"), t.examples(200, "test")
+    assert {e.phrasing for e in dev} <= sets["dev"] and {e.phrasing for e in test} <= sets["train"]
+    assert {e.phrasing for e in unseen_examples(name, 200)} <= sets["unseen"]
+    assert not {e.input for e in dev} & {e.input for e in test}
+    assert not {e.input for e in dev} & {e.input for e in unseen_examples(name, 200)}
+
+
+def test_styles_cover_every_layout_politeness_and_typos():
+    exs = [e for n in HELD_IN for e in TASKS[n].examples(100, "test", instructions="unseen")]
+    layouts = Counter(e.layout for e in exs)
+    assert set(layouts) == set(LAYOUTS) and all(v / len(exs) > 0.1 for v in layouts.values())
+    for e in exs:
+        if e.layout == "after":
+            assert e.prompt == f"{e.input}\n\n{e.instruction}"
+        elif e.layout == "inline":
+            assert e.prompt.endswith(f": {e.input}") and "\n" not in e.prompt.replace(e.input, "")
+    polite = sum(e.instruction != e.phrasing and any(p.format(i="").strip(" .!:") in e.instruction
+                                                   for p in POLITE) for e in exs)
+    typos = sum(e.instruction.split() != e.phrasing.split() and len(e.instruction.split()) == len(e.phrasing.split())
+                for e in exs)
+    assert 0.1 < polite / len(exs) < 0.35 and 0.05 < typos / len(exs) < 0.35
+
+
+def test_typos_leave_formats_and_acronyms_alone():
+    rng = random.Random(0)
+    for _ in range(200):
+        out = _typos("Rewrite the date in DD/MM/YYYY format as JSON please", rng)
+        assert "DD/MM/YYYY" in out and "JSON" in out and out != "Rewrite the date in DD/MM/YYYY format as JSON please"
 
 
 @pytest.mark.parametrize("name,check", [

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from moerge import ExpertLibrary, MoErgeModel
-from moerge.lab.zoo import DEFAULT_ZOO, ZooConfig, build_zoo, encode_example, train_expert
+from moerge.lab.zoo import (
+    DEFAULT_ZOO,
+    EXAMPLES_PER_EXPERT,
+    ZooConfig,
+    build_zoo,
+    encode_example,
+    train_expert,
+)
 from moerge.routing.training import fit
 
 from helpers import tiny_llama
@@ -40,7 +47,10 @@ def test_build_trains_stores_and_resumes(tmp_path, tok):
     assert lib.names() == ["uppercase", "plural"]
     e = lib["plural"]
     assert e.description == "Give the plural form of an English noun."
-    assert len(e.metadata.examples) == 5 and all("\n\n" in x for x in e.metadata.examples)
+    assert len(e.metadata.examples) == EXAMPLES_PER_EXPERT
+    from moerge.lab.tasks import get_task
+
+    assert e.metadata.examples == [x.prompt for x in get_task("plural").examples(EXAMPLES_PER_EXPERT, "train", 99)]
     assert e.metadata.source["train"]["steps"] == 3 and e.metadata.source["task"] == "plural"
     assert set(e.ranks.values()) == {2} and next(iter(e.modules.values())).A.dtype == torch.bfloat16
     assert not list(tmp_path.glob(".adapter-*"))  # the temporary PEFT folder is gone
