@@ -6,10 +6,15 @@ with a sentence embedder (default all-MiniLM-L6-v2) and returns the ``top_k`` ca
 their cosine scores, from a FAISS index over the experts' descriptions and example prompts, kept in the library
 under ``routing/index``.
 
-Local stage, per token and module: a local gate (``local``: PHATGOOSE by default, or Arrow) scores the row's
-candidates; ``global_weight × global score`` is added to its logits (as in the paper) and the result is mixed by
-top-k softmax (or dynamic top-p / null expert). With ``local="none"`` the candidates are mixed per sequence by
-``softmax(score / temperature)``.
+Local stage, per token and module: a local gate (``local``: LDA by default, or PHATGOOSE or Arrow) scores the row's
+candidates, and the global stage's belief is added to its logits as a log-prior: ``log softmax(score /
+global_temperature)`` over the row's candidates. With the LDA gate, whose logits are log-likelihoods, the sum is
+the log-posterior of Bayes' rule (global evidence from the prompt, local evidence from the token): where the
+retrieval is sure, its prior dominates; on near ties it is flat and the token decides. ``global_temperature`` and
+the local gate's temperature are calibrated on the dev split by maximum likelihood (temperature scaling, Guo et al.
+2017: ``python -m moerge.lab.calibrate``), not tuned by hand. The result is mixed by top-k softmax (or dynamic
+top-p / null expert). With ``local="none"`` the candidates are mixed per sequence by ``softmax(score /
+temperature)``.
 """
 
 from __future__ import annotations
@@ -41,14 +46,20 @@ from moerge.routing.router import build_router
 __all__ = ["GliderConfig", "GliderRouter", "expert_texts"]
 
 
+LOCAL_GATES = ("lda", "phatgoose", "arrow")
+# calibrated on the zoo's dev split (python -m moerge.lab.calibrate; results/calibration.json)
+GLOBAL_TEMPERATURE = 0.02
+LOCAL_TEMPERATURE = {"lda": 1.0}
+
+
 @dataclass
 class GliderConfig(RetrievalConfig, SelectionConfig):
     candidates: int = field(default=3, metadata={"help": "K: candidate experts per row from the global stage"})
-    local: str = field(default="phatgoose", metadata={"help": "local gate: 'phatgoose', 'arrow' or 'none'"})
+    local: str = field(default="lda", metadata={"help": "local gate: 'lda', 'phatgoose', 'arrow' or 'none'"})
     local_config: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "options of the local gate's router (e.g. {'train_steps': 50})"})
-    global_weight: float = field(default=300.0, metadata={
-        "help": "weight of the global cosine score added to the local logits"})
+        "help": "options of the local gate's router (e.g. {'temperature': 20})"})
+    global_temperature: float = field(default=GLOBAL_TEMPERATURE, metadata={
+        "help": "the global log-prior added to the local logits is log softmax(score / global_temperature)"})
     temperature: float = field(default=0.05, metadata={
         "help": "with local='none': candidates mixed by softmax(score / temperature)"})
 
@@ -57,10 +68,11 @@ class GliderConfig(RetrievalConfig, SelectionConfig):
         self._check_retrieval()
         if not isinstance(self.candidates, int) or self.candidates <= 0:
             raise ValueError(f"candidates must be a positive integer, got {self.candidates!r}")
-        if self.local not in ("phatgoose", "arrow", "none"):
-            raise ValueError(f"local must be 'phatgoose', 'arrow' or 'none', got {self.local!r}")
-        if not isinstance(self.global_weight, (int, float)) or not np.isfinite(self.global_weight):
-            raise ValueError(f"global_weight must be a finite number, got {self.global_weight!r}")
+        if self.local not in LOCAL_GATES + ("none",):
+            raise ValueError(f"local must be one of {LOCAL_GATES + ('none',)}, got {self.local!r}")
+        if not isinstance(self.global_temperature, (int, float)) or not self.global_temperature > 0 \
+                or not np.isfinite(self.global_temperature):
+            raise ValueError(f"global_temperature must be a finite number > 0, got {self.global_temperature!r}")
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not isinstance(self.local_config, dict):
@@ -83,7 +95,9 @@ class GliderRouter(Router):
         self.retriever = ExpertRetriever(cfg, owner=self.name)
         self.local: Router | None = None
         if cfg.local != "none":
-            opts = {"top_k": cfg.top_k, "top_p": cfg.top_p, "null_logit": cfg.null_logit, **cfg.local_config}
+            opts = {"top_k": cfg.top_k, "top_p": cfg.top_p, "null_logit": cfg.null_logit,
+                    **({"temperature": LOCAL_TEMPERATURE[cfg.local]} if cfg.local in LOCAL_TEMPERATURE else {}),
+                    **cfg.local_config}
             self.local = build_router(cfg.local, **opts)
 
     # --- the retriever's parts ------------------------------------------------------------------------------------
@@ -173,8 +187,20 @@ class GliderRouter(Router):
         return Candidates(ids=ids, scores=scores, names=request.names, weights=weights)
 
     def make_linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
-        """The local router's gate plus the global term ``global_weight · score`` in its bias."""
+        """The local router's gate plus the global log-prior ``log softmax(score / global_temperature)`` over the
+        row's candidates in its bias."""
         lg = self.local.linear_gate(candidates, layer, device)
         if lg is None:
             return None
-        return lg.with_bias((self.config.global_weight * candidates.scores.to(device).float()).unsqueeze(1))
+        return lg.with_bias(self.log_prior(candidates).to(device).unsqueeze(1))
+
+    def log_prior(self, candidates: Candidates) -> torch.Tensor:
+        """``(B, K)``: the global stage's log-probabilities of each row's candidates (0 in empty slots, whose
+        logits are ``-inf`` anyway), kept in ``candidates.memo``."""
+        got = candidates.memo.get((id(self), "log_prior"))
+        if got is None:
+            filled = candidates.ids >= 0
+            z = (candidates.scores.float() / self.config.global_temperature).masked_fill(~filled, float("-inf"))
+            got = torch.where(filled, torch.log_softmax(z, dim=-1), torch.zeros_like(z))
+            candidates.memo[(id(self), "log_prior")] = got
+        return got

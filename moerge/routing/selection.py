@@ -88,6 +88,9 @@ class SelectionConfig:
         return select_weights(logits, self.top_k, self.top_p, self.null_logit)
 
 
+Combine = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def standardize(v: torch.Tensor) -> torch.Tensor:
     """Zero mean and unit variance over the last dimension (layer norm without affine), in float32."""
     return torch.nn.functional.layer_norm(v.float(), v.shape[-1:])
@@ -186,24 +189,28 @@ class ExpertVectors(Mapping):
             self._put(name, {})
 
     def _table(self, module: str, names: tuple[str, ...], device: torch.device, scale: float, with_bias: bool,
-               center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               center: bool, combine: Combine | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Vt (d, N + 1), bias (N + 1,))`` over the experts ``names`` and a last, empty column (the target of
         empty slots): the vectors as :meth:`gate_operands` describes them, and the bias (``-inf`` where an expert
         has no vector)."""
-        key = (module, names, str(device), scale, with_bias, center)
+        key = (module, names, str(device), scale, with_bias, center, combine)
         with self._lock:
-            return self._tables_get(key, module, names, device, scale, with_bias, center)
+            return self._tables_get(key, module, names, device, scale, with_bias, center, combine)
 
     def _tables_get(self, key: tuple, module: str, names: tuple[str, ...], device: torch.device, scale: float,
-                    with_bias: bool, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    with_bias: bool, center: bool, combine: Combine | None) -> tuple[torch.Tensor, torch.Tensor]:
         got = self._tables.get(key)
         if got is None:
             have = self._by_module[module]
             dim = next(iter(have.values())).numel()
             V = torch.stack([have.get(n, torch.zeros(dim)).float() for n in names] + [torch.zeros(dim)])  # (N+1, dim)
             ok = torch.tensor([n in have for n in names] + [False])
-            b = V[:, -1] if with_bias else torch.zeros(len(V))
-            w = V[:, :-1] if with_bias else V
+            if combine is not None:  # the experts' data made into gate vectors together
+                w, b = combine(V[:-1], ok[:-1])
+                w, b = torch.cat([w, torch.zeros(1, w.shape[1])]), torch.cat([b, torch.zeros(1)])
+            else:
+                b = V[:, -1] if with_bias else torch.zeros(len(V))
+                w = V[:, :-1] if with_bias else V
             if center:
                 w = w - w.mean(-1, keepdim=True)
             got = ((w * scale).t().contiguous().to(device), b.masked_fill(~ok, float("-inf")).to(device))
@@ -213,6 +220,33 @@ class ExpertVectors(Mapping):
         else:
             self._tables.move_to_end(key)
         return got
+
+    def _row_operands(self, module: str, candidates: Candidates, device: torch.device, scale: float, center: bool,
+                      combine: Combine) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`gate_operands` with ``combine``: each row's vectors are made from its own candidates' data
+        (rows with the same candidates share one table), so a row's gate never depends on the other rows."""
+        groups = candidates.memo.get("row_sets")
+        if groups is None:
+            by_set: dict[tuple[int, ...], list[int]] = {}
+            for r, row in enumerate(candidates.ids.tolist()):
+                by_set.setdefault(tuple(sorted({i for i in row if i >= 0})), []).append(r)
+            groups = []
+            for filled, rows in by_set.items():
+                column = {i: j for j, i in enumerate(filled)}
+                cols = torch.tensor([[column.get(i, len(filled)) for i in candidates.ids[r].tolist()] for r in rows])
+                groups.append((tuple(candidates.names[i] for i in filled), torch.tensor(rows), cols))
+            candidates.memo["row_sets"] = groups
+        B, K = candidates.ids.shape
+        Vt = bias = None
+        for names, rows, cols in groups:
+            Vt_all, bias_all = self._table(module, names, device, scale, False, center, combine)  # (d, n+1), (n+1,)
+            if Vt is None:
+                Vt = torch.empty(B, Vt_all.shape[0], K, device=device)
+                bias = torch.empty(B, 1, K, device=device)
+            c = cols.to(device)
+            Vt[rows.to(device)] = Vt_all[:, c].permute(1, 0, 2)
+            bias[rows.to(device)] = bias_all[c].unsqueeze(1)
+        return Vt, bias
 
     @staticmethod
     def _slots(candidates: Candidates) -> tuple[tuple[str, ...], torch.Tensor]:
@@ -229,17 +263,25 @@ class ExpertVectors(Mapping):
         return named
 
     def gate_operands(self, module: str, candidates: Candidates, device: torch.device, scale: float = 1.0,
-                      with_bias: bool = False, center: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+                      with_bias: bool = False, center: bool = False,
+                      combine: Combine | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(Vt (B, d, K), bias (B, 1, K))`` for a gate ``x @ Vt + bias``: the candidates' vectors times ``scale``
         (``center``: less their mean, so ``x @ Vt`` is ``(x - mean(x)) @ V``), transposed for the batched matmul,
         and ``-inf`` in ``bias`` for empty slots and candidates without a vector (else ``0``, or with
         ``with_bias`` the vector's last element, which is then not part of ``Vt``). ``None`` when no candidate
-        has a vector for ``module``. The vectors of candidates registered lazily are read first."""
+        has a vector for ``module``. The vectors of candidates registered lazily are read first.
+
+        ``combine`` (hashable, e.g. a frozen dataclass): the stored vectors are the experts' data, made into gate
+        vectors for the experts the request names, together: ``combine(data (N, D), present (N,))`` gives their
+        ``(vectors (N, d), bias (N,))`` (a gate whose vectors depend on the other candidates, such as a
+        discriminant over a pooled covariance); ``with_bias`` is then ignored."""
         names, cols = self._slots(candidates)
         self.read(names)
         if not self._by_module.get(module):
             return None
-        Vt_all, bias_all = self._table(module, names, device, scale, with_bias, center)
+        if combine is not None:
+            return self._row_operands(module, candidates, device, scale, center, combine)
+        Vt_all, bias_all = self._table(module, names, device, scale, with_bias, center, combine)
         B, K = cols.shape
         safe = cols.to(device).reshape(-1)  # empty slots → the empty column
         Vt = Vt_all.index_select(1, safe).view(-1, B, K).transpose(0, 1)  # (B, d, K), strided

@@ -108,7 +108,7 @@ def test_the_retriever_names_its_router_when_it_cannot_describe(embedder):
 def test_default_router_is_glider(tmp_path):
     base = tiny_chat_llama()
     model = MoErgeModel.from_library(base, _lib(tmp_path, base), tokenizer=tiny_tokenizer())
-    assert model.router.name == "glider" and model.router.config.local == "phatgoose"
+    assert model.router.name == "glider" and model.router.config.local == "lda"
 
 
 def test_retrieves_the_right_expert_from_the_prompt(tmp_path):
@@ -144,9 +144,9 @@ def test_batch_rows_equal_rows_alone_and_deterministic(tmp_path):
         assert torch.allclose(full[i, -n:], alone[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("local", ["phatgoose", "arrow"])
-def test_local_logits_plus_global_score_then_top_k(tmp_path, local):
-    router = build_router("glider", local=local, candidates=3, top_k=2, global_weight=3.0,
+@pytest.mark.parametrize("local", ["lda", "phatgoose", "arrow"])
+def test_local_logits_plus_global_log_prior_then_top_k(tmp_path, local):
+    router = build_router("glider", local=local, candidates=3, top_k=2, global_temperature=0.3,
                           local_config={"train_steps": 2} if local == "phatgoose" else {})
     model = _model(tmp_path, router=router)
     layer = next(iter(model.expert_set.layers.values()))
@@ -154,7 +154,9 @@ def test_local_logits_plus_global_score_then_top_k(tmp_path, local):
     cands = Candidates(torch.tensor([[0, 2, 1], [1, -1, -1]]), torch.tensor([[0.9, 0.5, 0.1], [0.7, 0, 0]]),
                        tuple(model.experts))
     w = router.gate(x, cands, layer.info)
-    ref = select_weights(router.local.logits(x, cands, layer.info) + 3.0 * cands.scores.unsqueeze(1), top_k=2)
+    prior = torch.stack([torch.log_softmax(cands.scores[0] / 0.3, -1),
+                         torch.tensor([0.0, 0.0, 0.0])])  # row 1: one candidate, probability 1 (empty slots: 0)
+    ref = select_weights(router.local.logits(x, cands, layer.info) + prior.unsqueeze(1), top_k=2)
     assert torch.allclose(w, ref)
     assert torch.allclose(w.sum(-1), torch.ones(2, 4), atol=1e-6)
     assert int((w > 0).sum(-1).max()) <= 2 and (w[1, :, 1:] == 0).all()  # empty slots get nothing
@@ -347,7 +349,8 @@ def test_the_local_gates_of_a_large_library_are_read_for_the_candidates_only(tmp
     from moerge.routers.phatgoose import PhatgooseRouter
 
     def glider():
-        return build_router("glider", candidates=2, embedder=embedder, local_config={"train_steps": 2})
+        return build_router("glider", candidates=2, embedder=embedder, local="phatgoose",
+                            local_config={"train_steps": 2})
 
     first = _model(tmp_path, router=glider(), names=("sort", "french", "sql", "haiku"))  # trains, stores gates
     lib, tok = first.library, first.tokenizer

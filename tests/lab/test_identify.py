@@ -1,0 +1,92 @@
+"""The per-token identification metric against the gate weights the routed model records, the calibration's
+likelihoods against their formula, and the training loss computed on the scored tokens only."""
+
+from __future__ import annotations
+
+import torch
+
+from moerge import ExpertLibrary, MoErgeModel
+from moerge.lab.calibrate import calibrate_global
+from moerge.lab.identify import identification_markdown, layer_of, token_identification
+from moerge.lab.tasks import Example
+from moerge.routers import build_router
+from moerge.routing.training import collate, lm_loss
+
+from helpers import rand_expert, tiny_chat_llama, tiny_tokenizer
+
+EXAMPLES = [Example("upper", "Uppercase this.", "a b c", "A B C"), Example("upper", "caps:", "x y", "X Y"),
+            Example("plural", "Plural of:", "cat", "cats"), Example("plural", "Plural?", "box", "boxes"),
+            Example("other", "Something else.", "q", "r")]
+
+
+def _model(tmp_path, router):
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(rand_expert(base, "upper", seed=1, description="Write text in capitals.",
+                        examples=["Uppercase this.\n\na b", "caps: d e f"]))
+    lib.add(rand_expert(base, "plural", seed=2, description="Give the plural of a noun.",
+                        examples=["Plural of: dog", "Plural? fox"]))
+    return MoErgeModel.from_library(base, lib, router=router, tokenizer=tiny_tokenizer(), follow=False)
+
+
+def test_counts_are_the_argmax_of_the_gate_the_model_records(tmp_path):
+    model = _model(tmp_path, build_router("arrow", top_k=1))
+    tok = model.tokenizer
+    got = token_identification(model, tok, EXAMPLES, batch_size=2, temperatures=(0.5, 1.0, 2.0))
+    # the reference: the one-hot weights the routed forward records (top_k=1), row by row
+    names = list(model.experts)
+    hits = {"prompt": {}, "answer": {}}
+    tokens = {"prompt": {}, "answer": {}}
+    for e in EXAMPLES:
+        b = collate(tok, [(e.prompt, e.target)])
+        with model.routing(b["input_ids"], b["attention_mask"]) as state:
+            state.keep_tokens = True
+            model.base(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        answer = (b["labels"] != -100)[0]
+        for module in model.patched_modules:
+            w = state.token_weights(module)[0]  # (T, K)
+            picked = [names[int(state.candidates.ids[0, k])] if w[t, k] > 0 else None
+                      for t, k in enumerate(w.argmax(-1).tolist())]
+            layer = layer_of(module)
+            for kind, mask in (("prompt", ~answer), ("answer", answer)):
+                sel = [p for p, m in zip(picked, mask.tolist()) if m]
+                hits[kind][layer] = hits[kind].get(layer, 0) + sum(p == e.task for p in sel)
+                tokens[kind][layer] = tokens[kind].get(layer, 0) + len(sel)
+    for kind in ("prompt", "answer"):
+        assert dict(got.tokens[kind]) == tokens[kind]
+        assert dict(got.hits[kind]) == hits[kind]
+    assert sum(got.tokens["answer"].values()) == sum(
+        len(tok(e.target + "<|im_end|>\n", add_special_tokens=False)["input_ids"]) * len(model.patched_modules)
+        for e in EXAMPLES)
+    conf = got.confusion
+    assert set(conf) == {"upper", "plural", "other"} and sum(conf["other"].values()) > 0
+    assert all(set(c) <= {"upper", "plural", "(none)"} for c in conf.values())
+    # likelihoods: only the rows whose true expert is a candidate count ("other" has none)
+    assert got.nll_tokens == sum(got.tokens["answer"].values()) - sum(conf["other"].values())
+    assert got.best_temperature() in (0.5, 1.0, 2.0) and got.nll[got.best_temperature()] == min(got.nll.values())
+    assert "| arrow |" in identification_markdown([got])
+
+
+def test_calibration_likelihood_is_the_softmax_of_the_cosines(tmp_path):
+    model = _model(tmp_path, build_router("glider", local="none", candidates=2))
+    glider = model.router
+    exs = EXAMPLES[:4]
+    best, curve = calibrate_global(glider, exs, grid=(0.01, 0.1, 1.0))
+    names, sims = glider.retrieve([e.prompt for e in exs], 2)
+    for t, v in curve.items():
+        ref = -sum(float(torch.log_softmax(torch.tensor(s, dtype=torch.float64) / t, 0)[row.index(e.task)])
+                   for row, s, e in zip(names, sims, exs)) / len(exs)
+        assert abs(v - ref) < 1e-9
+    assert curve[best] == min(curve.values())
+
+
+def test_lm_loss_is_the_models_loss_on_the_scored_tokens():
+    base, tok = tiny_chat_llama(), tiny_tokenizer()
+    b = collate(tok, [("Uppercase this.", "A B C"), ("Plural of: cat", "cats")])
+    ref = base(**b).loss
+    got = lm_loss(base, b)
+    assert torch.allclose(got, ref, atol=1e-6)
+    g_ref = torch.autograd.grad(ref, base.model.layers[0].mlp.up_proj.weight)[0]
+    g_got = torch.autograd.grad(lm_loss(base, b), base.model.layers[0].mlp.up_proj.weight)[0]
+    assert torch.allclose(g_got, g_ref, atol=1e-6)
+    assert not base.lm_head._forward_pre_hooks  # the hook is gone
