@@ -220,6 +220,20 @@ class EvalResult:
     samples: dict[str, dict[str, list[dict[str, str]]]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     info: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> facts (e.g. compression size ratio)
+    correct: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # method -> task -> 1/0 per prompt
+    identification: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> Identification.to_json()
+
+    def interval(self, method: str, tasks: Sequence[str], rounds: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+        """Bootstrap 95% interval of ``method``'s average over ``tasks``: each task's prompts resampled with
+        replacement (a percentile interval over ``rounds`` resamples, seeded)."""
+        per = [self.correct.get(method, {}).get(t) for t in tasks]
+        per = [torch.tensor(p, dtype=torch.float64) for p in per if p]
+        if not per:
+            return None
+        g = torch.Generator().manual_seed(seed)
+        means = torch.stack([p[torch.randint(len(p), (rounds, len(p)), generator=g)].mean(1) for p in per]).mean(0)
+        lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        return lo, hi
 
     def average(self, method: str, tasks: Sequence[str]) -> float | None:
         vals = [self.scores[method][t] for t in tasks if t in self.scores.get(method, {})]
@@ -228,16 +242,18 @@ class EvalResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EvalResult:
         return cls(scores=data.get("scores", {}), retrieval=data.get("retrieval", {}),
-                   samples=data.get("samples", {}), config=data.get("config", {}), info=data.get("info", {}))
+                   samples=data.get("samples", {}), config=data.get("config", {}), info=data.get("info", {}),
+                   correct=data.get("correct", {}), identification=data.get("identification", {}))
 
     def updated(self, new: EvalResult) -> EvalResult:
         """This table with ``new``'s methods added or replaced (both must use the same limit and split)."""
-        for key in ("limit", "split"):
+        for key in ("limit", "split", "phrasing"):
             if self.config.get(key) != new.config.get(key):
                 raise ValueError(f"cannot update a table made with {key}={self.config.get(key)!r} by one made with "
                                  f"{key}={new.config.get(key)!r}")
         out = EvalResult({**self.scores, **new.scores}, {**self.retrieval, **new.retrieval},
-                         {**self.samples, **new.samples}, dict(self.config), {**self.info, **new.info})
+                         {**self.samples, **new.samples}, dict(self.config), {**self.info, **new.info},
+                         {**self.correct, **new.correct}, {**self.identification, **new.identification})
         out.config["methods"] = list(out.scores)
         out.config.setdefault("updates", []).append({k: new.config.get(k) for k in ("command", "seconds")})
         return out
@@ -246,19 +262,30 @@ class EvalResult:
         return {"config": self.config, "scores": self.scores,
                 "averages": {m: {"held_in": self.average(m, HELD_IN), "held_out": self.average(m, HELD_OUT)}
                              for m in self.scores},
-                "retrieval": self.retrieval, "info": self.info, "samples": self.samples}
+                "intervals": {m: {"held_in": self.interval(m, HELD_IN), "held_out": self.interval(m, HELD_OUT)}
+                              for m in self.scores},
+                "retrieval": self.retrieval, "identification": self.identification, "info": self.info,
+                "samples": self.samples, "correct": self.correct}
 
 
 def evaluate(model: Any, tokenizer: Any, methods: Sequence[str] = ("base", "oracle", "uniform"),
              tasks: Sequence[str] | None = None, limit: int = 50, batch_size: int = 32, progress: bool = True,
-             samples_per_task: int = 3, split: str = "test") -> EvalResult:
-    """Run ``methods`` on ``limit`` test examples of each task with ``model`` (a :class:`~moerge.MoErgeModel`)."""
+             samples_per_task: int = 3, split: str = "test", phrasing: str = "seen") -> EvalResult:
+    """Run ``methods`` on ``limit`` examples of ``split`` for each task with ``model`` (a
+    :class:`~moerge.MoErgeModel`); ``phrasing="unseen"`` asks the held-in tasks in the phrasings held out of the
+    experts' training and the routers' data (held-out tasks have none and are left out)."""
+    from moerge.lab.tasks import unseen_examples
+
+    if phrasing not in ("seen", "unseen"):
+        raise ValueError(f"phrasing must be 'seen' or 'unseen', got {phrasing!r}")
     from tqdm.auto import tqdm
 
     tasks = list(tasks or (HELD_IN + HELD_OUT))
+    if phrasing == "unseen":
+        tasks = [t for t in tasks if t in HELD_IN]
     result = EvalResult(config={"methods": list(methods), "tasks": tasks, "limit": limit,
                                 "experts": list(model.experts), "batch_size": batch_size,
-                                "split": split})
+                                "split": split, "phrasing": phrasing})
     original_router = model.router
     jobs = [(m, t) for m in methods for t in tasks if _method(m).applies_to(t)]
     bar = tqdm(total=len(jobs) * limit, desc="eval", disable=not progress)
@@ -273,13 +300,14 @@ def evaluate(model: Any, tokenizer: Any, methods: Sequence[str] = ("base", "orac
                 model.set_router(router if router else original_router)
             elif router:
                 run_model.set_router(router)
-            result.scores[mname], result.samples[mname] = {}, {}
+            result.scores[mname], result.samples[mname], result.correct[mname] = {}, {}, {}
             for task in tasks:
                 if not method.applies_to(task):
                     continue
-                examples = get_task(task).examples(limit, split)
+                examples = (unseen_examples(task, limit, split) if phrasing == "unseen"
+                            else get_task(task).examples(limit, split))
                 longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in examples)
-                correct, shown = 0, []
+                correct, shown, marks = 0, [], []
                 for i in range(0, len(examples), batch_size):
                     chunk = examples[i : i + batch_size]
                     answers = generate_answers(run_model, tokenizer, chunk, method.experts_for(chunk, run_model),
@@ -287,10 +315,12 @@ def evaluate(model: Any, tokenizer: Any, methods: Sequence[str] = ("base", "orac
                     for e, a in zip(chunk, answers):
                         ok = exact_match(a, e.target)
                         correct += ok
+                        marks.append(int(ok))
                         if len(shown) < samples_per_task:
                             shown.append({"prompt": e.prompt, "target": e.target, "answer": a, "correct": ok})
                     bar.update(len(chunk))
                 result.scores[mname][task] = correct / len(examples)
+                result.correct[mname][task] = marks
                 result.samples[mname][task] = shown
     finally:
         model.set_router(original_router)
@@ -299,9 +329,9 @@ def evaluate(model: Any, tokenizer: Any, methods: Sequence[str] = ("base", "orac
 
 
 def retrieval_accuracy(router: Any, tasks: Sequence[str] | None = None, limit: int = 50, k: int | None = None,
-                       unseen: bool = False) -> dict[str, float]:
+                       unseen: bool = False, split: str = "test") -> dict[str, float]:
     """Top-1 and top-K accuracy of a global router's retrieval (``router.retrieve``) against each prompt's true
-    task, over ``limit`` test prompts per held-in task; ``unseen`` asks in phrasings no expert saw."""
+    task, over ``limit`` prompts of ``split`` per held-in task; ``unseen`` asks in phrasings no expert saw."""
     from moerge.lab.tasks import unseen_examples
 
     tasks = list(tasks or HELD_IN)
@@ -309,7 +339,7 @@ def retrieval_accuracy(router: Any, tasks: Sequence[str] | None = None, limit: i
     top1 = topk = total = 0
     per_task: dict[str, float] = {}
     for task in tasks:
-        exs = unseen_examples(task, limit, "test") if unseen else get_task(task).examples(limit, "test")
+        exs = unseen_examples(task, limit, split) if unseen else get_task(task).examples(limit, split)
         names, _ = router.retrieve([e.prompt for e in exs], k)
         hits = [row[0] == task for row in names]
         per_task[task] = sum(hits) / len(hits)
@@ -330,7 +360,12 @@ def to_markdown(result: EvalResult) -> str:
             if any(t in result.scores[m] for m in methods):
                 lines.append(f"| {t} ({group}) | " + " | ".join(fmt(result.scores[m].get(t)) for m in methods) + " |")
     for label, names in (("**average held-in**", HELD_IN), ("**average held-out**", HELD_OUT)):
-        lines.append(f"| {label} | " + " | ".join(fmt(result.average(m, names)) for m in methods) + " |")
+        if any(result.average(m, names) is not None for m in methods):
+            lines.append(f"| {label} | " + " | ".join(fmt(result.average(m, names)) for m in methods) + " |")
+            ci = [result.interval(m, names) for m in methods]
+            if any(ci):
+                lines.append("| *95% interval (bootstrap)* | " + " | ".join(
+                    "—" if c is None else f"{100 * c[0]:.1f}–{100 * c[1]:.1f}" for c in ci) + " |")
     if "oracle" in result.scores and result.average("oracle", HELD_IN):
         oracle = result.average("oracle", HELD_IN)
         lines.append("| *held-in, % of oracle* | " + " | ".join(
@@ -356,6 +391,11 @@ def to_markdown(result: EvalResult) -> str:
             ratio = f"{info['size_ratio']:.1f}×" if "size_ratio" in info else "—"
             lines.append(f"| {m.removeprefix('compress:')} | {ratio} | {info.get('bytes', 0):,} | {fmt(hi)} | "
                          f"{delta} | {of_oracle(hi)} |")
+    if result.identification:
+        lines += ["", "| local gate: tokens whose best-scored expert is the prompt's own | answer tokens | "
+                      "answer, deep third of the layers | prompt tokens |", "| --- | ---: | ---: | ---: |"]
+        for m, r in result.identification.items():
+            lines.append(f"| {m} | {fmt(r['answer'])} | {fmt(r['answer_deep'])} | {fmt(r['prompt'])} |")
     if result.retrieval:
         lines += ["", "| global retrieval (held-in test prompts) | top-1 | top-K | K | prompts |",
                   "| --- | ---: | ---: | ---: | ---: |"]
@@ -375,9 +415,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--split", default="test", choices=("dev", "test"),
                     help="which prompts: 'dev' to tune settings, 'test' for the reported table")
+    ap.add_argument("--phrasing", default="seen", choices=("seen", "unseen"),
+                    help="'unseen': held-in tasks asked in the phrasings held out of training and routing data")
     ap.add_argument("--out", default="results", help="folder for eval.json and eval.md")
     ap.add_argument("--retrieval", action="store_true",
                     help="also measure the global router's top-1/top-K retrieval accuracy")
+    ap.add_argument("--identify", type=int, default=0, metavar="N",
+                    help="also measure, for N prompts per held-in task, how often each router's local gate picks "
+                         "the prompt's expert per token (python -m moerge.lab.identify)")
     ap.add_argument("--update", action="store_true",
                     help="add these methods to the table already in --out (same limit and split), keeping the rest")
     args = ap.parse_args(argv)
@@ -391,14 +436,27 @@ def main(argv: list[str] | None = None) -> None:
     model = MoErgeModel.from_library(base, args.library or DEFAULT_ZOO, tokenizer=tok)
     methods = split_methods(args.methods)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    result = evaluate(model, tok, methods, tasks, limit=args.limit, batch_size=args.batch_size, split=args.split)
+    result = evaluate(model, tok, methods, tasks, limit=args.limit, batch_size=args.batch_size, split=args.split,
+                      phrasing=args.phrasing)
     if args.retrieval:
         from moerge.routers import build_router
 
         glider = build_router("glider", local="none")
         model.set_router(glider)
-        result.retrieval["seen phrasings"] = retrieval_accuracy(glider, limit=args.limit)
-        result.retrieval["unseen phrasings"] = retrieval_accuracy(glider, limit=args.limit, unseen=True)
+        result.retrieval["seen phrasings"] = retrieval_accuracy(glider, limit=args.limit, split=args.split)
+        result.retrieval["unseen phrasings"] = retrieval_accuracy(glider, limit=args.limit, unseen=True,
+                                                                  split=args.split)
+    if args.identify:
+        from moerge.lab.identify import identification_examples, token_identification
+
+        examples = identification_examples(args.split, args.identify, args.phrasing)
+        for mname in methods:
+            method = _method(mname)
+            if method.router is None or method.make_model is not None:
+                continue
+            model.set_router(method.router() if callable(method.router) else method.router)
+            if model.router.has_local_gate and model.router.has_linear_gate:
+                result.identification[mname] = token_identification(model, tok, examples, label=mname).to_json()
     result.config["seconds"] = round(time.time() - t0, 1)
     result.config["command"] = "python -m moerge.lab.eval " + " ".join(argv if argv is not None else __import__(
         "sys").argv[1:])

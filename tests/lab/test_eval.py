@@ -156,3 +156,33 @@ def test_method_lists_keep_commas_inside_brackets():
     assert split_methods('base, merge:ties?layer_scaling=[0.5,0.5]&density=0.2,router:fixed?weights={"a":1,"b":2} ,'
                          ) == ["base", "merge:ties?layer_scaling=[0.5,0.5]&density=0.2",
                                'router:fixed?weights={"a":1,"b":2}']
+
+
+def test_bootstrap_interval_brackets_the_average_and_shrinks_with_more_prompts():
+    few = EvalResult(scores={"m": {"uppercase": 0.5, "plural": 0.5}},
+                     correct={"m": {"uppercase": [1, 0] * 5, "plural": [0, 1] * 5}})
+    many = EvalResult(scores={"m": {"uppercase": 0.5, "plural": 0.5}},
+                      correct={"m": {"uppercase": [1, 0] * 200, "plural": [0, 1] * 200}})
+    lo, hi = few.interval("m", ["uppercase", "plural"])
+    lo2, hi2 = many.interval("m", ["uppercase", "plural"])
+    assert lo < 0.5 < hi and lo2 < 0.5 < hi2 and hi2 - lo2 < (hi - lo) / 3
+    assert few.interval("m", ["uppercase", "plural"]) == (lo, hi)  # seeded
+    sure = EvalResult(scores={"m": {"plural": 1.0}}, correct={"m": {"plural": [1] * 10}})
+    assert sure.interval("m", ["plural"]) == (1.0, 1.0)
+    assert few.interval("other", ["plural"]) is None
+    assert "95% interval" in to_markdown(few)
+
+
+def test_unseen_phrasings_ask_the_held_in_tasks_in_words_no_expert_saw(tiny_routed, tok):
+    from moerge.lab.tasks import UNSEEN_PHRASINGS, unseen_examples
+
+    res = evaluate(tiny_routed, tok, ["base", "oracle"], ["uppercase", "plural", "sort_descending"], limit=3,
+                   batch_size=3, progress=False, phrasing="unseen", samples_per_task=3)
+    assert set(res.scores["base"]) == {"uppercase", "plural"}  # held-out tasks have no unseen phrasings
+    assert res.config["phrasing"] == "unseen" and len(res.correct["oracle"]["plural"]) == 3
+    asked = unseen_examples("plural", 3, "test")
+    assert [s["prompt"] for s in res.samples["base"]["plural"]] == [e.prompt for e in asked]
+    assert all(e.phrasing in UNSEEN_PHRASINGS["plural"] for e in asked)
+    seen = evaluate(tiny_routed, tok, ["base"], ["plural"], limit=3, batch_size=3, progress=False)
+    with pytest.raises(ValueError, match="phrasing"):
+        seen.updated(res)
