@@ -1,8 +1,10 @@
 """PHATGOOSE: per-token routing by gate vectors trained post hoc, one expert at a time.
 
 For each expert and each module it targets, a gate vector ``v`` is trained in front of the frozen expert:
-``y = W x + σ(⟨v, x⟩) · ΔW x``, on that expert's own examples only, with the base and the expert frozen (a few
-hundred steps at most; :func:`train_phatgoose_gates`). At inference, inside each module, the token ``x`` and the
+``y = W x + σ(⟨v, x⟩) · ΔW x``, with the base and the expert frozen (a few hundred steps at most;
+:func:`train_phatgoose_gates`). The paper trains it on the expert's own examples only; here every other step is a
+batch of other experts' examples (``negatives``) on whose answer tokens the gate is taught to close
+(``−log(1 − σ)``): on its own data alone nothing tells a gate where its expert does not belong. At inference, inside each module, the token ``x`` and the
 candidates' gate vectors are standardized (zero mean, unit variance over features), their dot products divided by
 the temperature (default ``√d``) are the logits, and the ``top_k`` best are mixed by softmax (or dynamic ``top_p``
 and a null expert, see :class:`~moerge.routing.SelectionConfig`).
@@ -25,7 +27,7 @@ import torch
 from moerge.adapters.expert import Expert
 from moerge.errors import RoutingError
 from moerge.routing import LayerInfo, register_router, standardize
-from moerge.routing.training import GatedExperts, answers_from_expert, fit, make_batches
+from moerge.routing.training import GatedExperts, answers_from_expert, fit, lm_loss, make_batches
 from moerge.routing.vector_gate import TrainedGateConfig, TrainedGateRouter
 
 __all__ = ["PhatgooseConfig", "PhatgooseRouter", "train_phatgoose_gates", "ROUTING_KIND"]
@@ -37,11 +39,16 @@ ROUTING_KIND = "phatgoose"
 class PhatgooseConfig(TrainedGateConfig):
     temperature: float | None = field(default=None, metadata={
         "help": "logits are standardized dot products divided by this (None: √d, as in the paper)"})
+    negatives: int = field(default=8, metadata={
+        "help": "when training a new expert's gates: how many other experts' examples teach them where to close "
+                "(0: its own examples only, as in the paper)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.temperature is not None and not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"temperature must be > 0 or None, got {self.temperature!r}")
+        if not isinstance(self.negatives, int) or isinstance(self.negatives, bool) or self.negatives < 0:
+            raise ValueError(f"negatives must be a non-negative integer, got {self.negatives!r}")
 
 
 def train_phatgoose_gates(
@@ -55,12 +62,18 @@ def train_phatgoose_gates(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    negatives: Sequence[tuple[str, str]] = (),
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train PHATGOOSE gate vectors for ``expert`` on its own examples; returns ``(module → (in,) gate, losses)``.
 
     ``examples`` are ``(prompt, answer)`` pairs, or prompts alone (then answered by the expert itself). The base and
     the expert are frozen; only one vector per module is trained, from zeros (σ = 0.5), with Adam and the LM loss
     on the answers (:func:`~moerge.routing.training.fit`).
+
+    ``negatives``: other experts' ``(prompt, answer)`` pairs. Every other step is then a batch of them, scored by
+    how open the gates are on their answer tokens (``−log(1 − σ(⟨v, x⟩))``, averaged over tokens and modules): on
+    its own data alone nothing tells a gate where its expert does not belong, and the LM loss may even reward
+    opening it there.
     """
     examples = list(examples)
     if not examples:
@@ -73,12 +86,35 @@ def train_phatgoose_gates(
     device = next(base.parameters()).device
     gates = {m: torch.zeros(w.in_features, device=device, requires_grad=True) for m, w in expert.modules.items()}
 
-    def gate(module: str, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(x @ gates[module]).unsqueeze(-1)  # (B, T, 1)
 
+    closing: list[torch.Tensor] = []  # −log(1 − σ) at the answer tokens of a negative batch, per module
+    answers: list[torch.Tensor] = []
+
+    def gate(module: str, x: torch.Tensor) -> torch.Tensor:
+        z = x @ gates[module]  # (B, T)
+        if answers:
+            closing.append(torch.nn.functional.softplus(z)[answers[0]].mean())
+        return torch.sigmoid(z).unsqueeze(-1)  # (B, T, 1)
+
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "negative" not in batch:
+            return lm_loss(model, batch)
+        closing.clear()
+        answers[:] = [batch["labels"] != -100]
+        try:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        finally:
+            answers.clear()
+        return torch.stack(closing).mean()
+
+    batches = make_batches(tokenizer, pairs, batch_size, steps, seed)
+    if negatives:
+        others = make_batches(tokenizer, [(str(p), str(a)) for p, a in negatives], batch_size, steps, seed + 1)
+        batches = (b if s % 2 == 0 else {**n, "negative": torch.ones(1)}
+                   for s, (b, n) in enumerate(zip(batches, others)))
     with GatedExperts(base, [expert], gate):
-        losses = fit(base, gates.values(), make_batches(tokenizer, pairs, batch_size, steps, seed), steps=steps,
-                     lr=lr, progress=progress, desc=f"phatgoose gates {expert.name}")
+        losses = fit(base, gates.values(), batches, steps=steps, lr=lr, progress=progress,
+                     desc=f"phatgoose gates {expert.name}", loss=loss)
     return {m: g.detach().cpu() for m, g in gates.items()}, losses
 
 
@@ -117,6 +153,11 @@ class PhatgooseRouter(TrainedGateRouter):
         return {m: torch.zeros(in_f) for m, (_, in_f) in expert.shapes().items()}
 
     def _train(self, expert: Expert) -> tuple[dict[str, torch.Tensor], list[float]]:
+        """Trained on the expert's examples, with up to ``negatives`` other experts' examples (answered by those
+        experts) to close on; the other experts' gates stay as they are."""
         cfg, ctx = self.config, self.context
-        return train_phatgoose_gates(ctx.training_base(), ctx.tokenizer, expert, expert.metadata.examples,
-                                     steps=cfg.train_steps, lr=cfg.train_lr, batch_size=cfg.train_batch_size)
+        base = ctx.training_base()  # a private base: answers and training never touch the serving one
+        negatives = [pair for p in self._peers(expert, cfg.negatives) for pair in self._examples(p, base)]
+        return train_phatgoose_gates(base, ctx.tokenizer, expert, self._examples(expert, base),
+                                     steps=cfg.train_steps, lr=cfg.train_lr, batch_size=cfg.train_batch_size,
+                                     negatives=negatives)

@@ -15,7 +15,6 @@ examples mixed with the other experts' examples — the others are never retrain
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 from moerge.adapters.expert import Expert
 from moerge.errors import RoutingError
 from moerge.routing import LayerInfo, register_router, standardize
-from moerge.routing.training import GatedExperts, answers_from_expert, fit, make_batches
+from moerge.routing.training import GatedExperts, fit, make_batches
 from moerge.routing.vector_gate import TrainedGateConfig, TrainedGateRouter
 
 __all__ = ["XLoRAConfig", "XLoRARouter", "train_xlora_head", "ROUTING_KIND"]
@@ -135,11 +134,6 @@ class XLoRARouter(TrainedGateRouter):
     routing_kind = ROUTING_KIND
     data_label = "X-LoRA head rows"
 
-    def __init__(self, config: XLoRAConfig | None = None) -> None:
-        super().__init__(config)
-        self._experts: dict[str, Expert] = {}
-        self._answers: dict[str, list[tuple[str, str]]] = {}
-
     def set_rows(self, name: str, rows: Rows, digest: str | None = None, saved: bool = False) -> None:
         """Use ``rows`` (module → (w (in,), b ())) as expert ``name``'s part of the head."""
         self._set_data(name, rows, digest, saved)
@@ -165,19 +159,10 @@ class XLoRARouter(TrainedGateRouter):
     def _from_tensors(self, tensors: dict[str, torch.Tensor]) -> Rows:
         return rows_from_tensors(tensors)
 
-    def _examples(self, expert: Expert, base: torch.nn.Module) -> list[tuple[str, str]]:
-        """``expert``'s example prompts with the answers it gives on ``base`` (kept: they do not change)."""
-        if expert.name not in self._answers:
-            self._answers[expert.name] = answers_from_expert(base, self.context.tokenizer, expert,
-                                                             list(expert.metadata.examples))
-        return self._answers[expert.name]
-
     def _train(self, expert: Expert) -> tuple[Rows, list[float]]:
         """Only the new expert's rows are trained, on its examples mixed with up to ``peers`` other experts'
         (whose rows stay as they are)."""
-        known = dict(self._experts)  # a snapshot: other threads may add experts meanwhile
-        peers = [e for n, e in known.items() if n != expert.name and e.metadata.examples]
-        peers = random.Random(expert.name).sample(peers, min(self.config.peers, len(peers)))
+        peers = self._peers(expert, self.config.peers)
         base = self.context.training_base()  # a private base: answers and training never touch the serving one
         pairs = list(self._examples(expert, base))
         for p in peers:
@@ -187,12 +172,3 @@ class XLoRARouter(TrainedGateRouter):
             trainable={expert.name}, steps=self.config.train_steps, lr=self.config.train_lr,
             batch_size=self.config.train_batch_size, progress=True)
         return rows[expert.name], losses
-
-    def on_add_expert(self, expert: Expert, prepared: Any = None) -> None:
-        super().on_add_expert(expert, prepared)
-        self._experts[expert.name] = expert
-
-    def on_remove_expert(self, name: str) -> None:
-        super().on_remove_expert(name)
-        self._experts.pop(name, None)
-        self._answers.pop(name, None)

@@ -117,7 +117,8 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict[str, torch.Tensor]], *,
         steps: int, lr: float, warmup: int | None = None, clip_norm: float | None = None, seed: int | None = None,
-        progress: bool = True, desc: str = "train", bf16: bool = False) -> list[float]:
+        progress: bool = True, desc: str = "train", bf16: bool = False,
+        loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None) -> list[float]:
     """Train ``params`` for ``steps`` steps on the LM loss of ``model`` over ``batches``; returns the losses.
 
     The one training loop of the package. ``model`` runs in eval mode (no dropout) with every parameter frozen
@@ -131,7 +132,8 @@ def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict
     other threads is never disturbed. ``progress`` shows a bar
     (``desc``) with the last loss. The loss is :func:`lm_loss` (the output layer on the scored tokens only);
     ``bf16``: the forward runs under bfloat16 autocast (the trained tensors and the optimizer stay float32), which
-    CPUs with AMX run about 3× faster.
+    CPUs with AMX run about 3× faster. ``loss(model, batch)`` replaces :func:`lm_loss` (e.g. to score some batches
+    otherwise).
     """
     params = list(params)
     device = next(model.parameters()).device
@@ -148,15 +150,15 @@ def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict
                 if (cancel := getattr(_cancel, "event", None)) is not None and cancel.is_set():
                     raise TrainingCancelled(f"{desc}: cancelled after {len(losses)} of {steps} steps")
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+                    value = (loss or lm_loss)(model, {k: v.to(device) for k, v in batch.items()})
                 opt.zero_grad()
-                loss.backward()
+                value.backward()
                 if clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, clip_norm)
                 opt.step()
                 if sched is not None:
                     sched.step()
-                losses.append(float(loss.detach()))
+                losses.append(float(value.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
         bar.close()

@@ -13,6 +13,7 @@ input (Arrow's prototypes, PHATGOOSE's gates, X-LoRA's head rows).
 from __future__ import annotations
 
 import functools
+import random
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 from moerge.errors import LibraryError, RoutingError
 from moerge.routing.router import Router
 from moerge.routing.selection import ExpertVectors, LinearGate, SelectionConfig
-from moerge.routing.training import GateTrainingConfig
+from moerge.routing.training import GateTrainingConfig, answers_from_expert
 from moerge.routing.types import Candidates, LayerInfo, RoutingRequest, all_candidates
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,6 +118,8 @@ class TrainedGateRouter(VectorGateRouter):
         self._unsaved: set[str] = set()  # experts whose data the library does not hold yet
         self.losses: dict[str, list[float]] = {}  # expert -> training losses of the data trained here
         self.deferred: set[str] = set()  # experts taken in by defer_expert whose data is not trained yet
+        self._experts: dict[str, Expert] = {}  # the experts taken in (peers whose examples training may mix in)
+        self._answers: dict[str, list[tuple[str, str]]] = {}  # expert -> its examples with its own answers
 
     # --- what a subclass gives -------------------------------------------------------------------------------------
     def _prepare(self, data: Any) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -134,6 +137,20 @@ class TrainedGateRouter(VectorGateRouter):
 
     def _to_tensors(self, data: Any) -> dict[str, torch.Tensor]:
         return data
+
+    # --- training data -----------------------------------------------------------------------------------------------
+    def _examples(self, expert: Expert, base: torch.nn.Module) -> list[tuple[str, str]]:
+        """``expert``'s example prompts with the answers it gives on ``base`` (kept: they do not change)."""
+        if expert.name not in self._answers:
+            self._answers[expert.name] = answers_from_expert(base, self.context.tokenizer, expert,
+                                                             list(expert.metadata.examples))
+        return self._answers[expert.name]
+
+    def _peers(self, expert: Expert, n: int) -> list[Expert]:
+        """Up to ``n`` other experts taken in that have examples, drawn with the expert's name as seed."""
+        known = dict(self._experts)  # a snapshot: other threads may add experts meanwhile
+        peers = [e for name, e in known.items() if name != expert.name and e.metadata.examples]
+        return random.Random(expert.name).sample(peers, min(n, len(peers)))
 
     def _from_tensors(self, tensors: dict[str, torch.Tensor]) -> Any:
         return tensors
@@ -230,6 +247,7 @@ class TrainedGateRouter(VectorGateRouter):
     def on_add_expert(self, expert: Expert, prepared: _Prepared | None = None) -> None:
         p = self.prepare_expert(expert) if prepared is None else prepared
         self.deferred.discard(expert.name)
+        self._experts[expert.name] = expert
         if p.data is None:
             return
         if p.data is _LAZY:
@@ -245,6 +263,8 @@ class TrainedGateRouter(VectorGateRouter):
         self._digest.pop(name, None)
         self._unsaved.discard(name)
         self.deferred.discard(name)
+        self._experts.pop(name, None)
+        self._answers.pop(name, None)
 
     def persist(self, library: Any) -> None:
         """Store the data of the experts ``library`` holds that it does not hold yet, tagged with their digest."""

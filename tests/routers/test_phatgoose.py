@@ -42,6 +42,35 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched():
     assert torch.equal(base(input_ids=ids).logits, before)  # hooks removed, weights unchanged
 
 
+def test_negatives_teach_the_gate_to_close_on_other_experts_tokens(tmp_path):
+    """On its own data alone a gate has no reason to close anywhere; with another task's examples as negatives it
+    learns to close on their answer tokens and stays open on its own."""
+    from moerge.routing.training import collate
+
+    base, tok = tiny_chat_llama(), tiny_tokenizer()
+    expert = rand_expert(base, "e", seed=3)
+    own = [(f"shout {w}", w.upper()) for w in ("abc", "hello", "moerge", "gate", "cat", "dog")]
+    others = [(f"count {w}", str(len(w))) for w in ("abcd", "hi", "moerge", "ok", "tree", "sky")]
+    plain, _ = pg.train_phatgoose_gates(base, tok, expert, own, steps=40, lr=0.05, batch_size=4, progress=False)
+    negative, losses = pg.train_phatgoose_gates(base, tok, expert, own, steps=40, lr=0.05, batch_size=4,
+                                                progress=False, negatives=others)
+    assert len(losses) == 40
+
+    def openness(gates, pairs):  # mean σ(⟨v, x⟩) over the answer tokens of pairs, in every module (base inputs)
+        b, vals = collate(tok, pairs), []
+        hooks = [base.get_submodule(m).register_forward_pre_hook(
+            lambda mod, a, _g=g: vals.append(torch.sigmoid(a[0] @ _g)[b["labels"] != -100].mean()))
+            for m, g in gates.items()]
+        with torch.no_grad():
+            base(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        for h in hooks:
+            h.remove()
+        return float(torch.stack(vals).mean())
+
+    assert openness(negative, others) < openness(plain, others) - 0.1
+    assert openness(negative, own) - openness(negative, others) > openness(plain, own) - openness(plain, others) + 0.1
+
+
 def test_gate_matches_the_paper_formula():
     r = build_router("phatgoose", top_k=2)
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ def _embedder():
 def _router(kind):
     if kind == "phatgoose":
         return build_router("phatgoose", **PHATGOOSE)
-    return build_router("glider", candidates=2, embedder=_embedder(), local_config=dict(PHATGOOSE))
+    return build_router("glider", candidates=2, embedder=_embedder(), local="phatgoose", local_config=dict(PHATGOOSE))
 
 
 def _model(lib, kind, train_routing):
