@@ -36,6 +36,7 @@ demo-tiny: $(STAMP)
 zoo: $(STAMP)
 	$(PY) -m moerge.lab.zoo build
 	$(PY) -m moerge.lab.zoo gates
+	$(PY) -m moerge.lab.zoo lda
 	$(PY) -m moerge.lab.zoo xlora
 
 MERGES := merge:task_arithmetic?scale=0.3,merge:ties?density=0.2,merge:dare_linear?density=0.3&weight=0.3,\
@@ -45,10 +46,14 @@ merge:consensus?k=2&lam=0.4&scale=0.3,merge:ties?density=0.2&layer_scaling=[0.5,
 COMPRESSIONS := compress:compeft?density=0.05,compress:compeft?density=0.1,compress:compeft?density=0.3,\
 compress:bitdelta,compress:svd?rank=2,compress:svd?rank=1
 
-# the routing table, then the static merges and the compressed experts added to it (about 40 min in all)
+# calibration on the dev split, the routing table on the test split (trained phrasings, then unseen ones), then the
+# static merges and the compressed experts added to it (about an hour in all)
 eval: $(STAMP)
-	$(PY) -m moerge.lab.eval --limit 30 --retrieval --out results \
-	  --methods base,oracle,uniform,twin,glider_global,router:glider,router:phatgoose,router:arrow,router:xlora
+	$(PY) -m moerge.lab.calibrate --limit 8 --out results
+	$(PY) -m moerge.lab.eval --limit 30 --retrieval --identify 4 --out results \
+	  --methods base,oracle,uniform,twin,glider_global,router:glider,router:lda,router:phatgoose,router:arrow,router:xlora
+	$(PY) -m moerge.lab.eval --limit 30 --phrasing unseen --identify 4 --out results/unseen \
+	  --methods oracle,glider_global,router:glider,router:lda,router:phatgoose,router:xlora
 	$(PY) -m moerge.lab.eval --limit 30 --out results --update --methods "$(MERGES),$(COMPRESSIONS)"
 
 lint: $(STAMP)

@@ -20,7 +20,7 @@ from moerge.lab.tasks import HELD_IN, Example, get_task
 from moerge.library import ExpertLibrary
 from moerge.routing.training import chat_prompt, collate, encode_pair, fit, seeded
 
-__all__ = ["ZooConfig", "build_zoo", "build_gates", "build_xlora", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
+__all__ = ["ZooConfig", "build_zoo", "build_gates", "build_lda", "build_xlora", "chat_prompt", "encode_example", "DEFAULT_ZOO"]
 
 DEFAULT_ZOO = Path(__file__).resolve().parents[2] / "zoo" / "library"
 EXAMPLES_PER_EXPERT = 12  # example prompts stored with each expert, in the training phrasings and styles (the
@@ -111,7 +111,8 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_siz
                 seed: int = 0, base: Any = None, tokenizer: Any = None, progress: bool = True, force: bool = False,
                 log=print) -> ExpertLibrary:
     """Train and store the PHATGOOSE gate vectors of every zoo expert that has none for its current weights (each
-    on its own task's training examples only: post hoc, one expert at a time)."""
+    on its own task's training examples, with the other tasks' as negatives to close on: post hoc, one expert at a
+    time, no other expert's gates retrained)."""
     from moerge.lab.defaults import default_base
     from moerge.routers.phatgoose import ROUTING_KIND, train_phatgoose_gates
 
@@ -126,13 +127,35 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_siz
         task = expert.metadata.source.get("task", name)
         t0 = time.time()
         pairs = [(e.prompt, e.target) for e in get_task(task).examples(steps * batch_size, "train", seed + 500)]
+        others = [x for x in HELD_IN if x != task]  # the other tasks' examples, for the gates to close on
+        per = -(-len(pairs) // max(len(others), 1))
+        negatives = [(e.prompt, e.target) for x in others for e in get_task(x).examples(per, "train", seed + 600)]
         gates, losses = train_phatgoose_gates(base, tokenizer, expert, pairs, steps=steps, lr=lr,
-                                              batch_size=batch_size, seed=seed, progress=progress)
+                                              batch_size=batch_size, seed=seed, progress=progress,
+                                              negatives=negatives)
         small = {m: g.to(torch.bfloat16) for m, g in gates.items()}  # bf16: routing data stays small on disk
         lib.put_routing(name, ROUTING_KIND, small, {"digest": digest, "steps": steps, "batch_size": batch_size,
-                                                    "lr": lr, "loss_first": losses[0], "loss_last": losses[-1]})
+                                                    "lr": lr, "negatives": len(negatives),
+                                                    "loss_first": losses[0], "loss_last": losses[-1]})
         log(f"  gates {name:<20} loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.time() - t0:.0f} s")
     return lib
+
+
+def build_lda(library: str | Path = DEFAULT_ZOO, *, base: Any = None, tokenizer: Any = None,
+              log=print) -> ExpertLibrary:
+    """Compute and store the LDA router's statistics of every zoo expert that has none for its current weights
+    (from its stored example prompts, as the router does for any expert added)."""
+    from moerge.lab.defaults import default_base
+    from moerge.runtime.model import MoErgeModel
+
+    if base is None:
+        base, tokenizer = default_base()
+    t0 = time.time()
+    model = MoErgeModel.from_library(base, library, router="lda", tokenizer=tokenizer, follow=False)
+    model.wait_routing()
+    model.close()
+    log(f"  lda statistics of {len(model.experts)} experts in {time.time() - t0:.0f} s")
+    return ExpertLibrary.open(library)
 
 
 def build_xlora(library: str | Path = DEFAULT_ZOO, *, steps: int = 60, batch_size: int = 8, lr: float = 1e-2,
@@ -184,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--force", action="store_true", help="retrain gates that are already stored")
     g.add_argument("--lr", type=float, default=1e-2)
     g.add_argument("--seed", type=int, default=0)
+    ld = sub.add_parser("lda", help="compute the LDA router's statistics of the zoo's experts that have none")
+    ld.add_argument("--library", default=str(DEFAULT_ZOO))
     x = sub.add_parser("xlora", help="train the X-LoRA-style head jointly over the zoo's experts")
     x.add_argument("--library", default=str(DEFAULT_ZOO))
     x.add_argument("--steps", type=int, default=60)
@@ -191,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     x.add_argument("--lr", type=float, default=1e-2)
     x.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.cmd == "lda":
+        build_lda(args.library)
+        return
     if args.cmd == "xlora":
         build_xlora(args.library, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         return
