@@ -172,8 +172,8 @@ def split_methods(text: str) -> list[str]:
 
 
 def _parse_method(method: str) -> tuple[str, dict[str, Any]]:
-    """``"router:glider?top_k=1&global_weight=300"`` → ``("glider", {"top_k": 1, "global_weight": 300})`` (values
-    read as JSON, else text)."""
+    """``"router:glider?top_k=1&global_temperature=0.05"`` → ``("glider", {"top_k": 1, "global_temperature":
+    0.05})`` (values read as JSON, else text)."""
     name, _, query = method.split(":", 1)[1].partition("?")
     config: dict[str, Any] = {}
     for part in filter(None, query.split("&")):
