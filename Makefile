@@ -35,7 +35,8 @@ demo-tiny: $(STAMP)
 
 zoo: $(STAMP)
 	$(PY) -m moerge.lab.zoo build
-	$(PY) -m moerge.lab.zoo gates
+	$(PY) -m moerge.lab.zoo gates --negatives 0
+	$(PY) -m moerge.lab.zoo gates --negatives 1
 	$(PY) -m moerge.lab.zoo lda
 	$(PY) -m moerge.lab.zoo xlora
 
@@ -51,7 +52,7 @@ compress:bitdelta,compress:svd?rank=2,compress:svd?rank=1
 eval: $(STAMP)
 	$(PY) -m moerge.lab.calibrate --limit 8 --out results
 	$(PY) -m moerge.lab.eval --limit 30 --retrieval --identify 4 --out results \
-	  --methods base,oracle,uniform,twin,glider_global,router:glider,router:lda,router:phatgoose,router:arrow,router:xlora
+	  --methods base,oracle,uniform,twin,glider_global,router:glider,router:lda,router:phatgoose,router:phatgoose?negatives=8,router:arrow,router:xlora
 	$(PY) -m moerge.lab.eval --limit 30 --phrasing unseen --identify 4 --out results/unseen \
 	  --methods oracle,glider_global,router:glider,router:lda,router:phatgoose,router:xlora
 	$(PY) -m moerge.lab.eval --limit 30 --out results --update --methods "$(MERGES),$(COMPRESSIONS)"

@@ -186,6 +186,10 @@ class GliderRouter(Router):
             weights = torch.nan_to_num(torch.softmax(z, dim=-1), nan=0.0)  # (B, K)
         return Candidates(ids=ids, scores=scores, names=request.names, weights=weights)
 
+    @property
+    def has_linear_gate(self) -> bool:
+        return self.local is not None and self.local.has_linear_gate
+
     def make_linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
         """The local router's gate plus the global log-prior ``log softmax(score / global_temperature)`` over the
         row's candidates in its bias."""

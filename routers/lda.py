@@ -117,7 +117,8 @@ def expert_statistics(base: torch.nn.Module, tokenizer: Any, expert: Expert,
         factors = torch.zeros(rank, d, dtype=torch.float64)
         factors[:k] = vh[:k] * (s[:k] / n ** 0.5).unsqueeze(1)  # rows f with Σ_e = Σ f fᵀ + residual·I
         residual = float((s[k:] ** 2).sum()) / n / max(d - k, 1)
-        out[m] = pack(mean, factors, n, max(residual, 1e-6))
+        floor = 1e-3 * float((s ** 2).sum()) / n / d  # a thousandth of the mean variance: few tokens, no blow-up
+        out[m] = pack(mean, factors, n, max(residual, floor, 1e-8))
     return out
 
 
@@ -143,8 +144,12 @@ class Discriminant:
         # Σ⁻¹ μ with Σ = U Uᵀ + s2·I, by Woodbury: (μ − U (s2·I + UᵀU)⁻¹ Uᵀ μ) / s2
         inner = s2 * torch.eye(U.shape[1], dtype=U.dtype) + U.t() @ U
         v = (mu - (U @ torch.linalg.solve(inner, U.t() @ mu.t())).t()) / s2  # (E, d)
-        w[use] = (v / self.temperature).float()
-        b[use] = (-0.5 * (mu * v).sum(1) / self.temperature).float()
+        bias = -0.5 * (mu * v).sum(1)
+        # less the candidates' mean vector and bias: the same for every candidate, so the softmax is unchanged,
+        # the logits stay small (log-likelihood ratios to the average candidate, not hundreds of nats each), and a
+        # candidate without statistics (0, 0) scores as the average one
+        w[use] = ((v - v.mean(0)) / self.temperature).float()
+        b[use] = ((bias - bias.mean()) / self.temperature).float()
         return w, b
 
 
@@ -182,17 +187,22 @@ class LDARouter(TrainedGateRouter):
         return kept, kept  # the gate vectors are made per set of candidates (Discriminant)
 
     def _to_tensors(self, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """In float16 (means and spreads are O(1)), and once for modules that read the same input (a block's
-        q/k/v projections, its gate/up projections), under their names joined by ``+``."""
+        """Once for modules that read the same input (a block's q/k/v projections, its gate/up projections), under
+        their names joined by ``+``: the mean and factors in float16 (they are O(1)), the token count and the
+        residual variance in float32 under ``<key>@n``."""
         groups: dict[tuple, list[str]] = {}
         for m in sorted(data):
-            v = data[m].to(torch.float16)
-            key = (v.numel(), v.numpy().tobytes())
+            key = (data[m].numel(), data[m].numpy().tobytes())
             groups.setdefault(key, []).append(m)
-        return {"+".join(ms): data[ms[0]].to(torch.float16) for ms in groups.values()}
+        out = {}
+        for ms in groups.values():
+            v = data[ms[0]].float()
+            out["+".join(ms)], out["+".join(ms) + "@n"] = v[:-2].to(torch.float16), v[-2:].clone()
+        return out
 
     def _from_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {m: v for key, v in tensors.items() for m in key.split("+")}
+        return {m: torch.cat([v.float(), tensors[f"{key}@n"].float()])
+                for key, v in tensors.items() if not key.endswith("@n") for m in key.split("+")}
 
     def _zeros(self, expert: Expert) -> dict[str, torch.Tensor]:
         return {m: torch.zeros((self.config.rank + 1) * in_f + 2) for m, (_, in_f) in expert.shapes().items()}

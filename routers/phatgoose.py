@@ -30,16 +30,22 @@ from moerge.routing import LayerInfo, register_router, standardize
 from moerge.routing.training import GatedExperts, answers_from_expert, fit, lm_loss, make_batches
 from moerge.routing.vector_gate import TrainedGateConfig, TrainedGateRouter
 
-__all__ = ["PhatgooseConfig", "PhatgooseRouter", "train_phatgoose_gates", "ROUTING_KIND"]
+__all__ = ["PhatgooseConfig", "PhatgooseRouter", "train_phatgoose_gates", "ROUTING_KIND", "routing_kind"]
 
 ROUTING_KIND = "phatgoose"
+
+
+def routing_kind(negatives: int) -> str:
+    """The kind gates are stored under: ``"phatgoose"`` for the paper's recipe (its own examples only),
+    ``"phatgoose-neg"`` for gates also taught where to close."""
+    return ROUTING_KIND if negatives == 0 else f"{ROUTING_KIND}-neg"
 
 
 @dataclass
 class PhatgooseConfig(TrainedGateConfig):
     temperature: float | None = field(default=None, metadata={
         "help": "logits are standardized dot products divided by this (None: √d, as in the paper)"})
-    negatives: int = field(default=8, metadata={
+    negatives: int = field(default=0, metadata={
         "help": "when training a new expert's gates: how many other experts' examples teach them where to close "
                 "(0: its own examples only, as in the paper)"})
 
@@ -133,6 +139,11 @@ class PhatgooseRouter(TrainedGateRouter):
     routing_kind = ROUTING_KIND
     data_label = "PHATGOOSE gates"
     lazy_data = True  # under a global stage (GLIDER) only the candidates' gates are read
+
+    def __init__(self, config: PhatgooseConfig | None = None) -> None:
+        super().__init__(config)
+        self.keeps_peers = self.config.negatives > 0
+        self.routing_kind = routing_kind(self.config.negatives)
 
     def set_gates(self, name: str, gates: dict[str, torch.Tensor], digest: str | None = None) -> None:
         """Use ``gates`` (module → (in,)) for expert ``name`` (e.g. trained with :func:`train_phatgoose_gates`)."""

@@ -133,6 +133,7 @@ class XLoRARouter(TrainedGateRouter):
     with_bias = True
     routing_kind = ROUTING_KIND
     data_label = "X-LoRA head rows"
+    keeps_peers = True
 
     def set_rows(self, name: str, rows: Rows, digest: str | None = None, saved: bool = False) -> None:
         """Use ``rows`` (module → (w (in,), b ())) as expert ``name``'s part of the head."""

@@ -395,7 +395,10 @@ def to_markdown(result: EvalResult) -> str:
         lines += ["", "| local gate: tokens whose best-scored expert is the prompt's own | answer tokens | "
                       "answer, deep third of the layers | prompt tokens |", "| --- | ---: | ---: | ---: |"]
         for m, r in result.identification.items():
-            lines.append(f"| {m} | {fmt(r['answer'])} | {fmt(r['answer_deep'])} | {fmt(r['prompt'])} |")
+            if "error" in r:
+                lines.append(f"| {m} | failed: {r['error']} | | |")
+            else:
+                lines.append(f"| {m} | {fmt(r['answer'])} | {fmt(r['answer_deep'])} | {fmt(r['prompt'])} |")
     if result.retrieval:
         lines += ["", "| global retrieval (held-in test prompts) | top-1 | top-K | K | prompts |",
                   "| --- | ---: | ---: | ---: | ---: |"]
@@ -456,7 +459,10 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             model.set_router(method.router() if callable(method.router) else method.router)
             if model.router.has_local_gate and model.router.has_linear_gate:
-                result.identification[mname] = token_identification(model, tok, examples, label=mname).to_json()
+                try:
+                    result.identification[mname] = token_identification(model, tok, examples, label=mname).to_json()
+                except Exception as e:  # noqa: BLE001 - the table is saved anyway; the failure is in it
+                    result.identification[mname] = {"error": f"{type(e).__name__}: {e}"}
     result.config["seconds"] = round(time.time() - t0, 1)
     result.config["command"] = "python -m moerge.lab.eval " + " ".join(argv if argv is not None else __import__(
         "sys").argv[1:])

@@ -8,7 +8,7 @@ templated prompt) and answer tokens are counted apart; the answer tokens' picks 
 between tasks and experts. Only routers whose gate is linear in the module input (every local gate here) are
 measured.
 
-``python -m moerge.lab.identify --routers phatgoose,arrow,centroid --split dev`` prints the table and saves
+``python -m moerge.lab.identify --routers lda,phatgoose,arrow,xlora --split dev`` prints the table and saves
 ``identify.json`` and ``identify.md``.
 """
 
@@ -107,7 +107,7 @@ def token_identification(model: Any, tokenizer: Any, examples: Sequence[Example]
 
     def hook(module: Any, args: tuple) -> None:
         state = model.context.current
-        if state is None or state.gathered.get(module.patch_index) is None:
+        if state is None or not state.local or state.gathered.get(module.patch_index) is None:
             return
         x = args[0]
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
@@ -116,8 +116,10 @@ def token_identification(model: Any, tokenizer: Any, examples: Sequence[Example]
         ids = state.candidates.ids.to(best.device).gather(1, best)  # (B, T): index into names
         picks[module.module_name] = ids.masked_fill(~torch.isfinite(logits.max(-1).values), -1).cpu()
         if temperatures:
-            slot = (state.candidates.ids == truth_now[0]).float().argmax(-1)  # (B,): the true expert's slot
-            ok = answer_now[0] & (state.candidates.ids == truth_now[0]).any(-1, keepdim=True) \
+            dev = logits.device
+            is_true = state.candidates.ids.to(dev) == truth_now[0].to(dev)  # (B, K)
+            slot = is_true.float().argmax(-1)  # (B,): the true expert's slot
+            ok = answer_now[0].to(dev) & is_true.any(-1, keepdim=True) \
                 & torch.isfinite(logits.gather(-1, slot.view(-1, 1, 1).expand(-1, logits.shape[1], 1)).squeeze(-1))
             for t in temperatures:
                 lp = torch.log_softmax(logits.float() / t, dim=-1)
@@ -180,8 +182,8 @@ def confusion_markdown(result: Identification) -> str:
 
 
 def identification_examples(split: str, limit: int, phrasing: str = "seen") -> list[Example]:
-    """``limit`` examples of each held-in task from ``split``, in the training phrasings (``"seen"``) or the
-    unseen ones."""
+    """``limit`` examples of each held-in task from ``split``, in the split's own phrasings (``"seen"``: the
+    dev phrasings for ``"dev"``, the training ones for ``"test"``) or the unseen ones."""
     if phrasing == "unseen":
         return [e for t in HELD_IN for e in unseen_examples(t, limit, split)]
     return [e for t in HELD_IN for e in get_task(t).examples(limit, split)]
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moerge.lab.identify", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--library", default=None, help="expert library (default: the committed zoo)")
-    ap.add_argument("--routers", default="phatgoose,arrow,xlora,centroid",
+    ap.add_argument("--routers", default="lda,phatgoose,arrow,xlora",
                     help="comma-separated routers (name or name?key=value&...) with a linear local gate")
     ap.add_argument("--split", default="dev", choices=("dev", "test"))
     ap.add_argument("--phrasing", default="seen", choices=("seen", "unseen"))

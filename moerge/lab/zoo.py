@@ -109,12 +109,13 @@ def build_zoo(library: str | Path = DEFAULT_ZOO, tasks: list[str] | None = None,
 
 def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_size: int = 4, lr: float = 1e-2,
                 seed: int = 0, base: Any = None, tokenizer: Any = None, progress: bool = True, force: bool = False,
-                log=print) -> ExpertLibrary:
+                negatives: bool = True, log=print) -> ExpertLibrary:
     """Train and store the PHATGOOSE gate vectors of every zoo expert that has none for its current weights (each
-    on its own task's training examples, with the other tasks' as negatives to close on: post hoc, one expert at a
-    time, no other expert's gates retrained)."""
+    on its own task's training examples, with ``negatives`` the other tasks' too, to close on — stored as the
+    gates of ``PhatgooseConfig(negatives=8)``, else as the paper's: post hoc, one expert at a time, no other
+    expert's gates retrained)."""
     from moerge.lab.defaults import default_base
-    from moerge.routers.phatgoose import ROUTING_KIND, train_phatgoose_gates
+    from moerge.routers.phatgoose import routing_kind, train_phatgoose_gates
 
     if base is None:
         base, tokenizer = default_base()
@@ -122,22 +123,24 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_siz
     for name in lib.names():
         expert = lib.get(name)
         digest = expert.digest()
-        if not force and lib.routing_for(name, ROUTING_KIND, digest) is not None:
+        kind = routing_kind(8 if negatives else 0)
+        if not force and lib.routing_for(name, kind, digest) is not None:
             continue
         task = expert.metadata.source.get("task", name)
         t0 = time.time()
         pairs = [(e.prompt, e.target) for e in get_task(task).examples(steps * batch_size, "train", seed + 500)]
-        others = [x for x in HELD_IN if x != task]  # the other tasks' examples, for the gates to close on
+        others = [x for x in HELD_IN if x != task] if negatives else []  # examples for the gates to close on
         per = -(-len(pairs) // max(len(others), 1))
-        negatives = [(e.prompt, e.target) for x in others for e in get_task(x).examples(per, "train", seed + 600)]
+        closing = [(e.prompt, e.target) for x in others for e in get_task(x).examples(per, "train", seed + 600)]
         gates, losses = train_phatgoose_gates(base, tokenizer, expert, pairs, steps=steps, lr=lr,
                                               batch_size=batch_size, seed=seed, progress=progress,
-                                              negatives=negatives)
+                                              negatives=closing)
         small = {m: g.to(torch.bfloat16) for m, g in gates.items()}  # bf16: routing data stays small on disk
-        lib.put_routing(name, ROUTING_KIND, small, {"digest": digest, "steps": steps, "batch_size": batch_size,
-                                                    "lr": lr, "negatives": len(negatives),
-                                                    "loss_first": losses[0], "loss_last": losses[-1]})
-        log(f"  gates {name:<20} loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.time() - t0:.0f} s")
+        lm = losses[::2] if closing else losses  # with negatives every other step is the closing loss
+        lib.put_routing(name, kind, small, {"digest": digest, "steps": steps, "batch_size": batch_size, "lr": lr,
+                                            "negatives": len(closing), "loss_first": lm[0], "loss_last": lm[-1],
+                                            "closing_last": losses[1::2][-1] if closing else None})
+        log(f"  gates {name:<20} ({kind}) loss {lm[0]:.4f} -> {lm[-1]:.4f} in {time.time() - t0:.0f} s")
     return lib
 
 
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--force", action="store_true", help="retrain gates that are already stored")
+    g.add_argument("--negatives", type=int, default=1, choices=(0, 1),
+                   help="1: the other tasks' examples as negatives (router option negatives=8); 0: the paper's recipe")
     g.add_argument("--lr", type=float, default=1e-2)
     g.add_argument("--seed", type=int, default=0)
     ld = sub.add_parser("lda", help="compute the LDA router's statistics of the zoo's experts that have none")
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.cmd == "gates":
         build_gates(args.library, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                    force=args.force)
+                    force=args.force, negatives=bool(args.negatives))
         return
     torch.manual_seed(args.seed)
     random.seed(args.seed)

@@ -302,7 +302,7 @@ class LinearGate:
     Attributes:
         Vt: ``(B, d, K)`` float32, the candidates' vectors (times any temperature), transposed.
         bias: ``(B, 1, K)`` float32: ``-inf`` for candidates without a vector, plus any per-request term (a
-            router's own bias, GLIDER's global score).
+            router's own bias, GLIDER's global log-prior).
         finish: how ``x @ Vt`` becomes a logit.
     """
 

@@ -110,6 +110,7 @@ class TrainedGateRouter(VectorGateRouter):
     routing_kind: ClassVar[str] = ""
     data_label: ClassVar[str] = "routing data"
     lazy_data: ClassVar[bool] = False  # stored data read when a request first has the expert among its candidates
+    keeps_peers: ClassVar[bool] = False  # keep the experts taken in: training mixes in other experts' examples
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -247,7 +248,8 @@ class TrainedGateRouter(VectorGateRouter):
     def on_add_expert(self, expert: Expert, prepared: _Prepared | None = None) -> None:
         p = self.prepare_expert(expert) if prepared is None else prepared
         self.deferred.discard(expert.name)
-        self._experts[expert.name] = expert
+        if self.keeps_peers:
+            self._experts[expert.name] = expert
         if p.data is None:
             return
         if p.data is _LAZY:

@@ -3,6 +3,7 @@ likelihoods against their formula, and the training loss computed on the scored 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moerge import ExpertLibrary, MoErgeModel
@@ -78,6 +79,9 @@ def test_calibration_likelihood_is_the_softmax_of_the_cosines(tmp_path):
                    for row, s, e in zip(names, sims, exs)) / len(exs)
         assert abs(v - ref) < 1e-9
     assert curve[best] == min(curve.values())
+    assert not glider.has_linear_gate  # GLIDER without a local gate: nothing per token to identify
+    with pytest.raises(ValueError, match="no linear local gate"):
+        token_identification(model, model.tokenizer, exs)
 
 
 def test_lm_loss_is_the_models_loss_on_the_scored_tokens():

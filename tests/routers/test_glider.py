@@ -141,7 +141,7 @@ def test_batch_rows_equal_rows_alone_and_deterministic(tmp_path):
     for i, p in enumerate(prompts):
         alone = model(**_batch(model, [p])).logits
         n = alone.shape[1]
-        assert torch.allclose(full[i, -n:], alone[0], atol=1e-5)
+        assert torch.allclose(full[i, -n:], alone[0], atol=5e-5)  # summation order of the batched gate matmul
 
 
 @pytest.mark.parametrize("local", ["lda", "phatgoose", "arrow"])

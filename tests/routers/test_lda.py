@@ -73,11 +73,31 @@ def test_discriminant_is_fishers_with_the_pooled_covariance():
         s2 = sum(share[i] * truth[names[i]][3] for i in row)
         sigma = sum(share[i] * (truth[names[i]][1].t() @ truth[names[i]][1]).double() for i in row)
         sigma = sigma + s2 * torch.eye(d, dtype=torch.float64)
-        for k, i in enumerate(row):
-            mu = truth[names[i]][0].double()
-            v = torch.linalg.solve(sigma, mu)
-            assert torch.allclose(logits[b, :, k].double(), (z[b] @ v - 0.5 * mu @ v) / 2.0, atol=1e-3, rtol=1e-4)
+        ref = torch.stack([(z[b] @ torch.linalg.solve(sigma, truth[names[i]][0].double())
+                            - 0.5 * truth[names[i]][0].double() @ torch.linalg.solve(sigma, truth[names[i]][0].double()))
+                           / 2.0 for i in row], -1)  # (T, n): the textbook logits
+        got = logits[b, :, : len(row)].double()
+        # the gate subtracts the candidates' mean logit (the softmax is the same): equal up to that shift
+        assert torch.allclose(got, ref - ref.mean(-1, keepdim=True), atol=1e-3, rtol=1e-4)
+        assert torch.allclose(torch.softmax(got, -1), torch.softmax(ref, -1), atol=1e-5)
         assert torch.isinf(logits[b, :, len(row):]).all()
+
+
+def test_a_candidate_without_statistics_scores_as_the_average_one():
+    """A placeholder (a deferred expert under GLIDER, zeros) is neither always first nor always last: its logit is
+    the candidates' mean, so the global prior decides its place."""
+    torch.manual_seed(2)
+    d = 8
+    router = build_router("lda", rank=2, top_k=None)
+    names = ("a", "b", "new")
+    for n in names[:2]:
+        router._set_data(n, {"m": lda.pack(torch.randn(d) * 3, torch.randn(2, d), 20, 0.2)})
+    router._set_data("new", {"m": torch.zeros(3 * d + 2)})
+    logits = router.logits(torch.randn(1, 50, d), Candidates(torch.tensor([[0, 1, 2]]), torch.zeros(1, 3), names),
+                           LayerInfo(0, "m", d, d))[0]
+    assert torch.allclose(logits[:, 2], torch.zeros(50)) and torch.allclose(logits[:, :2].mean(-1), torch.zeros(50),
+                                                                            atol=1e-4)
+    assert (logits[:, 2] > logits[:, :2].min(-1).values).all() and (logits[:, 2] < logits[:, :2].max(-1).values).all()
 
 
 def test_a_rows_gate_depends_on_its_own_candidates_only():
@@ -142,13 +162,15 @@ def test_statistics_computed_on_add_stored_in_the_library_and_reused(tmp_path, m
     kind = model.router.routing_kind
     assert kind == "lda-r4"
     stored = ExpertLibrary.open(lib.root).routing_for("e0", kind, lib["e0"].digest())
-    assert stored is not None and next(iter(stored.values())).dtype == torch.float16
+    assert stored is not None
     raw = next((lib.root / "experts" / "e0").glob("routing-lda-r4-*"))
     from safetensors.torch import load_file
 
-    keys = list(load_file(raw))  # q_proj and v_proj read the same input: stored once, under both names
-    assert len(keys) == 2 * 2 and sum("q_proj+" in k and k.endswith("v_proj") for k in keys) == 2
-    assert {m for k in stored for m in k.split("+")} == set(lib["e0"].modules)
+    tensors = load_file(raw)  # q_proj and v_proj read the same input: stored once, under both names
+    main = [k for k in tensors if not k.endswith("@n")]
+    assert len(main) == 2 * 2 and sum("q_proj+" in k and k.endswith("v_proj") for k in main) == 2
+    assert {m for k in main for m in k.split("+")} == set(lib["e0"].modules)
+    assert all(tensors[k].dtype == torch.float16 and tensors[k + "@n"].dtype == torch.float32 for k in main)
     ids = tok(["reverse: p q"], return_tensors="pt")["input_ids"]
     first = model(input_ids=ids).logits
     calls.clear()
