@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["Task", "Example", "TASKS", "HELD_IN", "HELD_OUT", "get_task", "exact_match", "make_examples",
-           "SPLIT_SEEDS", "UNSEEN_PHRASINGS", "DEV_PHRASINGS", "unseen_examples", "phrasings", "styled"]
+           "SPLIT_SEEDS", "UNSEEN_PHRASINGS", "DEV_PHRASINGS", "unseen_examples", "routing_examples", "phrasings",
+           "styled"]
 
 SPLIT_SEEDS = {"train": 1_000, "test": 2_000, "dev": 3_000}
 
@@ -48,8 +49,11 @@ class Example:
 
 
 def _split_of(task: str, x: str) -> str:
-    """Which of the dev and test splits an input belongs to (a hash of it): the two never share an input."""
-    return ("test", "dev")[hashlib.sha256(f"{task}|{x}".encode()).digest()[0] & 1]
+    """Which third of the inputs an input belongs to (a hash of it): the test split's, the dev split's, or the
+    rest, from which the examples stored with the experts (routing data) are drawn. The three never share an
+    input; the experts' training examples are drawn from all inputs (a task with few, such as ``plural``, is
+    partly a lookup its expert must learn)."""
+    return ("test", "dev", "train")[hashlib.sha256(f"{task}|{x}".encode()).digest()[0] % 3]
 
 
 @dataclass(frozen=True)
@@ -462,6 +466,17 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; tasks: {sorted(TASKS)}")
     return TASKS[name]
+
+
+def routing_examples(name: str, n: int, seed: int = 0) -> list[Example]:
+    """``n`` training examples of ``name`` whose inputs are in neither the dev nor the test split: what an expert
+    stores as its example prompts, which the routers build their data from."""
+    out: list[Example] = []
+    k = 4 * n
+    while len(out) < n:
+        out = [e for e in get_task(name).examples(k, "train", seed) if _split_of(name, e.input) == "train"][:n]
+        k *= 2
+    return out
 
 
 def unseen_examples(name: str, n: int, split: str = "test", seed: int = 0) -> list[Example]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from moerge.lab.tasks import HELD_IN, Example, get_task
+from moerge.lab.tasks import HELD_IN, Example, get_task, routing_examples
 from moerge.library import ExpertLibrary
 from moerge.routing.training import chat_prompt, collate, encode_pair, fit, seeded
 
@@ -93,7 +93,7 @@ def build_zoo(library: str | Path = DEFAULT_ZOO, tasks: list[str] | None = None,
         tmp = Path(lib.root).parent / f".adapter-{task}"
         model.save_pretrained(str(tmp))
         t = get_task(task)
-        examples = [e.prompt for e in t.examples(EXAMPLES_PER_EXPERT, "train", cfg.seed + 99)]
+        examples = [e.prompt for e in routing_examples(task, EXAMPLES_PER_EXPERT, cfg.seed + 99)]
         expert = load_peft_lora(tmp, name=task, description=t.description, examples=examples, dtype=dtype)
         expert.metadata.source.update({"type": "zoo", "task": task, "train": cfg.to_json(),
                                        "loss_first": losses[0], "loss_last": sum(losses[-5:]) / len(losses[-5:])})

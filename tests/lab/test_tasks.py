@@ -20,6 +20,7 @@ from moerge.lab.tasks import (
     make_examples,
     number_words,
     phrasings,
+    routing_examples,
     unseen_examples,
 )
 
@@ -57,6 +58,8 @@ def test_phrasing_sets_are_disjoint_and_dev_and_test_share_no_input(name):
     assert {e.phrasing for e in dev} <= sets["dev"] and {e.phrasing for e in test} <= sets["train"]
     assert {e.phrasing for e in unseen_examples(name, 200)} <= sets["unseen"]
     assert not {e.input for e in dev} & {e.input for e in test}
+    stored = {e.input for e in routing_examples(name, 12)}  # the experts' stored examples: neither dev nor test
+    assert len(routing_examples(name, 12)) == 12 and not stored & ({e.input for e in dev} | {e.input for e in test})
     assert not {e.input for e in dev} & {e.input for e in unseen_examples(name, 200)}
 
 

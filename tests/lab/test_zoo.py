@@ -48,9 +48,9 @@ def test_build_trains_stores_and_resumes(tmp_path, tok):
     e = lib["plural"]
     assert e.description == "Give the plural form of an English noun."
     assert len(e.metadata.examples) == EXAMPLES_PER_EXPERT
-    from moerge.lab.tasks import get_task
+    from moerge.lab.tasks import routing_examples
 
-    assert e.metadata.examples == [x.prompt for x in get_task("plural").examples(EXAMPLES_PER_EXPERT, "train", 99)]
+    assert e.metadata.examples == [x.prompt for x in routing_examples("plural", EXAMPLES_PER_EXPERT, 99)]
     assert e.metadata.source["train"]["steps"] == 3 and e.metadata.source["task"] == "plural"
     assert set(e.ranks.values()) == {2} and next(iter(e.modules.values())).A.dtype == torch.bfloat16
     assert not list(tmp_path.glob(".adapter-*"))  # the temporary PEFT folder is gone
