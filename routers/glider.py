@@ -47,9 +47,8 @@ __all__ = ["GliderConfig", "GliderRouter", "expert_texts"]
 
 
 LOCAL_GATES = ("lda", "phatgoose", "arrow")
-# calibrated on the zoo's dev split (python -m moerge.lab.calibrate; results/calibration.json)
-GLOBAL_TEMPERATURE = 0.02
-LOCAL_TEMPERATURE = {"lda": 1.0}
+# calibrated on the zoo's dev split by maximum likelihood (python -m moerge.lab.calibrate; results/calibration.json)
+GLOBAL_TEMPERATURE = 0.0316
 
 
 @dataclass
@@ -95,9 +94,7 @@ class GliderRouter(Router):
         self.retriever = ExpertRetriever(cfg, owner=self.name)
         self.local: Router | None = None
         if cfg.local != "none":
-            opts = {"top_k": cfg.top_k, "top_p": cfg.top_p, "null_logit": cfg.null_logit,
-                    **({"temperature": LOCAL_TEMPERATURE[cfg.local]} if cfg.local in LOCAL_TEMPERATURE else {}),
-                    **cfg.local_config}
+            opts = {"top_k": cfg.top_k, "top_p": cfg.top_p, "null_logit": cfg.null_logit, **cfg.local_config}
             self.local = build_router(cfg.local, **opts)
 
     # --- the retriever's parts ------------------------------------------------------------------------------------

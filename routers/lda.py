@@ -19,8 +19,10 @@ makes it work: directions along which every expert's own tokens vary (which word
 answer a token is) are discounted, and what is left is what sets one expert's tokens apart from another's. On the
 zoo, nearest-mean routing identifies the right expert for 60–80% of answer tokens, this for 92–98% (dev split,
 base hidden states). Because the logit is linear in ``z``, the gate is a :class:`~moerge.routing.LinearGate` fused
-with the experts' first matmul like every other local gate here, and with ``temperature`` 1 its logits are
-log-likelihoods, the scale GLIDER adds its global log-probabilities to.
+with the experts' first matmul like every other local gate here. With ``temperature`` 1 its logits are the
+Gaussian model's log-likelihoods, which are far too sure of themselves (tokens are not independent Gaussians);
+the default divides them by the temperature that maximises the likelihood of the true expert on the zoo's dev
+split (``python -m moerge.lab.calibrate``), the scale GLIDER adds its global log-probabilities to.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ ROUTING_KIND = "lda"
 
 @dataclass
 class LDAConfig(TrainedGateConfig):
-    temperature: float = field(default=1.0, metadata={
-        "help": "logits are the discriminant's log-likelihoods divided by this"})
+    temperature: float = field(default=75.0, metadata={
+        "help": "logits are the discriminant's log-likelihoods divided by this (75: the maximum-likelihood "
+                "temperature on the zoo's dev split; 1: the Gaussian model's own)"})
     rank: int = field(default=8, metadata={"help": "principal directions kept of each expert's spread per module"})
     with_expert: bool = field(default=True, metadata={
         "help": "statistics of the hidden states with the expert applied (else of the base alone)"})

@@ -110,7 +110,7 @@ def test_committed_zoo_is_complete_and_small():
     lib = ExpertLibrary.open(DEFAULT_ZOO)
     assert lib.names() == HELD_IN and lib.verify() == []
     size = sum(p.stat().st_size for p in DEFAULT_ZOO.rglob("*") if p.is_file())
-    assert size <= 40 * 2**20, f"zoo is {size / 2**20:.1f} MiB"
+    assert size <= 64 * 2**20, f"zoo is {size / 2**20:.1f} MiB"  # 12 experts, their LDA statistics, the index
 
 
 @pytest.mark.slow
