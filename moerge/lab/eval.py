@@ -173,18 +173,13 @@ def split_methods(text: str) -> list[str]:
 
 def _parse_method(method: str) -> tuple[str, dict[str, Any]]:
     """``"router:glider?top_k=1&global_temperature=0.05"`` → ``("glider", {"top_k": 1, "global_temperature":
-    0.05})`` (values read as JSON, else text)."""
-    name, _, query = method.split(":", 1)[1].partition("?")
-    config: dict[str, Any] = {}
-    for part in filter(None, query.split("&")):
-        key, eq, value = part.partition("=")
-        if not eq or not key:
-            raise ValueError(f"method {method!r}: expected KIND:NAME?key=value&key=value, got {part!r}")
-        try:
-            config[key] = json.loads(value)
-        except json.JSONDecodeError:
-            config[key] = value
-    return name, config
+    0.05})`` (:func:`~moerge.lab.identify.parse_spec` of what follows the kind)."""
+    from moerge.lab.identify import parse_spec
+
+    try:
+        return parse_spec(method.split(":", 1)[1])
+    except ValueError as err:
+        raise ValueError(f"method {method!r}: {err}") from None
 
 
 def _method(name: str) -> Method:

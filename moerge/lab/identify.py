@@ -189,6 +189,22 @@ def identification_examples(split: str, limit: int, phrasing: str = "seen") -> l
     return [e for t in HELD_IN for e in get_task(t).examples(limit, split)]
 
 
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"glider?top_k=1&local=lda"`` → ``("glider", {"top_k": 1, "local": "lda"})`` (values read as JSON, else
+    text)."""
+    name, _, query = spec.partition("?")
+    config: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"expected NAME?key=value&key=value, got {part!r}")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return name, config
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moerge.lab.identify", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="results", help="folder for identify.json and identify.md")
     args = ap.parse_args(argv)
     from moerge.lab.defaults import default_base
-    from moerge.lab.eval import _method
     from moerge.lab.zoo import DEFAULT_ZOO
+    from moerge.routers import build_router
     from moerge.runtime.model import MoErgeModel
 
     t0 = time.time()
@@ -211,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     examples = identification_examples(args.split, args.limit, args.phrasing)
     results = []
     for spec in [s for s in args.routers.split(",") if s]:
-        method = _method(f"router:{spec}")
-        model.set_router(method.router() if callable(method.router) else method.router)
+        name, config = parse_spec(spec)
+        model.set_router(build_router(name, **config))
         results.append(token_identification(model, tok, examples, label=spec))
         print(identification_markdown(results[-1:]), flush=True)
     md = identification_markdown(results)
