@@ -242,8 +242,9 @@ class EvalResult:
 
     def updated(self, new: EvalResult) -> EvalResult:
         """This table with ``new``'s methods added or replaced (both must use the same limit and split)."""
+        defaults = {"phrasing": "seen"}  # tables made before phrasings were chosen asked in the seen ones
         for key in ("limit", "split", "phrasing"):
-            if self.config.get(key) != new.config.get(key):
+            if self.config.get(key, defaults.get(key)) != new.config.get(key, defaults.get(key)):
                 raise ValueError(f"cannot update a table made with {key}={self.config.get(key)!r} by one made with "
                                  f"{key}={new.config.get(key)!r}")
         out = EvalResult({**self.scores, **new.scores}, {**self.retrieval, **new.retrieval},

@@ -413,12 +413,16 @@ P_TYPOS = 0.2
 PHRASING_SETS = ("train", "dev", "unseen")
 
 
+ANSWER_WORDS = {"positive", "negative"}  # words an instruction asks the model to answer with
+
+
 def _typos(text: str, rng: random.Random) -> str:
     """``text`` with one or two typing slips (adjacent letters swapped, a letter dropped or doubled) in words of
     four letters or more."""
     words = text.split(" ")
-    long = [i for i, w in enumerate(words)  # plain lower-case words only: "DD/MM/YYYY" or "JSON" keep their sense
-            if len(w.rstrip(".,:;?!")) >= 4 and w.rstrip(".,:;?!").isalpha() and w[1:].rstrip(".,:;?!").islower()]
+    long = [i for i, w in enumerate(words)  # plain lower-case words only: "DD/MM/YYYY" or "JSON" keep their sense,
+            if len(w.rstrip(".,:;?!")) >= 4 and w.rstrip(".,:;?!").isalpha() and w[1:].rstrip(".,:;?!").islower()
+            and w.rstrip(".,:;?!").lower() not in ANSWER_WORDS]  # and so do the answers an instruction names
     for i in rng.sample(long, min(len(long), rng.randint(1, 2))):
         w = words[i]
         letters = [j for j, c in enumerate(w) if c.isalpha()]

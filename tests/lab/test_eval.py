@@ -186,3 +186,6 @@ def test_unseen_phrasings_ask_the_held_in_tasks_in_words_no_expert_saw(tiny_rout
     seen = evaluate(tiny_routed, tok, ["base"], ["plural"], limit=3, batch_size=3, progress=False)
     with pytest.raises(ValueError, match="phrasing"):
         seen.updated(res)
+    older = EvalResult.from_json({**seen.to_json(), "config": {k: v for k, v in seen.config.items()
+                                                               if k != "phrasing"}})
+    assert set(older.updated(seen).scores) == {"base"}  # a table from before phrasings were chosen: the seen ones

@@ -84,6 +84,7 @@ def test_typos_leave_formats_and_acronyms_alone():
     for _ in range(200):
         out = _typos("Rewrite the date in DD/MM/YYYY format as JSON please", rng)
         assert "DD/MM/YYYY" in out and "JSON" in out and out != "Rewrite the date in DD/MM/YYYY format as JSON please"
+        assert "positive or negative" in _typos("Answer positive or negative: how does the writer feel?", rng)
 
 
 @pytest.mark.parametrize("name,check", [
