@@ -27,6 +27,7 @@ split (``python -m moerge.lab.calibrate``), the scale GLIDER adds its global log
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,17 +98,15 @@ def expert_statistics(base: torch.nn.Module, tokenizer: Any, expert: Expert,
         seen[_m].append(standardize(x.reshape(x.shape[0], -1, x.shape[-1]))[mask[0]].cpu())  # (N, in)
 
     handles = [base.get_submodule(m).register_forward_pre_hook(lambda mod, a, _m=m: hook(mod, a, _m)) for m in seen]
-    apply = GatedExperts(base, [expert], lambda m, x: torch.ones(*x.shape[:2], 1, device=x.device))
+    applied = (GatedExperts(base, [expert], lambda m, x: torch.ones(*x.shape[:2], 1, device=x.device))
+               if with_expert else contextlib.nullcontext())
     try:
-        if with_expert:
-            apply.__enter__()
-        for i in range(0, len(pairs), batch_size):
-            b = collate(tokenizer, pairs[i : i + batch_size])
-            mask[:] = [(b["labels"] != -100).to(device)]
-            base(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+        with applied:
+            for i in range(0, len(pairs), batch_size):
+                b = collate(tokenizer, pairs[i : i + batch_size])
+                mask[:] = [(b["labels"] != -100).to(device)]
+                base(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
     finally:
-        if with_expert:
-            apply.__exit__(None, None, None)
         for h in handles:
             h.remove()
     out = {}
@@ -212,7 +211,8 @@ class LDARouter(TrainedGateRouter):
 
     def _train(self, expert: Expert) -> tuple[dict[str, torch.Tensor], list[float]]:
         ctx = self.context
-        data = expert_statistics(ctx.training_base(), ctx.tokenizer, expert, expert.metadata.examples,
+        base = ctx.training_base()
+        data = expert_statistics(base, ctx.tokenizer, expert, self._examples(expert, base),
                                  rank=self.config.rank, with_expert=self.config.with_expert)
         return data, []
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -26,17 +25,16 @@ from typing import Any
 
 import torch
 
+from moerge.adapters.merge import block_index
 from moerge.lab.tasks import HELD_IN, Example, get_task, unseen_examples
+from moerge.routing.training import collate
 
 __all__ = ["Identification", "token_identification", "identification_markdown"]
 
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
 def layer_of(module: str) -> int:
     """The transformer block a module belongs to (``-1`` outside the blocks)."""
-    m = _LAYER.search(f".{module}")
-    return int(m.group(1)) if m else -1
+    block = block_index(module)
+    return -1 if block is None else block
 
 
 @dataclass
@@ -83,12 +81,6 @@ class Identification:
                 "confusion": {t: dict(c) for t, c in self.confusion.items()}}
 
 
-def _batch(tokenizer: Any, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-    from moerge.routing.training import collate
-
-    return collate(tokenizer, [(e.prompt, e.target) for e in examples])
-
-
 @torch.no_grad()
 def token_identification(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 16,
                          label: str | None = None, temperatures: Sequence[float] = ()) -> Identification:
@@ -131,7 +123,7 @@ def token_identification(model: Any, tokenizer: Any, examples: Sequence[Example]
     try:
         for i in range(0, len(examples), batch_size):
             chunk = list(examples[i : i + batch_size])
-            b = _batch(tokenizer, chunk)
+            b = collate(tokenizer, [(e.prompt, e.target) for e in chunk])
             picks.clear()
             names = list(model.experts)
             answer = b["labels"] != -100
