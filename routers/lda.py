@@ -37,7 +37,7 @@ import torch
 from moerge.adapters.expert import Expert
 from moerge.errors import RoutingError
 from moerge.routing import LayerInfo, LinearGate, register_router, standardize
-from moerge.routing.training import GatedExperts, answers_from_expert, collate
+from moerge.routing.training import GatedExperts, answer_positions, answers_from_expert, collate
 from moerge.routing.types import Candidates
 from moerge.routing.vector_gate import TrainedGateConfig, TrainedGateRouter
 
@@ -54,11 +54,16 @@ class LDAConfig(TrainedGateConfig):
     rank: int = field(default=8, metadata={"help": "principal directions kept of each expert's spread per module"})
     with_expert: bool = field(default=True, metadata={
         "help": "statistics of the hidden states with the expert applied (else of the base alone)"})
+    positions: str = field(default="answer", metadata={
+        "help": "tokens the statistics are taken over: 'answer' (those that write the answer) or 'all' (the "
+                "prompt's too: every token the gate routes)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.positions not in ("answer", "all"):
+            raise ValueError(f"positions must be 'answer' or 'all', got {self.positions!r}")
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
 
@@ -77,7 +82,8 @@ def unpack(v: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
 @torch.no_grad()
 def expert_statistics(base: torch.nn.Module, tokenizer: Any, expert: Expert,
                       examples: Sequence[str] | Sequence[tuple[str, str]], *, rank: int = 8,
-                      with_expert: bool = True, batch_size: int = 8) -> dict[str, torch.Tensor]:
+                      with_expert: bool = True, positions: str = "answer",
+                      batch_size: int = 8) -> dict[str, torch.Tensor]:
     """``module → packed statistics`` (:func:`pack`) of ``layer_norm(x)`` over the answer tokens of ``examples``
     (prompts, answered by the expert; or ``(prompt, answer)`` pairs), with the expert applied (``with_expert``) or
     on the base alone."""
@@ -104,7 +110,8 @@ def expert_statistics(base: torch.nn.Module, tokenizer: Any, expert: Expert,
         with applied:
             for i in range(0, len(pairs), batch_size):
                 b = collate(tokenizer, pairs[i : i + batch_size])
-                mask[:] = [(b["labels"] != -100).to(device)]
+                keep = answer_positions(b["labels"]) if positions == "answer" else b["attention_mask"] == 1
+                mask[:] = [keep.to(device)]
                 base(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
     finally:
         for h in handles:
@@ -177,7 +184,8 @@ class LDARouter(TrainedGateRouter):
         # statistics made another way are stored apart
         # (with another rank, or of the base alone): a library may hold several kinds
         cfg = self.config
-        self.routing_kind = f"{ROUTING_KIND}-r{cfg.rank}" + ("" if cfg.with_expert else "-base")
+        self.routing_kind = (f"{ROUTING_KIND}-r{cfg.rank}" + ("" if cfg.with_expert else "-base")
+                             + ("" if cfg.positions == "answer" else f"-{cfg.positions}"))
 
     def make_linear_gate(self, candidates: Candidates, layer: LayerInfo, device: torch.device) -> LinearGate | None:
         got = self.vectors.gate_operands(layer.name, candidates, device, center=True,
@@ -213,7 +221,8 @@ class LDARouter(TrainedGateRouter):
         ctx = self.context
         base = ctx.training_base()
         data = expert_statistics(base, ctx.tokenizer, expert, self._examples(expert, base),
-                                 rank=self.config.rank, with_expert=self.config.with_expert)
+                                 rank=self.config.rank, with_expert=self.config.with_expert,
+                                 positions=self.config.positions)
         return data, []
 
     def statistics_of(self, name: str) -> dict[str, torch.Tensor]:

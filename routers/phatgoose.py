@@ -27,7 +27,14 @@ import torch
 from moerge.adapters.expert import Expert
 from moerge.errors import RoutingError
 from moerge.routing import LayerInfo, register_router, standardize
-from moerge.routing.training import GatedExperts, answers_from_expert, fit, lm_loss, make_batches
+from moerge.routing.training import (
+    GatedExperts,
+    answer_positions,
+    answers_from_expert,
+    fit,
+    lm_loss,
+    make_batches,
+)
 from moerge.routing.vector_gate import TrainedGateConfig, TrainedGateRouter
 
 __all__ = ["PhatgooseConfig", "PhatgooseRouter", "train_phatgoose_gates", "ROUTING_KIND", "routing_kind"]
@@ -106,7 +113,7 @@ def train_phatgoose_gates(
         if "negative" not in batch:
             return lm_loss(model, batch)
         closing.clear()
-        answers[:] = [batch["labels"] != -100]
+        answers[:] = [answer_positions(batch["labels"])]
         try:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         finally:

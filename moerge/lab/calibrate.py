@@ -2,8 +2,12 @@
 
 * Global: ``global_temperature`` τ_g minimises the negative log-likelihood of each dev prompt's true expert under
   ``softmax(cosine / τ_g)`` over every expert.
-* Local: the local gate's ``temperature`` τ_l minimises the negative log-likelihood of the true expert under
-  ``softmax(logits / τ_l)`` over the answer tokens of the dev prompts, in every module (the gate routing alone).
+* Local, alone: the local gate's ``temperature`` τ_l minimises the negative log-likelihood of the true expert under
+  ``softmax(logits / τ_l)`` over the answer tokens of the dev prompts, in every module (the gate routing alone,
+  every expert a candidate): the default of the gate used on its own.
+* Local, within GLIDER: with τ_g fixed, the local temperature that minimises the same negative log-likelihood
+  under GLIDER's own posterior ``softmax(logits / τ + log softmax(score / τ_g))`` over its candidates — the two
+  terms calibrated against each other, on the rows GLIDER really mixes. It is GLIDER's default local temperature.
 
 Both are then log-probabilities on one scale, so GLIDER adds them (log-prior plus log-likelihood). The dev split
 shares neither phrasings nor inputs with the test split the tables report.
@@ -35,7 +39,7 @@ def calibrate_global(glider: Any, examples: Sequence[Example], grid: Sequence[fl
     """``(τ_g, {τ: mean NLL})`` of the retrieval's cosine scores over every expert of ``glider`` (attached to a
     model) for ``examples``."""
     grid = tuple(grid or [t for t in GRID if t <= 10])
-    names, sims = glider.retrieve([e.prompt for e in examples], len(glider.retriever._texts))
+    names, sims = glider.retrieve([e.prompt for e in examples], len(glider.retriever.names))
     s = torch.as_tensor(sims, dtype=torch.float64)  # (N, E)
     true = torch.tensor([row.index(e.task) for row, e in zip(names, examples)])
     curve = {t: float(-torch.log_softmax(s / t, dim=-1).gather(1, true.unsqueeze(1)).mean()) for t in grid}
@@ -81,11 +85,17 @@ def main(argv: list[str] | None = None) -> None:
     tl, lcurve, ident = calibrate_local(model, tok, examples, local)
     print(f"{args.local} temperature {tl} (NLL {lcurve[tl]:.4f} per answer token and module; at 1: "
           f"{lcurve.get(1.0, math.nan):.4f}); answer tokens identified {100 * ident.accuracy('answer'):.1f}%")
+    joint = build_router("glider", global_temperature=tg, local=args.local, local_config={"temperature": 1.0})
+    tj, jcurve, jident = calibrate_local(model, tok, examples, joint)
+    print(f"{args.local} temperature within GLIDER {tj} (NLL {jcurve[tj]:.4f} per answer token and module); "
+          f"answer tokens identified {100 * jident.accuracy('answer'):.1f}%")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"split": "dev", "limit": args.limit, "global_temperature": tg, "local": args.local,
               "local_temperature": tl, "global_nll": {str(k): v for k, v in gcurve.items()},
               "local_nll": {str(k): v for k, v in lcurve.items()}, "identification": ident.to_json(),
+              "glider_local_temperature": tj, "glider_local_nll": {str(k): v for k, v in jcurve.items()},
+              "glider_identification": jident.to_json(),
               "seconds": round(time.time() - t0),
               "command": "python -m moerge.lab.calibrate " + " ".join(argv if argv is not None else
                                                                       __import__("sys").argv[1:])}

@@ -3,8 +3,10 @@
 A routed model is run teacher-forced over each example's prompt and answer (the chat template, the target, the end
 of turn). Inside every patched module the router's gate logits for that module's input are taken (the inputs the
 routed model itself computes, so a gate that errs early sees the consequences later), and the token counts as
-identified when the candidate with the highest logit is the expert of the example's task. Prompt tokens (the whole
-templated prompt) and answer tokens are counted apart; the answer tokens' picks are also kept as a confusion table
+identified when the candidate with the highest logit is the expert of the example's task. Answer tokens are the
+positions that write the answer (:func:`~moerge.routing.training.answer_positions`: the prompt's last token through
+the answer's last, each predicting the next; what generation computes), prompt tokens the rest of the templated
+prompt; they are counted apart; the answer tokens' picks are also kept as a confusion table
 between tasks and experts. Only routers whose gate is linear in the module input (every local gate here) are
 measured.
 
@@ -27,7 +29,7 @@ import torch
 
 from moerge.adapters.merge import block_index
 from moerge.lab.tasks import HELD_IN, Example, get_task, unseen_examples
-from moerge.routing.training import collate
+from moerge.routing.training import answer_positions, collate
 
 __all__ = ["Identification", "token_identification", "identification_markdown"]
 
@@ -87,7 +89,9 @@ def token_identification(model: Any, tokenizer: Any, examples: Sequence[Example]
     """Run ``model`` (a :class:`~moerge.MoErgeModel` whose router has a linear local gate) teacher-forced over
     ``examples`` and count, per layer, the prompt and answer tokens whose best-scored candidate is the expert named
     like the example's task. ``temperatures``: also sum, for each, the negative log-likelihood of the true expert
-    under ``softmax(logits / temperature)`` over the answer tokens whose row has it among its candidates."""
+    under ``softmax(logits / temperature)`` over the answer tokens whose row has it among its candidates (for a
+    router with a global log-prior, GLIDER, the local logits alone are divided: ``softmax(local / temperature +
+    log_prior)``)."""
     router = model.router
     if not (router.has_local_gate and router.has_linear_gate):
         raise ValueError(f"router {router.name!r} has no linear local gate to measure")
@@ -109,12 +113,14 @@ def token_identification(model: Any, tokenizer: Any, examples: Sequence[Example]
         picks[module.module_name] = ids.masked_fill(~torch.isfinite(logits.max(-1).values), -1).cpu()
         if temperatures:
             dev = logits.device
+            prior = getattr(state.router, "log_prior", None)  # GLIDER: the global term, kept as it is
+            prior = None if prior is None else prior(state.candidates).to(dev).unsqueeze(1)  # (B, 1, K)
             is_true = state.candidates.ids.to(dev) == truth_now[0].to(dev)  # (B, K)
             slot = is_true.float().argmax(-1)  # (B,): the true expert's slot
             ok = answer_now[0].to(dev) & is_true.any(-1, keepdim=True) \
                 & torch.isfinite(logits.gather(-1, slot.view(-1, 1, 1).expand(-1, logits.shape[1], 1)).squeeze(-1))
             for t in temperatures:
-                lp = torch.log_softmax(logits.float() / t, dim=-1)
+                lp = torch.log_softmax(logits.float() / t if prior is None else (logits - prior) / t + prior, dim=-1)
                 true = lp.gather(-1, slot.view(-1, 1, 1).expand(-1, lp.shape[1], 1)).squeeze(-1)  # (B, T)
                 out.nll[t] = out.nll.get(t, 0.0) - float(true[ok].sum())
             out.nll_tokens += int(ok.sum())
@@ -126,7 +132,7 @@ def token_identification(model: Any, tokenizer: Any, examples: Sequence[Example]
             b = collate(tokenizer, [(e.prompt, e.target) for e in chunk])
             picks.clear()
             names = list(model.experts)
-            answer = b["labels"] != -100
+            answer = answer_positions(b["labels"])
             prompt = (b["attention_mask"] == 1) & ~answer
             truth = torch.tensor([names.index(e.task) if e.task in names else -2 for e in chunk]).unsqueeze(1)
             truth_now[0], answer_now[0] = truth, answer

@@ -144,17 +144,32 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_siz
     return lib
 
 
-def build_lda(library: str | Path = DEFAULT_ZOO, *, base: Any = None, tokenizer: Any = None,
-              log=print) -> ExpertLibrary:
+def build_lda(library: str | Path = DEFAULT_ZOO, *, base: Any = None, tokenizer: Any = None, force: bool = False,
+              positions: str = "answer", log=print) -> ExpertLibrary:
     """Compute and store the LDA router's statistics of every zoo expert that has none for its current weights
-    (from its stored example prompts, as the router does for any expert added)."""
+    (from its stored example prompts, as the router does for any expert added); ``force``: of every expert (after a
+    change to how they are computed)."""
     from moerge.lab.defaults import default_base
+    from moerge.routers.lda import LDAConfig, LDARouter, expert_statistics
+    from moerge.routing.training import answers_from_expert
     from moerge.runtime.model import MoErgeModel
 
     if base is None:
         base, tokenizer = default_base()
     t0 = time.time()
-    model = MoErgeModel.from_library(base, library, router="lda", tokenizer=tokenizer, follow=False)
+    if force:
+        lib, router = ExpertLibrary.open(library), LDARouter(LDAConfig(positions=positions))
+        for name in lib.names():
+            expert = lib.get(name)
+            pairs = answers_from_expert(base, tokenizer, expert, list(expert.metadata.examples))
+            data = expert_statistics(base, tokenizer, expert, pairs, rank=router.config.rank,
+                                     with_expert=router.config.with_expert, positions=positions)
+            lib.put_routing(name, router.routing_kind, router._to_tensors({m: v.reshape(-1) for m, v in data.items()}),
+                            {"digest": expert.digest()})
+        log(f"  lda statistics of {len(lib.names())} experts recomputed in {time.time() - t0:.0f} s")
+        return lib
+    model = MoErgeModel.from_library(base, library, router=LDARouter(LDAConfig(positions=positions)),
+                                     tokenizer=tokenizer, follow=False)
     model.wait_routing()
     model.close()
     log(f"  lda statistics of {len(model.experts)} experts in {time.time() - t0:.0f} s")
@@ -214,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--seed", type=int, default=0)
     ld = sub.add_parser("lda", help="compute the LDA router's statistics of the zoo's experts that have none")
     ld.add_argument("--library", default=str(DEFAULT_ZOO))
+    ld.add_argument("--force", action="store_true", help="recompute the statistics already stored")
+    ld.add_argument("--positions", default="answer", choices=("answer", "all"))
     x = sub.add_parser("xlora", help="train the X-LoRA-style head jointly over the zoo's experts")
     x.add_argument("--library", default=str(DEFAULT_ZOO))
     x.add_argument("--steps", type=int, default=60)
@@ -222,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     x.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.cmd == "lda":
-        build_lda(args.library)
+        build_lda(args.library, force=args.force, positions=args.positions)
         return
     if args.cmd == "xlora":
         build_xlora(args.library, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)

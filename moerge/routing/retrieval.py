@@ -151,6 +151,12 @@ class ExpertRetriever:
         return self._describer
 
     # --- experts ------------------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """The experts it retrieves."""
+        with self._lock:
+            return list(self._texts)
+
     def add(self, expert: Expert) -> None:
         """Retrieve ``expert`` by its description and examples from now on (it replaces an expert of that name);
         embedded when the index is next used."""

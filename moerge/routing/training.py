@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from moerge.adapters.expert import Expert, LoRAWeights
 
 __all__ = ["fit", "lm_loss", "seeded", "cancellable", "current_cancel", "TrainingCancelled", "GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "collate",
-           "make_batches", "answers_from_expert", "frozen", "greedy_generate"]
+           "make_batches", "answer_positions", "answers_from_expert", "frozen", "greedy_generate"]
 
 
 @dataclass
@@ -284,6 +284,16 @@ def collate(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> dict[str, torch
     for r, (x, y) in enumerate(rows):
         ids[r, : len(x)], labels[r, : len(y)], mask[r, : len(x)] = torch.tensor(x), torch.tensor(y), 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool: the positions whose next token is scored (``labels[:, t + 1] != -100``) — the last prompt
+    token, which writes the answer's first token, through the answer's last token, which writes the end of turn.
+    These are the hidden states that *produce* the answer (what generation computes at each step), and the ones
+    :func:`lm_loss` scores."""
+    out = torch.zeros_like(labels, dtype=torch.bool)
+    out[:, :-1] = labels[:, 1:] != -100
+    return out
 
 
 def make_batches(tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int, steps: int,

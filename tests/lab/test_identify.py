@@ -11,7 +11,7 @@ from moerge.lab.calibrate import calibrate_global
 from moerge.lab.identify import identification_markdown, layer_of, token_identification
 from moerge.lab.tasks import Example
 from moerge.routers import build_router
-from moerge.routing.training import collate, lm_loss
+from moerge.routing.training import answer_positions, collate, lm_loss
 
 from helpers import rand_expert, tiny_chat_llama, tiny_tokenizer
 
@@ -43,7 +43,7 @@ def test_counts_are_the_argmax_of_the_gate_the_model_records(tmp_path):
         with model.routing(b["input_ids"], b["attention_mask"]) as state:
             state.keep_tokens = True
             model.base(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        answer = (b["labels"] != -100)[0]
+        answer = answer_positions(b["labels"])[0]  # the tokens that write the answer
         for module in model.patched_modules:
             w = state.token_weights(module)[0]  # (T, K)
             picked = [names[int(state.candidates.ids[0, k])] if w[t, k] > 0 else None
@@ -82,6 +82,40 @@ def test_calibration_likelihood_is_the_softmax_of_the_cosines(tmp_path):
     assert not glider.has_linear_gate  # GLIDER without a local gate: nothing per token to identify
     with pytest.raises(ValueError, match="no linear local gate"):
         token_identification(model, model.tokenizer, exs)
+
+
+def test_within_glider_the_temperature_divides_the_local_logits_only(tmp_path):
+    """GLIDER's posterior is ``softmax(local / τ + log_prior)``: the calibration's likelihood of the true expert
+    against that formula, from the local gate's and the global stage's own terms."""
+    model = _model(tmp_path, build_router("glider", local="arrow", candidates=2, global_temperature=0.05))
+    glider, tok = model.router, model.tokenizer
+    exs = EXAMPLES[:4]
+    temps = (0.5, 2.0)
+    got = token_identification(model, tok, exs, batch_size=4, temperatures=temps)
+    ref = {t: 0.0 for t in temps}
+    names = list(model.experts)
+    for e in exs:
+        b = collate(tok, [(e.prompt, e.target)])
+        answer = answer_positions(b["labels"])[0]
+        seen = []  # (module, input) of every patched module, in the forward
+        hooks = [model.base.get_submodule(m).register_forward_pre_hook(lambda mod, a: seen.append((mod, a[0])))
+                 for m in model.patched_modules]
+        try:
+            with torch.no_grad(), model.routing(b["input_ids"], b["attention_mask"]) as state:
+                model.base(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                cands = state.candidates
+                prior = glider.log_prior(cands)[0]  # (K,)
+                slot = cands.ids[0].tolist().index(names.index(e.task))
+                for mod, x in seen:
+                    local = glider.local.logits(x.reshape(1, -1, x.shape[-1]), cands, mod.info)[0]  # (T, K)
+                    for t in temps:
+                        ref[t] -= float(torch.log_softmax(local / t + prior, -1)[answer, slot].sum())
+        finally:
+            for h in hooks:
+                h.remove()
+    for t in temps:
+        assert got.nll[t] == pytest.approx(ref[t], rel=1e-4)
+    assert got.nll[0.5] != pytest.approx(got.nll[2.0], rel=1e-3)  # the temperature matters
 
 
 def test_lm_loss_is_the_models_loss_on_the_scored_tokens():

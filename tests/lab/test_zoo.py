@@ -36,6 +36,14 @@ def test_labels_score_only_the_answer(tok):
     answer = [t for t in labels if t != -100]
     assert len(ids) == len(labels) and labels[0] == -100
     assert tok.decode(answer) == ex.target + "<|im_end|>\n"
+    from moerge.routing.training import answer_positions, collate
+
+    b = collate(tok, [(ex.prompt, ex.target), ("hi", "x")])
+    writes = answer_positions(b["labels"])  # the tokens whose next token is the answer's
+    for r, (ids_r, lab_r) in enumerate(zip(b["input_ids"], b["labels"])):
+        first = int((lab_r != -100).nonzero()[0])
+        last = int((lab_r != -100).nonzero()[-1])
+        assert writes[r].nonzero().flatten().tolist() == list(range(first - 1, last))  # last prompt token on
 
 
 def test_build_trains_stores_and_resumes(tmp_path, tok):

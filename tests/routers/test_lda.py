@@ -17,14 +17,19 @@ from helpers import rand_expert, tiny_chat_llama, tiny_tokenizer
 PAIRS = [("reverse: a b c", "c b a"), ("reverse: x y", "y x"), ("reverse: one two three", "three two one")]
 
 
-def _reference_inputs(base, tok, module, pairs):
-    """``layer_norm`` of ``module``'s inputs at the answer tokens, collected by hand."""
+def _reference_inputs(base, tok, module, pairs, positions="answer"):
+    """``layer_norm`` of ``module``'s inputs at the tokens that write the answer (each one's next token is the
+    answer's: the prompt's last token through the answer's last), or at every token, collected by hand."""
     got = []
     b = collate(tok, pairs)
     h = base.get_submodule(module).register_forward_pre_hook(lambda m, a: got.append(a[0]))
     base(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     h.remove()
-    return standardize(got[0])[b["labels"] != -100].double()
+    keep = torch.zeros_like(b["labels"], dtype=torch.bool)
+    keep[:, :-1] = b["labels"][:, 1:] != -100
+    if positions == "all":
+        keep = b["attention_mask"] == 1
+    return standardize(got[0])[keep].double()
 
 
 def test_statistics_are_the_mean_and_the_spread_of_the_answer_tokens():
@@ -45,6 +50,12 @@ def test_statistics_are_the_mean_and_the_spread_of_the_answer_tokens():
         assert torch.allclose(torch.linalg.eigvalsh(top).flip(0)[:3], ev[:3], rtol=1e-4, atol=1e-6)
         assert float(residual) == pytest.approx(float(ev[3:].sum().detach()) / (d - 3), rel=1e-4, abs=1e-6)
     assert all(torch.equal(p, q) for p, q in zip(base.parameters(), before))  # hooks gone, base untouched
+    every = lda.expert_statistics(base, tok, expert, PAIRS, rank=3, with_expert=False, positions="all")
+    for m, v in every.items():  # over the prompts' tokens too
+        z = _reference_inputs(base, tok, m, PAIRS, positions="all")
+        mean, _, count, _ = lda.unpack(v, z.shape[1])
+        assert int(count) == len(z) > int(lda.unpack(stats[m], z.shape[1])[2])
+        assert torch.allclose(mean.double(), z.mean(0), atol=1e-5)
     with_expert = lda.expert_statistics(base, tok, expert, PAIRS, rank=3)
     m = next(m for m in with_expert if ".1." in m)  # a later layer sees the expert's change of earlier ones
     assert not torch.allclose(with_expert[m], stats[m])
@@ -190,6 +201,8 @@ def test_statistics_computed_on_add_stored_in_the_library_and_reused(tmp_path, m
 
 
 def test_config_is_checked():
-    for bad in ({"rank": 0}, {"temperature": 0}, {"rank": 1.5}):
+    assert build_router("lda", rank=4).routing_kind == "lda-r4"
+    assert build_router("lda", rank=4, positions="all").routing_kind == "lda-r4-all"  # stored apart
+    for bad in ({"rank": 0}, {"temperature": 0}, {"rank": 1.5}, {"positions": "prompt"}):
         with pytest.raises(ValueError):
             build_router("lda", **bad)
