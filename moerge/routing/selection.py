@@ -104,17 +104,19 @@ class ExpertVectors(Mapping):
     first has the expert among its candidates), so a large library's routing data is read for the experts in use
     only. The vectors of one module are stacked for the experts a request's rows name, in the model's expert
     order, once per ``(module, those experts, device)`` and form (finished as :meth:`gate_operands` asks; the
-    last :data:`TABLES` of them kept) and then gathered for each row's candidates, so a request's gate costs two
+    most recently used of them kept, up to :data:`TABLE_BYTES`) and then gathered for each row's candidates, so a request's gate costs two
     index operations per module and every step one batched matmul.
     """
 
-    TABLES = 4096  # stacked tables kept (module × set of experts), least recently used dropped
+    TABLE_BYTES = 256 << 20  # stacked tables kept (module × set of experts), least recently used dropped
 
     def __init__(self) -> None:
         self._by_module: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> (d,)
         self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lazy: dict[str, Callable[[Any], Mapping[str, torch.Tensor]]] = {}  # expert -> makes its vectors
-        self._lock = threading.RLock()  # every change of the three above, and table builds; loaders run outside it
+        self._table_bytes = 0
+        self._generation = 0  # counts changes of the vectors: a table built from older ones is not kept
+        self._lock = threading.RLock()  # every change of the above; tables are built and loaders run outside it
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -141,6 +143,7 @@ class ExpertVectors(Mapping):
             self._put(name, vectors)
 
     def _put(self, name: str, vectors: Mapping[str, torch.Tensor]) -> None:
+        self._generation += 1
         for d in self._by_module.values():
             d.pop(name, None)
         for m, v in vectors.items():
@@ -149,7 +152,11 @@ class ExpertVectors(Mapping):
 
     def _drop_tables(self, name: str) -> None:
         for key in [k for k in self._tables if name in k[1]]:
-            del self._tables[key]
+            self._table_bytes -= self._nbytes(self._tables.pop(key))
+
+    @staticmethod
+    def _nbytes(table: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in table)
 
     def set_lazy(self, name: str, load: Callable[[Any], Mapping[str, torch.Tensor]]) -> None:
         """Give expert ``name`` the vectors ``load(loaded)`` returns, made when a request first needs them
@@ -195,31 +202,35 @@ class ExpertVectors(Mapping):
         has no vector)."""
         key = (module, names, str(device), scale, with_bias, center, combine)
         with self._lock:
-            return self._tables_get(key, module, names, device, scale, with_bias, center, combine)
-
-    def _tables_get(self, key: tuple, module: str, names: tuple[str, ...], device: torch.device, scale: float,
-                    with_bias: bool, center: bool, combine: Combine | None) -> tuple[torch.Tensor, torch.Tensor]:
-        got = self._tables.get(key)
-        if got is None:
-            have = self._by_module[module]
-            dim = next(iter(have.values())).numel()
-            V = torch.stack([have.get(n, torch.zeros(dim)).float() for n in names] + [torch.zeros(dim)])  # (N+1, dim)
-            ok = torch.tensor([n in have for n in names] + [False])
-            if combine is not None:  # the experts' data made into gate vectors together
-                w, b = combine(V[:-1], ok[:-1])
-                w, b = torch.cat([w, torch.zeros(1, w.shape[1])]), torch.cat([b, torch.zeros(1)])
-            else:
-                b = V[:, -1] if with_bias else torch.zeros(len(V))
-                w = V[:, :-1] if with_bias else V
-            if center:
-                w = w - w.mean(-1, keepdim=True)
-            got = ((w * scale).t().contiguous().to(device), b.masked_fill(~ok, float("-inf")).to(device))
-            self._tables[key] = got
-            while len(self._tables) > self.TABLES:
-                self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
+            got = self._tables.get(key)
+            if got is not None:
+                self._tables.move_to_end(key)
+                return got
+            have, generation = dict(self._by_module[module]), self._generation  # a snapshot to build from
+        got = self._build_table(have, names, device, scale, with_bias, center, combine)  # outside the lock
+        with self._lock:
+            if generation == self._generation and key not in self._tables:  # no vectors changed meanwhile
+                self._tables[key] = got
+                self._table_bytes += self._nbytes(got)
+                while self._table_bytes > self.TABLE_BYTES and len(self._tables) > 1:
+                    self._table_bytes -= self._nbytes(self._tables.popitem(last=False)[1])
         return got
+
+    @staticmethod
+    def _build_table(have: Mapping[str, torch.Tensor], names: tuple[str, ...], device: torch.device, scale: float,
+                     with_bias: bool, center: bool, combine: Combine | None) -> tuple[torch.Tensor, torch.Tensor]:
+        dim = next(iter(have.values())).numel()
+        V = torch.stack([have.get(n, torch.zeros(dim)).float() for n in names] + [torch.zeros(dim)])  # (N+1, dim)
+        ok = torch.tensor([n in have for n in names] + [False])
+        if combine is not None:  # the experts' data made into gate vectors together
+            w, b = combine(V[:-1], ok[:-1])
+            w, b = torch.cat([w, torch.zeros(1, w.shape[1])]), torch.cat([b, torch.zeros(1)])
+        else:
+            b = V[:, -1] if with_bias else torch.zeros(len(V))
+            w = V[:, :-1] if with_bias else V
+        if center:
+            w = w - w.mean(-1, keepdim=True)
+        return (w * scale).t().contiguous().to(device), b.masked_fill(~ok, float("-inf")).to(device)
 
     def _row_operands(self, module: str, candidates: Candidates, device: torch.device, scale: float, center: bool,
                       combine: Combine) -> tuple[torch.Tensor, torch.Tensor]:

@@ -115,3 +115,37 @@ def test_a_lazy_read_overtaken_by_a_replacement_changes_nothing():
     vectors.remove("a")
     Vt, bias = vectors.gate_operands("m", cands, torch.device("cpu"))
     assert bias[0, 0, 0] == float("-inf") and torch.equal(Vt[0, :, 1], torch.full((4,), 3.0))  # no stale table
+
+
+def test_a_table_built_while_the_vectors_change_is_not_kept():
+    """Gate tables are built outside the lock (a discriminant takes a while): one built from vectors replaced
+    meanwhile serves the request that asked for it but is not kept, and the next request builds from the new
+    vectors; kept tables stay within the byte budget, least recently used dropped."""
+    from dataclasses import dataclass
+
+    from moerge.routing import Candidates
+    from moerge.routing.selection import ExpertVectors
+
+    vectors = ExpertVectors()
+    vectors.set("a", {"m": torch.ones(4)})
+    vectors.set("b", {"m": torch.full((4,), 2.0)})
+
+    @dataclass(frozen=True)
+    class Swap:  # a combine that replaces expert "a" while its table is being built
+        def __call__(self, data, present):
+            if not getattr(vectors, "_swapped", False):
+                vectors._swapped = True
+                vectors.set("a", {"m": torch.full((4,), 5.0)})
+            return data, torch.zeros(len(data))
+
+    cands = Candidates(ids=torch.tensor([[0, 1]]), scores=torch.zeros(1, 2), names=("a", "b"))
+    Vt, _ = vectors.gate_operands("m", cands, torch.device("cpu"), combine=Swap())
+    assert torch.equal(Vt[0, :, 0], torch.ones(4))  # built from the vectors it started with
+    Vt, _ = vectors.gate_operands("m", cands, torch.device("cpu"), combine=Swap())
+    assert torch.equal(Vt[0, :, 0], torch.full((4,), 5.0))  # not the stale table: built again from the new ones
+    vectors.TABLE_BYTES = 120  # a table is (4 × 3) + 3 float32, 60 bytes: two fit
+    for scale in (1.0, 2.0, 3.0, 4.0):
+        vectors.gate_operands("m", cands, torch.device("cpu"), scale=scale)
+    assert len(vectors._tables) == 2 and vectors._table_bytes == sum(
+        sum(t.numel() * t.element_size() for t in v) for v in vectors._tables.values()) <= 120
+    assert [k[3] for k in vectors._tables] == [3.0, 4.0]  # the most recent kept
