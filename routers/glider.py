@@ -12,7 +12,9 @@ global_temperature)`` over the row's candidates. With the LDA gate, whose logits
 the log-posterior of Bayes' rule (global evidence from the prompt, local evidence from the token): where the
 retrieval is sure, its prior dominates; on near ties it is flat and the token decides. ``global_temperature`` and
 the local gate's temperature are calibrated on the dev split by maximum likelihood (temperature scaling, Guo et al.
-2017: ``python -m moerge.lab.calibrate``), not tuned by hand. The result is mixed by top-k softmax (or dynamic
+2017: ``python -m moerge.lab.calibrate``), not tuned by hand — the local one within GLIDER, on its own rows and
+against the fixed log-prior (316 for LDA, where LDA alone calibrates to 75: among three candidates the prompt already
+told apart, the token's evidence counts for less). The result is mixed by top-k softmax (or dynamic
 top-p / null expert). With ``local="none"`` the candidates are mixed per sequence by ``softmax(score /
 temperature)``.
 """
@@ -47,8 +49,10 @@ __all__ = ["GliderConfig", "GliderRouter", "expert_texts"]
 
 
 LOCAL_GATES = ("lda", "phatgoose", "arrow")
-# calibrated on the zoo's dev split by maximum likelihood (python -m moerge.lab.calibrate; results/calibration.json)
+# calibrated on the zoo's dev split by maximum likelihood (python -m moerge.lab.calibrate; results/calibration.json):
+# the global stage's, and then the local gate's within GLIDER (against the global log-prior, on GLIDER's own rows)
 GLOBAL_TEMPERATURE = 0.0316
+LOCAL_TEMPERATURE = {"lda": 316.2}
 
 
 @dataclass
@@ -56,7 +60,8 @@ class GliderConfig(RetrievalConfig, SelectionConfig):
     candidates: int = field(default=3, metadata={"help": "K: candidate experts per row from the global stage"})
     local: str = field(default="lda", metadata={"help": "local gate: 'lda', 'phatgoose', 'arrow' or 'none'"})
     local_config: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "options of the local gate's router (e.g. {'temperature': 20})"})
+        "help": "options of the local gate's router (e.g. {'temperature': 20}); LDA's temperature defaults to the "
+                "one calibrated within GLIDER (LOCAL_TEMPERATURE), not the one of LDA alone"})
     global_temperature: float = field(default=GLOBAL_TEMPERATURE, metadata={
         "help": "the global log-prior added to the local logits is log softmax(score / global_temperature)"})
     temperature: float = field(default=0.05, metadata={
@@ -94,7 +99,9 @@ class GliderRouter(Router):
         self.retriever = ExpertRetriever(cfg, owner=self.name)
         self.local: Router | None = None
         if cfg.local != "none":
-            opts = {"top_k": cfg.top_k, "top_p": cfg.top_p, "null_logit": cfg.null_logit, **cfg.local_config}
+            calibrated = {"temperature": LOCAL_TEMPERATURE[cfg.local]} if cfg.local in LOCAL_TEMPERATURE else {}
+            opts = {"top_k": cfg.top_k, "top_p": cfg.top_p, "null_logit": cfg.null_logit, **calibrated,
+                    **cfg.local_config}
             self.local = build_router(cfg.local, **opts)
 
     # --- the retriever's parts ------------------------------------------------------------------------------------
