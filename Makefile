@@ -48,14 +48,16 @@ COMPRESSIONS := compress:compeft?density=0.05,compress:compeft?density=0.1,compr
 compress:bitdelta,compress:svd?rank=2,compress:svd?rank=1
 
 # calibration on the dev split, the routing table on the test split (trained phrasings, then unseen ones), then the
-# static merges and the compressed experts added to it (about an hour in all)
+# static merges and the compressed experts added to it (about two hours in all on 2 cores at EVAL_LIMIT=30 prompts
+# per task)
+EVAL_LIMIT ?= 30
 eval: $(STAMP)
 	$(PY) -m moerge.lab.calibrate --limit 8 --out results
-	$(PY) -m moerge.lab.eval --limit 30 --retrieval --identify 4 --out results \
+	$(PY) -m moerge.lab.eval --limit $(EVAL_LIMIT) --retrieval --identify 4 --out results \
 	  --methods base,oracle,uniform,twin,glider_global,router:glider,router:lda,router:phatgoose,router:phatgoose?negatives=8,router:arrow,router:xlora
-	$(PY) -m moerge.lab.eval --limit 30 --phrasing unseen --identify 4 --out results/unseen \
-	  --methods oracle,glider_global,router:glider,router:lda,router:phatgoose,router:xlora
-	$(PY) -m moerge.lab.eval --limit 30 --out results --update --methods "$(MERGES),$(COMPRESSIONS)"
+	$(PY) -m moerge.lab.eval --limit $(EVAL_LIMIT) --phrasing unseen --identify 4 --out results/unseen \
+	  --methods oracle,glider_global,router:glider,router:lda,router:phatgoose,router:phatgoose?negatives=8,router:xlora
+	$(PY) -m moerge.lab.eval --limit $(EVAL_LIMIT) --out results --update --methods "$(MERGES),$(COMPRESSIONS)"
 
 lint: $(STAMP)
 	$(PY) -m ruff check moerge adapters routers tests

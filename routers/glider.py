@@ -13,7 +13,7 @@ the log-posterior of Bayes' rule (global evidence from the prompt, local evidenc
 retrieval is sure, its prior dominates; on near ties it is flat and the token decides. ``global_temperature`` and
 the local gate's temperature are calibrated on the dev split by maximum likelihood (temperature scaling, Guo et al.
 2017: ``python -m moerge.lab.calibrate``), not tuned by hand — the local one within GLIDER, on its own rows and
-against the fixed log-prior (316 for LDA, where LDA alone calibrates to 75: among three candidates the prompt already
+against the fixed log-prior (178 for LDA, where LDA alone calibrates to 100: among three candidates the prompt already
 told apart, the token's evidence counts for less). The result is mixed by top-k softmax (or dynamic
 top-p / null expert). With ``local="none"`` the candidates are mixed per sequence by ``softmax(score /
 temperature)``.
@@ -52,7 +52,7 @@ LOCAL_GATES = ("lda", "phatgoose", "arrow")
 # calibrated on the zoo's dev split by maximum likelihood (python -m moerge.lab.calibrate; results/calibration.json):
 # the global stage's, and then the local gate's within GLIDER (against the global log-prior, on GLIDER's own rows)
 GLOBAL_TEMPERATURE = 0.0316
-LOCAL_TEMPERATURE = {"lda": 316.2}
+LOCAL_TEMPERATURE = {"lda": 177.8}
 
 
 @dataclass

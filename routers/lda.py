@@ -48,8 +48,8 @@ ROUTING_KIND = "lda"
 
 @dataclass
 class LDAConfig(TrainedGateConfig):
-    temperature: float = field(default=75.0, metadata={
-        "help": "logits are the discriminant's log-likelihoods divided by this (75: the maximum-likelihood "
+    temperature: float = field(default=100.0, metadata={
+        "help": "logits are the discriminant's log-likelihoods divided by this (100: the maximum-likelihood "
                 "temperature on the zoo's dev split; 1: the Gaussian model's own)"})
     rank: int = field(default=8, metadata={"help": "principal directions kept of each expert's spread per module"})
     with_expert: bool = field(default=True, metadata={
