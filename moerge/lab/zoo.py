@@ -150,26 +150,18 @@ def build_lda(library: str | Path = DEFAULT_ZOO, *, base: Any = None, tokenizer:
     (from its stored example prompts, as the router does for any expert added); ``force``: of every expert (after a
     change to how they are computed)."""
     from moerge.lab.defaults import default_base
-    from moerge.routers.lda import LDAConfig, LDARouter, expert_statistics
-    from moerge.routing.training import answers_from_expert
+    from moerge.routers.lda import LDAConfig, LDARouter
     from moerge.runtime.model import MoErgeModel
 
     if base is None:
         base, tokenizer = default_base()
     t0 = time.time()
-    if force:
-        lib, router = ExpertLibrary.open(library), LDARouter(LDAConfig(positions=positions))
+    router = LDARouter(LDAConfig(positions=positions))
+    if force:  # dropped, so the router computes them again as for any expert it takes in
+        lib = ExpertLibrary.open(library)
         for name in lib.names():
-            expert = lib.get(name)
-            pairs = answers_from_expert(base, tokenizer, expert, list(expert.metadata.examples))
-            data = expert_statistics(base, tokenizer, expert, pairs, rank=router.config.rank,
-                                     with_expert=router.config.with_expert, positions=positions)
-            lib.put_routing(name, router.routing_kind, router._to_tensors({m: v.reshape(-1) for m, v in data.items()}),
-                            {"digest": expert.digest()})
-        log(f"  lda statistics of {len(lib.names())} experts recomputed in {time.time() - t0:.0f} s")
-        return lib
-    model = MoErgeModel.from_library(base, library, router=LDARouter(LDAConfig(positions=positions)),
-                                     tokenizer=tokenizer, follow=False)
+            lib.drop_routing(name, router.routing_kind)
+    model = MoErgeModel.from_library(base, library, router=router, tokenizer=tokenizer, follow=False)
     model.wait_routing()
     model.close()
     log(f"  lda statistics of {len(model.experts)} experts in {time.time() - t0:.0f} s")

@@ -75,6 +75,19 @@ class RoutingStore:
             if old and old != fname:
                 (folder / old).unlink(missing_ok=True)
 
+    def drop(self, name: str, kind: str) -> bool:
+        """Delete data ``kind`` of expert ``name`` (its file after the manifest no longer names it); whether there
+        was any."""
+        with self._manifest.locked():
+            self._manifest.require(name)
+            draft = self._manifest.draft()
+            entry = draft["experts"][name].get("routing", {}).pop(kind, None)
+            if entry is None:
+                return False
+            self._manifest.commit(draft)
+            (self._experts.folder(name) / entry["file"]).unlink(missing_ok=True)
+            return True
+
     def get(self, name: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """Data ``kind`` of expert ``name`` as ``(tensors, info)``, checked against its sha256; ``None`` if none is
         stored."""

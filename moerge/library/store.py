@@ -431,6 +431,11 @@ class ExpertLibrary:
         Replacing the expert's weights drops its routing data (it was made for the old weights)."""
         self._routing.put(name, kind, tensors, info)
 
+    def drop_routing(self, name: str, kind: str) -> bool:
+        """Delete routing data ``kind`` of expert ``name`` (e.g. made by an older way of computing it, so routers
+        make it again when they next take the expert in); whether there was any. An unknown expert is an error."""
+        return self._routing.drop(name, kind)
+
     def get_routing(self, name: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """Routing data ``kind`` of expert ``name`` as ``(tensors, info)``, or ``None`` if none is stored."""
         return self._routing.get(name, kind)

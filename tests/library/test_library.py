@@ -322,6 +322,16 @@ def test_routing_data_round_trip_replace_and_checks(tmp_path, base, monkeypatch)
         lib.put_routing("alpha", "../evil", gates)
     with pytest.raises(LibraryError, match="no expert named 'nope'"):
         lib.put_routing("nope", "phatgoose", gates)
+    # one kind dropped: its file and entry gone, the other kind kept; dropping again finds nothing
+    lib.put_routing("alpha", "lda-r8", {"m.q": torch.ones(32)}, {"digest": "d4"})
+    lda_file = lib.info("alpha")["routing"]["lda-r8"]["file"]
+    assert lib.drop_routing("alpha", "lda-r8") is True
+    reopened = ExpertLibrary.open(lib.root)
+    assert reopened.routing_kinds("alpha") == ["phatgoose"] and reopened.get_routing("alpha", "lda-r8") is None
+    assert not (lib.root / "experts" / "alpha" / lda_file).exists()
+    assert lib.drop_routing("alpha", "lda-r8") is False
+    with pytest.raises(LibraryError, match="no expert named 'nope'"):
+        lib.drop_routing("nope", "phatgoose")
     # replacing the expert's weights drops its routing data (made for the old weights)
     lib.add(_expert("alpha", 9), overwrite=True)
     assert lib.routing_kinds("alpha") == []
