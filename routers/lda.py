@@ -1,7 +1,8 @@
 """LDA: per-token routing by linear discriminant analysis of the module inputs, training-free.
 
 For each expert and each module it targets, the routing data are statistics of the module's standardized inputs
-``z = layer_norm(x)`` over the answer tokens of the expert's example prompts (answered by the expert itself): their
+``z = layer_norm(x)`` over the tokens that write the answers to the expert's example prompts (answered by the expert
+itself; :func:`~moerge.routing.training.answer_positions`, or every token with ``positions="all"``): their
 mean ``μ_e``, the top ``rank`` principal directions of their spread around it (scaled by their standard deviations),
 the rest of the spread as one variance per dimension, and the token count (:func:`expert_statistics`). Nothing is
 trained: one forward pass over a dozen examples when the expert is added, never touching any other expert's data.
@@ -84,7 +85,8 @@ def expert_statistics(base: torch.nn.Module, tokenizer: Any, expert: Expert,
                       examples: Sequence[str] | Sequence[tuple[str, str]], *, rank: int = 8,
                       with_expert: bool = True, positions: str = "answer",
                       batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """``module → packed statistics`` (:func:`pack`) of ``layer_norm(x)`` over the answer tokens of ``examples``
+    """``module → packed statistics`` (:func:`pack`) of ``layer_norm(x)`` over the tokens that write the answers
+    (``positions="answer"``: :func:`~moerge.routing.training.answer_positions`) or every token (``"all"``) of ``examples``
     (prompts, answered by the expert; or ``(prompt, answer)`` pairs), with the expert applied (``with_expert``) or
     on the base alone."""
     examples = list(examples)

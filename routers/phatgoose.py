@@ -3,7 +3,7 @@
 For each expert and each module it targets, a gate vector ``v`` is trained in front of the frozen expert:
 ``y = W x + σ(⟨v, x⟩) · ΔW x``, with the base and the expert frozen (a few hundred steps at most;
 :func:`train_phatgoose_gates`). The paper trains it on the expert's own examples only; here every other step is a
-batch of other experts' examples (``negatives``) on whose answer tokens the gate is taught to close
+batch of other experts' examples (``negatives``) on whose answer-writing tokens the gate is taught to close
 (``−log(1 − σ)``): on its own data alone nothing tells a gate where its expert does not belong. At inference, inside each module, the token ``x`` and the
 candidates' gate vectors are standardized (zero mean, unit variance over features), their dot products divided by
 the temperature (default ``√d``) are the logits, and the ``top_k`` best are mixed by softmax (or dynamic ``top_p``
@@ -84,7 +84,7 @@ def train_phatgoose_gates(
     on the answers (:func:`~moerge.routing.training.fit`).
 
     ``negatives``: other experts' ``(prompt, answer)`` pairs. Every other step is then a batch of them, scored by
-    how open the gates are on their answer tokens (``−log(1 − σ(⟨v, x⟩))``, averaged over tokens and modules): on
+    how open the gates are at the tokens that write their answers (``−log(1 − σ(⟨v, x⟩))``, averaged over tokens and modules): on
     its own data alone nothing tells a gate where its expert does not belong, and the LM loss may even reward
     opening it there.
     """
@@ -100,7 +100,7 @@ def train_phatgoose_gates(
     gates = {m: torch.zeros(w.in_features, device=device, requires_grad=True) for m, w in expert.modules.items()}
 
 
-    closing: list[torch.Tensor] = []  # −log(1 − σ) at the answer tokens of a negative batch, per module
+    closing: list[torch.Tensor] = []  # −log(1 − σ) where a negative batch's answers are written, per module
     answers: list[torch.Tensor] = []
 
     def gate(module: str, x: torch.Tensor) -> torch.Tensor:
