@@ -2,12 +2,13 @@
 
 For each expert and each module it targets, a gate vector ``v`` is trained in front of the frozen expert:
 ``y = W x + σ(⟨v, x⟩) · ΔW x``, with the base and the expert frozen (a few hundred steps at most;
-:func:`train_phatgoose_gates`). The paper trains it on the expert's own examples only; here every other step is a
-batch of other experts' examples (``negatives``) on whose answer-writing tokens the gate is taught to close
-(``−log(1 − σ)``): on its own data alone nothing tells a gate where its expert does not belong. At inference, inside each module, the token ``x`` and the
-candidates' gate vectors are standardized (zero mean, unit variance over features), their dot products divided by
-the temperature (default ``√d``) are the logits, and the ``top_k`` best are mixed by softmax (or dynamic ``top_p``
-and a null expert, see :class:`~moerge.routing.SelectionConfig`).
+:func:`train_phatgoose_gates`). The paper trains it on the expert's own examples only (the default); with
+``negatives`` every other step is a batch of other experts' examples, on whose answer-writing tokens the gate is
+taught to close (``−log(1 − σ)``): on its own data alone nothing tells a gate where its expert does not belong. At
+inference, inside each module, the token ``x`` and the candidates' gate vectors are standardized (zero mean, unit
+variance over features), their dot products divided by the temperature (default ``√d``) are the logits, and the
+``top_k`` best are mixed by softmax (or dynamic ``top_p`` and a null expert, see
+:class:`~moerge.routing.SelectionConfig`).
 
 Gate vectors are computed when an expert is added — loaded from the library when it holds gates made for the same
 weights, trained otherwise (from the expert's example prompts, answered by the expert itself) — and stored in the
@@ -84,8 +85,8 @@ def train_phatgoose_gates(
     on the answers (:func:`~moerge.routing.training.fit`).
 
     ``negatives``: other experts' ``(prompt, answer)`` pairs. Every other step is then a batch of them, scored by
-    how open the gates are at the tokens that write their answers (``−log(1 − σ(⟨v, x⟩))``, averaged over tokens and modules): on
-    its own data alone nothing tells a gate where its expert does not belong, and the LM loss may even reward
+    how open the gates are at the tokens that write their answers (``−log(1 − σ(⟨v, x⟩))``, averaged over tokens
+    and modules): on its own data alone nothing tells a gate where its expert does not belong, and the LM loss may even reward
     opening it there.
     """
     examples = list(examples)
@@ -98,8 +99,6 @@ def train_phatgoose_gates(
         pairs = [(str(p), str(a)) for p, a in examples]
     device = next(base.parameters()).device
     gates = {m: torch.zeros(w.in_features, device=device, requires_grad=True) for m, w in expert.modules.items()}
-
-
     closing: list[torch.Tensor] = []  # −log(1 − σ) where a negative batch's answers are written, per module
     answers: list[torch.Tensor] = []
 
@@ -114,8 +113,8 @@ def train_phatgoose_gates(
             return lm_loss(model, batch)
         closing.clear()
         answers[:] = [answer_positions(batch["labels"])]
-        try:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        try:  # the forward fills ``closing``; lm_loss runs the output layer on the answer-writing tokens alone
+            lm_loss(model, {k: v for k, v in batch.items() if k != "negative"})
         finally:
             answers.clear()
         return torch.stack(closing).mean()

@@ -101,18 +101,17 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if "labels" not in batch or not isinstance(head, nn.Module):
         return model(**batch).loss
-    target = batch["labels"][:, 1:]
-    keep = target != -100  # (B, T-1): the positions whose next token is scored
+    keep = answer_positions(batch["labels"])  # (B, T): the positions whose next token is scored
 
     def scored(module: nn.Module, args: tuple) -> tuple:
-        return (args[0][:, :-1][keep].unsqueeze(0), *args[1:])  # (1, N, d)
+        return (args[0][keep].unsqueeze(0), *args[1:])  # (1, N, d)
 
     handle = head.register_forward_pre_hook(scored)
     try:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (1, N, V)
     finally:
         handle.remove()
-    return nn.functional.cross_entropy(logits[0].float(), target[keep])
+    return nn.functional.cross_entropy(logits[0].float(), batch["labels"][:, 1:][keep[:, :-1]])
 
 
 def fit(model: nn.Module, params: Iterable[torch.Tensor], batches: Iterable[dict[str, torch.Tensor]], *,
