@@ -120,10 +120,10 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_siz
     if base is None:
         base, tokenizer = default_base()
     lib = ExpertLibrary.open(library)
+    kind = routing_kind(8 if negatives else 0)
     for name in lib.names():
         expert = lib.get(name)
         digest = expert.digest()
-        kind = routing_kind(8 if negatives else 0)
         if not force and lib.routing_for(name, kind, digest) is not None:
             continue
         task = expert.metadata.source.get("task", name)
