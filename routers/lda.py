@@ -86,9 +86,9 @@ def expert_statistics(base: torch.nn.Module, tokenizer: Any, expert: Expert,
                       with_expert: bool = True, positions: str = "answer",
                       batch_size: int = 8) -> dict[str, torch.Tensor]:
     """``module → packed statistics`` (:func:`pack`) of ``layer_norm(x)`` over the tokens that write the answers
-    (``positions="answer"``: :func:`~moerge.routing.training.answer_positions`) or every token (``"all"``) of ``examples``
-    (prompts, answered by the expert; or ``(prompt, answer)`` pairs), with the expert applied (``with_expert``) or
-    on the base alone."""
+    (``positions="answer"``: :func:`~moerge.routing.training.answer_positions`) or every token (``"all"``) of
+    ``examples`` (prompts, answered by the expert; or ``(prompt, answer)`` pairs), with the expert applied
+    (``with_expert``) or on the base alone."""
     examples = list(examples)
     if not examples:
         raise RoutingError("no examples to compute its routing statistics from", expert=expert.name)

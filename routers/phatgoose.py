@@ -86,8 +86,8 @@ def train_phatgoose_gates(
 
     ``negatives``: other experts' ``(prompt, answer)`` pairs. Every other step is then a batch of them, scored by
     how open the gates are at the tokens that write their answers (``−log(1 − σ(⟨v, x⟩))``, averaged over tokens
-    and modules): on its own data alone nothing tells a gate where its expert does not belong, and the LM loss may even reward
-    opening it there.
+    and modules): on its own data alone nothing tells a gate where its expert does not belong, and the LM loss may
+    even reward opening it there.
     """
     examples = list(examples)
     if not examples:

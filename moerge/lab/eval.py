@@ -218,7 +218,8 @@ class EvalResult:
     correct: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # method -> task -> 1/0 per prompt
     identification: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> Identification.to_json()
 
-    def interval(self, method: str, tasks: Sequence[str], rounds: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+    def interval(self, method: str, tasks: Sequence[str], rounds: int = 1000,
+                 seed: int = 0) -> tuple[float, float] | None:
         """Bootstrap 95% interval of ``method``'s average over ``tasks``: each task's prompts resampled with
         replacement (a percentile interval over ``rounds`` resamples, seeded)."""
         per = [self.correct.get(method, {}).get(t) for t in tasks]
