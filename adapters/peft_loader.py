@@ -23,7 +23,8 @@ from moerge.adapters.expert import Expert, ExpertMetadata, LoRAWeights, ModuleWe
 from moerge.core.safe_io import load_safetensors
 from moerge.errors import ExpertFormatError
 
-__all__ = ["load_peft_lora", "save_peft_lora", "peft_pattern_key", "PICKLE_SUFFIXES"]
+__all__ = ["load_peft_lora", "save_peft_lora", "peft_pattern_key", "check_targets", "targeted_modules",
+           "PICKLE_SUFFIXES"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -106,17 +107,74 @@ def _pattern(config: dict[str, Any], key: str, ok: Any, what: str, name: str, fi
     return dict(value)
 
 
-def _check_targets(config: dict[str, Any], modules: dict[str, Any], name: str, file: Path) -> None:
-    """Each module name listed in ``target_modules`` must have weights (an adapter missing a target's tensors
-    would silently leave that part of the base unchanged)."""
-    targets = config.get("target_modules")
-    if not isinstance(targets, list):  # a regex string or "all-linear": nothing to compare by name
+_TARGET_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+
+
+def _targets(config: dict[str, Any], name: str, file: Path) -> dict[str, Any]:
+    """The settings that choose the adapted modules, checked for type (kept in the expert's source so its targets
+    are checked against the base when the expert is admitted: :func:`check_targets`)."""
+    out = {k: config.get(k) for k in _TARGET_FIELDS if config.get(k) not in (None, [], "")}
+
+    def names(v: Any) -> bool:
+        return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        if key in out and not names(out[key]):
+            raise ExpertFormatError(f"{key}={out[key]!r} must be a module name pattern or a list of names",
+                                    expert=name, file=str(file))
+    def index(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    layers = out.get("layers_to_transform")
+    if layers is not None and not (index(layers) or (isinstance(layers, list) and all(map(index, layers)))):
+        raise ExpertFormatError(f"layers_to_transform={layers!r} must be a layer index or a list of them",
+                                expert=name, file=str(file))
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(out.get(key), str) and out[key] != "all-linear":
+            try:
+                re.compile(out[key])
+            except re.error as e:
+                raise ExpertFormatError(f"{key} {out[key]!r} is not a valid pattern ({e})", expert=name,
+                                        file=str(file)) from None
+    return out
+
+
+def targeted_modules(targets: dict[str, Any], base_modules: Iterable[str]) -> list[str] | None:
+    """The modules among ``base_modules`` (a base's linear modules) that an adapter with these settings
+    (``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``) adapts, decided by PEFT's
+    own matcher (``check_target_module_exists``): a listed name that matches no module of this architecture selects
+    nothing, an excluded module is not adapted. ``None`` for ``target_modules="all-linear"``, which PEFT expands
+    against the model (every linear module but the output layer) and saves as the list it expanded to."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    target = targets.get("target_modules")
+    if target is None or target == "all-linear":
+        return None
+    config = SimpleNamespace(target_modules=target, exclude_modules=targets.get("exclude_modules"),
+                             layers_to_transform=targets.get("layers_to_transform"),
+                             layers_pattern=targets.get("layers_pattern"), modules_to_save=None,
+                             target_parameters=None)
+    # PEFT returns an _ExcludedModule marker, which is falsy, for excluded modules
+    return [m for m in base_modules if bool(check_target_module_exists(config, m))]
+
+
+def check_targets(expert: Expert, base_modules: Iterable[str], base: str = "the base") -> None:
+    """Refuse a PEFT expert whose settings select a linear module of the base (``base_modules``) that its weights do
+    not hold: loaded, it would silently leave that part of the base unchanged (missing adapter keys). Names that
+    match no module of this architecture, and excluded modules, are not required (PEFT adapts what matches)."""
+    source = expert.metadata.source or {}
+    targets = source.get("targets")
+    if source.get("type") != "peft" or not targets:
         return
-    missing = [t for t in targets if isinstance(t, str)
-               and not any(m == t or m.endswith("." + t) for m in modules)]
+    expected = targeted_modules(targets, base_modules)
+    missing = sorted(set(expected or ()) - set(expert.shapes()))
     if missing:
-        raise ExpertFormatError(f"target_modules lists {missing[:5]} but the weights hold no module of that name "
-                                "(missing adapter keys)", expert=name, file=str(file))
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        file = str(Path(source["path"]) / WEIGHTS_NAME) if source.get("path") else None
+        raise ExpertFormatError(f"target_modules selects {missing[:3]}{more} in {base}, but the weights hold no "
+                                "LoRA factors for them (missing adapter keys)", expert=expert.name, file=file)
 
 
 def load_peft_lora(
@@ -175,6 +233,7 @@ def load_peft_lora(
     alpha_pattern = _pattern(config, "alpha_pattern", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
                              and math.isfinite(v), "a finite number", name, cfg_file)
     use_rslora = bool(config.get("use_rslora", False))
+    targets = _targets(config, name, cfg_file)
 
     weights_file = folder / WEIGHTS_NAME
     if not weights_file.is_file():
@@ -244,7 +303,6 @@ def load_peft_lora(
         except ExpertFormatError as e:
             raise e.at(str(weights_file)) from None
         modules[module] = w
-    _check_targets(config, modules, name, cfg_file)
 
     source = {
         "type": "peft",
@@ -258,6 +316,7 @@ def load_peft_lora(
         "alpha_pattern": alpha_pattern,
         "peft_version": config.get("peft_version"),
         "ignored_base_weight_copies": sorted(base_copies),
+        "targets": targets,
     }
     meta = ExpertMetadata(
         description=description,

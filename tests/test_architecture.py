@@ -1,6 +1,6 @@
 """The architecture of ARCHITECTURE.md, checked: the import-linter contracts of pyproject.toml, no import cycle
-between moerge's modules, no class over 400 lines, every package in the wheel, and a runtime that works without
-the server's and the plots' extras.
+between moerge's modules, ruff's rules, no class over 400 lines, every package in the wheel, and a runtime that works
+without the server's and the plots' extras.
 
 The import checks run on the *installed* layout: adapters/ and routers/ install as moerge.adapters and
 moerge.routers through [tool.setuptools.package-dir], and grimp finds a package's modules by walking its folder,
@@ -202,6 +202,12 @@ def test_no_import_cycles(import_graph):
 # ---------------------------------------------------------------------------------------------------------------
 # (c) no god objects; (d) every package in the wheel
 # ---------------------------------------------------------------------------------------------------------------
+def test_ruff_passes():
+    """`make lint` (ruff with pyproject.toml's rules) finds nothing: the suite, which CI runs, keeps it so."""
+    run = _run(["-m", "ruff", "check", "--no-cache", "moerge", "adapters", "routers", "tests"], cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_no_class_over_400_lines():
     long = []
     for path in sorted(set(SOURCES.values())):

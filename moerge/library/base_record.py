@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from moerge.adapters.expert import Expert, LoRAWeights
+from moerge.adapters.peft_loader import check_targets
 from moerge.core.fingerprint import (
     check_expert_shapes,
     compact_fingerprint,
@@ -114,6 +115,7 @@ class BaseRecord:
         fp = self.fingerprint
         if fp and fp.get("modules"):
             check_expert_shapes(expert, fp["modules"], "the library's base")
+            check_targets(expert, fp["modules"], "the library's base")
         efp = expert.metadata.base_fingerprint
         if fp and efp:
             arch, _ = compare_fingerprints(fp, efp)

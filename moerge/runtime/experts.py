@@ -14,6 +14,7 @@ first, when the :class:`~moerge.runtime.cache.ExpertCache`'s byte budget is pass
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from moerge.adapters.expert import Expert, ExpertMetadata, StoredExpert, validate_name
-from moerge.core.fingerprint import is_linear_like, linear_shape
+from moerge.adapters.peft_loader import check_targets
+from moerge.core.fingerprint import is_linear_like, linear_modules, linear_shape
 from moerge.errors import BaseMismatchError, LibraryError, MoErgeError
 from moerge.routing import Candidates, Router, RoutingContext
 from moerge.runtime.bank import ModuleBank
@@ -62,6 +64,7 @@ class ExpertSet(Residency):
         self.cache = ExpertCache(cache_bytes, pin)
         self._fits: set[tuple] = set()  # layout keys of stored experts that fit the base (see check_fits)
         self._sizes: dict[tuple, int] = {}  # layout key -> bytes of such an expert in the banks (see _size)
+        self.base_modules = tuple(linear_modules(base))  # the base's linear modules, before any is patched
         self.active = True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -98,6 +101,9 @@ class ExpertSet(Residency):
         if expert.name in self.metadata and not replacing:
             raise LibraryError("the model already has an expert with this name", expert=expert.name)
         key = getattr(expert, "layout_key", None)
+        targets = (expert.metadata.source or {}).get("targets")
+        if key is not None and targets:  # the modules PEFT would adapt are checked too: a layout and its targets
+            key = (key, json.dumps(targets, sort_keys=True))
         if key is not None and key in self._fits:  # a layout already checked against this base
             return
         for m, (out_f, in_f) in expert.shapes().items():
@@ -119,6 +125,7 @@ class ExpertSet(Residency):
                     f"module {m!r}: the expert maps {in_f}→{out_f} but the base maps "
                     f"{shape[1]}→{shape[0]}", expert=expert.name,
                 )
+        check_targets(expert, self.base_modules, "the base model")
         if key is not None:
             self._fits.add(key)
 

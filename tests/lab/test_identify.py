@@ -98,8 +98,8 @@ def test_within_glider_the_temperature_divides_the_local_logits_only(tmp_path):
         b = collate(tok, [(e.prompt, e.target)])
         answer = answer_positions(b["labels"])[0]
         seen = []  # (module, input) of every patched module, in the forward
-        hooks = [model.base.get_submodule(m).register_forward_pre_hook(lambda mod, a: seen.append((mod, a[0])))
-                 for m in model.patched_modules]
+        hooks = [model.base.get_submodule(m).register_forward_pre_hook(
+            lambda mod, a, seen=seen: seen.append((mod, a[0]))) for m in model.patched_modules]
         try:
             with torch.no_grad(), model.routing(b["input_ids"], b["attention_mask"]) as state:
                 model.base(input_ids=b["input_ids"], attention_mask=b["attention_mask"])

@@ -126,7 +126,7 @@ def _a_key(tensors: dict) -> str:
     (lambda f: _edit_config(f, rank_pattern=["q_proj"]), "mapping", "config"),
     (lambda f: _edit_config(f, alpha_pattern={"(": 2}), "not a valid pattern", "config"),
     (lambda f: _edit_config(f, lora_magic_mode="on"), "does not know", "config"),
-    (lambda f: _edit_config(f, target_modules=["q_proj", "v_proj", "k_proj"]), "missing adapter keys", "config"),
+    (lambda f: _edit_config(f, target_modules={"q_proj": 1}), "must be a module name pattern", "config"),
     (lambda f: _edit_tensors(f, lambda t: {**t, _a_key(t): t[_a_key(t)].to(torch.int32)}), "not a float", "weights"),
     (lambda f: _edit_tensors(f, lambda t: {**t, _a_key(t): t[_a_key(t)][:0]}), "empty|rank", "weights"),
     (lambda f: _edit_tensors(f, lambda t: {**t, _a_key(t).replace("base_model.model.", ""): t[_a_key(t)].clone()}),
