@@ -37,7 +37,8 @@ zoo: $(STAMP)
 	$(PY) -m moerge.lab.zoo build
 	$(PY) -m moerge.lab.zoo gates --negatives 0
 	$(PY) -m moerge.lab.zoo gates --negatives 1
-	$(PY) -m moerge.lab.zoo lda
+	$(PY) -m moerge.lab.zoo lda --positions answer
+	$(PY) -m moerge.lab.zoo lda --positions all
 	$(PY) -m moerge.lab.zoo xlora
 
 MERGES := merge:task_arithmetic?scale=0.3,merge:ties?density=0.2,merge:dare_linear?density=0.3&weight=0.3,\

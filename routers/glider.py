@@ -13,10 +13,12 @@ the log-posterior of Bayes' rule (global evidence from the prompt, local evidenc
 retrieval is sure, its prior dominates; on near ties it is flat and the token decides. ``global_temperature`` and
 the local gate's temperature are calibrated on the dev split by maximum likelihood (temperature scaling, Guo et al.
 2017: ``python -m moerge.lab.calibrate``), not tuned by hand — the local one within GLIDER, on its own rows and
-against the fixed log-prior (178 for LDA, where LDA alone calibrates to 100: among three candidates the prompt already
-told apart, the token's evidence counts for less). The result is mixed by top-k softmax (or dynamic
-top-p / null expert). With ``local="none"`` the candidates are mixed per sequence by ``softmax(score /
-temperature)``.
+against the fixed log-prior. GLIDER's LDA takes its statistics over every token it routes (``positions="all"``),
+prompt tokens too, where LDA alone takes the tokens that write the answer: within GLIDER the prompt has already told
+the candidates apart, and what costs answers is a prompt token pulled away from the right expert by statistics that
+never saw such tokens (measured on the dev split: ``count_words``, whose counted words often come before the
+instruction). The result is mixed by top-k softmax (or dynamic top-p / null expert). With ``local="none"`` the
+candidates are mixed per sequence by ``softmax(score / temperature)``.
 """
 
 from __future__ import annotations
@@ -45,14 +47,29 @@ from moerge.routing.embed import Embedder
 from moerge.routing.retrieval import ExpertRetriever, RetrievalConfig, expert_texts
 from moerge.routing.router import build_router
 
-__all__ = ["GliderConfig", "GliderRouter", "expert_texts"]
+__all__ = ["GliderConfig", "GliderRouter", "expert_texts", "local_options"]
 
 
 LOCAL_GATES = ("lda", "phatgoose", "arrow")
+# the local gate's options within GLIDER, unless local_config names them: LDA's statistics over every token the gate
+# routes, prompt tokens too (among three candidates the prompt already told apart, what matters is that no prompt
+# token is pulled from the right expert; LDA alone does better on the answer-writing tokens)
+LOCAL_DEFAULTS: dict[str, dict[str, Any]] = {"lda": {"positions": "all"}}
 # calibrated on the zoo's dev split by maximum likelihood (python -m moerge.lab.calibrate; results/calibration.json):
-# the global stage's, and then the local gate's within GLIDER (against the global log-prior, on GLIDER's own rows)
+# the global stage's, and then the local gate's within GLIDER (against the global log-prior, on GLIDER's own rows),
+# for each kind of LDA statistics
 GLOBAL_TEMPERATURE = 0.0316
-LOCAL_TEMPERATURE = {"lda": 177.8}
+LOCAL_TEMPERATURE: dict[str, dict[str, float]] = {"lda": {"all": 75.0, "answer": 177.8}}
+
+
+def local_options(local: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The options GLIDER builds its local gate ``local`` with: :data:`LOCAL_DEFAULTS`, then ``config``, and the
+    temperature calibrated within GLIDER for the statistics so chosen unless ``config`` names one."""
+    opts = {**LOCAL_DEFAULTS.get(local, {}), **config}
+    calibrated = LOCAL_TEMPERATURE.get(local, {}).get(opts.get("positions", "answer"))
+    if "temperature" not in config and calibrated is not None:
+        opts["temperature"] = calibrated
+    return opts
 
 
 @dataclass
@@ -60,8 +77,9 @@ class GliderConfig(RetrievalConfig, SelectionConfig):
     candidates: int = field(default=3, metadata={"help": "K: candidate experts per row from the global stage"})
     local: str = field(default="lda", metadata={"help": "local gate: 'lda', 'phatgoose', 'arrow' or 'none'"})
     local_config: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "options of the local gate's router (e.g. {'temperature': 20}); LDA's temperature defaults to the "
-                "one calibrated within GLIDER (LOCAL_TEMPERATURE), not the one of LDA alone"})
+        "help": "options of the local gate's router (e.g. {'temperature': 20}); LDA's default here takes its "
+                "statistics over every token (positions 'all') and the temperature calibrated within GLIDER for "
+                "them (LOCAL_TEMPERATURE), not LDA alone's"})
     global_temperature: float = field(default=GLOBAL_TEMPERATURE, metadata={
         "help": "the global log-prior added to the local logits is log softmax(score / global_temperature)"})
     temperature: float = field(default=0.05, metadata={
@@ -99,9 +117,8 @@ class GliderRouter(Router):
         self.retriever = ExpertRetriever(cfg, owner=self.name)
         self.local: Router | None = None
         if cfg.local != "none":
-            calibrated = {"temperature": LOCAL_TEMPERATURE[cfg.local]} if cfg.local in LOCAL_TEMPERATURE else {}
-            opts = {"top_k": cfg.top_k, "top_p": cfg.top_p, "null_logit": cfg.null_logit, **calibrated,
-                    **cfg.local_config}
+            opts = {"top_k": cfg.top_k, "top_p": cfg.top_p, "null_logit": cfg.null_logit,
+                    **local_options(cfg.local, cfg.local_config)}
             self.local = build_router(cfg.local, **opts)
 
     # --- the retriever's parts ------------------------------------------------------------------------------------

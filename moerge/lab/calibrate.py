@@ -85,16 +85,19 @@ def main(argv: list[str] | None = None) -> None:
     tl, lcurve, ident = calibrate_local(model, tok, examples, local)
     print(f"{args.local} temperature {tl} (NLL {lcurve[tl]:.4f} per answer token and module; at 1: "
           f"{lcurve.get(1.0, math.nan):.4f}); answer tokens identified {100 * ident.accuracy('answer'):.1f}%")
+    # GLIDER's own local gate (its statistics: LOCAL_DEFAULTS) at temperature 1
     joint = build_router("glider", global_temperature=tg, local=args.local, local_config={"temperature": 1.0})
     tj, jcurve, jident = calibrate_local(model, tok, examples, joint)
-    print(f"{args.local} temperature within GLIDER {tj} (NLL {jcurve[tj]:.4f} per answer token and module); "
-          f"answer tokens identified {100 * jident.accuracy('answer'):.1f}%")
+    kind = getattr(joint.local, "routing_kind", args.local)
+    print(f"{args.local} ({kind}) temperature within GLIDER {tj} (NLL {jcurve[tj]:.4f} per answer token and "
+          f"module); answer tokens identified {100 * jident.accuracy('answer'):.1f}%")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"split": "dev", "limit": args.limit, "global_temperature": tg, "local": args.local,
               "local_temperature": tl, "global_nll": {str(k): v for k, v in gcurve.items()},
               "local_nll": {str(k): v for k, v in lcurve.items()}, "identification": ident.to_json(),
-              "glider_local_temperature": tj, "glider_local_nll": {str(k): v for k, v in jcurve.items()},
+              "glider_local_temperature": tj, "glider_local_kind": kind,
+              "glider_local_nll": {str(k): v for k, v in jcurve.items()},
               "glider_identification": jident.to_json(),
               "seconds": round(time.time() - t0),
               "command": "python -m moerge.lab.calibrate " + " ".join(argv if argv is not None else

@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     ld = sub.add_parser("lda", help="compute the LDA router's statistics of the zoo's experts that have none")
     ld.add_argument("--library", default=str(DEFAULT_ZOO))
     ld.add_argument("--force", action="store_true", help="recompute the statistics already stored")
-    ld.add_argument("--positions", default="answer", choices=("answer", "all"))
+    ld.add_argument("--positions", default="answer", choices=("answer", "all"),
+                    help="'answer': LDA alone's statistics; 'all': those of GLIDER's local gate")
     x = sub.add_parser("xlora", help="train the X-LoRA-style head jointly over the zoo's experts")
     x.add_argument("--library", default=str(DEFAULT_ZOO))
     x.add_argument("--steps", type=int, default=60)

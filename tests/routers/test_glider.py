@@ -160,11 +160,17 @@ def test_local_logits_plus_global_log_prior_then_top_k(tmp_path, local):
     assert torch.allclose(w, ref)
     assert torch.allclose(w.sum(-1), torch.ones(2, 4), atol=1e-6)
     assert int((w > 0).sum(-1).max()) <= 2 and (w[1, :, 1:] == 0).all()  # empty slots get nothing
-    if local == "lda":  # the local temperature calibrated within GLIDER, unless the local config names one
+    if local == "lda":  # statistics over every token, the temperature calibrated within GLIDER for them
         from moerge.routers.glider import LOCAL_TEMPERATURE
 
-        assert router.local.config.temperature == LOCAL_TEMPERATURE["lda"] != build_router("lda").config.temperature
+        alone = build_router("lda").config
+        assert (router.local.config.positions, alone.positions) == ("all", "answer")
+        assert router.local.routing_kind == "lda-r8-all" != build_router("lda").routing_kind
+        assert router.local.config.temperature == LOCAL_TEMPERATURE["lda"]["all"] != alone.temperature
+        # the local config wins; a temperature it does not name follows the statistics it chose
         assert build_router("glider", local_config={"temperature": 9.0}).local.config.temperature == 9.0
+        other = build_router("glider", local_config={"positions": "answer"}).local.config
+        assert (other.positions, other.temperature) == ("answer", LOCAL_TEMPERATURE["lda"]["answer"])
 
 
 def test_adding_an_expert_changes_nothing_for_rows_that_do_not_select_it(tmp_path):
