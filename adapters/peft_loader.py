@@ -3,9 +3,11 @@
 Reads ``adapter_config.json`` and ``adapter_model.safetensors`` only: pickle files (``.bin``, ``.pt``) are never
 opened. Honours ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` (matched the way PEFT matches them),
 ``use_rslora`` (scale ``alpha/√r``) and ``fan_in_fan_out`` (GPT-2 ``Conv1D`` bases; the factors keep PEFT's
-``A (r×in)``, ``B (out×r)`` layout, so only merges need to know). Features that change the forward in ways a
-LoRA update ``scale·B·A`` cannot express (DoRA, trained biases, ``modules_to_save``, embedding LoRA, …) are
-refused with an error that names the file and the setting.
+``A (r×in)``, ``B (out×r)`` layout, so only merges need to know). PEFT's LoRA variants are handled by
+:mod:`~moerge.adapters.peft_variants` (DoRA as its exact dense update against the base). The modules the target
+settings select are checked against the base when the expert is admitted (:func:`check_targets`). Features that
+change the forward in ways neither a LoRA update ``scale·B·A`` nor a dense update can express (trained biases,
+``modules_to_save``, embedding LoRA, …) are refused with an error that names the file and the setting.
 """
 
 from __future__ import annotations
@@ -13,13 +15,28 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moerge.adapters.expert import Expert, ExpertMetadata, LoRAWeights, ModuleWeights, validate_name
+from moerge.adapters.expert import (
+    DeltaWeights,
+    Expert,
+    ExpertMetadata,
+    LoRAWeights,
+    ModuleWeights,
+    validate_name,
+)
+from moerge.adapters.peft_variants import (
+    base_weight,
+    dora_delta,
+    expand_block_diagonal,
+    requested_variants,
+    training_only,
+)
 from moerge.core.safe_io import load_safetensors
 from moerge.errors import ExpertFormatError
 
@@ -46,14 +63,12 @@ def peft_pattern_key(pattern_keys: Iterable[str], module: str) -> str | None:
 
 def _refuse_unsupported(config: dict[str, Any], name: str, file: Path) -> None:
     checks = [
-        ("use_dora", lambda v: bool(v), "DoRA adapters (use_dora=true) are not supported"),
         ("bias", lambda v: v not in (None, "none"), "adapters that train biases (bias={v!r}) are not supported"),
         ("lora_bias", lambda v: bool(v), "adapters with a bias on lora_B (lora_bias=true) are not supported"),
         ("modules_to_save", lambda v: bool(v), "modules_to_save={v!r} holds full module copies, which a LoRA "
          "expert cannot express; add them as a delta expert instead"),
         ("layer_replication", lambda v: bool(v), "layer_replication={v!r} changes the base's layers"),
         ("target_parameters", lambda v: bool(v), "target_parameters={v!r} (LoRA on raw parameters) is not supported"),
-        ("alora_invocation_tokens", lambda v: bool(v), "activated LoRA (alora_invocation_tokens) is not supported"),
         ("trainable_token_indices", lambda v: bool(v), "trainable_token_indices={v!r} is not supported"),
     ]
     init = config.get("init_lora_weights")
@@ -185,6 +200,8 @@ def load_peft_lora(
     examples: Iterable[str] = (),
     dtype: torch.dtype | None = None,
     max_rank: int | None = None,
+    base: torch.nn.Module | None = None,
+    base_copies: str = "delta",
 ) -> Expert:
     """Read the PEFT LoRA adapter in folder ``path`` as an expert called ``name``.
 
@@ -194,6 +211,11 @@ def load_peft_lora(
         description, examples: stored in the expert's metadata (used by global routers).
         dtype: cast the factors to this dtype (default: keep the stored dtype).
         max_rank: refuse modules whose rank exceeds this.
+        base: the base model the adapter is for (it may be patched by moerge). Needed for DoRA adapters (made
+            exact as dense updates against its weights) and to check copies of base weights the adapter holds
+            (``*.base_layer.weight``, as PEFT saves them with ``save_embedding_layers``).
+        base_copies: a copy of a base weight that differs from ``base``'s: ``"delta"`` applies the difference as a
+            dense update of that module, with a warning; ``"refuse"`` raises. Equal copies are ignored.
 
     Raises:
         ExpertFormatError: naming the file and the problem (missing or pickle-only weights, unsupported PEFT
@@ -217,6 +239,9 @@ def load_peft_lora(
         raise ExpertFormatError(f"peft_type is {peft_type!r}; only LORA adapters are supported", expert=name,
                                 file=str(cfg_file))
     _refuse_unsupported(config, name, cfg_file)
+    variants = requested_variants(config, name, cfg_file)
+    if base_copies not in ("delta", "refuse"):
+        raise ValueError(f"base_copies must be 'delta' or 'refuse', got {base_copies!r}")
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise ExpertFormatError(f"{CONFIG_NAME} has no {key!r} field", expert=name, file=str(cfg_file))
@@ -250,12 +275,18 @@ def load_peft_lora(
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
-    base_copies: list[str] = []
+    copies: dict[str, torch.Tensor] = {}  # module -> PEFT's copy of the base's weight (save_embedding_layers)
+    magnitudes: dict[str, torch.Tensor] = {}  # module -> DoRA's magnitude vector
     for key, t in tensors.items():
         k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         if k.endswith(".base_layer.weight"):
-            # PEFT's save_embedding_layers stores a copy of the base's own (tied) weights; the base's are used.
-            base_copies.append(k[: -len(".base_layer.weight")])
+            copies[k[: -len(".base_layer.weight")]] = t
+            continue
+        if training_only(k, variants):
+            continue
+        dora = re.match(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$", k)
+        if dora is not None and "use_dora" in variants:
+            magnitudes[dora["module"]] = t
             continue
         m = _KEY_RE.match(k)
         if m is None:
@@ -279,6 +310,8 @@ def load_peft_lora(
             missing = "lora_B" if "A" in ab else "lora_A"
             raise ExpertFormatError(f"module {module!r} has no {missing} weight", expert=name, file=str(weights_file))
         a, b = ab["A"], ab["B"]
+        if "use_bdlora" in variants:
+            a, b = expand_block_diagonal(module, a, b, config.get("use_bdlora"), name, cfg_file)
         rk = peft_pattern_key(rank_pattern, module)
         ak = peft_pattern_key(alpha_pattern, module)
         r = int(rank_pattern[rk]) if rk is not None else int(r_default)
@@ -303,6 +336,9 @@ def load_peft_lora(
         except ExpertFormatError as e:
             raise e.at(str(weights_file)) from None
         modules[module] = w
+    if magnitudes or "use_dora" in variants:
+        modules = _dora_updates(modules, magnitudes, base, name, weights_file)
+    checked = _base_copies(modules, copies, base, base_copies, name, weights_file)
 
     source = {
         "type": "peft",
@@ -315,7 +351,9 @@ def load_peft_lora(
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "peft_version": config.get("peft_version"),
-        "ignored_base_weight_copies": sorted(base_copies),
+        "ignored_base_weight_copies": sorted(m for m, v in checked.items() if v == "ignored"),
+        "base_weight_copies": checked,
+        "variants": variants,
         "targets": targets,
     }
     meta = ExpertMetadata(
@@ -325,6 +363,83 @@ def load_peft_lora(
         source=source,
     )
     return Expert(name=name, modules=modules, metadata=meta)
+
+
+def _dora_updates(modules: dict[str, ModuleWeights], magnitudes: dict[str, torch.Tensor],
+                  base: torch.nn.Module | None, name: str, file: Path) -> dict[str, ModuleWeights]:
+    """DoRA's modules as their exact dense updates against ``base`` (:func:`dora_delta`)."""
+    if base is None:
+        raise ExpertFormatError("a DoRA adapter (use_dora=true) is exact only against the base's weights: add it to a "
+                                "model (MoErgeModel.add_expert), or pass base= to load_peft_lora / "
+                                "ExpertLibrary.add_peft", expert=name, file=str(file))
+    without = sorted(set(modules) - set(magnitudes))
+    if without:
+        raise ExpertFormatError(f"use_dora=true but module {without[0]!r} has no lora_magnitude_vector", expert=name,
+                                file=str(file))
+    out = dict(modules)
+    for m, mag in magnitudes.items():
+        w = modules.get(m)
+        if not isinstance(w, LoRAWeights):
+            raise ExpertFormatError(f"module {m!r} has a DoRA magnitude but no LoRA factors", expert=name,
+                                    file=str(file))
+        weight = base_weight(base, m)
+        if weight is None or tuple(weight.shape) != w.shape or tuple(mag.shape) != (w.shape[0],):
+            raise ExpertFormatError(f"DoRA module {m!r} (magnitude {tuple(mag.shape)}, update {w.shape}) does not fit "
+                                    "the base's linear module of that name", expert=name, file=str(file))
+        delta = DeltaWeights(dora_delta(weight, w.A, w.B, w.scale, mag).to(w.A.dtype))
+        try:
+            delta.validate(name, m)
+        except ExpertFormatError as e:
+            raise e.at(str(file)) from None
+        out[m] = delta
+    return out
+
+
+def _base_copies(modules: dict[str, ModuleWeights], copies: dict[str, torch.Tensor], base: torch.nn.Module | None,
+                 policy: str, name: str, file: Path) -> dict[str, str]:
+    """Check the adapter's copies of base weights against ``base``: ``module → "ignored"`` (equal),
+    ``"applied"`` (differs; folded into ``modules`` as a dense update, with a warning) or ``"unchecked"`` (no base
+    given; a warning). A differing copy is refused with ``policy="refuse"``, or when it cannot be a linear update."""
+    out: dict[str, str] = {}
+    for m, copy in sorted(copies.items()):
+        if base is None:
+            warnings.warn(f"expert {name!r}: {file} holds a copy of the base's weight of {m!r}, not checked against "
+                          "the base (none given); the base's own weight is used", stacklevel=3)
+            out[m] = "unchecked"
+            continue
+        try:
+            mod = base.get_submodule(m)
+        except AttributeError:
+            raise ExpertFormatError(f"holds a copy of the weight of {m!r}, which the base does not have", expert=name,
+                                    file=str(file)) from None
+        lin = mod.base_layer if getattr(type(mod), "wraps_linear", False) else mod  # patched: its original
+        own = getattr(lin, "weight", None)
+        if own is None or tuple(own.shape) != tuple(copy.shape):
+            theirs = None if own is None else tuple(own.shape)
+            raise ExpertFormatError(f"holds a copy of the weight of {m!r} with shape {tuple(copy.shape)}, the base's "
+                                    f"is {theirs} (a resized vocabulary?)",
+                                    expert=name, file=str(file))
+        narrow = copy.dtype if torch.finfo(copy.dtype).bits <= torch.finfo(own.dtype).bits else own.dtype
+        if torch.equal(copy.to(narrow), own.detach().to(narrow)):
+            out[m] = "ignored"
+            continue
+        diff = float((copy.float() - own.detach().float()).abs().max())
+        weight = base_weight(base, m)
+        if policy == "refuse" or weight is None:
+            why = "" if weight is not None else " (not a linear module, so it cannot be applied as an update)"
+            raise ExpertFormatError(f"holds a copy of the base's weight of {m!r} that differs from the base's by up to "
+                                    f"{diff:.3g}{why}", expert=name, file=str(file))
+        full = copy if isinstance(lin, torch.nn.Linear) else copy.t()  # a Conv1D stores (in, out)
+        update = full.float() - weight.float()
+        w = modules.get(m)
+        if w is not None:
+            update = update + w.delta_weight(torch.float32)
+        modules[m] = DeltaWeights(update.to(copy.dtype))
+        warnings.warn(f"expert {name!r}: the copy of the base's weight of {m!r} in {file} differs from the base's "
+                      f"(by up to {diff:.3g}); the difference is applied as a dense update of that module",
+                      stacklevel=3)
+        out[m] = "applied"
+    return out
 
 
 def save_peft_lora(expert: Expert, folder: str | Path, *, base_model_name_or_path: str | None = None,

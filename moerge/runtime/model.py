@@ -47,12 +47,13 @@ _TRAIN_IN = ("auto", "process", "thread")
 
 
 def _as_expert(expert: Expert | str | Path, name: str | None, description: str | None,
-               examples: Iterable[str] | None) -> Expert:
-    """:meth:`MoErgeModel.add_expert`'s expert: loaded from a PEFT folder, renamed, its metadata set."""
+               examples: Iterable[str] | None, base: nn.Module) -> Expert:
+    """:meth:`MoErgeModel.add_expert`'s expert: loaded from a PEFT folder (against ``base``: DoRA made exact, copies
+    of base weights checked), renamed, its metadata set."""
     if not isinstance(expert, Expert):
         if name is None:
             raise ValueError("name= is required when adding a PEFT folder")
-        expert = load_peft_lora(str(expert), name=name)
+        expert = load_peft_lora(str(expert), name=name, base=base)
     elif name is not None and name != expert.name:
         expert = expert.renamed(name)
     if description is not None or examples is not None:
@@ -282,7 +283,7 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
         error the model and the library are as they were; calls already under way keep the experts they started
         with.
         """
-        expert = _as_expert(expert, name, description, examples)
+        expert = _as_expert(expert, name, description, examples, self.base)
         if not persist or self._library_sync is None:
             return self.expert_set.add(expert, self.router, overwrite=overwrite)[0]
         stored = self._library_sync.add(expert, self.router, overwrite=overwrite)
