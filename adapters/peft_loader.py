@@ -40,8 +40,8 @@ from moerge.adapters.peft_variants import (
 from moerge.core.safe_io import load_safetensors
 from moerge.errors import ExpertFormatError
 
-__all__ = ["load_peft_lora", "save_peft_lora", "peft_pattern_key", "check_targets", "targeted_modules",
-           "PICKLE_SUFFIXES"]
+__all__ = ["load_peft_lora", "adapter_folder", "save_peft_lora", "peft_pattern_key", "check_targets",
+           "targeted_modules", "PICKLE_SUFFIXES"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -192,6 +192,49 @@ def check_targets(expert: Expert, base_modules: Iterable[str], base: str = "the 
                                 "LoRA factors for them (missing adapter keys)", expert=expert.name, file=file)
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def adapter_folder(path: str | Path, name: str, *, revision: str | None = None,
+                   subfolder: str | None = None) -> tuple[Path, dict[str, Any] | None]:
+    """The local folder of adapter ``path`` and, for a hub repository, ``{"repo_id", "revision", "commit"}``.
+
+    A path that is a folder here is used as it is (``revision`` must then be unset). Otherwise an ``org/name`` id is
+    fetched with ``huggingface_hub.snapshot_download`` — only ``adapter_config.json`` and
+    ``adapter_model.safetensors``, never pickles — into the hub's cache, which it reuses, and honours its settings
+    (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, tokens); ``revision`` pins a branch, tag or commit, and the commit it
+    resolved to is recorded."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if revision is not None:
+            raise ExpertFormatError(f"revision={revision!r} is for hub repositories, but {path} is a local folder",
+                                    expert=name, file=str(local))
+        return (local / subfolder if subfolder else local), None
+    spec = str(path)
+    if not _REPO_ID.match(spec) or spec.startswith((".", "/", "~")):
+        raise ExpertFormatError("not a PEFT adapter folder (no such directory) nor a hub repository id (org/name)",
+                                expert=name, file=str(local))
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RevisionNotFoundError
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    where = f"{spec}@{revision or 'main'}" + (f" ({subfolder})" if subfolder else "")
+    try:
+        snap = Path(snapshot_download(spec, revision=revision,
+                                      allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME]))
+    except RevisionNotFoundError:
+        raise ExpertFormatError(f"hub repository {spec!r} has no revision {revision!r}", expert=name,
+                                file=where) from None
+    except LocalEntryNotFoundError:
+        mode = "offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise ExpertFormatError(f"no folder {spec} here, and hub repository {where} is not in the hub cache "
+                                f"({constants.HF_HUB_CACHE}) while {mode}", expert=name, file=where) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ExpertFormatError(f"cannot fetch hub repository {where}: {e}", expert=name, file=where) from None
+    return snap / prefix if prefix else snap, {"repo_id": spec, "revision": revision, "commit": snap.name,
+                                               "subfolder": subfolder}
+
+
 def load_peft_lora(
     path: str | Path,
     name: str,
@@ -202,8 +245,11 @@ def load_peft_lora(
     max_rank: int | None = None,
     base: torch.nn.Module | None = None,
     base_copies: str = "delta",
+    revision: str | None = None,
+    subfolder: str | None = None,
 ) -> Expert:
-    """Read the PEFT LoRA adapter in folder ``path`` as an expert called ``name``.
+    """Read the PEFT LoRA adapter in folder ``path`` (or Hugging Face Hub repository ``path``, see
+    :func:`adapter_folder`) as an expert called ``name``.
 
     Args:
         path: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
@@ -216,15 +262,14 @@ def load_peft_lora(
             (``*.base_layer.weight``, as PEFT saves them with ``save_embedding_layers``).
         base_copies: a copy of a base weight that differs from ``base``'s: ``"delta"`` applies the difference as a
             dense update of that module, with a warning; ``"refuse"`` raises. Equal copies are ignored.
+        revision, subfolder: for a hub repository, the branch, tag or commit, and the folder in it.
 
     Raises:
         ExpertFormatError: naming the file and the problem (missing or pickle-only weights, unsupported PEFT
             features, ranks that disagree with the config, NaN/Inf, …).
     """
     validate_name(name)
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ExpertFormatError("not a PEFT adapter folder (no such directory)", expert=name, file=str(folder))
+    folder, hub = adapter_folder(path, name, revision=revision, subfolder=subfolder)
     cfg_file = folder / CONFIG_NAME
     if not cfg_file.is_file():
         raise ExpertFormatError(f"missing {CONFIG_NAME}", expert=name, file=str(cfg_file))
@@ -354,6 +399,7 @@ def load_peft_lora(
         "ignored_base_weight_copies": sorted(m for m, v in checked.items() if v == "ignored"),
         "base_weight_copies": checked,
         "variants": variants,
+        **({"hub": hub} if hub else {}),
         "targets": targets,
     }
     meta = ExpertMetadata(
@@ -370,8 +416,8 @@ def _dora_updates(modules: dict[str, ModuleWeights], magnitudes: dict[str, torch
     """DoRA's modules as their exact dense updates against ``base`` (:func:`dora_delta`)."""
     if base is None:
         raise ExpertFormatError("a DoRA adapter (use_dora=true) is exact only against the base's weights: add it to a "
-                                "model (MoErgeModel.add_expert), or pass base= to load_peft_lora / "
-                                "ExpertLibrary.add_peft", expert=name, file=str(file))
+                                "model (MoErgeModel.add_expert), pass base= to ExpertLibrary.add_peft or "
+                                "load_peft_lora, or --base to `moerge library add`", expert=name, file=str(file))
     without = sorted(set(modules) - set(magnitudes))
     if without:
         raise ExpertFormatError(f"use_dora=true but module {without[0]!r} has no lora_magnitude_vector", expert=name,

@@ -78,7 +78,8 @@ def library_init(
 
 @app.command("add")
 def library_add(
-    source: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter folder, or with --finetune a full fine-tune's "
+    source: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter folder or hub repository id (org/name, through "
+                                                "the hub's cache), or with --finetune a full fine-tune's "
                                                 "transformers folder")],
     name: Annotated[str, typer.Option("--name", "-n", help="the expert's name")],
     library: LibraryOpt = ".",
@@ -91,6 +92,8 @@ def library_add(
     base: BaseOpt = None,
     overwrite: Annotated[bool, typer.Option(help="replace an expert of the same name")] = False,
     allow_other_base: Annotated[bool, typer.Option(help="accept an adapter whose record names another base")] = False,
+    revision: Annotated[str | None, typer.Option(help="a hub adapter's branch, tag or commit")] = None,
+    subfolder: Annotated[str | None, typer.Option(help="a hub adapter's folder in its repository")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add an expert, post hoc (nothing else in the library changes; all or nothing)."""
@@ -107,8 +110,10 @@ def library_add(
             e = lib.add_delta(tuned, load_base(base, lib), name, description=description, examples=examples,
                               rank=rank, overwrite=overwrite)
         else:
-            e = lib.add_peft(source, name, description=description, examples=examples, overwrite=overwrite,
-                             allow_other_base=allow_other_base)
+            # the base (--base) makes a DoRA adapter exact and checks copies of base weights
+            e = lib.add_peft(str(source), name, description=description, examples=examples, overwrite=overwrite,
+                             allow_other_base=allow_other_base, revision=revision, subfolder=subfolder,
+                             base=load_base(base, lib) if base else None)
         return {"library": str(library), "expert": e.name, **lib.info(e.name)}
 
     data = attempt(work, as_json)

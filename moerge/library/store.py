@@ -369,13 +369,14 @@ class ExpertLibrary:
         self, path: str | Path, name: str, *, description: str = "", examples: Iterable[str] = (),
         overwrite: bool = False, allow_other_base: bool = False, **kwargs: Any,
     ) -> Expert:
-        """Add the PEFT LoRA adapter in folder ``path`` as expert ``name`` (see
-        :func:`moerge.adapters.peft_loader.load_peft_lora`)."""
+        """Add the PEFT LoRA adapter in folder ``path`` (or hub repository ``org/name``, with ``revision=``) as expert
+        ``name`` (see :func:`moerge.adapters.peft_loader.load_peft_lora`, which takes ``kwargs``)."""
         expert = load_peft_lora(str(path), name=name, description=description, examples=list(examples), **kwargs)
         try:
             return self.add(expert, overwrite=overwrite, allow_other_base=allow_other_base)
         except (ExpertFormatError, BaseMismatchError) as e:
-            raise e.at(str(Path(path) / "adapter_model.safetensors")) from None
+            folder = expert.metadata.source.get("path") or path  # a hub adapter's folder in the hub's cache
+            raise e.at(str(Path(folder) / "adapter_model.safetensors")) from None
 
     def add_delta(
         self, finetuned: nn.Module, base: nn.Module, name: str, *, description: str = "",

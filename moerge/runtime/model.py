@@ -47,13 +47,13 @@ _TRAIN_IN = ("auto", "process", "thread")
 
 
 def _as_expert(expert: Expert | str | Path, name: str | None, description: str | None,
-               examples: Iterable[str] | None, base: nn.Module) -> Expert:
+               examples: Iterable[str] | None, base: nn.Module, revision: str | None = None) -> Expert:
     """:meth:`MoErgeModel.add_expert`'s expert: loaded from a PEFT folder (against ``base``: DoRA made exact, copies
     of base weights checked), renamed, its metadata set."""
     if not isinstance(expert, Expert):
         if name is None:
             raise ValueError("name= is required when adding a PEFT folder")
-        expert = load_peft_lora(str(expert), name=name, base=base)
+        expert = load_peft_lora(str(expert), name=name, base=base, revision=revision)
     elif name is not None and name != expert.name:
         expert = expert.renamed(name)
     if description is not None or examples is not None:
@@ -275,15 +275,18 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
         examples: Iterable[str] | None = None,
         persist: bool = True,
         overwrite: bool = False,
+        revision: str | None = None,
     ) -> Expert:
         """Add an expert to the live model, post hoc, without reloading the base or retraining anything.
 
-        ``expert`` is an :class:`Expert` or a PEFT LoRA folder (then ``name`` is required). ``description`` and
+        ``expert`` is an :class:`Expert`, a PEFT LoRA folder or a Hugging Face Hub repository id (``org/name``, at
+        ``revision``; through the hub's cache, see :func:`~moerge.adapters.peft_loader.adapter_folder`); for the
+        last two ``name`` is required. ``description`` and
         ``examples`` set its metadata. With ``persist`` (the default) it is also added to the library. On any
         error the model and the library are as they were; calls already under way keep the experts they started
         with.
         """
-        expert = _as_expert(expert, name, description, examples, self.base)
+        expert = _as_expert(expert, name, description, examples, self.base, revision)
         if not persist or self._library_sync is None:
             return self.expert_set.add(expert, self.router, overwrite=overwrite)[0]
         stored = self._library_sync.add(expert, self.router, overwrite=overwrite)
