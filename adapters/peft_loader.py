@@ -68,7 +68,9 @@ def _refuse_unsupported(config: dict[str, Any], name: str, file: Path) -> None:
         ("modules_to_save", lambda v: bool(v), "modules_to_save={v!r} holds full module copies, which a LoRA "
          "expert cannot express; add them as a delta expert instead"),
         ("layer_replication", lambda v: bool(v), "layer_replication={v!r} changes the base's layers"),
-        ("target_parameters", lambda v: bool(v), "target_parameters={v!r} (LoRA on raw parameters) is not supported"),
+        ("target_parameters", lambda v: bool(v), "target_parameters={v!r} (LoRA on raw parameters, as PEFT makes for "
+         "the fused expert weights of MoE models, also under all-linear) is not supported yet; an adapter of the "
+         "attention alone is"),
         ("trainable_token_indices", lambda v: bool(v), "trainable_token_indices={v!r} is not supported"),
     ]
     init = config.get("init_lora_weights")
