@@ -19,7 +19,16 @@ from moerge.adapters.expert import DeltaWeights, LoRAWeights, ModuleWeights
 from moerge.routing import Candidates, LinearGate
 from moerge.runtime.gathered import GatheredDense, GatheredLoRA, GatheredModule
 
-__all__ = ["ModuleBank"]
+__all__ = ["ModuleBank", "adapter_dtype"]
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype experts are kept and computed in by default on a base module of ``base_dtype``: float32 for a
+    half-precision (or non-float, quantized) base — as PEFT computes adapters by default (``autocast_adapter_dtype``)
+    — else the base's own."""
+    if not base_dtype.is_floating_point or base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
 
 
 _VECTOR_GATHER_MIN = 64  # candidate slots (B·K) from which the vectorised gather beats the row loop

@@ -28,7 +28,7 @@ from moerge.adapters.peft_loader import check_targets
 from moerge.core.fingerprint import is_linear_like, linear_modules, linear_shape
 from moerge.errors import BaseMismatchError, LibraryError, MoErgeError
 from moerge.routing import Candidates, Router, RoutingContext
-from moerge.runtime.bank import ModuleBank
+from moerge.runtime.bank import ModuleBank, adapter_dtype
 from moerge.runtime.cache import ExpertCache, Residency
 from moerge.runtime.layer import ExpertLinear
 
@@ -147,7 +147,7 @@ class ExpertSet(Residency):
         mod = self.base.get_submodule(module_name)
         out_f, in_f = linear_shape(mod)
         w = mod.weight
-        dtype = self.expert_dtype or (w.dtype if w.is_floating_point() else torch.float32)
+        dtype = self.expert_dtype or adapter_dtype(w.dtype)
         return ModuleBank.empty(in_f, out_f, self.expert_device or w.device, dtype)
 
     def _new_banks(self, add: Sequence[Expert], drop: set[str]) -> dict[str, ModuleBank]:

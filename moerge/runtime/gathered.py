@@ -148,7 +148,18 @@ class GatheredModule:
         weights were folded in at gather time. Returns the output and the per-token weights used (:class:`Mixed`).
 
         On CUDA (with triton) the LoRA part runs as one fused kernel (:mod:`moerge.runtime.kernels`) when it can: no dense
-        experts, and the gate fused here with a plain top-k selection, or sequence weights."""
+        experts, and the gate fused here with a plain top-k selection, or sequence weights.
+
+        When the factors' dtype is wider than the base output's (float32 experts on a half-precision base, the
+        default), the experts' part is computed and added to the base output in that dtype and the sum is rounded
+        once to the output's, as PEFT does."""
+        if y.dtype != self.dtype and torch.promote_types(y.dtype, self.dtype) == self.dtype:
+            out = self._mix(x, y.to(self.dtype), token_weights, selection)
+            return Mixed(out.y.to(y.dtype), out.weights)
+        return self._mix(x, y, token_weights, selection)
+
+    def _mix(self, x: torch.Tensor, y: torch.Tensor, token_weights: torch.Tensor | None,
+             selection: SelectionConfig | None) -> Mixed:
         xg = x if x.dtype == self.dtype else x.to(self.dtype)
         if (token_weights is None and not y.requires_grad and y.dtype == self.dtype
                 and not (xg.is_cuda or kernels.CPU)):

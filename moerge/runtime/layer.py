@@ -19,7 +19,7 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from moerge.core.fingerprint import linear_shape
 from moerge.routing import LayerInfo, RoutingContext, RoutingState
-from moerge.runtime.bank import ModuleBank
+from moerge.runtime.bank import ModuleBank, adapter_dtype
 from moerge.runtime.joined import JoinedState
 
 __all__ = ["ExpertLinear"]
@@ -48,7 +48,7 @@ class ExpertLinear(nn.Module):
         self._context = context
         w = base_layer.weight
         self.bank = ModuleBank.empty(self.in_features, self.out_features, bank_device or w.device,
-                                    w.dtype if w.is_floating_point() else torch.float32)
+                                    adapter_dtype(w.dtype))
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .half(), .cuda() also move and cast the experts' factors, unless they are kept on bank_device
@@ -64,9 +64,11 @@ class ExpertLinear(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype a request's gathered factors take: the base layer's (its output is added to theirs)."""
+        """The dtype a request's gathered factors take and the experts' part is computed in: the wider of the base
+        layer's and the bank's (float32 experts on a half-precision base compute in float32, as PEFT's adapters do
+        by default; bfloat16 experts on a float32 base are cast up once, when gathered)."""
         w = self.base_layer.weight
-        return w.dtype if w.is_floating_point() else self.bank.A_all.dtype
+        return torch.promote_types(w.dtype, self.bank.A_all.dtype) if w.is_floating_point() else self.bank.A_all.dtype
 
     @property
     def weight(self) -> torch.Tensor:  # some model code reads .weight of its linears (e.g. dtype checks)

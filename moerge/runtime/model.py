@@ -165,9 +165,10 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
             strict_base: refuse a base whose weights differ from the library's recorded base; with ``False`` a base of
                 the same architecture is accepted with a warning (applying experts to another version of the base).
             experts: load only these experts (default: all).
-            expert_dtype: the dtype the layers store the experts' factors in (default: the base's). With
-                ``torch.bfloat16`` under a float32 base, a library takes half the memory; each request's
-                candidates are cast to the base's dtype once, when they are gathered.
+            expert_dtype: the dtype the layers store the experts' factors in (default: the base's, and float32 on a
+                half-precision base, as PEFT computes adapters by default). With ``torch.bfloat16`` under a float32
+                base, a library takes half the memory; each request's candidates are cast once, when they are
+                gathered, to the wider of the two dtypes, which the experts' part is computed in.
             expert_device: where the layers keep the experts' factors (default: with the base). ``"cpu"`` under a
                 CUDA base keeps a library larger than the GPU's memory in host memory: each request copies only its
                 candidates' factors to the GPU, once, when they are gathered; ``model.to(...)`` leaves them there.

@@ -439,11 +439,14 @@ def test_other_base_is_refused_unless_allowed(base, lib2, input_ids):
 def test_bfloat16_base_runs_close_to_fp32(base, lib2, input_ids):
     model = MoErgeModel.from_library(copy.deepcopy(base).to(torch.bfloat16), lib2)
     layer = model.base.get_submodule("model.layers.0.self_attn.q_proj")
-    assert layer.bank.A_all.dtype == torch.bfloat16
+    assert layer.bank.A_all.dtype == torch.float32  # experts on a half-precision base: float32, as PEFT's
+    assert layer.compute_dtype == torch.float32
     ref = _logits(MoErgeModel.from_library(base, lib2), input_ids, experts={"a": 0.5, "b": 0.5})
-    got = _logits(model, input_ids, experts={"a": 0.5, "b": 0.5}).float()
-    assert (got - ref).abs().max() < 0.1
-    model.float()  # moving the model moves the experts' factors too
+    got = _logits(model, input_ids, experts={"a": 0.5, "b": 0.5})
+    assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() < 0.1
+    model.to(torch.bfloat16)  # casting the model casts the experts' factors too
+    assert layer.bank.A_all.dtype == layer.compute_dtype == torch.bfloat16
+    model.float()
     assert layer.bank.A_all.dtype == torch.float32
 
 
