@@ -139,6 +139,7 @@ def _targets(config: dict[str, Any], name: str, file: Path) -> dict[str, Any]:
         if key in out and not names(out[key]):
             raise ExpertFormatError(f"{key}={out[key]!r} must be a module name pattern or a list of names",
                                     expert=name, file=str(file))
+
     def index(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -462,11 +463,12 @@ def _base_copies(modules: dict[str, ModuleWeights], copies: dict[str, torch.Tens
                                     file=str(file)) from None
         lin = mod.base_layer if getattr(type(mod), "wraps_linear", False) else mod  # patched: its original
         own = getattr(lin, "weight", None)
-        if own is None or tuple(own.shape) != tuple(copy.shape):
-            theirs = None if own is None else tuple(own.shape)
+        if not copy.is_floating_point() or own is None or not own.is_floating_point():
+            raise ExpertFormatError(f"holds a copy of the weight of {m!r} as {copy.dtype}, which cannot be compared "
+                                    "with the base's", expert=name, file=str(file))
+        if tuple(own.shape) != tuple(copy.shape):
             raise ExpertFormatError(f"holds a copy of the weight of {m!r} with shape {tuple(copy.shape)}, the base's "
-                                    f"is {theirs} (a resized vocabulary?)",
-                                    expert=name, file=str(file))
+                                    f"is {tuple(own.shape)} (a resized vocabulary?)", expert=name, file=str(file))
         narrow = copy.dtype if torch.finfo(copy.dtype).bits <= torch.finfo(own.dtype).bits else own.dtype
         if torch.equal(copy.to(narrow), own.detach().to(narrow)):
             out[m] = "ignored"
