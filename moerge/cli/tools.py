@@ -177,7 +177,7 @@ def transfer(
     def work() -> dict[str, Any]:
         src, tgt = load_base(source, None), load_base(target, None)
         if Path(expert).is_dir():
-            e = load_peft_lora(expert, name=name or Path(expert).name)
+            e = load_peft_lora(expert, name=name or Path(expert).name, base=src)  # DoRA made exact on its base
         else:
             e = open_library(library).get(expert)
         moved, dist = transfer_expert(e, src, tgt, name=name, strict_source=strict_source)
