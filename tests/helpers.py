@@ -29,6 +29,20 @@ def tiny_llama(seed: int = 0, **overrides):
     return model.eval()
 
 
+def tiny_qwen2_moe(seed: int = 0):
+    """An MoE model whose shared expert's linear modules see tokens flattened to (rows·T, hidden)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=False))
+    model.config._name_or_path = f"tiny-qwen2-moe-{seed}"
+    return model.eval()
+
+
 def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

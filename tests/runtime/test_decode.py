@@ -15,7 +15,7 @@ from moerge.routing.embed import CallableEmbedder
 from moerge.runtime.decode import DecodeBatch, Prompt
 from moerge.runtime.sampling import RowSampler, Sampling
 
-from helpers import save_peft_lora, tiny_chat_llama, tiny_gpt2, tiny_llama, tiny_tokenizer
+from helpers import save_peft_lora, tiny_chat_llama, tiny_gpt2, tiny_llama, tiny_qwen2_moe, tiny_tokenizer
 
 STEPS = 6
 
@@ -82,7 +82,8 @@ def _run(batch: DecodeBatch, prompts: list[Prompt], join_every: int = 2) -> dict
 
 
 @pytest.mark.parametrize("make_base,router,dense", [(tiny_llama, "arrow", False), (tiny_llama, "arrow", True),
-                                                    (tiny_gpt2, "arrow", False), (tiny_chat_llama, "glider", False)])
+                                                    (tiny_gpt2, "arrow", False), (tiny_chat_llama, "glider", False),
+                                                    (tiny_qwen2_moe, "arrow", True)])
 def test_rows_joining_and_leaving_get_what_each_prompt_gets_alone(tmp_path, make_base, router, dense):
     model = _model(tmp_path, make_base(0), router, dense)
     mixes = [None, {"a": 1.0}, None, {"b": 0.5, "c": 0.5}, None, {"ft": 1.0} if dense else None, None]
