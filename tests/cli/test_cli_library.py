@@ -215,3 +215,14 @@ def test_library_commands_on_a_library_in_s3(setup, s3, monkeypatch, tmp_path):
 def test_serve_refuses_a_key_for_everything_without_a_key(tmp_path):
     code, out = _run("serve", "-l", tmp_path, "--api-key-for-all")
     assert code == 1 and "--api-key-for-all needs --api-key" in out
+
+
+def test_library_add_takes_the_base_a_dora_adapter_needs(setup):
+    base, base_dir, _, lib_dir = setup
+    assert _json(["library", "init", lib_dir, "--base", base_dir])[0] == 0
+    dora = save_peft_lora(base, lib_dir.parent / "dora", r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    code, data = _json(["library", "add", dora, "-n", "dora", "-l", lib_dir])
+    assert code == 1 and "DoRA" in data["error"] and "--base" in data["error"]  # exact only against the base
+    assert ExpertLibrary.open(lib_dir).names() == []
+    code, data = _json(["library", "add", dora, "-n", "dora", "-l", lib_dir, "--base", base_dir])
+    assert code == 0 and data["kind"] == "delta" and data["modules"] == 4
