@@ -163,3 +163,18 @@ def test_copies_of_base_weights_are_checked_against_the_base(tmp_path):
     _with_copy(resized, "model.embed_tokens", torch.zeros(200, 32))
     with pytest.raises(ExpertFormatError, match="resized vocabulary"):
         load_peft_lora(resized, name="ad", base=base)
+
+
+def test_variants_are_found_where_peft_does_not_tag_them(tmp_path, monkeypatch):
+    """An older PEFT declares no `is_lora_variant` metadata: DoRA is still recognised (not loaded as plain LoRA)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from moerge.adapters import peft_variants
+
+    real = dataclasses.fields
+    untagged = lambda cls: [SimpleNamespace(name=f.name, metadata={}) for f in real(cls)]  # noqa: E731
+    monkeypatch.setattr(peft_variants.dataclasses, "fields", untagged)
+    assert peft_variants.requested_variants({"use_dora": True}, "x", tmp_path) == ["use_dora"]
+    with pytest.raises(ExpertFormatError, match="kasa_config"):
+        peft_variants.requested_variants({"kasa_config": {"beta": 1}}, "x", tmp_path)
