@@ -77,6 +77,8 @@ def test_architecture_matches_peft(tmp_path, model_type):
     assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
 
 
+@pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) < 5,
+                    reason="transformers 4 keeps MoE experts as nn.Linear modules, plain targets")
 def test_moe_all_linear_adapters_are_refused_naming_target_parameters(tmp_path):
     """PEFT's all-linear on an MoE model also adapts the fused expert parameters (and the router's gate) through
     target_parameters, which moerge does not route yet: refused, naming the setting, not half-applied."""
