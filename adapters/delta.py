@@ -32,16 +32,12 @@ from moerge.core.fingerprint import (
     compact_fingerprint,
     fingerprint,
     is_linear_like,
+    oriented,
     unwrap_linear,
 )
 from moerge.errors import BaseMismatchError, ExpertFormatError
 
 __all__ = ["truncate_factors", "expert_from_diff", "low_rank_factors"]
-
-
-def _oriented(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """A linear-like module's weight in the ``(out, in)`` convention."""
-    return weight if isinstance(module, nn.Linear) else weight.t()
 
 
 def low_rank_factors(delta: torch.Tensor, rank: int) -> LoRAWeights:
@@ -119,7 +115,7 @@ def expert_from_diff(
                     f"{tuple(bmod.weight.shape)} in the base", expert=name,
                 )
             covered |= {f"{mname}.weight", f"{mname}.bias"}
-            dw = _oriented(fmod, fmod.weight.detach().float() - bmod.weight.detach().float())  # (out, in)
+            dw = oriented(fmod, fmod.weight.detach().float() - bmod.weight.detach().float())  # (out, in)
             db = None
             if getattr(fmod, "bias", None) is not None and getattr(bmod, "bias", None) is not None:
                 db = fmod.bias.detach().float() - bmod.bias.detach().float()  # (out,)

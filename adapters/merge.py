@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from moerge.adapters.expert import DeltaWeights, Expert, ExpertMetadata, LoRAWeights, ModuleWeights
+from moerge.core.fingerprint import oriented
 from moerge.errors import BaseMismatchError
 
 __all__ = [
@@ -502,7 +503,7 @@ def add_update(model: nn.Module, module: str, delta: torch.Tensor, bias: torch.T
         if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False
     w = target.weight
-    d = delta if isinstance(target, nn.Linear) else delta.t()  # Conv1D stores (in, out)
+    d = oriented(target, delta)  # Conv1D stores (in, out)
     if tuple(d.shape) != tuple(w.shape):
         raise ValueError(f"module {module!r}: update of shape {tuple(delta.shape)} does not fit weight "
                          f"{tuple(w.shape)}")

@@ -37,6 +37,7 @@ from moerge.adapters.peft_variants import (
     requested_variants,
     training_only,
 )
+from moerge.core.fingerprint import oriented, unwrap_linear
 from moerge.core.safe_io import load_safetensors
 from moerge.errors import ExpertFormatError
 
@@ -461,8 +462,8 @@ def _base_copies(modules: dict[str, ModuleWeights], copies: dict[str, torch.Tens
         except AttributeError:
             raise ExpertFormatError(f"holds a copy of the weight of {m!r}, which the base does not have", expert=name,
                                     file=str(file)) from None
-        lin = mod.base_layer if getattr(type(mod), "wraps_linear", False) else mod  # patched: its original
-        own = getattr(lin, "weight", None)
+        lin = unwrap_linear(m, mod)  # a patched module's original; None when not linear-like
+        own = getattr(mod if lin is None else lin, "weight", None)
         if not copy.is_floating_point() or own is None or not own.is_floating_point():
             raise ExpertFormatError(f"holds a copy of the weight of {m!r} as {copy.dtype}, which cannot be compared "
                                     "with the base's", expert=name, file=str(file))
@@ -473,14 +474,13 @@ def _base_copies(modules: dict[str, ModuleWeights], copies: dict[str, torch.Tens
         if torch.equal(copy.to(narrow), own.detach().to(narrow)):
             out[m] = "ignored"
             continue
-        diff = float((copy.float() - own.detach().float()).abs().max())
-        weight = base_weight(base, m)
-        if policy == "refuse" or weight is None:
-            why = "" if weight is not None else " (not a linear module, so it cannot be applied as an update)"
+        change = copy.float() - own.detach().float()
+        diff = float(change.abs().max())
+        if policy == "refuse" or lin is None:
+            why = "" if lin is not None else " (not a linear module, so it cannot be applied as an update)"
             raise ExpertFormatError(f"holds a copy of the base's weight of {m!r} that differs from the base's by up to "
                                     f"{diff:.3g}{why}", expert=name, file=str(file))
-        full = copy if isinstance(lin, torch.nn.Linear) else copy.t()  # a Conv1D stores (in, out)
-        update = full.float() - weight.float()
+        update = oriented(lin, change)  # (out, in)
         w = modules.get(m)
         if w is not None:
             update = update + w.delta_weight(torch.float32)

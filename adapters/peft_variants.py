@@ -115,17 +115,14 @@ def expand_block_diagonal(module: str, a: torch.Tensor, b: torch.Tensor, spec: A
 def base_weight(base: torch.nn.Module, module: str) -> torch.Tensor | None:
     """The base's weight of linear module ``module`` as ``(out, in)`` (a GPT-2 ``Conv1D``'s transposed; a module
     patched by moerge read through its original), or ``None`` when the base has no such linear module."""
-    from moerge.core.fingerprint import unwrap_linear
+    from moerge.core.fingerprint import oriented, unwrap_linear
 
     try:
         mod = base.get_submodule(module)
     except AttributeError:
         return None
     lin = unwrap_linear(module, mod)
-    if lin is None:
-        return None
-    w = lin.weight.detach()
-    return w if isinstance(lin, torch.nn.Linear) else w.t()
+    return None if lin is None else oriented(lin, lin.weight.detach())
 
 
 def dora_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,

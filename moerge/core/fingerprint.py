@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["linear_modules", "fingerprint", "compact_fingerprint", "compare_fingerprints", "is_linear_like",
-           "check_expert_shapes", "unwrap_linear", "base_parameters"]
+           "check_expert_shapes", "unwrap_linear", "base_parameters", "oriented"]
 
 _SAMPLE = 16  # values taken from each sampled tensor
 
@@ -35,6 +35,12 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
         return int(module.out_features), int(module.in_features)
     w = module.weight  # Conv1D: (in, out)
     return int(w.shape[1]), int(w.shape[0])
+
+
+def oriented(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A tensor of a linear-like module's weight shape between its stored layout and the ``(out, in)`` convention:
+    as it is for ``nn.Linear``, transposed for a ``Conv1D`` (which stores ``(in, out)``); its own inverse."""
+    return weight if isinstance(module, nn.Linear) else weight.t()
 
 
 def unwrap_linear(name: str, module: nn.Module) -> nn.Module | None:
