@@ -62,7 +62,7 @@ def requested_variants(config: dict[str, Any], name: str, file: Path) -> list[st
     fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
     asked = [k for k, f in fields.items() if f.metadata.get("is_lora_variant") and config.get(k)]
     # and the variants named here, whether or not this PEFT declares them so (an older one does not tag DoRA)
-    asked += [k for k in VARIANTS if k != "mica" and k not in asked and config.get(k)]
+    asked += [k for k in VARIANTS if k not in asked and config.get(k)]
     init = config.get("init_lora_weights")
     init_variants = fields["init_lora_weights"].metadata.get("lora_variants", []) if "init_lora_weights" in fields \
         else []

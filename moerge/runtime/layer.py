@@ -88,14 +88,14 @@ class ExpertLinear(nn.Module):
             return y
         if self.base_layer._forward_hooks or _global_forward_hooks:
             y = y.clone()  # a hook may keep the base output: the experts' delta is added in place below
-        rows = state.rows if isinstance(state, JoinedState) else state.candidates.batch_size
-        if x.dim() == 2 and x.shape[0] != rows and x.shape[0] % rows == 0:
-            # tokens flattened to (rows·T, in), as an MoE block's shared expert gets them: each row's tokens are
-            # contiguous, so they are viewed as (rows, T, in) and routed by their row
-            x, flat = x.reshape(rows, -1, x.shape[-1]), y.shape
-            y = y.reshape(rows, -1, y.shape[-1])
-            return (self._mix_parts(state, x, y) if split else self._mix(state, x, y)).reshape(flat)
-        return self._mix_parts(state, x, y) if split else self._mix(state, x, y)
+        mix = self._mix_parts if split else self._mix
+        if x.dim() == 2:  # tokens flattened to (rows·T, in), as an MoE block's shared expert gets them: each row's
+            # tokens are contiguous, so they are viewed as (rows, T, in) and routed by their row
+            rows = state.rows if isinstance(state, JoinedState) else state.candidates.batch_size
+            if x.shape[0] % rows == 0:
+                flat = y.shape
+                return mix(state, x.reshape(rows, -1, x.shape[-1]), y.reshape(rows, -1, y.shape[-1])).reshape(flat)
+        return mix(state, x, y)
 
     def _mix(self, state: RoutingState | JoinedState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y`` (the base output for ``x``) plus the experts' contribution under ``state``'s routing."""
