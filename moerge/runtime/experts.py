@@ -64,7 +64,8 @@ class ExpertSet(Residency):
         self.cache = ExpertCache(cache_bytes, pin)
         self._fits: set[tuple] = set()  # layout keys of stored experts that fit the base (see check_fits)
         self._sizes: dict[tuple, int] = {}  # layout key -> bytes of such an expert in the banks (see _size)
-        self.base_modules = tuple(linear_modules(base))  # the base's linear modules, before any is patched
+        # the base's linear modules → (out, in), read once before any is patched (routers' context reads them too)
+        self.base_modules: dict[str, tuple[int, int]] = linear_modules(base)
         self.active = True
 
     def __getstate__(self) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from torch import nn
 from moerge.adapters.expert import Expert, ExpertMetadata
 from moerge.adapters.merge import merge_into
 from moerge.adapters.peft_loader import load_peft_lora
-from moerge.core.fingerprint import linear_modules
 from moerge.core.forked import can_fork
 from moerge.errors import LibraryError, RoutingError
 from moerge.library import ExpertLibrary
@@ -235,7 +234,7 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
         if "_router_context" not in self.__dict__:
             hidden = getattr(getattr(self.base, "config", None), "hidden_size", None)
             self.__dict__["_router_context"] = RouterContext(
-                modules=linear_modules(self.base), hidden_size=hidden if isinstance(hidden, int) else None,
+                modules=dict(self.expert_set.base_modules), hidden_size=hidden if isinstance(hidden, int) else None,
                 tokenizer=self.tokenizer, store=self.library, language_model=self.base,
                 training_base=self.expert_set.private_base,
                 run_training=self._run_forked if self.train_in == "process" else None)
