@@ -3,7 +3,10 @@
 An expert holds, per target module (named as in ``base.named_modules()``), either
 
 * LoRA factors ``A (r × in)``, ``B (out × r)`` and a ``scale``: the module's update is ``ΔW = scale · B @ A``; or
-* a dense delta ``ΔW (out × in)`` and optionally a bias delta ``Δb (out,)``: a full fine-tune's "diff vector".
+* a dense delta ``ΔW (out × in)`` and optionally a bias delta ``Δb (out,)``: a full fine-tune's "diff vector"; or
+* stacked LoRA factors ``A (E × r × in)``, ``B (E × out × r)`` of a fused MoE expert parameter ``(E, out, in)``
+  (transformers' ``experts.gate_up_proj`` / ``experts.down_proj``), named by the parameter: the update of MoE
+  expert ``e`` is ``ΔW[e] = scale · B[e] @ A[e]``.
 
 Weights always use the ``(out, in)`` convention of ``nn.Linear``, also for GPT-2 style ``Conv1D`` modules whose
 own weight is stored ``(in, out)``; the patched layer and the merge code transpose where the base needs it.
@@ -25,7 +28,8 @@ import torch
 from moerge.adapters.packed import PackedSigns
 from moerge.errors import ExpertFormatError
 
-__all__ = ["Expert", "StoredExpert", "ExpertMetadata", "LoRAWeights", "DeltaWeights", "ModuleWeights", "validate_name"]
+__all__ = ["Expert", "StoredExpert", "ExpertMetadata", "LoRAWeights", "DeltaWeights", "StackedLoRAWeights", "ModuleWeights",
+           "validate_name"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -163,7 +167,70 @@ class DeltaWeights(_ModuleUpdate):
                 "in_features": self.in_features, "out_features": self.out_features}
 
 
-ModuleWeights = LoRAWeights | DeltaWeights
+@dataclass
+class StackedLoRAWeights(_ModuleUpdate):
+    """LoRA factors of a fused MoE expert parameter ``(E, out, in)``, one pair per MoE expert: the update of MoE
+    expert ``e`` is ``scale · B[e] @ A[e]``. Shapes: ``A (E, r, in)``, ``B (E, out, r)``; :attr:`shape` is one MoE
+    expert's ``(out, in)``. PEFT's ``target_parameters`` layout (``lora_A (r·E, in)`` expert-major, ``lora_B
+    (out, r·E)`` rank-major) is converted by :func:`~moerge.adapters.peft_moe.stacked_from_peft`."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float = 1.0
+
+    kind = "stacked_lora"
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def experts(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.B.shape[1]), int(self.A.shape[2])
+
+    def validate(self, expert: str | None, module: str) -> None:
+        _check_tensor(self.A, "lora_A", expert, module)
+        _check_tensor(self.B, "lora_B", expert, module)
+        if self.A.dim() != 3 or self.B.dim() != 3:
+            raise ExpertFormatError(f"parameter {module!r}: stacked lora_A and lora_B must be 3-D (experts first), got "
+                                    f"{tuple(self.A.shape)} and {tuple(self.B.shape)}", expert=expert)
+        if self.A.shape[0] != self.B.shape[0] or self.A.shape[1] != self.B.shape[2]:
+            raise ExpertFormatError(f"parameter {module!r}: lora_A is {tuple(self.A.shape)} (E×r×in) but lora_B is "
+                                    f"{tuple(self.B.shape)} (E×out×r)", expert=expert)
+        if not math.isfinite(self.scale):
+            raise ExpertFormatError(f"parameter {module!r}: scale {self.scale!r} is not finite", expert=expert)
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense update of every MoE expert, ``(E, out, in)``."""
+        dt = dtype or torch.promote_types(self.A.dtype, torch.float32)
+        return torch.bmm(self.B.to(dt), self.A.to(dt)) * self.scale
+
+    def flat(self) -> LoRAWeights:
+        """The factors as one LoRA pair over the MoE experts side by side, how a bank stores them: ``A (r, E·in)``
+        (row ``j`` holds every expert's ``A[e, j]``), ``B (E·out, r)``."""
+        E, r, n_in = self.A.shape
+        return LoRAWeights(self.A.permute(1, 0, 2).reshape(r, E * n_in), self.B.reshape(-1, r), self.scale)
+
+    @classmethod
+    def from_flat(cls, w: LoRAWeights, experts: int) -> StackedLoRAWeights:
+        """The inverse of :meth:`flat`."""
+        r = w.rank
+        return cls(w.A.reshape(r, experts, -1).permute(1, 0, 2).contiguous(), w.B.reshape(experts, -1, r).contiguous(),
+                   w.scale)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.lora_A": self.A, f"{prefix}.lora_B": self.B}
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank, "scale": float(self.scale), "experts": self.experts,
+                "in_features": self.in_features, "out_features": self.out_features}
+
+
+ModuleWeights = LoRAWeights | DeltaWeights | StackedLoRAWeights
 
 
 @dataclass
@@ -229,10 +296,9 @@ class Expert:
         if stray:
             raise ExpertFormatError(f"compressed tensors {stray[:3]} belong to no module weight", expert=self.name)
         for module, w in self.modules.items():
-            if not isinstance(w, (LoRAWeights, DeltaWeights)):
-                raise ExpertFormatError(
-                    f"module {module!r} holds {type(w).__name__}; expected LoRAWeights or DeltaWeights", expert=self.name
-                )
+            if not isinstance(w, (LoRAWeights, DeltaWeights, StackedLoRAWeights)):
+                raise ExpertFormatError(f"module {module!r} holds {type(w).__name__}; expected LoRAWeights, "
+                                        "DeltaWeights or StackedLoRAWeights", expert=self.name)
             w.validate(self.name, module)
 
     # --- convenience --------------------------------------------------------------------------------------------
@@ -255,8 +321,13 @@ class Expert:
 
     @property
     def ranks(self) -> dict[str, int]:
-        """Rank per LoRA module (dense modules are left out)."""
-        return {m: w.rank for m, w in sorted(self.modules.items()) if isinstance(w, LoRAWeights)}
+        """Rank per LoRA module and stacked parameter (dense modules are left out)."""
+        return {m: w.rank for m, w in sorted(self.modules.items()) if not isinstance(w, DeltaWeights)}
+
+    def stacked_targets(self) -> list[str]:
+        """The fused MoE expert parameters the expert targets (:class:`StackedLoRAWeights`), for features that
+        cannot handle them to refuse by name."""
+        return sorted(m for m, s in self.spec().items() if s["kind"] == StackedLoRAWeights.kind)
 
     @property
     def kind(self) -> str:
@@ -278,8 +349,8 @@ class Expert:
         """A copy with every tensor cast to ``dtype`` (scales stay float)."""
         mods: dict[str, ModuleWeights] = {}
         for m, w in self.modules.items():
-            if isinstance(w, LoRAWeights):
-                mods[m] = LoRAWeights(w.A.to(dtype), w.B.to(dtype), w.scale)
+            if isinstance(w, (LoRAWeights, StackedLoRAWeights)):
+                mods[m] = type(w)(w.A.to(dtype), w.B.to(dtype), w.scale)
             else:
                 mods[m] = DeltaWeights(w.delta.to(dtype), None if w.bias is None else w.bias.to(dtype))
         return Expert(self.name, mods, self.metadata, compressed=self.compressed)
@@ -354,10 +425,13 @@ class Expert:
         for m, s in spec.items():
             kind = s.get("kind")
             try:
-                if kind == "lora":
+                if kind in ("lora", StackedLoRAWeights.kind):
                     a, b = tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]
                     used |= {f"{m}.lora_A", f"{m}.lora_B"}
-                    w: ModuleWeights = LoRAWeights(a, b, float(s["scale"]))
+                    w: ModuleWeights = (LoRAWeights if kind == "lora" else StackedLoRAWeights)(a, b, float(s["scale"]))
+                    if kind != "lora" and s.get("experts") != (a.shape[0] if a.dim() == 3 else None):
+                        raise ExpertFormatError(f"parameter {m!r}: expert.json says {s.get('experts')} experts but "
+                                                f"lora_A has shape {tuple(a.shape)}", expert=name, file=file)
                     if int(s.get("rank", w.rank)) != w.rank:
                         raise ExpertFormatError(
                             f"module {m!r}: expert.json says rank {s.get('rank')} but lora_A has shape {tuple(a.shape)}",
@@ -406,9 +480,11 @@ def intern_layout(layout: Mapping[str, Mapping[str, Any]], name: str | None = No
     shape, rest = [], []
     for m, spec in layout.items():
         kind, rank, fin, fout = spec.get("kind"), spec.get("rank", 0), spec.get("in_features"), spec.get("out_features")
-        if kind not in ("lora", "delta") or type(fin) is not int or type(fout) is not int or fin <= 0 or fout <= 0:
+        if kind not in _KINDS or type(fin) is not int or type(fout) is not int or fin <= 0 or fout <= 0:
             raise ExpertFormatError(f"module {m!r}: a layout without kind and shapes: {dict(spec)!r}", expert=name)
-        shape.append((m, kind, rank, fin, fout, bool(spec.get("bias"))))
+        if kind == StackedLoRAWeights.kind and (type(spec.get("experts")) is not int or spec["experts"] <= 0):
+            raise ExpertFormatError(f"parameter {m!r}: a stacked layout without its number of experts", expert=name)
+        shape.append((m, kind, rank, fin, fout, bool(spec.get("bias")), spec.get("experts", 0)))
         rest.append(spec.get("scale") if spec.keys() <= _PLAIN_SPEC else repr(sorted(spec.items())))
     key = tuple(shape)
     full = (key, tuple(rest))
@@ -417,7 +493,8 @@ def intern_layout(layout: Mapping[str, Mapping[str, Any]], name: str | None = No
         shared = _LAYOUTS.setdefault(full, _Layout({m: dict(s) for m, s in layout.items()}))
         shared.key = key
     return shared
-_PLAIN_SPEC = {"kind", "rank", "scale", "in_features", "out_features", "bias"}  # a spec told apart by its scale
+_PLAIN_SPEC = {"kind", "rank", "scale", "in_features", "out_features", "bias", "experts"}  # told apart by its scale
+_KINDS = ("lora", "delta", StackedLoRAWeights.kind)
 
 
 class StoredExpert(Expert):
@@ -467,7 +544,7 @@ class StoredExpert(Expert):
 
     @property
     def ranks(self) -> dict[str, int]:
-        return {m: int(s["rank"]) for m, s in sorted(self.layout.items()) if s["kind"] == "lora"}
+        return {m: int(s["rank"]) for m, s in sorted(self.layout.items()) if s["kind"] != "delta"}
 
     @property
     def kind(self) -> str:

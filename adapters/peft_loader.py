@@ -30,6 +30,7 @@ from moerge.adapters.expert import (
     ModuleWeights,
     validate_name,
 )
+from moerge.adapters.peft_moe import take_target_parameters
 from moerge.adapters.peft_variants import (
     base_weight,
     dora_delta,
@@ -69,9 +70,6 @@ def _refuse_unsupported(config: dict[str, Any], name: str, file: Path) -> None:
         ("modules_to_save", lambda v: bool(v), "modules_to_save={v!r} holds full module copies, which a LoRA "
          "expert cannot express; add them as a delta expert instead"),
         ("layer_replication", lambda v: bool(v), "layer_replication={v!r} changes the base's layers"),
-        ("target_parameters", lambda v: bool(v), "target_parameters={v!r} (LoRA on raw parameters, as PEFT makes for "
-         "the fused expert weights of MoE models, also under all-linear) is not supported yet; an adapter of the "
-         "attention alone is"),
         ("trainable_token_indices", lambda v: bool(v), "trainable_token_indices={v!r} is not supported"),
     ]
     init = config.get("init_lora_weights")
@@ -353,7 +351,18 @@ def load_peft_lora(
     if not factors:
         raise ExpertFormatError("the adapter holds no LoRA weights", expert=name, file=str(weights_file))
 
+    def rank_of(key: str) -> tuple[int, float]:
+        rk, ak = peft_pattern_key(rank_pattern, key), peft_pattern_key(alpha_pattern, key)
+        return (int(rank_pattern[rk]) if rk is not None else int(r_default),
+                float(alpha_pattern[ak]) if ak is not None else float(alpha_default))
+
     modules: dict[str, ModuleWeights] = {}
+    moe: dict[str, ModuleWeights] = {}
+    if config.get("target_parameters"):
+        if variants:
+            raise ExpertFormatError(f"target_parameters with {sorted(variants)[0]} is not a PEFT adapter (PEFT refuses "
+                                    "LoRA variants on parameters)", expert=name, file=str(cfg_file))
+        moe = take_target_parameters(config, factors, base, rank_of, use_rslora, name, cfg_file, weights_file)
     for module, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
@@ -361,10 +370,7 @@ def load_peft_lora(
         a, b = ab["A"], ab["B"]
         if "use_bdlora" in variants:
             a, b = expand_block_diagonal(module, a, b, config.get("use_bdlora"), name, cfg_file)
-        rk = peft_pattern_key(rank_pattern, module)
-        ak = peft_pattern_key(alpha_pattern, module)
-        r = int(rank_pattern[rk]) if rk is not None else int(r_default)
-        alpha = float(alpha_pattern[ak]) if ak is not None else float(alpha_default)
+        r, alpha = rank_of(module)
         if r <= 0:
             raise ExpertFormatError(f"module {module!r}: rank {r} must be positive", expert=name, file=str(cfg_file))
         if a.dim() != 2 or a.shape[0] != r:
@@ -382,6 +388,18 @@ def load_peft_lora(
             if dtype is not None:
                 w = LoRAWeights(a.to(dtype), b.to(dtype), scale)
                 w.validate(name, module)  # ... and as cast (a narrower dtype may overflow)
+        except ExpertFormatError as e:
+            raise e.at(str(weights_file)) from None
+        modules[module] = w
+    for module, w in moe.items():  # target_parameters: checked and cast as the modules above
+        if max_rank is not None and w.rank > max_rank:
+            raise ExpertFormatError(f"parameter {module!r}: rank {w.rank} exceeds the cap of {max_rank}", expert=name,
+                                    file=str(weights_file))
+        try:
+            w.validate(name, module)
+            if dtype is not None:
+                modules[module] = w = type(w)(w.A.to(dtype), w.B.to(dtype), w.scale)
+                w.validate(name, module)
         except ExpertFormatError as e:
             raise e.at(str(weights_file)) from None
         modules[module] = w
@@ -403,6 +421,7 @@ def load_peft_lora(
         "ignored_base_weight_copies": sorted(m for m, v in checked.items() if v == "ignored"),
         "base_weight_copies": checked,
         "variants": variants,
+        **({"target_parameters": config["target_parameters"]} if moe else {}),
         **({"hub": hub} if hub else {}),
         "targets": targets,
     }

@@ -1,0 +1,146 @@
+"""LoRA on MoE models' fused expert weights and routers (PEFT's ``target_parameters``), against PEFT itself.
+
+Tiny random mixtral, qwen2_moe and qwen3_moe (4 MoE experts, top-2, hidden 32, expert width 16, so that
+``gate_up_proj`` and ``down_proj`` have equal ``lora_B`` shapes and only the nesting rule tells them apart)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moerge import ExpertLibrary, MoErgeModel
+from moerge.adapters.expert import LoRAWeights, StackedLoRAWeights
+from moerge.adapters.peft_loader import load_peft_lora
+from moerge.errors import ExpertFormatError
+
+from helpers import VOCAB, save_peft_lora
+
+pytestmark = pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) < 5,
+                                reason="transformers 4 keeps MoE experts as nn.Linear modules, plain targets")
+
+IDS = torch.tensor([[5, 17, 33, 9, 61, 4, 12, 40], [7, 3, 88, 21, 50, 2, 11, 30]])
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_experts_per_tok=2)
+MOE = {
+    "mixtral": dict(num_local_experts=4, intermediate_size=16),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=16, intermediate_size=16,
+                      shared_expert_intermediate_size=16),
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=16, intermediate_size=16, head_dim=8),
+}
+FUSED = ["gate.weight", "gate_up_proj", "down_proj"]
+ATTENTION = ["q_proj", "v_proj"]
+
+
+def tiny_moe(model_type: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **COMMON, **MOE[model_type])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.config._name_or_path = f"tiny-{model_type}"
+    return model.eval()
+
+
+def peft_model(base, folder):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+
+
+def peft_deltas(pm) -> dict[str, torch.Tensor]:
+    """PEFT's own update of every targeted parameter, by the parameter's name (routers by their module's)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    out = {}
+    for name, mod in pm.base_model.model.named_modules():
+        if isinstance(mod, ParamWrapper):
+            owner = name.replace(".base_layer", "")
+            key = owner if mod.parameter_name == "weight" else f"{owner}.{mod.parameter_name}"
+            out[key] = mod.get_delta_weight("default").detach()
+    return out
+
+
+SETTINGS = {
+    "explicit": dict(target_modules=ATTENTION, target_parameters=FUSED),
+    "patterns": dict(target_modules=ATTENTION, target_parameters=FUSED, rank_pattern={"down_proj": 3},
+                     alpha_pattern={"gate.weight": 1}),
+    "rslora": dict(target_modules=ATTENTION, target_parameters=FUSED, use_rslora=True),
+    "down_only": dict(target_modules=ATTENTION, target_parameters=["down_proj"]),
+    "gate_up_only": dict(target_modules=ATTENTION, target_parameters=["gate_up_proj"]),
+    "router_only": dict(target_modules=ATTENTION, target_parameters=["gate.weight"]),
+}
+
+
+@pytest.mark.parametrize("model_type", list(MOE))
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_layout_equals_peft_delta_weight(tmp_path, model_type, setting):
+    """Every targeted parameter's update, rebuilt from the saved tensors, equals PEFT's ``get_delta_weight`` exactly
+    (nesting order, expert-major A, rank-major B, patterns on parameter names, rsLoRA)."""
+    base = tiny_moe(model_type)
+    folder = save_peft_lora(base, tmp_path / "ad", **SETTINGS[setting])
+    expert = load_peft_lora(folder, name="ad", base=base)
+    ref = peft_deltas(peft_model(base, folder))
+    assert ref and set(ref) <= set(expert.modules)
+    for key, delta in ref.items():
+        w = expert.modules[key]
+        assert isinstance(w, StackedLoRAWeights if key.endswith("_proj") else LoRAWeights), key
+        assert torch.equal(w.delta_weight(), delta), key
+    attention = {m for m in expert.modules if m.endswith(tuple(ATTENTION))}
+    assert set(expert.modules) == set(ref) | attention
+    if setting == "patterns":  # PEFT warns that the patterns match no module, then applies them to the parameters
+        assert expert.modules["model.layers.1.mlp.experts.down_proj"].rank == 3
+        assert expert.modules["model.layers.1.mlp.gate"].scale == 1 / 4
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_all_linear_adds_the_fused_parameters_with_pattern_ranks(tmp_path, model_type):
+    """PEFT's all-linear on a transformers-5 MoE model targets the router and both fused parameters, gate_up_proj
+    at twice the rank and alpha (its rank/alpha patterns): read as PEFT reads them."""
+    base = tiny_moe(model_type)
+    folder = save_peft_lora(base, tmp_path / "ad", target_modules="all-linear", r=2, lora_alpha=4)
+    expert = load_peft_lora(folder, name="ad", base=base)
+    ref = peft_deltas(peft_model(base, folder))
+    assert {k.rsplit(".", 1)[-1] for k in ref} == {"gate", "gate_up_proj", "down_proj"}
+    for key, delta in ref.items():
+        assert torch.equal(expert.modules[key].delta_weight(), delta), key
+    assert expert.modules["model.layers.0.mlp.experts.gate_up_proj"].rank == 4
+    assert expert.modules["model.layers.0.mlp.experts.down_proj"].rank == 2
+
+
+def test_target_parameters_need_the_base(tmp_path):
+    base = tiny_moe("mixtral")
+    folder = save_peft_lora(base, tmp_path / "ad", **SETTINGS["explicit"])
+    with pytest.raises(ExpertFormatError, match="target_parameters .* only the base can resolve") as e:
+        load_peft_lora(folder, name="ad")
+    assert e.value.file == str(folder / "adapter_config.json")
+
+
+def test_missing_keys_and_wrong_shapes_are_refused_naming_the_parameter(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_moe("mixtral")
+    folder = save_peft_lora(base, tmp_path / "ad", **SETTINGS["explicit"])
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    gone = {k: v for k, v in weights.items() if "layers.1.mlp.experts.base_layer" not in k}
+    save_file(gone, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ExpertFormatError, match=r"'model.layers.1.mlp.experts.gate_up_proj'.*missing adapter keys"):
+        load_peft_lora(folder, name="ad", base=base)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["target_parameters"] = ["down_proj"]
+    cfg["r"] = 3
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExpertFormatError, match=r"'model.layers.0.mlp.experts.down_proj' \(rank 3, 4 experts"):
+        load_peft_lora(folder, name="ad", base=base)
+    cfg["target_parameters"] = ["embed_tokens.weight"]
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExpertFormatError, match=r"selects 'model.embed_tokens.weight', which moerge cannot adapt"):
+        load_peft_lora(folder, name="ad", base=base)
+
+
+def routed_model(base, tmp_path, router="explicit"):
+    return MoErgeModel.from_library(copy.deepcopy(base), ExpertLibrary.create(tmp_path / "lib", base_model=base),
+                                    router=router)
