@@ -66,7 +66,7 @@ def linear_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s parameters named as in the plain base, in ``named_parameters()`` order: a patched module's
-    original (its ``base_layer``, see :func:`unwrap_linear`) stands at the patched module's name, and the wrapper's
+    original (its ``base_layer``, see :func:`unwrap_linear`; also a wrapper that sets ``wraps_module``) stands at the patched module's name, and the wrapper's
     own parameters, if any, are left out. A parameter shared by several modules appears once, under its first name.
     """
     out: dict[str, torch.Tensor] = {}
@@ -74,7 +74,7 @@ def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     seen_modules: set[int] = set()
 
     def walk(module: nn.Module, prefix: str) -> None:
-        while getattr(type(module), "wraps_linear", False):
+        while getattr(type(module), "wraps_linear", False) or getattr(type(module), "wraps_module", False):
             module = module.base_layer  # the original, under the wrapper's name
         if id(module) in seen_modules:
             return
@@ -112,7 +112,11 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
         vals = torch.cat([flat[:_SAMPLE], flat[mid : mid + _SAMPLE]]).float().cpu()
         sample[n] = [round(float(v), 6) for v in vals]
     weights_digest = hashlib.sha256(json.dumps(sample, sort_keys=True).encode()).hexdigest()[:16]
+    from moerge.core.targets import moe_targets
+
+    moe = {n: [*t.shape, t.experts] for n, t in moe_targets(model).items()}
     return {
+        "moe_targets": moe,  # routers and fused expert weights: (out, in, MoE experts); {} for a dense model
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "vocab_size": _config_value(config, "vocab_size"),
@@ -145,6 +149,9 @@ def compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any]) -> tu
     if not (exp_mods and act_mods) and expected.get("shapes_digest") and actual.get("shapes_digest"):
         if expected["shapes_digest"] != actual["shapes_digest"]:
             arch.append("the linear modules' names or shapes differ")
+    exp_moe, act_moe = expected.get("moe_targets"), actual.get("moe_targets")
+    if exp_moe is not None and act_moe is not None and exp_moe != act_moe:
+        arch.append("the MoE routers or fused expert weights differ")
     if exp_mods and act_mods and exp_mods != act_mods:
         missing = sorted(set(exp_mods) - set(act_mods))
         differ = sorted(m for m in set(exp_mods) & set(act_mods) if list(exp_mods[m]) != list(act_mods[m]))
@@ -172,17 +179,25 @@ def compare_fingerprints(expected: dict[str, Any], actual: dict[str, Any]) -> tu
     return arch, weights
 
 
-def check_expert_shapes(expert: Any, shapes: Mapping[str, Sequence[int]], base: str = "the base") -> None:
+def check_expert_shapes(expert: Any, shapes: Mapping[str, Sequence[int]], base: str = "the base", *,
+                        moe_known: bool = True) -> None:
     """Raise :class:`~moerge.errors.BaseMismatchError` unless every module ``expert`` changes is in ``shapes``
-    (module → ``(out, in)``, as :func:`linear_modules` gives) with the expert's sizes; ``base`` names the base in
-    the message."""
+    (module → ``(out, in)``, as :func:`linear_modules` gives; routers and fused expert weights → ``(out, in, E)``,
+    a fingerprint's ``moe_targets``) with the expert's sizes; ``base`` names the base in the message. With
+    ``moe_known=False`` (a fingerprint recorded without ``moe_targets``) targets that are not linear modules are left
+    to the model's own check."""
     from moerge.errors import BaseMismatchError
 
     for m, w in expert.modules.items():
+        if m not in shapes and not moe_known:
+            continue
         if m not in shapes:
             raise BaseMismatchError(f"targets module {m!r}, which {base} does not have (or which is not a linear "
                                     "module)", expert=expert.name)
-        out_f, in_f = shapes[m]
+        out_f, in_f, *experts = shapes[m]
+        if getattr(w, "experts", 0) != (experts[0] if experts else 0):
+            raise BaseMismatchError(f"{m!r}: the expert has factors for {getattr(w, 'experts', 0)} MoE experts, "
+                                    f"{base} has {experts[0] if experts else 0} there", expert=expert.name)
         if (w.out_features, w.in_features) != (out_f, in_f):
             raise BaseMismatchError(f"module {m!r}: the expert maps {w.in_features}→{w.out_features} but the base's "
                                     f"module maps {in_f}→{out_f}", expert=expert.name)

@@ -89,11 +89,12 @@ def resolve_moe_target(model: nn.Module, name: str) -> MoETarget | str:
         shape = _router_shape(module)
         if shape is not None:
             return MoETarget("router", name, "weight", shape, 0)
-        return f"{name!r} is a {type(module).__name__}, neither a linear module nor a router moerge supports ({ROUTERS})"
+        return (f"{name!r} is a {type(module).__name__}, not a linear module nor a router moerge supports "
+                f"({', '.join(ROUTERS)})")
     owner_name, _, param = name.rpartition(".")
     owner = find_module(model, owner_name)
     if owner is None or not isinstance(getattr(owner, param, None), nn.Parameter):
-        return f"the base has no module or parameter {name!r}"
+        return "a module or parameter the base model does not have"
     w = getattr(owner, param)
     if param not in STACKED or w.dim() != 3:
         return (f"parameter {name!r} ({tuple(w.shape)}) of {type(owner).__name__} is not a fused MoE expert weight "

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from moerge.adapters.expert import Expert, LoRAWeights
+from moerge.adapters.expert import DeltaWeights, Expert
 from moerge.adapters.peft_loader import check_targets
 from moerge.core.fingerprint import (
     check_expert_shapes,
@@ -100,7 +100,7 @@ class BaseRecord:
         Refused: a LoRA rank above :attr:`max_rank`; shapes or modules the base does not have; a fingerprint of
         another architecture; an expert whose own record names another base (compared by model name when both are
         ids, not folder paths) unless ``allow_other_base`` (then a warning)."""
-        over = {m: w.rank for m, w in expert.modules.items() if isinstance(w, LoRAWeights) and w.rank > self.max_rank}
+        over = {m: w.rank for m, w in expert.modules.items() if not isinstance(w, DeltaWeights) and w.rank > self.max_rank}
         if over:
             m, r = next(iter(over.items()))
             raise ExpertFormatError(f"module {m!r}: rank {r} exceeds the library's cap of {self.max_rank}",
@@ -114,7 +114,8 @@ class BaseRecord:
             warnings.warn(f"expert {expert.name!r}: {msg}", stacklevel=3)
         fp = self.fingerprint
         if fp and fp.get("modules"):
-            check_expert_shapes(expert, fp["modules"], "the library's base")
+            check_expert_shapes(expert, {**fp["modules"], **fp.get("moe_targets", {})}, "the library's base",
+                                moe_known="moe_targets" in fp)  # else recorded before moerge knew MoE targets
             check_targets(expert, fp["modules"], "the library's base")
         efp = expert.metadata.base_fingerprint
         if fp and efp:

@@ -213,7 +213,8 @@ class Residency:
         total = 0
         for m, spec in expert.spec().items():
             bank = self.layers[m].bank if m in self.layers else self._empty_bank(m)
-            n = (spec["rank"] * (spec["in_features"] + spec["out_features"]) if spec["kind"] == "lora"
+            n = (spec["rank"] * (spec["in_features"] + spec["out_features"]) * spec.get("experts", 1)
+                 if spec["kind"] != "delta"
                  else spec["in_features"] * spec["out_features"] + (spec["out_features"] if spec.get("bias") else 0))
             total += n * bank.A_all.element_size()
         if key is not None:

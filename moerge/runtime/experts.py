@@ -23,14 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from moerge.adapters.expert import Expert, ExpertMetadata, StoredExpert, validate_name
+from moerge.adapters.expert import Expert, ExpertMetadata, StackedLoRAWeights, StoredExpert, validate_name
 from moerge.adapters.peft_loader import check_targets
-from moerge.core.fingerprint import is_linear_like, linear_modules, linear_shape
+from moerge.core.fingerprint import linear_modules, linear_shape
+from moerge.core.targets import MoETarget, find_module, resolve_moe_target
 from moerge.errors import BaseMismatchError, LibraryError, MoErgeError
 from moerge.routing import Candidates, Router, RoutingContext
 from moerge.runtime.bank import ModuleBank, adapter_dtype
 from moerge.runtime.cache import ExpertCache, Residency
 from moerge.runtime.layer import ExpertLinear
+from moerge.runtime.moe import ExpertMoE, ExpertRouter, StackedTarget
+from moerge.runtime.stacked import StackedBank
 
 __all__ = ["ExpertSet"]
 
@@ -50,7 +53,7 @@ class ExpertSet(Residency):
     def __init__(self, base: nn.Module, context: RoutingContext, *, expert_dtype: torch.dtype | None = None,
                  expert_device: torch.device | None = None, cache_bytes: int | None = None,
                  pin: Sequence[str] = ()) -> None:
-        if any(isinstance(m, ExpertLinear) for m in base.modules()):
+        if any(isinstance(m, (ExpertLinear, ExpertMoE)) for m in base.modules()):
             raise ValueError("this base is already patched by another MoErgeModel; pass that model's copy_base() "
                              "(a plain copy) or unpatch() it first")
         self.base = base
@@ -60,7 +63,7 @@ class ExpertSet(Residency):
         self.lock = threading.RLock()
         self.metadata: dict[str, ExpertMetadata] = {}  # expert -> metadata, in id order
         self.modules_of: dict[str, list[str]] = {}  # expert -> the modules it targets
-        self.layers: dict[str, ExpertLinear] = {}  # module name -> patched module, in patch order
+        self.layers: dict[str, ExpertLinear | StackedTarget] = {}  # target -> patched module, in patch order
         self.cache = ExpertCache(cache_bytes, pin)
         self._fits: set[tuple] = set()  # layout keys of stored experts that fit the base (see check_fits)
         self._sizes: dict[tuple, int] = {}  # layout key -> bytes of such an expert in the banks (see _size)
@@ -107,20 +110,16 @@ class ExpertSet(Residency):
             key = (key, json.dumps(targets, sort_keys=True))
         if key is not None and key in self._fits:  # a layout already checked against this base
             return
+        spec = expert.spec()
         for m, (out_f, in_f) in expert.shapes().items():
             layer = self.layers.get(m)
-            if layer is not None:
-                shape = (layer.out_features, layer.in_features)
+            if m not in self.base_modules:  # a router or a fused MoE expert parameter, else refused by name
+                shape = self._check_moe_target(m, spec[m], expert.name)
+            elif spec[m]["kind"] == StackedLoRAWeights.kind:
+                raise BaseMismatchError(f"module {m!r} is a linear module, but the expert holds stacked MoE factors "
+                                        "for it", expert=expert.name)
             else:
-                try:
-                    mod = self.base.get_submodule(m)
-                except AttributeError:
-                    raise BaseMismatchError(f"targets module {m!r}, which the base model does not have",
-                                            expert=expert.name) from None
-                if not is_linear_like(mod):
-                    raise BaseMismatchError(f"targets module {m!r}, a {type(mod).__name__}, not a linear module",
-                                            expert=expert.name)
-                shape = linear_shape(mod)
+                shape = (layer.out_features, layer.in_features) if layer is not None else self.base_modules[m]
             if (out_f, in_f) != shape:
                 raise BaseMismatchError(
                     f"module {m!r}: the expert maps {in_f}→{out_f} but the base maps "
@@ -130,10 +129,36 @@ class ExpertSet(Residency):
         if key is not None:
             self._fits.add(key)
 
-    def _patch(self, module_name: str) -> ExpertLinear:
+    def _moe_target(self, name: str) -> MoETarget | str:
+        """The router or stacked target ``name`` of the base, or why it is none (kept: the base does not change)."""
+        cache = self.__dict__.setdefault("_moe_cache", {})
+        if name not in cache:
+            cache[name] = resolve_moe_target(self.base, name)
+        return cache[name]
+
+    def _check_moe_target(self, m: str, spec: dict[str, Any], expert: str) -> tuple[int, int]:
+        """``(out, in)`` of target ``m`` (its layout ``spec``), which is not a linear module of the base: a router
+        (LoRA or dense update of its weight) or a fused expert parameter (stacked factors with the base's MoE
+        experts)."""
+        target = self._moe_target(m)
+        if isinstance(target, str):
+            raise BaseMismatchError(f"targets {m!r}: {target}", expert=expert)
+        stacked = spec["kind"] == StackedLoRAWeights.kind
+        if stacked != (target.kind == "stacked"):
+            what = "stacked MoE factors" if stacked else f"a {spec['kind']} update"
+            raise BaseMismatchError(f"{m!r} is a {target.kind} target of the base, but the expert holds {what} for it",
+                                    expert=expert)
+        if stacked and spec["experts"] != target.experts:
+            raise BaseMismatchError(f"parameter {m!r}: the expert has factors for {spec['experts']} MoE experts, the "
+                                    f"base has {target.experts}", expert=expert)
+        return target.shape
+
+    def _patch(self, module_name: str) -> ExpertLinear | StackedTarget:
         layer = self.layers.get(module_name)
         if layer is not None:
             return layer
+        if module_name not in self.base_modules:
+            return self._patch_moe(module_name)
         parent_name, _, attr = module_name.rpartition(".")
         parent = self.base.get_submodule(parent_name) if parent_name else self.base
         empty = self._empty_bank(module_name)
@@ -144,7 +169,36 @@ class ExpertSet(Residency):
         self.layers[module_name] = layer
         return layer
 
-    def _empty_bank(self, module_name: str) -> ModuleBank:
+    def _patch_moe(self, name: str) -> ExpertRouter | StackedTarget:
+        target = self._moe_target(name)
+        assert not isinstance(target, str), target  # checked when the expert was admitted
+        empty = self._empty_bank(name)
+        owner_parent, _, owner_attr = target.owner.rpartition(".")
+        parent = self.base.get_submodule(owner_parent) if owner_parent else self.base
+        if target.kind == "router":
+            layer = ExpertRouter(getattr(parent, owner_attr), name, len(self.layers), self.context,
+                                 bank_device=self.expert_device)
+            layer.bank = empty
+            setattr(parent, owner_attr, layer)
+        else:
+            moe = getattr(parent, owner_attr)
+            if not isinstance(moe, ExpertMoE):
+                moe = ExpertMoE(moe, target.owner, self.context, bank_device=self.expert_device)
+                setattr(parent, owner_attr, moe)
+            layer = moe.targets[target.param] = StackedTarget(moe, target.param, name, len(self.layers), empty)
+        self.layers[name] = layer
+        return layer
+
+    def _empty_bank(self, module_name: str) -> ModuleBank | StackedBank:
+        if module_name not in self.base_modules:
+            target = self._moe_target(module_name)
+            assert not isinstance(target, str), target
+            w = getattr(find_module(self.base, target.owner), target.param)
+            dtype = self.expert_dtype or adapter_dtype(w.dtype)
+            out_f, in_f = target.shape
+            if target.kind == "router":
+                return ModuleBank.empty(in_f, out_f, self.expert_device or w.device, dtype)
+            return StackedBank.empty(target.experts, in_f, out_f, self.expert_device or w.device, dtype)
         mod = self.base.get_submodule(module_name)
         out_f, in_f = linear_shape(mod)
         w = mod.weight
@@ -395,8 +449,20 @@ class ExpertSet(Residency):
         self.ensure_resident(candidates.used_names(), staged)
         return {layer.patch_index: layer.bank.gather(
             candidates, layer.compute_dtype,
-            router.linear_gate(candidates, layer.info, layer.compute_device) if fuse_gate else None,
+            router.linear_gate(candidates, layer.info, layer.compute_device)
+            if fuse_gate and not isinstance(layer, StackedTarget) else None,
             layer.compute_device) for layer in self.layers.values()}
+
+    def _wrappers(self) -> dict[str, nn.Module]:
+        """Every patched module in the base by its path: an :class:`ExpertLinear` (or router) per linear target, one
+        :class:`ExpertMoE` for the stacked targets of an experts module."""
+        out: dict[str, nn.Module] = {}
+        for name, layer in self.layers.items():
+            if isinstance(layer, StackedTarget):
+                out.setdefault(layer.moe.module_name, layer.moe)
+            else:
+                out[name] = layer
+        return out
 
     # --- the plain base -----------------------------------------------------------------------------------------------
     def copy_base(self) -> nn.Module:
@@ -404,7 +470,7 @@ class ExpertSet(Residency):
         self.require_active()
         with self.lock:
             memo: dict[int, Any] = {}
-            for layer in self.layers.values():
+            for layer in self._wrappers().values():
                 memo[id(layer)] = copy.deepcopy(layer.base_layer, memo)
             return copy.deepcopy(self.base, memo)
 
@@ -416,7 +482,7 @@ class ExpertSet(Residency):
         with self.lock:
             memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=False)
                                     for p in self.base.parameters()}
-            for layer in self.layers.values():
+            for layer in self._wrappers().values():
                 memo[id(layer)] = copy.deepcopy(layer.base_layer, memo)
             return copy.deepcopy(self.base, memo)
 
@@ -424,7 +490,7 @@ class ExpertSet(Residency):
         """Put the original modules back; the set is unusable afterwards. Returns the plain base."""
         with self.lock:
             self.require_active()
-            for name, layer in self.layers.items():
+            for name, layer in self._wrappers().items():
                 parent_name, _, attr = name.rpartition(".")
                 parent = self.base.get_submodule(parent_name) if parent_name else self.base
                 setattr(parent, attr, layer.base_layer)

@@ -43,12 +43,17 @@ class ExpertLinear(nn.Module):
         self.base_layer = base_layer
         self.module_name = name
         self.patch_index = index
-        self.out_features, self.in_features = linear_shape(base_layer)
+        self.out_features, self.in_features = self.shape_of(base_layer)
         self.info = LayerInfo(index, name, self.in_features, self.out_features)
         self._context = context
         w = base_layer.weight
         self.bank = ModuleBank.empty(self.in_features, self.out_features, bank_device or w.device,
                                     adapter_dtype(w.dtype))
+
+    @staticmethod
+    def shape_of(base_layer: nn.Module) -> tuple[int, int]:
+        """``(out, in)`` of the wrapped module."""
+        return linear_shape(base_layer)
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .half(), .cuda() also move and cast the experts' factors, unless they are kept on bank_device
@@ -81,11 +86,18 @@ class ExpertLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         state = self._context.current
-        if state is None:
+        if state is None or not self.touched_by(state):
             return y
+        return self.add_experts(state, x, y)
+
+    def touched_by(self, state: RoutingState | JoinedState) -> bool:
+        """Whether a call under ``state`` has factors for this module."""
         split = isinstance(state, JoinedState) and self.patch_index in state.split
-        if not split and state.gathered.get(self.patch_index) is None:
-            return y
+        return split or state.gathered.get(self.patch_index) is not None
+
+    def add_experts(self, state: RoutingState | JoinedState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y``, the base module's output for ``x``, with the experts' part under ``state`` added."""
+        split = isinstance(state, JoinedState) and self.patch_index in state.split
         if self.base_layer._forward_hooks or _global_forward_hooks:
             y = y.clone()  # a hook may keep the base output: the experts' delta is added in place below
         mix = self._mix_parts if split else self._mix

@@ -144,3 +144,24 @@ def test_missing_keys_and_wrong_shapes_are_refused_naming_the_parameter(tmp_path
 def routed_model(base, tmp_path, router="explicit"):
     return MoErgeModel.from_library(copy.deepcopy(base), ExpertLibrary.create(tmp_path / "lib", base_model=base),
                                     router=router)
+
+
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_routed_at_weight_one_equals_peft_forward(tmp_path, model_type):
+    """The attention, the router and both fused parameters routed together at weight 1.0 give PEFT's logits; the
+    MoE experts each token is sent to agree with PEFT's first."""
+    base = tiny_moe(model_type)
+    folder = save_peft_lora(base, tmp_path / "ad", **SETTINGS["patterns"])
+    pm = peft_model(base, folder)
+    with torch.no_grad():
+        ref = pm(input_ids=IDS).logits
+    assert not torch.allclose(ref, base(input_ids=IDS).logits, atol=1e-3)
+    model = routed_model(base, tmp_path)
+    model.add_expert(folder, name="ad")
+    assert {"model.layers.0.mlp.gate", "model.layers.0.mlp.experts.gate_up_proj",
+            "model.layers.0.mlp.experts.down_proj"} <= set(model.patched_modules)
+    with torch.no_grad():
+        ours = model(input_ids=IDS, experts={"ad": 1.0}).logits
+        plain = model.base(input_ids=IDS).logits
+    assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
+    assert torch.equal(plain, base(input_ids=IDS).logits)  # outside a routed call: the base, bit for bit
