@@ -34,7 +34,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from moerge.adapters.expert import DeltaWeights, Expert, ExpertMetadata, LoRAWeights, ModuleWeights
+from moerge.adapters.expert import (
+    DeltaWeights,
+    Expert,
+    ExpertMetadata,
+    LoRAWeights,
+    ModuleWeights,
+    StackedLoRAWeights,
+)
 from moerge.core.fingerprint import oriented
 from moerge.errors import BaseMismatchError
 
@@ -372,6 +379,27 @@ def _svd_factors(delta: torch.Tensor, rank: int) -> LoRAWeights:
     return LoRAWeights(Vh[:r].contiguous(), (U[:, :r] @ torch.diag(S[:r])).contiguous(), 1.0)
 
 
+def _merge_stacked(m: str, have: Mapping[str, ModuleWeights], weights: Mapping[str, float], method: str,
+                   rank: int | None, scale: float, dtype: torch.dtype, options: dict[str, Any]) -> StackedLoRAWeights:
+    """One fused MoE expert parameter's merge, as stacked factors: ``cat`` (and ``linear`` without ``normalize``,
+    which is the same sum) concatenates each MoE expert's factors, exact; ``rank=`` takes each MoE expert's merged
+    update's truncated SVD; any other method runs elementwise on the ``(E, out, in)`` updates (density and masks
+    over the whole parameter) and keeps the result exactly, as a full-rank SVD per MoE expert."""
+    if not all(isinstance(x, StackedLoRAWeights) for x in have.values()):
+        raise ValueError(f"parameter {m!r}: stacked MoE factors cannot be merged with other kinds of update")
+    stacked: dict[str, StackedLoRAWeights] = dict(have)  # type: ignore[arg-type]
+    if rank is None and (method == "cat" or (method == "linear" and not options.get("normalize"))):
+        A = torch.cat([x.A.float() * (float(weights[n]) * x.scale * scale) for n, x in stacked.items()], dim=1)
+        B = torch.cat([x.B.float() for x in stacked.values()], dim=2)
+        return StackedLoRAWeights(A.to(dtype), B.to(dtype), 1.0)
+    if method == "cat":
+        raise ValueError("method 'cat' takes no rank=")
+    dw = merge_module({n: x.delta_weight(torch.float32) for n, x in stacked.items()}, weights, method, **options)
+    U, S, Vh = torch.linalg.svd(dw * scale, full_matrices=False)  # (E, out, q), (E, q), (E, q, in)
+    r = min(rank or S.shape[1], S.shape[1])
+    return StackedLoRAWeights(Vh[:, :r].contiguous().to(dtype), (U[:, :, :r] * S[:, None, :r]).contiguous().to(dtype))
+
+
 def merge_experts(
     experts: Sequence[Expert],
     weights: Mapping[str, float] | Sequence[float] | None = None,
@@ -434,7 +462,7 @@ def merge_experts(
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     lora_only = method == "cat" or factorwise
     if lora_only:
-        not_lora = [e.name for e in experts for m, mw in e.modules.items() if not isinstance(mw, LoRAWeights)]
+        not_lora = [e.name for e in experts for m, mw in e.modules.items() if isinstance(mw, DeltaWeights)]
         if not_lora:
             raise ValueError(f"{'method cat' if method == 'cat' else 'factorwise merging'} needs LoRA experts; "
                              f"{sorted(set(not_lora))} have dense modules")
@@ -451,13 +479,19 @@ def merge_experts(
                              "(base_num_layers(base)); the experts' metadata does not record their base")
         scales = lines_scales(modules, *layer_scaling, num_layers=num_layers)
     first = next(iter(experts[0].modules.values()))
-    out_dtype = dtype or (torch.promote_types(first.A.dtype, torch.float32) if isinstance(first, LoRAWeights)
-                          else first.delta.dtype)
+    out_dtype = dtype or (first.delta.dtype if isinstance(first, DeltaWeights)
+                          else torch.promote_types(first.A.dtype, torch.float32))
     merged: dict[str, ModuleWeights] = {}
     for m in modules:
         have = {e.name: e.modules[m] for e in experts if m in e.modules}
         wm = {n: w[n] for n in names if n in have}
         s = scales.get(m, 1.0)
+        if any(isinstance(x, StackedLoRAWeights) for x in have.values()):
+            if factorwise:
+                raise ValueError(f"parameter {m!r}: factorwise merging of stacked MoE factors is not supported; merge "
+                                 "their updates (the default) or with method='cat'")
+            merged[m] = _merge_stacked(m, have, wm, method, rank, s, out_dtype, options)
+            continue
         if lora_only:
             lw = merge_lora(have, wm, method, **options)  # type: ignore[arg-type]
             mw: ModuleWeights = LoRAWeights(lw.A.to(out_dtype), lw.B.to(out_dtype), s)
@@ -494,8 +528,16 @@ def add_update(model: nn.Module, module: str, delta: torch.Tensor, bias: torch.T
     """Add ``delta (out, in)`` (and ``bias (out,)``) to the weights of ``model``'s linear module ``module``, in place.
 
     GPT-2 ``Conv1D`` weights (stored ``(in, out)``) get the transpose; an ``lm_head`` tied to the input embeddings is
-    untied first, so the embeddings keep their weights.
+    untied first, so the embeddings keep their weights. ``module`` may also name a router (its ``weight``) or a fused
+    MoE expert parameter, which takes ``delta (E, out, in)``.
     """
+    if module not in dict(model.named_modules()):
+        param = model.get_parameter(module)  # a fused MoE expert weight (E, out, in)
+        if tuple(delta.shape) != tuple(param.shape) or bias is not None:
+            raise ValueError(f"parameter {module!r}: update of shape {tuple(delta.shape)} does not fit "
+                             f"{tuple(param.shape)}")
+        param.copy_((param.float() + delta.float().to(param.device)).to(param.dtype))
+        return
     target = model.get_submodule(module)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and target.weight is getattr(emb, "weight", None):
@@ -517,7 +559,8 @@ def add_update(model: nn.Module, module: str, delta: torch.Tensor, bias: torch.T
 def fold_into(model: nn.Module, expert: Expert, weight: float = 1.0) -> nn.Module:
     """Add ``weight ×`` ``expert``'s update to ``model``'s weights, in place (e.g. a merged expert into a copy of
     the base, to save as a full model). Returns ``model``."""
-    missing = [m for m in expert.modules if m not in dict(model.named_modules())]
+    names = dict(model.named_modules()) | dict(model.named_parameters())
+    missing = [m for m in expert.modules if m not in names]
     if missing:
         raise BaseMismatchError(f"targets modules the model does not have: {missing[:3]}", expert=expert.name)
     for m, w in expert.modules.items():

@@ -39,8 +39,9 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 def oriented(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """A tensor of a linear-like module's weight shape between its stored layout and the ``(out, in)`` convention:
-    as it is for ``nn.Linear``, transposed for a ``Conv1D`` (which stores ``(in, out)``); its own inverse."""
-    return weight if isinstance(module, nn.Linear) else weight.t()
+    as it is for ``nn.Linear`` (and a router's ``(E, H)``), transposed for a ``Conv1D`` (which stores ``(in, out)``);
+    its own inverse."""
+    return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 
 def unwrap_linear(name: str, module: nn.Module) -> nn.Module | None:

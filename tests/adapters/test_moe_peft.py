@@ -165,3 +165,78 @@ def test_routed_at_weight_one_equals_peft_forward(tmp_path, model_type):
         plain = model.base(input_ids=IDS).logits
     assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
     assert torch.equal(plain, base(input_ids=IDS).logits)  # outside a routed call: the base, bit for bit
+
+
+def dense_reference(base, folders: dict, weights: dict):
+    """The base with ``Σ_k w_k ΔW_k`` added to every parameter, each ``ΔW_k`` from PEFT's own merge_and_unload."""
+    ref = copy.deepcopy(base)
+    params = dict(ref.named_parameters())
+    for name, folder in folders.items():
+        merged = peft_model(base, folder).merge_and_unload()
+        with torch.no_grad():
+            for key, p in merged.named_parameters():
+                params[key] += weights[name] * (p - dict(base.named_parameters())[key])
+    return ref
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_weighted_mixes_per_row_equal_the_dense_merge(tmp_path, model_type):
+    """Two adapters mixed with sequence weights (a different mix per row in one batch) equal, row by row, the base
+    with the weighted PEFT updates added to its parameters; model.merge gives that dense model."""
+    base = tiny_moe(model_type)
+    folders = {n: save_peft_lora(base, tmp_path / n, seed=i, **SETTINGS[s])
+               for i, (n, s) in enumerate([("a", "explicit"), ("b", "patterns")])}
+    model = routed_model(base, tmp_path)
+    for n, f in folders.items():
+        model.add_expert(f, name=n)
+    mixes = [{"a": 0.3, "b": 0.7}, {"a": 1.0, "b": -0.5}]
+    with torch.no_grad():
+        ours = model(input_ids=IDS, experts=mixes).logits
+        for row, mix in enumerate(mixes):
+            ref = dense_reference(base, folders, mix)(input_ids=IDS[row : row + 1]).logits
+            assert torch.allclose(ours[row : row + 1], ref, atol=1e-4), float((ours[row] - ref[0]).abs().max())
+            merged = model.merge(mix)(input_ids=IDS[row : row + 1]).logits
+            assert torch.allclose(merged, ref, atol=1e-4), float((merged - ref).abs().max())
+        alone = model(input_ids=IDS[1:], experts=[mixes[1]]).logits
+    assert torch.allclose(ours[1:], alone, atol=1e-5)
+
+
+def test_generate_with_beams_and_samples_matches_the_dense_merge(tmp_path):
+    """generate repeats each prompt's row for beams and returned sequences; the MoE blocks see those rows
+    flattened and still apply each row's mix."""
+    base = tiny_moe("qwen3_moe")
+    folders = {"a": save_peft_lora(base, tmp_path / "a", **SETTINGS["explicit"])}
+    model = routed_model(base, tmp_path)
+    model.add_expert(folders["a"], name="a")
+    ref = dense_reference(base, folders, {"a": 0.8})
+    kw = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    ours = model.generate(input_ids=IDS, experts={"a": 0.8}, **kw)
+    theirs = ref.generate(input_ids=IDS, **kw)
+    assert torch.equal(ours, theirs)
+
+
+def test_library_round_trip_and_merged_expert(tmp_path):
+    """A stacked expert stored in a library and read back (its layout, digest and factors), then merged with
+    method 'cat' and by TIES (kept exactly as full-rank factors), folds into the base like the mix it stands for."""
+    from moerge.adapters.merge import fold_into, merge_experts, merge_module
+
+    base = tiny_moe("mixtral")
+    folder = save_peft_lora(base, tmp_path / "a", **SETTINGS["explicit"])
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    lib.add(load_peft_lora(folder, name="a", base=base))
+    stored = lib.get("a")
+    again = stored.load()
+    fresh = load_peft_lora(folder, name="a", base=base)
+    assert again.digest() == fresh.digest() and stored.spec() == fresh.spec()
+    key = "model.layers.1.mlp.experts.down_proj"
+    assert stored.spec()[key]["experts"] == 4 and torch.equal(again.modules[key].A, fresh.modules[key].A)
+    b = load_peft_lora(save_peft_lora(base, tmp_path / "b", seed=1, **SETTINGS["explicit"]), name="b", base=base)
+    for method, kw in [("cat", {}), ("ties", {"density": 0.5})]:
+        merged = merge_experts([fresh, b], {"a": 0.5, "b": 0.25}, method, **kw)
+        assert isinstance(merged.modules[key], StackedLoRAWeights)
+        deltas = {"a": fresh.modules[key].delta_weight(), "b": b.modules[key].delta_weight()}
+        update = merge_module(deltas, {"a": 0.5, "b": 0.25}, "linear" if method == "cat" else method, **kw)
+        assert torch.allclose(merged.modules[key].delta_weight(), update, atol=1e-5)
+        folded = fold_into(copy.deepcopy(base), merged)
+        want = dict(base.named_parameters())[key] + update
+        assert torch.allclose(dict(folded.named_parameters())[key], want, atol=1e-5)
