@@ -75,6 +75,7 @@ def compress_expert(expert: Expert, method: str = "compeft", *, density: float =
     The copy's weights are the reconstruction, so it routes and merges like any expert; the library stores the
     packed form. Its metadata records the method, its settings and the size ratio.
     """
+    expert.refuse_stacked("compression")
     if method not in COMPRESSION_METHODS:
         raise ValueError(f"unknown compression method {method!r}; available: {COMPRESSION_METHODS}")
     if expert.compressed:

@@ -325,9 +325,15 @@ class Expert:
         return {m: w.rank for m, w in sorted(self.modules.items()) if not isinstance(w, DeltaWeights)}
 
     def stacked_targets(self) -> list[str]:
-        """The fused MoE expert parameters the expert targets (:class:`StackedLoRAWeights`), for features that
-        cannot handle them to refuse by name."""
+        """The fused MoE expert parameters the expert targets (:class:`StackedLoRAWeights`)."""
         return sorted(m for m, s in self.spec().items() if s["kind"] == StackedLoRAWeights.kind)
+
+    def refuse_stacked(self, what: str) -> None:
+        """Raise, naming them, when the expert has fused MoE expert parameters, which ``what`` cannot handle."""
+        stacked = self.stacked_targets()
+        if stacked:
+            raise ExpertFormatError(f"{what} does not support fused MoE expert parameters, which it targets: "
+                                    f"{stacked[:2]}{' …' if len(stacked) > 2 else ''}", expert=self.name)
 
     @property
     def kind(self) -> str:

@@ -525,6 +525,7 @@ def save_peft_lora(expert: Expert, folder: str | Path, *, base_model_name_or_pat
 
     from moerge.core.safe_io import atomic_write_json, save_safetensors
 
+    expert.refuse_stacked("writing a PEFT adapter")
     dense = sorted(m for m, w in expert.modules.items() if not isinstance(w, LoRAWeights))
     if dense:
         raise ExpertFormatError(f"modules {dense[:3]} hold dense updates, which a PEFT LoRA adapter cannot: merge the "

@@ -118,6 +118,7 @@ def transfer_expert(expert: Expert, source: nn.Module, target: nn.Module, *, nam
     expert records a base whose weights are not ``source``'s. The weights are unchanged (the patch is portable);
     the metadata records the transfer and the distance.
     """
+    expert.refuse_stacked("transfer to another base")
     source_fp, target_fp = fingerprint(source), fingerprint(target)
     _check_architecture(source_fp, target_fp, expert.name)
     recorded = expert.metadata.base_fingerprint

@@ -44,6 +44,8 @@ def twin_split(experts: Sequence[Expert], rank: int = 8, dtype: torch.dtype = to
                shared_name: str = SHARED_NAME) -> tuple[Expert, list[Expert]]:
     """``(shared expert, exclusive experts)`` of ``experts``; the exclusive ones keep the experts' names and
     metadata (so they are retrieved by the same descriptions)."""
+    for e in experts:
+        e.refuse_stacked("Twin-Merging's shared/exclusive split")
     experts = list(experts)
     if len(experts) < 2:
         raise ValueError(f"Twin-Merging needs at least 2 experts, got {len(experts)}")

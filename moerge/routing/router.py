@@ -73,6 +73,13 @@ class Router:
         """Bind to the model described by ``context``; called by the model before any routing."""
         self.context = context
 
+    @property
+    def gates_per_token(self) -> bool:
+        """Whether this router mixes candidates per token in every patched module (a local gate), so it needs
+        routing data per linear module: such routers do not take experts of MoE routers or fused expert weights
+        (see :meth:`moerge.runtime.experts.ExpertSet.check_router`)."""
+        return self.has_local_gate
+
     def prepare_expert(self, expert: Expert) -> Any:
         """Compute the routing data ``expert`` needs, without changing this router, and return it for
         :meth:`on_add_expert`. This is where slow work goes (routing data trained on ``context.training_base()``, a

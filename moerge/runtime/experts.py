@@ -27,7 +27,7 @@ from moerge.adapters.expert import Expert, ExpertMetadata, StackedLoRAWeights, S
 from moerge.adapters.peft_loader import check_targets
 from moerge.core.fingerprint import linear_modules, linear_shape
 from moerge.core.targets import MoETarget, find_module, resolve_moe_target
-from moerge.errors import BaseMismatchError, LibraryError, MoErgeError
+from moerge.errors import BaseMismatchError, LibraryError, MoErgeError, RoutingError
 from moerge.routing import Candidates, Router, RoutingContext
 from moerge.runtime.bank import ModuleBank, adapter_dtype
 from moerge.runtime.cache import ExpertCache, Residency
@@ -128,6 +128,16 @@ class ExpertSet(Residency):
         check_targets(expert, self.base_modules, "the base model")
         if key is not None:
             self._fits.add(key)
+
+    def check_router(self, expert: Expert, router: Router) -> None:
+        """Refuse ``expert`` for a router that gates per token when it targets an MoE router or fused expert
+        weights: local gates are made per linear module (their statistics, vectors and prototypes)."""
+        moe = [m for m in expert.target_modules if m not in self.base_modules]
+        if moe and router.gates_per_token:
+            raise RoutingError(
+                f"targets {moe[:2]}{' …' if len(moe) > 2 else ''} (an MoE router or fused expert weights), which "
+                f"router {router.name!r} cannot gate per token yet; route it with sequence weights: router "
+                "'explicit', 'fixed', 'twin', or 'glider' with local='none'", expert=expert.name)
 
     def _moe_target(self, name: str) -> MoETarget | str:
         """The router or stacked target ``name`` of the base, or why it is none (kept: the base does not change)."""
@@ -314,6 +324,7 @@ class ExpertSet(Residency):
                 raise LibraryError("the same expert name appears twice", expert=names[0])
             for e in experts:
                 self.check_fits(e)
+                self.check_router(e, router)
             banks = self._new_banks(self._arriving(experts), set())
             deferred = [e for e in experts if defer and router.needs_training(e)]
             undo = [self.router_defer(router, e) for e in deferred]
@@ -342,6 +353,7 @@ class ExpertSet(Residency):
         with self.lock:
             self.require_active()
             self._check_addable(expert, overwrite)
+            self.check_router(expert, router)
             if library is not None and overwrite:
                 self._hold(expert.name)  # calls meanwhile need the old version while its files are replaced
         try:

@@ -107,6 +107,12 @@ def test_all_linear_adds_the_fused_parameters_with_pattern_ranks(tmp_path, model
         assert torch.equal(expert.modules[key].delta_weight(), delta), key
     assert expert.modules["model.layers.0.mlp.experts.gate_up_proj"].rank == 4
     assert expert.modules["model.layers.0.mlp.experts.down_proj"].rank == 2
+    model = routed_model(base, tmp_path)
+    model.add_expert(folder, name="ad")
+    with torch.no_grad():
+        ours = model(input_ids=IDS, experts={"ad": 1.0}).logits
+        ref = peft_model(base, folder)(input_ids=IDS).logits
+    assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
 
 
 def test_target_parameters_need_the_base(tmp_path):
@@ -240,3 +246,70 @@ def test_library_round_trip_and_merged_expert(tmp_path):
         folded = fold_into(copy.deepcopy(base), merged)
         want = dict(base.named_parameters())[key] + update
         assert torch.allclose(dict(folded.named_parameters())[key], want, atol=1e-5)
+
+
+def test_joined_batch_equals_each_request_alone(tmp_path):
+    """Continuous batching runs requests with different mixes as one forward: the MoE blocks mix each part's rows
+    under its own routing (stacked targets are never joined, the router is)."""
+    from moerge.runtime.joined import JoinedState
+
+    base = tiny_moe("mixtral")
+    model = routed_model(base, tmp_path)
+    for i, n in enumerate("ab"):
+        model.add_expert(save_peft_lora(base, tmp_path / n, seed=i, **SETTINGS["explicit"]), name=n)
+    mixes = [{"a": 0.6}, {"b": 1.0, "a": -0.2}]
+    ones = torch.ones_like(IDS[:1])
+    states = [model.route(IDS[i : i + 1], ones, experts=m) for i, m in enumerate(mixes)]
+    joined = JoinedState([(s, 1) for s in states])
+    with torch.no_grad():
+        with model.context.activate(joined):
+            together = model.base(input_ids=IDS).logits
+        for i, m in enumerate(mixes):
+            alone = model(input_ids=IDS[i : i + 1], experts=m).logits
+            assert torch.allclose(together[i : i + 1], alone, atol=1e-5), float((together[i] - alone[0]).abs().max())
+
+
+def test_routers_with_local_gates_refuse_moe_targets_by_name(tmp_path):
+    """Local gates are made per linear module: an expert of MoE routers or fused weights is refused, naming the
+    targets and the routers that route it, and nothing changes."""
+    from moerge.errors import RoutingError
+
+    base = tiny_moe("qwen3_moe")
+    folder = save_peft_lora(base, tmp_path / "ad", **SETTINGS["explicit"])
+    model = routed_model(base, tmp_path, router="arrow")
+    with pytest.raises(RoutingError, match=r"an MoE router or fused expert weights.*'arrow'.*local='none'"):
+        model.add_expert(folder, name="ad")
+    assert "ad" not in model.experts and not model.patched_modules
+    model = routed_model(base, tmp_path / "2")
+    model.add_expert(folder, name="ad")
+    with pytest.raises(RoutingError, match="cannot gate per token"):
+        model.set_router("phatgoose")
+    assert model.router.name == "explicit"
+
+
+def test_features_without_stacked_support_refuse_by_name(tmp_path):
+    from moerge.adapters.compress import compress_expert
+    from moerge.adapters.peft_loader import save_peft_lora as write_peft
+    from moerge.adapters.twin_split import twin_split
+
+    base = tiny_moe("mixtral")
+    expert = load_peft_lora(save_peft_lora(base, tmp_path / "ad", **SETTINGS["explicit"]), name="ad", base=base)
+    for call in (lambda: compress_expert(expert), lambda: twin_split([expert, expert.renamed("b")]),
+                 lambda: write_peft(expert, tmp_path / "out")):
+        with pytest.raises(ExpertFormatError, match=r"does not support fused MoE expert parameters.*gate_up_proj"):
+            call()
+
+
+def test_layouts_moerge_does_not_reproduce_are_refused(tmp_path):
+    """A transposed experts layout (as GPT-OSS stores it) and a router class moerge does not know are refused,
+    naming the class and the setting, when the adapter is read."""
+    base = tiny_moe("mixtral")
+    folder = save_peft_lora(base, tmp_path / "ad", **SETTINGS["explicit"])
+    odd = copy.deepcopy(base)
+    odd.model.layers[0].mlp.experts.is_transposed = True
+    with pytest.raises(ExpertFormatError, match=r"experts.gate_up_proj'.*MixtralExperts has is_transposed=True"):
+        load_peft_lora(folder, name="ad", base=odd)
+    odd = copy.deepcopy(base)
+    odd.model.layers[1].mlp.gate.__class__ = type("OtherRouter", (type(odd.model.layers[1].mlp.gate),), {})
+    with pytest.raises(ExpertFormatError, match=r"'model.layers.1.mlp.gate.weight'.*OtherRouter, not a linear module"):
+        load_peft_lora(folder, name="ad", base=odd)
