@@ -28,9 +28,10 @@ from moerge.adapters.expert import (
     ExpertMetadata,
     LoRAWeights,
     ModuleWeights,
+    StackedLoRAWeights,
     validate_name,
 )
-from moerge.adapters.peft_moe import take_target_parameters
+from moerge.adapters.peft_moe import parameter_keys, stacked_to_peft, take_target_parameters
 from moerge.adapters.peft_variants import (
     base_weight,
     dora_delta,
@@ -512,38 +513,46 @@ def _base_copies(modules: dict[str, ModuleWeights], copies: dict[str, torch.Tens
 
 
 def save_peft_lora(expert: Expert, folder: str | Path, *, base_model_name_or_path: str | None = None,
-                   fan_in_fan_out: bool = False) -> Path:
+                   fan_in_fan_out: bool = False, base: torch.nn.Module | None = None) -> Path:
     """Write a LoRA ``expert`` as a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
     that ``PeftModel.from_pretrained`` loads.
 
     Each module's scale is folded into its ``B`` factor and every module gets ``lora_alpha = r`` (PEFT scaling 1),
     with ``rank_pattern``/``alpha_pattern`` entries for modules whose rank is not the most common one. Dense modules
     cannot be a LoRA adapter: merge them into the base instead (:meth:`moerge.MoErgeModel.merge`). Set
-    ``fan_in_fan_out`` for GPT-2 ``Conv1D`` bases. Written atomically (temp files + rename).
+    ``fan_in_fan_out`` for GPT-2 ``Conv1D`` bases. An expert of an MoE model's routers or fused expert weights is
+    written with PEFT's ``target_parameters`` (its layouts and nesting, see :mod:`~moerge.adapters.peft_moe`), which
+    needs ``base`` to tell routers from linear modules. Written atomically (temp files + rename).
     """
     from collections import Counter
 
     from moerge.core.safe_io import atomic_write_json, save_safetensors
 
-    expert.refuse_stacked("writing a PEFT adapter")
-    dense = sorted(m for m, w in expert.modules.items() if not isinstance(w, LoRAWeights))
+    dense = sorted(m for m, w in expert.modules.items() if isinstance(w, DeltaWeights))
     if dense:
         raise ExpertFormatError(f"modules {dense[:3]} hold dense updates, which a PEFT LoRA adapter cannot: merge the "
                                 "expert into the base, or compress it to low rank first (method 'svd')",
                                 expert=expert.name)
-    mods: dict[str, LoRAWeights] = dict(sorted(expert.modules.items()))  # type: ignore[arg-type]
+    if expert.stacked_targets() and base is None:
+        raise ExpertFormatError("writing fused MoE expert parameters as a PEFT adapter needs the base (base=), to "
+                                "tell its routers from its linear modules", expert=expert.name)
+    mods: dict[str, LoRAWeights | StackedLoRAWeights] = dict(sorted(expert.modules.items()))  # type: ignore[arg-type]
+    params = parameter_keys(base, list(mods)) if base is not None else {}  # target -> (PEFT key prefix, parameter)
     r = Counter(w.rank for w in mods.values()).most_common(1)[0][0]
     tensors: dict[str, torch.Tensor] = {}
     for m, w in mods.items():
-        tensors[f"{_PREFIX}{m}.lora_A.weight"] = w.A.detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{m}.lora_B.weight"] = (w.B.float() * w.scale).to(w.B.dtype).contiguous().cpu()
-    other = {m: w.rank for m, w in mods.items() if w.rank != r}
+        a, b = stacked_to_peft(w) if isinstance(w, StackedLoRAWeights) else (w.A, w.B)
+        prefix = params[m][0] if m in params else m
+        tensors[f"{_PREFIX}{prefix}.lora_A.weight"] = a.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{prefix}.lora_B.weight"] = (b.float() * w.scale).to(b.dtype).contiguous().cpu()
+    other = {params[m][1] if m in params else m: w.rank for m, w in mods.items() if w.rank != r}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path
-        or expert.metadata.base_model, "r": r, "lora_alpha": r, "target_modules": list(mods),
+        or expert.metadata.base_model, "r": r, "lora_alpha": r, "target_modules": [m for m in mods if m not in params],
         "rank_pattern": other, "alpha_pattern": dict(other), "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": fan_in_fan_out, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True,
+        **({"target_parameters": [params[m][1] for m in mods if m in params]} if params else {}),
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

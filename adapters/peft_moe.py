@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from moerge.adapters.expert import LoRAWeights, ModuleWeights, StackedLoRAWeights
-from moerge.core.targets import MoETarget, resolve_moe_target, unwrap
+from moerge.core.targets import MoETarget, find_module, moe_targets, resolve_moe_target, unwrap
 from moerge.errors import ExpertFormatError
 
-__all__ = ["target_parameter_keys", "take_target_parameters", "stacked_from_peft", "stacked_to_peft"]
+__all__ = ["target_parameter_keys", "take_target_parameters", "stacked_from_peft", "stacked_to_peft", "parameter_keys"]
 
 
 def stacked_from_peft(a: torch.Tensor, b: torch.Tensor, experts: int, scale: float) -> StackedLoRAWeights:
@@ -115,4 +115,21 @@ def take_target_parameters(config: dict[str, Any], factors: dict[str, dict[str, 
                 f"lora_B {(out_f, r * E)}, got {tuple(a.shape)} and {tuple(b.shape)}", expert=name,
                 file=str(weights_file))
         out[target_name] = stacked_from_peft(a, b, E, scale) if target.kind == "stacked" else LoRAWeights(a, b, scale)
+    return out
+
+
+def parameter_keys(base: nn.Module, targets: list[str]) -> dict[str, tuple[str, str]]:
+    """Of ``targets`` (an expert's), the routers and fused parameters of ``base``: each → ``(PEFT key prefix,
+    parameter name)`` as PEFT saves them when exactly these are targeted (nesting in registration order)."""
+    moe = moe_targets(base)
+    chosen = [t for t in targets if t in moe]
+    out: dict[str, tuple[str, str]] = {}
+    for t in chosen:
+        target = moe[t]
+        if target.kind == "router":
+            out[t] = (t, f"{t}.weight")
+            continue
+        owner = find_module(base, target.owner)
+        order = [p for p, _ in owner.named_parameters(recurse=False) if f"{target.owner}.{p}" in chosen]
+        out[t] = (target.owner + ".base_layer" * (len(order) - 1 - order.index(target.param)), t)
     return out

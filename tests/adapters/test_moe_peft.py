@@ -289,13 +289,11 @@ def test_routers_with_local_gates_refuse_moe_targets_by_name(tmp_path):
 
 def test_features_without_stacked_support_refuse_by_name(tmp_path):
     from moerge.adapters.compress import compress_expert
-    from moerge.adapters.peft_loader import save_peft_lora as write_peft
     from moerge.adapters.twin_split import twin_split
 
     base = tiny_moe("mixtral")
     expert = load_peft_lora(save_peft_lora(base, tmp_path / "ad", **SETTINGS["explicit"]), name="ad", base=base)
-    for call in (lambda: compress_expert(expert), lambda: twin_split([expert, expert.renamed("b")]),
-                 lambda: write_peft(expert, tmp_path / "out")):
+    for call in (lambda: compress_expert(expert), lambda: twin_split([expert, expert.renamed("b")])):
         with pytest.raises(ExpertFormatError, match=r"does not support fused MoE expert parameters.*gate_up_proj"):
             call()
 
@@ -313,3 +311,28 @@ def test_layouts_moerge_does_not_reproduce_are_refused(tmp_path):
     odd.model.layers[1].mlp.gate.__class__ = type("OtherRouter", (type(odd.model.layers[1].mlp.gate),), {})
     with pytest.raises(ExpertFormatError, match=r"'model.layers.1.mlp.gate.weight'.*OtherRouter, not a linear module"):
         load_peft_lora(folder, name="ad", base=odd)
+
+
+@pytest.mark.parametrize("setting", ["patterns", "down_only"])
+def test_written_as_peft_target_parameters_round_trip(tmp_path, setting):
+    """A merged MoE expert (rank 2r by 'cat', scale folded in) written as a PEFT adapter loads in PEFT with the same
+    forward as moerge's, and reads back into equal updates."""
+    from moerge.adapters.merge import merge_experts
+    from moerge.adapters.peft_loader import save_peft_lora as write_peft
+
+    base = tiny_moe("mixtral")
+    a, b = (load_peft_lora(save_peft_lora(base, tmp_path / n, seed=i, **SETTINGS[setting]), name=n, base=base)
+            for i, n in enumerate("ab"))
+    merged = merge_experts([a, b], {"a": 0.5, "b": 0.7}, "cat", name="ab")
+    with pytest.raises(ExpertFormatError, match="needs the base"):
+        write_peft(merged, tmp_path / "out")
+    folder = write_peft(merged, tmp_path / "out", base=base)
+    back = load_peft_lora(folder, name="ab", base=base)
+    for m, w in merged.modules.items():
+        assert torch.allclose(back.modules[m].delta_weight(), w.delta_weight(), atol=1e-6), m
+    model = routed_model(base, tmp_path)
+    model.add_expert(merged)
+    with torch.no_grad():
+        ours = model(input_ids=IDS, experts={"ab": 1.0}).logits
+        ref = peft_model(base, folder)(input_ids=IDS).logits
+    assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
