@@ -54,7 +54,7 @@ def merge(
     """Merge experts into one: a PEFT adapter (low rank), a full model, or a new expert of the library."""
     import torch
 
-    from moerge.adapters.expert import LoRAWeights
+    from moerge.adapters.expert import DeltaWeights
     from moerge.adapters.merge import base_num_layers, merge_experts
 
     def work() -> dict[str, Any]:
@@ -81,7 +81,7 @@ def merge(
             opts.update(module_order=[n for n, _ in plain.named_modules()], num_layers=base_num_layers(plain))
         merged = merge_experts(loaded, ws, method, name=into or "merged", rank=rank, factorwise=factorwise,
                                layer_scaling=layer_scaling, **opts)
-        low_rank = all(isinstance(w, LoRAWeights) for w in merged.modules.values())
+        low_rank = not any(isinstance(w, DeltaWeights) for w in merged.modules.values())  # LoRA or stacked LoRA
         result: dict[str, Any] = {"method": method, "experts": names, "options": {
             key: v for key, v in opts.items() if key not in ("generator", "module_order", "num_layers")},
             "low_rank": low_rank,
@@ -94,7 +94,9 @@ def merge(
         if low_rank:
             from moerge.adapters.peft_loader import save_peft_lora
 
-            save_peft_lora(merged, output, base_model_name_or_path=lib.base_model)
+            if merged.stacked_targets() and plain is None:  # an MoE model's fused experts: PEFT's target_parameters
+                plain = load_base(base, lib)
+            save_peft_lora(merged, output, base_model_name_or_path=lib.base_model, base=plain)
             result.update(output=str(output), format="peft")
         else:
             from moerge.adapters.merge import fold_into
