@@ -336,3 +336,41 @@ def test_written_as_peft_target_parameters_round_trip(tmp_path, setting):
         ours = model(input_ids=IDS, experts={"ab": 1.0}).logits
         ref = peft_model(base, folder)(input_ids=IDS).logits
     assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
+
+
+def test_half_precision_base_computes_the_experts_in_float32(tmp_path):
+    """On a bfloat16 base the stacked and router factors stay float32 and are computed in float32 (PEFT's
+    autocast_adapter_dtype default for its own layers; its parameter LoRA rounds W + ΔW to bfloat16): moerge is at
+    least as close to the float32 forward as PEFT's bfloat16 forward is."""
+    base = tiny_moe("qwen2_moe")
+    folder = save_peft_lora(base, tmp_path / "ad", **SETTINGS["explicit"])
+    with torch.no_grad():
+        exact = peft_model(base, folder)(input_ids=IDS).logits
+        theirs = peft_model(base.to(torch.bfloat16), folder)(input_ids=IDS).logits.float()
+    half = base.to(torch.bfloat16)
+    model = routed_model(half, tmp_path)
+    model.add_expert(folder, name="ad")
+    layer = model.expert_set.layers["model.layers.0.mlp.experts.gate_up_proj"]
+    assert layer.bank.A_all.dtype == torch.float32 and layer.compute_dtype == torch.float32
+    with torch.no_grad():
+        ours = model(input_ids=IDS, experts={"ad": 1.0}).logits.float()
+    err_ours, err_theirs = float((ours - exact).abs().max()), float((theirs - exact).abs().max())
+    assert err_ours <= 1.5 * err_theirs + 1e-3, (err_ours, err_theirs)
+
+
+def test_experts_cache_evicts_and_reads_stacked_experts_back(tmp_path):
+    """With a byte budget for one expert, stored MoE experts are read in and evicted as calls alternate between
+    them; every answer equals the one without a budget."""
+    base = tiny_moe("mixtral")
+    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
+    for i, n in enumerate("ab"):
+        lib.add(load_peft_lora(save_peft_lora(base, tmp_path / n, seed=i, **SETTINGS["patterns"]), name=n, base=base))
+    free = MoErgeModel.from_library(copy.deepcopy(base), lib, router="explicit")
+    one = max(free.expert_set.cache.sizes.values())
+    tight = MoErgeModel.from_library(copy.deepcopy(base), lib, router="explicit", cache_bytes=one)
+    with torch.no_grad():
+        for n in "abab":
+            want = free(input_ids=IDS, experts={n: 1.0}).logits
+            got = tight(input_ids=IDS, experts={n: 1.0}).logits
+            assert torch.allclose(got, want, atol=1e-6), n
+    assert tight.expert_set.cache.evictions >= 3
