@@ -22,6 +22,18 @@ from helpers import VOCAB, s3_server, tiny_llama, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture
+def interpreted(monkeypatch):
+    """moerge.runtime.kernels with the kernel run on CPU tensors, under Triton's interpreter (chosen above)."""
+    pytest.importorskip("triton")
+    import moerge.runtime.kernels as K
+
+    if not K.INTERPRET:
+        pytest.skip("triton's interpreter is not on (a GPU machine: the gpu tests run the kernel)")
+    monkeypatch.setattr(K, "CPU", True)
+    return K
+
+
+@pytest.fixture
 def base():
     return tiny_llama(0)
 

@@ -374,3 +374,28 @@ def test_experts_cache_evicts_and_reads_stacked_experts_back(tmp_path):
             got = tight(input_ids=IDS, experts={n: 1.0}).logits
             assert torch.allclose(got, want, atol=1e-6), n
     assert tight.expert_set.cache.evictions >= 3
+
+
+def test_the_router_target_runs_in_the_kernel(tmp_path, interpreted, monkeypatch):
+    """Where the fused kernel runs (CUDA; here Triton's interpreter on CPU tensors), an MoE router's experts go
+    through it like any linear module's (the fused experts' part stays on the torch path): the same logits."""
+    base = tiny_moe("mixtral")
+    model = routed_model(base, tmp_path)
+    for i, n in enumerate("ab"):
+        model.add_expert(save_peft_lora(base, tmp_path / n, seed=i, **SETTINGS["explicit"]), name=n)
+    widths = []
+    real = interpreted.routed_lora_
+
+    def spy(x, out, *a, **k):
+        widths.append(out.shape[-1])
+        return real(x, out, *a, **k)
+
+    mixes = [{"a": 0.4, "b": 0.6}, {"b": 1.0}]
+    with torch.no_grad():
+        monkeypatch.setattr(interpreted, "ENABLED", False)
+        ref = model(input_ids=IDS, experts=mixes).logits
+        monkeypatch.setattr(interpreted, "ENABLED", True)
+        monkeypatch.setattr(interpreted, "routed_lora_", spy)
+        out = model(input_ids=IDS, experts=mixes).logits
+    assert 4 in widths  # the router's logits over the 4 MoE experts came out of the kernel
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

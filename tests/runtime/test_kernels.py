@@ -20,17 +20,6 @@ from helpers import VOCAB, rand_expert, tiny_llama
 triton = pytest.importorskip("triton")
 
 
-@pytest.fixture
-def interpreted(monkeypatch):
-    """moerge.runtime.kernels with the kernel run on CPU tensors, under Triton's interpreter (conftest chose it)."""
-    import moerge.runtime.kernels as K
-
-    if not K.INTERPRET:
-        pytest.skip("triton's interpreter is not on (a GPU machine: the gpu tests run the kernel)")
-    monkeypatch.setattr(K, "CPU", True)
-    return K
-
-
 def _reference(x, y, Vt, A, Bt, bias, slots, finish, top_k):
     """The torch path's formulas, written out: weights from the gate, columns times their slot's weight."""
     w = select_weights(LinearGate(Vt, bias, finish).logits(x, x @ Vt), top_k)  # (B, T, K)
