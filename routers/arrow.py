@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from moerge.adapters.expert import Expert, LoRAWeights, ModuleWeights, StoredExpert
+from moerge.adapters.expert import Expert, LoRAWeights, ModuleWeights, StackedLoRAWeights, StoredExpert
+from moerge.errors import RoutingError
 from moerge.routing import LayerInfo, SelectionConfig, register_router
 from moerge.routing.vector_gate import VectorGateRouter
 
-__all__ = ["ArrowConfig", "ArrowRouter", "prototype"]
+__all__ = ["ArrowConfig", "ArrowRouter", "prototype", "stacked_prototype"]
 
 
 @dataclass
@@ -48,9 +49,33 @@ def prototype(w: ModuleWeights) -> torch.Tensor:
     return Vh[0]
 
 
+def stacked_prototype(w: StackedLoRAWeights) -> torch.Tensor:
+    """Top right-singular vector ``(in,)`` of a fused MoE parameter's update with its MoE experts stacked,
+    ``[ΔW_1; …; ΔW_E] (E·out, in)``: the input direction the whole parameter's update reads most. Exact without
+    forming it: with ``[A_1; …; A_E]ᵀ = Q·R``, it is ``Q`` times the top right-singular vector of the blocks
+    ``B_e · R[:, e-th r columns]ᵀ`` stacked."""
+    E, r, n_in = w.A.shape
+    Q, R = torch.linalg.qr(w.A.float().reshape(E * r, n_in).t())  # Q (in, E·r), R (E·r, E·r)
+    blocks = torch.bmm(w.B.float(), R.t().reshape(E, r, -1))  # (E, out, E·r): B_e · (rows e of Rᵀ)
+    _, _, Vh = torch.linalg.svd(blocks.reshape(-1, blocks.shape[-1]), full_matrices=False)
+    return Q @ Vh[0]
+
+
 def prototypes(expert: Expert) -> dict[str, torch.Tensor]:
-    """Arrow's prototype of each module of ``expert`` (module → (in,)); reads a stored expert's weights."""
-    return {m: prototype(w) for m, w in expert.modules.items()}
+    """Arrow's prototype of each module of ``expert`` (module → (in,)); reads a stored expert's weights. A fused MoE
+    parameter's prototype reads the MoE block's input: ``gate_up_proj``'s own (:func:`stacked_prototype`), which
+    ``down_proj`` (whose input exists per MoE expert only) shares."""
+    mods = expert.modules
+    out = {m: prototype(w) if not isinstance(w, StackedLoRAWeights) else stacked_prototype(w)
+           for m, w in mods.items() if not m.endswith(".down_proj") or not isinstance(w, StackedLoRAWeights)}
+    for m, w in mods.items():
+        if isinstance(w, StackedLoRAWeights) and m.endswith(".down_proj"):
+            up = m[: -len("down_proj")] + "gate_up_proj"
+            if up not in out:
+                raise RoutingError(f"Arrow scores {m!r} by the same expert's gate_up_proj prototype (both read the "
+                                   "MoE block's input), but the expert does not adapt gate_up_proj", expert=expert.name)
+            out[m] = out[up]
+    return out
 
 
 def _stored_prototypes(stored: StoredExpert, loaded: tuple[Expert, Expert] | None = None) -> dict[str, torch.Tensor]:

@@ -121,10 +121,6 @@ class GliderRouter(Router):
                     **local_options(cfg.local, cfg.local_config)}
             self.local = build_router(cfg.local, **opts)
 
-    @property
-    def gates_per_token(self) -> bool:
-        return self.local is not None
-
     # --- the retriever's parts ------------------------------------------------------------------------------------
     @property
     def index(self) -> ExpertIndex | None:

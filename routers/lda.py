@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from moerge.adapters.expert import Expert
+from moerge.core.targets import gate_input
 from moerge.errors import RoutingError
 from moerge.routing import LayerInfo, LinearGate, register_router, standardize
 from moerge.routing.training import GatedExperts, answer_positions, answers_from_expert, collate
@@ -105,7 +106,10 @@ def expert_statistics(base: torch.nn.Module, tokenizer: Any, expert: Expert,
         x = args[0]
         seen[_m].append(standardize(x.reshape(x.shape[0], -1, x.shape[-1]))[mask[0]].cpu())  # (N, in)
 
-    handles = [base.get_submodule(m).register_forward_pre_hook(lambda mod, a, _m=m: hook(mod, a, _m)) for m in seen]
+    # an MoE router's or fused expert weight's tokens are read at the MoE block's input (see gate_input)
+    sites = {m: (gate_input(base, m) or (m,))[0] for m in seen}
+    handles = [base.get_submodule(sites[m]).register_forward_pre_hook(lambda mod, a, _m=m: hook(mod, a, _m))
+               for m in seen]
     applied = (GatedExperts(base, [expert], lambda m, x: torch.ones(*x.shape[:2], 1, device=x.device))
                if with_expert else contextlib.nullcontext())
     try:
@@ -217,7 +221,8 @@ class LDARouter(TrainedGateRouter):
                 for key, v in tensors.items() if not key.endswith("@n") for m in key.split("+")}
 
     def _zeros(self, expert: Expert) -> dict[str, torch.Tensor]:
-        return {m: torch.zeros((self.config.rank + 1) * in_f + 2) for m, (_, in_f) in expert.shapes().items()}
+        return {m: torch.zeros((self.config.rank + 1) * self.context.gate_dim(m, in_f) + 2)
+                for m, (_, in_f) in expert.shapes().items()}
 
     def _train(self, expert: Expert) -> tuple[dict[str, torch.Tensor], list[float]]:
         ctx = self.context

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from moerge.adapters.expert import Expert
+from moerge.core.targets import gate_input
 from moerge.errors import RoutingError
 from moerge.routing import LayerInfo, register_router, standardize
 from moerge.routing.training import (
@@ -98,7 +99,8 @@ def train_phatgoose_gates(
     else:
         pairs = [(str(p), str(a)) for p, a in examples]
     device = next(base.parameters()).device
-    gates = {m: torch.zeros(w.in_features, device=device, requires_grad=True) for m, w in expert.modules.items()}
+    gates = {m: torch.zeros((gate_input(base, m) or (m, w.in_features))[1], device=device, requires_grad=True)
+             for m, w in expert.modules.items()}  # an MoE target's gate reads the MoE block's input
     closing: list[torch.Tensor] = []  # −log(1 − σ) where a negative batch's answers are written, per module
     answers: list[torch.Tensor] = []
 
@@ -167,7 +169,7 @@ class PhatgooseRouter(TrainedGateRouter):
         return gates, {m: standardize(g) for m, g in gates.items()}
 
     def _zeros(self, expert: Expert) -> dict[str, torch.Tensor]:
-        return {m: torch.zeros(in_f) for m, (_, in_f) in expert.shapes().items()}
+        return {m: torch.zeros(self.context.gate_dim(m, in_f)) for m, (_, in_f) in expert.shapes().items()}
 
     def _train(self, expert: Expert) -> tuple[dict[str, torch.Tensor], list[float]]:
         """Trained on the expert's examples, with up to ``negatives`` other experts' examples (answered by those

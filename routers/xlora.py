@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from moerge.adapters.expert import Expert
+from moerge.core.targets import gate_input
 from moerge.errors import RoutingError
 from moerge.routing import LayerInfo, register_router, standardize
 from moerge.routing.training import GatedExperts, fit, make_batches
@@ -83,7 +84,8 @@ def train_xlora_head(
     for e in experts:
         rows[e.name] = {}
         for m, w in e.modules.items():
-            w0, b0 = init.get(e.name, {}).get(m, (torch.zeros(w.in_features), torch.zeros(())))
+            dim = (gate_input(base, m) or (m, w.in_features))[1]  # an MoE target's gate reads the MoE block's input
+            w0, b0 = init.get(e.name, {}).get(m, (torch.zeros(dim), torch.zeros(())))
             wv = w0.detach().float().clone().to(device).requires_grad_(e.name in trainable)
             bv = b0.detach().float().clone().reshape(()).to(device).requires_grad_(e.name in trainable)
             rows[e.name][m] = (wv, bv)
@@ -152,7 +154,8 @@ class XLoRARouter(TrainedGateRouter):
         return rows, {m: torch.cat([w, b.reshape(1)]) for m, (w, b) in rows.items()}  # (in + 1,)
 
     def _zeros(self, expert: Expert) -> Rows:
-        return {m: (torch.zeros(in_f), torch.zeros(())) for m, (_, in_f) in expert.shapes().items()}
+        return {m: (torch.zeros(self.context.gate_dim(m, in_f)), torch.zeros(()))
+                for m, (_, in_f) in expert.shapes().items()}
 
     def _to_tensors(self, data: Rows) -> dict[str, torch.Tensor]:
         return rows_to_tensors(data)

@@ -16,11 +16,15 @@ norm); anything else is refused by name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ROUTERS", "STACKED", "MoETarget", "moe_targets", "resolve_moe_target", "unwrap", "find_module"]
+__all__ = ["ROUTERS", "STACKED", "MoETarget", "moe_targets", "resolve_moe_target", "unwrap", "find_module",
+           "experts_forward", "gate_input"]
 
 ROUTERS = ("MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter")
 """Router classes whose logits are ``F.linear(h, self.weight)`` followed by their own softmax and top-k."""
@@ -31,14 +35,42 @@ STACKED = ("gate_up_proj", "down_proj")
 @dataclass(frozen=True)
 class MoETarget:
     """A router or stacked target: ``kind`` (``"router"`` or ``"stacked"``), the module that holds it (its path and
-    its parameter's name, ``"weight"`` for a router), one update's ``(out, in)``, and the MoE experts (0 for a
-    router)."""
+    its parameter's name, ``"weight"`` for a router), one update's ``(out, in)``, the MoE experts (0 for a router),
+    and ``dim``, the width of the MoE block's input (the hidden size), on which local gates read its tokens."""
 
     kind: str
     owner: str
     param: str
     shape: tuple[int, int]
     experts: int
+    dim: int
+
+    @property
+    def site(self) -> str:
+        """The MoE block whose input ``(B, T, dim)`` local gates read for this target (the router's and the
+        experts' parent: both see that input flattened, and ``down_proj``'s own input exists per MoE expert only)."""
+        return self.owner.rpartition(".")[0]
+
+
+def experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, project: Callable) -> torch.Tensor:
+    """transformers' eager experts loop (``F.linear(x, W[e])`` per MoE expert, gate/up split and activation by the
+    module's ``_apply_gate``, the top-k weights, the sum), with ``project(param, y, x, tok, e)`` returning MoE
+    expert ``e``'s projection ``y`` of its tokens ``x`` (block positions ``tok``) with whatever is to be added."""
+    out = torch.zeros_like(hidden)
+    num = experts.gate_up_proj.shape[0]
+    with torch.no_grad():
+        mask = F.one_hot(top_k_index, num_classes=num + 1).permute(2, 1, 0)  # (E+1, top_k, N)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for e in hit[:, 0].tolist():
+        if e == num:
+            continue
+        pos, tok = torch.where(mask[e])
+        x = hidden[tok]
+        h = experts._apply_gate(project(STACKED[0], F.linear(x, experts.gate_up_proj[e]), x, tok, e))
+        y = project(STACKED[1], F.linear(h, experts.down_proj[e]), h, tok, e)
+        out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+    return out
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -88,7 +120,7 @@ def resolve_moe_target(model: nn.Module, name: str) -> MoETarget | str:
     if module is not None:
         shape = _router_shape(module)
         if shape is not None:
-            return MoETarget("router", name, "weight", shape, 0)
+            return MoETarget("router", name, "weight", shape, 0, shape[1])
         return (f"{name!r} is a {type(module).__name__}, not a linear module nor a router moerge supports "
                 f"({', '.join(ROUTERS)})")
     owner_name, _, param = name.rpartition(".")
@@ -102,7 +134,8 @@ def resolve_moe_target(model: nn.Module, name: str) -> MoETarget | str:
     why = stacked_problem(owner)
     if why is not None:
         return f"parameter {name!r}: {why}"
-    return MoETarget("stacked", owner_name, param, (int(w.shape[1]), int(w.shape[2])), int(w.shape[0]))
+    return MoETarget("stacked", owner_name, param, (int(w.shape[1]), int(w.shape[2])), int(w.shape[0]),
+                     int(owner.gate_up_proj.shape[2]))
 
 
 def moe_targets(model: nn.Module) -> dict[str, MoETarget]:
@@ -113,15 +146,22 @@ def moe_targets(model: nn.Module) -> dict[str, MoETarget]:
         module = unwrap(module)
         shape = _router_shape(module)
         if shape is not None:
-            out[prefix] = MoETarget("router", prefix, "weight", shape, 0)
+            out[prefix] = MoETarget("router", prefix, "weight", shape, 0, shape[1])
         elif stacked_problem(module) is None:
             for p in STACKED:
                 w = getattr(module, p)
                 out[f"{prefix}.{p}"] = MoETarget("stacked", prefix, p, (int(w.shape[1]), int(w.shape[2])),
-                                                 int(w.shape[0]))
+                                                 int(w.shape[0]), int(module.gate_up_proj.shape[2]))
         for cname, child in module._modules.items():
             if child is not None:
                 walk(child, f"{prefix}.{cname}" if prefix else cname)
 
     walk(model, "")
     return out
+
+
+def gate_input(model: nn.Module, name: str) -> tuple[str, int] | None:
+    """Where a local gate of target ``name`` reads its tokens, when that is not the target's own input: ``(the MoE
+    block's path, its input width)`` for a router or fused expert weight, ``None`` for anything else."""
+    target = resolve_moe_target(model, name)
+    return None if isinstance(target, str) else (target.site, target.dim)

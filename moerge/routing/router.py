@@ -50,6 +50,13 @@ class RouterContext:
     training_base: Callable[[], nn.Module] | None = None
     run_training: Callable[[Callable[[], Any]], Any] | None = None
 
+    def gate_dim(self, module: str, in_features: int) -> int:
+        """The width of the tokens a local gate of ``module`` reads: its own input for a linear module; for an MoE
+        router or fused expert weight (not among :attr:`modules`), the MoE block's input, the hidden size."""
+        if not self.modules or module in self.modules or self.hidden_size is None:
+            return in_features
+        return self.hidden_size
+
 
 class Router:
     """Base class of routers. Subclasses live one per file in ``routers/``, with a config dataclass.
@@ -72,13 +79,6 @@ class Router:
     def attach(self, context: RouterContext) -> None:
         """Bind to the model described by ``context``; called by the model before any routing."""
         self.context = context
-
-    @property
-    def gates_per_token(self) -> bool:
-        """Whether this router mixes candidates per token in every patched module (a local gate), so it needs
-        routing data per linear module: such routers do not take experts of MoE routers or fused expert weights
-        (see :meth:`moerge.runtime.experts.ExpertSet.check_router`)."""
-        return self.has_local_gate
 
     def prepare_expert(self, expert: Expert) -> Any:
         """Compute the routing data ``expert`` needs, without changing this router, and return it for

@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from moerge.adapters.expert import Expert, LoRAWeights
+from moerge.core.targets import experts_forward, gate_input, unwrap
 
 __all__ = ["fit", "lm_loss", "seeded", "cancellable", "current_cancel", "TrainingCancelled", "GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "collate",
            "make_batches", "answer_positions", "answers_from_expert", "frozen", "greedy_generate"]
@@ -198,40 +201,138 @@ class _ModuleExperts:
         return out
 
 
+class _StackedExperts:
+    """One fused MoE parameter's experts in the training dtype, concatenated along the rank per MoE expert:
+    ``((x A[e]ᵀ) ⊙ g[col]) B[e]ᵀ``."""
+
+    def __init__(self, weights: list, device: torch.device, dtype: torch.dtype) -> None:
+        a, b, cols = [], [], []
+        for e, w in enumerate(weights):
+            if w is not None:
+                a.append(w.A.to(device, dtype))  # (E, r, in)
+                b.append(w.B.to(device, dtype) * float(w.scale))  # (E, out, r)
+                cols += [e] * w.rank
+        self.A, self.B = torch.cat(a, dim=1), torch.cat(b, dim=2)
+        self.cols = torch.tensor(cols, device=device, dtype=torch.long)
+
+    def delta(self, x: torch.Tensor, expert: int, g: torch.Tensor) -> torch.Tensor:
+        return ((x @ self.A[expert].t()) * g.index_select(-1, self.cols)) @ self.B[expert].t()  # (n, out)
+
+
+class _AddToLinear(TorchFunctionMode):
+    """Adds ``add(x, y)`` to the output ``y`` of the ``F.linear(x, weight)`` calls on ``weight``."""
+
+    def __init__(self, weight: torch.Tensor, add: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.weight, self.add = weight, add
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear and len(args) > 1 and args[1] is self.weight:
+            return out + self.add(args[0], out)
+        return out
+
+
 class GatedExperts:
     """Apply ``experts`` to ``base`` with per-token weights from ``gate(module, x)`` while the context is open.
 
     Args:
         base: the causal LM (a patched model's base acts as the plain base outside routed calls).
         experts: the experts to apply; expert ``e``'s weight is column ``e`` of the gate's output.
-        gate: ``(module name, x (B, T, in)) -> (B, T, E)``.
+        gate: ``(module name, x (B, T, in)) -> (B, T, E)``; for an MoE router or fused expert weight, ``x`` is the
+            MoE block's input (see :func:`~moerge.core.targets.gate_input`).
     """
 
     def __init__(self, base: nn.Module, experts: Sequence[Expert], gate: GateFn) -> None:
         self.base, self.experts, self.gate = base, [e.load() for e in experts], gate  # weights read once
         self.modules = sorted({m for e in self.experts for m in e.modules})
         self._handles: list[Any] = []
+        self._inputs: dict[str, torch.Tensor] = {}  # MoE block -> its input in the current forward
 
     def __enter__(self) -> GatedExperts:
         p = next(self.base.parameters())
-        for m in self.modules:
-            mod = self.base.get_submodule(m)
-            store = _ModuleExperts([e.modules.get(m) for e in self.experts], p.device, torch.float32)
-
-            def hook(module, args, output, _m=m, _store=store):
-                x = args[0]
-                x3 = x.reshape(x.shape[0], -1, x.shape[-1]).float()  # (B, T, in)
-                g = self.gate(_m, x3)  # (B, T, E)
-                d = _store.delta(x3, g)
-                return output + d.reshape(*output.shape[:-1], -1).to(output.dtype)
-
-            self._handles.append(mod.register_forward_hook(hook))
+        stacked: dict[str, dict[str, tuple[str, str, Any]]] = {}  # experts module -> param -> (target, block, store)
+        try:
+            for m in self.modules:
+                weights = [e.modules.get(m) for e in self.experts]
+                site = gate_input(self.base, m)  # None for a linear module
+                if site is None:
+                    self._linear(m, _ModuleExperts(weights, p.device, torch.float32))
+                    continue
+                block = site[0]
+                if block not in self._inputs:
+                    self._inputs[block] = None
+                    self._handles.append(self.base.get_submodule(block).register_forward_pre_hook(
+                        lambda mod, args, _b=block: self._inputs.__setitem__(_b, args[0])))
+                if _has_module(self.base, m):  # a router: its one F.linear on its weight gets the experts' part
+                    self._router(m, block, _ModuleExperts(weights, p.device, torch.float32))
+                else:
+                    owner, _, param = m.rpartition(".")
+                    stacked.setdefault(owner, {})[param] = (m, block, _StackedExperts(weights, p.device, torch.float32))
+            for owner, params in stacked.items():
+                self._stacked(owner, params)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
+
+    def _linear(self, m: str, store: _ModuleExperts) -> None:
+        def hook(module, args, output):
+            x = args[0]
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1]).float()  # (B, T, in)
+            d = store.delta(x3, self.gate(m, x3))
+            return output + d.reshape(*output.shape[:-1], -1).to(output.dtype)
+
+        self._handles.append(self.base.get_submodule(m).register_forward_hook(hook))
+
+    def _router(self, m: str, block: str, store: _ModuleExperts) -> None:
+        mod = self.base.get_submodule(m)
+        modes: list[_AddToLinear] = []
+
+        def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            x3 = x.reshape(*self._inputs[block].shape[:2], -1).float()  # the block's (B, T, H)
+            return store.delta(x3, self.gate(m, x3)).reshape(y.shape).to(y.dtype)
+
+        def enter(module, args):
+            modes.append(_AddToLinear(mod.weight, add))
+            modes[-1].__enter__()
+
+        def leave(module, args, output):
+            modes.pop().__exit__(None, None, None)
+
+        self._handles.append(mod.register_forward_pre_hook(enter))
+        self._handles.append(mod.register_forward_hook(leave, always_call=True))
+
+    def _stacked(self, owner: str, params: dict[str, tuple[str, str, Any]]) -> None:
+        def hook(module, args, output):
+            hidden, top_k_index, top_k_weights = args
+            gates = {}
+            for param, (m, block, _) in params.items():
+                x3 = self._inputs[block].float()
+                gates[param] = self.gate(m, x3).reshape(hidden.shape[0], -1)  # (N, E)
+
+            def project(param, y, x, tok, e):
+                if param not in params:
+                    return y
+                return y + params[param][2].delta(x.float(), e, gates[param][tok]).to(y.dtype)
+
+            return experts_forward(unwrap(module), hidden, top_k_index, top_k_weights, project)
+
+        self._handles.append(self.base.get_submodule(owner).register_forward_hook(hook))
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._inputs.clear()
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 @contextmanager

@@ -204,7 +204,6 @@ class ExpertSet(Patching, Residency):
                 raise LibraryError("the same expert name appears twice", expert=names[0])
             for e in experts:
                 self.check_fits(e)
-                self.check_router(e, router)
             banks = self._new_banks(self._arriving(experts), set())
             deferred = [e for e in experts if defer and router.needs_training(e)]
             undo = [self.router_defer(router, e) for e in deferred]
@@ -233,7 +232,6 @@ class ExpertSet(Patching, Residency):
         with self.lock:
             self.require_active()
             self._check_addable(expert, overwrite)
-            self.check_router(expert, router)
             if library is not None and overwrite:
                 self._hold(expert.name)  # calls meanwhile need the old version while its files are replaced
         try:

@@ -306,8 +306,6 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
         if isinstance(router, str):
             router = build_router(router)
         with self.expert_set.lock:
-            for n in self.expert_set.names:
-                self.expert_set.check_router(self.expert_set.prior(n), router)
             router.attach(self.router_context())
             for n in self.expert_set.names:
                 router.on_add_expert(self.expert_set.prior(n))  # a stored expert is not read for this

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from moerge.core.targets import STACKED
+from moerge.core.targets import experts_forward
 from moerge.routing import LayerInfo, RoutingContext, RoutingState
 from moerge.runtime.joined import JoinedState
 from moerge.runtime.layer import ExpertLinear
@@ -76,10 +76,11 @@ class StackedTarget:
     """One fused parameter of an :class:`ExpertMoE` as the expert set sees a patched module: its name, patch index,
     bank and shapes."""
 
-    def __init__(self, moe: ExpertMoE, param: str, name: str, index: int, bank: StackedBank) -> None:
+    def __init__(self, moe: ExpertMoE, param: str, name: str, index: int, bank: StackedBank, gate_dim: int) -> None:
         self.moe, self.param, self.module_name, self.patch_index, self.bank = moe, param, name, index, bank
         self.out_features, self.in_features = bank.out_features, bank.in_features
-        self.info = LayerInfo(index, name, self.in_features, self.out_features)
+        # local gates read the MoE block's input (gate_dim wide), not this parameter's own (per MoE expert) input
+        self.info = LayerInfo(index, name, gate_dim, self.out_features)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -117,16 +118,18 @@ class ExpertMoE(nn.Module):
                 t.bank = t.bank.apply(fn)
         return self
 
-    def _parts(self, state, tokens: int) -> list[tuple[int, int, dict[str, tuple[GatheredStacked, torch.Tensor]]]]:
+    def _parts(self, state, hidden: torch.Tensor) -> list[tuple[int, int, dict[str, tuple[GatheredStacked,
+                                                                               torch.Tensor]]]]:
         """Per routing part (one for a call, several for a joined batch): its tokens ``[start, end)`` and, per
-        parameter with factors, the gathered factors and each token's column weights ``(end - start, U)``."""
+        parameter with factors, the gathered factors and each token's column weights ``(end - start, U)`` — from
+        the sequence weights, or from the local gate on the block input (its weights recorded for the trace)."""
         if state is None:
             return []
         if isinstance(state, JoinedState):
-            pieces = [(p.state, p.start, p.rows) for p in state.parts]
-            rows = state.rows
+            pieces, rows = [(p.state, p.start, p.rows) for p in state.parts], state.rows
         else:
             pieces, rows = [(state, 0, state.candidates.batch_size)], state.candidates.batch_size
+        tokens = hidden.shape[0]
         if tokens % rows:
             raise RuntimeError(f"{self.module_name}: {tokens} tokens cannot be split over {rows} routed rows")
         per_row = tokens // rows
@@ -135,33 +138,28 @@ class ExpertMoE(nn.Module):
             got = {}
             for p, t in self.targets.items():
                 g = s.gathered.get(t.patch_index)
-                if g is not None:
-                    g = g.for_batch(n)
-                    got[p] = (g, g.colw.repeat_interleave(per_row, dim=0))
+                if g is None:
+                    continue
+                g = g.for_batch(n)
+                if g.colw is not None:
+                    colw = g.colw.repeat_interleave(per_row, dim=0)
+                else:
+                    x3 = hidden[start * per_row : (start + n) * per_row].view(n, per_row, -1)
+                    w = s.router.gate(x3, s.candidates.repeat_rows(n // s.candidates.batch_size), t.info)
+                    if s.record_usage:
+                        s.record(t.module_name, w, t.patch_index)
+                    colw = torch.bmm(w.to(g.dtype), g.slots).reshape(n * per_row, -1)  # (tokens, U)
+                got[p] = (g, colw)
             if got:
                 out.append((start * per_row, (start + n) * per_row, got))
         return out
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        parts = self._parts(self._context.current, hidden.shape[0])
+        parts = self._parts(self._context.current, hidden)
         if not parts:
             return self.base_layer(hidden, top_k_index, top_k_weights)
-        ex = self.base_layer
-        out = torch.zeros_like(hidden)
-        num = ex.gate_up_proj.shape[0]
-        with torch.no_grad():
-            mask = F.one_hot(top_k_index, num_classes=num + 1).permute(2, 1, 0)  # (E+1, top_k, N)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for e in hit[:, 0].tolist():
-            if e == num:
-                continue
-            pos, tok = torch.where(mask[e])
-            h = self._project(STACKED[0], F.linear(hidden[tok], ex.gate_up_proj[e]), hidden[tok], tok, e, parts)
-            h = ex._apply_gate(h)
-            y = self._project(STACKED[1], F.linear(h, ex.down_proj[e]), h, tok, e, parts)
-            y = y * top_k_weights[tok, pos, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        return experts_forward(self.base_layer, hidden, top_k_index, top_k_weights,
+                               lambda p, y, x, tok, e: self._project(p, y, x, tok, e, parts))
 
     @staticmethod
     def _project(param: str, y: torch.Tensor, x: torch.Tensor, tok: torch.Tensor, expert: int, parts) -> torch.Tensor:

@@ -20,8 +20,8 @@ from moerge.adapters.expert import Expert, StackedLoRAWeights, validate_name
 from moerge.adapters.peft_loader import check_targets
 from moerge.core.fingerprint import linear_shape
 from moerge.core.targets import MoETarget, find_module, resolve_moe_target
-from moerge.errors import BaseMismatchError, LibraryError, RoutingError
-from moerge.routing import Router, RoutingContext
+from moerge.errors import BaseMismatchError, LibraryError
+from moerge.routing import RoutingContext
 from moerge.runtime.bank import ModuleBank, adapter_dtype
 from moerge.runtime.layer import ExpertLinear
 from moerge.runtime.moe import ExpertMoE, ExpertRouter, StackedTarget
@@ -79,16 +79,6 @@ class Patching:
         if key is not None:
             self._fits.add(key)
 
-    def check_router(self, expert: Expert, router: Router) -> None:
-        """Refuse ``expert`` for a router that gates per token when it targets an MoE router or fused expert
-        weights: local gates are made per linear module (their statistics, vectors and prototypes)."""
-        moe = [m for m in expert.target_modules if m not in self.base_modules]
-        if moe and router.gates_per_token:
-            raise RoutingError(
-                f"targets {moe[:2]}{' …' if len(moe) > 2 else ''} (an MoE router or fused expert weights), which "
-                f"router {router.name!r} cannot gate per token yet; route it with sequence weights: router "
-                "'explicit', 'fixed', 'twin', or 'glider' with local='none'", expert=expert.name)
-
     def _moe_target(self, name: str) -> MoETarget | str:
         """The router or stacked target ``name`` of the base, or why it is none (kept: the base does not change)."""
         cache = self.__dict__.setdefault("_moe_cache", {})
@@ -145,7 +135,8 @@ class Patching:
             if not isinstance(moe, ExpertMoE):
                 moe = ExpertMoE(moe, target.owner, self.context, bank_device=self.expert_device)
                 setattr(parent, owner_attr, moe)
-            layer = moe.targets[target.param] = StackedTarget(moe, target.param, name, len(self.layers), empty)
+            layer = moe.targets[target.param] = StackedTarget(moe, target.param, name, len(self.layers), empty,
+                                                              target.dim)
         self.layers[name] = layer
         return layer
 

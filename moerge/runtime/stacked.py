@@ -5,8 +5,8 @@ A :class:`StackedBank` holds every expert's :class:`~moerge.adapters.expert.Stac
 side by side (``A (r, E·in)``, ``Bt (r, E·out)``: :meth:`StackedLoRAWeights.flat`), so growth, in-place swaps,
 eviction and the per-request column search are the module bank's. A request's factors are not copied per row, which
 would cost ``E·R·(in+out)`` per row: :meth:`StackedBank.gather` copies the *union* of the rows' columns once,
-``A (E, U, in)``, ``Bt (E, U, out)``, and keeps each row's weight per column, ``colw (rows, U)`` (the candidate's
-sequence weight times its LoRA scale), in a :class:`GatheredStacked`.
+``A (E, U, in)``, ``Bt (E, U, out)``, and keeps how each row weighs them (sequence weights, or the columns of each
+candidate slot for a local gate) in a :class:`GatheredStacked`.
 """
 
 from __future__ import annotations
@@ -24,14 +24,18 @@ __all__ = ["StackedBank", "GatheredStacked"]
 
 @dataclass
 class GatheredStacked:
-    """One stacked parameter's factors for one request: ``A (E, U, in)``, ``Bt (E, U, out)`` and ``colw (rows, U)``.
-    MoE expert ``e``'s update for a token of row ``b`` is ``Σ_u colw[b, u] · Bt[e, u]ᵀ A[e, u]``."""
+    """One stacked parameter's factors for one request: ``A (E, U, in)``, ``Bt (E, U, out)``, and how the rows
+    weigh the columns: ``colw (rows, U)`` (sequence weights times scales), or, for a local gate, ``slots (rows, K,
+    U)`` (each candidate slot's columns, times their scale), which a token's gate weights ``w (K,)`` turn into its
+    column weights ``w @ slots``. MoE expert ``e``'s update for a token of column weights ``c`` is
+    ``Σ_u c_u · Bt[e, u]ᵀ A[e, u]``."""
 
     rows: int
     A: torch.Tensor
     Bt: torch.Tensor
-    colw: torch.Tensor
+    colw: torch.Tensor | None
     dtype: torch.dtype
+    slots: torch.Tensor | None = None
     lora = None  # what continuous batching looks for: a stacked target is mixed part by part (never joined)
     dense: tuple = ()
     _expanded: dict[int, GatheredStacked] = field(default_factory=dict, repr=False)
@@ -48,8 +52,8 @@ class GatheredStacked:
             raise RuntimeError(f"routing was decided for {self.rows} rows but the forward has {batch}")
         n = batch // self.rows
         if n not in self._expanded:
-            self._expanded[n] = GatheredStacked(batch, self.A, self.Bt, self.colw.repeat_interleave(n, dim=0),
-                                                self.dtype)
+            rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+            self._expanded[n] = GatheredStacked(batch, self.A, self.Bt, rep(self.colw), self.dtype, rep(self.slots))
         return self._expanded[n]
 
     def delta(self, x: torch.Tensor, expert: int, colw: torch.Tensor) -> torch.Tensor:
@@ -134,22 +138,27 @@ class StackedBank:
 
     def gather(self, candidates: Candidates, dtype: torch.dtype | None = None, gate: LinearGate | None = None,
                device: torch.device | None = None, *, loop: bool = False) -> GatheredStacked | None:
-        """The union of the rows' candidates' factors, copied once, with each row's weight per column; ``None``
-        when no row's candidates touch the parameter. Sequence weights only: a local gate over a stacked
-        parameter is refused (the routers that have one refuse such experts when they are added)."""
-        if candidates.weights is None:
-            raise NotImplementedError("local (per-token) gates over fused MoE expert parameters are not supported; "
-                                      "route such experts with sequence weights")
+        """The union of the rows' candidates' factors, copied once, with each row's weight per column (or, for a
+        local gate, each candidate slot's columns); ``None`` when no row's candidates touch the parameter."""
         dtype = dtype or self.A_all.dtype
         device = device or self.A_all.device
-        idx, _, _, R, col_w, _ = self.rows.columns(candidates, dtype, loop=loop)
+        idx, _, _, R, col_w, slot_of = self.rows.columns(candidates, dtype, loop=loop)
         if R == 0:
             return None
-        used, inverse = torch.unique(idx, return_inverse=True)  # (U,), (B, R)
-        colw = torch.zeros(idx.shape[0], used.numel(), dtype=dtype, device=idx.device)
-        colw.scatter_add_(1, inverse, col_w[..., 0])  # padding columns (row 0 of the bank) carry weight 0
+        used, inverse = torch.unique(idx, return_inverse=True)  # (U,), (B, R); padding columns: bank row 0, weight 0
+        B, U = idx.shape[0], used.numel()
+        colw = slots = None
+        if slot_of is None:  # sequence weights
+            colw = torch.zeros(B, U, dtype=dtype, device=idx.device).scatter_add_(1, inverse, col_w[..., 0])
+        else:  # (B, K, R) one-hot slot of each column, times the column's scale
+            per = slot_of * col_w[..., 0].unsqueeze(1)
+            slots = torch.zeros(B, per.shape[1], U, dtype=dtype, device=idx.device).scatter_add_(
+                2, inverse.unsqueeze(1).expand_as(per), per)
         E, n_in, n_out = self.experts, self.in_features, self.out_features
-        a = self.A_all.index_select(0, used.to(self.A_all.device)).to(device, dtype)  # (U, E·in)
-        bt = self.rows.Bt_all.index_select(0, used.to(self.A_all.device)).to(device, dtype)  # (U, E·out)
-        return GatheredStacked(idx.shape[0], a.view(-1, E, n_in).transpose(0, 1).contiguous(),
-                               bt.view(-1, E, n_out).transpose(0, 1).contiguous(), colw.to(device), dtype)
+        rows = used.to(self.A_all.device)
+        a = self.A_all.index_select(0, rows).to(device, dtype)  # (U, E·in)
+        bt = self.rows.Bt_all.index_select(0, rows).to(device, dtype)  # (U, E·out)
+        return GatheredStacked(B, a.view(-1, E, n_in).transpose(0, 1).contiguous(),
+                               bt.view(-1, E, n_out).transpose(0, 1).contiguous(),
+                               None if colw is None else colw.to(device), dtype,
+                               None if slots is None else slots.to(device))

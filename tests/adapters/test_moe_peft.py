@@ -15,13 +15,13 @@ from moerge.adapters.expert import LoRAWeights, StackedLoRAWeights
 from moerge.adapters.peft_loader import load_peft_lora
 from moerge.errors import ExpertFormatError
 
-from helpers import VOCAB, save_peft_lora
+from helpers import TOK_VOCAB, save_peft_lora
 
 pytestmark = pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) < 5,
                                 reason="transformers 4 keeps MoE experts as nn.Linear modules, plain targets")
 
 IDS = torch.tensor([[5, 17, 33, 9, 61, 4, 12, 40], [7, 3, 88, 21, 50, 2, 11, 30]])
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+COMMON = dict(vocab_size=TOK_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_experts_per_tok=2)
 MOE = {
     "mixtral": dict(num_local_experts=4, intermediate_size=16),
@@ -269,22 +269,72 @@ def test_joined_batch_equals_each_request_alone(tmp_path):
             assert torch.allclose(together[i : i + 1], alone, atol=1e-5), float((together[i] - alone[0]).abs().max())
 
 
-def test_routers_with_local_gates_refuse_moe_targets_by_name(tmp_path):
-    """Local gates are made per linear module: an expert of MoE routers or fused weights is refused, naming the
-    targets and the routers that route it, and nothing changes."""
+EXAMPLES = ["sum 1 2", "sort b a", "count abc", "upper xy"]
+
+
+def gated_reference(model, ids):
+    """What a local gate's per-token weights should do, applied by the training-time hooks (GatedExperts, a separate
+    implementation: PEFT-style forward hooks, a TorchFunctionMode on the router's F.linear, the experts' loop) to a
+    plain copy of the base, with the router's own gate over the same candidates in every module."""
+    from moerge.routing.training import GatedExperts
+
+    state = model.route(ids, torch.ones_like(ids))
+    cands, router = state.candidates, model.router
+    names = list(cands.names)
+    assert cands.weights is None  # routed per token
+    layers = model.expert_set.layers
+
+    def gate(m, x3):
+        w = router.gate(x3, cands, layers[m].info)  # (B, T, K) over the row's candidate slots
+        out = x3.new_zeros(*w.shape[:2], len(names))
+        return out.scatter_add(-1, cands.ids.clamp(min=0)[:, None, :].expand_as(w), w * (cands.ids >= 0)[:, None, :])
+
+    experts = [model.get_expert(n) for n in names]
+    with GatedExperts(model.copy_base(), experts, gate) as g, torch.no_grad():
+        return g.base(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("router", ["arrow", "lda", "phatgoose", "xlora", "glider"])
+def test_local_gates_mix_moe_targets_per_token(tmp_path, tok, router):
+    """Routers that gate per token take MoE experts: their data for the router and the fused weights is made on the
+    MoE block's input (LDA statistics, PHATGOOSE gates and the X-LoRA head trained through the fused experts,
+    Arrow's stacked prototypes), and the routed forward equals the same per-token weights applied by an independent
+    implementation; generate runs."""
+    from moerge import build_router
+
+    base = tiny_moe("qwen2_moe")
+    opts = {"arrow": {}, "lda": {}, "phatgoose": {"train_steps": 2}, "xlora": {"train_steps": 2},
+            "glider": {"candidates": 2}}[router]  # GLIDER: the default local gate, LDA, after retrieval
+    model = MoErgeModel.from_library(copy.deepcopy(base), ExpertLibrary.create(tmp_path / "lib", base_model=base),
+                                     router=build_router(router, **opts), tokenizer=tok, train_in="thread")
+    for i, (n, setting) in enumerate([("a", "explicit"), ("b", "patterns"), ("c", "down_only")]):
+        setting = "gate_up_only" if router == "arrow" and n == "c" else setting  # Arrow: see the refusal below
+        folder = save_peft_lora(base, tmp_path / n, seed=i, **SETTINGS[setting])
+        model.add_expert(load_peft_lora(folder, name=n, base=base, examples=EXAMPLES[i:] + EXAMPLES[:i],
+                                        description=["adds numbers", "sorts letters", "counts letters"][i]))
+    key = "model.layers.1.mlp.experts.down_proj"
+    assert model.expert_set.layers[key].info.in_features == 32  # gates read the block's (hidden) input
+    ids = IDS[:, :6]
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    ref = gated_reference(model, ids)
+    assert not torch.allclose(ours, base(input_ids=ids).logits, atol=1e-3)
+    assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
+    usage = model.last_routing[0].layer_usage  # the trace has the fused weights' and the router's gate weights
+    assert sum(usage[key].values()) == pytest.approx(1.0, abs=1e-4)
+    assert "model.layers.0.mlp.gate" in usage
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 9)
+
+
+def test_arrow_refuses_down_proj_without_gate_up_proj(tmp_path):
     from moerge.errors import RoutingError
 
-    base = tiny_moe("qwen3_moe")
-    folder = save_peft_lora(base, tmp_path / "ad", **SETTINGS["explicit"])
+    base = tiny_moe("mixtral")
     model = routed_model(base, tmp_path, router="arrow")
-    with pytest.raises(RoutingError, match=r"an MoE router or fused expert weights.*'arrow'.*local='none'"):
-        model.add_expert(folder, name="ad")
-    assert "ad" not in model.experts and not model.patched_modules
-    model = routed_model(base, tmp_path / "2")
-    model.add_expert(folder, name="ad")
-    with pytest.raises(RoutingError, match="cannot gate per token"):
-        model.set_router("phatgoose")
-    assert model.router.name == "explicit"
+    with pytest.raises(RoutingError, match="gate_up_proj prototype"):
+        model.add_expert(save_peft_lora(base, tmp_path / "ad", **SETTINGS["down_only"]), name="ad")
+    assert "ad" not in model.experts
 
 
 def test_features_without_stacked_support_refuse_by_name(tmp_path):
