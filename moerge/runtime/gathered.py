@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from moerge.routing import LinearGate, SelectionConfig
 from moerge.runtime import kernels
 
-__all__ = ["GatheredModule", "GatheredLoRA", "GatheredDense", "Mixed", "join_gathered"]
+__all__ = ["GatheredModule", "GatheredLoRA", "GatheredDense", "Mixed", "join_gathered", "ForBatch"]
 
 
 class Mixed(NamedTuple):
@@ -63,8 +63,30 @@ class GatheredDense:
         return GatheredDense(self.delta, self.bias, rows, rep(self.ks), rep(self.weight))
 
 
+class ForBatch:
+    """A request's gathered factors for its rows, repeated for a forward of more rows (beams, samples), once per
+    factor (a subclass gives ``rows``, ``_expanded`` and ``_repeated``)."""
+
+    rows: int
+    _expanded: dict[int, Any]
+
+    def _repeated(self, n: int) -> Any:  # pragma: no cover - given by each kind
+        raise NotImplementedError
+
+    def for_batch(self, batch: int) -> Any:
+        """These factors for a batch of ``batch`` rows: generate repeats each prompt's row for beams and samples."""
+        if batch == self.rows:
+            return self
+        if batch % self.rows:
+            raise RuntimeError(f"routing was decided for {self.rows} rows but the forward has {batch}")
+        n = batch // self.rows
+        if n not in self._expanded:
+            self._expanded[n] = self._repeated(n)
+        return self._expanded[n]
+
+
 @dataclass
-class GatheredModule:
+class GatheredModule(ForBatch):
     """One module's factors for one request's rows (see :meth:`ModuleBank.gather`)."""
 
     rows: int
@@ -79,19 +101,9 @@ class GatheredModule:
         """Whether the local gate is computed here, in the same matmul as the experts' shrink."""
         return self.lora is not None and self.lora.gate is not None
 
-    def for_batch(self, batch: int) -> GatheredModule:
-        """This layer for a batch of ``batch`` rows: generate repeats each prompt's row for beams and samples."""
-        if batch == self.rows:
-            return self
-        if batch % self.rows:
-            raise RuntimeError(f"routing was decided for {self.rows} rows but the forward has {batch}")
-        n = batch // self.rows
-        if n not in self._expanded:
-            self._expanded[n] = GatheredModule(
-                batch, None if self.lora is None else self.lora.repeat_rows(n), [d.repeat_rows(n) for d in self.dense],
-                self.dtype,
-            )
-        return self._expanded[n]
+    def _repeated(self, n: int) -> GatheredModule:
+        return GatheredModule(self.rows * n, None if self.lora is None else self.lora.repeat_rows(n),
+                              [d.repeat_rows(n) for d in self.dense], self.dtype)
 
     def fast_step(self, selection: SelectionConfig | None) -> Callable | None:
         """For the common case (LoRA experts only; sequence weights, or the fused gate with a plain top-k) a closure

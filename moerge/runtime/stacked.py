@@ -18,12 +18,13 @@ import torch
 from moerge.adapters.expert import ModuleWeights, StackedLoRAWeights
 from moerge.routing import Candidates, LinearGate
 from moerge.runtime.bank import ModuleBank
+from moerge.runtime.gathered import ForBatch
 
 __all__ = ["StackedBank", "GatheredStacked"]
 
 
 @dataclass
-class GatheredStacked:
+class GatheredStacked(ForBatch):
     """One stacked parameter's factors for one request: ``A (E, U, in)``, ``Bt (E, U, out)``, and how the rows
     weigh the columns: ``colw (rows, U)`` (sequence weights times scales), or, for a local gate, ``slots (rows, K,
     U)`` (each candidate slot's columns, times their scale), which a token's gate weights ``w (K,)`` turn into its
@@ -44,17 +45,9 @@ class GatheredStacked:
     def gate_fused(self) -> bool:
         return False
 
-    def for_batch(self, batch: int) -> GatheredStacked:
-        """For ``batch`` rows: generate repeats each prompt's row for beams and samples."""
-        if batch == self.rows:
-            return self
-        if batch % self.rows:
-            raise RuntimeError(f"routing was decided for {self.rows} rows but the forward has {batch}")
-        n = batch // self.rows
-        if n not in self._expanded:
-            rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
-            self._expanded[n] = GatheredStacked(batch, self.A, self.Bt, rep(self.colw), self.dtype, rep(self.slots))
-        return self._expanded[n]
+    def _repeated(self, n: int) -> GatheredStacked:
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+        return GatheredStacked(self.rows * n, self.A, self.Bt, rep(self.colw), self.dtype, rep(self.slots))
 
     def delta(self, x: torch.Tensor, expert: int, colw: torch.Tensor) -> torch.Tensor:
         """The experts' part of MoE expert ``expert``'s output for its tokens ``x (n, in)``, whose column weights
