@@ -173,13 +173,24 @@ def serve(
         envvar="MOERGE_API_KEY", help="the key (Authorization: Bearer …) that uploading and deleting experts "
         "need; without one, a server listening beyond this machine refuses them")] = None,
     api_key_for_all: Annotated[bool, typer.Option(help="ask the API key of every request")] = False,
+    ray: Annotated[bool, typer.Option(help="serve on Ray Serve: an ingress that retrieves each prompt's experts and "
+                                           "model replicas chosen by them (Serve's model multiplexing)")] = False,
+    replicas: Annotated[int, typer.Option(help="with --ray: model replicas")] = 2,
+    autoscale: Annotated[str | None, typer.Option(help="with --ray: 'MIN,MAX' replicas, scaled by Serve on the "
+                                                       "requests under way (instead of --replicas)")] = None,
+    models_per_replica: Annotated[int, typer.Option(help="with --ray: sets of experts a replica keeps warm")] = 8,
+    ray_address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="with --ray: the Ray cluster to "
+                                                    "join ('auto', or ray://host:port); default: start one here")]
+    = None,
 ) -> None:
     """An OpenAI-compatible HTTP API over the routed model: /v1/chat/completions, /v1/completions (streaming with
-    SSE), /v1/models (the routed model and each expert), /v1/experts (upload a PEFT adapter)."""
-    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    SSE), /v1/models (the routed model and each expert), /v1/experts (upload a PEFT adapter). With --ray, the same
+    API from an ingress and model replicas on a Ray cluster."""
+    missing = [m for m in SERVER_MODULES + (("ray",) if ray else ()) if importlib.util.find_spec(m) is None]
     if missing:  # checked before the model loads: that takes a while, and the server could not start anyway
-        fail(f"moerge serve needs {' and '.join(missing)}, which the server extra installs: "
-             f'pip install "moerge[server]"', False)
+        extras = "server,ray" if ray else "server"
+        fail(f"moerge serve needs {' and '.join(missing)}, which the {extras} extras install: "
+             f'pip install "moerge[{extras}]"', False)
     from moerge.serving import ServerConfig
     from moerge.serving import serve as run_server
 
@@ -191,8 +202,37 @@ def serve(
     if not api_key and not local:
         err_console.print(f"[yellow]listening on {escape(host)} without --api-key: uploading and deleting experts "
                           "are refused (403)[/]", highlight=False)
+    config = ServerConfig(max_batch=max_batch, max_batch_tokens=max_batch_tokens, batch_window=batch_window,
+                          max_body_bytes=int(max_body_mib * (1 << 20)), api_key=api_key or None,
+                          api_key_for_all=api_key_for_all, admin=bool(api_key) or local)
+    if ray:
+        return _serve_on_ray(model_options, train_routing, host, port, config, replicas, autoscale,
+                             models_per_replica, ray_address)
     model = attempt(lambda: model_options.load(train_routing), False)
-    run_server(model, model.tokenizer, host=host, port=port,
-               config=ServerConfig(max_batch=max_batch, max_batch_tokens=max_batch_tokens, batch_window=batch_window,
-                                   max_body_bytes=int(max_body_mib * (1 << 20)), api_key=api_key or None,
-                                   api_key_for_all=api_key_for_all, admin=bool(api_key) or local))
+    run_server(model, model.tokenizer, host=host, port=port, config=config)
+
+
+def _serve_on_ray(model_options: ModelOptions, train_routing: str, host: str, port: int, server: Any, replicas: int,
+                  autoscale: str | None, models_per_replica: int, address: str | None) -> None:
+    """``moerge serve --ray``: the Serve application of :mod:`moerge.serving.ray_app`, until interrupted."""
+    import functools
+
+    from moerge.serving.ray_app import RayConfig, build_app
+
+    scaling = None
+    if autoscale is not None:
+        bounds = split_commas(autoscale)
+        if len(bounds) != 2 or not all(b.isdigit() for b in bounds) or not 0 < int(bounds[0]) <= int(bounds[1]):
+            fail(f"--autoscale takes 'MIN,MAX' with 0 < MIN <= MAX, got {autoscale!r}", False)
+        scaling = {"min_replicas": int(bounds[0]), "max_replicas": int(bounds[1]), "target_ongoing_requests": 2}
+    config = attempt(lambda: RayConfig(replicas=replicas, autoscaling=scaling,
+                                       max_models_per_replica=models_per_replica), False)
+    attempt(lambda: open_library(model_options.library), False)  # said before Ray starts, not by a failed replica
+    import ray as ray_core
+    from ray import serve as ray_serve
+
+    ray_core.init(address=address, include_dashboard=False)
+    ray_serve.start(http_options={"host": host, "port": port})
+    build = functools.partial(ModelOptions.load, model_options, train_routing)
+    ray_serve.run(build_app(build, model_options.library, server=server, config=config), route_prefix="/",
+                  name="moerge", blocking=True)

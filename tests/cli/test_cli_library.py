@@ -212,6 +212,19 @@ def test_library_commands_on_a_library_in_s3(setup, s3, monkeypatch, tmp_path):
     assert code == 1 and f"s3://{s3.bucket}/nothing/library.json" in data["error"] and "no library" in data["error"]
 
 
+def test_serve_on_ray_checks_its_options_and_library_before_starting_ray(lib, tmp_path, monkeypatch):
+    base_dir, lib_dir = lib
+    code, out = _run("serve", "-l", lib_dir, "--base", base_dir, "--ray", "--autoscale", "3")
+    assert code == 1 and "--autoscale takes 'MIN,MAX'" in out
+    code, out = _run("serve", "-l", lib_dir, "--base", base_dir, "--ray", "--replicas", "0")
+    assert code == 1 and "replicas must be a positive integer" in out
+    code, out = _run("serve", "-l", tmp_path / "missing", "--base", base_dir, "--ray")
+    assert code == 1 and "missing" in out
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    code, out = _run("serve", "-l", lib_dir, "--base", base_dir, "--ray")
+    assert code == 1 and 'pip install "moerge[server,ray]"' in " ".join(out.split())
+
+
 def test_serve_refuses_a_key_for_everything_without_a_key(tmp_path):
     code, out = _run("serve", "-l", tmp_path, "--api-key-for-all")
     assert code == 1 and "--api-key-for-all needs --api-key" in out
