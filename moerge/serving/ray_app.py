@@ -13,8 +13,8 @@ Two deployments:
   keyed by those experts (``multiplexed_model_id``), so requests for the same experts go to a replica that already
   holds them (its :meth:`ModelReplica.warm` reads them into its expert cache once, Serve keeps the ids LRU per
   replica). A replica that dies before it answered is retried on another; once bytes were streamed, the stream ends
-  with an error event. Responses carry the replica in ``x-moerge-replica`` and, for JSON completions, in the
-  ``moerge`` field.
+  with an error event. Responses carry the replica in ``x-moerge-replica`` (and, for JSON completions, in the
+  ``moerge`` field) and the routing key they were placed by in ``x-moerge-route``.
 """
 
 from __future__ import annotations
@@ -246,6 +246,7 @@ class Ingress:
             break
         headers = {k: v for k, v in head["headers"].items() if k.lower() not in ("content-length",)}
         headers["x-moerge-replica"] = head["replica"]
+        headers["x-moerge-route"] = key  # the experts the request was placed by ("" : any replica)
         if headers.get("content-type", "").startswith("text/event-stream"):
             return StreamingResponse(_relay(stream), status_code=head["status"], headers=headers)
         chunks = [c async for c in stream]
