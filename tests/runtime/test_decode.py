@@ -36,12 +36,15 @@ def _router(name: str):
     return build_router(name, top_k=2)
 
 
-def _model(tmp_path, base, router: str, dense: bool = False) -> MoErgeModel:
+def _model(tmp_path, base, router: str, dense: bool = False, fused: bool = False) -> MoErgeModel:
     targets = ["c_attn", "c_fc"] if hasattr(base, "transformer") else ["q_proj", "v_proj", "down_proj"]
+    # fused: an MoE model's router and fused expert weights too (PEFT's target_parameters)
+    extra = {"target_parameters": ["gate.weight", "gate_up_proj", "down_proj"]} if fused else {}
     lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
     for i, name in enumerate(["a", "b", "c"]):
-        lib.add_peft(save_peft_lora(base, tmp_path / name, seed=i, target_modules=targets), name,
-                     description=f"expert {name}", examples=[f"task {name} example {j}" for j in range(3)])
+        lib.add_peft(save_peft_lora(base, tmp_path / name, seed=i, target_modules=targets, **extra), name,
+                     description=f"expert {name}", examples=[f"task {name} example {j}" for j in range(3)],
+                     base=base if fused else None)
     if dense:  # a full fine-tune: dense experts are mixed row by row (the joined batch's split path)
         tuned = copy.deepcopy(base)
         with torch.no_grad():
@@ -81,11 +84,12 @@ def _run(batch: DecodeBatch, prompts: list[Prompt], join_every: int = 2) -> dict
     return got
 
 
-@pytest.mark.parametrize("make_base,router,dense", [(tiny_llama, "arrow", False), (tiny_llama, "arrow", True),
-                                                    (tiny_gpt2, "arrow", False), (tiny_chat_llama, "glider", False),
-                                                    (tiny_qwen2_moe, "arrow", True)])
-def test_rows_joining_and_leaving_get_what_each_prompt_gets_alone(tmp_path, make_base, router, dense):
-    model = _model(tmp_path, make_base(0), router, dense)
+@pytest.mark.parametrize("make_base,router,dense,fused", [
+    (tiny_llama, "arrow", False, False), (tiny_llama, "arrow", True, False), (tiny_gpt2, "arrow", False, False),
+    (tiny_chat_llama, "glider", False, False), (tiny_qwen2_moe, "arrow", True, False),
+    (tiny_qwen2_moe, "arrow", False, True)])
+def test_rows_joining_and_leaving_get_what_each_prompt_gets_alone(tmp_path, make_base, router, dense, fused):
+    model = _model(tmp_path, make_base(0), router, dense, fused)
     mixes = [None, {"a": 1.0}, None, {"b": 0.5, "c": 0.5}, None, {"ft": 1.0} if dense else None, None]
     prompts = _prompts(len(mixes))
     expected = [_alone(model, p, m) for p, m in zip(prompts, mixes)]
