@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--library", default="zoo/library")
     ap.add_argument("--router", default="glider")
     ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (torch threads) of each replica")
     ap.add_argument("--requests", type=int, default=60)
     args = ap.parse_args()
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
@@ -103,7 +104,8 @@ def main() -> None:
     port = _port()
     single = _run(base + ["--port", str(port)], port, prompts, args.requests)
     port = _port()
-    env_cmd = base + ["--port", str(port), "--ray", "--replicas", str(args.replicas)]
+    env_cmd = base + ["--port", str(port), "--ray", "--replicas", str(args.replicas), "--replica-cpus",
+                      str(args.replica_cpus)]
     ray = _run(env_cmd, port, prompts, args.requests)
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
     a, b = statistics.median(t for _, t, _ in single), statistics.median(t for _, t, _ in ray)

@@ -179,6 +179,8 @@ def serve(
     autoscale: Annotated[str | None, typer.Option(help="with --ray: 'MIN,MAX' replicas, scaled by Serve on the "
                                                        "requests under way (instead of --replicas)")] = None,
     models_per_replica: Annotated[int, typer.Option(help="with --ray: sets of experts a replica keeps warm")] = 8,
+    replica_cpus: Annotated[float, typer.Option(help="with --ray: CPUs each replica reserves (Ray gives its torch "
+                                                     "that many threads)")] = 1.0,
     ray_address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="with --ray: the Ray cluster to "
                                                     "join ('auto', or ray://host:port); default: start one here")]
     = None,
@@ -207,13 +209,13 @@ def serve(
                           api_key_for_all=api_key_for_all, admin=bool(api_key) or local)
     if ray:
         return _serve_on_ray(model_options, train_routing, host, port, config, replicas, autoscale,
-                             models_per_replica, ray_address)
+                             models_per_replica, replica_cpus, ray_address)
     model = attempt(lambda: model_options.load(train_routing), False)
     run_server(model, model.tokenizer, host=host, port=port, config=config)
 
 
 def _serve_on_ray(model_options: ModelOptions, train_routing: str, host: str, port: int, server: Any, replicas: int,
-                  autoscale: str | None, models_per_replica: int, address: str | None) -> None:
+                  autoscale: str | None, models_per_replica: int, cpus: float, address: str | None) -> None:
     """``moerge serve --ray``: the Serve application of :mod:`moerge.serving.ray_app`, until interrupted."""
     import functools
 
@@ -225,7 +227,7 @@ def _serve_on_ray(model_options: ModelOptions, train_routing: str, host: str, po
         if len(bounds) != 2 or not all(b.isdigit() for b in bounds) or not 0 < int(bounds[0]) <= int(bounds[1]):
             fail(f"--autoscale takes 'MIN,MAX' with 0 < MIN <= MAX, got {autoscale!r}", False)
         scaling = {"min_replicas": int(bounds[0]), "max_replicas": int(bounds[1]), "target_ongoing_requests": 2}
-    config = attempt(lambda: RayConfig(replicas=replicas, autoscaling=scaling,
+    config = attempt(lambda: RayConfig(replicas=replicas, autoscaling=scaling, replica_cpus=cpus,
                                        max_models_per_replica=models_per_replica), False)
     attempt(lambda: open_library(model_options.library), False)  # said before Ray starts, not by a failed replica
     import ray as ray_core

@@ -61,6 +61,8 @@ class RayConfig:
             raise ValueError(f"replicas must be a positive integer, got {self.replicas!r}")
         if not isinstance(self.max_models_per_replica, int) or self.max_models_per_replica < 1:
             raise ValueError(f"max_models_per_replica must be a positive integer, got {self.max_models_per_replica!r}")
+        if not isinstance(self.replica_cpus, (int, float)) or self.replica_cpus <= 0:
+            raise ValueError(f"replica_cpus must be positive, got {self.replica_cpus!r}")
         if not isinstance(self.key_experts, int) or self.key_experts < 1:
             raise ValueError(f"key_experts must be a positive integer, got {self.key_experts!r}")
 
