@@ -214,3 +214,27 @@ def two_expert_model(tmp: Path):
                      description=name)
     tok = tiny_tokenizer()
     return MoErgeModel.from_library(copy.deepcopy(base), lib, router=build_router("arrow", top_k=1), tokenizer=tok), tok
+
+
+@contextlib.contextmanager
+def ray_serving(build, library: str, replicas: int = 2):
+    """moerge on Ray Serve (:func:`moerge.serving.ray_app.build_app`) on a local Ray cluster started here (2 CPUs,
+    127.0.0.1; its workers inherit this process's environment); yields the HTTP URL, and stops it all on exit."""
+    import ray
+    from ray import serve
+
+    from moerge.serving.ray_app import RayConfig, build_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="moerge-tests")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(build, library, config=RayConfig(replicas=replicas, replica_cpus=1 / replicas)),
+                  route_prefix="/", name="moerge")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

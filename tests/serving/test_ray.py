@@ -4,7 +4,6 @@ replicas of a tiny chat model over a library of two experts, called over HTTP as
 from __future__ import annotations
 
 import functools
-import socket
 import time
 
 import pytest
@@ -13,7 +12,7 @@ pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from helpers import rand_expert, tiny_chat_llama, tiny_tokenizer  # noqa: E402
+from helpers import rand_expert, ray_serving, tiny_chat_llama, tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +28,8 @@ def _body(prompt, **kw):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    import ray
-    from ray import serve
-
     from moerge import ExpertLibrary, MoErgeModel
     from moerge.routers import build_router
-    from moerge.serving.ray_app import RayConfig, build_app
 
     tmp = tmp_path_factory.mktemp("ray")
     base, tok = tiny_chat_llama(), tiny_tokenizer()
@@ -46,21 +41,10 @@ def cluster(tmp_path_factory):
                         examples=["translate: good morning", "say hello in french"]))
     build = functools.partial(MoErgeModel.from_library, str(tmp / "base"), str(tmp / "lib"),
                               router=build_router("glider", local="none"), tokenizer=tok)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="moerge-tests")
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(build, str(tmp / "lib"), config=RayConfig(replicas=2, replica_cpus=0.5)),
-                  route_prefix="/", name="moerge")
+    with ray_serving(build, str(tmp / "lib")) as url:
         local = MoErgeModel.from_library(str(tmp / "base"), str(tmp / "lib"),
                                          router=build_router("glider", local="none"), tokenizer=tok)
-        yield {"url": f"http://127.0.0.1:{port}", "lib": lib, "base": base, "local": local}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        yield {"url": url, "lib": lib, "base": base, "local": local}
 
 
 @pytest.fixture(scope="module")
