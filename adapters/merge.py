@@ -531,14 +531,17 @@ def add_update(model: nn.Module, module: str, delta: torch.Tensor, bias: torch.T
     untied first, so the embeddings keep their weights. ``module`` may also name a router (its ``weight``) or a fused
     MoE expert parameter, which takes ``delta (E, out, in)``.
     """
-    if module not in dict(model.named_modules()):
+    try:
+        target = model.get_submodule(module)
+    except AttributeError:
+        target = None
+    if target is None:
         param = model.get_parameter(module)  # a fused MoE expert weight (E, out, in)
         if tuple(delta.shape) != tuple(param.shape) or bias is not None:
             raise ValueError(f"parameter {module!r}: update of shape {tuple(delta.shape)} does not fit "
                              f"{tuple(param.shape)}")
         param.copy_((param.float() + delta.float().to(param.device)).to(param.dtype))
         return
-    target = model.get_submodule(module)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and target.weight is getattr(emb, "weight", None):
         target.weight = nn.Parameter(target.weight.detach().clone())  # untie from the embeddings

@@ -357,6 +357,21 @@ def load_peft_lora(
         return (int(rank_pattern[rk]) if rk is not None else int(r_default),
                 float(alpha_pattern[ak]) if ak is not None else float(alpha_default))
 
+    def checked(module: str, w: LoRAWeights | StackedLoRAWeights) -> LoRAWeights | StackedLoRAWeights:
+        """``w`` within ``max_rank``, valid as stored (an integer tensor is refused, not cast) and, cast to
+        ``dtype``, valid as cast (a narrower dtype may overflow)."""
+        if max_rank is not None and w.rank > max_rank:
+            raise ExpertFormatError(f"module {module!r}: rank {w.rank} exceeds the cap of {max_rank}", expert=name,
+                                    file=str(weights_file))
+        try:
+            w.validate(name, module)
+            if dtype is not None:
+                w = type(w)(w.A.to(dtype), w.B.to(dtype), w.scale)
+                w.validate(name, module)
+        except ExpertFormatError as e:
+            raise e.at(str(weights_file)) from None
+        return w
+
     modules: dict[str, ModuleWeights] = {}
     moe: dict[str, ModuleWeights] = {}
     if config.get("target_parameters"):
@@ -379,31 +394,9 @@ def load_peft_lora(
                 f"module {module!r}: config gives rank {r} but lora_A has shape {tuple(a.shape)}", expert=name,
                 file=str(weights_file),
             )
-        if max_rank is not None and r > max_rank:
-            raise ExpertFormatError(f"module {module!r}: rank {r} exceeds the cap of {max_rank}", expert=name,
-                                    file=str(weights_file))
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        w = LoRAWeights(a, b, scale)
-        try:
-            w.validate(name, module)  # as stored (an integer tensor is refused, not cast) ...
-            if dtype is not None:
-                w = LoRAWeights(a.to(dtype), b.to(dtype), scale)
-                w.validate(name, module)  # ... and as cast (a narrower dtype may overflow)
-        except ExpertFormatError as e:
-            raise e.at(str(weights_file)) from None
-        modules[module] = w
-    for module, w in moe.items():  # target_parameters: checked and cast as the modules above
-        if max_rank is not None and w.rank > max_rank:
-            raise ExpertFormatError(f"parameter {module!r}: rank {w.rank} exceeds the cap of {max_rank}", expert=name,
-                                    file=str(weights_file))
-        try:
-            w.validate(name, module)
-            if dtype is not None:
-                modules[module] = w = type(w)(w.A.to(dtype), w.B.to(dtype), w.scale)
-                w.validate(name, module)
-        except ExpertFormatError as e:
-            raise e.at(str(weights_file)) from None
-        modules[module] = w
+        modules[module] = checked(module, LoRAWeights(a, b, alpha / math.sqrt(r) if use_rslora else alpha / r))
+    for module, w in moe.items():  # target_parameters
+        modules[module] = checked(module, w)
     if magnitudes or "use_dora" in variants:
         modules = _dora_updates(modules, magnitudes, base, name, weights_file)
     checked = _base_copies(modules, copies, base, base_copies, name, weights_file)

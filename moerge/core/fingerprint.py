@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moerge.core.targets import moe_targets, unwrap
+
 __all__ = ["linear_modules", "fingerprint", "compact_fingerprint", "compare_fingerprints", "is_linear_like",
            "check_expert_shapes", "unwrap_linear", "base_parameters", "oriented"]
 
@@ -67,16 +69,15 @@ def linear_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s parameters named as in the plain base, in ``named_parameters()`` order: a patched module's
-    original (its ``base_layer``, see :func:`unwrap_linear`; also a wrapper that sets ``wraps_module``) stands at the patched module's name, and the wrapper's
-    own parameters, if any, are left out. A parameter shared by several modules appears once, under its first name.
+    original (its ``base_layer``, see :func:`~moerge.core.targets.unwrap`) stands at the patched module's name, and
+    the wrapper's own parameters, if any, are left out. A parameter shared by several modules appears once, under its first name.
     """
     out: dict[str, torch.Tensor] = {}
     seen_params: set[int] = set()
     seen_modules: set[int] = set()
 
     def walk(module: nn.Module, prefix: str) -> None:
-        while getattr(type(module), "wraps_linear", False) or getattr(type(module), "wraps_module", False):
-            module = module.base_layer  # the original, under the wrapper's name
+        module = unwrap(module)  # a patched module's original, under the wrapper's name
         if id(module) in seen_modules:
             return
         seen_modules.add(id(module))
@@ -113,8 +114,6 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
         vals = torch.cat([flat[:_SAMPLE], flat[mid : mid + _SAMPLE]]).float().cpu()
         sample[n] = [round(float(v), 6) for v in vals]
     weights_digest = hashlib.sha256(json.dumps(sample, sort_keys=True).encode()).hexdigest()[:16]
-    from moerge.core.targets import moe_targets
-
     moe = {n: [*t.shape, t.experts] for n, t in moe_targets(model).items()}
     return {
         "moe_targets": moe,  # routers and fused expert weights: (out, in, MoE experts); {} for a dense model

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["ROUTERS", "STACKED", "MoETarget", "moe_targets", "resolve_moe_target", "unwrap", "find_module",
-           "experts_forward", "gate_input"]
+           "experts_forward", "gate_input", "CatchLinear"]
 
 ROUTERS = ("MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter")
 """Router classes whose logits are ``F.linear(h, self.weight)`` followed by their own softmax and top-k."""
@@ -50,6 +51,23 @@ class MoETarget:
         """The MoE block whose input ``(B, T, dim)`` local gates read for this target (the router's and the
         experts' parent: both see that input flattened, and ``down_proj``'s own input exists per MoE expert only)."""
         return self.owner.rpartition(".")[0]
+
+
+class CatchLinear(TorchFunctionMode):
+    """While active, the output ``y`` of every ``F.linear(x, weight)`` on ``weight`` (that very tensor) becomes
+    ``change(x, y)``; :attr:`calls` counts them. How an MoE router, which computes its logits with ``F.linear`` on
+    its own weight and then its softmax and top-k, gets the experts' part added to its logits."""
+
+    def __init__(self, weight: torch.Tensor, change: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.weight, self.change, self.calls = weight, change, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear and len(args) > 1 and args[1] is self.weight:
+            self.calls += 1
+            return self.change(args[0], out)
+        return out
 
 
 def experts_forward(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,

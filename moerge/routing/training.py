@@ -25,13 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from moerge.adapters.expert import Expert, LoRAWeights
-from moerge.core.targets import experts_forward, gate_input, unwrap
+from moerge.core.targets import CatchLinear, experts_forward, find_module, gate_input, unwrap
 
 __all__ = ["fit", "lm_loss", "seeded", "cancellable", "current_cancel", "TrainingCancelled", "GatedExperts", "GateTrainingConfig", "chat_prompt", "encode_pair", "collate",
            "make_batches", "answer_positions", "answers_from_expert", "frozen", "greedy_generate"]
@@ -219,20 +217,6 @@ class _StackedExperts:
         return ((x @ self.A[expert].t()) * g.index_select(-1, self.cols)) @ self.B[expert].t()  # (n, out)
 
 
-class _AddToLinear(TorchFunctionMode):
-    """Adds ``add(x, y)`` to the output ``y`` of the ``F.linear(x, weight)`` calls on ``weight``."""
-
-    def __init__(self, weight: torch.Tensor, add: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.weight, self.add = weight, add
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is F.linear and len(args) > 1 and args[1] is self.weight:
-            return out + self.add(args[0], out)
-        return out
-
-
 class GatedExperts:
     """Apply ``experts`` to ``base`` with per-token weights from ``gate(module, x)`` while the context is open.
 
@@ -264,7 +248,7 @@ class GatedExperts:
                     self._inputs[block] = None
                     self._handles.append(self.base.get_submodule(block).register_forward_pre_hook(
                         lambda mod, args, _b=block: self._inputs.__setitem__(_b, args[0])))
-                if _has_module(self.base, m):  # a router: its one F.linear on its weight gets the experts' part
+                if find_module(self.base, m) is not None:  # a router: its F.linear on its weight gets the experts' part
                     self._router(m, block, _ModuleExperts(weights, p.device, torch.float32))
                 else:
                     owner, _, param = m.rpartition(".")
@@ -287,14 +271,14 @@ class GatedExperts:
 
     def _router(self, m: str, block: str, store: _ModuleExperts) -> None:
         mod = self.base.get_submodule(m)
-        modes: list[_AddToLinear] = []
+        modes: list[CatchLinear] = []
 
         def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             x3 = x.reshape(*self._inputs[block].shape[:2], -1).float()  # the block's (B, T, H)
-            return store.delta(x3, self.gate(m, x3)).reshape(y.shape).to(y.dtype)
+            return y + store.delta(x3, self.gate(m, x3)).reshape(y.shape).to(y.dtype)
 
         def enter(module, args):
-            modes.append(_AddToLinear(mod.weight, add))
+            modes.append(CatchLinear(mod.weight, add))
             modes[-1].__enter__()
 
         def leave(module, args, output):
@@ -326,13 +310,6 @@ class GatedExperts:
         self._handles.clear()
         self._inputs.clear()
 
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 @contextmanager

@@ -20,32 +20,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from moerge.core.targets import experts_forward
-from moerge.routing import LayerInfo, RoutingContext, RoutingState
+from moerge.core.targets import CatchLinear, experts_forward
+from moerge.routing import LayerInfo, RoutingContext
 from moerge.runtime.joined import JoinedState
 from moerge.runtime.layer import ExpertLinear
 from moerge.runtime.stacked import GatheredStacked, StackedBank
 
 __all__ = ["ExpertRouter", "ExpertMoE", "StackedTarget"]
-
-
-class _CatchLinear(TorchFunctionMode):
-    """Adds ``layer``'s experts to the output of the one ``F.linear`` that reads ``layer``'s base weight."""
-
-    def __init__(self, layer: ExpertRouter, state: RoutingState | JoinedState) -> None:
-        super().__init__()
-        self.layer, self.state, self.calls = layer, state, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is F.linear and len(args) > 1 and args[1] is self.layer.base_layer.weight:
-            self.calls += 1
-            return self.layer.add_experts(self.state, args[0], out)
-        return out
 
 
 class ExpertRouter(ExpertLinear):
@@ -63,7 +46,7 @@ class ExpertRouter(ExpertLinear):
         state = self._context.current
         if state is None or not self.touched_by(state):
             return self.base_layer(hidden, *args, **kwargs)
-        catch = _CatchLinear(self, state)
+        catch = CatchLinear(self.base_layer.weight, lambda x, y: self.add_experts(state, x, y))
         with catch:
             out = self.base_layer(hidden, *args, **kwargs)
         if catch.calls != 1:

@@ -166,11 +166,16 @@ class ModelReplica:
                 self.model.expert_set.ensure_resident(names)
         return key
 
+    async def warm(self, key: str) -> str:
+        """Read the experts of routing key ``key`` into the expert cache (under Serve: multiplexed, see
+        :func:`build_app`)."""
+        return await asyncio.to_thread(self._warm, key)
+
     async def call(self, req: dict[str, Any], key: str = "") -> AsyncIterator[Any]:
         """One HTTP request (``method``, ``path``, ``query``, ``headers``, ``body``): yields ``{"status",
         "headers", "replica"}``, then the body's chunks."""
         if key:
-            await asyncio.to_thread(self._warm, key)
+            await self.warm(key)
         async for message in _asgi(self.app, req):
             if message["type"] == "http.response.start":
                 headers = {k.decode(): v.decode() for k, v in message.get("headers", [])}
@@ -290,14 +295,8 @@ def build_app(build: Callable[[], Any], library: str, *, server: ServerConfig | 
 
     class _Replica(ModelReplica):
         @serve.multiplexed(max_num_models_per_replica=config.max_models_per_replica)
-        async def warm(self, key: str) -> str:
-            return await asyncio.to_thread(self._warm, key)
-
-        async def call(self, req: dict[str, Any], key: str = "") -> AsyncIterator[Any]:
-            if key:
-                await self.warm(serve.get_multiplexed_model_id())
-            async for item in super().call(req):
-                yield item
+        async def warm(self, key: str) -> str:  # the request's multiplexed_model_id is its key
+            return await super().warm(key)
 
     scale = ({"autoscaling_config": config.autoscaling} if config.autoscaling
              else {"num_replicas": config.replicas})
