@@ -16,6 +16,12 @@ runtime's reading and mixing of experts, not a router's choice.
     python benchmarks/cache.py --experts 1000 --resident       # ~9.3 GB of experts, ~10 GB of RAM with --resident
     python benchmarks/cache.py --experts 10000 --rank 8 --modules q_proj,v_proj --library /tmp/cb10k
                                   # open time at 10,000 experts (made 200 at a time with add_many)
+    python benchmarks/cache.py --experts 200 --device cuda --device-cache-mib 64
+                                  # two tiers: the banks on the GPU within 64 MiB, host memory within --cache-mib
+
+With ``--device cuda`` the base and the banks are on the GPU (``device_cache_bytes``) and ``--cache-mib`` is the host
+tier's budget; it also times the first token of requests whose candidates were dropped from the GPU but kept in host
+memory (copied back, not read from disk).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 
 from moerge import Expert, ExpertLibrary, ExpertMetadata, LoRAWeights, MoErgeModel
 from moerge.core.fingerprint import linear_modules
-from moerge.lab.defaults import default_base
+from moerge.lab.defaults import default_base, default_base_label
 
 
 def rss_mib() -> float:
@@ -81,6 +87,8 @@ def drop_from_page_cache(lib: ExpertLibrary, names: list[str]) -> None:
 def first_token_s(model, enc, mix) -> float:
     t = time.perf_counter()
     model.generate(**enc, max_new_tokens=1, do_sample=False, experts=mix)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
@@ -95,13 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=20, help="requests with cold candidates (and as many warm)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--resident", action="store_true", help="also measure a model holding every expert")
+    ap.add_argument("--device", default="cpu", help="where the base and the banks are (cuda: two tiers)")
+    ap.add_argument("--device-cache-mib", type=int, default=64, help="the banks' budget on an accelerator")
     args = ap.parse_args(argv)
+    gpu = args.device != "cpu"
     torch.manual_seed(0)
     lib = make_library(args.library, args.experts, args.rank, args.modules.split(",") if args.modules else None)
     names = lib.names()[: args.experts]
-    base, tok = default_base()
+    base, tok = default_base(device=args.device)
     enc = tok([tok.apply_chat_template([{"role": "user", "content": "Write the numbers from one to ten in words."}],
-                                       tokenize=False, add_generation_prompt=True)], return_tensors="pt")
+                                       tokenize=False, add_generation_prompt=True)], return_tensors="pt").to(args.device)
     for _ in range(2):  # the base's own generation buffers belong to the baseline
         base.generate(**enc, max_new_tokens=args.new_tokens, do_sample=False)
     gc.collect()
@@ -110,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     lib = ExpertLibrary.open(args.library)
     model = MoErgeModel.from_library(base, lib, router="fixed", tokenizer=tok, follow=False, cache_bytes=budget,
-                                     experts=names)
+                                     experts=names,
+                                     device_cache_bytes=(args.device_cache_mib << 20) if gpu else None)
     open_s = time.perf_counter() - t
     sizes = model.expert_set.cache.sizes
     rng = random.Random(0)
@@ -122,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         cold.append(first_token_s(model, enc, mix))
     warm_mix = mixes[-1]
     warm = [first_token_s(model, enc, warm_mix) for _ in range(args.requests)]
+    book = model.expert_set.cache
+    from_host = [first_token_s(model, enc, mix) for mix in mixes[::-1]  # dropped from the GPU, kept in host memory
+                 if gpu and not any(book.is_resident(n) for n in mix) and all(n in book.host.held for n in mix)]
     gc.collect()
     rss_after = rss_mib()
     stats = model.cache_stats()
@@ -136,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     lazy_decode = statistics.median(decode_s(model) for _ in range(3))
     print(f"command: python {' '.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          "SmolLM2-135M-Instruct fp32")
+          f"{default_base_label()} fp32 on {args.device}")
     lib_bytes = sum(sizes[n] for n in names)
     print(f"library: {len(names)} rank-{args.rank} experts, {lib_bytes / 2**30:.2f} GiB of factors "
           f"({lib_bytes / len(names) / 2**20:.1f} MiB each); budget {args.cache_mib} MiB")
@@ -149,12 +164,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"first token, K={args.k}: cold candidates (from disk) median "
           f"{c * 1e3:.0f} ms, slowest {max(cold) * 1e3:.0f} ms; warm {w * 1e3:.0f} ms; cold adds {(c - w) * 1e3:.0f} ms "
           "(target ≤ 50)")
+    if gpu:
+        print(f"two tiers: banks within {args.device_cache_mib} MiB on {args.device}, host tier {stats.host_resident} "
+              f"experts, {stats.host_bytes / 2**20:.0f} MiB, {stats.host_hits} misses of the banks served from it")
+        if from_host:
+            h = statistics.median(from_host)
+            print(f"first token, K={args.k}: candidates dropped from {args.device} and kept in host memory median "
+                  f"{h * 1e3:.0f} ms over {len(from_host)} requests; adds {(h - w) * 1e3:.0f} ms to warm")
     print(f"decode, {args.new_tokens} tokens, K={args.k} resident: lazy model {lazy_decode:.2f} s")
     if args.resident:
         del model
         gc.collect()
         t = time.perf_counter()
-        full = MoErgeModel.from_library(default_base()[0], ExpertLibrary.open(args.library), router="fixed",
+        full = MoErgeModel.from_library(default_base(device=args.device)[0], ExpertLibrary.open(args.library), router="fixed",
                                         tokenizer=tok, follow=False, pin=names, experts=names)
         full_open = time.perf_counter() - t
         gc.collect()

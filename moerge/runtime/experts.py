@@ -43,13 +43,15 @@ class ExpertSet(Patching, Residency):
         context: the routing context the patched modules read each call's routing from.
         expert_dtype: the dtype the banks store factors in (``None``: each base module's dtype).
         expert_device: where the banks stay (``None``: with each base module).
-        cache_bytes: the byte budget of the experts' factors held in the banks (``None``: no limit).
+        cache_bytes: the byte budget of host memory for the experts' factors (``None``: no limit): the banks' when
+            they are in host memory, the host tier's when they are on an accelerator (see :mod:`moerge.runtime.cache`).
+        device_cache_bytes: the byte budget of the banks when they are on an accelerator (``None``: no limit).
         pin: experts read as soon as they are known and never evicted.
     """
 
     def __init__(self, base: nn.Module, context: RoutingContext, *, expert_dtype: torch.dtype | None = None,
                  expert_device: torch.device | None = None, cache_bytes: int | None = None,
-                 pin: Sequence[str] = ()) -> None:
+                 pin: Sequence[str] = (), device_cache_bytes: int | None = None) -> None:
         if any(isinstance(m, (ExpertLinear, ExpertMoE)) for m in base.modules()):
             raise ValueError("this base is already patched by another MoErgeModel; pass that model's copy_base() "
                              "(a plain copy) or unpatch() it first")
@@ -61,7 +63,7 @@ class ExpertSet(Patching, Residency):
         self.metadata: dict[str, ExpertMetadata] = {}  # expert -> metadata, in id order
         self.modules_of: dict[str, list[str]] = {}  # expert -> the modules it targets
         self.layers: dict[str, ExpertLinear | StackedTarget] = {}  # target -> patched module, in patch order
-        self.cache = ExpertCache(cache_bytes, pin)
+        self.cache = ExpertCache(cache_bytes, pin, device_cache_bytes)
         self._fits: set[tuple] = set()  # layout keys of stored experts that fit the base (see check_fits)
         self._sizes: dict[tuple, int] = {}  # layout key -> bytes of such an expert in the banks (see _size)
         # the base's linear modules → (out, in), read once before any is patched (routers' context reads them too)

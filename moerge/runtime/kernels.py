@@ -1,6 +1,6 @@
-"""A fused Triton kernel for routed LoRA mixing on CUDA (the ``gpu`` extra).
+"""Fused Triton kernels for routed LoRA mixing on CUDA (the ``gpu`` extra).
 
-One launch per patched module and step does what the torch path does in about ten operations
+Two launches per patched module and step do what the torch path does in about ten operations
 (:meth:`moerge.runtime.gathered.GatheredModule.mix`): for each row ``b`` and token ``t``
 
 1. **shrink and gate** in one pass over the input: ``z = x[b, t] @ W[b]``, where ``W[b]`` holds the row's
@@ -11,13 +11,23 @@ One launch per patched module and step does what the torch path does in about te
    in place.
 
 Like Punica's SGMV every row has its own adapters, but here each token mixes several of its row's candidates
-with weights it computes itself. A program handles ``BLOCK_T`` tokens of one row and loops over the outputs, so
-the shrink is computed once. Sequence-level weights (no local gate) are folded into ``Bt`` by the gather and run
-the same kernel without steps 1's gate and 2.
+with weights it computes itself. As in Punica and S-LoRA the work is split into a shrink and an expand launch
+(grids from :func:`_grids`):
 
-Only what the kernel supports is sent to it (:func:`supports`); the torch path does the rest. The kernel also runs
-under Triton's interpreter (``TRITON_INTERPRET=1`` before triton is imported, CPU tensors, :data:`CPU` set), which
-is how the tests check it without a GPU.
+* ``_shrink_kernel``, grid ``(B, ⌈T / BLOCK_T⌉)``: steps 1 and 2 for ``BLOCK_T`` tokens of one row; it writes the
+  weighted low-rank activations ``h (B, T, R)`` (float32, each column already times its candidate's weight) and
+  the gate's weights ``(B, T, Kg)``;
+* ``_expand_kernel``, grid ``(B, ⌈T / BLOCK_T⌉, ⌈OUT / BLOCK_OUT⌉)``: step 3 for one block of tokens and one block
+  of output columns, ``h`` cast to ``Bt``'s dtype, so a decode step (``B = 1, T = 1``) still spreads a module's
+  outputs over ``⌈OUT / 64⌉`` programs (9 for 576 outputs, 24 for 1536) instead of one.
+
+The shrink is computed once per token; ``h`` is the only intermediate (``4 R`` bytes per token). Sequence-level
+weights (no local gate) are folded into ``Bt`` by the gather and run the same kernels without step 1's gate and
+step 2.
+
+Only what the kernels support is sent to them (:func:`supports`); the torch path does the rest. The kernels also
+run under Triton's interpreter (``TRITON_INTERPRET=1`` before triton is imported, CPU tensors, :data:`CPU` set),
+which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations
@@ -65,13 +75,15 @@ def supports(x: torch.Tensor, top_k: Any, R: int, K: int) -> bool:
 if HAVE_TRITON:
 
     @triton.jit
-    def _routed_lora_kernel(
-        X, W, BIAS, SLOT, BT, Y, WOUT,
-        T, IN, OUT, R, KG,
-        sxb, sxt, swb, swi, swc, sbb, sbr, syb, syt,
+    def _shrink_kernel(
+        X, W, BIAS, SLOT, H, WOUT,
+        T, IN, R, KG,
+        sxb, sxt, swb, swi, swc,
         GATE: tl.constexpr, FINISH: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, R_PAD: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_IN: tl.constexpr, IEEE: tl.constexpr,
     ):
+        """``H[b, t] = (x[b, t] @ A[b]) * colw`` (float32; ``colw`` the gate's weight of each column's candidate, 1
+        without a gate) and ``WOUT[b, t]`` the gate's weights, for ``BLOCK_T`` tokens of row ``b``."""
         b = tl.program_id(0)
         t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         tm = t < T
@@ -135,23 +147,63 @@ if HAVE_TRITON:
                 wk = tl.sum(tl.where(kk[None, :] == k, w, 0.0), 1)  # (BLOCK_T,)
                 colw += tl.where(slot[None, :] == k, wk[:, None], 0.0)
             h = acc * colw
-        h = h.to(BT.dtype.element_ty)
-        for o0 in range(0, OUT, BLOCK_OUT):
-            o = o0 + tl.arange(0, BLOCK_OUT)
-            om = o < OUT
+        tl.store(H + (b * T + t[:, None]) * R + r[None, :], h, mask=tm[:, None] & rm[None, :])
+
+    @triton.jit
+    def _expand_kernel(
+        H, BT, Y,
+        T, OUT, R,
+        sbb, sbr, syb, syt,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_OUT: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """``Y[b, t, o] += H[b, t] @ Bt[b, :, o]`` (``H`` cast to ``Bt``'s dtype, float32 accumulation) for
+        ``BLOCK_T`` tokens and ``BLOCK_OUT`` output columns of row ``b``, ``BLOCK_R`` of the ``R`` columns at a
+        time."""
+        b = tl.program_id(0)
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tm = t < T
+        o = tl.program_id(2) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        om = o < OUT
+        acc = tl.zeros((BLOCK_T, BLOCK_OUT), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rm = r < R
+            h = tl.load(H + (b * T + t[:, None]) * R + r[None, :], mask=tm[:, None] & rm[None, :], other=0.0)
+            h = h.to(BT.dtype.element_ty)
             bt = tl.load(BT + b * sbb + r[:, None] * sbr + o[None, :], mask=rm[:, None] & om[None, :], other=0.0)
             if IEEE:
-                d = tl.dot(h, bt, input_precision="ieee")
+                acc += tl.dot(h, bt, input_precision="ieee")
             else:
-                d = tl.dot(h, bt)
-            yp = Y + b * syb + t[:, None] * syt + o[None, :]
-            ym = tm[:, None] & om[None, :]
-            y = tl.load(yp, mask=ym, other=0.0)
-            tl.store(yp, (y.to(tl.float32) + d).to(y.dtype), mask=ym)
+                acc += tl.dot(h, bt)
+        yp = Y + b * syb + t[:, None] * syt + o[None, :]
+        ym = tm[:, None] & om[None, :]
+        y = tl.load(yp, mask=ym, other=0.0)
+        tl.store(yp, (y.to(tl.float32) + acc).to(y.dtype), mask=ym)
 
 
 def _pow2(n: int, at_least: int = 16) -> int:
     return max(at_least, 1 << (max(n, 1) - 1).bit_length())
+
+
+_BLOCK_OUT = 64  # output columns per expand program: a decode step of a 576..1536-wide module runs 9..24 of them
+
+
+def _block_in(r_pad: int, itemsize: int) -> int:
+    """Input columns per step of the shrink's loop: 64, or 32 where a step's ``(BLOCK_IN, R_PAD)`` tile of A would
+    pass 64 KiB (float32 with 512 columns: its pipelined copies would need ~300 KB of shared memory, more than an
+    H100/H200 block's 227 KiB)."""
+    return 64 if r_pad * itemsize <= 1024 else 32
+
+
+def _block_t(T: int) -> int:
+    """Tokens per program (both launches): 16, the smallest ``tl.dot`` tile, for decode steps and short prompts."""
+    return 16 if T <= 16 else 32
+
+
+def _grids(B: int, T: int, OUT: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """The shrink's grid ``(B, ⌈T / BLOCK_T⌉)`` and the expand's ``(B, ⌈T / BLOCK_T⌉, ⌈OUT / BLOCK_OUT⌉)``."""
+    nt = -(-T // _block_t(T))
+    return (B, nt), (B, nt, -(-OUT // _BLOCK_OUT))
 
 
 def routed_lora_(x: torch.Tensor, y: torch.Tensor, W: torch.Tensor, Bt: torch.Tensor, *, gate_k: int = 0,
@@ -179,20 +231,28 @@ def routed_lora_(x: torch.Tensor, y: torch.Tensor, W: torch.Tensor, Bt: torch.Te
         wout = torch.empty(B, T, gate_k, device=x.device, dtype=torch.float32)
     else:
         bias = slots = wout = torch.empty(0, device=x.device)
-    block_t = 16 if T <= 16 else 32
-    grid = (B, triton.cdiv(T, block_t))
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
-        _launch(grid, x, W, bias, slots, Bt, y, wout, T, IN, OUT, R, gate_k, finish, top_k, block_t, gate)
+    if B * T > 0:
+        h = torch.empty(B, T, R, device=x.device, dtype=torch.float32)  # the weighted low-rank activations
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
+            _launch(x, W, bias, slots, h, Bt, y, wout, B, T, IN, OUT, R, gate_k, finish, top_k, gate)
     return wout if gate else None
 
 
-def _launch(grid, x, W, bias, slots, Bt, y, wout, T, IN, OUT, R, gate_k, finish, top_k, block_t, gate) -> None:
-    _routed_lora_kernel[grid](
-        x, W, bias, slots, Bt, y, wout,
-        T, IN, OUT, R, gate_k,
-        x.stride(0), x.stride(1), W.stride(0), W.stride(1), W.stride(2), Bt.stride(0), Bt.stride(1),
-        y.stride(0), y.stride(1),
+def _launch(x, W, bias, slots, h, Bt, y, wout, B, T, IN, OUT, R, gate_k, finish, top_k, gate) -> None:
+    shrink, expand = _grids(B, T, OUT)
+    ieee = x.dtype == torch.float32
+    R_PAD = _pow2(R)
+    _shrink_kernel[shrink](
+        x, W, bias, slots, h, wout,
+        T, IN, R, gate_k,
+        x.stride(0), x.stride(1), W.stride(0), W.stride(1), W.stride(2),
         GATE=gate, FINISH=FINISH_CODES[finish], TOP_K=min(top_k or gate_k, gate_k) if gate else 1,
-        K_PAD=_pow2(gate_k), R_PAD=_pow2(R), BLOCK_T=block_t, BLOCK_IN=64, BLOCK_OUT=64,
-        IEEE=x.dtype == torch.float32,
+        K_PAD=_pow2(gate_k), R_PAD=R_PAD, BLOCK_T=_block_t(T), BLOCK_IN=_block_in(R_PAD, W.element_size()), IEEE=ieee,
     )
+    if OUT > 0 and R > 0:
+        _expand_kernel[expand](  # after the shrink on the same stream: h is complete when it runs
+            h, Bt, y,
+            T, OUT, R,
+            Bt.stride(0), Bt.stride(1), y.stride(0), y.stride(1),
+            BLOCK_T=_block_t(T), BLOCK_R=min(R_PAD, 64), BLOCK_OUT=_BLOCK_OUT, IEEE=ieee,
+        )

@@ -87,6 +87,7 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
         train_in: str = "auto",
         cache_bytes: int | None = None,
         pin: Iterable[str] = (),
+        device_cache_bytes: int | None = None,
     ) -> None:
         super().__init__()
         if train_routing not in _TRAIN_ROUTING:
@@ -98,7 +99,8 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
         self.context = RoutingContext()
         self.expert_set = ExpertSet(base, self.context, expert_dtype=expert_dtype,
                                     expert_device=None if expert_device is None else torch.device(expert_device),
-                                    cache_bytes=cache_bytes, pin=list(pin))
+                                    cache_bytes=cache_bytes, pin=list(pin),
+                                    device_cache_bytes=device_cache_bytes)
         self.base = base
         self.library = library
         self.train_routing = train_routing
@@ -151,6 +153,7 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
         train_in: str = "auto",
         cache_bytes: int | None = None,
         pin: Iterable[str] = (),
+        device_cache_bytes: int | None = None,
         **load_kwargs: Any,
     ) -> MoErgeModel:
         """Patch ``base`` with the experts of ``library``.
@@ -181,12 +184,16 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
             train_in: where routing data is trained while the model serves: ``"process"`` (a forked child, with
                 its own GIL and a lower CPU priority), ``"thread"`` or ``"auto"`` (a process where ``fork`` exists
                 and the base is not on CUDA).
-            cache_bytes: the memory the experts' factors may take where the layers keep them (see
-                ``expert_device``). The model reads only the library's manifest and each expert's ``expert.json``
-                when it is built; an expert's factors are read (checked against their sha256) when a call first
-                has it among its candidates, before the call's prefill, and the least recently used are dropped
-                past this budget (``None``: no budget, nothing dropped). See :meth:`cache_stats`.
+            cache_bytes: the host memory the experts' factors may take. The model reads only the library's
+                manifest and each expert's ``expert.json`` when it is built; an expert's factors are read (checked
+                against their sha256) when a call first has it among its candidates, before the call's prefill, and
+                the least recently used are dropped past this budget (``None``: no budget, nothing dropped). When
+                the layers keep the experts on an accelerator (a CUDA base, ``expert_device`` not ``"cpu"``), this
+                is the budget of a host tier that keeps the experts read from the library, so that one dropped
+                from the device returns by a copy from host memory, not a read of its files. See :meth:`cache_stats`.
             pin: experts read at once and never dropped.
+            device_cache_bytes: the accelerator memory the experts' factors may take when the layers keep them
+                there (least recently used dropped past it, to the host tier; ``None``: no budget).
         """
         if isinstance(base, (str, Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,7 +216,7 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
             router = build_router(router)
         model = cls(base, router, library, tokenizer=tokenizer, expert_dtype=expert_dtype, pin=pin,
                     expert_device=expert_device, train_routing=train_routing, train_in=train_in,
-                    cache_bytes=cache_bytes)
+                    cache_bytes=cache_bytes, device_cache_bytes=device_cache_bytes)
         listing = library.listing()
         names = list(experts) if experts is not None else list(listing)
         if set(pin) - set(names):

@@ -48,6 +48,13 @@ class _CacheCollector(Collector):
             yield GaugeMetricFamily(f"moerge_expert_cache_{name}", doc, value=value)
         if s.budget_bytes is not None:
             yield GaugeMetricFamily("moerge_expert_cache_budget_bytes", "the cache's budget", value=s.budget_bytes)
+        if s.host_budget_bytes is not None or s.host_resident or s.host_hits:  # two tiers: banks on an accelerator
+            yield CounterMetricFamily("moerge_expert_cache_host_hits", "misses of the device's banks served from host "
+                                      "memory", value=s.host_hits)
+            yield GaugeMetricFamily("moerge_expert_cache_host_resident", "experts kept in host memory",
+                                    value=s.host_resident)
+            yield GaugeMetricFamily("moerge_expert_cache_host_bytes", "bytes of the experts kept in host memory",
+                                    value=s.host_bytes)
 
 
 class Metrics:

