@@ -40,10 +40,10 @@ step() {  # step NAME SECONDS COMMAND...: run it within the limit, log to $OUT/N
 ALL=${*:-pytest bench live_add cache}
 for STEPS in $ALL; do
   case $STEPS in
-    pytest) step pytest 240 python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -rl "mark.gpu" tests) ;;
-    bench) step bench 450 python3 -m moerge.lab.bench --device cuda --dtype bfloat16 --expert-dtype bfloat16 \
+    pytest) step pytest 120 python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -rl "mark.gpu" tests) ;;
+    bench) step bench 400 python3 -m moerge.lab.bench --device cuda --dtype bfloat16 --expert-dtype bfloat16 \
              --batch 1,8,32 --experts 16,1000 --skip-xlora --repeat 2 --out "$OUT" ;;
-    live_add) step live_add 330 python3 benchmarks/live_add.py --default-base --train-steps 30 --reference-s 10 \
+    live_add) step live_add 300 python3 benchmarks/live_add.py --default-base --train-steps 30 --reference-s 10 \
              --calls 10 ;;
     cache) step cache 100 python3 benchmarks/cache.py --experts 40 --requests 6 --device cuda \
              --device-cache-mib 64 --cache-mib 256 --library /tmp/moerge-cache-bench ;;

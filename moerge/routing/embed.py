@@ -201,7 +201,8 @@ def embedder_folder() -> Path:
     given = os.environ.get("MOERGE_EMBEDDER_FOLDER")
     path = Path(given) if given else package_dir(_EMB_MODULE, _EMB_PACKAGE) / "model"
     if not (path / "modules.json").is_file():
-        raise FileNotFoundError(f"{path} holds no sentence-transformers model: reinstall {_EMB_PACKAGE!r}")
+        fix = "set $MOERGE_EMBEDDER_FOLDER to one that does" if given else f"reinstall {_EMB_PACKAGE!r}"
+        raise FileNotFoundError(f"{path} holds no sentence-transformers model: {fix}")
     return path
 
 

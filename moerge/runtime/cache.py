@@ -10,11 +10,11 @@ bank changes under its lock; this module only decides and counts.
 Experts given to a model in memory and never stored in a library (``add_expert(..., persist=False)``, or a model
 without a library) cannot be read back, so they are never evicted.
 
-Two tiers when the banks are on an accelerator: the banks are the device tier, within ``device_budget``
-(``device_cache_bytes``), and :class:`HostTier` keeps the experts read from the library in host memory, within
-``budget`` (``cache_bytes``), so that an expert dropped from the device comes back by a copy from host memory rather
-than a read of its files. With the banks in host memory (a CPU model, or ``expert_device="cpu"``), the banks are the
-only tier and ``budget`` is theirs.
+Two tiers when the banks are on an accelerator and ``device_budget`` (``device_cache_bytes``) is given: the banks
+are the device tier, within it, and :class:`HostTier` keeps the experts read from the library in host memory,
+within ``budget`` (``cache_bytes``), so that an expert dropped from the device comes back by a copy from host memory
+rather than a read of its files. Otherwise (banks in host memory, or no device budget) the banks are the only tier
+and ``budget`` is theirs, wherever they are.
 """
 
 from __future__ import annotations
@@ -88,15 +88,16 @@ class CacheStats:
 
     Attributes:
         hits: experts a call needed that were resident.
-        misses: experts a call needed that had to be read (each read once per call).
+        misses: experts a call needed that were not in the banks (each counted once per call): read from the
+            library, or with two tiers possibly taken from host memory (``host_hits`` of them).
         evictions: experts whose factors were dropped to stay within the budget.
         load_seconds: time spent reading and taking in missed experts.
         resident: experts whose factors are in memory now; ``resident_bytes`` their size.
         experts: experts the model routes over (resident or not).
-        budget_bytes: the budget of the banks (``None``: none, nothing is evicted): ``device_cache_bytes`` when they
-            are on an accelerator, else ``cache_bytes``.
+        budget_bytes: the budget of the banks (``None``: none, nothing is evicted): ``device_cache_bytes`` with two
+            tiers (banks on an accelerator under a device budget), else ``cache_bytes``.
         pinned: experts never evicted (pinned, or held only in memory).
-        host_resident, host_bytes, host_hits, host_budget_bytes: the host tier under banks on an accelerator
+        host_resident, host_bytes, host_hits, host_budget_bytes: the host tier, with two tiers
             (experts kept in host memory, their bytes, misses of the banks it served instead of the library's
             files, its budget ``cache_bytes``); zeros and ``None`` without one.
     """
@@ -178,7 +179,7 @@ class ExpertCache:
         _check_budget(budget, "cache_bytes")
         _check_budget(device_budget, "device_cache_bytes")
         self.budget, self.device_budget = budget, device_budget
-        self.on_device = False  # the banks are on an accelerator (set by the expert set before each change)
+        self.on_device = False  # the banks are on an accelerator (set by the expert set before each decision)
         self.host = HostTier(budget)
         self.pin = set(pin)
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
@@ -207,9 +208,20 @@ class ExpertCache:
         self.host.forget(name)
 
     @property
+    def two_tiers(self) -> bool:
+        """Whether the banks are on an accelerator under a device budget, with the host tier behind them."""
+        return self.on_device and self.device_budget is not None
+
+    def set_on_device(self, on_device: bool) -> None:
+        """Where the banks are now; the host tier is emptied when there are no longer two tiers."""
+        self.on_device = on_device
+        if not self.two_tiers:
+            self.host.held.clear()
+
+    @property
     def bank_budget(self) -> int | None:
-        """The banks' budget: ``device_budget`` on an accelerator, else ``budget``."""
-        return self.device_budget if self.on_device else self.budget
+        """The banks' budget: ``device_budget`` with two tiers, else ``budget``."""
+        return self.device_budget if self.two_tiers else self.budget
 
     def is_resident(self, name: str) -> bool:
         return name in self.resident
@@ -249,7 +261,7 @@ class ExpertCache:
         return out
 
     def stats(self) -> CacheStats:
-        host = self.on_device
+        host = self.two_tiers
         return CacheStats(self.hits, self.misses, self.evictions, round(self.load_seconds, 6), len(self.resident),
                           self.used, len(self.sources), self.bank_budget,
                           sum(1 for n in self.sources if not self.evictable(n)),
@@ -314,9 +326,9 @@ class Residency:
         return next((p.device for p in self.base.parameters()), torch.device("cpu"))
 
     def _tiers(self) -> None:
-        """Tell the book whether the banks are on an accelerator (two tiers) or in host memory (one); under the
-        lock, before it decides (``model.to`` may have moved the banks)."""
-        self.cache.on_device = self._banks_device().type not in ("cpu", "meta")
+        """Tell the book whether the banks are on an accelerator or in host memory; under the lock, before it
+        decides (``model.to`` may have moved the banks)."""
+        self.cache.set_on_device(self._banks_device().type not in ("cpu", "meta"))
 
     def _drop_banks(self, names: set[str]) -> set[str]:
         return {n for n in names if self.cache.is_resident(n)}
@@ -338,7 +350,7 @@ class Residency:
         with self.lock:  # an expert removed meanwhile, or held in memory, has none: the next routing sees it
             self._tiers()
             sources = [s for n in names if (s := self.cache.sources.get(n)) is not None]
-            kept = {s.name: (s, e) for s in sources if self.cache.on_device
+            kept = {s.name: (s, e) for s in sources if self.cache.two_tiers
                     and (e := self.cache.host.get(s.name, s)) is not None}
         sources = [s for s in sources if s.name not in kept]
         t = time.perf_counter()
@@ -357,7 +369,7 @@ class Residency:
             t = time.perf_counter()
             self._tiers()
             ready = {n: e for n in need if (e := self._staged(n, staged)) is not None}
-            if self.cache.on_device:  # the host tier, for the rest
+            if self.cache.two_tiers:  # the host tier, for the rest
                 ready.update({n: e for n in need if n not in ready
                               and (e := self.cache.host.get(n, self.cache.sources.get(n))) is not None})
             rest = [n for n in need if n not in ready]
@@ -366,7 +378,7 @@ class Residency:
             self.cache.misses += len(need)
             victims = self.cache.victims(sum(self.cache.sizes[n] for n in need), keep=names)
             self._swap_resident(loaded, set(victims))
-            if self.cache.on_device:  # kept in host memory for their next return to the device
+            if self.cache.two_tiers:  # kept in host memory for their next return to the device
                 for e in loaded:
                     self.cache.host.put(self.cache.sources[e.name], e)
             del loaded  # the buffers the experts were read into (unless the host tier keeps them)
@@ -414,6 +426,12 @@ class Residency:
         with self.lock:
             self._tiers()
             return self.cache.stats()
+
+    def moved(self) -> None:
+        """After ``model.to(...)``: recount the experts' bytes (the banks' dtype may have changed) and keep the
+        budget of where the banks are now (a move to the accelerator may put them over the device budget)."""
+        self.resize()
+        self.evict_over_budget()
 
     def resize(self) -> None:
         """Recount every expert's bytes (after ``model.to(dtype)`` changed the banks' dtype); under the lock."""

@@ -31,6 +31,7 @@ from moerge.runtime.cache import ExpertCache, Residency
 from moerge.runtime.layer import ExpertLinear
 from moerge.runtime.moe import ExpertMoE, StackedTarget
 from moerge.runtime.patching import Patching
+from moerge.runtime.siblings import Siblings
 
 __all__ = ["ExpertSet"]
 
@@ -43,9 +44,9 @@ class ExpertSet(Patching, Residency):
         context: the routing context the patched modules read each call's routing from.
         expert_dtype: the dtype the banks store factors in (``None``: each base module's dtype).
         expert_device: where the banks stay (``None``: with each base module).
-        cache_bytes: the byte budget of host memory for the experts' factors (``None``: no limit): the banks' when
-            they are in host memory, the host tier's when they are on an accelerator (see :mod:`moerge.runtime.cache`).
-        device_cache_bytes: the byte budget of the banks when they are on an accelerator (``None``: no limit).
+        cache_bytes: the byte budget of the experts' factors in the banks (``None``: no limit), or of the host tier
+            behind them when they are on an accelerator under ``device_cache_bytes`` (:mod:`moerge.runtime.cache`).
+        device_cache_bytes: the byte budget of the banks when they are on an accelerator (``None``: one tier).
         pin: experts read as soon as they are known and never evicted.
     """
 
@@ -64,6 +65,7 @@ class ExpertSet(Patching, Residency):
         self.modules_of: dict[str, list[str]] = {}  # expert -> the modules it targets
         self.layers: dict[str, ExpertLinear | StackedTarget] = {}  # target -> patched module, in patch order
         self.cache = ExpertCache(cache_bytes, pin, device_cache_bytes)
+        self.siblings = Siblings()  # modules seen reading one input share a step (moerge.runtime.siblings)
         self._fits: set[tuple] = set()  # layout keys of stored experts that fit the base (see check_fits)
         self._sizes: dict[tuple, int] = {}  # layout key -> bytes of such an expert in the banks (see _size)
         # the base's linear modules → (out, in), read once before any is patched (routers' context reads them too)

@@ -323,8 +323,9 @@ class LivingLibrary:
             return list(self.expert_set.cache.resident)
 
     def cache_stats(self) -> CacheStats:
-        """Which experts' factors are in memory, against the budgets (``cache_bytes``; ``device_cache_bytes`` for
-        banks on an accelerator, with the host tier's figures), and the hits, misses and evictions so far."""
+        """Which experts' factors are in memory, against the budget (``cache_bytes``; with two tiers,
+        ``device_cache_bytes`` for the banks and the host tier's figures), and the hits, misses and evictions so
+        far."""
         return self.expert_set.cache_stats()
 
     def sync_library(self) -> SyncReport:

@@ -182,11 +182,15 @@ class GatheredModule(ForBatch):
         if top_k is not False:
             g = self.lora
             gate = g.gate
-            w = kernels.routed_lora_(xg, y, g.W, g.Bt, gate_k=0 if gate is None else gate.k,
-                                     bias=None if gate is None else gate.bias,
-                                     slots=None if gate is None else g.slots,
-                                     finish="none" if gate is None else gate.finish, top_k=top_k)
-            return Mixed(y, token_weights if w is None else w)
+            try:
+                w = kernels.routed_lora_(xg, y, g.W, g.Bt, gate_k=0 if gate is None else gate.k,
+                                         bias=None if gate is None else gate.bias,
+                                         slots=None if gate is None else g.slots,
+                                         finish="none" if gate is None else gate.finish, top_k=top_k)
+            except kernels.KernelTooLarge:  # this GPU cannot run it for this shape: the torch path below does
+                pass
+            else:
+                return Mixed(y, token_weights if w is None else w)
         if self.lora is not None:
             g = self.lora
             z = torch.bmm(xg, g.W)  # (B, T, Kg + R)

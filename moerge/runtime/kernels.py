@@ -41,10 +41,12 @@ import torch
 try:  # pragma: no cover - import guard
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover
     triton = tl = None
+    OutOfResources = RuntimeError
     HAVE_TRITON = False
 
 __all__ = ["HAVE_TRITON", "ENABLED", "INTERPRET", "CPU", "supports", "routed_lora_", "FINISH_CODES"]
@@ -69,7 +71,15 @@ def supports(x: torch.Tensor, top_k: Any, R: int, K: int) -> bool:
     and a plain top-k (or all-candidates) selection (``top_k`` is ``False`` for a selection the kernel does not
     do: top-p, a null expert)."""
     return (ENABLED and top_k is not False and R <= _MAX_R and K <= _MAX_K
-            and (x.is_cuda or (CPU and INTERPRET)))
+            and (x.is_cuda or (CPU and INTERPRET)) and (_pow2(R), x.dtype, x.device) not in TOO_LARGE)
+
+
+TOO_LARGE: set[tuple] = set()  # (padded columns, dtype, device) a launch found over the GPU's resources
+
+
+class KernelTooLarge(RuntimeError):
+    """The kernel needs more of the GPU (shared memory, registers) than it has for this shape; nothing was
+    written, and :func:`supports` refuses the shape from now on (the torch path runs it)."""
 
 
 if HAVE_TRITON:
@@ -233,9 +243,21 @@ def routed_lora_(x: torch.Tensor, y: torch.Tensor, W: torch.Tensor, Bt: torch.Te
         bias = slots = wout = torch.empty(0, device=x.device)
     if B * T > 0:
         h = torch.empty(B, T, R, device=x.device, dtype=torch.float32)  # the weighted low-rank activations
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext(), _too_large(R, x):
             _launch(x, W, bias, slots, h, Bt, y, wout, B, T, IN, OUT, R, gate_k, finish, top_k, gate)
     return wout if gate else None
+
+
+@contextlib.contextmanager
+def _too_large(R: int, x: torch.Tensor):
+    """Turn Triton's out-of-resources error at launch into :class:`KernelTooLarge`, remembering the shape. The
+    shrink writes only its scratch and the gate's weights, so a failure of either launch leaves ``y`` as it was
+    unless the expand ran (which it does only after the shrink launched)."""
+    try:
+        yield
+    except OutOfResources as e:
+        TOO_LARGE.add((_pow2(R), x.dtype, x.device))
+        raise KernelTooLarge(str(e)) from e
 
 
 def _launch(x, W, bias, slots, h, Bt, y, wout, B, T, IN, OUT, R, gate_k, finish, top_k, gate) -> None:

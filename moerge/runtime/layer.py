@@ -19,8 +19,10 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from moerge.core.fingerprint import linear_shape
 from moerge.routing import LayerInfo, RoutingContext, RoutingState
+from moerge.runtime import kernels
 from moerge.runtime.bank import ModuleBank, adapter_dtype
 from moerge.runtime.joined import JoinedState
+from moerge.runtime.siblings import Siblings, group_step, version
 
 __all__ = ["ExpertLinear"]
 
@@ -35,10 +37,12 @@ class ExpertLinear(nn.Module):
     wraps_linear = True  # lower layers find the original module as base_layer (moerge.core.fingerprint)
 
     def __init__(self, base_layer: nn.Module, name: str, index: int, context: RoutingContext,
-                 bank_device: torch.device | None = None) -> None:
+                 bank_device: torch.device | None = None, siblings: Siblings | None = None) -> None:
         """``index`` is the module's place among the model's patched modules, in patch order (its key in a call's
-        gathered factors), not the transformer block it belongs to."""
+        gathered factors), not the transformer block it belongs to; ``siblings``: the model's groups of modules
+        that read one input (:mod:`moerge.runtime.siblings`), shared by its layers."""
         super().__init__()
+        self._siblings = siblings
         self.bank_device = bank_device  # where the bank stays (None: with the base layer, moved along with it)
         self.base_layer = base_layer
         self.module_name = name
@@ -86,7 +90,11 @@ class ExpertLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         state = self._context.current
-        if state is None or not self.touched_by(state):
+        if state is None:
+            return y
+        if self._siblings is not None and x.dim() == 3 and x.shape[1] > 1:  # a prompt: see who reads this input
+            self._siblings.observe(self.patch_index, x)
+        if not self.touched_by(state):
             return y
         return self.add_experts(state, x, y)
 
@@ -107,7 +115,44 @@ class ExpertLinear(nn.Module):
             if x.shape[0] % rows == 0:
                 flat = y.shape
                 return mix(state, x.reshape(rows, -1, x.shape[-1]), y.reshape(rows, -1, y.shape[-1])).reshape(flat)
+        if not split and x.dim() == 3 and self._siblings is not None:
+            out = self._sibling_mix(state, x, y)
+            if out is not None:
+                return out
         return mix(state, x, y)
+
+    def _sibling_mix(self, state: RoutingState | JoinedState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """``y`` plus the experts' part through the step this module shares with its siblings (computed by the
+        first of them called with ``x``, kept on the call's state for the others); ``None`` when it has no
+        siblings or the shared step does not apply (the module's own step runs)."""
+        group = self._siblings.group_of.get(self.patch_index)
+        if group is None or y.requires_grad or x.is_cuda or kernels.CPU:
+            return None
+        b = x.shape[0]
+        g = state.gathered[self.patch_index].for_batch(b)
+        if x.dtype != g.dtype or y.dtype != g.dtype or (state.local and not g.gate_fused):
+            return None
+        shared = state.__dict__.setdefault("_sibling_steps", {})
+        entry = shared.get((group, b))
+        if entry is None:
+            parts = [(i, state.gathered[i].for_batch(b)) for i in group if state.gathered.get(i) is not None]
+            step = group_step(parts, state.router.config if state.local else None)
+            places, off = {}, 0
+            for j, (i, part) in enumerate(parts if step is not None else []):
+                r = part.lora.Bt.shape[1]
+                places[i] = (off, off + r, j)
+                off += r
+            entry = shared[(group, b)] = [step, places, None]
+        if entry[0] is None:
+            return None
+        kept = entry[2]
+        if kept is None or kept[0] is not x or kept[1] != version(x):
+            kept = entry[2] = (x, version(x), *entry[0](x))
+        start, end, j = entry[1][self.patch_index]
+        y = y.baddbmm_(kept[2][:, :, start:end], g.lora.Bt)
+        if state.record_usage and kept[3] is not None:
+            state.record(self.module_name, kept[3][:, :, j, :], self.patch_index)
+        return y
 
     def _mix(self, state: RoutingState | JoinedState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y`` (the base output for ``x``) plus the experts' contribution under ``state``'s routing."""

@@ -184,16 +184,18 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
             train_in: where routing data is trained while the model serves: ``"process"`` (a forked child, with
                 its own GIL and a lower CPU priority), ``"thread"`` or ``"auto"`` (a process where ``fork`` exists
                 and the base is not on CUDA).
-            cache_bytes: the host memory the experts' factors may take. The model reads only the library's
-                manifest and each expert's ``expert.json`` when it is built; an expert's factors are read (checked
-                against their sha256) when a call first has it among its candidates, before the call's prefill, and
-                the least recently used are dropped past this budget (``None``: no budget, nothing dropped). When
-                the layers keep the experts on an accelerator (a CUDA base, ``expert_device`` not ``"cpu"``), this
-                is the budget of a host tier that keeps the experts read from the library, so that one dropped
-                from the device returns by a copy from host memory, not a read of its files. See :meth:`cache_stats`.
+            cache_bytes: the memory the experts' factors may take where the layers keep them (see
+                ``expert_device``). The model reads only the library's manifest and each expert's ``expert.json``
+                when it is built; an expert's factors are read (checked against their sha256) when a call first
+                has it among its candidates, before the call's prefill, and the least recently used are dropped
+                past this budget (``None``: no budget, nothing dropped). With ``device_cache_bytes`` and the layers
+                keeping the experts on an accelerator, this is instead the budget of a host tier that keeps the
+                experts read from the library, so that one dropped from the device returns by a copy from host
+                memory, not a read of its files. See :meth:`cache_stats`.
             pin: experts read at once and never dropped.
-            device_cache_bytes: the accelerator memory the experts' factors may take when the layers keep them
-                there (least recently used dropped past it, to the host tier; ``None``: no budget).
+            device_cache_bytes: two tiers: the accelerator memory the experts' factors may take when the layers
+                keep them there (least recently used dropped past it, kept in host memory within ``cache_bytes``).
+                ``None``: one tier, ``cache_bytes``, wherever the layers keep the experts.
         """
         if isinstance(base, (str, Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -381,7 +383,7 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> MoErgeModel:
         super()._apply(fn, recurse)  # .to(dtype) also casts the banks: the experts' sizes change
         with self.expert_set.lock:
-            self.expert_set.resize()
+            self.expert_set.moved()
         return self
 
     def __getstate__(self) -> dict[str, Any]:

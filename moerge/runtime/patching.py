@@ -25,6 +25,7 @@ from moerge.routing import RoutingContext
 from moerge.runtime.bank import ModuleBank, adapter_dtype
 from moerge.runtime.layer import ExpertLinear
 from moerge.runtime.moe import ExpertMoE, ExpertRouter, StackedTarget
+from moerge.runtime.siblings import Siblings
 from moerge.runtime.stacked import StackedBank
 
 __all__ = ["Patching"]
@@ -44,6 +45,7 @@ class Patching:
     expert_device: torch.device | None
     lock: Any
     _fits: set[tuple]
+    siblings: Siblings  # the groups of patched modules that read one input (moerge.runtime.siblings)
 
     def require_active(self) -> None:  # pragma: no cover - given by the set
         raise NotImplementedError
@@ -113,7 +115,7 @@ class Patching:
         parent = self.base.get_submodule(parent_name) if parent_name else self.base
         empty = self._empty_bank(module_name)
         layer = ExpertLinear(getattr(parent, attr), module_name, len(self.layers), self.context,
-                             bank_device=self.expert_device)
+                             bank_device=self.expert_device, siblings=self.siblings)
         layer.bank = empty  # in the experts' dtype
         setattr(parent, attr, layer)
         self.layers[module_name] = layer

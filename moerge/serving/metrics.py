@@ -47,7 +47,10 @@ class _CacheCollector(Collector):
                                  ("pinned", s.pinned, "experts kept resident whatever the budget")]:
             yield GaugeMetricFamily(f"moerge_expert_cache_{name}", doc, value=value)
         if s.budget_bytes is not None:
-            yield GaugeMetricFamily("moerge_expert_cache_budget_bytes", "the cache's budget", value=s.budget_bytes)
+            yield GaugeMetricFamily("moerge_expert_cache_budget_bytes", "the banks' budget", value=s.budget_bytes)
+        if s.host_budget_bytes is not None:
+            yield GaugeMetricFamily("moerge_expert_cache_host_budget_bytes", "the host tier's budget (two tiers)",
+                                    value=s.host_budget_bytes)
         if s.host_budget_bytes is not None or s.host_resident or s.host_hits:  # two tiers: banks on an accelerator
             yield CounterMetricFamily("moerge_expert_cache_host_hits", "misses of the device's banks served from host "
                                       "memory", value=s.host_hits)

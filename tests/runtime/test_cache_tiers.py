@@ -99,7 +99,7 @@ def test_the_device_budget_bounds_the_banks_and_the_host_tier_spares_the_files(l
 
 def test_the_host_tier_keeps_within_cache_bytes(lib, device, reads):
     want = _run(_model(lib, device, pin=NAMES), device)
-    probe = _model(lib, device)
+    probe = _model(lib, device, device_cache_bytes=1)  # two tiers, the host one unbounded: every expert kept
     _run(probe, device)
     host_sizes = {n: e[2] for n, e in probe.expert_set.cache.host.held.items()}
     host_budget = host_sizes["e0"] + host_sizes["e1"] + 1
@@ -150,6 +150,38 @@ def test_replacing_an_expert_forgets_its_host_copy():
     cache.host.held["x"] = (b, None, 4)
     cache.forget("x")
     assert "x" not in cache.host.held
+
+
+def test_without_a_device_budget_the_banks_on_an_accelerator_are_one_tier(lib, device, reads):
+    everything = _model(lib, device, pin=NAMES)
+    want = _run(everything, device)
+    budget = max(everything.expert_set.cache.sizes.values()) * 3
+    reads.clear()
+    model = _model(lib, device, cache_bytes=budget)  # as before two tiers existed: cache_bytes bounds the banks
+    _same(_run(model, device), want, device)
+    stats = model.cache_stats()
+    assert stats.budget_bytes == budget and stats.resident_bytes <= budget and stats.evictions > 0
+    assert (stats.host_resident, stats.host_bytes, stats.host_hits, stats.host_budget_bytes) == (0, 0, 0, None)
+    assert len(reads) == stats.misses  # nothing kept twice: every miss read from the files
+
+
+def test_moving_the_banks_keeps_each_tiers_budget(lib, monkeypatch):
+    where = {"device": torch.device("cuda")}
+    monkeypatch.setattr(Residency, "_banks_device", lambda self: where["device"])
+    sizes = _model(lib, "cpu", pin=NAMES).expert_set.cache.sizes
+    model = _model(lib, "cpu", device_cache_bytes=max(sizes.values()) * 2)
+    _run(model, "cpu")
+    assert model.cache_stats().host_resident == len(NAMES)
+    where["device"] = torch.device("cpu")  # as after model.to("cpu"): one tier, the host copies dropped
+    model.to(torch.float32)
+    stats = model.cache_stats()
+    assert model.expert_set.cache.host.held == {} and stats.host_budget_bytes is None
+    _run(model, "cpu")  # one tier without a budget: every expert stays in the banks
+    assert model.cache_stats().resident == len(NAMES)
+    where["device"] = torch.device("cuda")  # as after model.to("cuda"): the device budget applies at once
+    model.to(torch.float32)
+    stats = model.cache_stats()
+    assert stats.resident_bytes <= max(sizes.values()) * 2 and stats.evictions > 0
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "1GB", True])

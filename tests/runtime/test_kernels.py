@@ -166,6 +166,32 @@ def test_routed_model_with_the_kernel_equals_the_torch_path(interpreted, monkeyp
     assert torch.equal(gen, model.generate(ids, **kw))
 
 
+def test_a_shape_the_gpu_cannot_launch_falls_back_to_the_torch_path(interpreted, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    model = _model()
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        monkeypatch.setattr(interpreted, "ENABLED", False)
+        ref = model(input_ids=ids).logits
+        monkeypatch.setattr(interpreted, "ENABLED", True)
+        launches = []
+
+        def too_large(*a, **k):
+            launches.append(1)
+            raise OutOfResources(300_000, 232_448, "shared memory")
+
+        monkeypatch.setattr(interpreted, "_launch", too_large)
+        monkeypatch.setattr(interpreted, "TOO_LARGE", set())
+        out = model(input_ids=ids).logits
+        tried = len(launches)
+        again = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, ref, atol=1e-5, rtol=1e-5)
+    assert tried and len(launches) == tried  # the shapes refused once are not launched again
+    assert interpreted.TOO_LARGE and all(d == torch.float32 for _, d, _ in interpreted.TOO_LARGE)
+
+
 def test_the_kernel_is_not_used_for_selections_it_does_not_do(interpreted, monkeypatch):
     model = _model()
     model.set_router(build_router("arrow", top_k=2, top_p=0.5))
