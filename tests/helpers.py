@@ -238,3 +238,33 @@ def ray_serving(build, library: str, replicas: int = 2):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+CACHE_NAMES = [f"e{i}" for i in range(6)]
+
+
+def six_expert_library(path):
+    """Six experts of different ranks and modules (the banks hold slots of several sizes), on tiny_chat_llama."""
+    from moerge import ExpertLibrary
+
+    base = tiny_chat_llama()
+    lib = ExpertLibrary.create(path, base_model=base)
+    for i, n in enumerate(CACHE_NAMES):
+        mods = ("q_proj", "v_proj", "down_proj") if i % 2 else ("q_proj", "o_proj", "up_proj", "gate_proj")
+        lib.add(rand_expert(base, n, seed=i, rank=2 + i, modules=mods, description=f"expert {n}"))
+    return lib
+
+
+def count_reads(monkeypatch) -> list[str]:
+    """The names of the experts whose weights files are read from now on, one entry per read."""
+    from moerge.library.experts import ExpertFiles
+
+    got: list[str] = []
+    real = ExpertFiles.load
+
+    def load(self, name, files):
+        got.append(name)
+        return real(self, name, files)
+
+    monkeypatch.setattr(ExpertFiles, "load", load)
+    return got

@@ -12,33 +12,14 @@ from moerge import ExpertLibrary, MoErgeModel
 from moerge.errors import LibraryError
 from moerge.library.experts import ExpertFiles
 
-from helpers import rand_expert, tiny_chat_llama, tiny_tokenizer
+from helpers import CACHE_NAMES, rand_expert, six_expert_library, tiny_chat_llama, tiny_tokenizer
 
-NAMES = [f"e{i}" for i in range(6)]
+NAMES = CACHE_NAMES
 
 
 @pytest.fixture
 def lib(tmp_path):
-    base = tiny_chat_llama()
-    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
-    for i, n in enumerate(NAMES):  # different ranks and modules: the banks hold slots of several sizes
-        mods = ("q_proj", "v_proj", "down_proj") if i % 2 else ("q_proj", "o_proj", "up_proj", "gate_proj")
-        lib.add(rand_expert(base, n, seed=i, rank=2 + i, modules=mods, description=f"expert {n}"))
-    return lib
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """Names of the experts whose weights were read (each read of a weights file)."""
-    got: list[str] = []
-    real = ExpertFiles.load
-
-    def load(self, name, files):
-        got.append(name)
-        return real(self, name, files)
-
-    monkeypatch.setattr(ExpertFiles, "load", load)
-    return got
+    return six_expert_library(tmp_path / "lib")
 
 
 def _model(lib, **kw):

@@ -13,38 +13,19 @@ import copy
 import pytest
 import torch
 
-from moerge import ExpertLibrary, MoErgeModel
-from moerge.library.experts import ExpertFiles
+from moerge import MoErgeModel
 from moerge.runtime.cache import ExpertCache, HostTier, Residency
 
-from helpers import rand_expert, tiny_chat_llama, tiny_tokenizer
+from helpers import CACHE_NAMES, six_expert_library, tiny_chat_llama, tiny_tokenizer
 
-NAMES = [f"e{i}" for i in range(6)]
+NAMES = CACHE_NAMES
 MIXES = [[{"e0": 1.0}, {"e1": 0.5, "e2": 0.5}], [{"e3": 1.0}, {"e4": 0.7, "e5": 0.3}],
          [{"e0": 0.2, "e5": 0.8}, {"e2": 1.0}], [{"e1": 1.0}, {"e3": 0.5, "e0": 0.5}]]
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    base = tiny_chat_llama()
-    lib = ExpertLibrary.create(tmp_path_factory.mktemp("tiers") / "lib", base_model=base)
-    for i, n in enumerate(NAMES):
-        mods = ("q_proj", "v_proj", "down_proj") if i % 2 else ("q_proj", "o_proj", "up_proj", "gate_proj")
-        lib.add(rand_expert(base, n, seed=i, rank=2 + i, modules=mods, description=f"expert {n}"))
-    return lib
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    got: list[str] = []
-    real = ExpertFiles.load
-
-    def load(self, name, files):
-        got.append(name)
-        return real(self, name, files)
-
-    monkeypatch.setattr(ExpertFiles, "load", load)
-    return got
+    return six_expert_library(tmp_path_factory.mktemp("tiers") / "lib")
 
 
 @pytest.fixture(params=["cpu-as-accelerator", pytest.param("cuda", marks=[
