@@ -143,13 +143,19 @@ class HostTier:
     def used(self) -> int:
         return sum(entry[2] for entry in self.held.values())
 
-    def get(self, name: str, source: StoredExpert | None) -> Expert | None:
+    def get(self, name: str, source: StoredExpert | None, *, count: bool = True) -> Expert | None:
+        """The expert kept for ``name`` if it was read from ``source`` (``count``: a hit of the banks' miss)."""
         entry = self.held.get(name)
         if entry is None or entry[0] is not source:
             return None
         self.held.move_to_end(name)
-        self.hits += 1
+        self.hits += count
         return entry[1]
+
+    def holds(self, name: str, expert: Expert) -> bool:
+        """Whether ``expert`` is the very copy kept for ``name``."""
+        entry = self.held.get(name)
+        return entry is not None and entry[1] is expert
 
     def put(self, source: StoredExpert, expert: Expert) -> None:
         size = _nbytes(expert)
@@ -350,8 +356,8 @@ class Residency:
         with self.lock:  # an expert removed meanwhile, or held in memory, has none: the next routing sees it
             self._tiers()
             sources = [s for n in names if (s := self.cache.sources.get(n)) is not None]
-            kept = {s.name: (s, e) for s in sources if self.cache.two_tiers
-                    and (e := self.cache.host.get(s.name, s)) is not None}
+            kept = {s.name: (s, e) for s in sources if self.cache.two_tiers  # counted if they are taken in
+                    and (e := self.cache.host.get(s.name, s, count=False)) is not None}
         sources = [s for s in sources if s.name not in kept]
         t = time.perf_counter()
         got = _read_all(sources)
@@ -369,7 +375,8 @@ class Residency:
             t = time.perf_counter()
             self._tiers()
             ready = {n: e for n in need if (e := self._staged(n, staged)) is not None}
-            if self.cache.two_tiers:  # the host tier, for the rest
+            if self.cache.two_tiers:  # staged from the host tier (read_experts), then the host tier for the rest
+                self.cache.host.hits += sum(self.cache.host.holds(n, e) for n, e in ready.items())
                 ready.update({n: e for n in need if n not in ready
                               and (e := self.cache.host.get(n, self.cache.sources.get(n))) is not None})
             rest = [n for n in need if n not in ready]
