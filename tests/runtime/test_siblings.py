@@ -21,7 +21,7 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 def _model(router="arrow", dtype=torch.float32, modules=ALL, **kw):
     base = tiny_llama()
-    model = MoErgeModel(copy.deepcopy(base).to(dtype), build_router(router, **kw))
+    model = MoErgeModel(copy.deepcopy(base).to(dtype), build_router(router, **kw), expert_dtype=dtype)
     experts = [rand_expert(base, f"e{i}", seed=i, rank=(2, 4, 3)[i % 3],
                            modules=modules if i % 2 else tuple(m for m in modules if m != "k_proj"))
                for i in range(5)]
@@ -161,12 +161,16 @@ def test_sequence_weights_share_the_shrink():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_generate_with_beams_and_half_precision_gives_the_same_tokens():
-    model = _model(dtype=torch.bfloat16, top_k=2)
+def test_generate_with_beams_and_half_precision_gives_the_same_tokens(monkeypatch):
+    model = _model(dtype=torch.bfloat16, top_k=2)  # bfloat16 experts too: the shared step runs in bfloat16
     ids = _ids(rows=2)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0, num_beams=2)
+    model.generate(ids, **kw)  # the groups
+    shared = []
+    real = S.group_step
+    monkeypatch.setattr("moerge.runtime.layer.group_step", lambda *a: shared.append(real(*a)) or shared[-1])
     fused = model.generate(ids, **kw)
-    assert model.expert_set.siblings.group_of
+    assert shared and all(step is not None for step in shared)
     groups = _alone(model)
     alone = model.generate(ids, **kw)
     model.expert_set.siblings.group_of.update(groups)
