@@ -40,17 +40,17 @@ def main(argv: list[str] | None = None) -> None:
     ids = torch.randint(3, base.config.vocab_size, (args.batch, args.prompt))
     groups = model.expert_set.siblings.group_of
     times: dict[str, list[float]] = {"base": [], "shared": [], "alone": []}
-    with contextlib.ExitStack() as stack, torch.inference_mode():
+    with torch.inference_mode():
         loops = {}
         for name, m in (("base", base), ("shared", model), ("alone", model)):
             state = model.route(input_ids=ids) if m is model else None
             loops[name] = [m.base if m is model else m, state, None, None]
-        for name, loop in loops.items():  # the prompts (the first one shows the groups)
+        for loop in loops.values():  # the prompts (the first one shows the groups)
             with model.context.activate(loop[1]) if loop[1] is not None else contextlib.nullcontext():
                 out = loop[0](input_ids=ids, use_cache=True)
             loop[2], loop[3] = out.past_key_values, out.logits[:, -1:].argmax(-1)
         saved = dict(groups)
-        for step in range(args.steps):
+        for _ in range(args.steps):
             for name, loop in loops.items():
                 groups.clear()
                 if name == "shared":
@@ -61,7 +61,6 @@ def main(argv: list[str] | None = None) -> None:
                     times[name].append(time.perf_counter() - t)
                 loop[2], loop[3] = out.past_key_values, out.logits[:, -1:].argmax(-1)
         groups.update(saved)
-        stack.close()
     skip = min(5, args.steps // 4)
     med = {k: statistics.median(v[skip:]) for k, v in times.items()}
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a][skip:], times[b][skip:]))  # noqa: E731

@@ -22,7 +22,7 @@ from moerge.routing import LayerInfo, RoutingContext, RoutingState
 from moerge.runtime import kernels
 from moerge.runtime.bank import ModuleBank, adapter_dtype
 from moerge.runtime.joined import JoinedState
-from moerge.runtime.siblings import Siblings, group_step, version
+from moerge.runtime.siblings import MAX_ROWS, Siblings, group_step, version
 
 __all__ = ["ExpertLinear"]
 
@@ -126,9 +126,9 @@ class ExpertLinear(nn.Module):
         first of them called with ``x``, kept on the call's state for the others); ``None`` when it has no
         siblings or the shared step does not apply (the module's own step runs)."""
         group = self._siblings.group_of.get(self.patch_index)
-        if group is None or y.requires_grad or x.is_cuda or kernels.CPU:
-            return None
         b = x.shape[0]
+        if group is None or b > MAX_ROWS or y.requires_grad or x.is_cuda or kernels.CPU:
+            return None
         g = state.gathered[self.patch_index].for_batch(b)
         if x.dtype != g.dtype or y.dtype != g.dtype or (state.local and not g.gate_fused):
             return None
