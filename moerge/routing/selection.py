@@ -87,6 +87,12 @@ class SelectionConfig:
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         return select_weights(logits, self.top_k, self.top_p, self.null_logit)
 
+    @property
+    def plain(self) -> bool:
+        """A top-k (or all-candidates) selection, without top-p or a null expert: what a layer's fused step and the
+        Triton kernel do."""
+        return self.top_p is None and self.null_logit is None
+
 
 Combine = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

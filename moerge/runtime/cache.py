@@ -175,10 +175,11 @@ class ExpertCache:
     """The residency book of one model's experts (the caller holds the model's lock).
 
     Args:
-        budget: bytes of host memory the experts' factors may take (``cache_bytes``; ``None``: no limit; experts
-            are still read only when first needed): the banks' when they are in host memory, else the host tier's.
+        budget: bytes the experts' factors may take (``cache_bytes``; ``None``: no limit; experts are still read
+            only when first needed): the banks', or the host tier's with two tiers.
         pin: names that, once known, are read at once and never evicted.
-        device_budget: bytes the banks may take when they are on an accelerator (``device_cache_bytes``).
+        device_budget: bytes the banks may take when they are on an accelerator (``device_cache_bytes``; ``None``:
+            one tier).
     """
 
     def __init__(self, budget: int | None = None, pin: Iterable[str] = (), device_budget: int | None = None) -> None:

@@ -124,7 +124,7 @@ class GatheredModule(ForBatch):
                 return y.baddbmm_(bmm(x, W), Bt), None
 
             return seq_step
-        if g.gate is None or selection is None or selection.top_p is not None or selection.null_logit is not None:
+        if g.gate is None or selection is None or not selection.plain:
             return None
         kg, logits, select, cast = g.gate.k, g.gate.logits, selection.select, dt != torch.float32
 
@@ -136,6 +136,13 @@ class GatheredModule(ForBatch):
 
         return gate_step
 
+    def fast_path(self, x: torch.Tensor, y: torch.Tensor, gate_outside: bool) -> bool:
+        """Whether a step on ``x`` (in the factors' dtype) adding into ``y`` may run the CPU closures
+        (:meth:`fast_step`, and the siblings' shared step): on CPU without the kernel, no autograd, ``y`` in the
+        factors' dtype, and no gate computed outside the layer (``gate_outside``)."""
+        return (not gate_outside and not y.requires_grad and y.dtype == self.dtype
+                and not (x.is_cuda or kernels.CPU))
+
     def _kernel_top_k(self, x: torch.Tensor, y: torch.Tensor, token_weights: torch.Tensor | None,
                       selection: SelectionConfig | None) -> int | None | bool:
         """The top-k the fused kernel should use for this call, or ``False`` when the torch path must run it."""
@@ -146,7 +153,7 @@ class GatheredModule(ForBatch):
             top_k = None
         elif g.gate is None or token_weights is not None or selection is None:
             return False
-        elif selection.top_p is not None or selection.null_logit is not None:
+        elif not selection.plain:
             return False
         else:
             top_k = selection.top_k
@@ -173,8 +180,7 @@ class GatheredModule(ForBatch):
     def _mix(self, x: torch.Tensor, y: torch.Tensor, token_weights: torch.Tensor | None,
              selection: SelectionConfig | None) -> Mixed:
         xg = x if x.dtype == self.dtype else x.to(self.dtype)
-        if (token_weights is None and not y.requires_grad and y.dtype == self.dtype
-                and not (xg.is_cuda or kernels.CPU)):
+        if self.fast_path(xg, y, token_weights is not None):
             step = self.fast_step(selection)
             if step is not None:
                 return Mixed(*step(xg, y))

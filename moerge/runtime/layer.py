@@ -19,10 +19,9 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from moerge.core.fingerprint import linear_shape
 from moerge.routing import LayerInfo, RoutingContext, RoutingState
-from moerge.runtime import kernels
 from moerge.runtime.bank import ModuleBank, adapter_dtype
 from moerge.runtime.joined import JoinedState
-from moerge.runtime.siblings import MAX_ROWS, Siblings, group_step, version
+from moerge.runtime.siblings import MAX_ROWS, Siblings, shared_step
 
 __all__ = ["ExpertLinear"]
 
@@ -127,31 +126,18 @@ class ExpertLinear(nn.Module):
         siblings or the shared step does not apply (the module's own step runs)."""
         group = self._siblings.group_of.get(self.patch_index)
         b = x.shape[0]
-        if group is None or b > MAX_ROWS or y.requires_grad or x.is_cuda or kernels.CPU:
+        if group is None or b > MAX_ROWS:
             return None
         g = state.gathered[self.patch_index].for_batch(b)
-        if x.dtype != g.dtype or y.dtype != g.dtype or (state.local and not g.gate_fused):
+        if x.dtype != g.dtype or not g.fast_path(x, y, state.local and not g.gate_fused):
             return None
-        shared = state.__dict__.setdefault("_sibling_steps", {})
-        entry = shared.get((group, b))
-        if entry is None:
-            parts = [(i, state.gathered[i].for_batch(b)) for i in group if state.gathered.get(i) is not None]
-            step = group_step(parts, state.router.config if state.local else None)
-            places, off = {}, 0
-            for j, (i, part) in enumerate(parts if step is not None else []):
-                r = part.lora.Bt.shape[1]
-                places[i] = (off, off + r, j)
-                off += r
-            entry = shared[(group, b)] = [step, places, None]
-        if entry[0] is None:
+        step = shared_step(state, group, b)
+        if step is None:
             return None
-        kept = entry[2]
-        if kept is None or kept[0] is not x or kept[1] != version(x):
-            kept = entry[2] = (x, version(x), *entry[0](x))
-        start, end, j = entry[1][self.patch_index]
-        y = y.baddbmm_(kept[2][:, :, start:end], g.lora.Bt)
-        if state.record_usage and kept[3] is not None:
-            state.record(self.module_name, kept[3][:, :, j, :], self.patch_index)
+        h, w = step.run(self.patch_index, x)
+        y = y.baddbmm_(h, g.lora.Bt)
+        if state.record_usage and w is not None:
+            state.record(self.module_name, w, self.patch_index)
         return y
 
     def _mix(self, state: RoutingState | JoinedState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

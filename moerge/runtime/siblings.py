@@ -31,7 +31,7 @@ import torch
 from moerge.routing import SelectionConfig
 from moerge.runtime.gathered import GatheredModule
 
-__all__ = ["Siblings", "group_step", "version", "MAX_ROWS"]
+__all__ = ["Siblings", "SharedStep", "group_step", "shared_step", "version", "MAX_ROWS"]
 
 MAX_ROWS = 2
 """Batches of at most this many rows share sibling steps. The saving is per torch call, which matters when a step's
@@ -105,7 +105,7 @@ def group_step(parts: list[tuple[int, GatheredModule]], selection: SelectionConf
 
         return seq_step
     gates = [g.lora.gate for g in gs]
-    if (selection is None or selection.top_p is not None or selection.null_logit is not None
+    if (selection is None or not selection.plain
             or len({gt.finish for gt in gates}) > 1 or len({gt.k for gt in gates}) > 1):
         return None
     G, k, finish = len(gs), gates[0].k, gates[0].finish
@@ -135,3 +135,38 @@ def group_step(parts: list[tuple[int, GatheredModule]], selection: SelectionConf
         return z[:, :, gk:].mul_(colw), w
 
     return gate_step
+
+
+class SharedStep:
+    """One group's shared step for one call and batch size: each member's place among the side-by-side columns,
+    and the result for the last input the step ran on (a member uses it only for that same, unmodified tensor)."""
+
+    def __init__(self, parts: list[tuple[int, GatheredModule]], selection: SelectionConfig | None) -> None:
+        self.step = group_step(parts, selection)
+        self.places: dict[int, tuple[int, int, int]] = {}  # member -> (first column, end, its place in the group)
+        off = 0
+        for j, (i, part) in enumerate(parts if self.step is not None else []):
+            r = part.lora.Bt.shape[1]
+            self.places[i] = (off, off + r, j)
+            off += r
+        self._kept: tuple | None = None  # (x, its version, h, w)
+
+    def run(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Member ``index``'s ``h (B, T, R)`` and gate weights ``(B, T, K)`` (``None``: sequence weights) for
+        ``x``, computing the group's step unless it already ran on ``x``."""
+        kept = self._kept
+        if kept is None or kept[0] is not x or kept[1] != version(x):
+            kept = self._kept = (x, version(x), *self.step(x))
+        start, end, j = self.places[index]
+        return kept[2][:, :, start:end], None if kept[3] is None else kept[3][:, :, j, :]
+
+
+def shared_step(state: Any, group: tuple[int, ...], rows: int) -> SharedStep | None:
+    """The shared step of ``group`` for a call's ``state`` (a :class:`~moerge.routing.RoutingState` or a joined
+    one) and ``rows`` rows, made once and kept on the state; ``None`` when its members cannot share one."""
+    steps = state.__dict__.setdefault("_sibling_steps", {})
+    step = steps.get((group, rows))
+    if step is None:
+        parts = [(i, state.gathered[i].for_batch(rows)) for i in group if state.gathered.get(i) is not None]
+        step = steps[(group, rows)] = SharedStep(parts, state.router.config if state.local else None)
+    return step if step.step is not None else None

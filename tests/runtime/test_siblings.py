@@ -80,7 +80,7 @@ def test_a_shared_step_answers_as_each_module_alone(router, kw, monkeypatch):
         shared_steps.append(step is not None)
         return step
 
-    monkeypatch.setattr("moerge.runtime.layer.group_step", spy)
+    monkeypatch.setattr("moerge.runtime.siblings.group_step", spy)
     fused, trace = _decode(model, ids), model.last_routing
     assert shared_steps and all(shared_steps)  # every group shared its step
     groups = _alone(model)
@@ -168,7 +168,7 @@ def test_generate_with_beams_and_half_precision_gives_the_same_tokens(monkeypatc
     model.generate(ids, **kw)  # the groups
     shared = []
     real = S.group_step
-    monkeypatch.setattr("moerge.runtime.layer.group_step", lambda *a: shared.append(real(*a)) or shared[-1])
+    monkeypatch.setattr("moerge.runtime.siblings.group_step", lambda *a: shared.append(real(*a)) or shared[-1])
     fused = model.generate(ids, **kw)
     assert shared and all(step is not None for step in shared)
     groups = _alone(model)
@@ -181,7 +181,7 @@ def test_larger_batches_step_each_module_alone(monkeypatch):
     model = _model(top_k=2)
     ids = _ids(rows=S.MAX_ROWS + 1)
     _decode(model, ids)
-    monkeypatch.setattr("moerge.runtime.layer.group_step", lambda *a: pytest.fail("a shared step at a large batch"))
+    monkeypatch.setattr("moerge.runtime.siblings.group_step", lambda *a: pytest.fail("a shared step at a large batch"))
     _decode(model, ids)
     assert model.expert_set.siblings.group_of  # the groups are known, and not used
 
