@@ -39,6 +39,7 @@ zoo: $(STAMP)
 	$(PY) -m moerge.lab.zoo gates --negatives 1
 	$(PY) -m moerge.lab.zoo lda --positions answer
 	$(PY) -m moerge.lab.zoo lda --positions all
+	$(PY) -m moerge.lab.zoo lda --positions all --base-only
 	$(PY) -m moerge.lab.zoo xlora
 
 MERGES := merge:task_arithmetic?scale=0.3,merge:ties?density=0.2,merge:dare_linear?density=0.3&weight=0.3,\
@@ -54,10 +55,11 @@ compress:bitdelta,compress:svd?rank=2,compress:svd?rank=1
 EVAL_LIMIT ?= 30
 eval: $(STAMP)
 	$(PY) -m moerge.lab.calibrate --limit 8 --out results
+	$(PY) -m moerge.lab.calibrate --prompt --limit 16 --out results
 	$(PY) -m moerge.lab.eval --limit $(EVAL_LIMIT) --retrieval --identify 4 --out results \
-	  --methods base,oracle,uniform,twin,glider_global,router:glider,router:lda,router:phatgoose,router:phatgoose?negatives=8,router:arrow,router:xlora
+	  --methods base,oracle,uniform,twin,glider_global,router:glider,router:lda,router:lda_prompt,router:phatgoose,router:phatgoose?negatives=8,router:arrow,router:xlora
 	$(PY) -m moerge.lab.eval --limit $(EVAL_LIMIT) --phrasing unseen --identify 4 --out results/unseen \
-	  --methods oracle,glider_global,router:glider,router:lda,router:phatgoose,router:phatgoose?negatives=8,router:xlora
+	  --methods oracle,glider_global,router:glider,router:lda,router:lda_prompt,router:phatgoose,router:phatgoose?negatives=8,router:xlora
 	$(PY) -m moerge.lab.eval --limit $(EVAL_LIMIT) --out results --update --methods "$(MERGES),$(COMPRESSIONS)"
 
 lint: $(STAMP)

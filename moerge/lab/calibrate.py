@@ -12,7 +12,12 @@
 Both are then log-probabilities on one scale, so GLIDER adds them (log-prior plus log-likelihood). The dev split
 shares neither phrasings nor inputs with the test split the tables report.
 
-``python -m moerge.lab.calibrate [--limit 8] [--local lda]`` prints both and saves ``calibration.json``.
+* Per sequence, LDA over the prompt (``lda_prompt``): its ``temperature`` minimises the negative log-likelihood of
+  each dev prompt's true expert under ``softmax(score / τ)`` over every expert (``--prompt``: this one alone, saved
+  as ``calibration_prompt.json`` with the share of prompts whose best score is their own expert's).
+
+``python -m moerge.lab.calibrate [--limit 8] [--local lda]`` prints GLIDER's and saves ``calibration.json``;
+``python -m moerge.lab.calibrate --prompt --limit 16`` calibrates ``lda_prompt``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 
 from moerge.lab.tasks import Example
 
-__all__ = ["calibrate_global", "calibrate_local", "GRID"]
+__all__ = ["calibrate_global", "calibrate_local", "calibrate_prompt", "GRID"]
 
 GRID = tuple(round(10 ** (k / 8), 6) for k in range(-24, 25))  # 0.001 … 1000, eight steps a decade
 
@@ -59,6 +64,55 @@ def calibrate_local(model: Any, tokenizer: Any, examples: Sequence[Example], rou
     return ident.best_temperature(), curve, ident
 
 
+def calibrate_prompt(model: Any, tokenizer: Any, examples: Sequence[Example], router: Any,
+                     grid: Sequence[float] | None = None, batch_size: int = 16,
+                     ) -> tuple[float, dict[float, float], float]:
+    """``(τ, {τ: mean NLL per prompt}, share identified)`` of ``router``'s per-sequence scores
+    (:meth:`~moerge.routers.lda_prompt.PromptLDARouter.prompt_scores`, every expert) over ``examples``' chat
+    prompts."""
+    from moerge.routing import RoutingRequest
+    from moerge.routing.training import chat_prompt
+
+    grid = tuple(grid or [t for t in GRID if t <= 10])
+    model.set_router(router)
+    names = tuple(model.experts)
+    scores = []
+    for i in range(0, len(examples), batch_size):
+        chunk = [chat_prompt(tokenizer, e.prompt) for e in examples[i : i + batch_size]]
+        b = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        scores.append(router.prompt_scores(RoutingRequest(b["input_ids"], b["attention_mask"], names)))
+    s = torch.cat(scores).double()  # (N, E)
+    true = torch.tensor([names.index(e.task) for e in examples])
+    curve = {t: float(-torch.log_softmax(s / t, dim=-1).gather(1, true.unsqueeze(1)).mean()) for t in grid}
+    return min(curve, key=curve.get), curve, float((s.argmax(-1) == true).double().mean())
+
+
+def _prompt_main(args: argparse.Namespace, argv: list[str] | None) -> None:
+    from moerge.lab.defaults import default_base
+    from moerge.lab.identify import identification_examples
+    from moerge.lab.zoo import DEFAULT_ZOO
+    from moerge.routers import build_router
+    from moerge.runtime.model import MoErgeModel
+
+    t0 = time.time()
+    base, tok = default_base()
+    model = MoErgeModel.from_library(base, args.library or DEFAULT_ZOO, tokenizer=tok, router="explicit")
+    examples = identification_examples("dev", args.limit)
+    router = build_router("lda_prompt")
+    tp, curve, share = calibrate_prompt(model, tok, examples, router)
+    print(f"lda_prompt temperature {tp} (NLL {curve[tp]:.4f} per prompt; at 1: {curve[1.0]:.4f}); prompts "
+          f"identified {100 * share:.1f}% ({router.routing_kind}, window {router.config.window})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"split": "dev", "limit": args.limit, "router": "lda_prompt", "kind": router.routing_kind,
+              "window": router.config.window, "temperature": tp, "identified": share,
+              "nll": {str(k): v for k, v in curve.items()}, "seconds": round(time.time() - t0),
+              "command": "python -m moerge.lab.calibrate " + " ".join(argv if argv is not None else
+                                                                      __import__("sys").argv[1:])}
+    (out / "calibration_prompt.json").write_text(json.dumps(record, indent=2))
+    print(f"saved {out / 'calibration_prompt.json'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moerge.lab.calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=8, help="dev examples per held-in task")
     ap.add_argument("--local", default="lda", help="the local gate to calibrate (its temperature)")
     ap.add_argument("--out", default="results", help="folder for calibration.json")
+    ap.add_argument("--prompt", action="store_true", help="calibrate lda_prompt's temperature alone")
     args = ap.parse_args(argv)
+    if args.prompt:
+        _prompt_main(args, argv)
+        return
     from moerge.lab.defaults import default_base
     from moerge.lab.identify import identification_examples
     from moerge.lab.zoo import DEFAULT_ZOO

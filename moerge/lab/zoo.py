@@ -145,10 +145,10 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_siz
 
 
 def build_lda(library: str | Path = DEFAULT_ZOO, *, base: Any = None, tokenizer: Any = None, force: bool = False,
-              positions: str = "answer", log=print) -> ExpertLibrary:
+              positions: str = "answer", with_expert: bool = True, log=print) -> ExpertLibrary:
     """Compute and store the LDA router's statistics of every zoo expert that has none for its current weights
     (from its stored example prompts, as the router does for any expert added); ``force``: of every expert (after a
-    change to how they are computed)."""
+    change to how they are computed); ``with_expert=False``: of the base alone (``lda_prompt``'s)."""
     from moerge.lab.defaults import default_base
     from moerge.routers.lda import LDAConfig, LDARouter
     from moerge.runtime.model import MoErgeModel
@@ -156,7 +156,7 @@ def build_lda(library: str | Path = DEFAULT_ZOO, *, base: Any = None, tokenizer:
     if base is None:
         base, tokenizer = default_base()
     t0 = time.time()
-    router = LDARouter(LDAConfig(positions=positions))
+    router = LDARouter(LDAConfig(positions=positions, with_expert=with_expert))
     if force:  # dropped, so the router computes them again as for any expert it takes in
         lib = ExpertLibrary.open(library)
         for name in lib.names():
@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     ld.add_argument("--force", action="store_true", help="recompute the statistics already stored")
     ld.add_argument("--positions", default="answer", choices=("answer", "all"),
                     help="'answer': LDA alone's statistics; 'all': those of GLIDER's local gate")
+    ld.add_argument("--base-only", action="store_true",
+                    help="of the base alone, without the expert (with --positions all: those of lda_prompt)")
     x = sub.add_parser("xlora", help="train the X-LoRA-style head jointly over the zoo's experts")
     x.add_argument("--library", default=str(DEFAULT_ZOO))
     x.add_argument("--steps", type=int, default=60)
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     x.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.cmd == "lda":
-        build_lda(args.library, force=args.force, positions=args.positions)
+        build_lda(args.library, force=args.force, positions=args.positions, with_expert=not args.base_only)
         return
     if args.cmd == "xlora":
         build_xlora(args.library, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
