@@ -15,6 +15,12 @@ A query is the prompt's embedding, the embedding of a short task description wri
 (``expert_vectors="centroid"``): the inputs inside example prompts average out, where with one vector per text
 (``"each"``, scored by the best match) a prompt that shares input words with another expert's example is pulled
 to it.
+
+Results retrieved elsewhere can be handed to this process (:data:`GIVEN`, a :class:`GivenRetrievals`): moerge on
+Ray Serve retrieves each prompt's experts in its ingress, to place the request, and passes the ranking to the model
+replica with the request, so the replica's router does not embed and search again. A retriever takes a handed
+ranking only for the very text it would embed and only when it was made over the same experts' texts with the same
+embedder (:meth:`ExpertRetriever.fingerprint`), so it returns what its own search would.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hashlib
 import json
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +46,7 @@ from moerge.routing.router import RouterContext
 if TYPE_CHECKING:  # pragma: no cover
     from moerge.adapters.expert import Expert
 
-__all__ = ["ExpertRetriever", "RetrievalConfig", "expert_texts", "INDEX_SUBDIR"]
+__all__ = ["ExpertRetriever", "RetrievalConfig", "expert_texts", "INDEX_SUBDIR", "GivenRetrievals", "GIVEN"]
 
 INDEX_SUBDIR = "index"  # the index's folder under the library's routing folder
 _QUERIES = ("description", "prompt", "both")
@@ -87,6 +94,63 @@ def expert_texts(expert_name: str, description: str, examples: list[str]) -> lis
     return [description.strip() or expert_name.replace("_", " ")] + [e for e in examples if e.strip()]
 
 
+class GivenRetrievals:
+    """Rankings retrieved by another process for prompts, which this process's retrievers take instead of
+    embedding and searching (see the module's docstring); the most recent ``size`` are kept.
+
+    Only trusted code fills it (moerge on Ray Serve's model replica, with what its ingress retrieved): what it holds
+    decides the candidates of every request with that prompt text.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.taken = 0  # rankings used instead of a search
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def give(self, fingerprint: str, prompt: str, names: list[str], scores: list[float]) -> dict[str, Any]:
+        """Hand over the ranking of ``prompt`` (best first, without empty slots) made by a retriever whose
+        :meth:`~ExpertRetriever.fingerprint` is ``fingerprint``; returns its entry (``entry["taken"]`` counts the
+        times it was used)."""
+        if len(names) != len(scores) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError("a given ranking needs one score per expert name")
+        entry = {"names": tuple(names), "scores": np.asarray(scores, dtype=np.float32), "taken": 0}
+        with self._lock:
+            self._items[(fingerprint, prompt)] = entry
+            self._items.move_to_end((fingerprint, prompt))
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return entry
+
+    def take(self, fingerprint: str, prompt: str, k: int, experts: int) -> tuple[list[str], np.ndarray] | None:
+        """The ``k`` best experts of ``prompt`` and their scores ``(k,)`` (padded with ``""`` and ``-inf``), when a
+        ranking was handed over for it under ``fingerprint`` that is deep enough: ``k`` experts, or all
+        ``experts`` the retriever holds; else ``None``."""
+        with self._lock:
+            entry = self._items.get((fingerprint, prompt))
+            if entry is None or len(entry["names"]) < min(k, experts):
+                return None
+            entry["taken"] += 1
+            self.taken += 1
+        names = list(entry["names"][:k])
+        scores = np.full((k,), -np.inf, dtype=np.float32)
+        scores[: len(names)] = entry["scores"][: len(names)]
+        return names + [""] * (k - len(names)), scores
+
+    def clear(self) -> None:
+        """Forget every ranking (and the count of those taken)."""
+        with self._lock:
+            self._items.clear()
+            self.taken = 0
+
+
+GIVEN = GivenRetrievals()
+"""This process's handed-over rankings, which every :class:`ExpertRetriever` looks at before it searches."""
+
+
 class ExpertRetriever:
     """The experts' texts, their FAISS index kept in step with the experts, and top-K retrieval for prompts.
 
@@ -111,6 +175,7 @@ class ExpertRetriever:
         self._fresh: set[str] = set()  # experts embedded since the index was last written
         self._version = 0  # counts the changes to write, so a write under way does not hide a later one
         self._lock = threading.RLock()  # the index is brought up to date by routing and by persist, in any thread
+        self._print: tuple[int, str | None] | None = None  # (_version, fingerprint) when last worked out
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles get a lock of their own
         return {k: v for k, v in self.__dict__.items() if k != "_lock"}
@@ -289,6 +354,42 @@ class ExpertRetriever:
             merged.remove(name)
         return merged
 
+    def fingerprint(self) -> str | None:
+        """What this retriever's results depend on besides the prompt: the embedder and every expert's texts
+        (their keys), as a hash; two retrievers with the same fingerprint rank a prompt alike. ``None`` when a
+        ranking cannot be reproduced elsewhere from the prompt alone: queries that embed a task description
+        (written by the model), or an approximate (HNSW) index, whose results depend on the order it was built in."""
+        if self.config.query != "prompt":
+            return None
+        with self._lock:
+            index = self.sync()
+            if self._print is None or self._print[0] != self._version:
+                h = hashlib.sha256(json.dumps([self.embedder.id, sorted((n, key) for n, (_, key)
+                                                                         in self._texts.items())]).encode())
+                self._print = (self._version, None if index.approximate else h.hexdigest())
+            return self._print[1]
+
+    def ranking(self, prompt: str, k: int) -> tuple[list[str], list[float], str | None]:
+        """The ``k`` best experts of ``prompt`` (empty slots left out), their scores, and the :meth:`fingerprint`
+        they were ranked under, taken together (another thread may change the experts meanwhile): what is handed
+        to another process's retrievers (:meth:`GivenRetrievals.give`)."""
+        q = self.query_vectors([prompt])
+        with self._lock:
+            names, scores = self.sync().search(q, k)
+            fingerprint = self.fingerprint()
+        kept = [(n, float(s)) for n, s in zip(names[0], scores[0]) if n]
+        return [n for n, _ in kept], [s for _, s in kept], fingerprint
+
+    def _given(self, prompts: list[str], k: int) -> list[tuple[list[str], np.ndarray] | None]:
+        """Per prompt, the ranking handed over for it (:data:`GIVEN`) that this retriever can take, or ``None``."""
+        if not len(GIVEN):
+            return [None] * len(prompts)
+        fingerprint = self.fingerprint()
+        if fingerprint is None:
+            return [None] * len(prompts)
+        experts = len(self._texts)
+        return [GIVEN.take(fingerprint, p, k, experts) for p in prompts]
+
     # --- queries --------------------------------------------------------------------------------------------------
     def query_vectors(self, prompts: list[str]) -> np.ndarray:
         """The ``(B, dim)`` unit query vectors of ``prompts`` (per ``config.query``)."""
@@ -303,7 +404,16 @@ class ExpertRetriever:
 
     def retrieve(self, prompts: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
         """The ``k`` best experts per prompt and their cosine scores ``(B, k)`` (rows padded with ``""`` and
-        ``-inf`` when there are fewer than ``k`` experts)."""
-        q = self.query_vectors(prompts)
-        with self._lock:  # not searched while persist brings it up to date in another thread
-            return self.sync().search(q, k)
+        ``-inf`` when there are fewer than ``k`` experts). A prompt whose ranking was handed over (:data:`GIVEN`)
+        is neither embedded nor searched."""
+        given = self._given(prompts, k)
+        todo = [i for i, g in enumerate(given) if g is None]
+        if todo:
+            q = self.query_vectors([prompts[i] for i in todo])
+            with self._lock:  # not searched while persist brings it up to date in another thread
+                names, scores = self.sync().search(q, k)
+            if len(todo) == len(prompts):
+                return names, scores
+            for j, i in enumerate(todo):
+                given[i] = (names[j], scores[j])
+        return [g[0] for g in given], np.stack([g[1] for g in given]).astype(np.float32, copy=False)
