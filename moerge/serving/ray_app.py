@@ -12,8 +12,14 @@ Two deployments:
   ExpertRetriever`), or the experts a request forces — and sends the request through Serve's model multiplexing
   keyed by those experts (``multiplexed_model_id``), so requests for the same experts go to a replica that already
   holds them (its :meth:`ModelReplica.warm` reads them into its expert cache once, Serve keeps the ids LRU per
-  replica). A replica that dies before it answered is retried on another; once bytes were streamed, the stream ends
-  with an error event. Responses carry the replica in ``x-moerge-replica`` (and, for JSON completions, in the
+  replica). With the request it passes the ranking it retrieved (experts and scores, for that prompt text, under
+  its retriever's :meth:`~moerge.routing.retrieval.ExpertRetriever.fingerprint`), which the replica hands to its
+  router's retriever (:data:`~moerge.routing.retrieval.GIVEN`): the global stage runs once per request, and the
+  replica's router still routes exactly as the single-process server's would (it takes the ranking only for the
+  very text it would embed, over the same experts and embedder; else it retrieves again). The ranking travels as an
+  argument of the replica's handle, never in the HTTP request: a client cannot set it. A replica that dies before
+  it answered is retried on another; none taking the request within ``replica_wait_s`` (all dead, or failing to
+  start) is a 503; once bytes were streamed, the stream ends with an error event. Responses carry the replica in ``x-moerge-replica`` (and, for JSON completions, in the
   ``moerge`` field) and the routing key they were placed by in ``x-moerge-route``.
 """
 
@@ -45,6 +51,10 @@ class RayConfig:
         max_models_per_replica: routing keys (sets of experts) a replica keeps warm, least recently used out.
         replica_cpus, replica_gpus: what each model replica reserves.
         key_experts: experts of the retrieved ranking that make the routing key (1: the top candidate).
+        candidates: experts of the retrieved ranking passed on to the replica with the request, for its router's
+            global stage (a router that asks for more retrieves again).
+        replica_wait_s: the longest the ingress waits for a model replica to take a request (none alive: all dead,
+            starting, or failing to start) before it answers 503.
         retrieval: options of the ingress's retriever (:class:`~moerge.routing.retrieval.RetrievalConfig`).
     """
 
@@ -54,6 +64,8 @@ class RayConfig:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     key_experts: int = 1
+    candidates: int = 8
+    replica_wait_s: float = 120.0
     retrieval: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -65,17 +77,22 @@ class RayConfig:
             raise ValueError(f"replica_cpus must be positive, got {self.replica_cpus!r}")
         if not isinstance(self.key_experts, int) or self.key_experts < 1:
             raise ValueError(f"key_experts must be a positive integer, got {self.key_experts!r}")
+        if not isinstance(self.candidates, int) or self.candidates < 1:
+            raise ValueError(f"candidates must be a positive integer, got {self.candidates!r}")
+        if not isinstance(self.replica_wait_s, (int, float)) or self.replica_wait_s <= 0:
+            raise ValueError(f"replica_wait_s must be positive, got {self.replica_wait_s!r}")
 
 
 def _prompt_text(path: str, body: dict[str, Any]) -> str | None:
-    """The text the global stage reads: the last user message of a chat, or a completion's prompt."""
+    """The text the global stage reads: the last user message of a chat (stripped, as the model's prompt reader
+    gives it to the router), or a completion's prompt."""
     if path.endswith("/chat/completions"):
         for message in reversed(body.get("messages") or []):
             if isinstance(message, dict) and message.get("role") == "user":
                 content = message.get("content")
                 if isinstance(content, list):  # content parts: the text ones
                     content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-                return content if isinstance(content, str) else None
+                return content.strip() if isinstance(content, str) else None
         return None
     prompt = body.get("prompt")
     return prompt if isinstance(prompt, str) else (prompt[0] if isinstance(prompt, list) and prompt
@@ -171,9 +188,22 @@ class ModelReplica:
         :func:`build_app`)."""
         return await asyncio.to_thread(self._warm, key)
 
-    async def call(self, req: dict[str, Any], key: str = "") -> AsyncIterator[Any]:
-        """One HTTP request (``method``, ``path``, ``query``, ``headers``, ``body``): yields ``{"status",
-        "headers", "replica"}``, then the body's chunks."""
+    async def call(self, req: dict[str, Any], key: str = "", given: dict[str, Any] | None = None
+                   ) -> AsyncIterator[Any]:
+        """One HTTP request (``method``, ``path``, ``query``, ``headers``, ``body``): yields ``{"taken":
+        replica}`` at once, then ``{"status", "headers", "replica"}``, the body's chunks, and, when the request came
+        with the ingress's ranking ``given`` (``fingerprint``, ``prompt``, ``names``, ``scores``: see
+        :meth:`Ingress.place`), ``{"global_stage": "ingress"}`` if the router took it, else ``"replica"``."""
+        yield {"taken": self.replica}
+        entry = None
+        if given:
+            from moerge.routing.retrieval import GIVEN
+
+            try:
+                entry = GIVEN.give(given["fingerprint"], given["prompt"], list(given["names"]),
+                                   list(given["scores"]))
+            except (KeyError, TypeError, ValueError):  # not a ranking: the router retrieves on its own
+                entry = None
         if key:
             await self.warm(key)
         async for message in _asgi(self.app, req):
@@ -182,6 +212,8 @@ class ModelReplica:
                 yield {"status": message["status"], "headers": headers, "replica": self.replica}
             elif message.get("body"):
                 yield bytes(message["body"])
+        if given:
+            yield {"global_stage": "ingress" if entry is not None and entry["taken"] else "replica"}
 
 
 class Ingress:
@@ -215,40 +247,65 @@ class Ingress:
             self.retriever.add(self.library.stored(name))
         self._known, self._stamp = names, stamp
 
-    def _retrieve(self, text: str) -> list[str]:
-        names, _ = self.retriever.retrieve([text], min(self.config.key_experts, len(self._known)))
-        return names[0]
-
-    def key(self, path: str, body: bytes) -> str:
+    def place(self, path: str, body: bytes) -> tuple[str, dict[str, Any] | None]:
+        """The request's routing key (:func:`routing_key`) and the ranking the global stage retrieved for its
+        prompt, to pass on to the replica (``None`` when it retrieved none, or its ranking cannot be reproduced
+        from the prompt alone: :meth:`~moerge.routing.retrieval.ExpertRetriever.fingerprint`)."""
         try:
             data = json.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError):
-            return ""  # the replica answers with the error
+            return "", None  # the replica answers with the error
         if not isinstance(data, dict) or not path.endswith("completions"):
-            return ""
+            return "", None
+        ranked: dict[str, Any] = {}
+
+        def retrieve(text: str) -> list[str]:
+            k = min(max(self.config.key_experts, self.config.candidates), len(self._known))
+            names, scores, fingerprint = self.retriever.ranking(text, k)
+            if fingerprint is not None:
+                ranked.update(fingerprint=fingerprint, prompt=text, names=names, scores=scores)
+            return names
+
         try:
             self._sync()
-            return routing_key(path, data, self._retrieve, self._known, self.config.key_experts)
+            return routing_key(path, data, retrieve, self._known, self.config.key_experts), ranked or None
         except Exception:  # noqa: BLE001 - placement only: the replica routes (and reports) on its own
-            return ""
+            return "", None
+
+    def key(self, path: str, body: bytes) -> str:
+        """The request's routing key (:meth:`place`)."""
+        return self.place(path, body)[0]
+
+    async def _first(self, stream: Any) -> Any:
+        """The replica's first item of ``stream``, once one took the request; :class:`TimeoutError` when none did
+        within ``replica_wait_s`` (the request is cancelled)."""
+        try:
+            return await asyncio.wait_for(stream.__anext__(), self.config.replica_wait_s)
+        except asyncio.TimeoutError:
+            stream.cancel()
+            raise TimeoutError(f"no model replica took the request within {self.config.replica_wait_s:g} s (all "
+                               "dead, or starting, or failing to start)") from None
 
     async def __call__(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse, Response, StreamingResponse
+        from starlette.responses import Response, StreamingResponse
 
         body = await request.body()
         req = {"method": request.method, "path": request.url.path, "query": request.url.query, "body": body,
                "headers": {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}}
-        key = await asyncio.to_thread(self.key, req["path"], body)
+        key, given = await asyncio.to_thread(self.place, req["path"], body)
         for attempt in range(_RETRIES):
             handle = self.replicas.options(stream=True, multiplexed_model_id=key) if key \
                 else self.replicas.options(stream=True)
-            stream = handle.call.remote(req, key)
+            stream = handle.call.remote(req, key, given)
             try:
+                await self._first(stream)  # a replica took it
                 head = await stream.__anext__()
+            except TimeoutError as e:
+                return _unavailable(str(e))
             except Exception as e:  # noqa: BLE001 - a replica that died before answering: another is tried
                 if attempt + 1 == _RETRIES:
-                    return JSONResponse({"error": {"message": f"no model replica could answer: {e}",
-                                                   "type": "server_error", "code": 503}}, status_code=503)
+                    return _unavailable(f"no model replica could answer in {_RETRIES} tries; the last failed with "
+                                        f"{type(e).__name__}: {e}")
                 continue
             break
         headers = {k: v for k, v in head["headers"].items() if k.lower() not in ("content-length",)}
@@ -257,16 +314,26 @@ class Ingress:
         if headers.get("content-type", "").startswith("text/event-stream"):
             return StreamingResponse(_relay(stream), status_code=head["status"], headers=headers)
         chunks = [c async for c in stream]
-        content = b"".join(chunks)
+        content = b"".join(c for c in chunks if isinstance(c, bytes))
+        for c in chunks:
+            if isinstance(c, dict) and "global_stage" in c:  # where the router's global stage ran
+                headers["x-moerge-global-stage"] = c["global_stage"]
         if headers.get("content-type", "").startswith("application/json") and req["path"].endswith("completions"):
             content = _with_replica(content, head["replica"])
         return Response(content, status_code=head["status"], headers=headers)
 
 
+def _unavailable(message: str) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": "server_error", "code": 503}}, status_code=503)
+
+
 async def _relay(stream: Any) -> AsyncIterator[bytes]:
     try:
         async for chunk in stream:
-            yield chunk
+            if isinstance(chunk, bytes):
+                yield chunk
     except Exception as e:  # noqa: BLE001 - the replica died mid-stream: the client learns it from the stream
         event = {"error": {"message": f"the model replica serving this stream failed: {e}", "type": "server_error"}}
         yield f"data: {json.dumps(event)}\n\n".encode()
