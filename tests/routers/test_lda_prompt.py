@@ -144,3 +144,50 @@ def test_config_and_misuse_are_refused(routed):
         model.router.select(RoutingRequest(None, None, tuple(model.experts), experts=[{}]))
     with pytest.raises(RoutingError, match="attach"):
         build_router("lda_prompt").prompt_scores(RoutingRequest(torch.ones(1, 3, dtype=torch.long), None, ("a",)))
+
+
+def test_concurrent_callers_keep_their_answers_while_an_expert_is_added(routed, tmp_path):
+    """Callers in threads while another thread adds an expert of a fourth kind of prompt (symbols): each caller's answer is
+    the one it gets alone (its prompt keeps its expert), and the new expert takes the prompts that resemble its own
+    examples."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok = routed
+    prompts = [HELD["digits"][0], HELD["upper"][1], HELD["punct"][0], HELD["upper"][0]]
+    alone = {}
+    for p in prompts:
+        alone[p] = model.generate(**_batch(tok, [p]), max_new_tokens=4, do_sample=False)
+    symbols = ["#$% &*@ ~^=", "<>[ ]{} ()|", "@@# $%^ &&*", "~~= +-< >[]", "{}( )#$ %^&", "*@~ ^=+ -<>"]
+    new = rand_expert(tiny_chat_llama(), "symbols", seed=7, examples=symbols)
+    start = threading.Event()
+
+    def call(p):
+        start.wait()
+        return p, model.generate(**_batch(tok, [p]), max_new_tokens=4, do_sample=False)
+
+    def add():
+        start.wait()
+        # the statistics of a short-answer version of its examples, as the fixture gives the others
+        stats = lda.expert_statistics(tiny_chat_llama(), tok, new, [(p, "ok") for p in symbols], rank=4,
+                                      with_expert=False, positions="all")
+        model.add_expert(new)
+        model.wait_routing()
+        model.router._set_data("symbols", stats)
+
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            futures = [pool.submit(call, p) for p in prompts * 2] + [pool.submit(add)]
+            start.set()
+            got = [f.result() for f in futures[:-1]]
+            futures[-1].result()
+        for p, out in got:
+            assert torch.equal(out, alone[p]), p
+        b = _batch(tok, ["$%^ {}[ ]()", "=+- <>~ @#&"])
+        cands = model.router.select(RoutingRequest(b["input_ids"], b["attention_mask"], tuple(model.experts)))
+        assert [cands.row_names(r) for r in range(2)] == [["symbols"], ["symbols"]]
+        for p in prompts:  # the others keep theirs
+            assert torch.equal(model.generate(**_batch(tok, [p]), max_new_tokens=4, do_sample=False), alone[p])
+    finally:
+        if "symbols" in model.experts:
+            model.remove_expert("symbols")
