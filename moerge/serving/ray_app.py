@@ -19,8 +19,9 @@ Two deployments:
   very text it would embed, over the same experts and embedder; else it retrieves again). The ranking travels as an
   argument of the replica's handle, never in the HTTP request: a client cannot set it. A replica that dies before
   it answered is retried on another; none taking the request within ``replica_wait_s`` (all dead, or failing to
-  start) is a 503; once bytes were streamed, the stream ends with an error event. Responses carry the replica in ``x-moerge-replica`` (and, for JSON completions, in the
-  ``moerge`` field) and the routing key they were placed by in ``x-moerge-route``.
+  start) is a 503; once bytes were streamed, the stream ends with an error event. Responses carry the replica in
+  ``x-moerge-replica`` (and, for JSON completions, in the ``moerge`` field), the routing key they were placed by in
+  ``x-moerge-route``, and, for JSON completions, where the global stage ran in ``x-moerge-global-stage``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 from moerge.serving.engine import ServerConfig
 
-__all__ = ["RayConfig", "build_app", "routing_key", "ModelReplica", "Ingress"]
+__all__ = ["RayConfig", "build_app", "routing_key", "ModelReplica", "Ingress", "NoReplica"]
 
 _FORWARDED = ("content-type", "authorization", "accept")
 _RETRIES = 3
@@ -158,6 +159,10 @@ async def _asgi(app: Any, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
             task.cancel()
 
 
+class NoReplica(Exception):
+    """No model replica took a request within ``RayConfig.replica_wait_s``."""
+
+
 class ModelReplica:
     """A model replica: the routed model and ``moerge serve``'s app, in this process (see the module's docstring).
     The Serve deployment wraps it (:func:`build_app`), adding the multiplexed :meth:`warm`."""
@@ -277,13 +282,13 @@ class Ingress:
         return self.place(path, body)[0]
 
     async def _first(self, stream: Any) -> Any:
-        """The replica's first item of ``stream``, once one took the request; :class:`TimeoutError` when none did
+        """The replica's first item of ``stream``, once one took the request; :class:`NoReplica` when none did
         within ``replica_wait_s`` (the request is cancelled)."""
         try:
             return await asyncio.wait_for(stream.__anext__(), self.config.replica_wait_s)
         except asyncio.TimeoutError:
             stream.cancel()
-            raise TimeoutError(f"no model replica took the request within {self.config.replica_wait_s:g} s (all "
+            raise NoReplica(f"no model replica took the request within {self.config.replica_wait_s:g} s (all "
                                "dead, or starting, or failing to start)") from None
 
     async def __call__(self, request: Any) -> Any:
@@ -300,7 +305,7 @@ class Ingress:
             try:
                 await self._first(stream)  # a replica took it
                 head = await stream.__anext__()
-            except TimeoutError as e:
+            except NoReplica as e:
                 return _unavailable(str(e))
             except Exception as e:  # noqa: BLE001 - a replica that died before answering: another is tried
                 if attempt + 1 == _RETRIES:
