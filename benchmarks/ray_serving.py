@@ -9,7 +9,9 @@ in turn, one at a time). Printed:
 1. the median latency of each and their ratio (target: the ingress ≤ 1.3× the single-process server);
 2. for the Ray server, the share of requests served by the replica that served the previous request of the same
    routing key (the retrieved experts, ``x-moerge-route``; the replica, ``x-moerge-replica``), after each key's first
-   request (target ≥ 95%), and how the keys spread over the replicas.
+   request (target ≥ 95%), and how the keys spread over the replicas;
+3. for the Ray server, where each request's global stage ran: once, in the ingress, whose ranking the replica's
+   router took (``x-moerge-global-stage: ingress``), or again in the replica (``replica``).
 
 Every figure is measured in one run, on this machine (the replicas share its CPUs with the ingress and the client).
 
@@ -63,8 +65,9 @@ def _prompts(library: str) -> list[tuple[str, str]]:
     return out
 
 
-def _run(cmd: list[str], port: int, prompts: list[tuple[str, str]], n: int) -> list[tuple[str, float, str]]:
-    """``(expert, latency, replica)`` of ``n`` 2-token requests, one at a time, after a warm-up over every expert."""
+def _run(cmd: list[str], port: int, prompts: list[tuple[str, str]], n: int) -> list[tuple[str, float, str, str]]:
+    """``(expert, latency, replica, global stage)`` of ``n`` 2-token requests, one at a time, after a warm-up over
+    every expert."""
     print("command:", " ".join(cmd), flush=True)
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -80,7 +83,8 @@ def _run(cmd: list[str], port: int, prompts: list[tuple[str, str]], n: int) -> l
                 r.raise_for_status()
                 if i >= len(prompts):  # the first pass reads every expert in: a warm-up
                     key = r.headers.get("x-moerge-route", expert)  # the experts the ingress placed it by
-                    out.append((key, time.perf_counter() - t, r.headers.get("x-moerge-replica", "-")))
+                    out.append((key, time.perf_counter() - t, r.headers.get("x-moerge-replica", "-"),
+                                r.headers.get("x-moerge-global-stage", "-")))
             return out
     finally:
         server.terminate()
@@ -106,16 +110,20 @@ def main() -> None:
     port = _port()
     env_cmd = base + ["--port", str(port), "--ray", "--replicas", str(args.replicas), "--replica-cpus",
                       str(args.replica_cpus)]
-    ray = _run(env_cmd, port, prompts, args.requests)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    a, b = statistics.median(t for _, t, _ in single), statistics.median(t for _, t, _ in ray)
+    try:
+        ray = _run(env_cmd, port, prompts, args.requests)
+    finally:  # the local Ray cluster the server started (the ray command of this Python's environment)
+        ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        if os.path.exists(ray_cli):
+            subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
+    a, b = statistics.median(t for _, t, _, _ in single), statistics.median(t for _, t, _, _ in ray)
     print(f"\n1. {args.requests} requests of 2 tokens, one at a time (after a warm-up over every expert)")
     print(f"   single process: median {a * 1000:7.1f} ms")
     print(f"   ray ingress:    median {b * 1000:7.1f} ms   ratio {b / a:.2f}x (target <= 1.3x)")
     last: dict[str, str] = {}
     warm = total = 0
     spread: dict[str, Counter] = defaultdict(Counter)
-    for expert, _, replica in ray:
+    for expert, _, replica, _ in ray:
         if expert in last:
             total += 1
             warm += replica == last[expert]
@@ -125,6 +133,8 @@ def main() -> None:
           f"= {100 * warm / max(total, 1):.1f}% (target >= 95%)")
     for replica, experts in sorted(spread.items()):
         print(f"   replica {replica}: {dict(experts)}")
+    stages = Counter(stage for _, _, _, stage in ray)
+    print(f"\n3. where the global stage ran (x-moerge-global-stage): {dict(stages)}")
 
 
 if __name__ == "__main__":
