@@ -60,6 +60,7 @@ LOCAL_DEFAULTS: dict[str, dict[str, Any]] = {"lda": {"positions": "all"}}
 # for each kind of LDA statistics
 GLOBAL_TEMPERATURE = 0.0316
 LOCAL_TEMPERATURE: dict[str, dict[str, float]] = {"lda": {"all": 75.0, "answer": 177.8}}
+PROMPT_POOL = 64  # with prompt_weight: the retrieval's best this many are scored exactly, the rest at its floor
 
 
 def local_options(local: str, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,6 +85,10 @@ class GliderConfig(RetrievalConfig, SelectionConfig):
         "help": "the global log-prior added to the local logits is log softmax(score / global_temperature)"})
     temperature: float = field(default=0.05, metadata={
         "help": "with local='none': candidates mixed by softmax(score / temperature)"})
+    prompt_weight: float = field(default=0.0, metadata={
+        "help": "weight of lda_prompt's per-sequence log-probabilities (LDA of the base's inputs over the prompt) "
+                "added to the global stage's log-probabilities before the candidates are chosen; 0: off (each "
+                "request then costs one more base forward over its prompt)"})
 
     def __post_init__(self) -> None:
         self._check_selection()
@@ -97,6 +102,9 @@ class GliderConfig(RetrievalConfig, SelectionConfig):
             raise ValueError(f"global_temperature must be a finite number > 0, got {self.global_temperature!r}")
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.prompt_weight, (int, float)) or not self.prompt_weight >= 0 \
+                or not np.isfinite(self.prompt_weight):
+            raise ValueError(f"prompt_weight must be a finite number >= 0, got {self.prompt_weight!r}")
         if not isinstance(self.local_config, dict):
             raise ValueError(f"local_config must be a dict, got {self.local_config!r}")
 
@@ -120,6 +128,13 @@ class GliderRouter(Router):
             opts = {"top_k": cfg.top_k, "top_p": cfg.top_p, "null_logit": cfg.null_logit,
                     **local_options(cfg.local, cfg.local_config)}
             self.local = build_router(cfg.local, **opts)
+        # the prompt's own evidence, from the local gates' kind of statistics (lda_prompt), when asked for
+        self.prompt: Router | None = build_router("lda_prompt") if cfg.prompt_weight > 0 else None
+
+    @property
+    def _parts(self) -> list[Router]:
+        """The routers whose routing data GLIDER keeps besides its index: the local gate's and the prompt's."""
+        return [r for r in (self.local, self.prompt) if r is not None]
 
     # --- the retriever's parts ------------------------------------------------------------------------------------
     @property
@@ -140,30 +155,35 @@ class GliderRouter(Router):
     def attach(self, context: RouterContext) -> None:
         super().attach(context)
         self.retriever.attach(context)
-        if self.local is not None:
-            self.local.attach(context)
+        for part in self._parts:
+            part.attach(context)
 
     # --- experts ------------------------------------------------------------------------------------------------
     def prepare_expert(self, expert: Expert) -> Any:
-        return None if self.local is None else self.local.prepare_expert(expert)
+        return [part.prepare_expert(expert) for part in self._parts]  # in the order of _parts
 
     def needs_training(self, expert: Expert) -> bool:
-        return self.local is not None and self.local.needs_training(expert)
+        return any(part.needs_training(expert) for part in self._parts)
 
     def defer_expert(self, expert: Expert) -> None:
         """The global stage retrieves ``expert`` at once; until its local gate data is trained, a row that has it
-        as a candidate gives it a local logit of 0, so it is weighed by its global score alone."""
-        self.local.defer_expert(expert, placeholder=True)
+        as a candidate gives it a local logit of 0, so it is weighed by its global score alone (and, with
+        ``prompt_weight``, by the prompt's evidence once its statistics are in; none before)."""
+        for part in self._parts:
+            if part.needs_training(expert):
+                part.defer_expert(expert, placeholder=True)
+            else:
+                part.on_add_expert(expert)
         self.retriever.add(expert)
 
     def on_add_expert(self, expert: Expert, prepared: Any = None) -> None:
-        if self.local is not None:
-            self.local.on_add_expert(expert, prepared)
+        for part, got in zip(self._parts, prepared or [None] * len(self._parts)):
+            part.on_add_expert(expert, got)
         self.retriever.add(expert)
 
     def on_remove_expert(self, name: str) -> None:
-        if self.local is not None:
-            self.local.on_remove_expert(name)
+        for part in self._parts:
+            part.on_remove_expert(name)
         self.retriever.remove(name)
 
     def unread_routing(self, candidates: Candidates) -> list[str]:
@@ -174,8 +194,8 @@ class GliderRouter(Router):
             self.local.read_routing(names, loaded)
 
     def persist(self, store: Any) -> None:
-        if self.local is not None:
-            self.local.persist(store)
+        for part in self._parts:
+            part.persist(store)
         self.retriever.persist(store)
 
     # --- routing --------------------------------------------------------------------------------------------------
@@ -195,17 +215,48 @@ class GliderRouter(Router):
         position = {n: i for i, n in enumerate(request.names)}
         ids = torch.full((b, k), -1, dtype=torch.long)
         scores = torch.zeros((b, k))
-        if request.names:
+        if request.names and self.prompt is None:
             names, sims = self.retrieve(list(request.prompts), k)
             for r in range(b):
                 for j, (n, s) in enumerate(zip(names[r], sims[r])):
                     if n and n in position:
                         ids[r, j], scores[r, j] = position[n], float(s)
+        elif request.names:
+            ids, scores = self._with_prompt_evidence(request, k)
         weights = None
         if self.local is None:
             z = (scores / self.config.temperature).masked_fill(ids < 0, float("-inf"))
             weights = torch.nan_to_num(torch.softmax(z, dim=-1), nan=0.0)  # (B, K)
         return Candidates(ids=ids, scores=scores, names=request.names, weights=weights)
+
+    def _with_prompt_evidence(self, request: RoutingRequest, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, scores)`` of each row's ``k`` best experts by ``log softmax(cosine / global_temperature) +
+        prompt_weight · log softmax(lda_prompt score / its temperature)`` over every expert, with each candidate's
+        score the cosine plus its prompt evidence on the cosine scale (``global_temperature · prompt_weight ·
+        log-probability``), so the log-prior of the local stage and the sequence weights of ``local="none"`` take
+        both. Experts beyond the retrieval's ``PROMPT_POOL`` best get the lowest cosine retrieved."""
+        names = request.names
+        n, b = len(names), request.batch_size
+        position = {x: i for i, x in enumerate(names)}
+        pool = min(n, max(k, PROMPT_POOL))
+        got, sims = self.retrieve(list(request.prompts), pool)
+        cos = torch.full((b, n), float("nan"), dtype=torch.float64)
+        for r in range(b):
+            for x, v in zip(got[r], sims[r]):
+                if x and x in position:
+                    cos[r, position[x]] = float(v)
+        floor = torch.nan_to_num(cos, nan=float("inf")).min(-1, keepdim=True).values  # (B, 1)
+        cos = torch.where(torch.isnan(cos), floor, cos)
+        tg, tp = float(self.config.global_temperature), float(self.prompt.config.temperature)
+        lp = torch.log_softmax(self.prompt.prompt_scores(request).double() / tp, dim=-1)  # (B, N)
+        lp = torch.nan_to_num(lp, nan=0.0, neginf=-1e4)  # an expert without statistics: no evidence for it
+        total = cos + tg * float(self.config.prompt_weight) * lp  # on the cosine scale
+        top = total.topk(min(k, n), dim=-1)
+        ids = torch.full((b, k), -1, dtype=torch.long)
+        scores = torch.zeros((b, k))
+        ids[:, : top.indices.shape[1]] = top.indices
+        scores[:, : top.values.shape[1]] = top.values.float()
+        return ids, scores
 
     @property
     def has_linear_gate(self) -> bool:

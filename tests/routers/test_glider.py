@@ -406,3 +406,44 @@ def test_the_local_gates_of_a_large_library_are_read_for_the_candidates_only(tmp
     assert torch.equal(model(**batch).logits, got)  # a model that read them before is unaffected
     for m in (model, eager, fresh):
         m.close()
+
+
+@pytest.mark.parametrize("local", ["none", "lda"])
+def test_prompt_evidence_joins_the_global_stage(tmp_path, local):
+    """With ``prompt_weight``, a row's candidates are its best experts by cosine + τ_g · w · log softmax(lda_prompt
+    score / τ_p) over every expert, and that sum is their score (so the log-prior and the sequence weights take
+    both); an expert added later gets the prompt's statistics too, stored in the library."""
+    from moerge.routing import RoutingRequest
+
+    router = build_router("glider", local=local, candidates=2, prompt_weight=0.7, global_temperature=0.3)
+    model = _model(tmp_path, router=router)
+    prompts = list(PROMPTS.values())
+    batch = _batch(model, prompts)
+
+    def check():
+        names = tuple(model.experts)
+        request = RoutingRequest(batch["input_ids"], batch["attention_mask"], names, prompts=prompts)
+        cands = router.select(request)
+        got, sims = router.retrieve(prompts, len(names))
+        cos = torch.tensor([[float(dict(zip(g, s))[n]) for n in names] for g, s in zip(got, sims)],
+                           dtype=torch.float64)
+        lp = torch.log_softmax(router.prompt.prompt_scores(request).double() / router.prompt.config.temperature, -1)
+        top = (cos + 0.3 * 0.7 * lp).topk(2, dim=-1)
+        assert torch.equal(cands.ids, top.indices)
+        assert torch.allclose(cands.scores.double(), top.values, atol=1e-5)
+        prior = router.log_prior(cands).double()  # Bayes: the two calibrated log-probabilities, renormalised
+        both = torch.log_softmax(cos / 0.3 + 0.7 * lp, -1).gather(1, top.indices)
+        assert torch.allclose(prior, torch.log_softmax(both, -1), atol=1e-4)
+        if local == "none":
+            assert torch.allclose(cands.weights, torch.softmax(cands.scores / router.config.temperature, -1))
+        return names
+
+    assert check() == ("sort", "french", "sql")
+    model.add_expert(rand_expert(tiny_chat_llama(), "haiku", seed=9, description=EXPERTS["haiku"][0],
+                                 examples=EXPERTS["haiku"][1]))
+    model.wait_routing()
+    assert check() == ("sort", "french", "sql", "haiku")
+    lib = ExpertLibrary.open(model.library.root)
+    assert lib.routing_for("haiku", "lda-r8-base-all", lib["haiku"].digest()) is not None
+    with pytest.raises(ValueError, match="prompt_weight"):
+        build_router("glider", prompt_weight=-1)
