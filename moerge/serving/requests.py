@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["ChatBody", "CompletionBody", "UNSUPPORTED", "field_of", "most_telling", "unsupported"]
 
@@ -103,6 +103,13 @@ class _Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[_TextPart] | None = None
     name: Text | None = None
+
+    @model_validator(mode="after")
+    def _content_is_required(self) -> _Message:
+        # OpenAI: only an assistant message (one that called tools) may come without content
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a '{self.role}' message needs its content (a string or text parts)")
+        return self
 
     def text(self) -> str:
         """The content, its text parts joined."""

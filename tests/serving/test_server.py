@@ -412,7 +412,9 @@ def test_a_chat_request_needs_messages_and_a_chat_template():
         _parse({"messages": ["hi"]}, chat=True, tokenizer=tiny_tokenizer())
     assert err.value.param == "messages.0"
     for messages, param in [([{"content": "hi"}], "messages.0.role"), ([], "messages"),
-                            ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "messages.0.content.0.text")]:
+                            ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "messages.0.content.0.text"),
+                            ([{"role": "user"}], "messages.0"), ([{"role": "system", "content": None},
+                                                                  {"role": "user", "content": "hi"}], "messages.0")]:
         with pytest.raises(OpenAIError) as err:
             _parse({"messages": messages}, chat=True, tokenizer=tiny_tokenizer())
         assert (err.value.status, err.value.param) == (400, param)
