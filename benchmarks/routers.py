@@ -2,7 +2,7 @@
 
 One prompt per held-in task (test split), batch of 1, greedy, ``--new`` tokens (2 by default: the time to the
 first tokens, where the routers' global stages weigh most). Each round times every router on the same prompt in
-turn (the default model's base, the committed zoo), so a shared machine's drift cancels in the ratios; the table
+turn (each router on its own model: the default base, the committed zoo), so a shared machine's drift cancels in the ratios; the table
 gives each router's median time and the median of its per-round ratio to ``glider``. ``lda_prompt`` runs one more
 base forward over the prompt (its routing read); ``glider?local=none`` is GLIDER's global stage alone.
 
@@ -39,25 +39,26 @@ def main(argv: list[str] | None = None) -> None:
     print("command:", "python benchmarks/routers.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    base, tok = default_base()
-    model = MoErgeModel.from_library(base, DEFAULT_ZOO, tokenizer=tok)
     specs = [s for s in args.routers.split(",") if s]
-    routers = {s: build_router(*parse_spec(s)[:1], **parse_spec(s)[1]) for s in specs}
+    models = {}
+    for s in specs:  # a model per router (one base each): switching routers would drop their built tables
+        base, tok = default_base()
+        name, config = parse_spec(s)
+        models[s] = MoErgeModel.from_library(base, DEFAULT_ZOO, tokenizer=tok, router=build_router(name, **config))
     prompts = [chat_prompt(tok, get_task(t).examples(1, "test")[0].prompt) for t in HELD_IN]
     times: dict[str, list[float]] = {s: [] for s in specs}
     ratios: dict[str, list[float]] = {s: [] for s in specs}
     for s in specs:  # warm up: each router's routing data read, its tables built
-        model.set_router(routers[s])
-        b = tok([prompts[0]], return_tensors="pt", add_special_tokens=False)
-        model.generate(**b, max_new_tokens=args.new, do_sample=False)
+        for p in prompts:
+            b = tok([p], return_tensors="pt", add_special_tokens=False)
+            models[s].generate(**b, max_new_tokens=args.new, do_sample=False)
     for _ in range(args.rounds):
         for p in prompts:
             b = tok([p], return_tensors="pt", add_special_tokens=False)
             got = {}
             for s in specs:
-                model.set_router(routers[s])
                 t0 = time.perf_counter()
-                model.generate(**b, max_new_tokens=args.new, do_sample=False)
+                models[s].generate(**b, max_new_tokens=args.new, do_sample=False)
                 got[s] = time.perf_counter() - t0
             for s in specs:
                 times[s].append(got[s])

@@ -79,7 +79,8 @@ class PromptLDARouter(LDARouter):
 
     def __init__(self, config: PromptLDAConfig | None = None) -> None:
         super().__init__(config)
-        self._reader: tuple[int, torch.nn.Module] | None = None  # (data_ptr of the base's first weight, the copy)
+        # (data_ptr of the base's first weight, the copy, what of it runs: its decoder, or all of it)
+        self._reader: tuple[int, torch.nn.Module, torch.nn.Module] | None = None
         self._tap = threading.local()  # the pooling of the forward this thread runs, if any
 
     def select(self, request: RoutingRequest) -> Candidates:
@@ -104,19 +105,21 @@ class PromptLDARouter(LDARouter):
                                "inputs_embeds")
         names = request.names
         self.vectors.read(names)
-        reader = self._reader_base()
+        reader, run = self._reader_base()
         device = next(reader.parameters()).device
         ids = request.input_ids.to(device)
         mask = (torch.ones_like(ids) if request.attention_mask is None else request.attention_mask.to(device)) > 0
         from_end = mask.flip(-1).long().cumsum(-1).flip(-1)  # 1 at each row's last real token, 2 before it, ...
-        keep = (mask & (from_end <= self.config.window)).unsqueeze(-1)  # (B, T, 1)
+        keep = mask & (from_end <= self.config.window)  # (B, T)
+        cols = keep.any(0)  # the positions some row pools (left padding: the last window)
+        keep = keep[:, cols].unsqueeze(-1)  # (B, T', 1)
         cands = all_candidates(request)
         total = torch.zeros(len(ids), len(names), dtype=torch.float64, device=device)
         seen = torch.zeros_like(total)
         sites = self._sites(reader)
 
         def pool(site: str, x: torch.Tensor) -> None:
-            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])[:, cols]
             for m in sites[site]:
                 d = x3.shape[-1]
                 got = self.vectors.gate_operands(m, cands, device, center=True, combine=Discriminant(d, 1.0))
@@ -130,25 +133,29 @@ class PromptLDARouter(LDARouter):
 
         self._tap.pool = pool
         try:
-            reader(input_ids=ids, attention_mask=mask.long())
+            run(input_ids=ids, attention_mask=mask.long())
         finally:
             self._tap.pool = None
         return torch.where(seen > 0, total / seen.clamp(min=1), float("-inf")).cpu()
 
-    def _reader_base(self) -> torch.nn.Module:
+    def _reader_base(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """The private copy of the base the prompts are read with (made again when the base's weights moved), its
-        module inputs tapped at every site a statistic is kept for."""
+        module inputs tapped at every site a statistic is kept for, and the part of it to run."""
         make = self.context.training_base
         if make is None or self.context.language_model is None:
             raise RoutingError("router 'lda_prompt' reads the prompt with the base: attach it to a model")
         ptr = next(self.context.language_model.parameters()).data_ptr()
         if self._reader is None or self._reader[0] != ptr:
             reader = make().eval()
-            for site in self._sites(reader):
-                reader.get_submodule(site).register_forward_pre_hook(
-                    lambda mod, args, _s=site: self._tapped(_s, args[0]))
-            self._reader = (ptr, reader)
-        return self._reader[1]
+            tapped = [reader.get_submodule(site) for site in self._sites(reader)]
+            for site, module in zip(self._sites(reader), tapped):
+                module.register_forward_pre_hook(lambda mod, args, _s=site: self._tapped(_s, args[0]))
+            # the decoder alone when every site is in it: the LM head's output is not needed
+            decoder = reader.get_decoder() if hasattr(reader, "get_decoder") else None
+            inside = {id(m) for m in decoder.modules()} if isinstance(decoder, torch.nn.Module) else set()
+            run = decoder if all(id(m) in inside for m in tapped) else reader
+            self._reader = (ptr, reader, run)
+        return self._reader[1], self._reader[2]
 
     def _tapped(self, site: str, x: torch.Tensor) -> None:
         pool = getattr(self._tap, "pool", None)
