@@ -248,8 +248,11 @@ class GliderRouter(Router):
         floor = torch.nan_to_num(cos, nan=float("inf")).min(-1, keepdim=True).values  # (B, 1)
         cos = torch.where(torch.isnan(cos), floor, cos)
         tg, tp = float(self.config.global_temperature), float(self.prompt.config.temperature)
-        lp = torch.log_softmax(self.prompt.prompt_scores(request).double() / tp, dim=-1)  # (B, N)
-        lp = torch.nan_to_num(lp, nan=0.0, neginf=-1e4)  # an expert without statistics: no evidence for it
+        score = self.prompt.prompt_scores(request).double()  # (B, N), -inf for an expert without statistics
+        have = torch.isfinite(score)
+        average = torch.where(have, score, 0.0).sum(-1, keepdim=True) / have.sum(-1, keepdim=True).clamp(min=1)
+        score = torch.where(have, score, average)  # no evidence for or against it (one still being computed)
+        lp = torch.log_softmax(score / tp, dim=-1)
         total = cos + tg * float(self.config.prompt_weight) * lp  # on the cosine scale
         top = total.topk(min(k, n), dim=-1)
         ids = torch.full((b, k), -1, dtype=torch.long)

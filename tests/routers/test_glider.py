@@ -447,3 +447,28 @@ def test_prompt_evidence_joins_the_global_stage(tmp_path, local):
     assert lib.routing_for("haiku", "lda-r8-base-all", lib["haiku"].digest()) is not None
     with pytest.raises(ValueError, match="prompt_weight"):
         build_router("glider", prompt_weight=-1)
+
+
+def test_prompt_evidence_is_neutral_for_an_expert_without_statistics(tmp_path):
+    """An expert whose prompt statistics are not in yet (being computed) scores as the average expert in the
+    prompt's term: retrieval alone decides for it, as GLIDER retrieves an expert at once."""
+    from moerge.routing import RoutingRequest
+
+    router = build_router("glider", local="none", candidates=3, prompt_weight=1.0)
+    model = _model(tmp_path, router=router)
+    prompts = list(PROMPTS.values())
+    batch = _batch(model, prompts)
+    names = tuple(model.experts)
+    request = RoutingRequest(batch["input_ids"], batch["attention_mask"], names, prompts=prompts)
+    router.prompt.on_remove_expert("sql")  # its statistics gone, the expert still there
+    partial = router.prompt.prompt_scores(request).double()
+    assert torch.isinf(partial[:, 2]).all() and torch.isfinite(partial[:, :2]).all()
+    cands = router.select(request)
+    got, sims = router.retrieve(prompts, len(names))
+    cos = torch.tensor([[float(dict(zip(g, s))[n]) for n in names] for g, s in zip(got, sims)], dtype=torch.float64)
+    partial[:, 2] = partial[:, :2].mean(-1)  # sql scores as the average of the others
+    lp = torch.log_softmax(partial / router.prompt.config.temperature, -1)
+    top = (cos + router.config.global_temperature * lp).topk(3, dim=-1)
+    assert torch.equal(cands.ids, top.indices)
+    assert torch.allclose(cands.scores.double(), top.values, atol=1e-5)
+    assert (cands.ids == 2).any(-1).all()  # sql is still a candidate of every row
