@@ -127,6 +127,8 @@ class _Endpoints:
             self.engine.submit(job)
         try:
             results = await _results(jobs, request)
+        except LibraryError as e:  # the server's library, not the request: moved, unreadable, half-written
+            raise OpenAIError(503, f"the expert library could not be read: {e}", "library_unavailable") from None
         except MoErgeError as e:
             raise OpenAIError(400, str(e)) from None
         except OpenAIError:

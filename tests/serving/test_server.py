@@ -479,6 +479,19 @@ def test_the_server_reads_experts_when_requests_need_them_and_lists_which_are_re
         listed = http.get("/v1/experts").json()
         assert {e["name"]: e["resident"] for e in listed["data"]} == {"sort": False, "french": False, "upper": True}
         assert listed["cache"]["evictions"] >= 1 and listed["cache"]["misses"] >= 2
+        # the library moved away under the server: an expert it must read is a 503 naming the library, not the
+        # client's fault; the expert it holds still answers, and once the library is back so does the other
+        moved = tmp_path / "elsewhere"
+        (tmp_path / "lib").rename(moved)
+        r = http.post("/v1/chat/completions", json={"model": "moerge/sort", "messages": messages, "max_tokens": 3})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "library_unavailable" and "lib" in r.json()["error"]["message"]
+        assert http.post("/v1/chat/completions", json={"model": "moerge/upper", "messages": messages,
+                                                       "max_tokens": 3}).status_code == 200
+        moved.rename(tmp_path / "lib")
+        r = http.post("/v1/chat/completions", json={"model": "moerge/sort", "messages": messages, "max_tokens": 3,
+                                                    "temperature": 0})
+        assert r.status_code == 200, r.text
     model.close()
 
 
