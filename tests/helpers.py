@@ -217,9 +217,10 @@ def two_expert_model(tmp: Path):
 
 
 @contextlib.contextmanager
-def ray_serving(build, library: str, replicas: int = 2):
+def ray_serving(build, library: str, replicas: int = 2, config=None):
     """moerge on Ray Serve (:func:`moerge.serving.ray_app.build_app`) on a local Ray cluster started here (2 CPUs,
-    127.0.0.1; its workers inherit this process's environment); yields the HTTP URL, and stops it all on exit."""
+    127.0.0.1; its workers inherit this process's environment), with ``replicas`` of 1/replicas CPU or ``config``
+    (a :class:`~moerge.serving.ray_app.RayConfig`); yields the HTTP URL, and stops it all on exit."""
     import ray
     from ray import serve
 
@@ -232,7 +233,7 @@ def ray_serving(build, library: str, replicas: int = 2):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="moerge-tests")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(build, library, config=RayConfig(replicas=replicas, replica_cpus=1 / replicas)),
+        serve.run(build_app(build, library, config=config or RayConfig(replicas=replicas, replica_cpus=1 / replicas)),
                   route_prefix="/", name="moerge")
         yield f"http://127.0.0.1:{port}"
     finally:
