@@ -155,7 +155,8 @@ class PromptLDARouter(LDARouter):
             inside = {id(m) for m in decoder.modules()} if isinstance(decoder, torch.nn.Module) else set()
             run = decoder if all(id(m) in inside for m in tapped) else reader
             self._reader = (ptr, reader, run)
-        return self._reader[1], self._reader[2]
+        _, reader, run = self._reader
+        return reader, run
 
     def _tapped(self, site: str, x: torch.Tensor) -> None:
         pool = getattr(self._tap, "pool", None)

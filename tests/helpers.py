@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import socket
 import threading
 from collections.abc import Iterator
@@ -214,6 +215,27 @@ def two_expert_model(tmp: Path):
                      description=name)
     tok = tiny_tokenizer()
     return MoErgeModel.from_library(copy.deepcopy(base), lib, router=build_router("arrow", top_k=1), tokenizer=tok), tok
+
+
+def ray_library(tmp: Path):
+    """A tiny chat Llama saved under ``tmp/base`` and a library ``tmp/lib`` of two experts, ``sort`` and ``french``,
+    for the Ray tests. Returns ``(base, library, build)``: ``build()`` makes the routed model a replica serves
+    (GLIDER's global stage alone); the single-process reference is ``build()`` too — once per process: the router
+    object is the partial's, so each replica gets its own copy by unpickling it."""
+    from moerge import ExpertLibrary, MoErgeModel
+    from moerge.routers import build_router
+
+    base, tok = tiny_chat_llama(), tiny_tokenizer()
+    base.save_pretrained(tmp / "base")
+    lib = ExpertLibrary.create(tmp / "lib", base_model=base)
+    lib.add(rand_expert(base, "sort", seed=1, description="sort a list of letters alphabetically",
+                        examples=["sort: c b a", "put d a c in order"]))
+    lib.add(rand_expert(base, "french", seed=2, description="translate english text to french",
+                        examples=["translate: good morning", "say hello in french"]))
+    # a partial of the library's own function: the replicas' workers unpickle it without this test module
+    build = functools.partial(MoErgeModel.from_library, str(tmp / "base"), str(tmp / "lib"),
+                              router=build_router("glider", local="none"), tokenizer=tok)
+    return base, lib, build
 
 
 @contextlib.contextmanager

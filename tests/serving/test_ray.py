@@ -6,7 +6,6 @@ share the cluster, so each leaves it serving again."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from helpers import rand_expert, ray_serving, tiny_chat_llama, tiny_tokenizer  # noqa: E402
+from helpers import rand_expert, ray_library, ray_serving  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -35,23 +34,10 @@ def _body(prompt, **kw):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from moerge import ExpertLibrary, MoErgeModel
-    from moerge.routers import build_router
-
     tmp = tmp_path_factory.mktemp("ray")
-    base, tok = tiny_chat_llama(), tiny_tokenizer()
-    base.save_pretrained(tmp / "base")
-    lib = ExpertLibrary.create(tmp / "lib", base_model=base)
-    lib.add(rand_expert(base, "sort", seed=1, description="sort a list of letters alphabetically",
-                        examples=["sort: c b a", "put d a c in order"]))
-    lib.add(rand_expert(base, "french", seed=2, description="translate english text to french",
-                        examples=["translate: good morning", "say hello in french"]))
-    build = functools.partial(MoErgeModel.from_library, str(tmp / "base"), str(tmp / "lib"),
-                              router=build_router("glider", local="none"), tokenizer=tok)
+    base, lib, build = ray_library(tmp)
     with ray_serving(build, str(tmp / "lib")) as url:
-        local = MoErgeModel.from_library(str(tmp / "base"), str(tmp / "lib"),
-                                         router=build_router("glider", local="none"), tokenizer=tok)
-        yield {"url": url, "lib": lib, "base": base, "local": local}
+        yield {"url": url, "lib": lib, "base": base, "local": build()}
 
 
 @pytest.fixture(scope="module")

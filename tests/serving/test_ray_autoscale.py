@@ -6,7 +6,6 @@ the first replica may keep both keys; that placement is tested in test_ray.py.)"
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from helpers import rand_expert, ray_serving, tiny_chat_llama, tiny_tokenizer  # noqa: E402
+from helpers import ray_library, ray_serving  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -35,30 +34,20 @@ def _running():
 def test_autoscaling_adds_a_replica_under_load_and_drops_it_after(tmp_path):
     from starlette.testclient import TestClient
 
-    from moerge import ExpertLibrary, MoErgeModel
-    from moerge.routers import build_router
     from moerge.serving.app import create_app
     from moerge.serving.ray_app import RayConfig
 
-    base, tok = tiny_chat_llama(), tiny_tokenizer()
-    base.save_pretrained(tmp_path / "base")
-    lib = ExpertLibrary.create(tmp_path / "lib", base_model=base)
-    lib.add(rand_expert(base, "sort", seed=1, description="sort a list of letters alphabetically",
-                        examples=["sort: c b a", "put d a c in order"]))
-    lib.add(rand_expert(base, "french", seed=2, description="translate english text to french",
-                        examples=["translate: good morning", "say hello in french"]))
-    build = functools.partial(MoErgeModel.from_library, str(tmp_path / "base"), str(tmp_path / "lib"),
-                              router=build_router("glider", local="none"), tokenizer=tok)
+    _, _, build = ray_library(tmp_path)
     config = RayConfig(replica_cpus=0.5, autoscaling={
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
         "downscale_delay_s": 2, "look_back_period_s": 2})
     bodies = [{"model": "moerge", "messages": [{"role": "user", "content": p}], "max_tokens": 24,
                "temperature": 0} for p in PROMPTS]
-    local = MoErgeModel.from_library(str(tmp_path / "base"), str(tmp_path / "lib"),
-                                     router=build_router("glider", local="none"), tokenizer=tok)
-    with TestClient(create_app(local, tok)) as reference:
-        expected = [reference.post("/v1/chat/completions", json=b).json()["choices"][0]["message"] for b in bodies]
     with ray_serving(build, str(tmp_path / "lib"), config=config) as url:
+        local = build()  # after Serve took its copy: the router the partial holds is this process's from now on
+        with TestClient(create_app(local, local.tokenizer)) as reference:
+            expected = [reference.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]
+                        for b in bodies]
         assert _running() == 1
         stop, seen, wrong = threading.Event(), [], []
 
