@@ -39,16 +39,22 @@ __all__ = ["calibrate_global", "calibrate_local", "calibrate_prompt", "GRID"]
 GRID = tuple(round(10 ** (k / 8), 6) for k in range(-24, 25))  # 0.001 … 1000, eight steps a decade
 
 
+def _sequence_curve(scores: torch.Tensor, true: torch.Tensor, grid: Sequence[float]
+                    ) -> tuple[float, dict[float, float]]:
+    """``(best τ, {τ: mean NLL})`` of the true experts ``true (N,)`` under ``softmax(scores (N, E) / τ)``."""
+    s = scores.double()
+    curve = {t: float(-torch.log_softmax(s / t, dim=-1).gather(1, true.unsqueeze(1)).mean()) for t in grid}
+    return min(curve, key=curve.get), curve
+
+
 def calibrate_global(glider: Any, examples: Sequence[Example], grid: Sequence[float] | None = None,
                      ) -> tuple[float, dict[float, float]]:
     """``(τ_g, {τ: mean NLL})`` of the retrieval's cosine scores over every expert of ``glider`` (attached to a
     model) for ``examples``."""
     grid = tuple(grid or [t for t in GRID if t <= 10])
     names, sims = glider.retrieve([e.prompt for e in examples], len(glider.retriever.names))
-    s = torch.as_tensor(sims, dtype=torch.float64)  # (N, E)
     true = torch.tensor([row.index(e.task) for row, e in zip(names, examples)])
-    curve = {t: float(-torch.log_softmax(s / t, dim=-1).gather(1, true.unsqueeze(1)).mean()) for t in grid}
-    return min(curve, key=curve.get), curve
+    return _sequence_curve(torch.as_tensor(sims), true, grid)
 
 
 def calibrate_local(model: Any, tokenizer: Any, examples: Sequence[Example], router: Any,
@@ -81,36 +87,48 @@ def calibrate_prompt(model: Any, tokenizer: Any, examples: Sequence[Example], ro
         chunk = [chat_prompt(tokenizer, e.prompt) for e in examples[i : i + batch_size]]
         b = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
         scores.append(router.prompt_scores(RoutingRequest(b["input_ids"], b["attention_mask"], names)))
-    s = torch.cat(scores).double()  # (N, E)
+    s = torch.cat(scores)  # (N, E)
     true = torch.tensor([names.index(e.task) for e in examples])
-    curve = {t: float(-torch.log_softmax(s / t, dim=-1).gather(1, true.unsqueeze(1)).mean()) for t in grid}
-    return min(curve, key=curve.get), curve, float((s.argmax(-1) == true).double().mean())
+    best, curve = _sequence_curve(s, true, grid)
+    return best, curve, float((s.argmax(-1) == true).double().mean())
 
 
-def _prompt_main(args: argparse.Namespace, argv: list[str] | None) -> None:
+def _dev_model(args: argparse.Namespace) -> tuple[Any, Any, list[Example]]:
+    """``(model over the library, tokenizer, the dev examples)`` a calibration runs on."""
     from moerge.lab.defaults import default_base
     from moerge.lab.identify import identification_examples
     from moerge.lab.zoo import DEFAULT_ZOO
-    from moerge.routers import build_router
     from moerge.runtime.model import MoErgeModel
 
-    t0 = time.time()
     base, tok = default_base()
     model = MoErgeModel.from_library(base, args.library or DEFAULT_ZOO, tokenizer=tok, router="explicit")
-    examples = identification_examples("dev", args.limit)
+    return model, tok, identification_examples("dev", args.limit)
+
+
+def _save(args: argparse.Namespace, argv: list[str] | None, name: str, record: dict[str, Any], t0: float) -> None:
+    """Write ``record`` (with the time taken and the command) as ``<out>/<name>``."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**record, "seconds": round(time.time() - t0),
+              "command": "python -m moerge.lab.calibrate " + " ".join(argv if argv is not None else
+                                                                      __import__("sys").argv[1:])}
+    (out / name).write_text(json.dumps(record, indent=2))
+    print(f"saved {out / name}")
+
+
+def _prompt_main(args: argparse.Namespace, argv: list[str] | None) -> None:
+    from moerge.routers import build_router
+
+    t0 = time.time()
+    model, tok, examples = _dev_model(args)
     router = build_router("lda_prompt")
     tp, curve, share = calibrate_prompt(model, tok, examples, router)
     print(f"lda_prompt temperature {tp} (NLL {curve[tp]:.4f} per prompt; at 1: {curve[1.0]:.4f}); prompts "
           f"identified {100 * share:.1f}% ({router.routing_kind}, window {router.config.window})")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"split": "dev", "limit": args.limit, "router": "lda_prompt", "kind": router.routing_kind,
-              "window": router.config.window, "temperature": tp, "identified": share,
-              "nll": {str(k): v for k, v in curve.items()}, "seconds": round(time.time() - t0),
-              "command": "python -m moerge.lab.calibrate " + " ".join(argv if argv is not None else
-                                                                      __import__("sys").argv[1:])}
-    (out / "calibration_prompt.json").write_text(json.dumps(record, indent=2))
-    print(f"saved {out / 'calibration_prompt.json'}")
+    _save(args, argv, "calibration_prompt.json", {
+        "split": "dev", "limit": args.limit, "router": "lda_prompt", "kind": router.routing_kind,
+        "window": router.config.window, "temperature": tp, "identified": share,
+        "nll": {str(k): v for k, v in curve.items()}}, t0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,16 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.prompt:
         _prompt_main(args, argv)
         return
-    from moerge.lab.defaults import default_base
-    from moerge.lab.identify import identification_examples
-    from moerge.lab.zoo import DEFAULT_ZOO
     from moerge.routers import build_router
-    from moerge.runtime.model import MoErgeModel
 
     t0 = time.time()
-    base, tok = default_base()
-    model = MoErgeModel.from_library(base, args.library or DEFAULT_ZOO, tokenizer=tok, router="explicit")
-    examples = identification_examples("dev", args.limit)
+    model, tok, examples = _dev_model(args)
     glider = build_router("glider", local="none")
     model.set_router(glider)
     tg, gcurve = calibrate_global(glider, examples)
@@ -149,19 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     kind = getattr(joint.local, "routing_kind", args.local)
     print(f"{args.local} ({kind}) temperature within GLIDER {tj} (NLL {jcurve[tj]:.4f} per answer token and "
           f"module); answer tokens identified {100 * jident.accuracy('answer'):.1f}%")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"split": "dev", "limit": args.limit, "global_temperature": tg, "local": args.local,
-              "local_temperature": tl, "global_nll": {str(k): v for k, v in gcurve.items()},
-              "local_nll": {str(k): v for k, v in lcurve.items()}, "identification": ident.to_json(),
-              "glider_local_temperature": tj, "glider_local_kind": kind,
-              "glider_local_nll": {str(k): v for k, v in jcurve.items()},
-              "glider_identification": jident.to_json(),
-              "seconds": round(time.time() - t0),
-              "command": "python -m moerge.lab.calibrate " + " ".join(argv if argv is not None else
-                                                                      __import__("sys").argv[1:])}
-    (out / "calibration.json").write_text(json.dumps(record, indent=2))
-    print(f"saved {out / 'calibration.json'}")
+    _save(args, argv, "calibration.json", {
+        "split": "dev", "limit": args.limit, "global_temperature": tg, "local": args.local,
+        "local_temperature": tl, "global_nll": {str(k): v for k, v in gcurve.items()},
+        "local_nll": {str(k): v for k, v in lcurve.items()}, "identification": ident.to_json(),
+        "glider_local_temperature": tj, "glider_local_kind": kind,
+        "glider_local_nll": {str(k): v for k, v in jcurve.items()},
+        "glider_identification": jident.to_json()}, t0)
 
 
 if __name__ == "__main__":
