@@ -79,8 +79,8 @@ class PromptLDARouter(LDARouter):
 
     def __init__(self, config: PromptLDAConfig | None = None) -> None:
         super().__init__(config)
-        # (data_ptr of the base's first weight, the copy, what of it runs: its decoder, or all of it)
-        self._reader: tuple[int, torch.nn.Module, torch.nn.Module] | None = None
+        # (data_ptr of the base's first weight, the copy, what of it runs: its decoder or all of it, its sites)
+        self._reader: tuple[int, torch.nn.Module, torch.nn.Module, dict[str, list[str]]] | None = None
         self._tap = threading.local()  # the pooling of the forward this thread runs, if any
 
     def select(self, request: RoutingRequest) -> Candidates:
@@ -105,7 +105,7 @@ class PromptLDARouter(LDARouter):
                                "inputs_embeds")
         names = request.names
         self.vectors.read(names)
-        reader, run = self._reader_base()
+        reader, run, sites = self._reader_base()
         device = next(reader.parameters()).device
         ids = request.input_ids.to(device)
         mask = (torch.ones_like(ids) if request.attention_mask is None else request.attention_mask.to(device)) > 0
@@ -116,7 +116,6 @@ class PromptLDARouter(LDARouter):
         cands = all_candidates(request)
         total = torch.zeros(len(ids), len(names), dtype=torch.float64, device=device)
         seen = torch.zeros_like(total)
-        sites = self._sites(reader)
 
         def pool(site: str, x: torch.Tensor) -> None:
             x3 = x.reshape(x.shape[0], -1, x.shape[-1])[:, cols]
@@ -138,25 +137,27 @@ class PromptLDARouter(LDARouter):
             self._tap.pool = None
         return torch.where(seen > 0, total / seen.clamp(min=1), float("-inf")).cpu()
 
-    def _reader_base(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+    def _reader_base(self) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, list[str]]]:
         """The private copy of the base the prompts are read with (made again when the base's weights moved), its
-        module inputs tapped at every site a statistic is kept for, and the part of it to run."""
+        module inputs tapped at every site a statistic is kept for; the part of it to run; and the sites
+        (:meth:`_sites`)."""
         make = self.context.training_base
         if make is None or self.context.language_model is None:
             raise RoutingError("router 'lda_prompt' reads the prompt with the base: attach it to a model")
         ptr = next(self.context.language_model.parameters()).data_ptr()
         if self._reader is None or self._reader[0] != ptr:
             reader = make().eval()
-            tapped = [reader.get_submodule(site) for site in self._sites(reader)]
-            for site, module in zip(self._sites(reader), tapped):
+            sites = self._sites(reader)
+            tapped = [reader.get_submodule(site) for site in sites]
+            for site, module in zip(sites, tapped):
                 module.register_forward_pre_hook(lambda mod, args, _s=site: self._tapped(_s, args[0]))
             # the decoder alone when every site is in it: the LM head's output is not needed
             decoder = reader.get_decoder() if hasattr(reader, "get_decoder") else None
             inside = {id(m) for m in decoder.modules()} if isinstance(decoder, torch.nn.Module) else set()
             run = decoder if all(id(m) in inside for m in tapped) else reader
-            self._reader = (ptr, reader, run)
-        _, reader, run = self._reader
-        return reader, run
+            self._reader = (ptr, reader, run, sites)
+        _, reader, run, sites = self._reader
+        return reader, run, sites
 
     def _tapped(self, site: str, x: torch.Tensor) -> None:
         pool = getattr(self._tap, "pool", None)
