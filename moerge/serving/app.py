@@ -127,14 +127,10 @@ class _Endpoints:
             self.engine.submit(job)
         try:
             results = await _results(jobs, request)
-        except LibraryError as e:  # the server's library, not the request: moved, unreadable, half-written
-            raise OpenAIError(503, f"the expert library could not be read: {e}", "library_unavailable") from None
-        except MoErgeError as e:
-            raise OpenAIError(400, str(e)) from None
         except OpenAIError:
             raise
-        except Exception as e:  # noqa: BLE001 - the engine's failure: a 500 in OpenAI's shape, the server goes on
-            raise OpenAIError(500, f"the server failed: {type(e).__name__}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - in OpenAI's shape (_job_error), the server goes on
+            raise _job_error(e) from None
         texts = [self.engine.decode(j.ids, skip_special=False) for j in jobs] if req.echo else []
         return completion_body(req, results, self.token_text, texts)
 
@@ -178,10 +174,9 @@ class _Endpoints:
                 yield header.piece(*held, moerge=moerge_field(results, req.trace))
             if req.include_usage:
                 yield header.event([], usage=usage(results))
-        except MoErgeError as e:
-            yield error_event(str(e), "invalid_request_error")
         except Exception as e:  # noqa: BLE001 - the stream has started: report in it, then end it properly
-            yield error_event(str(e), "server_error")
+            err = _job_error(e)
+            yield error_event(err.message, err.body()["error"]["type"])
         finally:
             for job in jobs:
                 if not job.future.done():
@@ -280,6 +275,17 @@ async def _body(request: Request, limit: int) -> bytes:
                               "request_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _job_error(e: Exception) -> OpenAIError:
+    """What a completion job's failure is for the client: the request's fault (a ``MoErgeError``: 400), the
+    server's library unreadable while answering (``LibraryError``: 503 ``library_unavailable``), else the server's
+    failure (500)."""
+    if isinstance(e, LibraryError):  # moved, unreadable, half-written: not the request's doing
+        return OpenAIError(503, f"the expert library could not be read: {e}", "library_unavailable")
+    if isinstance(e, MoErgeError):
+        return OpenAIError(400, str(e))
+    return OpenAIError(500, f"the server failed: {type(e).__name__}: {e}")
 
 
 async def _results(jobs: list[Job], request: Request) -> list[dict[str, Any]]:

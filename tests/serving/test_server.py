@@ -486,6 +486,11 @@ def test_the_server_reads_experts_when_requests_need_them_and_lists_which_are_re
         r = http.post("/v1/chat/completions", json={"model": "moerge/sort", "messages": messages, "max_tokens": 3})
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "library_unavailable" and "lib" in r.json()["error"]["message"]
+        r = http.post("/v1/chat/completions", json={"model": "moerge/sort", "messages": messages, "max_tokens": 3,
+                                                    "stream": True})  # a stream reports it in an event, the same way
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert [e["error"]["type"] for e in events if "error" in e] == ["server_error"], r.text
+        assert "expert library could not be read" in events[-1]["error"]["message"]
         assert http.post("/v1/chat/completions", json={"model": "moerge/upper", "messages": messages,
                                                        "max_tokens": 3}).status_code == 200
         moved.rename(tmp_path / "lib")
