@@ -277,10 +277,6 @@ class Ingress:
         except Exception:  # noqa: BLE001 - placement only: the replica routes (and reports) on its own
             return "", None
 
-    def key(self, path: str, body: bytes) -> str:
-        """The request's routing key (:meth:`place`)."""
-        return self.place(path, body)[0]
-
     async def _first(self, stream: Any) -> Any:
         """The replica's first item of ``stream``, once one took the request; :class:`NoReplica` when none did
         within ``replica_wait_s`` (the request is cancelled)."""
