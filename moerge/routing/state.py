@@ -67,10 +67,13 @@ class RoutingState:
         if not kept:
             return
         total = self.usage.get(module)
+        tokens = sum(int(w.shape[1]) for w in kept)
+        if len({(w.shape[0], w.shape[2]) for w in kept}) == 1:  # one batch (every step of a call): one sum
+            kept = [torch.cat(kept, dim=1)] if len(kept) > 1 else kept
         for w in map(self._per_row, kept):
             s = w.sum(1)  # (B, K)
             total = s if total is None else total + s
-            self.usage_tokens[module] = self.usage_tokens.get(module, 0) + int(w.shape[1])
+        self.usage_tokens[module] = self.usage_tokens.get(module, 0) + tokens
         self.usage[module] = total
 
     def trace(self) -> list[RowRouting]:

@@ -413,7 +413,10 @@ class ModuleBank:
             Bt = move(self.Bt_all.index_select(0, flat)).view(B, R, -1).to(dtype) * move(col_w)  # (B, R, out)
             E = None if E is None else move(E)
             fused = gate if gate is not None and seq_w is None else None
-            W = torch.cat([fused.Vt.to(device, dtype), At], dim=2) if fused is not None else At  # (B, in, Kg + R)
+            if fused is not None:  # (B, in, Kg + R), each column contiguous (how the native CPU step reads it)
+                W = torch.cat([fused.Vt.transpose(1, 2).to(device, dtype), At.transpose(1, 2)], dim=1).transpose(1, 2)
+            else:
+                W = At
             lora = GatheredLoRA(W, Bt, E, fused)
         dense = []
         for name, uses in dense_uses.items():

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moerge.routing import LinearGate, SelectionConfig
-from moerge.runtime import kernels
+from moerge.runtime import kernels, native
 
 __all__ = ["GatheredModule", "GatheredLoRA", "GatheredDense", "Mixed", "join_gathered", "ForBatch"]
 
@@ -120,21 +120,63 @@ class GatheredModule(ForBatch):
             return None
         bmm, W, Bt, E, dt = torch.bmm, g.W, g.Bt, g.E, self.dtype
         if g.gate is None and E is None:  # sequence weights folded into Bt
+            run = self.native_step(selection)
+
             def seq_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+                if run is not None and x.shape[0] * x.shape[1] <= native.MAX_TOKENS and y.is_contiguous():
+                    run(x, y)
+                    return y, None
                 return y.baddbmm_(bmm(x, W), Bt), None
 
             return seq_step
         if g.gate is None or selection is None or not selection.plain:
             return None
         kg, logits, select, cast = g.gate.k, g.gate.logits, selection.select, dt != torch.float32
+        run = self.native_step(selection)
 
         def gate_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if run is not None and x.shape[0] * x.shape[1] <= native.MAX_TOKENS and y.is_contiguous():
+                return y, run(x, y)
             z = bmm(x, W)  # (B, T, Kg + R): the gate's x @ Vt, then the shrink
             w = select(logits(x, z[:, :, :kg], inplace=True))  # (B, T, K); z's gate part is not reused
             h = z[:, :, kg:] * bmm(w.to(dt) if cast else w, E)  # each column times its candidate's weight
             return y.baddbmm_(h, Bt), w
 
         return gate_step
+
+    def native_step(self, selection: SelectionConfig | None) -> Callable | None:
+        """The native CPU step (:mod:`moerge.runtime.native`) with this module's operands bound, ``run(x, y) ->
+        weights | None``, for the cases :meth:`fast_step` covers with float32 CPU factors, once it is built; ``None``
+        otherwise. Built once per request, like :meth:`fast_step` (``selection`` is the request's)."""
+        if "native" not in self._cache:
+            self._cache["native"] = self._make_native(selection)
+        return self._cache["native"]
+
+    def _make_native(self, selection: SelectionConfig | None) -> Callable | None:
+        g = self.lora
+        if g is None or self.dense or self.dtype != torch.float32 or g.W.is_cuda:
+            return None
+        if g.gate is None and g.E is None:  # sequence weights folded into Bt
+            kg, slots, bias, finish, top_k = 0, None, None, "none", None
+        elif g.gate is None or selection is None or not selection.plain:
+            return None
+        else:
+            kg, slots, bias, finish, top_k = g.gate.k, g.slots, g.gate.bias, g.gate.finish, selection.top_k
+        if not native.available():
+            return None
+        W = g.W if g.W.transpose(1, 2).is_contiguous() else g.W.contiguous()
+        run = native.step(W, g.Bt.contiguous(), slots, bias, kg, finish, top_k)
+        if kg == 0:
+            def seq_run(x: torch.Tensor, y: torch.Tensor) -> None:
+                run(x, y)
+
+            return seq_run
+        return run
+
+    def native_runs(self, x: torch.Tensor, selection: SelectionConfig | None) -> bool:
+        """Whether this module's own step on ``x (B, T, in)`` runs natively (then it needs no step shared with
+        siblings)."""
+        return x.shape[0] * x.shape[1] <= native.MAX_TOKENS and self.native_step(selection) is not None
 
     def fast_path(self, x: torch.Tensor, y: torch.Tensor, gate_outside: bool) -> bool:
         """Whether a step on ``x`` (in the factors' dtype) adding into ``y`` may run the CPU closures

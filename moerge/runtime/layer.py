@@ -19,6 +19,7 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from moerge.core.fingerprint import linear_shape
 from moerge.routing import LayerInfo, RoutingContext, RoutingState
+from moerge.runtime import native
 from moerge.runtime.bank import ModuleBank, adapter_dtype
 from moerge.runtime.joined import JoinedState
 from moerge.runtime.siblings import MAX_ROWS, Siblings, shared_step
@@ -87,15 +88,35 @@ class ExpertLinear(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        y = base(x, *args, **kwargs)
         state = self._context.current
         if state is None:
             return y
         if self._siblings is not None and x.dim() == 3 and x.shape[1] > 1:  # a prompt: see who reads this input
             self._siblings.observe(self.patch_index, x)
+        if (x.dim() == 3 and x.shape[0] * x.shape[1] <= native.MAX_TOKENS
+                and not (base._forward_hooks or _global_forward_hooks) and self._native(state, x, y)):
+            return y
         if not self.touched_by(state):
             return y
         return self.add_experts(state, x, y)
+
+    def _native(self, state: RoutingState | JoinedState, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Add the experts' part to ``y`` in place by the native step (:mod:`moerge.runtime.native`), the shortest
+        way a decode step's call can take on CPU (the base layer has no hooks, which might keep ``y``); ``False``
+        (nothing done) when it does not apply and the general path must run."""
+        g = state.gathered.get(self.patch_index)
+        if (g is None or g.rows != x.shape[0] or x.dtype != torch.float32 or y.dtype != torch.float32
+                or y.requires_grad or not y.is_contiguous()):
+            return False
+        run = g.native_step(state.router.config if state.local else None)
+        if run is None:
+            return False
+        w = run(x, y)
+        if state.record_usage and w is not None:
+            state.record(self.module_name, w, self.patch_index)
+        return True
 
     def touched_by(self, state: RoutingState | JoinedState) -> bool:
         """Whether a call under ``state`` has factors for this module."""
@@ -131,6 +152,8 @@ class ExpertLinear(nn.Module):
         g = state.gathered[self.patch_index].for_batch(b)
         if x.dtype != g.dtype or not g.fast_path(x, y, state.local and not g.gate_fused):
             return None
+        if g.native_runs(x, state.router.config if state.local else None):
+            return None  # one native call per module costs less than the shared torch step
         step = shared_step(state, group, b)
         if step is None:
             return None

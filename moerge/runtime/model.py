@@ -32,6 +32,7 @@ from moerge.routing import (
     RowRouting,
     explain_routing,
 )
+from moerge.runtime import native
 from moerge.runtime.calls import RoutedCalls
 from moerge.runtime.experts import ExpertSet
 from moerge.runtime.fill import RoutingFill
@@ -105,6 +106,8 @@ class MoErgeModel(RoutedCalls, LivingLibrary, nn.Module):
         self.library = library
         self.train_routing = train_routing
         on_cuda = any(p.is_cuda for p in base.parameters())
+        if not on_cuda:
+            native.available()  # the native CPU step is built now (once per machine), not in a first request
         self.train_in = ("process" if can_fork() and not on_cuda else "thread") if train_in == "auto" else train_in
         self._fill = RoutingFill(self.expert_set, self._persist_routing)
         self._loading = False  # from_library taking the library in: nothing is served yet

@@ -1,0 +1,202 @@
+"""The native CPU step (moerge/runtime/csrc/routed_step.cpp) against the torch formulas it replaces: each gate
+finish, top-k and all candidates, padding slots and columns, tokens with no finite logit, sequence weights, both
+layouts of W, several rows and tokens; end to end, a routed model answers as on the torch path (logits, greedy
+tokens, routing trace), on more threads at once; bad operands are refused; without a build the torch path runs."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import threading
+import warnings
+
+import pytest
+import torch
+
+from moerge import MoErgeModel
+from moerge.routers import build_router
+from moerge.routing import select_weights
+from moerge.runtime import native
+
+from helpers import VOCAB, rand_expert, tiny_llama
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler to build the native step")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert native.available(), "the native step did not build on a machine with a compiler"
+
+
+def _operands(B, T, IN, OUT, K, ranks, seed, pad_slot=False, columns=True):
+    g = torch.Generator().manual_seed(seed)
+    R = sum(ranks) + 2  # two padding columns (slot -1) at the end
+    x = torch.randn(B, T, IN, generator=g)
+    y = torch.randn(B, T, OUT, generator=g)
+    Wc = torch.randn(B, K + R, IN, generator=g) / IN ** 0.5
+    Wc[:, K + R - 2:] = 0.0
+    W = Wc.transpose(1, 2) if columns else Wc.transpose(1, 2).contiguous()  # (B, IN, K + R)
+    Bt = torch.randn(B, R, OUT, generator=g)
+    Bt[:, R - 2:] = 0.0
+    slots = torch.cat([torch.full((r,), k, dtype=torch.int32) for k, r in enumerate(ranks)]
+                      + [torch.full((2,), -1, dtype=torch.int32)]).repeat(B, 1)
+    bias = torch.randn(B, 1, K, generator=g)
+    if pad_slot:
+        bias[:, :, -1] = float("-inf")  # a candidate slot this row does not have
+        bias[-1, :, :] = float("-inf")  # and a row with none at all: its weights are 0
+    return x, y, W, Bt, slots, bias
+
+
+def _reference(x, y, W, Bt, slots, bias, finish, top_k):
+    K = bias.shape[-1]
+    z = torch.bmm(x, W)
+    xv = z[..., :K]
+    if finish == "abs":
+        xv = xv.abs()
+    elif finish == "standardized":
+        xv = xv * torch.rsqrt(x.var(-1, correction=0, keepdim=True) + 1e-5)
+    w = select_weights(xv + bias, top_k)
+    E = torch.zeros(slots.shape[0], K, slots.shape[1])
+    for b in range(slots.shape[0]):
+        for r, k in enumerate(slots[b].tolist()):
+            if k >= 0:
+                E[b, k, r] = 1.0
+    return y + torch.bmm(z[..., K:] * torch.bmm(w, E), Bt), w
+
+
+@pytest.mark.parametrize("finish", ["none", "abs", "standardized"])
+@pytest.mark.parametrize("top_k", [1, 2, None])
+@pytest.mark.parametrize("columns", [True, False])
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 2)])
+def test_step_equals_the_torch_formulas(finish, top_k, columns, B, T):
+    x, y, W, Bt, slots, bias = _operands(B, T, 48, 40, 4, (3, 2, 4, 1), seed=B * 10 + T, pad_slot=B > 1,
+                                         columns=columns)
+    want_y, want_w = _reference(x, y, W, Bt, slots, bias, finish, top_k)
+    run = native.step(W, Bt, slots, bias, 4, finish, top_k)
+    got_w = run(x, y)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    if B > 1:  # the row without candidates got nothing
+        assert torch.equal(got_w[-1], torch.zeros_like(got_w[-1]))
+
+
+def test_sequence_weights_step_is_shrink_then_expand():
+    x, y, W, Bt, _, _ = _operands(2, 3, 32, 24, 0, (4, 4), seed=5)
+    want = y + torch.bmm(torch.bmm(x, W), Bt)
+    out = native.step(W, Bt, None, None, 0, "none", None)(x, y)
+    assert out.numel() == 0
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_infinite_logits_give_zero_weights_as_the_torch_path():
+    x, y, W, Bt, slots, bias = _operands(1, 1, 16, 8, 3, (2, 2, 2), seed=2)
+    bias[0, 0, 0] = float("inf")
+    want_y, want_w = _reference(x, y.clone(), W, Bt, slots, bias, "none", 2)
+    got_w = native.step(W, Bt, slots, bias, 3, "none", 2)(x, y)
+    assert torch.equal(got_w, want_w) and torch.equal(got_w, torch.zeros_like(got_w))
+    torch.testing.assert_close(y, want_y)
+
+
+def test_bad_operands_are_refused_and_change_nothing():
+    x, y, W, Bt, slots, bias = _operands(1, 1, 16, 8, 2, (2, 2), seed=3)
+    with pytest.raises(RuntimeError, match="W and Bt do not match"):
+        native.step(W, Bt[:, 1:], slots, bias, 2, "abs", 1)
+    with pytest.raises(RuntimeError, match="a gate needs slots and bias"):
+        native.step(W, Bt, None, None, 2, "abs", 1)
+    with pytest.raises(RuntimeError, match="float32"):
+        native.step(W.double(), Bt.double(), slots, bias, 2, "abs", 1)
+    run = native.step(W, Bt, slots, bias, 2, "abs", 1)
+    before = y.clone()
+    with pytest.raises(RuntimeError, match="does not match"):
+        run(x[..., 1:], y)
+    with pytest.raises(RuntimeError, match="float32"):
+        run(x.double(), y)
+    assert torch.equal(y, before)
+
+
+def _model(router="arrow", **kw):
+    base = tiny_llama()
+    model = MoErgeModel(copy.deepcopy(base), build_router(router, **kw))
+    experts = [rand_expert(base, f"e{i}", seed=i, rank=(2, 4, 3)[i % 3]) for i in range(5)]
+    model.expert_set.install(experts, model.router)
+    return model
+
+
+def _decode(model, ids, steps=5, **route):
+    out = []
+    with torch.no_grad(), model.routing(input_ids=ids, **route) as state:
+        res = model.base(input_ids=ids, use_cache=True)
+        for _ in range(steps):
+            nxt = res.logits[:, -1:].argmax(-1)
+            res = model.base(input_ids=nxt, past_key_values=res.past_key_values, use_cache=True)
+            out.append(res.logits)
+        trace = state.trace()
+    return torch.cat(out, 1), trace
+
+
+@pytest.mark.parametrize("router,kw", [("arrow", {"top_k": 2}), ("arrow", {"top_k": 1}), ("phatgoose", {"top_k": None}),
+                                       ("xlora", {"top_k": None}), ("forced", {})])
+def test_routed_decode_equals_the_torch_path(router, kw, monkeypatch):
+    """(PHATGOOSE and X-LoRA gates of these random experts give all candidates the same logit, so their top-k is a
+    tie, which torch.topk breaks as it likes and the native step by the lower slot: they mix every candidate.)"""
+    forced = router == "forced"  # sequence weights: a forced mix per row
+    model = _model("arrow" if forced else router, **kw)
+    ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(4))
+    route = {"experts": [{"e0": 0.7, "e1": 0.3}, {"e2": 1.0}, {"e1": 0.5, "e3": 0.25, "e4": 0.25}]} if forced else {}
+    calls = []
+    real = native.step
+
+    def counting(*a, **k):
+        run = real(*a, **k)
+        return lambda x, y: (calls.append(1), run(x, y))[1]
+
+    monkeypatch.setattr(native, "step", counting)
+    fast, fast_trace = _decode(model, ids, **route)
+    assert calls, "the native step did not run"
+    monkeypatch.setenv("MOERGE_NO_KERNEL", "1")
+    slow, slow_trace = _decode(model, ids, **route)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+    for a, b in zip(fast_trace, slow_trace):
+        assert a.candidates == b.candidates
+        for name, v in a.experts.items():
+            assert v == pytest.approx(b.experts[name], abs=1e-5)
+
+
+def test_generate_is_the_same_from_concurrent_threads():
+    model = _model("arrow", top_k=2)
+    prompts = [torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    alone = [model.generate(input_ids=p, max_new_tokens=6, do_sample=False) for p in prompts]
+    got: dict[int, torch.Tensor] = {}
+
+    def run(i):
+        got[i] = model.generate(input_ids=prompts[i], max_new_tokens=6, do_sample=False)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, want in enumerate(alone):
+        assert torch.equal(got[i], want)
+
+
+def test_without_a_build_the_torch_path_runs_and_says_so(monkeypatch):
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6))
+    model = _model("arrow", top_k=2)
+    want, _ = _decode(model, ids)
+
+    def broken(verbose=False):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(native, "build", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not native.available()
+        got, _ = _decode(_model("arrow", top_k=2), ids)
+    assert any("native CPU step could not be built" in str(w.message) and "no compiler here" in str(w.message)
+               for w in caught)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
