@@ -21,9 +21,11 @@ that exactly equal gate logits are broken by the lower candidate slot, where ``t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import warnings
 from collections.abc import Callable
@@ -74,7 +76,16 @@ def build(verbose: bool = False) -> Any:
     from torch.utils import cpp_extension
 
     flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd"]
-    return cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=flags, verbose=verbose)
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:  # the `ninja` package's binary, when its folder is not on PATH (a venv's
+        with contextlib.suppress(ImportError):  # python run without activating it)
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    try:
+        return cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=flags, verbose=verbose)
+    finally:
+        os.environ["PATH"] = path
 
 
 def _load() -> Any:
