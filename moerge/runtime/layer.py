@@ -107,10 +107,10 @@ class ExpertLinear(nn.Module):
         way a decode step's call can take on CPU (the base layer has no hooks, which might keep ``y``); ``False``
         (nothing done) when it does not apply and the general path must run."""
         g = state.gathered.get(self.patch_index)
-        if (g is None or g.rows != x.shape[0] or x.dtype != torch.float32 or y.dtype != torch.float32
-                or y.requires_grad or not y.is_contiguous()):
+        if (g is None or g.rows != x.shape[0] or x.dtype != g.dtype or not y.is_contiguous()
+                or not g.fast_path(x, y, state.local and not g.gate_fused)):
             return False
-        run = g.native_step(state.router.config if state.local else None)
+        run = g.native_step(state.router.config if state.local else None)  # None unless float32 and built
         if run is None:
             return False
         w = run(x, y)

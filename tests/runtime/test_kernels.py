@@ -137,8 +137,11 @@ def test_routed_model_with_the_kernel_equals_the_torch_path(interpreted, monkeyp
     calls = []
     real = interpreted.routed_lora_
 
+    tokens = []
+
     def spy(*a, **k):
         calls.append(k.get("gate_k"))
+        tokens.append(a[0].shape[1])
         return real(*a, **k)
 
     with torch.no_grad():
@@ -161,7 +164,9 @@ def test_routed_model_with_the_kernel_equals_the_torch_path(interpreted, monkeyp
         assert a.experts == pytest.approx(b.experts, abs=1e-5 if dtype == torch.float32 else 1e-4)
     # greedy generation with the KV cache: the same tokens
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    tokens.clear()
     gen = model.generate(ids, **kw)
+    assert 1 in tokens  # the decode steps ran in the kernel too (not the native CPU step)
     monkeypatch.setattr(interpreted, "ENABLED", False)
     assert torch.equal(gen, model.generate(ids, **kw))
 
