@@ -130,15 +130,12 @@ def rand_expert(base, name: str, *, seed: int = 0, rank: int = 4, modules=("q_pr
 def s3_server():
     """A real S3 API on 127.0.0.1: moto's server mode in a child process (not an in-process mock); yields its
     endpoint URL and stops it on exit."""
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -163,6 +160,13 @@ def s3_keys(s3) -> list[str]:
     """The keys under ``lib/`` in the ``s3`` fixture's bucket, relative to the library."""
     out = s3.list_objects_v2(Bucket=s3.bucket).get("Contents", [])
     return sorted(o["Key"][len("lib/"):] for o in out if o["Key"].startswith("lib/"))
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago (for servers that bind their own socket)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 HANG_GUARD = 300  # seconds: only a request that never gets an answer takes this long
@@ -248,15 +252,22 @@ def ray_serving(build, library: str, replicas: int = 2, config=None):
 
     from moerge.serving.ray_app import RayConfig, build_app
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="moerge-tests")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(build, library, config=config or RayConfig(replicas=replicas, replica_cpus=1 / replicas)),
-                  route_prefix="/", name="moerge")
+        # Serve's proxy binds the port itself, after it was found free: another process (Ray's own workers take
+        # ports as they start) may have taken it meanwhile, so a taken port is tried again with another
+        for attempt in range(3):
+            port = free_port()
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                serve.run(build_app(build, library, config=config or RayConfig(replicas=replicas,
+                                                                               replica_cpus=1 / replicas)),
+                          route_prefix="/", name="moerge")
+                break
+            except Exception as e:  # noqa: BLE001 - only a port taken meanwhile is tried again
+                if "Failed to bind" not in str(e) or attempt == 2:
+                    raise
+                serve.shutdown()
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
