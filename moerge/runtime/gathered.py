@@ -165,13 +165,7 @@ class GatheredModule(ForBatch):
         if not native.available():
             return None
         W = g.W if g.W.transpose(1, 2).is_contiguous() else g.W.contiguous()
-        run = native.step(W, g.Bt.contiguous(), slots, bias, kg, finish, top_k)
-        if kg == 0:
-            def seq_run(x: torch.Tensor, y: torch.Tensor) -> None:
-                run(x, y)
-
-            return seq_run
-        return run
+        return native.step(W, g.Bt.contiguous(), slots, bias, kg, finish, top_k)
 
     def native_runs(self, x: torch.Tensor, selection: SelectionConfig | None) -> bool:
         """Whether this module's own step on ``x (B, T, in)`` runs natively (then it needs no step shared with

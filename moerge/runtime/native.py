@@ -111,9 +111,9 @@ def available() -> bool:
 
 
 def step(W: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor | None, bias: torch.Tensor | None, kg: int,
-         finish: str, top_k: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+         finish: str, top_k: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """One module's routed step with a request's operands bound (checked once): ``run(x, y)`` adds the routed part
-    to ``y`` in place and returns the gate's weights ``(B, T, kg)`` (empty when ``kg`` is 0); see the source's
+    to ``y`` in place and returns the gate's weights ``(B, T, kg)`` (``None`` when ``kg`` is 0); see the source's
     header for the formulas. ``W (B, in, kg + R)`` is read fastest laid out by columns (each column contiguous, as
     :meth:`moerge.runtime.bank.ModuleBank.gather` makes it). Call only after :func:`available` said yes."""
     return _module.Step(W, Bt, slots, bias, kg, FINISH[finish], 0 if top_k is None else int(top_k))

@@ -6,7 +6,7 @@
 //   w      = softmax over the top_k logits         others 0; a token with no finite logit gets all zeros
 //   h[r]   = z[Kg + r] * w[slot[b, r]]             0 where slot is -1 (padding); without a gate h = z
 //   y[b, t] += h @ Bt[b]                           in place; columns whose weight is 0 are skipped
-// and the weights w (B, T, K) are returned (an empty tensor without a gate).
+// and the weights w (B, T, K) are returned (None without a gate).
 //
 // The formulas are moerge.runtime.gathered.GatheredModule's and the Triton kernel's (moerge/runtime/kernels.py);
 // moerge/runtime/native.py builds this file and decides when it runs.
@@ -88,8 +88,8 @@ struct Step {
     }
   }
 
-  // Adds the routed part to y in place; returns the gate's weights (B, T, Kg), empty without a gate.
-  torch::Tensor call(torch::Tensor x, torch::Tensor y) const {
+  // Adds the routed part to y in place; returns the gate's weights (B, T, Kg), none without a gate.
+  c10::optional<torch::Tensor> call(torch::Tensor x, torch::Tensor y) const {
     check(x.dim() == 3 && y.dim() == 3 && x.size(0) == B && x.size(2) == IN && y.size(0) == B &&
               y.size(1) == x.size(1) && y.size(2) == OUT,
           "x or y does not match the factors");
@@ -98,7 +98,7 @@ struct Step {
     check(y.is_contiguous(), "y must be contiguous");
     const int64_t T = x.size(1);
     torch::Tensor xc = x.contiguous();
-    torch::Tensor w = torch::empty({kg > 0 ? B : 0, T, kg}, x.options());
+    torch::Tensor w = kg > 0 ? torch::empty({B, T, kg}, x.options()) : torch::Tensor();
     const float* xp = xc.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     const float* Wp = W.data_ptr<float>();
@@ -155,6 +155,7 @@ struct Step {
         for (int64_t o = 0; o < OUT; ++o) yr[o] += v * br[o];
       }
     }
+    if (kg == 0) return c10::nullopt;
     return w;
   }
 };
