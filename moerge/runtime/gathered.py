@@ -118,12 +118,12 @@ class GatheredModule(ForBatch):
         g = self.lora
         if g is None or self.dense:
             return None
-        bmm, W, Bt, E, dt = torch.bmm, g.W, g.Bt, g.E, self.dtype
+        bmm, W, Bt, E, dt, fits = torch.bmm, g.W, g.Bt, g.E, self.dtype, native.fits
         if g.gate is None and E is None:  # sequence weights folded into Bt
             run = self.native_step(selection)
 
             def seq_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
-                if run is not None and x.shape[0] * x.shape[1] <= native.MAX_TOKENS and y.is_contiguous():
+                if run is not None and fits(x, y):
                     run(x, y)
                     return y, None
                 return y.baddbmm_(bmm(x, W), Bt), None
@@ -135,7 +135,7 @@ class GatheredModule(ForBatch):
         run = self.native_step(selection)
 
         def gate_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if run is not None and x.shape[0] * x.shape[1] <= native.MAX_TOKENS and y.is_contiguous():
+            if run is not None and fits(x, y):
                 return y, run(x, y)
             z = bmm(x, W)  # (B, T, Kg + R): the gate's x @ Vt, then the shrink
             w = select(logits(x, z[:, :, :kg], inplace=True))  # (B, T, K); z's gate part is not reused
@@ -167,10 +167,10 @@ class GatheredModule(ForBatch):
         W = g.W if g.W.transpose(1, 2).is_contiguous() else g.W.contiguous()
         return native.step(W, g.Bt.contiguous(), slots, bias, kg, finish, top_k)
 
-    def native_runs(self, x: torch.Tensor, selection: SelectionConfig | None) -> bool:
-        """Whether this module's own step on ``x (B, T, in)`` runs natively (then it needs no step shared with
-        siblings)."""
-        return x.shape[0] * x.shape[1] <= native.MAX_TOKENS and self.native_step(selection) is not None
+    def native_runs(self, x: torch.Tensor, y: torch.Tensor, selection: SelectionConfig | None) -> bool:
+        """Whether this module's own step on ``x (B, T, in)`` into ``y`` runs natively (then it needs no step
+        shared with siblings)."""
+        return native.fits(x, y) and self.native_step(selection) is not None
 
     def fast_path(self, x: torch.Tensor, y: torch.Tensor, gate_outside: bool) -> bool:
         """Whether a step on ``x`` (in the factors' dtype) adding into ``y`` may run the CPU closures

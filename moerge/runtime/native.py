@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "step", "MAX_TOKENS", "build"]
+__all__ = ["available", "step", "fits", "MAX_TOKENS", "build"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,12 @@ def _load() -> Any:
                 warnings.warn(f"moerge: the native CPU step could not be built, so the slower torch path runs "
                               f"({_failed.splitlines()[0][:300]})", RuntimeWarning, stacklevel=3)
     return _module
+
+
+def fits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether a step on ``x (B, T, in)`` adding into ``y`` is one the native step takes: at most
+    :data:`MAX_TOKENS` tokens, ``y`` contiguous (written in place)."""
+    return x.shape[0] * x.shape[1] <= MAX_TOKENS and y.is_contiguous()
 
 
 def available() -> bool:
