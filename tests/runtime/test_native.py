@@ -137,23 +137,25 @@ def _decode(model, ids, steps=5, **route):
 
 @pytest.mark.parametrize("router,kw", [("arrow", {"top_k": 2}), ("arrow", {"top_k": 1}), ("phatgoose", {"top_k": None}),
                                        ("xlora", {"top_k": None}), ("forced", {})])
-def test_routed_decode_equals_the_torch_path(router, kw, monkeypatch):
+@pytest.mark.parametrize("rows", [3, 20])
+def test_routed_decode_equals_the_torch_path(router, kw, rows, monkeypatch):
     """(PHATGOOSE and X-LoRA gates of these random experts give all candidates the same logit, so their top-k is a
     tie, which torch.topk breaks as it likes and the native step by the lower slot: they mix every candidate.)"""
     forced = router == "forced"  # sequence weights: a forced mix per row
     model = _model("arrow" if forced else router, **kw)
-    ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(4))
-    route = {"experts": [{"e0": 0.7, "e1": 0.3}, {"e2": 1.0}, {"e1": 0.5, "e3": 0.25, "e4": 0.25}]} if forced else {}
+    ids = torch.randint(3, VOCAB, (rows, 7), generator=torch.Generator().manual_seed(4))
+    mixes = [{"e0": 0.7, "e1": 0.3}, {"e2": 1.0}, {"e1": 0.5, "e3": 0.25, "e4": 0.25}]
+    route = {"experts": [mixes[r % 3] for r in range(rows)]} if forced else {}
     calls = []
     real = native.step
 
     def counting(*a, **k):
         run = real(*a, **k)
-        return lambda x, y: (calls.append(1), run(x, y))[1]
+        return lambda x, y: (calls.append(x.shape), run(x, y))[1]
 
     monkeypatch.setattr(native, "step", counting)
     fast, fast_trace = _decode(model, ids, **route)
-    assert calls, "the native step did not run"
+    assert any(c[:2] == (rows, 1) for c in calls), "no decode step ran natively"
     monkeypatch.setenv("MOERGE_NO_KERNEL", "1")
     slow, slow_trace = _decode(model, ids, **route)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
@@ -162,6 +164,15 @@ def test_routed_decode_equals_the_torch_path(router, kw, monkeypatch):
         assert a.candidates == b.candidates
         for name, v in a.experts.items():
             assert v == pytest.approx(b.experts[name], abs=1e-5)
+
+
+def test_which_steps_run_natively():
+    y = torch.zeros(1, 1, 4)
+    assert native.fits(torch.zeros(40, 1, 4), torch.zeros(40, 1, 4))  # a decode step of any batch
+    assert native.fits(torch.zeros(1, native.MAX_TOKENS, 4), torch.zeros(1, native.MAX_TOKENS, 4))
+    assert not native.fits(torch.zeros(2, native.MAX_TOKENS, 4), torch.zeros(2, native.MAX_TOKENS, 4))
+    assert not native.fits(torch.zeros(1, 1, 4), torch.zeros(1, 1, 8)[..., ::2])  # y is written in place
+    assert native.fits(torch.zeros(1, 1, 4), y)
 
 
 def test_generate_is_the_same_from_concurrent_threads():

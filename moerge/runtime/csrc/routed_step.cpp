@@ -108,7 +108,7 @@ struct Step {
     float* wp = kg > 0 ? w.data_ptr<float>() : nullptr;
     std::vector<float> z(C), h(R), logits(kg), wt(kg);
     std::vector<int64_t> order(kg);
-    for (int64_t bt = 0; bt < B * T; ++bt) {  // few tokens (moerge.runtime.native.MAX_TOKENS): one thread
+    for (int64_t bt = 0; bt < B * T; ++bt) {  // few tokens per row (moerge.runtime.native.fits): one thread
       const int64_t b = bt / T;
       const float* xr = xp + bt * IN;
       const float* Wb = Wp + b * IN * C;
