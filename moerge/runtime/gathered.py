@@ -115,12 +115,13 @@ class GatheredModule(ForBatch):
         return self._cache["step"]
 
     def _make_step(self, selection: SelectionConfig | None) -> Callable | None:
+        self._cache["native"] = None
         g = self.lora
         if g is None or self.dense:
             return None
         bmm, W, Bt, E, dt, fits = torch.bmm, g.W, g.Bt, g.E, self.dtype, native.fits
         if g.gate is None and E is None:  # sequence weights folded into Bt
-            run = self.native_step(selection)
+            run = self._bind_native(None)
 
             def seq_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
                 if run is not None and fits(x, y):
@@ -132,7 +133,7 @@ class GatheredModule(ForBatch):
         if g.gate is None or selection is None or not selection.plain:
             return None
         kg, logits, select, cast = g.gate.k, g.gate.logits, selection.select, dt != torch.float32
-        run = self.native_step(selection)
+        run = self._bind_native(selection)
 
         def gate_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if run is not None and fits(x, y):
@@ -144,28 +145,27 @@ class GatheredModule(ForBatch):
 
         return gate_step
 
-    def native_step(self, selection: SelectionConfig | None) -> Callable | None:
-        """The native CPU step (:mod:`moerge.runtime.native`) with this module's operands bound, ``run(x, y) ->
-        weights | None``, for the cases :meth:`fast_step` covers with float32 CPU factors, once it is built; ``None``
-        otherwise. Built once per request, like :meth:`fast_step` (``selection`` is the request's)."""
-        if "native" not in self._cache:
-            self._cache["native"] = self._make_native(selection)
-        return self._cache["native"]
-
-    def _make_native(self, selection: SelectionConfig | None) -> Callable | None:
+    def _bind_native(self, selection: SelectionConfig | None) -> Callable | None:
+        """The native CPU step (:mod:`moerge.runtime.native`) with this module's operands bound (its fused gate and
+        ``selection``'s top-k; ``None``: sequence weights), kept for :meth:`native_step`; ``None`` unless the factors
+        are float32 on CPU and the step is built."""
         g = self.lora
-        if g is None or self.dense or self.dtype != torch.float32 or g.W.is_cuda:
+        if self.dtype != torch.float32 or g.W.is_cuda or not native.available():
             return None
-        if g.gate is None and g.E is None:  # sequence weights folded into Bt
-            kg, slots, bias, finish, top_k = 0, None, None, "none", None
-        elif g.gate is None or selection is None or not selection.plain:
-            return None
-        else:
-            kg, slots, bias, finish, top_k = g.gate.k, g.slots, g.gate.bias, g.gate.finish, selection.top_k
-        if not native.available():
-            return None
+        gate = g.gate if selection is not None else None
         W = g.W if g.W.transpose(1, 2).is_contiguous() else g.W.contiguous()
-        return native.step(W, g.Bt.contiguous(), slots, bias, kg, finish, top_k)
+        run = native.step(W, g.Bt.contiguous(), None if gate is None else g.slots, None if gate is None else gate.bias,
+                          0 if gate is None else gate.k, "none" if gate is None else gate.finish,
+                          None if gate is None else selection.top_k)
+        self._cache["native"] = run
+        return run
+
+    def native_step(self, selection: SelectionConfig | None) -> Callable | None:
+        """:meth:`fast_step`'s native step alone, ``run(x, y) -> weights | None``: for the cases the closure
+        covers, with float32 CPU factors, once the step is built; else ``None``. Made with the closure, once per
+        request (``selection`` is the request's)."""
+        self.fast_step(selection)
+        return self._cache["native"]
 
     def native_runs(self, x: torch.Tensor, y: torch.Tensor, selection: SelectionConfig | None) -> bool:
         """Whether this module's own step on ``x (B, T, in)`` into ``y`` runs natively (then it needs no step
