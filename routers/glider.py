@@ -23,6 +23,7 @@ candidates are mixed per sequence by ``softmax(score / temperature)``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -271,7 +272,11 @@ class GliderRouter(Router):
         lg = self.local.linear_gate(candidates, layer, device)
         if lg is None:
             return None
-        return lg.with_bias(self.log_prior(candidates).to(device).unsqueeze(1))
+        key = (id(self), "biased", id(lg.bias))  # modules whose local gates share a bias share the sum too
+        got = candidates.memo.get(key)
+        if got is None or got[0] is not lg.bias:
+            got = candidates.memo[key] = (lg.bias, lg.bias + self.log_prior(candidates).to(device).unsqueeze(1))
+        return dataclasses.replace(lg, bias=got[1])
 
     def log_prior(self, candidates: Candidates) -> torch.Tensor:
         """``(B, K)``: the global stage's log-probabilities of each row's candidates (0 in empty slots, whose

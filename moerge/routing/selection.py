@@ -108,19 +108,23 @@ class ExpertVectors(Mapping):
 
     An expert's vectors may be registered by a loader (:meth:`set_lazy`: read from the library when a request
     first has the expert among its candidates), so a large library's routing data is read for the experts in use
-    only. The vectors of one module are stacked for the experts a request's rows name, in the model's expert
-    order, once per ``(module, those experts, device)`` and form (finished as :meth:`gate_operands` asks; the
-    most recently used of them kept, up to :data:`TABLE_BYTES`) and then gathered for each row's candidates, so a request's gate costs two
-    index operations per module and every step one batched matmul.
+    only. Each expert's vector is finished once per module and form (as :meth:`gate_operands` asks: scaled,
+    centred, its bias split off; the most recently used kept, up to :data:`TABLE_BYTES`), and a request's gate
+    stacks its rows' candidates' vectors: one op per module whatever the set of candidates, and every step one
+    batched matmul. Gates made over a request's experts together (``combine``) are stacked per set of experts
+    instead (the same bound).
     """
 
-    TABLE_BYTES = 256 << 20  # stacked tables kept (module × set of experts), least recently used dropped
+    TABLE_BYTES = 256 << 20  # finished vectors, and combined tables, kept: least recently used dropped past it
 
     def __init__(self) -> None:
         self._by_module: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> (d,)
         self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lazy: dict[str, Callable[[Any], Mapping[str, torch.Tensor]]] = {}  # expert -> makes its vectors
         self._table_bytes = 0
+        self._finished: OrderedDict[tuple, tuple[torch.Tensor, float]] = OrderedDict()  # see _finished_vector
+        self._finished_of: dict[str, set[tuple]] = {}  # expert -> its keys in _finished
+        self._finished_bytes = 0
         self._generation = 0  # counts changes of the vectors: a table built from older ones is not kept
         self._lock = threading.RLock()  # every change of the above; tables are built and loaders run outside it
 
@@ -159,6 +163,40 @@ class ExpertVectors(Mapping):
     def _drop_tables(self, name: str) -> None:
         for key in [k for k in self._tables if name in k[1]]:
             self._table_bytes -= self._nbytes(self._tables.pop(key))
+        for key in self._finished_of.pop(name, ()):
+            got = self._finished.pop(key, None)
+            if got is not None:
+                self._finished_bytes -= got[0].nbytes
+
+    def _finished_vector(self, module: str, name: str, device: torch.device, scale: float, with_bias: bool,
+                         center: bool) -> tuple[torch.Tensor, float] | None:
+        """Expert ``name``'s gate vector for ``module`` as :meth:`gate_operands` gives it (``None``: it has none),
+        and its bias; made once per expert and form (the most recently used kept, up to :data:`TABLE_BYTES`; the
+        vector itself when there is nothing to do to it), so a request's gate only stacks its candidates'."""
+        key = (module, name, str(device), scale, with_bias, center)
+        with self._lock:
+            got = self._finished.get(key)
+            if got is not None:
+                self._finished.move_to_end(key)
+                return got
+            v = self._by_module.get(module, {}).get(name)
+            if v is None:
+                return None
+            w, b = (v[:-1], float(v[-1])) if with_bias else (v, 0.0)
+            w = w.float()
+            if center:
+                w = w - w.mean()
+            if scale != 1.0:
+                w = w * scale
+            got = (w.contiguous().to(device), b)
+            self._finished[key] = got
+            self._finished_of.setdefault(name, set()).add(key)
+            self._finished_bytes += got[0].nbytes
+            while self._finished_bytes > self.TABLE_BYTES and len(self._finished) > 1:
+                old_key, old = self._finished.popitem(last=False)
+                self._finished_bytes -= old[0].nbytes
+                self._finished_of.get(old_key[1], set()).discard(old_key)
+            return got
 
     @staticmethod
     def _nbytes(table: tuple[torch.Tensor, torch.Tensor]) -> int:
@@ -236,7 +274,7 @@ class ExpertVectors(Mapping):
             w = V[:, :-1] if with_bias else V
         if center:
             w = w - w.mean(-1, keepdim=True)
-        return (w * scale).t().contiguous().to(device), b.masked_fill(~ok, float("-inf")).to(device)
+        return (w * scale).contiguous().to(device).t(), b.masked_fill(~ok, float("-inf")).to(device)  # Vt by columns
 
     def _row_operands(self, module: str, candidates: Candidates, device: torch.device, scale: float, center: bool,
                       combine: Combine) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,11 +336,26 @@ class ExpertVectors(Mapping):
             return None
         if combine is not None:
             return self._row_operands(module, candidates, device, scale, center, combine)
-        Vt_all, bias_all = self._table(module, names, device, scale, with_bias, center, combine)
+        got = [self._finished_vector(module, n, device, scale, with_bias, center) for n in names]
+        dim = next((g[0].numel() for g in got if g is not None), None)
+        if dim is None:
+            return None
+        memo = candidates.memo
+        zero = memo.get(("zero", dim, device))
+        if zero is None:
+            zero = memo[("zero", dim, device)] = torch.zeros(dim, device=device)
+        at = memo.get("slot_list")
+        if at is None:
+            at = memo["slot_list"] = cols.reshape(-1).tolist()
+        vecs = [zero if g is None else g[0] for g in got] + [zero]  # the last: empty slots
         B, K = cols.shape
-        safe = cols.to(device).reshape(-1)  # empty slots → the empty column
-        Vt = Vt_all.index_select(1, safe).view(-1, B, K).transpose(0, 1)  # (B, d, K), strided
-        return Vt, bias_all.index_select(0, safe).view(B, 1, K)
+        Vt = torch.stack([vecs[c] for c in at]).view(B, K, dim).transpose(1, 2)  # (B, d, K), each vector contiguous
+        bias = [float("-inf") if g is None else g[1] for g in got] + [float("-inf")]
+        key = ("gate_bias", device, tuple(bias[c] for c in at))  # modules mostly share it: one tensor per request
+        b = memo.get(key)
+        if b is None:
+            b = memo[key] = torch.tensor(key[2], device=device).view(B, 1, K)
+        return Vt, b
 
 
 @dataclass(frozen=True)

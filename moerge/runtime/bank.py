@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from moerge.adapters.expert import DeltaWeights, LoRAWeights, ModuleWeights
 from moerge.routing import Candidates, LinearGate
-from moerge.runtime.gathered import GatheredDense, GatheredLoRA, GatheredModule
+from moerge.runtime.gathered import BankRows, GatheredDense, GatheredLoRA, GatheredModule
 
 __all__ = ["ModuleBank", "adapter_dtype"]
 
@@ -72,12 +72,24 @@ class _Storage:
     """The tensors a chain of banks appends into: rows ``[0, used)`` hold data, the rest is spare capacity
     (``torch.empty``: pages untouched until written). Banks are views of its first rows; only the bank that ends
     at ``used`` (the newest) may append in place, so older banks, and requests that gathered from them, never see
-    a row change."""
+    a row change. The one other write in place, an expert cache's swap into the rows of evicted experts
+    (:meth:`ModuleBank.swapped`), waits for the requests that read rows where they lie (``readers``, each with the
+    ``epoch`` it began in) and began before those rows were freed."""
 
-    __slots__ = ("a", "bt", "used")
+    __slots__ = ("a", "bt", "used", "readers", "epoch")
 
     def __init__(self, a: torch.Tensor, bt: torch.Tensor, used: int) -> None:
         self.a, self.bt, self.used = a, bt, used
+        self.readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # reader → epoch at its start
+        self.epoch = 0  # counts swaps: rows freed by the swap of epoch e are named by readers of epochs < e
+
+    def read_by(self, reader: Any) -> None:
+        """``reader`` (a request's :class:`~moerge.runtime.gathered.BankRows`) reads rows here while it lives."""
+        self.readers[reader] = self.epoch
+
+    def writable(self, freed: int) -> bool:
+        """Whether rows freed in epoch ``freed`` may be written: no live reader began before then."""
+        return all(e >= freed for e in list(self.readers.values()))
 
 
 _GROWTH = 1.5  # capacity factor when a bank's storage must grow
@@ -103,8 +115,9 @@ class ModuleBank:
     lora: dict[str, _LoRASlot] = field(default_factory=dict)
     dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     storage: _Storage | None = field(default=None, repr=False, compare=False)
-    free: tuple[tuple[int, int], ...] = field(default=(), repr=False, compare=False)  # (start, rank) of rows no
-    # expert of this bank uses any more (left by :meth:`swapped`), for experts of the same rank to take
+    free: tuple[tuple[int, int, int], ...] = field(default=(), repr=False, compare=False)  # (start, rank, epoch
+    # freed) of rows no expert of this bank uses any more (left by :meth:`swapped`), for experts of the same rank
+    # to take once no request still reads them (:meth:`_Storage.writable`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", _Layout.of(self.lora))
@@ -141,7 +154,9 @@ class ModuleBank:
         bt = torch.empty(cap, self.Bt_all.shape[1], device=self.A_all.device, dtype=self.A_all.dtype)
         a[:n].copy_(self.A_all)
         bt[:n].copy_(self.Bt_all)
-        return _Storage(a, bt, n)
+        grown = _Storage(a, bt, n)
+        grown.epoch = 0 if st is None else st.epoch  # its free rows' epochs go on counting (no reader reads it yet)
+        return grown
 
     def with_experts(self, weights: dict[str, ModuleWeights]) -> ModuleBank:
         """A new bank with ``weights`` (expert name → this module's weights) added."""
@@ -183,22 +198,24 @@ class ModuleBank:
         free rows would outnumber the used ones, or when the bank is not the newest of its storage."""
         gone = {n for n in evict if n in self}
         st, n = self.storage, self.A_all.shape[0]
-        free = list(self.free) + [(self.lora[g].start, self.lora[g].rank) for g in gone if g in self.lora]
-        used = sum(slot.rank for name, slot in self.lora.items() if name not in gone)
         ours = st is not None and st.used == n and st.a.data_ptr() == self.A_all.data_ptr()
-        if not ours or sum(r for _, r in free) > used + 1:
+        epoch = st.epoch + 1 if ours else 0
+        free = list(self.free) + [(self.lora[g].start, self.lora[g].rank, epoch) for g in gone if g in self.lora]
+        used = sum(slot.rank for name, slot in self.lora.items() if name not in gone)
+        if not ours or sum(r for _, r, _ in free) > used + 1:
             bank = self.without(gone) if gone else self
             return bank.with_experts(weights) if weights else bank
+        st.epoch = epoch
         lora = {k: v for k, v in self.lora.items() if k not in gone}
         dense = {k: v for k, v in self.dense.items() if k not in gone}
-        holes: dict[str, tuple[int, int]] = {}
+        holes: dict[str, tuple[int, int, int]] = {}
         rest: dict[str, ModuleWeights] = {}
         for name, w in weights.items():
             if name not in gone:
                 self._check_new(name, w)
             hole = None
             if isinstance(w, LoRAWeights) and name not in lora and name not in dense:
-                hole = next((i for i, (_, r) in enumerate(free) if r == w.rank), None)
+                hole = next((i for i, (_, r, e) in enumerate(free) if r == w.rank and st.writable(e)), None)
             if hole is None:
                 rest[name] = w
             else:
@@ -206,7 +223,7 @@ class ModuleBank:
         # whatever must be allocated is allocated before any row is written: a failure leaves every row as it was
         grow = sum(w.rank for w in rest.values() if isinstance(w, LoRAWeights))
         st = self._room_for(grow) if grow else st
-        for name, (start, rank) in holes.items():
+        for name, (start, rank, _) in holes.items():
             w = weights[name]
             st.a[start : start + rank].copy_(w.A)  # (r, in)
             st.bt[start : start + rank].copy_(w.B.t())  # (r, out)
@@ -408,16 +425,26 @@ class ModuleBank:
         if R > 0:
             if col_w is None:
                 col_w, E = self._column_weights(candidates, k_idx, scale, dtype)
-            B, flat = idx.shape[0], idx.reshape(-1)
-            At = move(self.A_all.index_select(0, flat)).view(B, R, -1).to(dtype).transpose(1, 2)  # (B, in, R)
-            Bt = move(self.Bt_all.index_select(0, flat)).view(B, R, -1).to(dtype) * move(col_w)  # (B, R, out)
             E = None if E is None else move(E)
             fused = gate if gate is not None and seq_w is None else None
-            if fused is not None:  # (B, in, Kg + R), each column contiguous (how the native CPU step reads it)
-                W = torch.cat([fused.Vt.transpose(1, 2).to(device, dtype), At.transpose(1, 2)], dim=1).transpose(1, 2)
+            rows = BankRows(self.A_all, self.Bt_all, idx, col_w)
+            if not dense_uses and device == here and device.type == "cpu" and dtype == self.A_all.dtype:
+                # read where they lie (the native CPU step), copied on first use by any other path
+                slots = None if E is None else candidates.memo.get(("slots", id(E)))
+                if E is not None and slots is None:
+                    slots = candidates.memo[("slots", id(E))] = torch.where(E.sum(1) > 0, E.argmax(1), -1).to(
+                        torch.int32)
+                lora = GatheredLoRA(None, None, E, fused, bank=rows, slots=slots, dtype=dtype, device=device)
+                if self.storage is not None:
+                    self.storage.read_by(rows)
             else:
-                W = At
-            lora = GatheredLoRA(W, Bt, E, fused)
+                At, Bt = rows.copy(dtype, device)
+                if fused is not None:  # (B, in, Kg + R), each column contiguous (how the native CPU step reads it)
+                    W = torch.cat([fused.Vt.transpose(1, 2).to(device, dtype), At.transpose(1, 2)],
+                                  dim=1).transpose(1, 2)
+                else:
+                    W = At
+                lora = GatheredLoRA(W, Bt, E, fused)
         dense = []
         for name, uses in dense_uses.items():
             d, bias = self.dense[name]

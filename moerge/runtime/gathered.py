@@ -28,18 +28,106 @@ class Mixed(NamedTuple):
     weights: torch.Tensor | None  # (B, T, K): the per-token weights used, None with sequence-level weights
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a bank's readers are kept by it (weakly)
+class BankRows:
+    """A request's factor columns where they lie in a module's bank, nothing copied: column ``r`` of row ``b`` is row
+    ``idx[b, r]`` of ``A_all`` and of ``Bt_all`` (row 0, zeros, at padding), times ``col_w[b, r]`` (its LoRA scale,
+    and its sequence weight when there is one). The native CPU step reads them there; the other paths copy them once
+    (:meth:`copy`). The bank never writes these rows while this object lives (:meth:`ModuleBank.swapped`)."""
+
+    A_all: torch.Tensor  # (N, in)
+    Bt_all: torch.Tensor  # (N, out)
+    idx: torch.Tensor  # (B, R) long
+    col_w: torch.Tensor  # (B, R, 1), in the compute dtype
+
+    def copy(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Aᵀ (B, in, R), Bt (B, R, out))`` copied out of the bank, ``col_w`` folded into ``Bt``."""
+        B, R = self.idx.shape
+        flat = self.idx.reshape(-1)
+        move = (lambda t: t.to(device, non_blocking=True)) if device != self.A_all.device else (lambda t: t)  # noqa: E731
+        At = move(self.A_all.index_select(0, flat)).view(B, R, -1).to(dtype).transpose(1, 2)
+        Bt = move(self.Bt_all.index_select(0, flat)).view(B, R, -1).to(dtype) * move(self.col_w)
+        return At, Bt
+
+    def repeat_rows(self, n: int) -> BankRows:
+        return BankRows(self.A_all, self.Bt_all, self.idx.repeat_interleave(n, dim=0),
+                        self.col_w.repeat_interleave(n, dim=0))
+
+
 class GatheredLoRA:
-    W: torch.Tensor  # (B, in, Kg + R): a fused gate's vectors (Kg of them, else none), then the factors A^T
-    Bt: torch.Tensor  # (B, R, out): LoRA scales folded in, and the sequence weights when there is no local gate
-    E: torch.Tensor | None  # (B, K, R): 1 where column r belongs to candidate slot k (local gating), else None
-    gate: LinearGate | None  # the fused local gate, whose Vt is W[..., :Kg]
-    _slots: torch.Tensor | None = None
+    """One module's LoRA factors for a request's rows: ``W (B, in, Kg + R)`` (a fused gate's vectors, Kg of them,
+    then the factors Aᵀ, each column contiguous) and ``Bt (B, R, out)`` (LoRA scales folded in, and the sequence
+    weights when there is no local gate); ``E (B, K, R)``: 1 where column r belongs to candidate slot k (local
+    gating), else ``None``; ``gate``: the fused local gate, whose ``Vt`` is ``W[..., :Kg]``.
+
+    Made from ``bank`` (:class:`BankRows`), ``W`` and ``Bt`` are copied out of the bank on first use only: the
+    native CPU step reads the bank's rows in place (:meth:`native_segments`), so a request on CPU copies nothing.
+    A joined batch's (``parts``: each part's factors and rows, ``None`` for a part without any) are stacked on first
+    use (:func:`join_gathered`)."""
+
+    def __init__(self, W: torch.Tensor | None, Bt: torch.Tensor | None, E: torch.Tensor | None,
+                 gate: LinearGate | None, *, bank: BankRows | None = None, slots: torch.Tensor | None = None,
+                 parts: list[tuple[GatheredLoRA | None, int]] | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
+        self._W, self._Bt, self.E, self.gate, self.bank, self._slots = W, Bt, E, gate, bank, slots
+        self.parts = parts
+        self.dtype = dtype if dtype is not None else W.dtype
+        self.device = device if device is not None else W.device
+
+    def _copy(self) -> None:
+        if self.parts is not None:
+            self._W, self._Bt = _stack_parts(self.parts, self.gate, self.dtype, self.device)
+            return
+        At, self._Bt = self.bank.copy(self.dtype, self.device)
+        if self.gate is None:
+            self._W = At
+        else:  # (B, in, Kg + R), each column contiguous
+            self._W = torch.cat([self.gate.Vt.transpose(1, 2).to(self.device, self.dtype), At.transpose(1, 2)],
+                                dim=1).transpose(1, 2)
+
+    @property
+    def W(self) -> torch.Tensor:
+        if self._W is None:
+            self._copy()
+        return self._W
+
+    @property
+    def Bt(self) -> torch.Tensor:
+        if self._Bt is None:
+            self._copy()
+        return self._Bt
+
+    @property
+    def copied(self) -> bool:
+        """Whether ``W`` and ``Bt`` are in this object's own tensors (copied out of the banks, or made so)."""
+        return self._W is not None
+
+    @property
+    def rank(self) -> int:
+        """``R``, the columns per row."""
+        if self._Bt is not None:
+            return self._Bt.shape[1]
+        if self.parts is not None:
+            return max((p.rank for p, _ in self.parts if p is not None), default=0)
+        return self.bank.idx.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(B, in, out)``."""
+        if self._W is not None:
+            return self._W.shape[0], self._W.shape[1], self._Bt.shape[2]
+        if self.parts is not None:
+            p = next(p for p, _ in self.parts if p is not None)
+            return sum(n for _, n in self.parts), p.shape[1], p.shape[2]
+        return self.bank.idx.shape[0], self.bank.A_all.shape[1], self.bank.Bt_all.shape[1]
 
     def repeat_rows(self, n: int) -> GatheredLoRA:
         rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
-        return GatheredLoRA(rep(self.W), rep(self.Bt), rep(self.E),
-                             None if self.gate is None else self.gate.repeat_rows(n))
+        gate = None if self.gate is None else self.gate.repeat_rows(n)
+        if self._W is None and self.bank is not None:
+            return GatheredLoRA(None, None, rep(self.E), gate, bank=self.bank.repeat_rows(n), slots=rep(self._slots),
+                                dtype=self.dtype, device=self.device)
+        return GatheredLoRA(rep(self.W), rep(self.Bt), rep(self.E), gate)
 
     @property
     def slots(self) -> torch.Tensor:
@@ -47,6 +135,33 @@ class GatheredLoRA:
         if self._slots is None:
             self._slots = torch.where(self.E.sum(1) > 0, self.E.argmax(1), -1).to(torch.int32)
         return self._slots
+
+    def native_segments(self, gated: bool) -> list[tuple]:
+        """The native step's operands for these rows (:func:`moerge.runtime.native.step_segments`): the bank's rows
+        where they lie, or the copies once made; ``gated``: with the fused gate's vectors, slots and bias."""
+        gate = self.gate if gated else None
+        if self.parts is not None and self._W is None:
+            segs = []
+            for part, n in self.parts:
+                if part is None:  # no factors: one gate slot of logit 0 (as join_gathered pads), no column
+                    d_in = self.shape[1]
+                    segs.append((torch.zeros(1, d_in), torch.zeros(n, 0, dtype=torch.long),
+                                 torch.zeros(1, self.shape[2]), torch.zeros(n, 0, dtype=torch.long), None,
+                                 torch.zeros(n, d_in, 1) if gated else None,
+                                 torch.zeros(n, 0, dtype=torch.int32) if gated else None,
+                                 torch.zeros(n, 1, 1) if gated else None))
+                else:
+                    segs.extend(part.native_segments(gated))
+            return segs
+        if self._W is not None or self.bank is None:
+            return [native.gathered_segment(self.W, self.Bt, None if gate is None else self.slots,
+                                            None if gate is None else gate.bias, 0 if gate is None else gate.k)]
+        b = self.bank
+        Vt = None
+        if gate is not None:
+            Vt = gate.Vt if gate.Vt.stride(1) == 1 else gate.Vt.transpose(1, 2).contiguous().transpose(1, 2)
+        return [(b.A_all, b.idx, b.Bt_all, b.idx, b.col_w.squeeze(-1), Vt, None if gate is None else self.slots,
+                 None if gate is None else gate.bias)]
 
 
 @dataclass
@@ -119,44 +234,43 @@ class GatheredModule(ForBatch):
         g = self.lora
         if g is None or self.dense:
             return None
-        bmm, W, Bt, E, dt, fits = torch.bmm, g.W, g.Bt, g.E, self.dtype, native.fits
-        if g.gate is None and E is None:  # sequence weights folded into Bt
+        bmm, dt, fits = torch.bmm, self.dtype, native.fits
+        if g.gate is None and g.E is None:  # sequence weights folded into Bt
             run = self._bind_native(None)
 
             def seq_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
-                if run is not None and fits(x, y):
+                if run is not None and fits(x, y, not g.copied):
                     run(x, y)
                     return y, None
-                return y.baddbmm_(bmm(x, W), Bt), None
+                return y.baddbmm_(bmm(x, g.W), g.Bt), None  # the factors copied on first use
 
             return seq_step
         if g.gate is None or selection is None or not selection.plain:
             return None
-        kg, logits, select, cast = g.gate.k, g.gate.logits, selection.select, dt != torch.float32
+        kg, logits, select, cast, E = g.gate.k, g.gate.logits, selection.select, dt != torch.float32, g.E
         run = self._bind_native(selection)
 
         def gate_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if run is not None and fits(x, y):
+            if run is not None and fits(x, y, not g.copied):
                 return y, run(x, y)
-            z = bmm(x, W)  # (B, T, Kg + R): the gate's x @ Vt, then the shrink
+            z = bmm(x, g.W)  # (B, T, Kg + R): the gate's x @ Vt, then the shrink
             w = select(logits(x, z[:, :, :kg], inplace=True))  # (B, T, K); z's gate part is not reused
             h = z[:, :, kg:] * bmm(w.to(dt) if cast else w, E)  # each column times its candidate's weight
-            return y.baddbmm_(h, Bt), w
+            return y.baddbmm_(h, g.Bt), w
 
         return gate_step
 
     def _bind_native(self, selection: SelectionConfig | None) -> Callable | None:
         """The native CPU step (:mod:`moerge.runtime.native`) with this module's operands bound (its fused gate and
         ``selection``'s top-k; ``None``: sequence weights), kept for :meth:`native_step`; ``None`` unless the factors
-        are float32 on CPU and the step is built."""
+        are float32 on CPU and the step is built. It reads the bank's rows in place when the factors were not
+        copied (:class:`BankRows`)."""
         g = self.lora
-        if self.dtype != torch.float32 or g.W.is_cuda or not native.available():
+        if self.dtype != torch.float32 or g.device.type != "cpu" or not native.available():
             return None
         gate = g.gate if selection is not None else None
-        W = g.W if g.W.transpose(1, 2).is_contiguous() else g.W.contiguous()
-        run = native.step(W, g.Bt.contiguous(), None if gate is None else g.slots, None if gate is None else gate.bias,
-                          0 if gate is None else gate.k, "none" if gate is None else gate.finish,
-                          None if gate is None else selection.top_k)
+        run = native.step_segments(g.native_segments(gate is not None), 0 if gate is None else gate.k,
+                                   "none" if gate is None else gate.finish, None if gate is None else selection.top_k)
         self._cache["native"] = run
         return run
 
@@ -165,12 +279,13 @@ class GatheredModule(ForBatch):
         covers, with float32 CPU factors, once the step is built; else ``None``. Made with the closure, once per
         request (``selection`` is the request's)."""
         self.fast_step(selection)
-        return self._cache["native"]
+        return self._cache.get("native")
 
     def native_runs(self, x: torch.Tensor, y: torch.Tensor, selection: SelectionConfig | None) -> bool:
         """Whether this module's own step on ``x (B, T, in)`` into ``y`` runs natively (then it needs no step
         shared with siblings)."""
-        return native.fits(x, y) and self.native_step(selection) is not None
+        return native.fits(x, y, self.lora is not None and not self.lora.copied) \
+            and self.native_step(selection) is not None
 
     def fast_path(self, x: torch.Tensor, y: torch.Tensor, gate_outside: bool) -> bool:
         """Whether a step on ``x`` (in the factors' dtype) adding into ``y`` may run the CPU closures
@@ -276,7 +391,8 @@ def join_gathered(parts: list[GatheredModule | None], rows: list[int]) -> Gather
     Candidate slots and rank columns are padded to the widest part (a padded slot's gate bias is ``-inf``, so it is
     never chosen; padded columns are zero), so each row's result is what its own request computes. ``None`` when no
     part touches the module; ``False`` when the parts cannot share one step (dense experts, a gate computed outside
-    the layer, gated next to sequence-weighted parts, different gate finishes): the caller mixes them one by one."""
+    the layer, gated next to sequence-weighted parts, different gate finishes): the caller mixes them one by one.
+    The factors themselves are stacked on first use only: the native CPU step reads each part's where they lie."""
     real = [g for g in parts if g is not None]
     if not real:
         return None
@@ -291,34 +407,50 @@ def join_gathered(parts: list[GatheredModule | None], rows: list[int]) -> Gather
     if len({g.dtype for g in real}) > 1:
         return False
     first = real[0]
-    d_in, d_out = first.lora.W.shape[1], first.lora.Bt.shape[2]
-    dtype, device = first.dtype, first.lora.W.device
+    _, d_in, _ = first.lora.shape
+    dtype, device = first.dtype, first.lora.device
     k_max = max((g.lora.gate.k for g in real), default=0) if gated_all else 0
-    r_max = max(g.lora.Bt.shape[1] for g in real)
-    Ws, Bts, Es, Vts, biases = [], [], [], [], []
+    r_max = max(g.lora.rank for g in real)
+    loras: list[tuple[GatheredLoRA | None, int]] = []
+    Es, Vts, biases = [], [], []
     for g, n in zip(parts, rows):
-        g = None if g is None else g.for_batch(n)
-        if g is None:  # zero columns; with a gate, one slot of logit 0 (never -inf everywhere: no NaN weights)
-            Ws.append(torch.zeros(n, d_in, k_max + r_max, dtype=dtype, device=device))
-            Bts.append(torch.zeros(n, r_max, d_out, dtype=dtype, device=device))
-            if gated_all:
-                Es.append(torch.zeros(n, k_max, r_max, dtype=dtype, device=device))
-                Vts.append(torch.zeros(n, d_in, k_max, device=device))
-                bias = torch.full((n, 1, k_max), float("-inf"), device=device)
-                bias[:, :, 0] = 0.0
-                biases.append(bias)
+        lo = None if g is None else g.for_batch(n).lora
+        loras.append((lo, n))
+        if not gated_all:
             continue
-        lo = g.lora
-        kg = lo.gate.k if gated_all else 0
-        vt, at = lo.W[:, :, :kg], lo.W[:, :, kg:]
-        Ws.append(torch.cat([_pad(vt, 2, k_max), _pad(at, 2, r_max)], dim=2) if gated_all else _pad(at, 2, r_max))
-        Bts.append(_pad(lo.Bt, 1, r_max))
-        if gated_all:
+        if lo is None:  # one slot of logit 0 (never -inf everywhere: no NaN weights)
+            Es.append(torch.zeros(n, k_max, r_max, dtype=dtype, device=device))
+            Vts.append(torch.zeros(n, d_in, k_max, device=device))
+            bias = torch.full((n, 1, k_max), float("-inf"), device=device)
+            bias[:, :, 0] = 0.0
+            biases.append(bias)
+        else:
             Es.append(_pad(_pad(lo.E, 1, k_max), 2, r_max))
             Vts.append(_pad(lo.gate.Vt, 2, k_max))
             biases.append(_pad(lo.gate.bias, 2, k_max, float("-inf")))
-    gate = None
-    if gated_all:
-        gate = LinearGate(torch.cat(Vts), torch.cat(biases), first.lora.gate.finish)
-    lora = GatheredLoRA(torch.cat(Ws), torch.cat(Bts), torch.cat(Es) if gated_all else None, gate)
+    gate = LinearGate(torch.cat(Vts), torch.cat(biases), first.lora.gate.finish) if gated_all else None
+    lora = GatheredLoRA(None, None, torch.cat(Es) if gated_all else None, gate, parts=loras, dtype=dtype,
+                        device=device)
     return GatheredModule(sum(rows), lora, [], dtype)
+
+
+def _stack_parts(parts: list[tuple[GatheredLoRA | None, int]], gate: LinearGate | None, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A joined batch's ``(W, Bt)`` (see :func:`join_gathered`): each part's, padded to the widest, stacked; ``W``
+    by columns."""
+    k_max = 0 if gate is None else gate.k
+    real = [p for p, _ in parts if p is not None]
+    _, d_in, d_out = real[0].shape
+    r_max = max(p.rank for p in real)
+    Ws, Bts = [], []
+    for lo, n in parts:
+        if lo is None:  # zero columns
+            Ws.append(torch.zeros(n, k_max + r_max, d_in, dtype=dtype, device=device))
+            Bts.append(torch.zeros(n, r_max, d_out, dtype=dtype, device=device))
+            continue
+        kg = 0 if gate is None else lo.gate.k
+        cols = lo.W.transpose(1, 2)  # (n, kg + R, in)
+        Ws.append(_pad(cols, 1, r_max) if gate is None
+                  else torch.cat([_pad(cols[:, :kg], 1, k_max), _pad(cols[:, kg:], 1, r_max)], dim=1))
+        Bts.append(_pad(lo.Bt, 1, r_max))
+    return torch.cat(Ws).transpose(1, 2), torch.cat(Bts)

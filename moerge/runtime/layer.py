@@ -95,8 +95,7 @@ class ExpertLinear(nn.Module):
             return y
         if self._siblings is not None and x.dim() == 3 and x.shape[1] > 1:  # a prompt: see who reads this input
             self._siblings.observe(self.patch_index, x)
-        if (x.dim() == 3 and native.fits(x, y) and not (base._forward_hooks or _global_forward_hooks)
-                and self._native(state, x, y)):
+        if x.dim() == 3 and not (base._forward_hooks or _global_forward_hooks) and self._native(state, x, y):
             return y
         if not self.touched_by(state):
             return y
@@ -107,8 +106,8 @@ class ExpertLinear(nn.Module):
         way a decode step's call can take on CPU (the base layer has no hooks, which might keep ``y``); ``False``
         (nothing done) when it does not apply and the general path must run."""
         g = state.gathered.get(self.patch_index)
-        if (g is None or g.rows != x.shape[0] or x.dtype != g.dtype
-                or not g.fast_path(x, y, state.local and not g.gate_fused)):
+        if (g is None or g.rows != x.shape[0] or x.dtype != g.dtype or g.lora is None
+                or not native.fits(x, y, not g.lora.copied) or not g.fast_path(x, y, state.local and not g.gate_fused)):
             return False
         run = g.native_step(state.router.config if state.local else None)  # None unless float32 and built
         if run is None:

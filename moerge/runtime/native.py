@@ -14,9 +14,14 @@ about half a minute, once: ``make setup`` does it, and a model built on CPU does
 Without a compiler, or if the build fails, a warning says so once and the torch path runs. ``MOERGE_NO_KERNEL=1``
 turns it off, as it does the Triton kernel.
 
-It runs float32 decode steps and steps of at most :data:`MAX_TOKENS` tokens (short prompts); longer prompts'
-matmuls are faster in torch's BLAS. Results equal the torch path's up to float rounding (sums in another order), except
-that exactly equal gate logits are broken by the lower candidate slot, where ``torch.topk`` leaves ties unspecified.
+It reads each column where it lies, by index: a request on CPU copies no factors (the rows of the layers' banks,
+:class:`moerge.runtime.gathered.BankRows`), and a joined batch is a list of segments, each with its own request's
+tensors. It runs float32 decode steps, steps of at most :data:`MAX_TOKENS` tokens, and, while the request's factors
+are still in the banks, steps of at most :data:`MAX_UNCOPIED_TOKENS` (a prompt): longer prompts' matmuls are faster in
+torch's BLAS, which reuses each factor over many tokens. The dot products run four columns at a time in vector
+registers (GCC/Clang vector extensions), a prompt's tokens on torch's threads. Results equal the torch path's up to
+float rounding (sums in another order), except that exactly equal gate logits are broken by the lower candidate slot,
+where ``torch.topk`` leaves ties unspecified.
 """
 
 from __future__ import annotations
@@ -34,15 +39,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "step", "fits", "MAX_TOKENS", "build"]
+__all__ = ["available", "step", "step_segments", "gathered_segment", "fits", "MAX_TOKENS", "build"]
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 16
 """Steps of at most this many tokens (rows × tokens), and decode steps (one token per row) of any batch, run
-natively; longer prompts in torch (measured per module shape: the native step is 1.2–2.4× faster at 16 tokens of one
-row, 1.1–1.3× at one token of 32 or 64 rows, and slower at 64 tokens of one row, where torch's BLAS reuses each
-factor over many tokens)."""
+natively even when the factors were copied for another path."""
+
+MAX_UNCOPIED_TOKENS = 256
+"""Steps of at most this many tokens run natively when the request's factors are still where they lie in the banks
+(the torch path would copy them out first; see :class:`moerge.runtime.gathered.BankRows`). Measured per module
+shape (K=4, rank 8, top-2): at 64 tokens of one row the native step takes 1.1–1.3× the time of the torch path's
+matmuls alone, before the copy and the torch path's other calls; at 512 tokens (8 rows) 1.6–1.7×."""
 
 SOURCE = Path(__file__).with_name("csrc") / "routed_step.cpp"
 FINISH = {"none": 0, "abs": 1, "standardized": 2}
@@ -105,10 +114,12 @@ def _load() -> Any:
     return _module
 
 
-def fits(x: torch.Tensor, y: torch.Tensor) -> bool:
+def fits(x: torch.Tensor, y: torch.Tensor, uncopied: bool = False) -> bool:
     """Whether a step on ``x (B, T, in)`` adding into ``y`` is one the native step takes: a decode step (``T`` 1) or
-    at most :data:`MAX_TOKENS` tokens, and ``y`` contiguous (written in place)."""
-    return (x.shape[1] == 1 or x.shape[0] * x.shape[1] <= MAX_TOKENS) and y.is_contiguous()
+    at most :data:`MAX_TOKENS` tokens — :data:`MAX_UNCOPIED_TOKENS` when the factors are still in the banks
+    (``uncopied``: the torch path would copy them first) — and ``y`` contiguous (written in place)."""
+    n = x.shape[0] * x.shape[1]
+    return (x.shape[1] == 1 or n <= MAX_TOKENS or (uncopied and n <= MAX_UNCOPIED_TOKENS)) and y.is_contiguous()
 
 
 def available() -> bool:
@@ -119,10 +130,35 @@ def available() -> bool:
     return (_module if _module is not None else _load()) is not None
 
 
-def step(W: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor | None, bias: torch.Tensor | None, kg: int,
-         finish: str, top_k: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+def gathered_segment(W: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor | None, bias: torch.Tensor | None,
+                     kg: int) -> tuple:
+    """The step's operands for factors gathered into one request's tensors: ``W (B, in, kg + R)`` (a fused gate's
+    vectors, then the factors Aᵀ; read fastest laid out by columns, as :meth:`ModuleBank.gather` makes it) and
+    ``Bt (B, R, out)`` with the scales folded in."""
+    B, d_in, C = W.shape
+    R = Bt.shape[1]
+    if Bt.dim() != 3 or Bt.shape[0] != B or C != kg + R:
+        raise RuntimeError("moerge native step: W and Bt do not match")
+    cols = W.transpose(1, 2)  # (B, C, in)
+    cols = cols if cols.is_contiguous() else cols.contiguous()
+    rows = torch.arange(B).unsqueeze(1)
+    return (cols.reshape(B * C, d_in), rows * C + kg + torch.arange(R), Bt.contiguous().reshape(B * R, -1),
+            rows * R + torch.arange(R), None, cols[:, :kg].transpose(1, 2) if kg else None, slots, bias)
+
+
+def step_segments(segments: list[tuple], kg: int, finish: str,
+                  top_k: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """One module's routed step with a request's operands bound (checked once): ``run(x, y)`` adds the routed part
     to ``y`` in place and returns the gate's weights ``(B, T, kg)`` (``None`` when ``kg`` is 0); see the source's
-    header for the formulas. ``W (B, in, kg + R)`` is read fastest laid out by columns (each column contiguous, as
-    :meth:`moerge.runtime.bank.ModuleBank.gather` makes it). Call only after :func:`available` said yes."""
-    return _module.Step(W, Bt, slots, bias, kg, FINISH[finish], 0 if top_k is None else int(top_k))
+    header for the formulas. ``segments``: the rows of the batch in order, each ``(A, a_idx, Bt, b_idx, scale, Vt,
+    slots, bias)``: column ``r`` of row ``b`` is row ``a_idx[b, r]`` of ``A (n, in)`` and row ``b_idx[b, r]`` of
+    ``Bt (m, out)``, times ``scale[b, r]`` (``None``: 1); ``Vt (b, in, k ≤ kg)`` the gate's vectors (each
+    contiguous), ``slots (b, R)`` each column's candidate slot (``-1``: padding), ``bias (b, 1, k)``. Call only after
+    :func:`available` said yes."""
+    return _module.Step(segments, kg, FINISH[finish], 0 if top_k is None else int(top_k))
+
+
+def step(W: torch.Tensor, Bt: torch.Tensor, slots: torch.Tensor | None, bias: torch.Tensor | None, kg: int,
+         finish: str, top_k: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """:func:`step_segments` for one request's gathered factors (:func:`gathered_segment`)."""
+    return step_segments([gathered_segment(W, Bt, slots, bias, kg)], kg, finish, top_k)

@@ -143,9 +143,15 @@ def test_a_table_built_while_the_vectors_change_is_not_kept():
     assert torch.equal(Vt[0, :, 0], torch.ones(4))  # built from the vectors it started with
     Vt, _ = vectors.gate_operands("m", cands, torch.device("cpu"), combine=Swap())
     assert torch.equal(Vt[0, :, 0], torch.full((4,), 5.0))  # not the stale table: built again from the new ones
-    vectors.TABLE_BYTES = 120  # a table is (4 × 3) + 3 float32, 60 bytes: two fit
+    vectors.TABLE_BYTES = 120  # a combined table is (4 × 3) + 3 float32, 60 bytes: two fit
     for scale in (1.0, 2.0, 3.0, 4.0):
-        vectors.gate_operands("m", cands, torch.device("cpu"), scale=scale)
+        vectors.gate_operands("m", cands, torch.device("cpu"), scale=scale, combine=Swap())
     assert len(vectors._tables) == 2 and vectors._table_bytes == sum(
         sum(t.numel() * t.element_size() for t in v) for v in vectors._tables.values()) <= 120
+    vectors.TABLE_BYTES = 40  # a gate without combine keeps each expert's finished vector: 4 float32, two fit
+    for scale in (2.0, 3.0):
+        Vt, bias = vectors.gate_operands("m", cands, torch.device("cpu"), scale=scale)
+        assert torch.equal(Vt[0], torch.stack([torch.full((4,), 5.0 * scale), torch.full((4,), 2.0 * scale)], 1))
+        assert torch.equal(bias, torch.zeros(1, 1, 2))
+    assert len(vectors._finished) == 2 and vectors._finished_bytes == 32
     assert [k[3] for k in vectors._tables] == [3.0, 4.0]  # the most recent kept

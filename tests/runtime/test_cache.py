@@ -375,3 +375,28 @@ def test_a_swap_that_cannot_allocate_writes_no_row(monkeypatch):
     monkeypatch.undo()
     dropped = bank.dropped({"a", "b"})
     assert dropped.names == ["c"] and dropped.storage is None and _same_weights(dropped, "c", w["c"])
+
+
+def test_a_swap_does_not_write_rows_a_request_still_reads_where_they_lie():
+    """A request on CPU reads its candidates' rows in the bank itself (no copy): a swap that evicts one of them
+    must not write a new expert into those rows while the request lives, and may once it is gone."""
+    import gc
+
+    from moerge.routing import Candidates
+
+    bank, w = _bank_of_three()
+    cands = Candidates(torch.tensor([[0, 2]]), torch.ones(1, 2), ("a", "b", "c"), torch.tensor([[0.7, 0.3]]))
+    g = bank.gather(cands)
+    assert not g.lora.copied and g.lora.bank is not None  # reads the bank's rows
+    a_rows = bank.A_all[bank.lora["a"].start: bank.lora["a"].start + 4].clone()
+    x = torch.randn(1, 1, 8)
+    want = g.mix(x, torch.zeros(1, 1, 6), None).y
+    swapped = bank.swapped({"a"}, {"d": w["d"]})  # d has a's rank: a's rows would be its place
+    assert _same_weights(swapped, "d", w["d"]) and all(_same_weights(swapped, n, w[n]) for n in "bc")
+    assert swapped.lora["d"].start != bank.lora["a"].start
+    assert torch.equal(bank.A_all[bank.lora["a"].start: bank.lora["a"].start + 4], a_rows)
+    assert torch.equal(g.mix(x, torch.zeros(1, 1, 6), None).y, want)  # the request's answer is unchanged
+    del g
+    gc.collect()
+    again = swapped.swapped({"b"}, {"e": w["a"]})  # now nothing reads a's old rows: e may take them
+    assert again.lora["e"].start == bank.lora["a"].start and _same_weights(again, "e", w["a"])

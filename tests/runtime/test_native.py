@@ -98,11 +98,59 @@ def test_infinite_logits_give_zero_weights_as_the_torch_path():
     torch.testing.assert_close(y, want_y)
 
 
+@pytest.mark.parametrize("finish", ["abs", "standardized"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_rows_read_where_they_lie_equal_the_gathered_copy(finish, T):
+    """A bank's rows read by index (no copy: column r of row b is row idx[b, r] of A_all and Bt_all, times its
+    scale), as a joined batch of two requests of different widths and a request without factors, against each
+    request's gathered copy stepped alone. Wide enough (IN, OUT not multiples of 8) to run every vector loop."""
+    g = torch.Generator().manual_seed(11)
+    IN, OUT, r = 45, 70, 3
+    A_all = torch.randn(1 + 6 * r, IN, generator=g) / IN ** 0.5
+    A_all[0] = 0.0
+    Bt_all = torch.randn(1 + 6 * r, OUT, generator=g)
+    Bt_all[0] = 0.0
+
+    def request(B, K, seed):
+        gg = torch.Generator().manual_seed(seed)
+        experts = torch.stack([torch.randperm(6, generator=gg)[:K] for _ in range(B)])  # (B, K)
+        idx = (1 + experts.unsqueeze(-1) * r + torch.arange(r)).reshape(B, K * r)
+        idx = torch.cat([idx, torch.zeros(B, 1, dtype=torch.long)], 1)  # one padding column (row 0)
+        scale = torch.rand(B, K * r + 1, generator=gg) + 0.5
+        slots = torch.cat([torch.arange(K).repeat_interleave(r).expand(B, -1), torch.full((B, 1), -1)], 1)
+        Vt = (torch.randn(B, K, IN, generator=gg) / IN ** 0.5).transpose(1, 2)  # each vector contiguous
+        bias = torch.randn(B, 1, K, generator=gg)
+        x = torch.randn(B, T, IN, generator=gg)
+        return (A_all, idx, Bt_all, idx, scale, Vt, slots.to(torch.int32), bias), x
+
+    (s1, x1), (s2, x2) = request(2, 3, 1), request(3, 2, 2)
+    none = (torch.zeros(1, IN), torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, OUT),
+            torch.zeros(1, 0, dtype=torch.long), None, torch.zeros(1, IN, 1), torch.zeros(1, 0, dtype=torch.int32),
+            torch.zeros(1, 1, 1))
+    x = torch.cat([x1, torch.randn(1, T, IN, generator=g), x2])
+    y = torch.randn(6, T, OUT, generator=g)
+    want = y.clone()
+    got_w = native.step_segments([s1, none, s2], 3, finish, 2)(x, y)
+    for seg, rows, k in ((s1, slice(0, 2), 3), (s2, slice(3, 6), 2)):
+        A, idx, Bt, _, scale, Vt, slots, bias = seg
+        W = torch.cat([Vt.transpose(1, 2), A[idx]], 1).transpose(1, 2)  # the gathered copy, by columns
+        Bg = Bt[idx] * scale.unsqueeze(-1)
+        want_y, want_w = _reference(x[rows], want[rows], W, Bg, slots, bias, finish, 2)
+        torch.testing.assert_close(y[rows], want_y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_w[rows, :, :k], want_w, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got_w[rows, :, k:], torch.zeros_like(got_w[rows, :, k:]))  # padded slots: never chosen
+    assert torch.equal(y[2], want[2])  # the request without factors: nothing added
+    with pytest.raises(RuntimeError, match="out of range"):
+        bad = list(s1)
+        bad[1] = s1[1].clone().fill_(A_all.shape[0])
+        native.step_segments([tuple(bad)], 3, finish, 2)
+
+
 def test_bad_operands_are_refused_and_change_nothing():
     x, y, W, Bt, slots, bias = _operands(1, 1, 16, 8, 2, (2, 2), seed=3)
     with pytest.raises(RuntimeError, match="W and Bt do not match"):
         native.step(W, Bt[:, 1:], slots, bias, 2, "abs", 1)
-    with pytest.raises(RuntimeError, match="a gate needs slots and bias"):
+    with pytest.raises(RuntimeError, match="a gate needs Vt, slots and bias"):
         native.step(W, Bt, None, None, 2, "abs", 1)
     with pytest.raises(RuntimeError, match="float32"):
         native.step(W.double(), Bt.double(), slots, bias, 2, "abs", 1)
@@ -147,13 +195,13 @@ def test_routed_decode_equals_the_torch_path(router, kw, rows, monkeypatch):
     mixes = [{"e0": 0.7, "e1": 0.3}, {"e2": 1.0}, {"e1": 0.5, "e3": 0.25, "e4": 0.25}]
     route = {"experts": [mixes[r % 3] for r in range(rows)]} if forced else {}
     calls = []
-    real = native.step
+    real = native.step_segments
 
     def counting(*a, **k):
         run = real(*a, **k)
         return lambda x, y: (calls.append(x.shape), run(x, y))[1]
 
-    monkeypatch.setattr(native, "step", counting)
+    monkeypatch.setattr(native, "step_segments", counting)
     fast, fast_trace = _decode(model, ids, **route)
     assert any(c[:2] == (rows, 1) for c in calls), "no decode step ran natively"
     monkeypatch.setenv("MOERGE_NO_KERNEL", "1")

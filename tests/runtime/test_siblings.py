@@ -19,6 +19,13 @@ from helpers import VOCAB, rand_expert, tiny_llama
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+@pytest.fixture(autouse=True)
+def _torch_path(monkeypatch):
+    """Siblings share a step on the torch path only: the native CPU step (which takes prompts whose factors are
+    still in the banks, and decode steps) is off here."""
+    monkeypatch.setenv("MOERGE_NO_KERNEL", "1")
+
+
 def _model(router="arrow", dtype=torch.float32, modules=ALL, **kw):
     base = tiny_llama()
     model = MoErgeModel(copy.deepcopy(base).to(dtype), build_router(router, **kw), expert_dtype=dtype)
