@@ -14,17 +14,28 @@ context under its ``patch_index``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 from torch.nn.modules.module import _global_forward_hooks
 
 from moerge.core.fingerprint import linear_shape
 from moerge.routing import LayerInfo, RoutingContext, RoutingState
-from moerge.runtime import native
+from moerge.runtime import kernels, native
 from moerge.runtime.bank import ModuleBank, adapter_dtype
+from moerge.runtime.gathered import GatheredModule
 from moerge.runtime.joined import JoinedState
 from moerge.runtime.siblings import MAX_ROWS, Siblings, shared_step
 
 __all__ = ["ExpertLinear"]
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether calling ``m`` would run any hook (its own or global ones): the condition under which
+    ``nn.Module.__call__`` itself skips straight to ``forward``."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
 class ExpertLinear(nn.Module):
@@ -89,7 +100,11 @@ class ExpertLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
-        y = base(x, *args, **kwargs)
+        if type(base) is nn.Linear and not args and not kwargs and not _hooked(base):
+            p = base._parameters  # what its __call__ would do, without three Python frames per call
+            y = F.linear(x, p["weight"], p["bias"])
+        else:
+            y = base(x, *args, **kwargs)
         state = self._context.current
         if state is None:
             return y
@@ -104,18 +119,35 @@ class ExpertLinear(nn.Module):
     def _native(self, state: RoutingState | JoinedState, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Add the experts' part to ``y`` in place by the native step (:mod:`moerge.runtime.native`), the shortest
         way a decode step's call can take on CPU (the base layer has no hooks, which might keep ``y``); ``False``
-        (nothing done) when it does not apply and the general path must run."""
+        (nothing done) when it does not apply and the general path must run. What does not change from call to
+        call of a request is decided at its first call and kept with its factors."""
         g = state.gathered.get(self.patch_index)
-        if (g is None or g.rows != x.shape[0] or x.dtype != g.dtype or g.lora is None
-                or not native.fits(x, y, not g.lora.copied) or not g.fast_path(x, y, state.local and not g.gate_fused)):
+        if g is None:
             return False
-        run = g.native_step(state.router.config if state.local else None)  # None unless float32 and built
-        if run is None:
+        entry = g._cache.get("native_call")
+        if entry is None:
+            entry = g._cache["native_call"] = self._native_entry(state, g)
+        if entry is False:
+            return False
+        run, rows, dtype, record = entry
+        shape = x.shape
+        if (shape[0] != rows or x.dtype != dtype or y.dtype != dtype or y.requires_grad
+                or not native.fits(x, y, not g.lora.copied)):
             return False
         w = run(x, y)
-        if state.record_usage and w is not None:
+        if record and w is not None:
             state.record(self.module_name, w, self.patch_index)
         return True
+
+    @staticmethod
+    def _native_entry(state: RoutingState | JoinedState, g: GatheredModule) -> tuple | bool:
+        """``(run, rows, dtype, record)`` for :meth:`_native`, or ``False`` when a request's module never runs the
+        native step (no LoRA factors, a gate computed outside the layer, the Triton kernel on CPU, a float32 step
+        that could not be bound)."""
+        if g.lora is None or (state.local and not g.gate_fused) or kernels.CPU:
+            return False
+        run = g.native_step(state.router.config if state.local else None)  # None unless float32 and built
+        return False if run is None else (run, g.rows, g.dtype, bool(state.record_usage))
 
     def touched_by(self, state: RoutingState | JoinedState) -> bool:
         """Whether a call under ``state`` has factors for this module."""

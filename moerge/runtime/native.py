@@ -16,10 +16,9 @@ turns it off, as it does the Triton kernel.
 
 It reads each column where it lies, by index: a request on CPU copies no factors (the rows of the layers' banks,
 :class:`moerge.runtime.gathered.BankRows`), and a joined batch is a list of segments, each with its own request's
-tensors. It runs float32 decode steps, steps of at most :data:`MAX_TOKENS` tokens, and, while the request's factors
-are still in the banks, steps of at most :data:`MAX_UNCOPIED_TOKENS` (a prompt): longer prompts' matmuls are faster in
-torch's BLAS, which reuses each factor over many tokens. The dot products run four columns at a time in vector
-registers (GCC/Clang vector extensions), a prompt's tokens on torch's threads. Results equal the torch path's up to
+tensors. It takes float32 steps of any length (:func:`fits`): per token only the chosen candidates' columns are
+computed, four at a time in vector registers (GCC/Clang vector extensions), and a prompt's tokens run on torch's
+threads (OpenMP), which beats the torch path's matmuls over every candidate. Results equal the torch path's up to
 float rounding (sums in another order), except that exactly equal gate logits are broken by the lower candidate slot,
 where ``torch.topk`` leaves ties unspecified.
 """
@@ -39,19 +38,24 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "step", "step_segments", "gathered_segment", "fits", "MAX_TOKENS", "build"]
+__all__ = ["available", "step", "step_segments", "gathered_segment", "fits", "MAX_TOKENS", "PARALLEL", "build"]
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 16
-"""Steps of at most this many tokens (rows × tokens), and decode steps (one token per row) of any batch, run
-natively even when the factors were copied for another path."""
+"""Built without OpenMP: steps of at most this many tokens (rows × tokens), and decode steps (one token per row) of
+any batch, run natively even when the factors were copied for another path."""
 
 MAX_UNCOPIED_TOKENS = 256
-"""Steps of at most this many tokens run natively when the request's factors are still where they lie in the banks
-(the torch path would copy them out first; see :class:`moerge.runtime.gathered.BankRows`). Measured per module
-shape (K=4, rank 8, top-2): at 64 tokens of one row the native step takes 1.1–1.3× the time of the torch path's
-matmuls alone, before the copy and the torch path's other calls; at 512 tokens (8 rows) 1.6–1.7×."""
+"""Built without OpenMP: steps of at most this many tokens run natively when the request's factors are still where
+they lie in the banks (the torch path would copy them out first; see :class:`moerge.runtime.gathered.BankRows`).
+Measured per module shape (K=4, rank 8, top-2, one thread): at 64 tokens of one row the native step takes 1.1–1.3×
+the time of the torch path's two-thread matmuls alone, before the copy and the torch path's other calls."""
+
+PARALLEL = False
+"""Whether the loaded build runs a step's tokens on torch's threads (OpenMP); set when it is loaded. Measured per
+module shape (K=4, rank 8, top-2, two threads): 0.54–0.89× the time of the torch path's matmuls alone (before the
+copy and the torch path's other calls), at 64 to 1,024 tokens."""
 
 SOURCE = Path(__file__).with_name("csrc") / "routed_step.cpp"
 FINISH = {"none": 0, "abs": 1, "standardized": 2}
@@ -84,10 +88,11 @@ def _name() -> str:
 
 def build(verbose: bool = False) -> Any:
     """The compiled module (building it if no build for this source and CPU is cached); raises if it cannot be
-    built."""
+    built. With OpenMP (a prompt's tokens on torch's threads: ``libgomp.so.1``, which torch has loaded, so the same
+    runtime and not a second one) when the compiler has it, else without (one thread)."""
     from torch.utils import cpp_extension
 
-    flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd"]
+    flags = ["-O3", "-march=native", "-ffp-contract=fast"]
     path = os.environ.get("PATH", "")
     if shutil.which("ninja") is None:  # the `ninja` package's binary, when its folder is not on PATH (a venv's
         with contextlib.suppress(ImportError):  # python run without activating it)
@@ -95,7 +100,17 @@ def build(verbose: bool = False) -> Any:
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
     try:
-        return cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=flags, verbose=verbose)
+        global PARALLEL
+        try:
+            module = cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=[*flags, "-fopenmp"],
+                                        extra_ldflags=["-fopenmp"], verbose=verbose)
+            PARALLEL = True
+            return module
+        except Exception as e:  # no OpenMP with this compiler: the same code on one thread
+            log.info("moerge: the native CPU step builds without OpenMP (%s)", str(e).splitlines()[0][:200])
+            PARALLEL = False
+            return cpp_extension.load(name=_name() + "_serial", sources=[str(SOURCE)],
+                                      extra_cflags=[*flags, "-fopenmp-simd"], verbose=verbose)
     finally:
         os.environ["PATH"] = path
 
@@ -115,11 +130,15 @@ def _load() -> Any:
 
 
 def fits(x: torch.Tensor, y: torch.Tensor, uncopied: bool = False) -> bool:
-    """Whether a step on ``x (B, T, in)`` adding into ``y`` is one the native step takes: a decode step (``T`` 1) or
-    at most :data:`MAX_TOKENS` tokens — :data:`MAX_UNCOPIED_TOKENS` when the factors are still in the banks
-    (``uncopied``: the torch path would copy them first) — and ``y`` contiguous (written in place)."""
+    """Whether a step on ``x (B, T, in)`` adding into ``y`` is one the native step takes, ``y`` contiguous (written
+    in place): any step when it runs on torch's threads (:data:`PARALLEL`: it then beats the torch path's matmuls
+    at every length, having only the chosen candidates' columns to compute); built without OpenMP, a decode step
+    (``T`` 1), at most :data:`MAX_TOKENS` tokens, or :data:`MAX_UNCOPIED_TOKENS` when the factors are still in
+    the banks (``uncopied``: the torch path would copy them first)."""
+    if not y.is_contiguous():
+        return False
     n = x.shape[0] * x.shape[1]
-    return (x.shape[1] == 1 or n <= MAX_TOKENS or (uncopied and n <= MAX_UNCOPIED_TOKENS)) and y.is_contiguous()
+    return PARALLEL or x.shape[1] == 1 or n <= MAX_TOKENS or (uncopied and n <= MAX_UNCOPIED_TOKENS)
 
 
 def available() -> bool:

@@ -214,11 +214,17 @@ def test_routed_decode_equals_the_torch_path(router, kw, rows, monkeypatch):
             assert v == pytest.approx(b.experts[name], abs=1e-5)
 
 
-def test_which_steps_run_natively():
+def test_which_steps_run_natively(monkeypatch):
     y = torch.zeros(1, 1, 4)
+    assert native.PARALLEL  # this machine's compiler has OpenMP: every step
+    long = torch.zeros(2, 4 * native.MAX_UNCOPIED_TOKENS, 4)
+    assert native.fits(long, long) and native.fits(long, long, uncopied=True)
+    monkeypatch.setattr(native, "PARALLEL", False)  # a build without OpenMP: one thread
     assert native.fits(torch.zeros(40, 1, 4), torch.zeros(40, 1, 4))  # a decode step of any batch
     assert native.fits(torch.zeros(1, native.MAX_TOKENS, 4), torch.zeros(1, native.MAX_TOKENS, 4))
     assert not native.fits(torch.zeros(2, native.MAX_TOKENS, 4), torch.zeros(2, native.MAX_TOKENS, 4))
+    prompt = torch.zeros(2, native.MAX_UNCOPIED_TOKENS // 2, 4)
+    assert native.fits(prompt, prompt, uncopied=True) and not native.fits(long, long, uncopied=True)
     assert not native.fits(torch.zeros(1, 1, 4), torch.zeros(1, 1, 8)[..., ::2])  # y is written in place
     assert native.fits(torch.zeros(1, 1, 4), y)
 
