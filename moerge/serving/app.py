@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import threading
@@ -421,5 +422,16 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
           config: ServerConfig | None = None) -> None:
-    """Serve ``model`` with uvicorn until interrupted."""
-    uvicorn.run(create_app(model, tokenizer, config), host=host, port=port, log_level="info")
+    """Serve ``model`` with uvicorn until interrupted.
+
+    What is loaded by then (the model, its experts, the libraries: ~440K objects for the default model) is frozen
+    out of the cyclic garbage collector (``gc.freeze``, as serving engines such as vLLM do after start-up): a full
+    collection then scans only what requests made, instead of pausing every call in flight for ~0.2 s on a 2-core
+    CPU every few requests."""
+    app = create_app(model, tokenizer, config)
+    gc.collect()
+    gc.freeze()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:  # collectable again at exit (frozen objects are never freed, which extension modules report as leaks)
+        gc.unfreeze()
