@@ -281,6 +281,20 @@ class GatheredModule(ForBatch):
         self.fast_step(selection)
         return self._cache.get("native")
 
+    def native_call(self, state: Any) -> tuple | None:
+        """``(run, rows, dtype, record)`` for a patched layer's direct call of the native step under ``state`` (a
+        :class:`~moerge.routing.RoutingState` or joined state: its local gate, selection and whether it records
+        usage), decided at the request's first call and kept; ``None`` when this module never runs it there (no
+        LoRA factors, a gate computed outside the layer, the Triton kernel on CPU, a step that could not be bound).
+        """
+        if "native_call" not in self._cache:
+            entry = None
+            if self.lora is not None and not (state.local and not self.gate_fused) and not kernels.CPU:
+                run = self.native_step(state.router.config if state.local else None)  # None unless float32, built
+                entry = None if run is None else (run, self.rows, self.dtype, bool(state.record_usage))
+            self._cache["native_call"] = entry
+        return self._cache["native_call"]
+
     def native_runs(self, x: torch.Tensor, y: torch.Tensor, selection: SelectionConfig | None) -> bool:
         """Whether this module's own step on ``x (B, T, in)`` into ``y`` runs natively (then it needs no step
         shared with siblings)."""

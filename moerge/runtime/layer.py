@@ -21,9 +21,8 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from moerge.core.fingerprint import linear_shape
 from moerge.routing import LayerInfo, RoutingContext, RoutingState
-from moerge.runtime import kernels, native
+from moerge.runtime import native
 from moerge.runtime.bank import ModuleBank, adapter_dtype
-from moerge.runtime.gathered import GatheredModule
 from moerge.runtime.joined import JoinedState
 from moerge.runtime.siblings import MAX_ROWS, Siblings, shared_step
 
@@ -124,10 +123,8 @@ class ExpertLinear(nn.Module):
         g = state.gathered.get(self.patch_index)
         if g is None:
             return False
-        entry = g._cache.get("native_call")
+        entry = g.native_call(state)
         if entry is None:
-            entry = g._cache["native_call"] = self._native_entry(state, g)
-        if entry is False:
             return False
         run, rows, dtype, record = entry
         shape = x.shape
@@ -138,16 +135,6 @@ class ExpertLinear(nn.Module):
         if record and w is not None:
             state.record(self.module_name, w, self.patch_index)
         return True
-
-    @staticmethod
-    def _native_entry(state: RoutingState | JoinedState, g: GatheredModule) -> tuple | bool:
-        """``(run, rows, dtype, record)`` for :meth:`_native`, or ``False`` when a request's module never runs the
-        native step (no LoRA factors, a gate computed outside the layer, the Triton kernel on CPU, a float32 step
-        that could not be bound)."""
-        if g.lora is None or (state.local and not g.gate_fused) or kernels.CPU:
-            return False
-        run = g.native_step(state.router.config if state.local else None)  # None unless float32 and built
-        return False if run is None else (run, g.rows, g.dtype, bool(state.record_usage))
 
     def touched_by(self, state: RoutingState | JoinedState) -> bool:
         """Whether a call under ``state`` has factors for this module."""
