@@ -73,8 +73,8 @@ class _Storage:
     (``torch.empty``: pages untouched until written). Banks are views of its first rows; only the bank that ends
     at ``used`` (the newest) may append in place, so older banks, and requests that gathered from them, never see
     a row change. The one other write in place, an expert cache's swap into the rows of evicted experts
-    (:meth:`ModuleBank.swapped`), waits for the requests that read rows where they lie (``readers``, each with the
-    ``epoch`` it began in) and began before those rows were freed."""
+    (:meth:`ModuleBank.swapped`), waits for the requests that read those rows where they lie (``readers``, each with
+    the ``epoch`` it began in) and began before the rows were freed."""
 
     __slots__ = ("a", "bt", "used", "readers", "epoch")
 
@@ -87,9 +87,10 @@ class _Storage:
         """``reader`` (a request's :class:`~moerge.runtime.gathered.BankRows`) reads rows here while it lives."""
         self.readers[reader] = self.epoch
 
-    def writable(self, freed: int) -> bool:
-        """Whether rows freed in epoch ``freed`` may be written: no live reader began before then."""
-        return all(e >= freed for e in list(self.readers.values()))
+    def writable(self, start: int, rank: int, freed: int) -> bool:
+        """Whether the rows ``[start, start + rank)``, freed in epoch ``freed``, may be written: no live reader that
+        began before then reads any of them."""
+        return not any(e < freed and reader.reads(start, start + rank) for reader, e in list(self.readers.items()))
 
 
 _GROWTH = 1.5  # capacity factor when a bank's storage must grow
@@ -215,7 +216,7 @@ class ModuleBank:
                 self._check_new(name, w)
             hole = None
             if isinstance(w, LoRAWeights) and name not in lora and name not in dense:
-                hole = next((i for i, (_, r, e) in enumerate(free) if r == w.rank and st.writable(e)), None)
+                hole = next((i for i, (at, r, e) in enumerate(free) if r == w.rank and st.writable(at, r, e)), None)
             if hole is None:
                 rest[name] = w
             else:

@@ -49,6 +49,10 @@ class BankRows:
         Bt = move(self.Bt_all.index_select(0, flat)).view(B, R, -1).to(dtype) * move(self.col_w)
         return At, Bt
 
+    def reads(self, start: int, stop: int) -> bool:
+        """Whether any of its columns is a row in ``[start, stop)``."""
+        return bool(((self.idx >= start) & (self.idx < stop)).any())
+
     def repeat_rows(self, n: int) -> BankRows:
         return BankRows(self.A_all, self.Bt_all, self.idx.repeat_interleave(n, dim=0),
                         self.col_w.repeat_interleave(n, dim=0))

@@ -396,7 +396,15 @@ def test_a_swap_does_not_write_rows_a_request_still_reads_where_they_lie():
     assert swapped.lora["d"].start != bank.lora["a"].start
     assert torch.equal(bank.A_all[bank.lora["a"].start: bank.lora["a"].start + 4], a_rows)
     assert torch.equal(g.mix(x, torch.zeros(1, 1, 6), None).y, want)  # the request's answer is unchanged
+    b_only = swapped.gather(Candidates(torch.tensor([[1]]), torch.ones(1, 1), ("a", "b", "c"), torch.ones(1, 1)))
+    assert b_only.lora.bank is not None  # a request reading b's rows only, begun after a was evicted
     del g
     gc.collect()
     again = swapped.swapped({"b"}, {"e": w["a"]})  # now nothing reads a's old rows: e may take them
     assert again.lora["e"].start == bank.lora["a"].start and _same_weights(again, "e", w["a"])
+    del b_only
+    gc.collect()
+    c_only = again.gather(Candidates(torch.tensor([[2]]), torch.ones(1, 1), ("a", "b", "c"), torch.ones(1, 1)))
+    third = again.swapped({"e"}, {"f": w["b"]})  # b's rows, freed above, are read by no one: f takes them
+    assert third.lora["f"].start == swapped.lora["b"].start and _same_weights(third, "f", w["b"])
+    assert c_only.lora.bank.reads(again.lora["c"].start, again.lora["c"].start + 4)  # c's reader never blocked it
