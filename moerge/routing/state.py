@@ -39,6 +39,28 @@ class RoutingState:
         self.usage_tokens: dict[str, int] = {}
         self._weights: dict[str, list[torch.Tensor]] = {}  # module name -> weights not yet summed
         self.keep_tokens = False  # keep every step's weights (token_weights) instead of summing them as they come
+        self._sources: dict[str, list[Any]] = {}  # module name -> steps that sum its weights themselves
+
+    def sums_usage(self, module: str) -> bool:
+        """Whether ``module``'s gate weights may be summed where they are computed, per row over tokens, rather
+        than handed over at every call (no per-token weights are kept): such a step registers with
+        :meth:`add_usage_source`."""
+        return self.record_usage and not self.keep_tokens
+
+    def add_usage_source(self, module: str, source: Any) -> None:
+        """A step that sums ``module``'s ``(B, K)`` gate weights itself: ``source.take_usage()`` returns the sums
+        since it was last asked (or ``None``) and their number of tokens, and starts again from zero."""
+        self._sources.setdefault(module, []).append(source)
+
+    def _take_sources(self) -> None:
+        for module, sources in self._sources.items():
+            for source in sources:
+                summed, tokens = source.take_usage()
+                if summed is None or not tokens:
+                    continue
+                total = self.usage.get(module)
+                self.usage[module] = summed if total is None else total + summed
+                self.usage_tokens[module] = self.usage_tokens.get(module, 0) + tokens
 
     def record(self, module: str, weights: torch.Tensor, index: int | None = None) -> None:
         """Keep a local gate's ``(B, T, K)`` weights for :attr:`RowRouting.layer_usage` (``index``: the module's
@@ -81,6 +103,7 @@ class RoutingState:
         kept = dict(self._weights) if self.keep_tokens else None
         for module in list(self._weights):
             self._fold(module)
+        self._take_sources()
         if kept is not None:
             self._weights = kept
         rows: list[RowRouting] = []

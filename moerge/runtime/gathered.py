@@ -285,17 +285,23 @@ class GatheredModule(ForBatch):
         self.fast_step(selection)
         return self._cache.get("native")
 
-    def native_call(self, state: Any) -> tuple | None:
+    def native_call(self, state: Any, module: str) -> tuple | None:
         """``(run, rows, dtype, record)`` for a patched layer's direct call of the native step under ``state`` (a
         :class:`~moerge.routing.RoutingState` or joined state: its local gate, selection and whether it records
         usage), decided at the request's first call and kept; ``None`` when this module never runs it there (no
         LoRA factors, a gate computed outside the layer, the Triton kernel on CPU, a step that could not be bound).
-        """
+        Where the state only sums the gate's weights (``state.sums_usage``), the step sums them itself and the
+        state takes the sums when it traces (``record`` is then false: nothing to hand over per call)."""
         if "native_call" not in self._cache:
             entry = None
             if self.lora is not None and not (state.local and not self.gate_fused) and not kernels.CPU:
                 run = self.native_step(state.router.config if state.local else None)  # None unless float32, built
-                entry = None if run is None else (run, self.rows, self.dtype, bool(state.record_usage))
+                record = bool(state.record_usage)
+                if run is not None and record and self.gate_fused and state.sums_usage(module):
+                    # the step keeps each row's summed weights; the state takes them when it traces
+                    state.add_usage_source(module, run)
+                    run, record = run.call_sum, False
+                entry = None if run is None else (run, self.rows, self.dtype, record)
             self._cache["native_call"] = entry
         return self._cache["native_call"]
 

@@ -75,6 +75,10 @@ class JoinedState:
             elif joined is not None:
                 self.gathered[key] = joined
 
+    def sums_usage(self, module: str) -> bool:
+        """Never: a joined batch hands each call's weights to its part's state (:meth:`settle`)."""
+        return False
+
     def record(self, module: str, weights: torch.Tensor, index: int | None = None) -> None:
         """Keep the joined batch's ``(B, T, K)`` gate weights for ``module``; handed to the parts by :meth:`settle`."""
         kept = self._kept.setdefault(module, [])

@@ -123,7 +123,7 @@ class ExpertLinear(nn.Module):
         g = state.gathered.get(self.patch_index)
         if g is None:
             return False
-        entry = g.native_call(state)
+        entry = g.native_call(state, self.module_name)
         if entry is None:
             return False
         run, rows, dtype, record = entry

@@ -197,9 +197,23 @@ def test_routed_decode_equals_the_torch_path(router, kw, rows, monkeypatch):
     calls = []
     real = native.step_segments
 
+    class Counting:  # the bound step, counting the steps it runs (with the trace's sums kept by the step itself)
+        def __init__(self, run):
+            self.run = run
+
+        def __call__(self, x, y):
+            calls.append(x.shape)
+            return self.run(x, y)
+
+        def call_sum(self, x, y):
+            calls.append(x.shape)
+            return self.run.call_sum(x, y)
+
+        def take_usage(self):
+            return self.run.take_usage()
+
     def counting(*a, **k):
-        run = real(*a, **k)
-        return lambda x, y: (calls.append(x.shape), run(x, y))[1]
+        return Counting(real(*a, **k))
 
     monkeypatch.setattr(native, "step_segments", counting)
     fast, fast_trace = _decode(model, ids, **route)
@@ -212,6 +226,9 @@ def test_routed_decode_equals_the_torch_path(router, kw, rows, monkeypatch):
         assert a.candidates == b.candidates
         for name, v in a.experts.items():
             assert v == pytest.approx(b.experts[name], abs=1e-5)
+        assert a.layer_usage.keys() == b.layer_usage.keys()  # per module, summed by the step or handed over
+        for module, usage in a.layer_usage.items():
+            assert usage == pytest.approx(b.layer_usage[module], abs=1e-5)
 
 
 def test_which_steps_run_natively(monkeypatch):

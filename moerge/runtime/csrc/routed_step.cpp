@@ -297,6 +297,32 @@ struct Step {
     if (kg == 0) return std::nullopt;
     return w;
   }
+
+  // call() keeping only each row's sum of the gate's weights over tokens (and the count of tokens), for a routing
+  // trace that needs no per-token weights: no tensor per call reaches Python. take_usage() hands them over.
+  void call_sum(torch::Tensor x, torch::Tensor y) {
+    std::optional<torch::Tensor> w = call(x, y);
+    if (!w) return;
+    const int64_t T = x.size(1);
+    if (!usage.defined()) usage = torch::zeros({B, kg}, x.options());
+    float* u = usage.data_ptr<float>();
+    const float* wp = w->data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t k = 0; k < kg; ++k) u[b * kg + k] += wp[(b * T + t) * kg + k];
+    tokens += T;
+  }
+
+  std::tuple<std::optional<torch::Tensor>, int64_t> take_usage() {
+    std::optional<torch::Tensor> u;
+    if (usage.defined()) u = usage;
+    const int64_t n = tokens;
+    usage = torch::Tensor(), tokens = 0;
+    return {u, n};
+  }
+
+  torch::Tensor usage;  // (B, kg) summed weights since the last take_usage()
+  int64_t tokens = 0;
 };
 
 }  // namespace
@@ -305,5 +331,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Step>(m, "Step")
       .def(py::init<const std::vector<Segment>&, int64_t, int64_t, int64_t>())
       .def("__call__", &Step::call, "add the routed part to y in place; the gate's weights",
-           py::call_guard<py::gil_scoped_release>());
+           py::call_guard<py::gil_scoped_release>())
+      .def("call_sum", &Step::call_sum, "add the routed part to y in place; sum the gate's weights per row",
+           py::call_guard<py::gil_scoped_release>())
+      .def("take_usage", &Step::take_usage, "(the summed weights (B, Kg) or None, their tokens), and reset them");
 }
