@@ -131,6 +131,7 @@ void dots(const float* x, const float* const* c, int64_t m, int64_t n, float* ou
 }
 
 constexpr int64_t kGrain = 8;  // tokens per task of a parallel step (fewer: the step runs on the calling thread)
+constexpr int64_t kParallelWork = 1 << 20;  // multiply-adds (at most) from which a step's tokens run in parallel
 
 using Opt = std::optional<torch::Tensor>;
 // (A (n, IN), a_idx (b, R) int64, Bt (m, OUT), b_idx (b, R) int64, scale (b, R) f32 | None,
@@ -289,8 +290,12 @@ struct Step {
     const float* xp = xc.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     float* wp = kg > 0 ? w.data_ptr<float>() : nullptr;
-    // tokens in parallel on torch's threads when there are enough of them (a prompt); one token stays on this one
-    at::parallel_for(0, B * T, kGrain, [&](int64_t begin, int64_t end) {
+    // tokens in parallel on torch's threads when there is enough work (a prompt of a real model's modules): a
+    // parallel region costs a fork and a join, and on a machine whose cores are busy the join waits for a thread
+    // the OS has not scheduled, so small steps stay on this thread
+    const int64_t work = B * T * (IN * (kg + R) + OUT * R);
+    const int64_t grain = work >= kParallelWork ? kGrain : B * T;
+    at::parallel_for(0, B * T, grain, [&](int64_t begin, int64_t end) {
       Scratch sc(std::max(R, kg), kg);
       for (int64_t bt = begin; bt < end; ++bt) token(bt / T, xp + bt * IN, yp + bt * OUT, wp ? wp + bt * kg : nullptr, sc);
     });
