@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from moerge.adapters.expert import DeltaWeights, LoRAWeights, ModuleWeights
 from moerge.routing import Candidates, LinearGate
-from moerge.runtime.gathered import BankRows, GatheredDense, GatheredLoRA, GatheredModule
+from moerge.runtime.gathered import BankRows, GatheredDense, GatheredLoRA, GatheredModule, slots_of
 
 __all__ = ["ModuleBank", "adapter_dtype"]
 
@@ -433,8 +433,7 @@ class ModuleBank:
                 # read where they lie (the native CPU step), copied on first use by any other path
                 slots = None if E is None else candidates.memo.get(("slots", id(E)))
                 if E is not None and slots is None:
-                    slots = candidates.memo[("slots", id(E))] = torch.where(E.sum(1) > 0, E.argmax(1), -1).to(
-                        torch.int32)
+                    slots = candidates.memo[("slots", id(E))] = slots_of(E)
                 lora = GatheredLoRA(None, None, E, fused, bank=rows, slots=slots, dtype=dtype, device=device)
                 if self.storage is not None:
                     self.storage.read_by(rows)

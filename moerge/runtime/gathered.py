@@ -28,6 +28,11 @@ class Mixed(NamedTuple):
     weights: torch.Tensor | None  # (B, T, K): the per-token weights used, None with sequence-level weights
 
 
+def slots_of(E: torch.Tensor) -> torch.Tensor:
+    """``(B, R)`` int32 from ``E (B, K, R)``: each column's candidate slot, ``-1`` at padding."""
+    return torch.where(E.sum(1) > 0, E.argmax(1), -1).to(torch.int32)
+
+
 @dataclass(eq=False)  # compared and hashed by identity: a bank's readers are kept by it (weakly)
 class BankRows:
     """A request's factor columns where they lie in a module's bank, nothing copied: column ``r`` of row ``b`` is row
@@ -137,7 +142,7 @@ class GatheredLoRA:
     def slots(self) -> torch.Tensor:
         """``(B, R)`` int32: each column's candidate slot, ``-1`` at padding (the kernel's form of ``E``)."""
         if self._slots is None:
-            self._slots = torch.where(self.E.sum(1) > 0, self.E.argmax(1), -1).to(torch.int32)
+            self._slots = slots_of(self.E)
         return self._slots
 
     def native_segments(self, gated: bool) -> list[tuple]:
