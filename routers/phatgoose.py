@@ -2,13 +2,18 @@
 
 For each expert and each module it targets, a gate vector ``v`` is trained in front of the frozen expert:
 ``y = W x + σ(⟨v, x⟩) · ΔW x``, with the base and the expert frozen (a few hundred steps at most;
-:func:`train_phatgoose_gates`). The paper trains it on the expert's own examples only (the default); with
-``negatives`` every other step is a batch of other experts' examples, on whose answer-writing tokens the gate is
-taught to close (``−log(1 − σ)``): on its own data alone nothing tells a gate where its expert does not belong. At
-inference, inside each module, the token ``x`` and the candidates' gate vectors are standardized (zero mean, unit
-variance over features), their dot products divided by the temperature (default ``√d``) are the logits, and the
-``top_k`` best are mixed by softmax (or dynamic ``top_p`` and a null expert, see
-:class:`~moerge.routing.SelectionConfig`).
+:func:`train_phatgoose_gates`). The paper trains it on the expert's own examples only (the default). On the zoo that
+recipe learns next to nothing: its experts reach near-zero loss with the gate half open, so the gate gets no signal,
+and Adam's per-coordinate steps then move every feature alike, so the few features of huge magnitude in a
+transformer's hidden states decide every dot product. With ``negatives`` the gates are trained contrastively
+(:data:`CLOSED_START`): every other step is a batch of other experts' examples, on whose answer-writing tokens the gate
+is taught to close (``−log(1 − σ)``); the gate starts closed (a trained offset from −3, dropped afterwards), so its
+own examples' LM loss says where the expert is needed; and it reads its inputs standardized as at inference and
+each feature divided by its spread over the first batch, so Adam's equal steps are equal steps in features of
+equal scale (the scale is folded back into ``v``). At inference, inside each module, the token ``x`` and the
+candidates' gate vectors are standardized (zero mean, unit variance over features), their dot products divided by
+the temperature (default ``√d``) are the logits, and the ``top_k`` best are mixed by softmax (or dynamic ``top_p``
+and a null expert, see :class:`~moerge.routing.SelectionConfig`).
 
 Gate vectors are computed when an expert is added — loaded from the library when it holds gates made for the same
 weights, trained otherwise (from the expert's example prompts, answered by the expert itself) — and stored in the
@@ -42,12 +47,13 @@ from moerge.routing.vector_gate import TrainedGateConfig, TrainedGateRouter
 __all__ = ["PhatgooseConfig", "PhatgooseRouter", "train_phatgoose_gates", "ROUTING_KIND", "routing_kind"]
 
 ROUTING_KIND = "phatgoose"
+CLOSED_START = -3.0  # the contrastive recipe's initial gate offset: σ(−3) ≈ 0.05, the expert nearly off
 
 
 def routing_kind(negatives: int) -> str:
     """The kind gates are stored under: ``"phatgoose"`` for the paper's recipe (its own examples only),
-    ``"phatgoose-neg"`` for gates also taught where to close."""
-    return ROUTING_KIND if negatives == 0 else f"{ROUTING_KIND}-neg"
+    ``"phatgoose-contrast"`` for the contrastive one (also taught where to close; closed start, scaled inputs)."""
+    return ROUTING_KIND if negatives == 0 else f"{ROUTING_KIND}-contrast"
 
 
 @dataclass
@@ -55,8 +61,8 @@ class PhatgooseConfig(TrainedGateConfig):
     temperature: float | None = field(default=None, metadata={
         "help": "logits are standardized dot products divided by this (None: √d, as in the paper)"})
     negatives: int = field(default=0, metadata={
-        "help": "when training a new expert's gates: how many other experts' examples teach them where to close "
-                "(0: its own examples only, as in the paper)"})
+        "help": "when training a new expert's gates: how many other experts' examples teach them where to close, "
+                "with a closed start and scaled inputs (0: its own examples only, as in the paper)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,10 +91,13 @@ def train_phatgoose_gates(
     the expert are frozen; only one vector per module is trained, from zeros (σ = 0.5), with Adam and the LM loss
     on the answers (:func:`~moerge.routing.training.fit`).
 
-    ``negatives``: other experts' ``(prompt, answer)`` pairs. Every other step is then a batch of them, scored by
-    how open the gates are at the tokens that write their answers (``−log(1 − σ(⟨v, x⟩))``, averaged over tokens
-    and modules): on its own data alone nothing tells a gate where its expert does not belong, and the LM loss may
-    even reward opening it there.
+    ``negatives``: other experts' ``(prompt, answer)`` pairs; the contrastive recipe. Every other step is then a
+    batch of them, scored by how open the gates are at the tokens that write their answers (``−log(1 − σ)``,
+    averaged over tokens and modules): on its own data alone nothing tells a gate where its expert does not belong,
+    and the LM loss may even reward opening it there. The gate is then ``σ(⟨z / s, u⟩ + b)`` with ``z`` the
+    standardized input (as at inference), ``s`` each feature's spread over the first batch's tokens, ``b`` a trained
+    offset from :data:`CLOSED_START`; ``v = u / s`` is returned and ``b`` dropped (the inference logits have no
+    offset).
     """
     examples = list(examples)
     if not examples:
@@ -101,11 +110,20 @@ def train_phatgoose_gates(
     device = next(base.parameters()).device
     gates = {m: torch.zeros((gate_input(base, m) or (m, w.in_features))[1], device=device, requires_grad=True)
              for m, w in expert.modules.items()}  # an MoE target's gate reads the MoE block's input
+    contrast = bool(negatives)
+    offsets = {m: torch.full((), CLOSED_START, device=device, requires_grad=True) for m in gates} if contrast else {}
+    scales: dict[str, torch.Tensor] = {}  # per module, each standardized feature's spread over the first batch
     closing: list[torch.Tensor] = []  # −log(1 − σ) where a negative batch's answers are written, per module
     answers: list[torch.Tensor] = []
 
     def gate(module: str, x: torch.Tensor) -> torch.Tensor:
-        z = x @ gates[module]  # (B, T)
+        if contrast:
+            x = standardize(x)
+            if module not in scales:
+                scales[module] = x.detach().reshape(-1, x.shape[-1]).std(0).clamp_min(1e-3)
+            z = (x / scales[module]) @ gates[module] + offsets[module]  # (B, T)
+        else:
+            z = x @ gates[module]  # (B, T)
         if answers:
             closing.append(torch.nn.functional.softplus(z)[answers[0]].mean())
         return torch.sigmoid(z).unsqueeze(-1)  # (B, T, 1)
@@ -127,9 +145,9 @@ def train_phatgoose_gates(
         batches = (b if s % 2 == 0 else {**n, "negative": torch.ones(1)}
                    for s, (b, n) in enumerate(zip(batches, others)))
     with GatedExperts(base, [expert], gate):
-        losses = fit(base, gates.values(), batches, steps=steps, lr=lr, progress=progress,
+        losses = fit(base, [*gates.values(), *offsets.values()], batches, steps=steps, lr=lr, progress=progress,
                      desc=f"phatgoose gates {expert.name}", loss=loss)
-    return {m: g.detach().cpu() for m, g in gates.items()}, losses
+    return {m: (g.detach() / scales[m] if m in scales else g.detach()).cpu() for m, g in gates.items()}, losses
 
 
 @register_router("phatgoose")

@@ -111,9 +111,9 @@ def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_siz
                 seed: int = 0, base: Any = None, tokenizer: Any = None, progress: bool = True, force: bool = False,
                 negatives: bool = True, log=print) -> ExpertLibrary:
     """Train and store the PHATGOOSE gate vectors of every zoo expert that has none for its current weights (each
-    on its own task's training examples, with ``negatives`` the other tasks' too, to close on — stored as the
-    gates of ``PhatgooseConfig(negatives=8)``, else as the paper's: post hoc, one expert at a time, no other
-    expert's gates retrained)."""
+    on its own task's training examples, with ``negatives`` the other tasks' too, to close on: the contrastive
+    recipe, stored as the gates of ``PhatgooseConfig(negatives=8)``; else as the paper's: post hoc, one expert at a
+    time, no other expert's gates retrained)."""
     from moerge.lab.defaults import default_base
     from moerge.routers.phatgoose import routing_kind, train_phatgoose_gates
 
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--force", action="store_true", help="retrain gates that are already stored")
     g.add_argument("--negatives", type=int, default=1, choices=(0, 1),
-                   help="1: the other tasks' examples as negatives (router option negatives=8); 0: the paper's recipe")
+                   help="1: the contrastive recipe, the other tasks' examples as negatives (router option negatives=8); "
+                        "0: the paper's recipe")
     g.add_argument("--lr", type=float, default=1e-2)
     g.add_argument("--seed", type=int, default=0)
     ld = sub.add_parser("lda", help="compute the LDA router's statistics of the zoo's experts that have none")

@@ -121,7 +121,7 @@ def test_committed_zoo_is_complete_and_small():
     kinds = {k for name in lib.names() for k in lib.routing_kinds(name)}
     # what the tables compare, so they are made again without training anything: the three LDA kinds (LDA alone's,
     # GLIDER's and lda_prompt's), PHATGOOSE's gates with and without negatives, X-LoRA's rows
-    assert {"lda-r8", "lda-r8-all", "lda-r8-base-all", "phatgoose", "phatgoose-neg", "xlora"} <= kinds
+    assert {"lda-r8", "lda-r8-all", "lda-r8-base-all", "phatgoose", "phatgoose-contrast", "xlora"} <= kinds
     assert all(set(lib.routing_kinds(name)) == kinds for name in lib.names())
     # 12 experts (28.5 MiB), their routing data (20.5 MiB for each LDA kind, 11 for the rest), the index: 101.8 MiB
     assert size <= 112 * 2**20, f"zoo is {size / 2**20:.1f} MiB"

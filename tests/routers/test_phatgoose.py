@@ -43,8 +43,10 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched():
 
 
 def test_negatives_teach_the_gate_to_close_on_other_experts_tokens(tmp_path):
-    """On its own data alone a gate has no reason to close anywhere; with another task's examples as negatives it
-    learns to close on their answer tokens and stays open on its own."""
+    """On its own data alone a gate has no reason to close anywhere; with another task's examples as negatives (the
+    contrastive recipe) it starts closed, learns to close on their answer tokens and to open on its own: at inference
+    (standardized dot products) its own tokens score above the other task's by a wider margin."""
+    from moerge.routing import standardize
     from moerge.routing.training import collate
 
     base, tok = tiny_chat_llama(), tiny_tokenizer()
@@ -56,10 +58,10 @@ def test_negatives_teach_the_gate_to_close_on_other_experts_tokens(tmp_path):
                                                 progress=False, negatives=others)
     assert len(losses) == 40
 
-    def openness(gates, pairs):  # mean σ(⟨v, x⟩) over the answer tokens of pairs, in every module (base inputs)
+    def score(gates, pairs):  # the inference logit ⟨std(x), std(v)⟩ averaged over pairs' answer tokens and modules
         b, vals = collate(tok, pairs), []
         hooks = [base.get_submodule(m).register_forward_pre_hook(
-            lambda mod, a, _g=g: vals.append(torch.sigmoid(a[0] @ _g)[b["labels"] != -100].mean()))
+            lambda mod, a, _g=g: vals.append((standardize(a[0]) @ standardize(_g))[b["labels"] != -100].mean()))
             for m, g in gates.items()]
         with torch.no_grad():
             base(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
@@ -67,8 +69,8 @@ def test_negatives_teach_the_gate_to_close_on_other_experts_tokens(tmp_path):
             h.remove()
         return float(torch.stack(vals).mean())
 
-    assert openness(negative, others) < openness(plain, others) - 0.1
-    assert openness(negative, own) - openness(negative, others) > openness(plain, own) - openness(plain, others) + 0.1
+    # the recipe before the closed start and scaled inputs reached 2.8 times the paper's margin here; this one 4.8
+    assert score(negative, own) - score(negative, others) > 3.5 * (score(plain, own) - score(plain, others)) > 0
 
 
 def test_gate_matches_the_paper_formula():
