@@ -44,8 +44,8 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched():
 
 def test_negatives_teach_the_gate_to_close_on_other_experts_tokens(tmp_path):
     """On its own data alone a gate has no reason to close anywhere; with another task's examples as negatives (the
-    contrastive recipe) it starts closed, learns to close on their answer tokens and to open on its own: at inference
-    (standardized dot products) its own tokens score above the other task's by a wider margin."""
+    contrastive recipe) it learns to close on their answer tokens and to open on its own: at inference (standardized
+    dot products) its own tokens score above the other task's by a wider margin."""
     from moerge.routing import standardize
     from moerge.routing.training import collate
 
