@@ -28,7 +28,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object ins
 BaseOpt = Annotated[str | None, typer.Option(
     "--base", help="the base model: a transformers folder (default: the library's base when it is the packaged "
                    "SmolLM2-135M-Instruct)")]
-RouterOpt = Annotated[str, typer.Option("--router", "-r", help="a registered router: glider, lda, lda_prompt, arrow, phatgoose, xlora, twin, fixed")]
+RouterOpt = Annotated[str, typer.Option(
+    "--router", "-r", help="a registered router: glider, lda, lda_prompt, arrow, phatgoose, xlora, twin, fixed; with "
+                           "options, NAME?key=value&key=value (e.g. 'phatgoose?negatives=8')")]
 CacheOpt = Annotated[int | None, typer.Option(
     "--cache-mib", min=0, help="memory (MiB) the experts' factors may take; each expert is read from the library "
                                "when a request first needs it, the least recently used dropped past this (default: "

@@ -46,17 +46,20 @@ class ModelOptions:
     pin: PinOpt = ""
 
     def load(self, train_routing: str = "now", **router_config: Any) -> Any:
-        """The :class:`~moerge.runtime.model.MoErgeModel` over the library, routed by ``router`` (built with
-        ``router_config``), with the base's tokenizer; ``train_routing`` as in ``from_library``."""
-        from moerge.routers import build_router
+        """The :class:`~moerge.runtime.model.MoErgeModel` over the library, routed by ``router`` (``name`` or
+        ``name?key=value&…``, built with those options and ``router_config``), with the base's tokenizer;
+        ``train_routing`` as in ``from_library``."""
+        from moerge.routers import build_router, parse_router_spec
         from moerge.runtime.model import MoErgeModel
+
+        name, options = parse_router_spec(self.router)
 
         lib = open_library(self.library)
         tok = load_tokenizer(self.base)
         if tok is None:
             raise Refused(f"{self.base}: the base folder has no tokenizer; routing reads the prompt")
         return MoErgeModel.from_library(load_base(self.base, lib), lib,
-                                        router=build_router(self.router, **router_config), tokenizer=tok,
+                                        router=build_router(name, **{**options, **router_config}), tokenizer=tok,
                                         train_routing=train_routing, pin=split_commas(self.pin),
                                         cache_bytes=None if self.cache_mib is None else self.cache_mib << 20)
 
@@ -96,7 +99,7 @@ def route(
     import torch
 
     def work() -> dict[str, Any]:
-        if query is not None and model_options.router != "glider":
+        if query is not None and model_options.router.partition("?")[0] != "glider":
             raise Refused("--query applies to the glider router")
         model = model_options.load(**({"query": query} if query else {}))
         batch = _encode(model, prompt)

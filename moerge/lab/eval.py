@@ -173,11 +173,11 @@ def split_methods(text: str) -> list[str]:
 
 def _parse_method(method: str) -> tuple[str, dict[str, Any]]:
     """``"router:glider?top_k=1&global_temperature=0.05"`` → ``("glider", {"top_k": 1, "global_temperature":
-    0.05})`` (:func:`~moerge.lab.identify.parse_spec` of what follows the kind)."""
-    from moerge.lab.identify import parse_spec
+    0.05})`` (:func:`~moerge.routing.router.parse_router_spec` of what follows the kind)."""
+    from moerge.routing.router import parse_router_spec
 
     try:
-        return parse_spec(method.split(":", 1)[1])
+        return parse_router_spec(method.split(":", 1)[1])
     except ValueError as err:
         raise ValueError(f"method {method!r}: {err}") from None
 

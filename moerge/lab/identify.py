@@ -187,22 +187,6 @@ def identification_examples(split: str, limit: int, phrasing: str = "seen") -> l
     return [e for t in HELD_IN for e in get_task(t).examples(limit, split)]
 
 
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"glider?top_k=1&local=lda"`` → ``("glider", {"top_k": 1, "local": "lda"})`` (values read as JSON, else
-    text)."""
-    name, _, query = spec.partition("?")
-    config: dict[str, Any] = {}
-    for part in filter(None, query.split("&")):
-        key, eq, value = part.partition("=")
-        if not eq or not key:
-            raise ValueError(f"expected NAME?key=value&key=value, got {part!r}")
-        try:
-            config[key] = json.loads(value)
-        except json.JSONDecodeError:
-            config[key] = value
-    return name, config
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moerge.lab.identify", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from moerge.lab.defaults import default_base
     from moerge.lab.zoo import DEFAULT_ZOO
-    from moerge.routers import build_router
+    from moerge.routers import build_router, parse_router_spec
     from moerge.runtime.model import MoErgeModel
 
     t0 = time.time()
@@ -225,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = identification_examples(args.split, args.limit, args.phrasing)
     results = []
     for spec in [s for s in args.routers.split(",") if s]:
-        name, config = parse_spec(spec)
+        name, config = parse_router_spec(spec)
         model.set_router(build_router(name, **config))
         results.append(token_identification(model, tok, examples, label=spec))
         print(identification_markdown(results[-1:]), flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -17,7 +18,8 @@ from moerge.routing.types import Candidates, LayerInfo, RoutingRequest
 if TYPE_CHECKING:  # pragma: no cover
     from moerge.adapters.expert import Expert
 
-__all__ = ["Router", "RouterContext", "register_router", "router_class", "list_routers", "build_router"]
+__all__ = ["Router", "RouterContext", "register_router", "router_class", "list_routers", "build_router",
+           "parse_router_spec"]
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,23 @@ def router_class(name: str) -> type[Router]:
 def list_routers() -> list[str]:
     """Names of every registered router."""
     return sorted(_REGISTRY)
+
+
+def parse_router_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A router and its options written as one string, as the CLI's ``--router`` and the evaluation's methods take
+    them: ``"glider?top_k=1&local=lda"`` → ``("glider", {"top_k": 1, "local": "lda"})`` (values read as JSON, else
+    as text)."""
+    name, _, query = spec.partition("?")
+    config: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise RoutingError(f"router {spec!r}: expected NAME?key=value&key=value, got {part!r}")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return name, config
 
 
 def build_router(name: str, **config: Any) -> Router:

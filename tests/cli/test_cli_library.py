@@ -105,6 +105,17 @@ def test_route_explains_candidates_weights_and_layer_usage(lib):
     assert code == 0 and "candidate" in out and "q_proj" in out  # a table, then the per-layer account
 
 
+def test_router_options_on_the_command_line(lib):
+    base_dir, lib_dir = lib
+    code, data = _json(["route", "Sort these words: kiwi banana", "-l", lib_dir, "--base", base_dir,
+                        "--router", "glider?candidates=1&local=none"])
+    assert code == 0 and data["experts"] == {"sort": pytest.approx(1.0)}  # one candidate, mixed per sequence
+    code, data = _json(["route", "x", "-l", lib_dir, "--base", base_dir, "--router", "glider?candidates"])
+    assert code == 1 and "key=value" in data["error"] and "'candidates'" in data["error"]
+    code, data = _json(["route", "x", "-l", lib_dir, "--base", base_dir, "--router", "glider?nope=1"])
+    assert code == 1 and "nope" in data["error"] and "candidates" in data["error"]  # its options are listed
+
+
 def test_generate_with_routing_or_a_forced_mix(lib):
     base_dir, lib_dir = lib
     code, data = _json(["generate", "Translate to French: the dog", "-l", lib_dir, "--base", base_dir, "-n", "4",
