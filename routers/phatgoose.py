@@ -88,8 +88,8 @@ def train_phatgoose_gates(
     """Train PHATGOOSE gate vectors for ``expert`` on its own examples; returns ``(module → (in,) gate, losses)``.
 
     ``examples`` are ``(prompt, answer)`` pairs, or prompts alone (then answered by the expert itself). The base and
-    the expert are frozen; only one vector per module is trained, from zeros (σ = 0.5), with Adam and the LM loss
-    on the answers (:func:`~moerge.routing.training.fit`).
+    the expert are frozen; only one vector per module is trained (with ``negatives``, also an offset, below), from
+    zeros (σ = 0.5), with Adam and the LM loss on the answers (:func:`~moerge.routing.training.fit`).
 
     ``negatives``: other experts' ``(prompt, answer)`` pairs; the contrastive recipe. Every other step is then a
     batch of them, scored by how open the gates are at the tokens that write their answers (``−log(1 − σ)``,

@@ -99,7 +99,9 @@ def route(
     import torch
 
     def work() -> dict[str, Any]:
-        if query is not None and model_options.router.partition("?")[0] != "glider":
+        from moerge.routers import parse_router_spec
+
+        if query is not None and parse_router_spec(model_options.router)[0] != "glider":
             raise Refused("--query applies to the glider router")
         model = model_options.load(**({"query": query} if query else {}))
         batch = _encode(model, prompt)
