@@ -45,21 +45,25 @@ class ModelOptions:
     cache_mib: CacheOpt = None
     pin: PinOpt = ""
 
-    def load(self, train_routing: str = "now", **router_config: Any) -> Any:
-        """The :class:`~moerge.runtime.model.MoErgeModel` over the library, routed by ``router`` (``name`` or
-        ``name?key=value&…``, built with those options and ``router_config``), with the base's tokenizer;
-        ``train_routing`` as in ``from_library``."""
+    def make_router(self, **router_config: Any) -> Any:
+        """The router ``router`` names (``name`` or ``name?key=value&…``), built with those options and
+        ``router_config``; a bad name or option raises, naming it."""
         from moerge.routers import build_router, parse_router_spec
-        from moerge.runtime.model import MoErgeModel
 
         name, options = parse_router_spec(self.router)
+        return build_router(name, **{**options, **router_config})
 
+    def load(self, train_routing: str = "now", **router_config: Any) -> Any:
+        """The :class:`~moerge.runtime.model.MoErgeModel` over the library, routed by :meth:`make_router`, with the
+        base's tokenizer; ``train_routing`` as in ``from_library``."""
+        from moerge.runtime.model import MoErgeModel
+
+        router = self.make_router(**router_config)
         lib = open_library(self.library)
         tok = load_tokenizer(self.base)
         if tok is None:
             raise Refused(f"{self.base}: the base folder has no tokenizer; routing reads the prompt")
-        return MoErgeModel.from_library(load_base(self.base, lib), lib,
-                                        router=build_router(name, **{**options, **router_config}), tokenizer=tok,
+        return MoErgeModel.from_library(load_base(self.base, lib), lib, router=router, tokenizer=tok,
                                         train_routing=train_routing, pin=split_commas(self.pin),
                                         cache_bytes=None if self.cache_mib is None else self.cache_mib << 20)
 
@@ -235,6 +239,7 @@ def _serve_on_ray(model_options: ModelOptions, train_routing: str, host: str, po
     config = attempt(lambda: RayConfig(replicas=replicas, autoscaling=scaling, replica_cpus=cpus,
                                        max_models_per_replica=models_per_replica), False)
     attempt(lambda: open_library(model_options.library), False)  # said before Ray starts, not by a failed replica
+    attempt(model_options.make_router, False)  # as is the router's spec
     import ray as ray_core
     from ray import serve as ray_serve
 

@@ -47,7 +47,8 @@ class ZooConfig:
 
 
 def encode_example(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + answer + end of turn, and labels that score the answer only (-100 on the prompt)."""
+    """Token ids of prompt + answer + end of turn, and labels that score the answer and its end-of-turn token
+    (:func:`~moerge.routing.training.encode_pair`)."""
     return encode_pair(tokenizer, ex.prompt, ex.target)
 
 

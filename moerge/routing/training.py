@@ -336,17 +336,24 @@ def chat_prompt(tokenizer: Any, prompt: str) -> str:
     return prompt + "\n"
 
 
-def _end_of_turn(tokenizer: Any) -> str:
+def _end_of_turn(tokenizer: Any) -> tuple[str, str]:
+    """``(written, after)``: the end of an assistant turn, split where generation stops — the token the model writes
+    to end its answer (``<|im_end|>`` with a ChatML template, else the EOS token) and what the template puts after
+    it (ChatML's newline), which no generation ever computes."""
     if getattr(tokenizer, "chat_template", None) and "<|im_end|>" in tokenizer.get_vocab():
-        return "<|im_end|>\n"
-    return tokenizer.eos_token or ""
+        return "<|im_end|>", "\n"
+    return tokenizer.eos_token or "", ""
 
 
 def encode_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of chat prompt + answer + end of turn, and labels scoring the answer only (-100 on the prompt)."""
+    """Token ids of chat prompt + answer + end of turn, and labels scoring the answer and the token that ends it
+    (-100 on the prompt, and on what the chat template puts after the end-of-turn token: generation stops at that
+    token, so no position after it writes anything)."""
     p = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    a = tokenizer(answer + _end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
-    return p + a, [-100] * len(p) + a
+    written, after = _end_of_turn(tokenizer)
+    a = tokenizer(answer + written, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return p + a + tail, [-100] * len(p) + a + [-100] * len(tail)
 
 
 def collate(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:

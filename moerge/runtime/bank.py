@@ -437,14 +437,9 @@ class ModuleBank:
                 lora = GatheredLoRA(None, None, E, fused, bank=rows, slots=slots, dtype=dtype, device=device)
                 if self.storage is not None:
                     self.storage.read_by(rows)
-            else:
-                At, Bt = rows.copy(dtype, device)
-                if fused is not None:  # (B, in, Kg + R), each column contiguous (how the native CPU step reads it)
-                    W = torch.cat([fused.Vt.transpose(1, 2).to(device, dtype), At.transpose(1, 2)],
-                                  dim=1).transpose(1, 2)
-                else:
-                    W = At
-                lora = GatheredLoRA(W, Bt, E, fused)
+            else:  # copied now: every other path reads the copies
+                lora = GatheredLoRA(None, None, E, fused, bank=rows, dtype=dtype, device=device)
+                lora.copy_out()
         dense = []
         for name, uses in dense_uses.items():
             d, bias = self.dense[name]

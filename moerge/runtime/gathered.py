@@ -83,7 +83,9 @@ class GatheredLoRA:
         self.dtype = dtype if dtype is not None else W.dtype
         self.device = device if device is not None else W.device
 
-    def _copy(self) -> None:
+    def copy_out(self) -> None:
+        """Copy ``W`` and ``Bt`` out of the banks (or stack a joined batch's parts) now; the properties do it on
+        first use."""
         if self.parts is not None:
             self._W, self._Bt = _stack_parts(self.parts, self.gate, self.dtype, self.device)
             return
@@ -97,13 +99,13 @@ class GatheredLoRA:
     @property
     def W(self) -> torch.Tensor:
         if self._W is None:
-            self._copy()
+            self.copy_out()
         return self._W
 
     @property
     def Bt(self) -> torch.Tensor:
         if self._Bt is None:
-            self._copy()
+            self.copy_out()
         return self._Bt
 
     @property

@@ -231,6 +231,10 @@ def test_serve_on_ray_checks_its_options_and_library_before_starting_ray(lib, tm
     assert code == 1 and "replicas must be a positive integer" in out
     code, out = _run("serve", "-l", tmp_path / "missing", "--base", base_dir, "--ray")
     assert code == 1 and "missing" in out
+    code, out = _run("serve", "-l", lib_dir, "--base", base_dir, "--ray", "--router", "glider?candidates=zero")
+    assert code == 1 and "candidates" in out
+    code, out = _run("serve", "-l", lib_dir, "--base", base_dir, "--ray", "--router", "nosuch")
+    assert code == 1 and "nosuch" in out
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     code, out = _run("serve", "-l", lib_dir, "--base", base_dir, "--ray")
     assert code == 1 and 'pip install "moerge[server,ray]"' in " ".join(out.split())

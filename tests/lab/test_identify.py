@@ -56,8 +56,8 @@ def test_counts_are_the_argmax_of_the_gate_the_model_records(tmp_path):
     for kind in ("prompt", "answer"):
         assert dict(got.tokens[kind]) == tokens[kind]
         assert dict(got.hits[kind]) == hits[kind]
-    assert sum(got.tokens["answer"].values()) == sum(
-        len(tok(e.target + "<|im_end|>\n", add_special_tokens=False)["input_ids"]) * len(model.patched_modules)
+    assert sum(got.tokens["answer"].values()) == sum(  # the prompt's last token through the one writing <|im_end|>
+        len(tok(e.target + "<|im_end|>", add_special_tokens=False)["input_ids"]) * len(model.patched_modules)
         for e in EXAMPLES)
     conf = got.confusion
     assert set(conf) == {"upper", "plural", "other"} and sum(conf["other"].values()) > 0

@@ -35,7 +35,8 @@ def test_labels_score_only_the_answer(tok):
     ids, labels = encode_example(tok, ex)
     answer = [t for t in labels if t != -100]
     assert len(ids) == len(labels) and labels[0] == -100
-    assert tok.decode(answer) == ex.target + "<|im_end|>\n"
+    assert tok.decode(answer) == ex.target + "<|im_end|>"  # generation stops at the end-of-turn token
+    assert tok.decode(ids[-1:]) == "\n" and labels[-1] == -100  # the template's newline after it: context only
     from moerge.routing.training import answer_positions, collate
 
     b = collate(tok, [(ex.prompt, ex.target), ("hi", "x")])
