@@ -85,16 +85,22 @@ class GatheredLoRA:
 
     def copy_out(self) -> None:
         """Copy ``W`` and ``Bt`` out of the banks (or stack a joined batch's parts) now; the properties do it on
-        first use."""
-        if self.parts is not None:
-            self._W, self._Bt = _stack_parts(self.parts, self.gate, self.dtype, self.device)
+        first use. The bank's rows are let go once copied: a request holds no bank tensor a later swap or growth
+        of the bank would otherwise keep alive. Once made, they stay (a second call copies nothing)."""
+        if self._W is not None:
             return
-        At, self._Bt = self.bank.copy(self.dtype, self.device)
+        if self.parts is not None:
+            W, self._Bt = _stack_parts(self.parts, self.gate, self.dtype, self.device)
+            self._W = W  # last: a W in place means both are
+            return
+        At, Bt = self.bank.copy(self.dtype, self.device)
         if self.gate is None:
-            self._W = At
+            W = At
         else:  # (B, in, Kg + R), each column contiguous
-            self._W = torch.cat([self.gate.Vt.transpose(1, 2).to(self.device, self.dtype), At.transpose(1, 2)],
-                                dim=1).transpose(1, 2)
+            W = torch.cat([self.gate.Vt.transpose(1, 2).to(self.device, self.dtype), At.transpose(1, 2)],
+                          dim=1).transpose(1, 2)
+        self._Bt, self._W = Bt, W  # W last: a W in place means both are
+        self.bank = None  # after the copies are in place: whoever finds no bank finds them
 
     @property
     def W(self) -> torch.Tensor:

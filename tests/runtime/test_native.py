@@ -282,3 +282,36 @@ def test_without_a_build_the_torch_path_runs_and_says_so(monkeypatch):
     assert any("native CPU step could not be built" in str(w.message) and "no compiler here" in str(w.message)
                for w in caught)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_copying_out_of_the_bank_gives_its_rows_and_lets_the_bank_go(gated):
+    """The copies are the bank's rows (the gate's vectors in front, LoRA scales folded into Bt), in the dtype asked
+    for; once they are made the gathered factors hold no reference to the bank, which a later swap may then reuse."""
+    import weakref
+
+    from moerge.routing import LinearGate
+    from moerge.runtime.gathered import BankRows, GatheredLoRA
+
+    g = torch.Generator().manual_seed(5)
+    IN, OUT, B, R, K = 12, 9, 2, 4, 2
+    A_all, Bt_all = torch.randn(7, IN, generator=g), torch.randn(7, OUT, generator=g)
+    idx = torch.randint(0, 7, (B, R), generator=g)
+    col_w = torch.rand(B, R, 1, generator=g)
+    Vt = torch.randn(B, IN, K, generator=g)
+    gate = LinearGate(Vt, torch.zeros(B, 1, K)) if gated else None
+    rows = BankRows(A_all, Bt_all, idx, col_w)
+    alive = weakref.ref(rows)
+    lora = GatheredLoRA(None, None, None, gate, bank=rows, dtype=torch.float64, device=A_all.device)
+    del rows
+    assert lora.rank == R and lora.shape == (B, IN, OUT) and not lora.copied
+    W, Bt = lora.W, lora.Bt  # copied on first use
+    want_W = A_all[idx].transpose(1, 2)
+    if gated:
+        want_W = torch.cat([Vt, want_W], 2)
+    torch.testing.assert_close(W, want_W.double())
+    torch.testing.assert_close(Bt, (Bt_all[idx] * col_w).double())
+    assert W.dtype == Bt.dtype == torch.float64 and lora.copied and lora.bank is None and alive() is None
+    assert lora.rank == R and lora.shape == (B, IN, OUT)
+    lora.copy_out()  # again: nothing left to copy from, nothing changes
+    assert lora.W is W and lora.Bt is Bt
