@@ -108,7 +108,7 @@ def build_zoo(library: str | Path = DEFAULT_ZOO, tasks: list[str] | None = None,
     return lib
 
 
-def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 30, batch_size: int = 4, lr: float = 1e-2,
+def build_gates(library: str | Path = DEFAULT_ZOO, *, steps: int = 100, batch_size: int = 4, lr: float = 1e-2,
                 seed: int = 0, base: Any = None, tokenizer: Any = None, progress: bool = True, force: bool = False,
                 negatives: bool = True, log=print) -> ExpertLibrary:
     """Train and store the PHATGOOSE gate vectors of every zoo expert that has none for its current weights (each
@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--dtype", default="bfloat16")
     g = sub.add_parser("gates", help="train the PHATGOOSE gates of the zoo's experts that have none")
     g.add_argument("--library", default=str(DEFAULT_ZOO))
-    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--steps", type=int, default=100,
+                   help="Adam steps per expert (dev split, contrastive recipe: 30 steps identified 30.0%% of the "
+                        "deep layers' answer tokens and made 18.8 exact match, 100 steps 37.3%% and 28.1)")
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--force", action="store_true", help="retrain gates that are already stored")
     g.add_argument("--negatives", type=int, default=1, choices=(0, 1),
