@@ -128,3 +128,24 @@ def test_lm_loss_is_the_models_loss_on_the_scored_tokens():
     g_got = torch.autograd.grad(lm_loss(base, b), base.model.layers[0].mlp.up_proj.weight)[0]
     assert torch.allclose(g_got, g_ref, atol=1e-6)
     assert not base.lm_head._forward_pre_hooks  # the hook is gone
+
+
+@pytest.mark.parametrize("chatml", [True, False])
+def test_the_answer_is_written_through_the_token_generation_stops_at(chatml):
+    """With a ChatML template the tokens that write the answer end with the one writing ``<|im_end|>`` (where
+    generation stops): the newline the template puts after it is in the sequence, unscored, and no position writes
+    it. Without a template the EOS token ends the answer and nothing follows it."""
+    from moerge.routing.training import encode_pair
+
+    tok = tiny_tokenizer()
+    if not chatml:
+        tok.chat_template = None
+    ids, labels = encode_pair(tok, "Plural of: cat", "cats")
+    scored = [t for t in labels if t != -100]
+    end = "<|im_end|>" if chatml else tok.eos_token
+    assert tok.decode(scored) == "cats" + end
+    assert tok.decode(ids[len(ids) - len(scored) - (1 if chatml else 0):]) == "cats" + end + ("\n" if chatml else "")
+    b = collate(tok, [("Plural of: cat", "cats")])
+    writes = answer_positions(b["labels"])[0].nonzero().flatten().tolist()
+    ends = (b["input_ids"][0] == tok.convert_tokens_to_ids(end)).nonzero().flatten().tolist()
+    assert len(writes) == len(scored) and writes[-1] == ends[-1] - 1  # the last writer is the token before the end
