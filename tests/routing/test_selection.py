@@ -148,10 +148,11 @@ def test_a_table_built_while_the_vectors_change_is_not_kept():
         vectors.gate_operands("m", cands, torch.device("cpu"), scale=scale, combine=Swap())
     assert len(vectors._tables) == 2 and vectors._table_bytes == sum(
         sum(t.numel() * t.element_size() for t in v) for v in vectors._tables.values()) <= 120
-    vectors.TABLE_BYTES = 40  # a gate without combine keeps each expert's finished vector: 4 float32, two fit
-    for scale in (2.0, 3.0):
+    assert [k[3] for k in vectors._tables] == [3.0, 4.0]  # the most recent kept
+    for scale in (2.0, 3.0):  # a gate without combine reads a table per set of experts too, within the same bound
         Vt, bias = vectors.gate_operands("m", cands, torch.device("cpu"), scale=scale)
         assert torch.equal(Vt[0], torch.stack([torch.full((4,), 5.0 * scale), torch.full((4,), 2.0 * scale)], 1))
-        assert torch.equal(bias, torch.zeros(1, 1, 2))
-    assert len(vectors._finished) == 2 and vectors._finished_bytes == 32
-    assert [k[3] for k in vectors._tables] == [3.0, 4.0]  # the most recent kept
+        assert torch.equal(bias, torch.zeros(1, 1, 2)) and Vt.stride(1) == 1  # each vector contiguous
+    assert [(k[3], k[6]) for k in vectors._tables] == [(2.0, None), (3.0, None)] and vectors._table_bytes == 120
+    vectors.set("b", {"m": torch.zeros(4)})  # a changed expert's tables go
+    assert not vectors._tables and vectors._table_bytes == 0
