@@ -108,20 +108,23 @@ class ExpertVectors(Mapping):
 
     An expert's vectors may be registered by a loader (:meth:`set_lazy`: read from the library when a request
     first has the expert among its candidates), so a large library's routing data is read for the experts in use
-    only. A request's gate reads its rows' candidates' vectors out of a table per module and set of experts the
-    request names, finished as :meth:`gate_operands` asks (scaled, centred, the bias split off; the most recently
-    used tables kept, up to :data:`TABLE_BYTES`): one index per module for a set seen before (requests of one
-    kind of task mostly retrieve the same candidates), and every step one batched matmul. Gates made over a
-    request's experts together (``combine``) are tables per set of experts too, made per row set.
+    only. Each expert's vector is finished once per module and form (as :meth:`gate_operands` asks: scaled,
+    centred, its bias split off; the most recently used kept, up to :data:`TABLE_BYTES`), and a request's gate
+    stacks its rows' candidates' vectors: one op per module whatever the set of candidates, and every step one
+    batched matmul. Gates made over a request's experts together (``combine``) are stacked per set of experts
+    instead (the same bound).
     """
 
-    TABLE_BYTES = 256 << 20  # tables kept: least recently used dropped past it
+    TABLE_BYTES = 256 << 20  # finished vectors, and combined tables, kept: least recently used dropped past it
 
     def __init__(self) -> None:
         self._by_module: dict[str, dict[str, torch.Tensor]] = {}  # module -> expert -> (d,)
         self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lazy: dict[str, Callable[[Any], Mapping[str, torch.Tensor]]] = {}  # expert -> makes its vectors
         self._table_bytes = 0
+        self._finished: OrderedDict[tuple, tuple[torch.Tensor, float]] = OrderedDict()  # see _finished_vector
+        self._finished_of: dict[str, set[tuple]] = {}  # expert -> its keys in _finished
+        self._finished_bytes = 0
         self._generation = 0  # counts changes of the vectors: a table built from older ones is not kept
         self._lock = threading.RLock()  # every change of the above; tables are built and loaders run outside it
 
@@ -160,6 +163,40 @@ class ExpertVectors(Mapping):
     def _drop_tables(self, name: str) -> None:
         for key in [k for k in self._tables if name in k[1]]:
             self._table_bytes -= self._nbytes(self._tables.pop(key))
+        for key in self._finished_of.pop(name, ()):
+            got = self._finished.pop(key, None)
+            if got is not None:
+                self._finished_bytes -= got[0].nbytes
+
+    def _finished_vector(self, module: str, name: str, device: torch.device, scale: float, with_bias: bool,
+                         center: bool) -> tuple[torch.Tensor, float] | None:
+        """Expert ``name``'s gate vector for ``module`` as :meth:`gate_operands` gives it (``None``: it has none),
+        and its bias; made once per expert and form (the most recently used kept, up to :data:`TABLE_BYTES`; the
+        vector itself when there is nothing to do to it), so a request's gate only stacks its candidates'."""
+        key = (module, name, str(device), scale, with_bias, center)
+        with self._lock:
+            got = self._finished.get(key)
+            if got is not None:
+                self._finished.move_to_end(key)
+                return got
+            v = self._by_module.get(module, {}).get(name)
+            if v is None:
+                return None
+            w, b = (v[:-1], float(v[-1])) if with_bias else (v, 0.0)
+            w = w.float()
+            if center:
+                w = w - w.mean()
+            if scale != 1.0:
+                w = w * scale
+            got = (w.contiguous().to(device), b)
+            self._finished[key] = got
+            self._finished_of.setdefault(name, set()).add(key)
+            self._finished_bytes += got[0].nbytes
+            while self._finished_bytes > self.TABLE_BYTES and len(self._finished) > 1:
+                old_key, old = self._finished.popitem(last=False)
+                self._finished_bytes -= old[0].nbytes
+                self._finished_of.get(old_key[1], set()).discard(old_key)
+            return got
 
     @staticmethod
     def _nbytes(table: tuple[torch.Tensor, torch.Tensor]) -> int:
@@ -214,7 +251,7 @@ class ExpertVectors(Mapping):
                 self._tables.move_to_end(key)
                 return got
             by_expert = self._by_module[module]
-            have = {n: by_expert[n] for n in names if n in by_expert}  # a snapshot to build from
+            have = {n: by_expert[n] for n in names if n in by_expert}  # a snapshot of what it is built from
             dim, generation = next(iter(by_expert.values())).numel(), self._generation
         got = self._build_table(have, names, dim, device, scale, with_bias, center, combine)  # outside the lock
         with self._lock:
@@ -301,17 +338,26 @@ class ExpertVectors(Mapping):
             return None
         if combine is not None:
             return self._row_operands(module, candidates, device, scale, center, combine)
-        if not any(n in self._by_module[module] for n in names):
+        got = [self._finished_vector(module, n, device, scale, with_bias, center) for n in names]
+        dim = next((g[0].numel() for g in got if g is not None), None)
+        if dim is None:
             return None
-        Vt_all, bias_all = self._table(module, names, device, scale, with_bias, center)  # (d, n+1), (n+1,)
         memo = candidates.memo
-        flat = memo.get(("slot_index", device))
-        if flat is None:
-            flat = memo[("slot_index", device)] = cols.reshape(-1).to(device)
+        zero = memo.get(("zero", dim, device))
+        if zero is None:
+            zero = memo[("zero", dim, device)] = torch.zeros(dim, device=device)
+        at = memo.get("slot_list")
+        if at is None:
+            at = memo["slot_list"] = cols.reshape(-1).tolist()
+        vecs = [zero if g is None else g[0] for g in got] + [zero]  # the last: empty slots
         B, K = cols.shape
-        # rows of the table's (n+1, d) vectors, each contiguous: (B, d, K) with each vector contiguous
-        Vt = Vt_all.t().index_select(0, flat).view(B, K, -1).transpose(1, 2)
-        return Vt, bias_all.index_select(0, flat).view(B, 1, K)
+        Vt = torch.stack([vecs[c] for c in at]).view(B, K, dim).transpose(1, 2)  # (B, d, K), each vector contiguous
+        bias = [float("-inf") if g is None else g[1] for g in got] + [float("-inf")]
+        key = ("gate_bias", device, tuple(bias[c] for c in at))  # modules mostly share it: one tensor per request
+        b = memo.get(key)
+        if b is None:
+            b = memo[key] = torch.tensor(key[2], device=device).view(B, 1, K)
+        return Vt, b
 
 
 @dataclass(frozen=True)

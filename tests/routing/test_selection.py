@@ -148,11 +148,33 @@ def test_a_table_built_while_the_vectors_change_is_not_kept():
         vectors.gate_operands("m", cands, torch.device("cpu"), scale=scale, combine=Swap())
     assert len(vectors._tables) == 2 and vectors._table_bytes == sum(
         sum(t.numel() * t.element_size() for t in v) for v in vectors._tables.values()) <= 120
-    assert [k[3] for k in vectors._tables] == [3.0, 4.0]  # the most recent kept
-    for scale in (2.0, 3.0):  # a gate without combine reads a table per set of experts too, within the same bound
+    vectors.TABLE_BYTES = 40  # a gate without combine keeps each expert's finished vector: 4 float32, two fit
+    for scale in (2.0, 3.0):
         Vt, bias = vectors.gate_operands("m", cands, torch.device("cpu"), scale=scale)
         assert torch.equal(Vt[0], torch.stack([torch.full((4,), 5.0 * scale), torch.full((4,), 2.0 * scale)], 1))
-        assert torch.equal(bias, torch.zeros(1, 1, 2)) and Vt.stride(1) == 1  # each vector contiguous
-    assert [(k[3], k[6]) for k in vectors._tables] == [(2.0, None), (3.0, None)] and vectors._table_bytes == 120
-    vectors.set("b", {"m": torch.zeros(4)})  # a changed expert's tables go
-    assert not vectors._tables and vectors._table_bytes == 0
+        assert torch.equal(bias, torch.zeros(1, 1, 2))
+    assert len(vectors._finished) == 2 and vectors._finished_bytes == 32
+    assert [k[3] for k in vectors._tables] == [3.0, 4.0]  # the most recent kept
+
+
+def test_a_set_of_experts_without_vectors_for_a_module_gets_empty_slots():
+    """A table is built from the named experts' vectors alone: a row whose candidates have none for a module (other
+    experts do) gets ``-inf`` for them there, with a combined gate as without."""
+    from dataclasses import dataclass
+
+    from moerge.routing import Candidates
+    from moerge.routing.selection import ExpertVectors
+
+    @dataclass(frozen=True)
+    class Same:
+        def __call__(self, data, present):
+            return data, torch.zeros(len(data))
+
+    vectors = ExpertVectors()
+    vectors.set("a", {"m": torch.ones(4)})
+    vectors.set("b", {"n": torch.ones(4)})
+    cands = Candidates(ids=torch.tensor([[1, -1], [0, 1]]), scores=torch.zeros(2, 2), names=("a", "b"))
+    for combine in (None, Same()):
+        Vt, bias = vectors.gate_operands("m", cands, torch.device("cpu"), combine=combine)
+        assert Vt.shape == (2, 4, 2) and torch.isinf(bias[0]).all()  # row 0: b has no vector for m, the other slot empty
+        assert bias[1, 0, 0] == 0 and torch.isinf(bias[1, 0, 1]) and torch.equal(Vt[1, :, 0], torch.ones(4))
